@@ -1,0 +1,720 @@
+//! The Server Events API event and the contract rules of `API-CONTRACT.md`.
+//!
+//! One set of rules serves both sides: the bridge validates what its mapping produced before it
+//! sends anything, and the sandbox validates what it receives. The sandbox first turns a raw JSON
+//! object into an [`Event`] with [`Event::from_json`] (which reports wrong types field by field);
+//! both then call [`Event::validate`].
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::net::IpAddr;
+
+/// Unit of the `timestamp` field the API is configured for (contract decision 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimestampUnit {
+    #[default]
+    Seconds,
+    Milliseconds,
+}
+
+impl TimestampUnit {
+    /// Whether `ts` looks like it was written in the other unit: a seconds value after the year
+    /// 5000, or a milliseconds value before 1973 (that is, a seconds value).
+    pub fn looks_like_other_unit(self, ts: i64) -> bool {
+        match self {
+            TimestampUnit::Seconds => ts > 100_000_000_000,
+            TimestampUnit::Milliseconds => ts > 0 && ts < 100_000_000_000,
+        }
+    }
+}
+
+/// Contract settings shared by the bridge's validation and the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ContractOptions {
+    /// Unit of `timestamp` (decision 3). Default seconds.
+    #[serde(default)]
+    pub timestamp_unit: TimestampUnit,
+    /// Require `click_id` and `ip_address` on every event, not only register/login/deposit
+    /// (decision 2). Default false.
+    #[serde(default)]
+    pub strict_click_ip: bool,
+}
+
+/// `bet_result` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetResult {
+    Win,
+    Loss,
+}
+
+impl BetResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BetResult::Win => "win",
+            BetResult::Loss => "loss",
+        }
+    }
+}
+
+/// One event of the Server Events API (section 1.1 of the seed document).
+///
+/// Custom properties (`<<any_prop>>`) are kept in insertion order and are always strings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Event {
+    pub client_user_id: String,
+    pub event_name: String,
+    pub timestamp: i64,
+    pub click_id: Option<String>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub game_type: Option<String>,
+    pub game_provider: Option<String>,
+    pub transaction_id: Option<String>,
+    pub amount: Option<f64>,
+    pub currency: Option<String>,
+    pub is_crypto: Option<bool>,
+    pub bet_result: Option<BetResult>,
+    pub bet_result_amount: Option<f64>,
+    pub parent_transaction_id: Option<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+/// The names of the fields the contract defines. Anything else is a custom property.
+pub const KNOWN_FIELDS: &[&str] = &[
+    "client_user_id",
+    "event_name",
+    "timestamp",
+    "click_id",
+    "ip_address",
+    "user_agent",
+    "game_type",
+    "game_provider",
+    "transaction_id",
+    "amount",
+    "currency",
+    "is_crypto",
+    "bet_result",
+    "bet_result_amount",
+    "parent_transaction_id",
+];
+
+/// The events that carry money (decision 1).
+pub const FINANCIAL_EVENTS: &[&str] = &["deposit", "withdraw", "bet", "win", "loss"];
+
+/// A contract rule. Its code is what the sandbox puts in a 400 body and what the bridge puts in a
+/// dead-letter reason; tests match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// A field that is always required is missing or empty.
+    Required,
+    /// A field has the wrong JSON type.
+    Type,
+    /// A financial event lacks transaction_id, amount or currency.
+    FinancialFields,
+    /// click_id / ip_address missing where required (decision 2).
+    ClickIp,
+    /// ip_address is not an IPv4 or IPv6 address.
+    IpAddress,
+    /// currency is not ISO 4217 (fiat) or a short upper-case code (crypto).
+    Currency,
+    /// bet_result / bet_result_amount misuse (Pattern A).
+    BetResult,
+    /// parent_transaction_id misuse or a win/loss without it (Pattern B).
+    Settlement,
+    /// Net result sign does not match win/loss.
+    AmountSign,
+    /// A custom property is not a string.
+    PropertyType,
+    /// timestamp is not a positive integer.
+    Timestamp,
+    /// amount is not a finite number.
+    Amount,
+}
+
+impl Rule {
+    pub fn code(self) -> &'static str {
+        match self {
+            Rule::Required => "required",
+            Rule::Type => "type",
+            Rule::FinancialFields => "financial_fields",
+            Rule::ClickIp => "click_id_ip_address",
+            Rule::IpAddress => "ip_address",
+            Rule::Currency => "currency",
+            Rule::BetResult => "bet_result",
+            Rule::Settlement => "settlement",
+            Rule::AmountSign => "amount_sign",
+            Rule::PropertyType => "property_type",
+            Rule::Timestamp => "timestamp",
+            Rule::Amount => "amount",
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// One broken rule: the field it concerns, the rule, and a sentence for humans.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Violation {
+    pub field: String,
+    pub rule: &'static str,
+    pub message: String,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, rule: Rule, message: impl Into<String>) -> Self {
+        Violation {
+            field: field.into(),
+            rule: rule.code(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "field `{}` breaks rule `{}`: {}",
+            self.field, self.rule, self.message
+        )
+    }
+}
+
+impl Event {
+    pub fn is_financial(&self) -> bool {
+        FINANCIAL_EVENTS.contains(&self.event_name.as_str())
+    }
+
+    /// Whether this is a Pattern A bet (a bet carrying its result).
+    pub fn carries_bet_result(&self) -> bool {
+        self.event_name == "bet" && self.bet_result.is_some()
+    }
+
+    /// Whether this is a Pattern B settlement (a standalone win or loss).
+    pub fn is_standalone_settlement(&self) -> bool {
+        matches!(self.event_name.as_str(), "win" | "loss")
+    }
+
+    /// Checks every contract rule and returns each violation (empty when valid).
+    pub fn validate(&self, opts: &ContractOptions) -> Vec<Violation> {
+        let mut v = Vec::new();
+        if self.client_user_id.is_empty() {
+            v.push(Violation::new(
+                "client_user_id",
+                Rule::Required,
+                "client_user_id is required and must not be empty",
+            ));
+        }
+        if self.event_name.is_empty() {
+            v.push(Violation::new(
+                "event_name",
+                Rule::Required,
+                "event_name is required and must not be empty",
+            ));
+        }
+        if self.timestamp <= 0 {
+            v.push(Violation::new(
+                "timestamp",
+                Rule::Timestamp,
+                "timestamp must be a positive Unix time integer",
+            ));
+        }
+        let name = self.event_name.as_str();
+        if self.is_financial() {
+            for (field, present) in [
+                (
+                    "transaction_id",
+                    self.transaction_id.as_deref().is_some_and(|s| !s.is_empty()),
+                ),
+                ("amount", self.amount.is_some()),
+                ("currency", self.currency.as_deref().is_some_and(|s| !s.is_empty())),
+            ] {
+                if !present {
+                    v.push(Violation::new(
+                        field,
+                        Rule::FinancialFields,
+                        format!("`{name}` is a financial event and requires `{field}`"),
+                    ));
+                }
+            }
+        }
+        let needs_click_ip = opts.strict_click_ip || matches!(name, "register" | "login" | "deposit");
+        if needs_click_ip {
+            for (field, value) in [("click_id", &self.click_id), ("ip_address", &self.ip_address)] {
+                if value.as_deref().is_none_or(str::is_empty) {
+                    v.push(Violation::new(
+                        field,
+                        Rule::ClickIp,
+                        format!("`{field}` is required for `{name}` events"),
+                    ));
+                }
+            }
+        }
+        if let Some(ip) = &self.ip_address {
+            if ip.parse::<IpAddr>().is_err() {
+                v.push(Violation::new(
+                    "ip_address",
+                    Rule::IpAddress,
+                    format!("`{}` is not an IPv4 or IPv6 address", truncate(ip)),
+                ));
+            }
+        }
+        if let Some(amount) = self.amount {
+            if !amount.is_finite() {
+                v.push(Violation::new("amount", Rule::Amount, "amount must be a finite number"));
+            }
+        }
+        if let Some(ccy) = &self.currency {
+            let crypto = self.is_crypto == Some(true);
+            if crypto {
+                if !is_crypto_code(ccy) {
+                    v.push(Violation::new(
+                        "currency",
+                        Rule::Currency,
+                        format!(
+                            "`{}` is not a crypto currency code (2 to 10 upper-case letters or digits)",
+                            truncate(ccy)
+                        ),
+                    ));
+                }
+            } else if !is_iso4217(ccy) {
+                v.push(Violation::new(
+                    "currency",
+                    Rule::Currency,
+                    format!(
+                        "`{}` is not an ISO 4217 fiat currency code; set is_crypto=true for crypto",
+                        truncate(ccy)
+                    ),
+                ));
+            }
+        }
+        // Pattern A: bet_result and bet_result_amount together, on bets only, sign by result.
+        match (self.bet_result, self.bet_result_amount) {
+            (Some(_), None) => v.push(Violation::new(
+                "bet_result_amount",
+                Rule::BetResult,
+                "bet_result requires bet_result_amount",
+            )),
+            (None, Some(_)) => v.push(Violation::new(
+                "bet_result",
+                Rule::BetResult,
+                "bet_result_amount requires bet_result",
+            )),
+            (Some(result), Some(amount)) => {
+                if name != "bet" {
+                    v.push(Violation::new(
+                        "bet_result",
+                        Rule::BetResult,
+                        format!("bet_result is only allowed on `bet` events, not `{name}`"),
+                    ));
+                }
+                if !amount.is_finite() {
+                    v.push(Violation::new(
+                        "bet_result_amount",
+                        Rule::Amount,
+                        "bet_result_amount must be a finite number",
+                    ));
+                } else if (result == BetResult::Win && amount < 0.0) || (result == BetResult::Loss && amount > 0.0) {
+                    v.push(Violation::new(
+                        "bet_result_amount",
+                        Rule::AmountSign,
+                        format!(
+                            "a {} must have a {} bet_result_amount",
+                            result.as_str(),
+                            if result == BetResult::Win {
+                                "positive or zero"
+                            } else {
+                                "negative or zero"
+                            }
+                        ),
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+        // Pattern B: win/loss link to their bet; only they carry parent_transaction_id.
+        if self.is_standalone_settlement() {
+            if self.parent_transaction_id.as_deref().is_none_or(str::is_empty) {
+                v.push(Violation::new(
+                    "parent_transaction_id",
+                    Rule::Settlement,
+                    format!("a standalone `{name}` requires parent_transaction_id naming its bet"),
+                ));
+            }
+            if let Some(amount) = self.amount.filter(|a| a.is_finite()) {
+                if (name == "win" && amount < 0.0) || (name == "loss" && amount > 0.0) {
+                    v.push(Violation::new(
+                        "amount",
+                        Rule::AmountSign,
+                        format!(
+                            "a `{name}` must have a {} amount (the net result)",
+                            if name == "win" {
+                                "positive or zero"
+                            } else {
+                                "negative or zero"
+                            }
+                        ),
+                    ));
+                }
+            }
+        } else if self.parent_transaction_id.is_some() {
+            v.push(Violation::new(
+                "parent_transaction_id",
+                Rule::Settlement,
+                format!("parent_transaction_id is only allowed on `win` and `loss` events, not `{name}`"),
+            ));
+        }
+        v
+    }
+
+    /// Reads an event from a JSON object as the API receives it, reporting each field of the wrong
+    /// type. Missing always-required fields are reported as [`Rule::Required`].
+    pub fn from_json(obj: &Map<String, Value>) -> Result<Event, Vec<Violation>> {
+        let mut errs = Vec::new();
+        let mut e = Event::default();
+        let mut seen_required = [false; 3];
+        for (k, val) in obj {
+            match k.as_str() {
+                "client_user_id" => {
+                    seen_required[0] = true;
+                    if let Some(s) = want_str(k, val, &mut errs) {
+                        e.client_user_id = s;
+                    }
+                }
+                "event_name" => {
+                    seen_required[1] = true;
+                    if let Some(s) = want_str(k, val, &mut errs) {
+                        e.event_name = s;
+                    }
+                }
+                "timestamp" => {
+                    seen_required[2] = true;
+                    match val.as_i64() {
+                        Some(t) => e.timestamp = t,
+                        None => errs.push(Violation::new(
+                            k,
+                            Rule::Type,
+                            format!("timestamp must be an integer, got {}", json_kind(val)),
+                        )),
+                    }
+                }
+                "click_id" => e.click_id = want_opt_str(k, val, &mut errs),
+                "ip_address" => e.ip_address = want_opt_str(k, val, &mut errs),
+                "user_agent" => e.user_agent = want_opt_str(k, val, &mut errs),
+                "game_type" => e.game_type = want_opt_str(k, val, &mut errs),
+                "game_provider" => e.game_provider = want_opt_str(k, val, &mut errs),
+                "transaction_id" => e.transaction_id = want_opt_str(k, val, &mut errs),
+                "currency" => e.currency = want_opt_str(k, val, &mut errs),
+                "parent_transaction_id" => e.parent_transaction_id = want_opt_str(k, val, &mut errs),
+                "amount" => e.amount = want_opt_num(k, val, &mut errs),
+                "bet_result_amount" => e.bet_result_amount = want_opt_num(k, val, &mut errs),
+                "is_crypto" => match val {
+                    Value::Null => {}
+                    Value::Bool(b) => e.is_crypto = Some(*b),
+                    other => errs.push(Violation::new(
+                        k,
+                        Rule::Type,
+                        format!("is_crypto must be a boolean, got {}", json_kind(other)),
+                    )),
+                },
+                "bet_result" => match val {
+                    Value::Null => {}
+                    Value::String(s) if s == "win" => e.bet_result = Some(BetResult::Win),
+                    Value::String(s) if s == "loss" => e.bet_result = Some(BetResult::Loss),
+                    other => errs.push(Violation::new(
+                        k,
+                        Rule::BetResult,
+                        format!("bet_result must be \"win\" or \"loss\", got {}", short_json(other)),
+                    )),
+                },
+                _ => match val {
+                    Value::String(s) => e.properties.push((k.clone(), s.clone())),
+                    other => errs.push(Violation::new(
+                        k,
+                        Rule::PropertyType,
+                        format!(
+                            "custom property `{}` must be a string, got {}",
+                            truncate(k),
+                            json_kind(other)
+                        ),
+                    )),
+                },
+            }
+        }
+        for (i, field) in ["client_user_id", "event_name", "timestamp"].iter().enumerate() {
+            if !seen_required[i] {
+                errs.push(Violation::new(*field, Rule::Required, format!("{field} is required")));
+            }
+        }
+        if errs.is_empty() {
+            Ok(e)
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// Serialises to the JSON the API receives, appending to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Serialising plain strings, numbers and booleans into a Vec cannot fail.
+        serde_json::to_writer(out, self).expect("event serialisation is infallible");
+    }
+}
+
+fn want_str(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<String> {
+    match val {
+        Value::String(s) => Some(s.clone()),
+        other => {
+            errs.push(Violation::new(
+                k,
+                Rule::Type,
+                format!("{k} must be a string, got {}", json_kind(other)),
+            ));
+            None
+        }
+    }
+}
+
+fn want_opt_str(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<String> {
+    if val.is_null() {
+        return None;
+    }
+    want_str(k, val, errs)
+}
+
+fn want_opt_num(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<f64> {
+    match val {
+        Value::Null => None,
+        Value::Number(n) => n.as_f64(),
+        other => {
+            errs.push(Violation::new(
+                k,
+                Rule::Type,
+                format!("{k} must be a number, got {}", json_kind(other)),
+            ));
+            None
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn short_json(v: &Value) -> String {
+    truncate(&v.to_string()).to_string()
+}
+
+/// Cuts user-supplied text for error messages, on a character boundary.
+pub fn truncate(s: &str) -> &str {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A crypto currency code: 2 to 10 upper-case ASCII letters or digits, starting with a letter.
+pub fn is_crypto_code(s: &str) -> bool {
+    (2..=10).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_uppercase()
+        && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+/// An active ISO 4217 currency code.
+pub fn is_iso4217(s: &str) -> bool {
+    s.len() == 3 && ISO_4217.binary_search(&s).is_ok()
+}
+
+/// Active ISO 4217 alphabetic codes (sorted; binary searched).
+const ISO_4217: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN", "BHD", "BIF",
+    "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHF", "CLP", "CNY", "COP", "CRC",
+    "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS",
+    "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD",
+    "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL",
+    "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MYR", "MZN", "NAD",
+    "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD",
+    "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP",
+    "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VES",
+    "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
+];
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("client_user_id", &self.client_user_id)?;
+        m.serialize_entry("event_name", &self.event_name)?;
+        m.serialize_entry("timestamp", &self.timestamp)?;
+        macro_rules! opt {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &self.$f { m.serialize_entry(stringify!($f), v)?; }
+            )*};
+        }
+        opt!(
+            click_id,
+            ip_address,
+            user_agent,
+            game_type,
+            game_provider,
+            transaction_id,
+            amount,
+            currency,
+            is_crypto
+        );
+        if let Some(r) = self.bet_result {
+            m.serialize_entry("bet_result", r.as_str())?;
+        }
+        opt!(bet_result_amount, parent_transaction_id);
+        for (k, v) in &self.properties {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<Event, Vec<Violation>> {
+        Event::from_json(v.as_object().unwrap())
+    }
+
+    fn rules(v: Value) -> Vec<&'static str> {
+        match parse(v) {
+            Ok(e) => e
+                .validate(&ContractOptions::default())
+                .into_iter()
+                .map(|v| v.rule)
+                .collect(),
+            Err(errs) => errs.into_iter().map(|v| v.rule).collect(),
+        }
+    }
+
+    fn deposit() -> Value {
+        json!({"client_user_id": "user_001", "click_id": "clk_998877", "ip_address": "203.0.113.1",
+               "event_name": "deposit", "transaction_id": "tx_554433", "timestamp": 1702963200,
+               "amount": 50.00, "currency": "USD"})
+    }
+
+    fn with(mut base: Value, k: &str, v: Value) -> Value {
+        if v.is_null() {
+            base.as_object_mut().unwrap().remove(k);
+        } else {
+            base[k] = v;
+        }
+        base
+    }
+
+    #[test]
+    fn seed_curl_example_is_valid_and_round_trips() {
+        let e = parse(deposit()).unwrap();
+        assert!(e.validate(&ContractOptions::default()).is_empty());
+        let back: Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(back, deposit());
+    }
+
+    #[test]
+    fn each_rule_is_named() {
+        assert_eq!(rules(with(deposit(), "client_user_id", Value::Null)), ["required"]);
+        assert_eq!(rules(with(deposit(), "client_user_id", json!(""))), ["required"]);
+        assert_eq!(rules(with(deposit(), "timestamp", json!("1702963200"))), ["type"]);
+        assert_eq!(rules(with(deposit(), "timestamp", json!(-5))), ["timestamp"]);
+        assert_eq!(rules(with(deposit(), "amount", Value::Null)), ["financial_fields"]);
+        assert_eq!(rules(with(deposit(), "click_id", Value::Null)), ["click_id_ip_address"]);
+        assert_eq!(rules(with(deposit(), "ip_address", json!("999.1.1.1"))), ["ip_address"]);
+        assert_eq!(rules(with(deposit(), "currency", json!("usd"))), ["currency"]);
+        assert_eq!(rules(with(deposit(), "currency", json!("BTC"))), ["currency"]);
+        let crypto = with(with(deposit(), "currency", json!("USDT")), "is_crypto", json!(true));
+        assert!(rules(crypto).is_empty());
+        assert_eq!(rules(with(deposit(), "bet_result", json!("win"))), ["bet_result"]);
+        assert_eq!(rules(with(deposit(), "vip", json!(3))), ["property_type"]);
+        assert_eq!(
+            rules(with(deposit(), "parent_transaction_id", json!("b1"))),
+            ["settlement"]
+        );
+    }
+
+    #[test]
+    fn bet_patterns() {
+        let bet = json!({"client_user_id": "u", "event_name": "bet", "timestamp": 1702963200, "amount": 5.0,
+                         "currency": "EUR", "transaction_id": "b1"});
+        assert!(rules(bet.clone()).is_empty());
+        let a = with(
+            with(bet.clone(), "bet_result", json!("loss")),
+            "bet_result_amount",
+            json!(-5.0),
+        );
+        assert!(rules(a.clone()).is_empty());
+        assert!(parse(a).unwrap().carries_bet_result());
+        let bad_sign = with(
+            with(bet.clone(), "bet_result", json!("win")),
+            "bet_result_amount",
+            json!(-1.0),
+        );
+        assert_eq!(rules(bad_sign), ["amount_sign"]);
+        let bad_value = with(
+            with(bet.clone(), "bet_result", json!("draw")),
+            "bet_result_amount",
+            json!(0.0),
+        );
+        assert_eq!(rules(bad_value), ["bet_result"]);
+        let win = json!({"client_user_id": "u", "event_name": "win", "timestamp": 1702963200, "amount": 3.0,
+                         "currency": "EUR", "transaction_id": "w1", "parent_transaction_id": "b1"});
+        assert!(rules(win.clone()).is_empty());
+        assert_eq!(
+            rules(with(win.clone(), "parent_transaction_id", Value::Null)),
+            ["settlement"]
+        );
+        let loss = with(with(win, "event_name", json!("loss")), "amount", json!(2.0));
+        assert_eq!(rules(loss), ["amount_sign"]);
+    }
+
+    #[test]
+    fn strict_click_ip_applies_everywhere() {
+        let bet = parse(
+            json!({"client_user_id": "u", "event_name": "bet", "timestamp": 1, "amount": 5.0,
+                               "currency": "EUR", "transaction_id": "b1"}),
+        )
+        .unwrap();
+        let strict = ContractOptions {
+            strict_click_ip: true,
+            ..Default::default()
+        };
+        let got: Vec<_> = bet.validate(&strict).into_iter().map(|v| v.field).collect();
+        assert_eq!(got, ["click_id", "ip_address"]);
+    }
+
+    #[test]
+    fn iso_list_is_sorted() {
+        assert!(ISO_4217.windows(2).all(|w| w[0] < w[1]));
+        assert!(is_iso4217("EUR") && !is_iso4217("BTC"));
+    }
+
+    #[test]
+    fn timestamp_unit_heuristic() {
+        assert!(TimestampUnit::Seconds.looks_like_other_unit(1_702_963_200_000));
+        assert!(!TimestampUnit::Seconds.looks_like_other_unit(1_702_963_200));
+        assert!(TimestampUnit::Milliseconds.looks_like_other_unit(1_702_963_200));
+    }
+}

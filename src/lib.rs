@@ -1,0 +1,13 @@
+//! datapulse-bridge: Kafka consumer group → field mapping → dedupe → batched delivery to the
+//! DataPulse Server Events API, committing offsets only behind what reached an outcome.
+//! See `docs/ARCHITECTURE.md` for the map of the code and its invariants.
+
+pub mod batch;
+pub mod config;
+pub mod dedupe;
+pub mod deliver;
+pub mod dlq;
+pub mod event;
+pub mod mapping;
+pub mod sandbox;
+pub mod telemetry;

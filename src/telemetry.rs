@@ -1,0 +1,164 @@
+//! Operations surface: Prometheus metrics, the health endpoints and logging.
+//!
+//! Every module registers its own metrics in the process-wide default registry (a `LazyLock`
+//! next to the code that updates them, named `datapulse_bridge_*`); `/metrics` gathers them all.
+//! Readiness is the conjunction of named conditions that modules set with [`set_ready`].
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{LazyLock, Mutex};
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the operations HTTP server (`/metrics`, `/health/live`, `/health/ready`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `datapulse_bridge=debug,info`; `RUST_LOG` overrides.
+    #[serde(default = "default_level")]
+    pub log_level: String,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9090".into()
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: default_listen(),
+            log_format: LogFormat::Text,
+            log_level: default_level(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.listen.parse::<SocketAddr>().is_err() {
+            errs.push(format!(
+                "key `telemetry.listen` {}: `{}` is not an address such as 0.0.0.0:9090",
+                origin("telemetry.listen"),
+                self.listen
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            errs.push(format!(
+                "key `telemetry.log_level` {}: `{}` is not a log filter such as `info`",
+                origin("telemetry.log_level"),
+                self.log_level
+            ));
+        }
+        errs
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global tracing subscriber (once; later calls are ignored).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+/// One readiness condition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Condition {
+    pub ok: bool,
+    pub reason: String,
+}
+
+static READY: LazyLock<Mutex<BTreeMap<&'static str, Condition>>> = LazyLock::new(Default::default);
+
+/// Sets a named readiness condition (for example `assignment`, `api_key`, `dedupe_store`).
+pub fn set_ready(name: &'static str, ok: bool, reason: impl Into<String>) {
+    let mut m = READY.lock().unwrap_or_else(|p| p.into_inner());
+    m.insert(
+        name,
+        Condition {
+            ok,
+            reason: reason.into(),
+        },
+    );
+}
+
+/// Whether every condition holds (and at least one was set), with the conditions.
+pub fn readiness() -> (bool, BTreeMap<&'static str, Condition>) {
+    let m = READY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    (!m.is_empty() && m.values().all(|c| c.ok), m)
+}
+
+/// The Prometheus text exposition of every registered metric.
+pub fn render_metrics() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let enc = prometheus::TextEncoder::new();
+    let _ = enc.encode(&prometheus::gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+async fn metrics_handler() -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], render_metrics())
+}
+
+async fn live() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "live"}))
+}
+
+async fn ready(State(()): State<()>) -> impl IntoResponse {
+    let (ok, conditions) = readiness();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(serde_json::json!({"ready": ok, "conditions": conditions})))
+}
+
+/// The operations router: `/metrics`, `/health/live`, `/health/ready`.
+pub fn router() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(())
+}
+
+/// Binds the operations server and serves it in the background; returns the bound address.
+pub async fn serve(listen: &str) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router()).await {
+            tracing::error!(error = %e, "operations server stopped");
+        }
+    });
+    Ok(addr)
+}
