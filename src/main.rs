@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use datapulse_bridge::{config, pipeline, sandbox, telemetry};
+use datapulse_bridge::{config, dlq, pipeline, sandbox, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +25,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Serve the Server Events API sandbox.
     Sandbox(sandbox::SandboxArgs),
 }
@@ -78,6 +81,16 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "bridge failed");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Dlq(cmd) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(dlq::run_command(cmd)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }

@@ -50,7 +50,16 @@ impl Tracker {
         if let Some(old) = parts.get(&partition) {
             self.in_flight -= old.pending.len();
         }
-        parts.insert(partition, Part { epoch, assigned: true, pending: BTreeMap::new(), next: None, committed: None });
+        parts.insert(
+            partition,
+            Part {
+                epoch,
+                assigned: true,
+                pending: BTreeMap::new(),
+                next: None,
+                committed: None,
+            },
+        );
     }
 
     /// A partition was taken from us: its unfinished records are abandoned (the new owner reads
@@ -68,7 +77,8 @@ impl Tracker {
 
     /// Whether a partition is assigned in the given epoch.
     pub fn is_current(&self, topic: &str, t: &Ticket) -> bool {
-        self.part(topic, t.partition).is_some_and(|p| p.assigned && p.epoch == t.epoch)
+        self.part(topic, t.partition)
+            .is_some_and(|p| p.assigned && p.epoch == t.epoch)
     }
 
     /// Registers a record read from Kafka. Returns `None` for a partition not assigned to us
@@ -82,7 +92,11 @@ impl Tracker {
             self.in_flight += 1;
         }
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        Some(Ticket { partition, epoch: p.epoch, offset })
+        Some(Ticket {
+            partition,
+            epoch: p.epoch,
+            offset,
+        })
     }
 
     /// Records the outcome of a record. Returns false when the ticket's epoch has ended (the
@@ -154,7 +168,11 @@ impl Tracker {
 
     /// When the oldest unfinished record was read.
     pub fn oldest_unfinished(&self) -> Option<Instant> {
-        self.topics.values().flat_map(|m| m.values()).filter_map(|p| p.pending.values().min().copied()).min()
+        self.topics
+            .values()
+            .flat_map(|m| m.values())
+            .filter_map(|p| p.pending.values().min().copied())
+            .min()
     }
 
     /// The partitions currently assigned.
@@ -204,9 +222,16 @@ mod tests {
         let a = t.begin("t", 1, 0).unwrap();
         let b = t.begin("t", 1, 1).unwrap();
         assert!(t.finish("t", &a));
-        assert_eq!(t.revoke("t", 1), Some(1), "the finished prefix may be committed on revoke");
+        assert_eq!(
+            t.revoke("t", 1),
+            Some(1),
+            "the finished prefix may be committed on revoke"
+        );
         assert!(!t.finish("t", &b), "a finish after revoke is ignored");
-        assert!(t.begin("t", 1, 2).is_none(), "records of a revoked partition are dropped");
+        assert!(
+            t.begin("t", 1, 2).is_none(),
+            "records of a revoked partition are dropped"
+        );
         assert_eq!(t.in_flight(), 0);
         // Reassigned: a new epoch; the old ticket stays void.
         t.assign("t", 1);

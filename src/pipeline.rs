@@ -46,7 +46,11 @@ impl OwnedRecord {
     pub fn from_message(m: &BorrowedMessage<'_>, topic: Arc<str>) -> OwnedRecord {
         let headers = m
             .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
             .unwrap_or_default();
         OwnedRecord {
             topic,
@@ -116,7 +120,8 @@ struct Metrics {
     shutdowns: prometheus::IntCounterVec,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     finished: prometheus::register_int_counter_vec!(
         "datapulse_bridge_records_finished_total",
         "Records that reached their outcome (delivered, duplicate, filtered, dead_lettered), by reason.",
@@ -162,6 +167,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         &["result"]
     )
     .expect("metric registers once"),
+}
 });
 
 /// Records outcomes: tracker, counters and metrics move together.
@@ -227,8 +233,15 @@ impl Shared {
 /// Runs the bridge until `shutdown` fires; then stops fetching, finishes or abandons in-flight
 /// work within `shutdown.deadline`, commits, and leaves the group.
 pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counters>) -> anyhow::Result<()> {
-    METRICS.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    crate::telemetry::set_ready("assignment", false, "waiting for the consumer group to assign partitions");
+    METRICS
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    crate::telemetry::set_ready(
+        "assignment",
+        false,
+        "waiting for the consumer group to assign partitions",
+    );
     let mapper = Arc::new(
         Mapper::compile(&cfg.mapping, &cfg.api.contract())
             .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.0.join("; ")))?,
@@ -238,7 +251,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     let tracker = Arc::new(Mutex::new(Tracker::new()));
     let consumer = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
     let shared = Arc::new(Shared {
-        finisher: Finisher { tracker: Arc::clone(&tracker), counters: Arc::clone(&counters) },
+        finisher: Finisher {
+            tracker: Arc::clone(&tracker),
+            counters: Arc::clone(&counters),
+        },
         dlq: DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?,
         abandon: CancellationToken::new(),
         dlq_tasks: Mutex::new(JoinSet::new()),
@@ -268,14 +284,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     };
     let dlq_drained = {
         let mut tasks = std::mem::take(&mut *lock(&shared.dlq_tasks));
-        tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} }).await.is_ok()
+        tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok()
     };
     shared.abandon.cancel();
     if !drained {
         let _ = delivery.await;
     }
     let abandoned = lock(&tracker).in_flight();
-    let result = if drained && dlq_drained && abandoned == 0 { "drained" } else { "abandoned" };
+    let result = if drained && dlq_drained && abandoned == 0 {
+        "drained"
+    } else {
+        "abandoned"
+    };
     METRICS.shutdowns.with_label_values(&[result]).inc();
     commit(&consumer, &tracker, CommitMode::Sync);
     tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
@@ -331,7 +353,10 @@ async fn consumer_loop(
             paused = true;
             set_paused(consumer, true);
             METRICS.paused.set(1);
-            tracing::info!(in_flight, "too many unfinished records: partitions paused (still polling)");
+            tracing::info!(
+                in_flight,
+                "too many unfinished records: partitions paused (still polling)"
+            );
         } else if paused && in_flight <= max_in_flight / 2 {
             paused = false;
             set_paused(consumer, false);
@@ -396,7 +421,15 @@ fn handle(
                 return;
             }
             let size = buf.len();
-            if tx.send(Pending { rec, ticket, event: *event, size }).is_err() {
+            if tx
+                .send(Pending {
+                    rec,
+                    ticket,
+                    event: *event,
+                    size,
+                })
+                .is_err()
+            {
                 tracing::error!("delivery loop has stopped; record left unfinished");
             }
         }
@@ -422,7 +455,11 @@ fn set_paused(consumer: &Source, pause: bool) {
     if assignment.count() == 0 {
         return;
     }
-    let r = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    let r = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
     if let Err(e) = r {
         tracing::debug!(error = %e, pause, "pause/resume failed");
     }
@@ -443,7 +480,10 @@ fn commit(consumer: &Source, tracker: &Mutex<Tracker>, mode: CommitMode) {
             let mut tr = lock(tracker);
             for (t, p, o) in &todo {
                 tr.committed(t, *p, *o);
-                SOURCE_METRICS.committed.with_label_values(&[t.as_str(), p.to_string().as_str()]).set(*o);
+                SOURCE_METRICS
+                    .committed
+                    .with_label_values(&[t.as_str(), p.to_string().as_str()])
+                    .set(*o);
             }
         }
         Ok(()) => {} // the commit callback records it
@@ -497,11 +537,19 @@ async fn delivery_loop(
 }
 
 /// Takes one batch through dedupe and delivery to an outcome for each record.
-async fn process_batch(batch: Vec<Pending>, unit: TimestampUnit, deliverer: &Deliverer, deduper: &Deduper, shared: &Arc<Shared>) {
+async fn process_batch(
+    batch: Vec<Pending>,
+    unit: TimestampUnit,
+    deliverer: &Deliverer,
+    deduper: &Deduper,
+    shared: &Arc<Shared>,
+) {
     // Records of partitions revoked since they were read belong to the new owner now.
     let batch: Vec<Pending> = {
         let tracker = lock(&shared.finisher.tracker);
-        let (keep, stale): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| tracker.is_current(&p.rec.topic, &p.ticket));
+        let (keep, stale): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|p| tracker.is_current(&p.rec.topic, &p.ticket));
         METRICS.abandoned.inc_by(stale.len() as u64);
         keep
     };
@@ -537,7 +585,12 @@ async fn process_batch(batch: Vec<Pending>, unit: TimestampUnit, deliverer: &Del
                 shared.finisher.finish(&p.rec, &p.ticket, Outcome::Duplicate(reason));
             }
             Verdict::DoubleCount { reason } => {
-                let why = Reason { stage: "dedupe", code: "double_count".into(), message: reason, http_status: None };
+                let why = Reason {
+                    stage: "dedupe",
+                    code: "double_count".into(),
+                    message: reason,
+                    http_status: None,
+                };
                 shared.dead_letter(p.rec, p.ticket, why);
             }
         }
@@ -563,13 +616,19 @@ async fn process_batch(batch: Vec<Pending>, unit: TimestampUnit, deliverer: &Del
         }
     }
     if !rejected.is_empty() {
-        deduper.release(&rejected.iter().map(|(p, _, _)| &p.event).collect::<Vec<_>>()).await;
+        deduper
+            .release(&rejected.iter().map(|(p, _, _)| &p.event).collect::<Vec<_>>())
+            .await;
     }
     for (p, status, body) in rejected {
         let why = Reason {
             stage: "api",
             code: "rejected".into(),
-            message: format!("record {}: the API answered {status}: {}", p.rec.coordinates(), crate::event::truncate(&body)),
+            message: format!(
+                "record {}: the API answered {status}: {}",
+                p.rec.coordinates(),
+                crate::event::truncate(&body)
+            ),
             http_status: Some(status),
         };
         shared.dead_letter(p.rec, p.ticket, why);
@@ -597,9 +656,15 @@ async fn process_batch(batch: Vec<Pending>, unit: TimestampUnit, deliverer: &Del
             TimestampUnit::Seconds => p.event.timestamp as f64 * 1000.0,
             TimestampUnit::Milliseconds => p.event.timestamp as f64,
         };
-        METRICS.latency.with_label_values(&["event"]).observe(((now_ms - event_ms) / 1000.0).max(0.0));
+        METRICS
+            .latency
+            .with_label_values(&["event"])
+            .observe(((now_ms - event_ms) / 1000.0).max(0.0));
         if let Some(k) = p.rec.timestamp_ms {
-            METRICS.latency.with_label_values(&["kafka"]).observe(((now_ms - k as f64) / 1000.0).max(0.0));
+            METRICS
+                .latency
+                .with_label_values(&["kafka"])
+                .observe(((now_ms - k as f64) / 1000.0).max(0.0));
         }
         shared.finisher.finish(&p.rec, &p.ticket, Outcome::Delivered);
     }

@@ -88,8 +88,11 @@ pub struct SourceContext {
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
         let tracker = lock(&self.tracker);
-        let committed: std::collections::HashMap<(String, i32), i64> =
-            tracker.committed_offsets().into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        let committed: std::collections::HashMap<(String, i32), i64> = tracker
+            .committed_offsets()
+            .into_iter()
+            .map(|(t, p, o)| ((t, p), o))
+            .collect();
         for (topic, t) in &stats.topics {
             for (&partition, p) in &t.partitions {
                 if partition < 0 || !p.desired {
@@ -101,7 +104,10 @@ impl ClientContext for SourceContext {
                 if let Some(&c) = committed.get(&(topic.clone(), partition)) {
                     METRICS.lag.with_label_values(&labels).set((p.hi_offset - c).max(0));
                 } else if p.committed_offset >= 0 {
-                    METRICS.lag.with_label_values(&labels).set((p.hi_offset - p.committed_offset).max(0));
+                    METRICS
+                        .lag
+                        .with_label_values(&labels)
+                        .set((p.hi_offset - p.committed_offset).max(0));
                 }
             }
         }
@@ -189,7 +195,11 @@ fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
 }
 
 fn describe(tpl: &TopicPartitionList) -> String {
-    tpl.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>().join(",")
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Locks a mutex, recovering from poisoning (a panic elsewhere must not stop commits).

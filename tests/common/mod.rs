@@ -31,7 +31,10 @@ where
 {
     let start = Instant::now();
     while !cond().await {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -40,7 +43,10 @@ fn wait_port(port: u16, timeout: Duration, what: &str) {
     let start = Instant::now();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(start.elapsed() < timeout, "{what} did not listen on {port} within {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "{what} did not listen on {port} within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -68,7 +74,10 @@ impl Proc {
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        Proc { child: Some(child), log }
+        Proc {
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -107,7 +116,10 @@ impl Proc {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Proc {
@@ -131,12 +143,17 @@ impl Broker {
         cmd.args(["--storage-engine", "memory://tansu/"]);
         let proc = Proc::spawn(cmd, dir.join("tansu.log"));
         wait_port(port, Duration::from_secs(20), "tansu");
-        Broker { proc, bootstrap: format!("127.0.0.1:{port}") }
+        Broker {
+            proc,
+            bootstrap: format!("127.0.0.1:{port}"),
+        }
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let res = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
         for r in res {
@@ -160,11 +177,21 @@ impl Broker {
             let futs: Vec<_> = chunk
                 .iter()
                 .map(|(p, k, v)| {
-                    producer.send_result(FutureRecord::to(topic).partition(*p).key(k.as_str()).payload(v.as_str()))
+                    producer.send_result(
+                        FutureRecord::to(topic)
+                            .partition(*p)
+                            .key(k.as_str())
+                            .payload(v.as_str()),
+                    )
                 })
                 .collect();
             for f in futs {
-                f.map_err(|(e, _)| e).unwrap().await.unwrap().map_err(|(e, _)| e).unwrap();
+                f.map_err(|(e, _)| e)
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .map_err(|(e, _)| e)
+                    .unwrap();
             }
         }
     }
@@ -191,7 +218,10 @@ impl Broker {
 
     /// High watermarks of partitions `0..partitions`.
     pub fn ends(&self, topic: &str, partitions: i32) -> Vec<i64> {
-        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
         (0..partitions)
             .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)
             .collect()
@@ -234,7 +264,16 @@ impl Redis {
 
     pub fn start_on(dir: &Path, port: u16) -> Redis {
         let mut cmd = Command::new(which("redis-server"));
-        cmd.args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ]);
         let proc = Proc::spawn(cmd, dir.join(format!("redis-{port}.log")));
         wait_port(port, Duration::from_secs(10), "redis-server");
         Redis { proc, port }
@@ -266,11 +305,22 @@ impl Sandbox {
         cmd.args(extra);
         let proc = Proc::spawn(cmd, dir.join(format!("sandbox-{port}.log")));
         wait_port(port, Duration::from_secs(20), "sandbox");
-        Sandbox { proc, url: format!("http://{listen}"), client: reqwest::Client::new() }
+        Sandbox {
+            proc,
+            url: format!("http://{listen}"),
+            client: reqwest::Client::new(),
+        }
     }
 
     pub async fn stats(&self) -> serde_json::Value {
-        self.client.get(format!("{}/_sandbox/stats", self.url)).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(format!("{}/_sandbox/stats", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn accepted(&self) -> u64 {
@@ -278,11 +328,24 @@ impl Sandbox {
     }
 
     pub async fn events(&self) -> Vec<serde_json::Value> {
-        self.client.get(format!("{}/_sandbox/events", self.url)).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(format!("{}/_sandbox/events", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn set_faults(&self, faults: serde_json::Value) {
-        let r = self.client.put(format!("{}/_sandbox/faults", self.url)).json(&faults).send().await.unwrap();
+        let r = self
+            .client
+            .put(format!("{}/_sandbox/faults", self.url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "set faults: {}", r.status());
     }
 
@@ -311,11 +374,20 @@ impl Bridge {
         let log = dir.join(format!("{name}-{}.log", free_port()));
         let proc = Proc::spawn(cmd, log);
         wait_port(ops_port, Duration::from_secs(20), "bridge operations server");
-        Bridge { proc, ops: format!("http://127.0.0.1:{ops_port}"), config }
+        Bridge {
+            proc,
+            ops: format!("http://127.0.0.1:{ops_port}"),
+            config,
+        }
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.ops)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.ops))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn ready(&self) -> (u16, serde_json::Value) {
