@@ -316,10 +316,16 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLett
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut done: std::collections::HashSet<i32> = std::collections::HashSet::new();
-    while done.len() < ends.len() && std::time::Instant::now() < deadline {
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+    // Past the reported ends, keep reading until the topic is quiet for a second: some
+    // Kafka-compatible brokers report a high watermark that lags behind what they serve.
+    let mut quiet_since = std::time::Instant::now();
+    while std::time::Instant::now() < deadline
+        && (done.len() < ends.len() || quiet_since.elapsed() < Duration::from_secs(1))
+    {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
+        quiet_since = std::time::Instant::now();
         let m = m?;
         if m.offset() + 1 >= ends[&m.partition()] {
             done.insert(m.partition());

@@ -299,7 +299,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         "abandoned"
     };
     METRICS.shutdowns.with_label_values(&[result]).inc();
-    commit(&consumer, &tracker, CommitMode::Sync);
+    commit(&consumer, &tracker);
     tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
     consumer.unsubscribe();
     drop(consumer);
@@ -327,7 +327,7 @@ async fn consumer_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = commit_tick.tick() => {
-                commit(consumer, tracker, CommitMode::Async);
+                commit(consumer, tracker);
                 let (in_flight, oldest) = {
                     let t = lock(tracker);
                     (t.in_flight(), t.oldest_unfinished())
@@ -390,6 +390,8 @@ fn handle(
     SOURCE_METRICS.consumed.inc();
     let Some(ticket) = lock(tracker).begin(&topic, msg.partition(), msg.offset()) else {
         // Fetched before its partition was revoked: the new owner reads it.
+        tracing::warn!(topic = %topic, partition = msg.partition(), offset = msg.offset(),
+            "record of a partition not assigned to this process ignored");
         return;
     };
     shared.finisher.counters.consumed.fetch_add(1, Ordering::Relaxed);
@@ -465,8 +467,9 @@ fn set_paused(consumer: &Source, pause: bool) {
     }
 }
 
-/// Commits the finished prefix of every assigned partition that advanced.
-fn commit(consumer: &Source, tracker: &Mutex<Tracker>, mode: CommitMode) {
+/// Commits the finished prefix of every assigned partition that advanced, synchronously (one
+/// round trip per `commit_interval`), so the tracker and the metrics know what is committed.
+fn commit(consumer: &Source, tracker: &Mutex<Tracker>) {
     let todo = lock(tracker).to_commit();
     if todo.is_empty() {
         return;
@@ -475,19 +478,16 @@ fn commit(consumer: &Source, tracker: &Mutex<Tracker>, mode: CommitMode) {
     for (t, p, o) in &todo {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
-    match consumer.commit(&tpl, mode) {
-        Ok(()) if matches!(mode, CommitMode::Sync) => {
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
             let mut tr = lock(tracker);
             for (t, p, o) in &todo {
                 tr.committed(t, *p, *o);
-                SOURCE_METRICS
-                    .committed
-                    .with_label_values(&[t.as_str(), p.to_string().as_str()])
-                    .set(*o);
+                SOURCE_METRICS.committed.with_label_values(&[t.as_str(), p.to_string().as_str()]).set(*o);
             }
         }
-        Ok(()) => {} // the commit callback records it
         Err(e) => {
+            // REBALANCE_IN_PROGRESS and friends: the next interval commits again.
             SOURCE_METRICS.commit_errors.inc();
             tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
         }

@@ -9,7 +9,6 @@
 use crate::config::KafkaConfig;
 use crate::offsets::Tracker;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext};
@@ -168,16 +167,6 @@ impl ConsumerContext for SourceContext {
             tracing::info!(partitions = %describe(tpl), total, "partitions assigned");
             if total > 0 {
                 crate::telemetry::set_ready("assignment", true, format!("{total} partitions assigned"));
-            }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => record_commits(&self.tracker, offsets),
-            Err(e) => {
-                METRICS.commit_errors.inc();
-                tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
             }
         }
     }
