@@ -39,10 +39,19 @@ async fn a_429_with_retry_after_pauses_the_whole_key() {
     assert!(all_delivered(&a) && all_delivered(&b));
     let stats = sb.stats();
     assert_eq!(stats.by_status.get(&429), Some(&1), "{stats:?}");
-    assert_eq!(stats.requests, 3, "the second delivery waited for the pause instead of trying: {stats:?}");
+    assert_eq!(
+        stats.requests, 3,
+        "the second delivery waited for the pause instead of trying: {stats:?}"
+    );
     assert_eq!(stats.accepted_events, 20);
-    assert!(start.elapsed() >= Duration::from_millis(950), "Retry-After: 1 not honoured");
-    assert!(b_took >= Duration::from_millis(750), "b ran during the pause: {b_took:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 not honoured"
+    );
+    assert!(
+        b_took >= Duration::from_millis(750),
+        "b ran during the pause: {b_took:?}"
+    );
 }
 
 /// Five concurrent senders that believe they may send 1000 requests a second, against a sandbox
@@ -106,7 +115,10 @@ async fn a_500_burst_is_retried_until_delivered() {
     })
     .unwrap();
     let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery());
-    let r = d.deliver(&deposits("f", 50, &[]), &CancellationToken::new()).await.unwrap();
+    let r = d
+        .deliver(&deposits("f", 50, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
     assert!(all_delivered(&r));
     let stats = sb.stats();
     assert_eq!(stats.by_status.get(&500), Some(&5));
@@ -124,7 +136,10 @@ async fn timeouts_are_retried_until_delivered() {
     .unwrap();
     let d = deliverer(&api(&sb.url(), Duration::from_millis(300)), &delivery());
     let start = Instant::now();
-    let r = d.deliver(&deposits("t", 30, &[]), &CancellationToken::new()).await.unwrap();
+    let r = d
+        .deliver(&deposits("t", 30, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
     assert!(all_delivered(&r));
     assert!(start.elapsed() >= Duration::from_millis(600), "two timeouts of 300 ms");
     let stats = sb.stats();
@@ -148,7 +163,10 @@ async fn cancel_during_retries_returns_cancelled() {
         c.cancel();
     });
     let r = tokio::time::timeout(Duration::from_secs(5), d.deliver(&deposits("c", 5, &[]), &cancel)).await;
-    assert_eq!(r.expect("returns soon after cancel"), Err(datapulse_bridge::deliver::Cancelled));
+    assert_eq!(
+        r.expect("returns soon after cancel"),
+        Err(datapulse_bridge::deliver::Cancelled)
+    );
     assert_eq!(sb.stats().accepted_events, 0);
 }
 
@@ -188,7 +206,10 @@ async fn one_bad_event_in_500_with_bare_400_is_isolated_by_bisection() {
 async fn one_bad_event_in_500_with_index_body_costs_one_extra_request() {
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
     let d = deliverer(&api(&sb.url(), Duration::from_secs(5)), &delivery());
-    let r = d.deliver(&deposits("i", 500, &[321]), &CancellationToken::new()).await.unwrap();
+    let r = d
+        .deliver(&deposits("i", 500, &[321]), &CancellationToken::new())
+        .await
+        .unwrap();
     let stats = sb.stats();
     assert_eq!(stats.requests, 2, "{stats:?}");
     assert_eq!(stats.accepted_events, 499);
@@ -216,7 +237,10 @@ async fn random_faults_lose_and_duplicate_nothing() {
     let mut expected = Vec::new();
     for b in 0..15 {
         let tag = format!("r{b}");
-        let r = d.deliver(&deposits(&tag, 20, &[]), &CancellationToken::new()).await.unwrap();
+        let r = d
+            .deliver(&deposits(&tag, 20, &[]), &CancellationToken::new())
+            .await
+            .unwrap();
         assert!(all_delivered(&r));
         expected.extend((0..20).map(|i| format!("{tag}-{i}")));
     }

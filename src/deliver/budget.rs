@@ -78,10 +78,9 @@ impl RateBudget {
                 Store::Local(limiter(cfg.rate_limit / replicas, cfg.rate_window, cfg.rate_burst)?)
             }
             RateMode::Redis => {
-                let url = cfg
-                    .redis_url
-                    .as_ref()
-                    .ok_or_else(|| anyhow::anyhow!("delivery.redis_url is required when delivery.rate_mode = \"redis\""))?;
+                let url = cfg.redis_url.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("delivery.redis_url is required when delivery.rate_mode = \"redis\"")
+                })?;
                 // The URL may hold a password: say what is wrong without echoing it.
                 let client = redis::Client::open(url.expose())
                     .map_err(|e| anyhow::anyhow!("delivery.redis_url is not a usable Redis URL ({:?})", e.kind()))?;
@@ -122,7 +121,9 @@ impl RateBudget {
                         s = l.until_ready() => s,
                         _ = cancel.cancelled() => return Err(Cancelled),
                     };
-                    METRICS.budget_remaining.set(i64::from(snapshot.remaining_burst_capacity()));
+                    METRICS
+                        .budget_remaining
+                        .set(i64::from(snapshot.remaining_burst_capacity()));
                 }
                 Store::Redis(r) => r.acquire(id, cancel).await?,
             }
@@ -311,7 +312,11 @@ impl RedisBudget {
             Some(e) => {
                 // RedisError's Display names the failure, not the URL or its password.
                 tracing::warn!(error = %e, "rate budget: Redis unreachable; no request is sent until it answers");
-                telemetry::set_ready("rate_budget", false, format!("Redis (shared rate budget) unreachable: {e}"));
+                telemetry::set_ready(
+                    "rate_budget",
+                    false,
+                    format!("Redis (shared rate budget) unreachable: {e}"),
+                );
             }
         }
     }

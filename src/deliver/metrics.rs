@@ -120,7 +120,12 @@ impl Collector for OldestRetryAge {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let oldest = RETRYING.lock().unwrap_or_else(|p| p.into_inner()).values().min().copied();
+        let oldest = RETRYING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .min()
+            .copied();
         let age = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
         match Gauge::with_opts(Opts::new(OLDEST_NAME, OLDEST_HELP)) {
             Ok(g) => {

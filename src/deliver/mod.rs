@@ -169,7 +169,10 @@ impl DeliveryConfig {
                 ),
                 Some(n) if self.rate_limit / n == 0 => err(
                     "replicas",
-                    format!("{n} replicas leave less than one request per window of the limit {}", self.rate_limit),
+                    format!(
+                        "{n} replicas leave less than one request per window of the limit {}",
+                        self.rate_limit
+                    ),
                 ),
                 Some(n) if self.rate_burst > self.rate_limit / n => err(
                     "rate_burst",
@@ -461,7 +464,11 @@ impl Deliverer {
                             let delay =
                                 retry::backoff(attempt, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max);
                             tracing::warn!(
-                                cause, detail, attempt, events = idx.len(), delay_s = delay.as_secs_f64(),
+                                cause,
+                                detail,
+                                attempt,
+                                events = idx.len(),
+                                delay_s = delay.as_secs_f64(),
                                 "API request failed; retrying"
                             );
                             delay

@@ -104,9 +104,15 @@ mod tests {
             parse_retry_after("Sunday, 06-Nov-94 08:50:37 GMT", now),
             Some(Duration::from_secs(60))
         );
-        assert_eq!(parse_retry_after("Sun Nov  6 08:49:40 1994", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Sun Nov  6 08:49:40 1994", now),
+            Some(Duration::from_secs(3))
+        );
         // In the past: no pause.
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]
@@ -134,7 +140,10 @@ mod tests {
                 assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
                 above_half |= d > ceiling / 2;
             }
-            assert!(above_half, "attempt {attempt}: 200 draws all in the lower half: not full jitter");
+            assert!(
+                above_half,
+                "attempt {attempt}: 200 draws all in the lower half: not full jitter"
+            );
         }
         assert_eq!(backoff(3, Duration::ZERO, max), Duration::ZERO);
     }

@@ -78,7 +78,11 @@ fn deliverer(base_url: &str) -> Deliverer {
 fn batch(n: usize, bad: &[usize]) -> Vec<Event> {
     (0..n)
         .map(|i| Event {
-            client_user_id: if bad.contains(&i) { format!("bad{i:04}") } else { format!("u{i:04}") },
+            client_user_id: if bad.contains(&i) {
+                format!("bad{i:04}")
+            } else {
+                format!("u{i:04}")
+            },
             event_name: "login".into(),
             timestamp: 1_702_963_200,
             ..Event::default()
@@ -89,7 +93,10 @@ fn batch(n: usize, bad: &[usize]) -> Vec<Event> {
 fn check_results(results: &[EventResult], bad: &[usize]) {
     for (i, r) in results.iter().enumerate() {
         if bad.contains(&i) {
-            assert!(matches!(r, EventResult::Rejected { status: 400, .. }), "event {i}: {r:?}");
+            assert!(
+                matches!(r, EventResult::Rejected { status: 400, .. }),
+                "event {i}: {r:?}"
+            );
         } else {
             assert_eq!(r, &EventResult::Delivered, "event {i}");
         }
@@ -98,7 +105,10 @@ fn check_results(results: &[EventResult], bad: &[usize]) {
 
 /// Accepted ids must reach the API in batch order (invariant 7).
 fn check_order(seen: &Seen, n: usize, bad: &[usize]) {
-    let expected: Vec<String> = (0..n).filter(|i| !bad.contains(i)).map(|i| format!("u{i:04}")).collect();
+    let expected: Vec<String> = (0..n)
+        .filter(|i| !bad.contains(i))
+        .map(|i| format!("u{i:04}"))
+        .collect();
     assert_eq!(seen.accepted, expected);
 }
 
@@ -160,7 +170,9 @@ async fn indexed_400_costs_exactly_one_extra_request() {
         assert_eq!(seen.requests, 2, "bad {bad:?}");
         check_order(&seen, 500, &bad);
         // Each rejected event carries its own part of the body.
-        let EventResult::Rejected { body, .. } = &results[bad[0]] else { unreachable!() };
+        let EventResult::Rejected { body, .. } = &results[bad[0]] else {
+            unreachable!()
+        };
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["errors"][0]["field"], "amount");
         assert_eq!(v["errors"].as_array().unwrap().len(), 1);
