@@ -403,6 +403,7 @@ impl Deliverer {
     ) -> Result<Final, Cancelled> {
         let body = request_body(events, idx);
         let mut attempt: u32 = 0;
+        let mut auth_attempt: u32 = 0;
         loop {
             let creds = self.current_credentials();
             self.budget.acquire(&creds.budget_id, cancel).await?;
@@ -418,12 +419,20 @@ impl Deliverer {
                 }
                 Answer::BadRequest(body) => {
                     self.key_accepted();
+                    self.throttle_streak.store(0, Ordering::Relaxed);
                     return Ok(Final::BadRequest { body });
                 }
                 Answer::AuthRefused(status) => {
+                    auth_attempt += 1;
                     METRICS.retries.with_label_values(&[status_cause(status)]).inc();
                     retry_guard.get_or_insert_with(|| RetryGuard::new(started));
                     self.key_refused(status);
+                    tracing::debug!(
+                        cause = status_cause(status),
+                        attempt = auth_attempt,
+                        events = idx.len(),
+                        "key refused; retrying after delivery.auth_retry_interval"
+                    );
                     sleep(self.cfg.auth_retry_interval, cancel).await?;
                     self.reload_key();
                     continue;
@@ -482,7 +491,9 @@ impl Deliverer {
 
     /// One POST, classified; records the request metrics.
     async fn post(&self, creds: &Credentials, body: Bytes, n_events: usize) -> Answer {
-        METRICS.events_per_request.observe(n_events as f64);
+        if n_events > 0 {
+            METRICS.events_per_request.observe(n_events as f64);
+        }
         let started = Instant::now();
         let result = self
             .client

@@ -224,3 +224,15 @@ fn redis_url_is_redacted() {
     assert!(!format!("{cfg:?}").contains("hunter2"));
     assert!(!toml::to_string(&cfg).unwrap().contains("hunter2"));
 }
+
+#[test]
+fn every_config_key_is_documented() {
+    let doc = include_str!("../../docs/delivery.md");
+    let keys = serde_json::to_value(DeliveryConfig::default()).unwrap();
+    for key in keys.as_object().unwrap().keys() {
+        assert!(
+            doc.contains(&format!("| `{key}` |")),
+            "docs/delivery.md lacks a row for `{key}`"
+        );
+    }
+}
