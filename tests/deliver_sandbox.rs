@@ -248,3 +248,60 @@ async fn random_faults_lose_and_duplicate_nothing() {
     assert_eq!(accepted_ids(&sb), expected, "{stats:?}");
     eprintln!("random faults: {stats:?}");
 }
+
+#[tokio::test]
+async fn retries_spend_budget_like_first_tries() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status500; 3],
+        ..Faults::default()
+    })
+    .unwrap();
+    // 5 per second: 200 ms between requests, whatever the (tiny) backoff says.
+    let cfg = DeliveryConfig {
+        rate_limit: 5,
+        rate_window: Duration::from_secs(1),
+        retry_backoff_initial: Duration::from_millis(1),
+        retry_backoff_max: Duration::from_millis(1),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
+    let start = Instant::now();
+    let r = d
+        .deliver(&deposits("sp", 5, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r));
+    assert_eq!(sb.stats().requests, 4);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(590),
+        "4 requests at 5/s take 600 ms, took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_max_retries_keeps_retrying_at_the_cap() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status500; 3],
+        ..Faults::default()
+    })
+    .unwrap();
+    let cfg = DeliveryConfig {
+        max_retries: Some(1),
+        retry_backoff_initial: Duration::from_millis(10),
+        retry_backoff_max: Duration::from_millis(150),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
+    let start = Instant::now();
+    let r = d
+        .deliver(&deposits("mx", 5, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r), "never dropped after max_retries");
+    assert_eq!(sb.stats().requests, 4);
+    // Failures 2 and 3 are past max_retries: each waits the full 150 ms cap.
+    assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
+}

@@ -385,6 +385,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn static_share_divides_the_limit() {
+        let cfg = DeliveryConfig {
+            rate_mode: RateMode::StaticShare,
+            replicas: Some(2),
+            rate_limit: 20,
+            rate_window: Duration::from_secs(1),
+            ..DeliveryConfig::default()
+        };
+        let b = RateBudget::new(&cfg).unwrap();
+        let cancel = CancellationToken::new();
+        let start = Instant::now();
+        for _ in 0..4 {
+            b.acquire("x", &cancel).await.unwrap();
+        }
+        // 10 per second for this replica: 100 ms apart.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(295), "{took:?}");
+    }
+
+    #[tokio::test]
     async fn pause_holds_every_draw() {
         let b = RateBudget::new(&DeliveryConfig::default()).unwrap();
         let cancel = CancellationToken::new();

@@ -294,6 +294,10 @@ impl Deliverer {
 
     /// Delivers `events`, retrying until each has a final result or `cancel` fires. Results are
     /// in the order of `events`, and events reach the API in that order.
+    ///
+    /// `Err(Cancelled)` says nothing about the batch: a request in flight may have been accepted,
+    /// and during isolation of a 400 some parts may already be delivered. The caller must neither
+    /// commit nor mark any of it; after a restart the batch is read and sent again.
     pub async fn deliver(&self, events: &[Event], cancel: &CancellationToken) -> Result<Vec<EventResult>, Cancelled> {
         let mut results: Vec<Option<EventResult>> = vec![None; events.len()];
         let mut retry_guard = None;
@@ -549,7 +553,8 @@ impl Deliverer {
 
     /// Checks the key without sending events: POSTs `[]` to the batch endpoint (the API checks
     /// the key first: 401/403 means refused; 2xx or 400 means accepted). Spends one request of
-    /// the budget. Sets readiness `api_key` when the answer says something about the key.
+    /// the budget, and waits for it like any request (drop the future to give up). Sets readiness
+    /// `api_key` when the answer says something about the key.
     pub async fn probe(&self) -> KeyCheck {
         let never = CancellationToken::new();
         let creds = self.current_credentials();
