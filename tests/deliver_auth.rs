@@ -3,9 +3,9 @@
 //! without a restart. In its own test binary because readiness and the retry-age gauge are
 //! process-wide.
 
-mod common;
+mod deliver_common;
 
-use common::*;
+use deliver_common::*;
 use datapulse_bridge::deliver::{oldest_retry_age, EventResult, KeyCheck};
 use datapulse_bridge::telemetry;
 use std::io::Write;

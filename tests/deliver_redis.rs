@@ -2,9 +2,9 @@
 //! real `redis-server` (started by the test on a free port), against a sandbox with a scaled
 //! limit. The tests run one at a time: readiness is process-wide.
 
-mod common;
+mod deliver_common;
 
-use common::*;
+use deliver_common::*;
 use datapulse_bridge::config::Secret;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, RateMode};
 use datapulse_bridge::sandbox::{FaultStep, Faults};

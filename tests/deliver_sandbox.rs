@@ -1,9 +1,9 @@
 //! Delivery against the project's sandbox over real HTTP on 127.0.0.1: 429 storms, 5xx bursts,
 //! timeouts, and isolation of bad events answered 400.
 
-mod common;
+mod deliver_common;
 
-use common::*;
+use deliver_common::*;
 use datapulse_bridge::deliver::{DeliveryConfig, EventResult};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
 use std::sync::Arc;
