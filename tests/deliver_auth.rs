@@ -5,9 +5,9 @@
 
 mod deliver_common;
 
-use deliver_common::*;
 use datapulse_bridge::deliver::{oldest_retry_age, EventResult, KeyCheck};
 use datapulse_bridge::telemetry;
+use deliver_common::*;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

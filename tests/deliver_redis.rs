@@ -4,11 +4,11 @@
 
 mod deliver_common;
 
-use deliver_common::*;
 use datapulse_bridge::config::Secret;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, RateMode};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
 use datapulse_bridge::telemetry;
+use deliver_common::*;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

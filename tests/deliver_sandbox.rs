@@ -3,9 +3,9 @@
 
 mod deliver_common;
 
-use deliver_common::*;
 use datapulse_bridge::deliver::{DeliveryConfig, EventResult};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
+use deliver_common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
