@@ -110,4 +110,8 @@ async fn refused_key_halts_without_rejecting_and_recovers_when_the_key_file_is_f
         "{metrics}"
     );
     assert!(metrics.contains("datapulse_bridge_api_requests_total{endpoint=\"batch\",status=\"401\"}"));
+    assert!(
+        metrics.contains("datapulse_bridge_delivery_oldest_retry_age_seconds 0"),
+        "{metrics}"
+    );
 }

@@ -408,6 +408,7 @@ impl Deliverer {
         let body = request_body(events, idx);
         let mut attempt: u32 = 0;
         let mut auth_attempt: u32 = 0;
+        let mut throttled_attempt: u32 = 0;
         loop {
             let creds = self.current_credentials();
             self.budget.acquire(&creds.budget_id, cancel).await?;
@@ -442,6 +443,7 @@ impl Deliverer {
                     continue;
                 }
                 Answer::TooManyRequests(retry_after) => {
+                    throttled_attempt += 1;
                     METRICS.retries.with_label_values(&["429"]).inc();
                     retry_guard.get_or_insert_with(|| RetryGuard::new(started));
                     let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
@@ -452,7 +454,8 @@ impl Deliverer {
                         cause = "429",
                         retry_after = retry_after.map(|d| d.as_secs_f64()),
                         pause_s = pause.as_secs_f64(),
-                        consecutive_429 = streak,
+                        attempt = throttled_attempt,
+                        consecutive_429_of_key = streak,
                         events = idx.len(),
                         "API rate limit hit; pausing every request of the key"
                     );
