@@ -28,7 +28,7 @@ use metrics::{RetryGuard, METRICS};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -240,6 +240,34 @@ enum Answer {
     Retriable { cause: &'static str, detail: String },
 }
 
+/// One batch on its way: its events, their results so far, and whether it is under retry.
+struct Batch<'a> {
+    events: &'a [Event],
+    cancel: &'a CancellationToken,
+    started: Instant,
+    /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
+    retry_guard: Option<RetryGuard>,
+    results: Vec<Option<EventResult>>,
+}
+
+impl Batch<'_> {
+    fn delivered(&mut self, idx: &[usize]) {
+        for &i in idx {
+            self.results[i] = Some(EventResult::Delivered);
+        }
+    }
+
+    fn reject(&mut self, i: usize, body: String) {
+        METRICS.rejected.inc();
+        self.results[i] = Some(EventResult::Rejected { status: 400, body });
+    }
+
+    fn under_retry(&mut self) {
+        let started = self.started;
+        self.retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+    }
+}
+
 /// The key and the name of its budget, replaced together when `api.key_file` changes.
 struct Credentials {
     header: HeaderValue,
@@ -265,7 +293,7 @@ pub struct Deliverer {
     cfg: DeliveryConfig,
     key_state: AtomicU8,
     /// Consecutive 429s of the key, for the backoff of a 429 without `Retry-After`.
-    throttle_streak: std::sync::atomic::AtomicU32,
+    throttle_streak: AtomicU32,
 }
 
 impl Deliverer {
@@ -299,34 +327,38 @@ impl Deliverer {
     /// and during isolation of a 400 some parts may already be delivered. The caller must neither
     /// commit nor mark any of it; after a restart the batch is read and sent again.
     pub async fn deliver(&self, events: &[Event], cancel: &CancellationToken) -> Result<Vec<EventResult>, Cancelled> {
-        let mut results: Vec<Option<EventResult>> = vec![None; events.len()];
-        let mut retry_guard = None;
-        let started = Instant::now();
+        let mut b = Batch {
+            events,
+            cancel,
+            started: Instant::now(),
+            retry_guard: None,
+            results: vec![None; events.len()],
+        };
         let mut pending: Vec<usize> = (0..events.len()).collect();
         while !pending.is_empty() {
-            let body = match self.send(events, &pending, cancel, &mut retry_guard, started).await? {
+            let body = match self.send(&mut b, &pending).await? {
                 Final::Accepted => {
-                    mark_delivered(&mut results, &pending);
+                    b.delivered(&pending);
                     break;
                 }
                 Final::BadRequest { body } => body,
             };
             if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), pending.len()) {
                 for (i, part) in bad {
-                    reject(&mut results, pending[i], part);
+                    b.reject(pending[i], part);
                 }
             } else if pending.len() == 1 {
-                reject(&mut results, pending[0], body);
+                b.reject(pending[0], body);
             } else {
-                self.isolate(events, &pending, body, &mut results, cancel, &mut retry_guard, started)
-                    .await?;
+                self.isolate(&mut b, &pending, body).await?;
             }
             // What is left, in order, goes again as one request.
-            pending.retain(|&i| results[i].is_none());
+            pending.retain(|&i| b.results[i].is_none());
         }
-        Ok(results
+        // The loop ends only when every event has its result.
+        Ok(b.results
             .into_iter()
-            .map(|r| r.unwrap_or(EventResult::Delivered))
+            .map(|r| r.expect("every event has a result"))
             .collect())
     }
 
@@ -337,29 +369,19 @@ impl Deliverer {
     /// Events accepted on the way are marked delivered; the ones left (the halves that waited) are
     /// sent by the caller as one request. For one bad event among n this costs at most
     /// ⌈log2 n⌉ + 1 requests, and one more for the rest.
-    #[allow(clippy::too_many_arguments)]
-    async fn isolate(
-        &self,
-        events: &[Event],
-        group: &[usize],
-        group_body: String,
-        results: &mut [Option<EventResult>],
-        cancel: &CancellationToken,
-        retry_guard: &mut Option<RetryGuard>,
-        started: Instant,
-    ) -> Result<(), Cancelled> {
+    async fn isolate(&self, b: &mut Batch<'_>, group: &[usize], group_body: String) -> Result<(), Cancelled> {
         let mut suspect = group;
         // Some(body): the suspect range itself was answered 400 with that body.
         let mut confirmed = Some(group_body);
         loop {
             if suspect.len() == 1 {
                 let body = match confirmed {
-                    Some(b) => b,
+                    Some(body) => body,
                     None => {
                         METRICS.bisection_requests.inc();
-                        match self.send(events, suspect, cancel, retry_guard, started).await? {
+                        match self.send(b, suspect).await? {
                             Final::Accepted => {
-                                mark_delivered(results, suspect);
+                                b.delivered(suspect);
                                 return Ok(());
                             }
                             Final::BadRequest { body } => body,
@@ -370,21 +392,21 @@ impl Deliverer {
                 let part = retry::parse_bad_indexes(body.as_bytes(), 1)
                     .and_then(|mut m| m.remove(&0))
                     .unwrap_or(body);
-                reject(results, suspect[0], part);
+                b.reject(suspect[0], part);
                 return Ok(());
             }
             let (first, second) = suspect.split_at(suspect.len() / 2);
             METRICS.bisection_requests.inc();
-            match self.send(events, first, cancel, retry_guard, started).await? {
+            match self.send(b, first).await? {
                 Final::Accepted => {
-                    mark_delivered(results, first);
+                    b.delivered(first);
                     suspect = second;
                     confirmed = None;
                 }
                 Final::BadRequest { body } => {
                     if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), first.len()) {
                         for (i, part) in bad {
-                            reject(results, first[i], part);
+                            b.reject(first[i], part);
                         }
                         return Ok(());
                     }
@@ -397,15 +419,9 @@ impl Deliverer {
 
     /// Sends the events `idx` of `events` as one request until the API gives a final answer (2xx
     /// or 400), spending budget on every try.
-    async fn send(
-        &self,
-        events: &[Event],
-        idx: &[usize],
-        cancel: &CancellationToken,
-        retry_guard: &mut Option<RetryGuard>,
-        started: Instant,
-    ) -> Result<Final, Cancelled> {
-        let body = request_body(events, idx);
+    async fn send(&self, b: &mut Batch<'_>, idx: &[usize]) -> Result<Final, Cancelled> {
+        let body = request_body(b.events, idx);
+        let cancel = b.cancel;
         let mut attempt: u32 = 0;
         let mut auth_attempt: u32 = 0;
         let mut throttled_attempt: u32 = 0;
@@ -430,7 +446,7 @@ impl Deliverer {
                 Answer::AuthRefused(status) => {
                     auth_attempt += 1;
                     METRICS.retries.with_label_values(&[status_cause(status)]).inc();
-                    retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+                    b.under_retry();
                     self.key_refused(status);
                     tracing::debug!(
                         cause = status_cause(status),
@@ -445,7 +461,7 @@ impl Deliverer {
                 Answer::TooManyRequests(retry_after) => {
                     throttled_attempt += 1;
                     METRICS.retries.with_label_values(&["429"]).inc();
-                    retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+                    b.under_retry();
                     let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
                     let pause = retry_after.unwrap_or_else(|| {
                         retry::backoff(streak, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max)
@@ -466,7 +482,7 @@ impl Deliverer {
                 Answer::Retriable { cause, detail } => {
                     attempt += 1;
                     METRICS.retries.with_label_values(&[cause]).inc();
-                    retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+                    b.under_retry();
                     match self.cfg.max_retries {
                         Some(max) if attempt > max => {
                             let delay = self.cfg.retry_backoff_max;
@@ -654,17 +670,6 @@ fn request_body(events: &[Event], idx: &[usize]) -> Bytes {
     }
     body.push(b']');
     Bytes::from(body)
-}
-
-fn mark_delivered(results: &mut [Option<EventResult>], idx: &[usize]) {
-    for &i in idx {
-        results[i] = Some(EventResult::Delivered);
-    }
-}
-
-fn reject(results: &mut [Option<EventResult>], i: usize, body: String) {
-    METRICS.rejected.inc();
-    results[i] = Some(EventResult::Rejected { status: 400, body });
 }
 
 fn status_cause(status: u16) -> &'static str {
