@@ -1,23 +1,203 @@
-//! Delivery to the Server Events API: the HTTP client, classification of responses, retries.
+//! Delivery to the Server Events API: the HTTP client, the key's rate budget, classification of
+//! responses, retries, isolation of bad events, and the halt on a refused key.
 //!
-//! PLACEHOLDER (spine issue): one request per batch, retry with capped exponential backoff on
-//! anything but 2xx and 400. The delivery issue replaces the internals (rate budget, Retry-After,
-//! bisection, auth halt) behind the same interface.
+//! [`Deliverer::deliver`] takes one batch and returns one [`EventResult`] per event. Every request
+//! draws from the key's [`budget`] first. Answers (API-CONTRACT.md, Responses):
+//! - 2xx: the events of the request are delivered.
+//! - 400: the request holds bad events. When the body names them by index they are rejected and
+//!   the rest is sent again as one request; otherwise a binary search isolates one bad event at a
+//!   time (see [`Deliverer::isolate`]). Only an event the API answered 400 for alone, or that a
+//!   400 body named, is ever rejected.
+//! - 401/403: the key is refused: nothing is rejected, readiness `api_key` goes false, and the
+//!   same request is retried every `auth_retry_interval`, re-reading `api.key_file` first.
+//! - 429: the whole key pauses (`Retry-After`, or backoff), then the request is retried.
+//! - anything else, timeouts and connection errors: exponential backoff with full jitter, retried.
+//!
+//! See `docs/delivery.md`.
 
-use crate::config::ApiConfig;
+mod budget;
+mod metrics;
+pub mod retry;
+
+use crate::config::{ApiConfig, Secret};
 use crate::event::Event;
+use crate::telemetry;
+use budget::RateBudget;
+use bytes::Bytes;
+use metrics::{RetryGuard, METRICS};
+use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use metrics::oldest_retry_age;
+
 /// `[delivery]`
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DeliveryConfig {}
+pub struct DeliveryConfig {
+    /// Where the key's rate budget is kept: `local` (this process), `redis` (shared by all
+    /// replicas), `static_share` (this process, `rate_limit / replicas`).
+    #[serde(default)]
+    pub rate_mode: RateMode,
+    /// Requests the API allows per key in `rate_window` (the API's default: 60 per minute).
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit: u32,
+    /// The window of `rate_limit`.
+    #[serde(default = "default_rate_window", with = "humantime_serde")]
+    pub rate_window: Duration,
+    /// Requests that may leave at once after a quiet spell. Any window still holds at most
+    /// `rate_limit` requests: a larger burst lowers the sustained rate to
+    /// `(rate_limit − rate_burst + 1) / rate_window`.
+    #[serde(default = "default_rate_burst")]
+    pub rate_burst: u32,
+    /// `static_share` only: how many replicas share the key.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// `redis` only: the Redis holding the shared budget, e.g. `redis://redis:6379/0`.
+    #[serde(default)]
+    pub redis_url: Option<Secret>,
+    /// `redis` only: prefix of the budget's Redis key.
+    #[serde(default = "default_redis_key_prefix")]
+    pub redis_key_prefix: String,
+    /// `redis` only: the budget's name in Redis. Default: a SHA-256 of the API key (the key itself
+    /// is never written to Redis). Set it when replicas must share a budget across key rotation.
+    #[serde(default)]
+    pub budget_name: Option<String>,
+    /// First backoff ceiling after a 5xx, timeout, connection error or a 429 without `Retry-After`.
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub retry_backoff_initial: Duration,
+    /// Largest backoff ceiling.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Retries of one request after which each further retry waits the full `retry_backoff_max`
+    /// and logs an error. Events are never dropped: unset (the default) keeps the jittered
+    /// backoff forever.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Interval between retries while the API refuses the key (401/403).
+    #[serde(default = "default_auth_retry_interval", with = "humantime_serde")]
+    pub auth_retry_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateMode {
+    #[default]
+    Local,
+    Redis,
+    StaticShare,
+}
+
+fn default_rate_limit() -> u32 {
+    60
+}
+fn default_rate_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_rate_burst() -> u32 {
+    1
+}
+fn default_redis_key_prefix() -> String {
+    "datapulse-bridge:rate:".into()
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_auth_retry_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            rate_mode: RateMode::Local,
+            rate_limit: default_rate_limit(),
+            rate_window: default_rate_window(),
+            rate_burst: default_rate_burst(),
+            replicas: None,
+            redis_url: None,
+            redis_key_prefix: default_redis_key_prefix(),
+            budget_name: None,
+            retry_backoff_initial: default_backoff_initial(),
+            retry_backoff_max: default_backoff_max(),
+            max_retries: None,
+            auth_retry_interval: default_auth_retry_interval(),
+        }
+    }
+}
 
 impl DeliveryConfig {
-    pub fn validate(&self, _origin: &dyn Fn(&str) -> String) -> Vec<String> {
-        Vec::new()
+    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+        let mut errs = Vec::new();
+        let mut err = |key: &str, msg: String| {
+            let path = format!("delivery.{key}");
+            errs.push(format!("key `{path}` {}: {msg}", origin(&path)))
+        };
+        if self.rate_limit == 0 {
+            err("rate_limit", "must be at least 1".into());
+        }
+        if self.rate_window.is_zero() {
+            err("rate_window", "must be greater than zero".into());
+        }
+        if self.rate_burst == 0 || self.rate_burst > self.rate_limit.max(1) {
+            err(
+                "rate_burst",
+                format!("must be between 1 and rate_limit ({})", self.rate_limit),
+            );
+        }
+        match self.rate_mode {
+            RateMode::Redis => match &self.redis_url {
+                None => err("redis_url", "required when `delivery.rate_mode` is \"redis\"".into()),
+                Some(u) => {
+                    if let Err(e) = redis::Client::open(u.expose()) {
+                        err("redis_url", format!("not a Redis URL ({:?})", e.kind()));
+                    }
+                }
+            },
+            RateMode::StaticShare => match self.replicas {
+                None | Some(0) => err(
+                    "replicas",
+                    "set the number of replicas sharing the key when `delivery.rate_mode` is \"static_share\"".into(),
+                ),
+                Some(n) if self.rate_limit / n == 0 => err(
+                    "replicas",
+                    format!(
+                        "{n} replicas leave less than one request per window of the limit {}",
+                        self.rate_limit
+                    ),
+                ),
+                Some(n) if self.rate_burst > self.rate_limit / n => err(
+                    "rate_burst",
+                    format!("must not exceed each replica's share ({})", self.rate_limit / n),
+                ),
+                Some(_) => {}
+            },
+            RateMode::Local => {}
+        }
+        if self.budget_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            err("budget_name", "must not be empty when set".into());
+        }
+        if self.retry_backoff_initial.is_zero() {
+            err("retry_backoff_initial", "must be greater than zero".into());
+        }
+        if self.retry_backoff_max < self.retry_backoff_initial {
+            err(
+                "retry_backoff_max",
+                "must not be smaller than `delivery.retry_backoff_initial`".into(),
+            );
+        }
+        if self.auth_retry_interval.is_zero() {
+            err("auth_retry_interval", "must be greater than zero".into());
+        }
+        errs
     }
 }
 
@@ -34,60 +214,512 @@ pub enum EventResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cancelled;
 
+/// What [`Deliverer::probe`] learnt about the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The API accepted the key (it answered 2xx or 400 to an empty batch).
+    Accepted,
+    /// The API refused the key (401 or 403).
+    Refused { status: u16 },
+    /// No answer about the key (429, 5xx, timeout, connection error): try again later.
+    Unknown { reason: String },
+}
+
+/// The answer to one request that ends its retries.
+enum Final {
+    Accepted,
+    BadRequest { body: String },
+}
+
+/// One HTTP exchange, classified.
+enum Answer {
+    Success,
+    BadRequest(String),
+    AuthRefused(u16),
+    TooManyRequests(Option<Duration>),
+    Retriable { cause: &'static str, detail: String },
+}
+
+/// One batch on its way: its events, their results so far, and whether it is under retry.
+struct Batch<'a> {
+    events: &'a [Event],
+    cancel: &'a CancellationToken,
+    started: Instant,
+    /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
+    retry_guard: Option<RetryGuard>,
+    results: Vec<Option<EventResult>>,
+}
+
+impl Batch<'_> {
+    fn delivered(&mut self, idx: &[usize]) {
+        for &i in idx {
+            self.results[i] = Some(EventResult::Delivered);
+        }
+    }
+
+    fn reject(&mut self, i: usize, body: String) {
+        METRICS.rejected.inc();
+        self.results[i] = Some(EventResult::Rejected { status: 400, body });
+    }
+
+    fn under_retry(&mut self) {
+        let started = self.started;
+        self.retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+    }
+}
+
+/// The key and the name of its budget, replaced together when `api.key_file` changes.
+struct Credentials {
+    header: HeaderValue,
+    budget_id: String,
+}
+
+const ENDPOINT_BATCH: &str = "batch";
+/// Most bytes of a 400 body kept (it goes into dead letters).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+const KEY_UNKNOWN: u8 = 0;
+const KEY_ACCEPTED: u8 = 1;
+const KEY_REFUSED: u8 = 2;
+
+/// Sends batches to the API. One per process and key; share it (`&self`) between tasks.
+/// Deliberately not `Debug`: it holds the key.
 pub struct Deliverer {
     client: reqwest::Client,
     url: String,
-    key: String,
+    key_file: Option<PathBuf>,
+    credentials: RwLock<Arc<Credentials>>,
+    budget: RateBudget,
+    cfg: DeliveryConfig,
+    key_state: AtomicU8,
+    /// Consecutive 429s of the key, for the backoff of a 429 without `Retry-After`.
+    throttle_streak: AtomicU32,
 }
 
 impl Deliverer {
-    pub fn new(api: &ApiConfig, _cfg: &DeliveryConfig) -> anyhow::Result<Deliverer> {
+    pub fn new(api: &ApiConfig, cfg: &DeliveryConfig) -> anyhow::Result<Deliverer> {
         let client = reqwest::Client::builder()
             .timeout(api.request_timeout)
             .connect_timeout(api.connect_timeout)
+            .user_agent(concat!("datapulse-bridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let url = format!("{}/v2/s2s/batch", api.base_url.trim_end_matches('/'));
-        let key = api.read_key().map_err(anyhow::Error::msg)?.expose().to_string();
-        Ok(Deliverer { client, url, key })
+        let key = api.read_key().map_err(anyhow::Error::msg)?;
+        let credentials = credentials(cfg, &key)?;
+        // Export the delivery metrics (at zero) before the first request.
+        std::sync::LazyLock::force(&METRICS);
+        Ok(Deliverer {
+            client,
+            url,
+            key_file: if api.key.is_some() { None } else { api.key_file.clone() },
+            credentials: RwLock::new(Arc::new(credentials)),
+            budget: RateBudget::new(cfg)?,
+            cfg: cfg.clone(),
+            key_state: AtomicU8::new(KEY_UNKNOWN),
+            throttle_streak: Default::default(),
+        })
     }
 
     /// Delivers `events`, retrying until each has a final result or `cancel` fires. Results are
-    /// in the order of `events`.
+    /// in the order of `events`, and events reach the API in that order.
+    ///
+    /// `Err(Cancelled)` says nothing about the batch: a request in flight may have been accepted,
+    /// and during isolation of a 400 some parts may already be delivered. The caller must neither
+    /// commit nor mark any of it; after a restart the batch is read and sent again.
     pub async fn deliver(&self, events: &[Event], cancel: &CancellationToken) -> Result<Vec<EventResult>, Cancelled> {
-        let mut body = Vec::with_capacity(events.len() * 256);
-        body.push(b'[');
-        for (i, e) in events.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            e.write_json(&mut body);
-        }
-        body.push(b']');
-        let body = bytes::Bytes::from(body);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let res = self
-                .client
-                .post(&self.url)
-                .header("content-type", "application/json")
-                .header("x-api-key", &self.key)
-                .body(body.clone())
-                .send()
-                .await;
-            match res {
-                Ok(r) if r.status().is_success() => return Ok(vec![EventResult::Delivered; events.len()]),
-                Ok(r) if r.status().as_u16() == 400 => {
-                    let body = r.text().await.unwrap_or_default();
-                    return Ok(vec![EventResult::Rejected { status: 400, body }; events.len()]);
+        let mut b = Batch {
+            events,
+            cancel,
+            started: Instant::now(),
+            retry_guard: None,
+            results: vec![None; events.len()],
+        };
+        let mut pending: Vec<usize> = (0..events.len()).collect();
+        while !pending.is_empty() {
+            let body = match self.send(&mut b, &pending).await? {
+                Final::Accepted => {
+                    b.delivered(&pending);
+                    break;
                 }
-                Ok(r) => tracing::warn!(status = r.status().as_u16(), "API request failed; retrying"),
-                Err(e) => tracing::warn!(error = %e, "API request failed; retrying"),
+                Final::BadRequest { body } => body,
+            };
+            if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), pending.len()) {
+                for (i, part) in bad {
+                    b.reject(pending[i], part);
+                }
+            } else if pending.len() == 1 {
+                b.reject(pending[0], body);
+            } else {
+                self.isolate(&mut b, &pending, body).await?;
             }
-            tokio::select! {
+            // What is left, in order, goes again as one request.
+            pending.retain(|&i| b.results[i].is_none());
+        }
+        // The loop ends only when every event has its result.
+        Ok(b.results
+            .into_iter()
+            .map(|r| r.expect("every event has a result"))
+            .collect())
+    }
+
+    /// Finds one bad event of `group`, which the API answered 400 without naming it, by binary
+    /// search: the first half of the suspect range is sent; if accepted, the bad event is in the
+    /// second half (not sent: inferred); if refused, the second half waits and the search goes on
+    /// in the first. An event is rejected only after a request holding it alone was answered 400.
+    /// Events accepted on the way are marked delivered; the ones left (the halves that waited) are
+    /// sent by the caller as one request. For one bad event among n this costs at most
+    /// ⌈log2 n⌉ + 1 requests, and one more for the rest.
+    async fn isolate(&self, b: &mut Batch<'_>, group: &[usize], group_body: String) -> Result<(), Cancelled> {
+        let mut suspect = group;
+        // Some(body): the suspect range itself was answered 400 with that body.
+        let mut confirmed = Some(group_body);
+        loop {
+            if suspect.len() == 1 {
+                let body = match confirmed {
+                    Some(body) => body,
+                    None => {
+                        METRICS.bisection_requests.inc();
+                        match self.send(b, suspect).await? {
+                            Final::Accepted => {
+                                b.delivered(suspect);
+                                return Ok(());
+                            }
+                            Final::BadRequest { body } => body,
+                        }
+                    }
+                };
+                // A single-event body may still name index 0; keep that event's part then.
+                let part = retry::parse_bad_indexes(body.as_bytes(), 1)
+                    .and_then(|mut m| m.remove(&0))
+                    .unwrap_or(body);
+                b.reject(suspect[0], part);
+                return Ok(());
+            }
+            let (first, second) = suspect.split_at(suspect.len() / 2);
+            METRICS.bisection_requests.inc();
+            match self.send(b, first).await? {
+                Final::Accepted => {
+                    b.delivered(first);
+                    suspect = second;
+                    confirmed = None;
+                }
+                Final::BadRequest { body } => {
+                    if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), first.len()) {
+                        for (i, part) in bad {
+                            b.reject(first[i], part);
+                        }
+                        return Ok(());
+                    }
+                    suspect = first;
+                    confirmed = Some(body);
+                }
+            }
+        }
+    }
+
+    /// Sends the events `idx` of `events` as one request until the API gives a final answer (2xx
+    /// or 400), spending budget on every try.
+    async fn send(&self, b: &mut Batch<'_>, idx: &[usize]) -> Result<Final, Cancelled> {
+        let body = request_body(b.events, idx);
+        let cancel = b.cancel;
+        let mut attempt: u32 = 0;
+        let mut auth_attempt: u32 = 0;
+        let mut throttled_attempt: u32 = 0;
+        loop {
+            let creds = self.current_credentials();
+            self.budget.acquire(&creds.budget_id, cancel).await?;
+            let answer = tokio::select! {
+                a = self.post(&creds, body.clone(), idx.len()) => a,
                 _ = cancel.cancelled() => return Err(Cancelled),
-                _ = tokio::time::sleep(backoff) => {}
+            };
+            let delay = match answer {
+                Answer::Success => {
+                    self.key_accepted();
+                    self.throttle_streak.store(0, Ordering::Relaxed);
+                    return Ok(Final::Accepted);
+                }
+                Answer::BadRequest(body) => {
+                    self.key_accepted();
+                    self.throttle_streak.store(0, Ordering::Relaxed);
+                    return Ok(Final::BadRequest { body });
+                }
+                Answer::AuthRefused(status) => {
+                    auth_attempt += 1;
+                    METRICS.retries.with_label_values(&[status_cause(status)]).inc();
+                    b.under_retry();
+                    self.key_refused(status);
+                    tracing::debug!(
+                        cause = status_cause(status),
+                        attempt = auth_attempt,
+                        events = idx.len(),
+                        "key refused; retrying after delivery.auth_retry_interval"
+                    );
+                    sleep(self.cfg.auth_retry_interval, cancel).await?;
+                    self.reload_key();
+                    continue;
+                }
+                Answer::TooManyRequests(retry_after) => {
+                    throttled_attempt += 1;
+                    METRICS.retries.with_label_values(&["429"]).inc();
+                    b.under_retry();
+                    let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
+                    let pause = retry_after.unwrap_or_else(|| {
+                        retry::backoff(streak, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max)
+                    });
+                    tracing::warn!(
+                        cause = "429",
+                        retry_after = retry_after.map(|d| d.as_secs_f64()),
+                        pause_s = pause.as_secs_f64(),
+                        attempt = throttled_attempt,
+                        consecutive_429_of_key = streak,
+                        events = idx.len(),
+                        "API rate limit hit; pausing every request of the key"
+                    );
+                    // The pause itself is waited out in the next draw from the budget.
+                    self.budget.pause(&creds.budget_id, pause).await;
+                    continue;
+                }
+                Answer::Retriable { cause, detail } => {
+                    attempt += 1;
+                    METRICS.retries.with_label_values(&[cause]).inc();
+                    b.under_retry();
+                    match self.cfg.max_retries {
+                        Some(max) if attempt > max => {
+                            let delay = self.cfg.retry_backoff_max;
+                            tracing::error!(
+                                cause, detail, attempt, events = idx.len(), delay_s = delay.as_secs_f64(),
+                                "API request failed after delivery.max_retries; still retrying (events are never dropped)"
+                            );
+                            delay
+                        }
+                        _ => {
+                            let delay =
+                                retry::backoff(attempt, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max);
+                            tracing::warn!(
+                                cause,
+                                detail,
+                                attempt,
+                                events = idx.len(),
+                                delay_s = delay.as_secs_f64(),
+                                "API request failed; retrying"
+                            );
+                            delay
+                        }
+                    }
+                }
+            };
+            sleep(delay, cancel).await?;
+        }
+    }
+
+    /// One POST, classified; records the request metrics.
+    async fn post(&self, creds: &Credentials, body: Bytes, n_events: usize) -> Answer {
+        if n_events > 0 {
+            METRICS.events_per_request.observe(n_events as f64);
+        }
+        let started = Instant::now();
+        let result = self
+            .client
+            .post(&self.url)
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-api-key", creds.header.clone())
+            .body(body)
+            .send()
+            .await;
+        let (answer, status_label) = match result {
+            Err(e) => {
+                let answer = transport_error(&e);
+                let label = match &answer {
+                    Answer::Retriable { cause: "timeout", .. } => "timeout",
+                    Answer::Retriable { cause: "connect", .. } => "connect_error",
+                    _ => "io_error",
+                };
+                (answer, label.to_string())
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            Ok(resp) => {
+                let status = resp.status();
+                let answer = match status.as_u16() {
+                    200..=299 => Answer::Success,
+                    400 => match read_capped(resp).await {
+                        Ok(b) => Answer::BadRequest(b),
+                        Err(e) => transport_error(&e),
+                    },
+                    401 | 403 => Answer::AuthRefused(status.as_u16()),
+                    429 => Answer::TooManyRequests(
+                        resp.headers()
+                            .get(RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
+                    ),
+                    _ => Answer::Retriable {
+                        cause: "5xx",
+                        detail: format!("HTTP {status}"),
+                    },
+                };
+                (answer, status.as_str().to_string())
+            }
+        };
+        METRICS
+            .requests
+            .with_label_values(&[ENDPOINT_BATCH, &status_label])
+            .inc();
+        METRICS
+            .latency
+            .with_label_values(&[ENDPOINT_BATCH])
+            .observe(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    /// Checks the key without sending events: POSTs `[]` to the batch endpoint (the API checks
+    /// the key first: 401/403 means refused; 2xx or 400 means accepted). Spends one request of
+    /// the budget, and waits for it like any request (drop the future to give up). Sets readiness
+    /// `api_key` when the answer says something about the key.
+    pub async fn probe(&self) -> KeyCheck {
+        let never = CancellationToken::new();
+        let creds = self.current_credentials();
+        if self.budget.acquire(&creds.budget_id, &never).await.is_err() {
+            return KeyCheck::Unknown {
+                reason: "cancelled".into(),
+            };
+        }
+        match self.post(&creds, Bytes::from_static(b"[]"), 0).await {
+            Answer::Success | Answer::BadRequest(_) => {
+                self.key_accepted();
+                KeyCheck::Accepted
+            }
+            Answer::AuthRefused(status) => {
+                self.key_refused(status);
+                KeyCheck::Refused { status }
+            }
+            Answer::TooManyRequests(retry_after) => {
+                if let Some(p) = retry_after {
+                    self.budget.pause(&creds.budget_id, p).await;
+                }
+                KeyCheck::Unknown {
+                    reason: "API answered 429 (rate limit)".into(),
+                }
+            }
+            Answer::Retriable { detail, .. } => KeyCheck::Unknown { reason: detail },
+        }
+    }
+
+    fn current_credentials(&self) -> Arc<Credentials> {
+        self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn key_accepted(&self) {
+        let old = self.key_state.swap(KEY_ACCEPTED, Ordering::Relaxed);
+        if old != KEY_ACCEPTED {
+            if old == KEY_REFUSED {
+                tracing::info!("API accepted the key again; delivery resumes");
+            }
+            telemetry::set_ready("api_key", true, "API accepted the key");
+        }
+    }
+
+    /// The halt of invariant 5: logged once per outage, readiness false.
+    fn key_refused(&self, status: u16) {
+        let reason = format!("API answered {status}: key refused");
+        if self.key_state.swap(KEY_REFUSED, Ordering::Relaxed) != KEY_REFUSED {
+            tracing::error!(
+                status,
+                retry_every_s = self.cfg.auth_retry_interval.as_secs_f64(),
+                key_file = self.key_file.as_ref().map(|p| p.display().to_string()),
+                "API refused the key: delivery halted (nothing is dead-lettered or committed); \
+                 fix the key (api.key_file is re-read before each retry)"
+            );
+        }
+        telemetry::set_ready("api_key", false, reason);
+    }
+
+    /// Re-reads `api.key_file` (a rotated Kubernetes Secret) before a retry after 401/403.
+    fn reload_key(&self) {
+        let Some(path) = &self.key_file else { return };
+        let key = match std::fs::read_to_string(path) {
+            Ok(s) => Secret(s.trim().to_string()),
+            Err(e) => {
+                tracing::warn!(key_file = %path.display(), error = %e, "cannot re-read api.key_file; keeping the current key");
+                return;
+            }
+        };
+        match credentials(&self.cfg, &key) {
+            Ok(c) => *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c),
+            Err(e) => tracing::warn!(key_file = %path.display(), error = %e, "keeping the current key"),
         }
     }
 }
+
+fn credentials(cfg: &DeliveryConfig, key: &Secret) -> anyhow::Result<Credentials> {
+    let mut header = HeaderValue::from_str(key.expose())
+        .map_err(|_| anyhow::anyhow!("the API key contains characters that cannot be sent in an HTTP header"))?;
+    header.set_sensitive(true);
+    Ok(Credentials {
+        header,
+        budget_id: budget::budget_id(cfg, key),
+    })
+}
+
+fn request_body(events: &[Event], idx: &[usize]) -> Bytes {
+    let mut body = Vec::with_capacity(idx.len() * 256 + 2);
+    body.push(b'[');
+    for (n, &i) in idx.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        events[i].write_json(&mut body);
+    }
+    body.push(b']');
+    Bytes::from(body)
+}
+
+fn status_cause(status: u16) -> &'static str {
+    if status == 403 {
+        "403"
+    } else {
+        "401"
+    }
+}
+
+/// Timeouts, connection failures and other transport errors. reqwest's Display names the URL
+/// (not secret) and never the headers.
+fn transport_error(e: &reqwest::Error) -> Answer {
+    let cause = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "io"
+    };
+    // Report the cause chain: reqwest's top-level message alone ("error sending request") hides it.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    Answer::Retriable { cause, detail }
+}
+
+/// The body of a response, at most [`MAX_ERROR_BODY`] bytes (lossy UTF-8).
+async fn read_capped(mut resp: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = MAX_ERROR_BODY - buf.len();
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+async fn sleep(d: Duration, cancel: &CancellationToken) -> Result<(), Cancelled> {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = cancel.cancelled() => Err(Cancelled),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,307 @@
+//! Delivery against the project's sandbox over real HTTP on 127.0.0.1: 429 storms, 5xx bursts,
+//! timeouts, and isolation of bad events answered 400.
+
+mod deliver_common;
+
+use datapulse_bridge::deliver::{DeliveryConfig, EventResult};
+use datapulse_bridge::sandbox::{FaultStep, Faults};
+use deliver_common::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn all_delivered(results: &[EventResult]) -> bool {
+    results.iter().all(|r| *r == EventResult::Delivered)
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_pauses_the_whole_key() {
+    // The first request gets 429 with Retry-After: 1. A second delivery that starts during the
+    // pause must not reach the API before the pause ends.
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status429],
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = Arc::new(deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery()));
+    let cancel = CancellationToken::new();
+    let start = Instant::now();
+    let a = {
+        let (d, c) = (d.clone(), cancel.clone());
+        tokio::spawn(async move { d.deliver(&deposits("a", 10, &[]), &c).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let b_start = Instant::now();
+    let b = d.deliver(&deposits("b", 10, &[]), &cancel).await.unwrap();
+    let b_took = b_start.elapsed();
+    let a = a.await.unwrap().unwrap();
+    assert!(all_delivered(&a) && all_delivered(&b));
+    let stats = sb.stats();
+    assert_eq!(stats.by_status.get(&429), Some(&1), "{stats:?}");
+    assert_eq!(
+        stats.requests, 3,
+        "the second delivery waited for the pause instead of trying: {stats:?}"
+    );
+    assert_eq!(stats.accepted_events, 20);
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 not honoured"
+    );
+    assert!(
+        b_took >= Duration::from_millis(750),
+        "b ran during the pause: {b_took:?}"
+    );
+}
+
+/// Five concurrent senders that believe they may send 1000 requests a second, against a sandbox
+/// allowing 4 per 2 s: every event arrives exactly once, and the key pauses as a whole, so the
+/// number of 429s stays near the number of concurrent senders per pause.
+async fn storm(retry_after: bool) -> (u64, u64, Duration) {
+    let sb = sandbox(4, Duration::from_secs(2), |a| a.no_retry_after = !retry_after).await;
+    let cfg = DeliveryConfig {
+        retry_backoff_initial: Duration::from_millis(100),
+        retry_backoff_max: Duration::from_secs(1),
+        ..delivery()
+    };
+    let d = Arc::new(deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg));
+    let cancel = CancellationToken::new();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..5 {
+        let (d, c) = (d.clone(), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            for b in 0..2 {
+                let r = d.deliver(&deposits(&format!("s{t}-{b}"), 20, &[]), &c).await.unwrap();
+                assert!(all_delivered(&r));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    let stats = sb.stats();
+    assert_eq!(stats.accepted_events, 200, "{stats:?}");
+    assert!(stats.duplicate_transaction_ids.is_empty(), "{stats:?}");
+    let n429 = stats.by_status.get(&429).copied().unwrap_or(0);
+    assert!(n429 > 0, "the storm produced no 429: {stats:?}");
+    (n429, stats.requests, took)
+}
+
+#[tokio::test]
+async fn a_429_storm_with_retry_after_delivers_everything_once() {
+    let (n429, requests, took) = storm(true).await;
+    eprintln!("429 storm with Retry-After: {requests} requests, {n429} answered 429, {took:?}");
+    // 10 accepted requests at 4 per 2 s take at least 3 s.
+    assert!(took >= Duration::from_secs(3));
+    assert!(n429 <= 25, "{n429} 429s: the key did not pause as a whole");
+}
+
+#[tokio::test]
+async fn a_429_storm_without_retry_after_backs_off_and_delivers_everything_once() {
+    let (n429, requests, took) = storm(false).await;
+    eprintln!("429 storm without Retry-After: {requests} requests, {n429} answered 429, {took:?}");
+    assert!(took >= Duration::from_secs(3));
+    assert!(n429 <= 60, "{n429} 429s: no backoff");
+}
+
+#[tokio::test]
+async fn a_500_burst_is_retried_until_delivered() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status500; 5],
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery());
+    let r = d
+        .deliver(&deposits("f", 50, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r));
+    let stats = sb.stats();
+    assert_eq!(stats.by_status.get(&500), Some(&5));
+    assert_eq!(stats.requests, 6);
+    assert_eq!(stats.accepted_events, 50);
+}
+
+#[tokio::test]
+async fn timeouts_are_retried_until_delivered() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Timeout, FaultStep::Timeout],
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = deliverer(&api(&sb.url(), Duration::from_millis(300)), &delivery());
+    let start = Instant::now();
+    let r = d
+        .deliver(&deposits("t", 30, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r));
+    assert!(start.elapsed() >= Duration::from_millis(600), "two timeouts of 300 ms");
+    let stats = sb.stats();
+    assert_eq!(stats.requests, 3);
+    assert_eq!(stats.accepted_events, 30);
+}
+
+#[tokio::test]
+async fn cancel_during_retries_returns_cancelled() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        fault_500: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery());
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.cancel();
+    });
+    let r = tokio::time::timeout(Duration::from_secs(5), d.deliver(&deposits("c", 5, &[]), &cancel)).await;
+    assert_eq!(
+        r.expect("returns soon after cancel"),
+        Err(datapulse_bridge::deliver::Cancelled)
+    );
+    assert_eq!(sb.stats().accepted_events, 0);
+}
+
+#[tokio::test]
+async fn one_bad_event_in_500_with_bare_400_is_isolated_by_bisection() {
+    let sb = sandbox(0, Duration::from_secs(60), |a| a.bare_400 = true).await;
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(5)), &delivery());
+    let mut worst = 0;
+    for (round, bad) in [0usize, 137, 250, 499].into_iter().enumerate() {
+        sb.reset();
+        let tag = format!("b{round}");
+        let events = deposits(&tag, 500, &[bad]);
+        let r = d.deliver(&events, &CancellationToken::new()).await.unwrap();
+        assert_eq!(r.iter().filter(|x| **x == EventResult::Delivered).count(), 499);
+        assert_eq!(
+            r[bad],
+            EventResult::Rejected {
+                status: 400,
+                body: String::new()
+            }
+        );
+        let stats = sb.stats();
+        assert_eq!(stats.accepted_events, 499);
+        assert!(stats.duplicate_transaction_ids.is_empty());
+        // Order kept: what reached the API is the batch minus the bad event, in order.
+        let expected: Vec<String> = (0..500).filter(|&i| i != bad).map(|i| format!("{tag}-{i}")).collect();
+        assert_eq!(accepted_ids(&sb), expected);
+        let extra = stats.requests - 1;
+        // ⌈log2 500⌉ = 9 probes, +1 to confirm a lone suspect, +1 for the rest of the batch.
+        assert!(extra <= 11, "bad at {bad}: {extra} extra requests");
+        worst = worst.max(extra);
+    }
+    eprintln!("one bad event in 500, bare 400: at most {worst} extra requests");
+}
+
+#[tokio::test]
+async fn one_bad_event_in_500_with_index_body_costs_one_extra_request() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(5)), &delivery());
+    let r = d
+        .deliver(&deposits("i", 500, &[321]), &CancellationToken::new())
+        .await
+        .unwrap();
+    let stats = sb.stats();
+    assert_eq!(stats.requests, 2, "{stats:?}");
+    assert_eq!(stats.accepted_events, 499);
+    assert_eq!(r.iter().filter(|x| **x == EventResult::Delivered).count(), 499);
+    let EventResult::Rejected { status, body } = &r[321] else {
+        panic!("event 321: {:?}", r[321])
+    };
+    assert_eq!(*status, 400);
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["errors"][0]["field"], "amount", "{body}");
+}
+
+#[tokio::test]
+async fn random_faults_lose_and_duplicate_nothing() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        fault_500: 0.25,
+        fault_429: 0.1,
+        fault_timeout: 0.1,
+        timeout_hang: Some(Duration::from_secs(5)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = deliverer(&api(&sb.url(), Duration::from_millis(200)), &delivery());
+    let mut expected = Vec::new();
+    for b in 0..15 {
+        let tag = format!("r{b}");
+        let r = d
+            .deliver(&deposits(&tag, 20, &[]), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(all_delivered(&r));
+        expected.extend((0..20).map(|i| format!("{tag}-{i}")));
+    }
+    let stats = sb.stats();
+    assert_eq!(accepted_ids(&sb), expected, "{stats:?}");
+    eprintln!("random faults: {stats:?}");
+}
+
+#[tokio::test]
+async fn retries_spend_budget_like_first_tries() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status500; 3],
+        ..Faults::default()
+    })
+    .unwrap();
+    // 5 per second: 200 ms between requests, whatever the (tiny) backoff says.
+    let cfg = DeliveryConfig {
+        rate_limit: 5,
+        rate_window: Duration::from_secs(1),
+        retry_backoff_initial: Duration::from_millis(1),
+        retry_backoff_max: Duration::from_millis(1),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
+    let start = Instant::now();
+    let r = d
+        .deliver(&deposits("sp", 5, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r));
+    assert_eq!(sb.stats().requests, 4);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(590),
+        "4 requests at 5/s take 600 ms, took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_max_retries_keeps_retrying_at_the_cap() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status500; 3],
+        ..Faults::default()
+    })
+    .unwrap();
+    let cfg = DeliveryConfig {
+        max_retries: Some(1),
+        retry_backoff_initial: Duration::from_millis(10),
+        retry_backoff_max: Duration::from_millis(150),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
+    let start = Instant::now();
+    let r = d
+        .deliver(&deposits("mx", 5, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r), "never dropped after max_retries");
+    assert_eq!(sb.stats().requests, 4);
+    // Failures 2 and 3 are past max_retries: each waits the full 150 ms cap.
+    assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
+}
