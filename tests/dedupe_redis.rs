@@ -285,6 +285,30 @@ async fn a_live_replica_keeps_its_claim_past_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Deliver);
+    let a = Deduper::new(&cfg).await.unwrap();
+    let b = Deduper::new(&cfg).await.unwrap();
+    let stuck = vec![deposit("STUCK")];
+    assert_eq!(a.check(&refs(&stuck)).await.unwrap(), vec![Verdict::Send]);
+    // a is alive (renewing) but never finishes: b neither sends nor finishes the event, and gives
+    // the batch back as an error even under `deliver` (Redis is reachable: not an outage).
+    let batch = vec![deposit("FREE"), deposit("STUCK")];
+    let start = Instant::now();
+    let err = b.check(&refs(&batch)).await.unwrap_err();
+    assert!(start.elapsed() >= LEASE * 2, "{:?}", start.elapsed());
+    assert!(err.0.contains("another replica"), "{}", err.0);
+    // Nothing of that batch stayed held: once a gives up, b gets both.
+    a.release(&refs(&stuck)).await;
+    assert_eq!(
+        b.check(&refs(&batch)).await.unwrap(),
+        vec![Verdict::Send, Verdict::Send]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
     let _serial = SERIAL.lock().await;
     let mut server = RedisServer::start_persistent();

@@ -118,6 +118,10 @@ struct EventKeys {
 }
 
 impl EventKeys {
+    fn is_empty(&self) -> bool {
+        self.key.is_none() && self.guard.is_none()
+    }
+
     fn probe(&self) -> Probe<'_> {
         Probe {
             key: self.key.as_deref(),
@@ -246,6 +250,14 @@ impl Deduper {
             }
         }
 
+        // An event with neither a key nor a guarded bet has nothing to look up.
+        pending.retain(|&i| {
+            let lookup = !keys[i].is_empty();
+            if !lookup {
+                verdicts[i] = Some(Verdict::Send);
+            }
+            lookup
+        });
         let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
         let lookups = match self.store_check(&probes).await {
             Ok(lookups) => lookups,
@@ -298,10 +310,11 @@ impl Deduper {
         Ok(verdicts)
     }
 
-    /// Records events the API accepted (2xx). Must succeed before their offsets are committed.
+    /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed
+    /// before their offsets are committed.
     pub async fn delivered(&self, events: &[&Event]) -> Result<(), StoreUnavailable> {
         let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
-        let probes: Vec<Probe<'_>> = keys.iter().map(EventKeys::probe).collect();
+        let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
         let recorded = match &self.store {
             Store::Memory(m) => {
                 let start = Instant::now();
@@ -338,7 +351,8 @@ impl Deduper {
         Ok(())
     }
 
-    /// Releases in-flight holds of events that were not delivered (dead-lettered or abandoned).
+    /// Releases in-flight holds of events judged `Send` that were not delivered (dead-lettered or
+    /// abandoned).
     /// With Redis the claims are deleted; if that fails they expire after the lease.
     pub async fn release(&self, events: &[&Event]) {
         let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
@@ -349,7 +363,7 @@ impl Deduper {
             }
         }
         if let Store::Redis(r) = &self.store {
-            let probes: Vec<Probe<'_>> = keys.iter().map(EventKeys::probe).collect();
+            let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
             if let Err(e) = r.release(&probes).await {
                 tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
             }
