@@ -352,6 +352,20 @@ pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
     }
 }
 
+/// Loads a configuration from TOML text (the demo and tests build theirs in code).
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+    let figment = Figment::from(Toml::string(text));
+    let config: Config = figment
+        .extract()
+        .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
+    let errors = config.validate(&|k| origin(&figment, k));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError(errors))
+    }
+}
+
 impl Config {
     /// Checks what types alone cannot say. `origin` names where a key came from.
     pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {

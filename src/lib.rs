@@ -9,5 +9,8 @@ pub mod deliver;
 pub mod dlq;
 pub mod event;
 pub mod mapping;
+pub mod offsets;
+pub mod pipeline;
 pub mod sandbox;
+pub mod source;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use datapulse_bridge::{config, sandbox};
+use datapulse_bridge::{config, dlq, pipeline, sandbox, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -19,6 +19,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the bridge: consume, map, deliver, commit.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Serve the Server Events API sandbox.
     Sandbox(sandbox::SandboxArgs),
 }
@@ -43,6 +52,47 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprint!("error: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Run { config } => {
+            let (path, explicit) = config_path(config);
+            let loaded = match config::load(&path, explicit) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprint!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = loaded.config;
+            telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level);
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = rt.block_on(async move {
+                let addr = telemetry::serve(&cfg.telemetry.listen).await?;
+                tracing::info!(%addr, "operations server listening (/metrics, /health/live, /health/ready)");
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                pipeline::cancel_on_signals(shutdown.clone());
+                pipeline::run(cfg, shutdown, Default::default()).await
+            });
+            match result {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "bridge failed");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Dlq(cmd) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(dlq::run_command(cmd)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
                 }
             }
         }

@@ -1,0 +1,689 @@
+//! Wiring the stages together: source → mapping → batch → dedupe → deliver → outcome → commit,
+//! and graceful shutdown.
+//!
+//! Two tasks. The *consumer loop* reads records, maps them, finishes filtered ones at once, sends
+//! mapping failures to the dead-letter topic, queues events for delivery, commits the finished
+//! prefix every `commit_interval`, and pauses its partitions while too many records are
+//! unfinished (it keeps polling, so the group membership survives any outage). The *delivery
+//! loop* cuts batches under the count, byte and linger limits and takes each batch through dedupe
+//! and delivery, one batch at a time, which keeps per-partition order in what reaches the API.
+//! Every record read ends in exactly one outcome: delivered, duplicate, filtered or
+//! dead-lettered; only then does its offset become committable.
+
+use crate::batch::BatchConfig;
+use crate::config::Config;
+use crate::dedupe::{Deduper, Verdict};
+use crate::deliver::{Deliverer, EventResult};
+use crate::dlq::{DeadLetters, Reason};
+use crate::event::{Event, TimestampUnit};
+use crate::mapping::{MapOutcome, Mapper, SourceRecord};
+use crate::offsets::{Ticket, Tracker};
+use crate::source::{self, lock, Source, METRICS as SOURCE_METRICS};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::Message;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A record as read from Kafka, owned, kept until its outcome (a dead letter needs the original).
+#[derive(Debug, Clone)]
+pub struct OwnedRecord {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OwnedRecord {
+    pub fn from_message(m: &BorrowedMessage<'_>, topic: Arc<str>) -> OwnedRecord {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        OwnedRecord {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// `topic/partition/offset`, the name of a record in messages.
+    pub fn coordinates(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// The outcome a record finished with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Duplicate(&'static str),
+    Filtered,
+    DeadLettered(&'static str),
+}
+
+impl Outcome {
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Outcome::Delivered => ["delivered", ""],
+            Outcome::Duplicate(r) => ["duplicate", r],
+            Outcome::Filtered => ["filtered", ""],
+            Outcome::DeadLettered(stage) => ["dead_lettered", stage],
+        }
+    }
+}
+
+/// Running totals of the pipeline, for the demo's progress display and for tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub consumed: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub filtered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl Counters {
+    pub fn finished(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+            + self.duplicate.load(Ordering::Relaxed)
+            + self.filtered.load(Ordering::Relaxed)
+            + self.dead_lettered.load(Ordering::Relaxed)
+    }
+}
+
+struct Metrics {
+    finished: prometheus::IntCounterVec,
+    in_flight: prometheus::IntGauge,
+    oldest_age: prometheus::Gauge,
+    latency: prometheus::HistogramVec,
+    abandoned: prometheus::IntCounter,
+    paused: prometheus::IntGauge,
+    build_info: prometheus::IntGaugeVec,
+    shutdowns: prometheus::IntCounterVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
+    finished: prometheus::register_int_counter_vec!(
+        "datapulse_bridge_records_finished_total",
+        "Records that reached their outcome (delivered, duplicate, filtered, dead_lettered), by reason.",
+        &["outcome", "reason"]
+    )
+    .expect("metric registers once"),
+    in_flight: prometheus::register_int_gauge!(
+        "datapulse_bridge_records_in_flight",
+        "Records read from Kafka that have no outcome yet."
+    )
+    .expect("metric registers once"),
+    oldest_age: prometheus::register_gauge!(
+        "datapulse_bridge_oldest_unfinished_record_age_seconds",
+        "How long the oldest record without an outcome has been in the bridge (0 when none)."
+    )
+    .expect("metric registers once"),
+    latency: prometheus::register_histogram_vec!(
+        "datapulse_bridge_delivery_latency_seconds",
+        "Time from the event's own timestamp (from=event) or the record's Kafka timestamp (from=kafka) to the API's 2xx.",
+        &["from"],
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]
+    )
+    .expect("metric registers once"),
+    abandoned: prometheus::register_int_counter!(
+        "datapulse_bridge_records_abandoned_total",
+        "Records dropped unfinished because their partition was revoked or shutdown's deadline passed; they are read again."
+    )
+    .expect("metric registers once"),
+    paused: prometheus::register_int_gauge!(
+        "datapulse_bridge_consumer_paused",
+        "1 while the consumer's partitions are paused because too many records are unfinished."
+    )
+    .expect("metric registers once"),
+    build_info: prometheus::register_int_gauge_vec!(
+        "datapulse_bridge_build_info",
+        "Build information (always 1).",
+        &["version"]
+    )
+    .expect("metric registers once"),
+    shutdowns: prometheus::register_int_counter_vec!(
+        "datapulse_bridge_shutdowns_total",
+        "Graceful shutdowns, by how in-flight work ended (drained, abandoned).",
+        &["result"]
+    )
+    .expect("metric registers once"),
+}
+});
+
+/// Records outcomes: tracker, counters and metrics move together.
+#[derive(Clone)]
+struct Finisher {
+    tracker: Arc<Mutex<Tracker>>,
+    counters: Arc<Counters>,
+}
+
+impl Finisher {
+    fn finish(&self, rec: &OwnedRecord, ticket: &Ticket, outcome: Outcome) {
+        let counted = lock(&self.tracker).finish(&rec.topic, ticket);
+        if !counted {
+            // The partition was revoked meanwhile: the new owner reads the record again.
+            METRICS.abandoned.inc();
+            return;
+        }
+        METRICS.finished.with_label_values(&outcome.labels()).inc();
+        let c = match outcome {
+            Outcome::Delivered => &self.counters.delivered,
+            Outcome::Duplicate(_) => &self.counters.duplicate,
+            Outcome::Filtered => &self.counters.filtered,
+            Outcome::DeadLettered(_) => &self.counters.dead_lettered,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An event waiting for delivery, with the record it came from.
+struct Pending {
+    rec: OwnedRecord,
+    ticket: Ticket,
+    event: Event,
+    /// Bytes of the event's JSON.
+    size: usize,
+}
+
+/// Everything the pipeline shares between its tasks.
+struct Shared {
+    finisher: Finisher,
+    dlq: DeadLetters,
+    /// Fires when shutdown's deadline passed: in-flight work is abandoned.
+    abandon: CancellationToken,
+    dlq_tasks: Mutex<JoinSet<()>>,
+}
+
+impl Shared {
+    /// Dead-letters a record in the background; it is finished once the broker acknowledged.
+    fn dead_letter(self: &Arc<Self>, rec: OwnedRecord, ticket: Ticket, why: Reason) {
+        tracing::warn!(record = %rec.coordinates(), stage = why.stage, reason = %why.code, error = %why.message,
+            "record dead-lettered");
+        let shared = Arc::clone(self);
+        let mut tasks = lock(&self.dlq_tasks);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            if shared.dlq.send(&rec, &why, &shared.abandon).await {
+                shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
+            }
+        });
+    }
+}
+
+/// Runs the bridge until `shutdown` fires; then stops fetching, finishes or abandons in-flight
+/// work within `shutdown.deadline`, commits, and leaves the group.
+pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counters>) -> anyhow::Result<()> {
+    METRICS
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    crate::telemetry::set_ready(
+        "assignment",
+        false,
+        "waiting for the consumer group to assign partitions",
+    );
+    let mapper = Arc::new(
+        Mapper::compile(&cfg.mapping, &cfg.api.contract())
+            .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.0.join("; ")))?,
+    );
+    let deliverer = Deliverer::new(&cfg.api, &cfg.delivery)?;
+    let deduper = Deduper::new(&cfg.dedupe).await?;
+    let tracker = Arc::new(Mutex::new(Tracker::new()));
+    let consumer = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
+    let shared = Arc::new(Shared {
+        finisher: Finisher {
+            tracker: Arc::clone(&tracker),
+            counters: Arc::clone(&counters),
+        },
+        dlq: DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?,
+        abandon: CancellationToken::new(),
+        dlq_tasks: Mutex::new(JoinSet::new()),
+    });
+    tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
+        api = %cfg.api.base_url, dead_letter_topic = %shared.dlq.topic(), "bridge started");
+
+    let (tx, rx) = mpsc::unbounded_channel::<Pending>();
+    let delivery = tokio::spawn(delivery_loop(
+        rx,
+        cfg.batch.clone(),
+        cfg.api.timestamp_unit,
+        deliverer,
+        deduper,
+        Arc::clone(&shared),
+    ));
+
+    consumer_loop(&consumer, &cfg, &mapper, &tracker, &shared, tx, &shutdown).await;
+
+    // Shutdown: fetching has stopped; let queued and in-flight work finish until the deadline.
+    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(&tracker).in_flight(), "shutting down: finishing in-flight work");
+    let deadline = tokio::time::Instant::now() + cfg.shutdown.deadline;
+    let mut delivery = delivery;
+    let drained = tokio::select! {
+        _ = &mut delivery => true,
+        _ = tokio::time::sleep_until(deadline) => false,
+    };
+    let dlq_drained = {
+        let mut tasks = std::mem::take(&mut *lock(&shared.dlq_tasks));
+        tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok()
+    };
+    shared.abandon.cancel();
+    if !drained {
+        let _ = delivery.await;
+    }
+    let abandoned = lock(&tracker).in_flight();
+    let result = if drained && dlq_drained && abandoned == 0 {
+        "drained"
+    } else {
+        "abandoned"
+    };
+    METRICS.shutdowns.with_label_values(&[result]).inc();
+    commit(&consumer, &tracker, CommitMode::Sync);
+    tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
+    consumer.unsubscribe();
+    drop(consumer);
+    Ok(())
+}
+
+async fn consumer_loop(
+    consumer: &Source,
+    cfg: &Config,
+    mapper: &Mapper,
+    tracker: &Arc<Mutex<Tracker>>,
+    shared: &Arc<Shared>,
+    tx: mpsc::UnboundedSender<Pending>,
+    shutdown: &CancellationToken,
+) {
+    let max_in_flight = cfg.kafka.max_in_flight_records;
+    let max_event_bytes = cfg.batch.max_bytes.saturating_sub(2);
+    let mut commit_tick = tokio::time::interval(cfg.kafka.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = false;
+    let mut topic_names: Vec<Arc<str>> = Vec::new();
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = commit_tick.tick() => {
+                commit(consumer, tracker, CommitMode::Async);
+                let (in_flight, oldest) = {
+                    let t = lock(tracker);
+                    (t.in_flight(), t.oldest_unfinished())
+                };
+                METRICS.in_flight.set(in_flight as i64);
+                METRICS.oldest_age.set(oldest.map_or(0.0, |o| o.elapsed().as_secs_f64()));
+                if paused {
+                    // Partitions assigned since the pause arrive unpaused.
+                    set_paused(consumer, true);
+                }
+            }
+            m = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => match m {
+                Ok(Ok(msg)) => {
+                    let topic = intern(&mut topic_names, msg.topic());
+                    handle(&msg, topic, mapper, tracker, shared, &tx, max_event_bytes, &mut buf);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Err(_) => {} // no record within the poll window; loop to keep polling
+            },
+        }
+        let in_flight = lock(tracker).in_flight();
+        if !paused && in_flight >= max_in_flight {
+            paused = true;
+            set_paused(consumer, true);
+            METRICS.paused.set(1);
+            tracing::info!(
+                in_flight,
+                "too many unfinished records: partitions paused (still polling)"
+            );
+        } else if paused && in_flight <= max_in_flight / 2 {
+            paused = false;
+            set_paused(consumer, false);
+            METRICS.paused.set(0);
+            tracing::info!(in_flight, "partitions resumed");
+        }
+    }
+    set_paused(consumer, true);
+}
+
+fn intern(names: &mut Vec<Arc<str>>, topic: &str) -> Arc<str> {
+    if let Some(t) = names.iter().find(|t| &***t == topic) {
+        return Arc::clone(t);
+    }
+    let t: Arc<str> = Arc::from(topic);
+    names.push(Arc::clone(&t));
+    t
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    msg: &BorrowedMessage<'_>,
+    topic: Arc<str>,
+    mapper: &Mapper,
+    tracker: &Mutex<Tracker>,
+    shared: &Arc<Shared>,
+    tx: &mpsc::UnboundedSender<Pending>,
+    max_event_bytes: usize,
+    buf: &mut Vec<u8>,
+) {
+    SOURCE_METRICS.consumed.inc();
+    let Some(ticket) = lock(tracker).begin(&topic, msg.partition(), msg.offset()) else {
+        // Fetched before its partition was revoked: the new owner reads it.
+        return;
+    };
+    shared.finisher.counters.consumed.fetch_add(1, Ordering::Relaxed);
+    let rec = OwnedRecord::from_message(msg, topic);
+    let headers: Vec<(&str, &[u8])> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let src = SourceRecord {
+        topic: &rec.topic,
+        partition: rec.partition,
+        offset: rec.offset,
+        timestamp_ms: rec.timestamp_ms,
+        key: rec.key.as_deref(),
+        value: rec.value.as_deref(),
+        headers: &headers,
+    };
+    let outcome = mapper.map(&src);
+    drop(headers);
+    match outcome {
+        MapOutcome::Event(event) => {
+            buf.clear();
+            event.write_json(buf);
+            if buf.len() > max_event_bytes {
+                let why = Reason {
+                    stage: "validation",
+                    code: "too_large".into(),
+                    message: format!("the event is {} bytes, over batch.max_bytes", buf.len()),
+                    http_status: None,
+                };
+                shared.dead_letter(rec, ticket, why);
+                return;
+            }
+            let size = buf.len();
+            if tx
+                .send(Pending {
+                    rec,
+                    ticket,
+                    event: *event,
+                    size,
+                })
+                .is_err()
+            {
+                tracing::error!("delivery loop has stopped; record left unfinished");
+            }
+        }
+        MapOutcome::Filtered { reason } => {
+            tracing::debug!(record = %rec.coordinates(), %reason, "record filtered");
+            shared.finisher.finish(&rec, &ticket, Outcome::Filtered);
+        }
+        MapOutcome::Failed(err) => {
+            let field = err.field.as_deref().unwrap_or("-");
+            let why = Reason {
+                stage: err.stage.as_str(),
+                code: err.reason.clone(),
+                message: format!("record {}: field `{field}`: {}", rec.coordinates(), err.message),
+                http_status: None,
+            };
+            shared.dead_letter(rec, ticket, why);
+        }
+    }
+}
+
+fn set_paused(consumer: &Source, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    if assignment.count() == 0 {
+        return;
+    }
+    let r = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, pause, "pause/resume failed");
+    }
+}
+
+/// Commits the finished prefix of every assigned partition that advanced.
+fn commit(consumer: &Source, tracker: &Mutex<Tracker>, mode: CommitMode) {
+    let todo = lock(tracker).to_commit();
+    if todo.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (t, p, o) in &todo {
+        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) if matches!(mode, CommitMode::Sync) => {
+            let mut tr = lock(tracker);
+            for (t, p, o) in &todo {
+                tr.committed(t, *p, *o);
+                SOURCE_METRICS
+                    .committed
+                    .with_label_values(&[t.as_str(), p.to_string().as_str()])
+                    .set(*o);
+            }
+        }
+        Ok(()) => {} // the commit callback records it
+        Err(e) => {
+            SOURCE_METRICS.commit_errors.inc();
+            tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
+        }
+    }
+}
+
+async fn delivery_loop(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    cfg: BatchConfig,
+    unit: TimestampUnit,
+    deliverer: Deliverer,
+    deduper: Deduper,
+    shared: Arc<Shared>,
+) {
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return, // the consumer loop stopped and everything queued was handled
+            },
+        };
+        let linger_end = tokio::time::Instant::now() + cfg.linger;
+        let mut bytes = first.size + 2;
+        let mut batch = vec![first];
+        while batch.len() < cfg.max_events {
+            let next = tokio::select! {
+                p = rx.recv() => p,
+                _ = tokio::time::sleep_until(linger_end) => break,
+            };
+            let Some(p) = next else { break };
+            if bytes + p.size + 1 > cfg.max_bytes {
+                carry = Some(p);
+                break;
+            }
+            bytes += p.size + 1;
+            batch.push(p);
+        }
+        if shared.abandon.is_cancelled() {
+            METRICS.abandoned.inc_by(batch.len() as u64);
+            continue;
+        }
+        shared.finisher.counters.batches.fetch_add(1, Ordering::Relaxed);
+        process_batch(batch, unit, &deliverer, &deduper, &shared).await;
+    }
+}
+
+/// Takes one batch through dedupe and delivery to an outcome for each record.
+async fn process_batch(
+    batch: Vec<Pending>,
+    unit: TimestampUnit,
+    deliverer: &Deliverer,
+    deduper: &Deduper,
+    shared: &Arc<Shared>,
+) {
+    // Records of partitions revoked since they were read belong to the new owner now.
+    let batch: Vec<Pending> = {
+        let tracker = lock(&shared.finisher.tracker);
+        let (keep, stale): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|p| tracker.is_current(&p.rec.topic, &p.ticket));
+        METRICS.abandoned.inc_by(stale.len() as u64);
+        keep
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let events: Vec<&Event> = batch.iter().map(|p| &p.event).collect();
+    let verdicts = {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match deduper.check(&events).await {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::warn!(error = %e.0, "dedupe store unavailable; delivery paused until it returns");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shared.abandon.cancelled() => {
+                            METRICS.abandoned.inc_by(batch.len() as u64);
+                            return;
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    };
+    let mut to_send: Vec<Pending> = Vec::with_capacity(batch.len());
+    for (p, v) in batch.into_iter().zip(verdicts) {
+        match v {
+            Verdict::Send => to_send.push(p),
+            Verdict::Duplicate { reason } => {
+                tracing::debug!(record = %p.rec.coordinates(), reason, "duplicate dropped");
+                shared.finisher.finish(&p.rec, &p.ticket, Outcome::Duplicate(reason));
+            }
+            Verdict::DoubleCount { reason } => {
+                let why = Reason {
+                    stage: "dedupe",
+                    code: "double_count".into(),
+                    message: reason,
+                    http_status: None,
+                };
+                shared.dead_letter(p.rec, p.ticket, why);
+            }
+        }
+    }
+    if to_send.is_empty() {
+        return;
+    }
+    let events: Vec<Event> = to_send.iter().map(|p| p.event.clone()).collect();
+    let results = match deliverer.deliver(&events, &shared.abandon).await {
+        Ok(r) => r,
+        Err(_cancelled) => {
+            deduper.release(&events.iter().collect::<Vec<_>>()).await;
+            METRICS.abandoned.inc_by(to_send.len() as u64);
+            return;
+        }
+    };
+    let mut delivered = Vec::with_capacity(to_send.len());
+    let mut rejected = Vec::new();
+    for (p, r) in to_send.into_iter().zip(results) {
+        match r {
+            EventResult::Delivered => delivered.push(p),
+            EventResult::Rejected { status, body } => rejected.push((p, status, body)),
+        }
+    }
+    if !rejected.is_empty() {
+        deduper
+            .release(&rejected.iter().map(|(p, _, _)| &p.event).collect::<Vec<_>>())
+            .await;
+    }
+    for (p, status, body) in rejected {
+        let why = Reason {
+            stage: "api",
+            code: "rejected".into(),
+            message: format!(
+                "record {}: the API answered {status}: {}",
+                p.rec.coordinates(),
+                crate::event::truncate(&body)
+            ),
+            http_status: Some(status),
+        };
+        shared.dead_letter(p.rec, p.ticket, why);
+    }
+    if delivered.is_empty() {
+        return;
+    }
+    // Invariant 3: ids are recorded after the 2xx and before the offsets become committable.
+    let refs: Vec<&Event> = delivered.iter().map(|p| &p.event).collect();
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = deduper.delivered(&refs).await {
+        tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.abandon.cancelled() => {
+                METRICS.abandoned.inc_by(delivered.len() as u64);
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e6;
+    for p in &delivered {
+        let event_ms = match unit {
+            TimestampUnit::Seconds => p.event.timestamp as f64 * 1000.0,
+            TimestampUnit::Milliseconds => p.event.timestamp as f64,
+        };
+        METRICS
+            .latency
+            .with_label_values(&["event"])
+            .observe(((now_ms - event_ms) / 1000.0).max(0.0));
+        if let Some(k) = p.rec.timestamp_ms {
+            METRICS
+                .latency
+                .with_label_values(&["kafka"])
+                .observe(((now_ms - k as f64) / 1000.0).max(0.0));
+        }
+        shared.finisher.finish(&p.rec, &p.ticket, Outcome::Delivered);
+    }
+}
+
+/// Installs SIGTERM/SIGINT handlers that fire `token`.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,252 @@
+//! The Kafka consumer group: client settings, subscription, rebalance callbacks, commits.
+//!
+//! Offsets are never stored or committed by librdkafka on its own (`enable.auto.commit=false`,
+//! `enable.auto.offset.store=false`): the pipeline commits the finished prefix the tracker
+//! (`offsets`) computes. On a revoke the finished prefix of the revoked partitions is committed
+//! synchronously inside the callback and their epoch ends, so work still in flight for them is
+//! never committed by this process (invariant 9).
+
+use crate::config::KafkaConfig;
+use crate::offsets::Tracker;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
+use std::sync::{Arc, LazyLock, Mutex};
+
+/// Properties that belong to the consumer only and must not be given to the dead-letter producer.
+pub fn is_producer_property(key: &str) -> bool {
+    let consumer_only = [
+        "auto.offset.reset",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "partition.assignment.strategy",
+        "fetch.",
+        "queued.",
+        "isolation.level",
+        "group.",
+        "enable.partition.eof",
+        "check.crcs",
+        "statistics.interval.ms",
+    ];
+    !consumer_only.iter().any(|p| key.starts_with(p))
+}
+
+pub(crate) struct Metrics {
+    pub consumed: prometheus::IntCounter,
+    pub rebalances: prometheus::IntCounterVec,
+    pub committed: prometheus::IntGaugeVec,
+    pub high_watermark: prometheus::IntGaugeVec,
+    pub lag: prometheus::IntGaugeVec,
+    pub commit_errors: prometheus::IntCounter,
+}
+
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    consumed: prometheus::register_int_counter!(
+        "datapulse_bridge_records_consumed_total",
+        "Records read from Kafka (each reaches exactly one finished outcome or is re-read after a restart/rebalance)."
+    )
+    .expect("metric registers once"),
+    rebalances: prometheus::register_int_counter_vec!(
+        "datapulse_bridge_rebalances_total",
+        "Consumer group rebalance events, by kind (assign, revoke, error).",
+        &["kind"]
+    )
+    .expect("metric registers once"),
+    committed: prometheus::register_int_gauge_vec!(
+        "datapulse_bridge_partition_committed_offset",
+        "Last offset this process committed (the next offset to read), per partition.",
+        &["topic", "partition"]
+    )
+    .expect("metric registers once"),
+    high_watermark: prometheus::register_int_gauge_vec!(
+        "datapulse_bridge_partition_high_watermark",
+        "High watermark (end offset) of each assigned partition, from consumer statistics.",
+        &["topic", "partition"]
+    )
+    .expect("metric registers once"),
+    lag: prometheus::register_int_gauge_vec!(
+        "datapulse_bridge_partition_lag",
+        "High watermark minus committed offset, per assigned partition.",
+        &["topic", "partition"]
+    )
+    .expect("metric registers once"),
+    commit_errors: prometheus::register_int_counter!(
+        "datapulse_bridge_commit_errors_total",
+        "Offset commits that failed (retried at the next commit interval)."
+    )
+    .expect("metric registers once"),
+});
+
+/// The consumer's context: keeps the tracker in step with the group's assignment.
+pub struct SourceContext {
+    pub tracker: Arc<Mutex<Tracker>>,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        let tracker = lock(&self.tracker);
+        let committed: std::collections::HashMap<(String, i32), i64> = tracker
+            .committed_offsets()
+            .into_iter()
+            .map(|(t, p, o)| ((t, p), o))
+            .collect();
+        for (topic, t) in &stats.topics {
+            for (&partition, p) in &t.partitions {
+                if partition < 0 || !p.desired {
+                    continue;
+                }
+                let part = partition.to_string();
+                let labels = [topic.as_str(), part.as_str()];
+                METRICS.high_watermark.with_label_values(&labels).set(p.hi_offset);
+                if let Some(&c) = committed.get(&(topic.clone(), partition)) {
+                    METRICS.lag.with_label_values(&labels).set((p.hi_offset - c).max(0));
+                } else if p.committed_offset >= 0 {
+                    METRICS
+                        .lag
+                        .with_label_values(&labels)
+                        .set((p.hi_offset - p.committed_offset).max(0));
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                METRICS.rebalances.with_label_values(&["revoke"]).inc();
+                let lost = consumer.assignment_lost();
+                let mut commit = TopicPartitionList::new();
+                {
+                    let mut tracker = lock(&self.tracker);
+                    for e in tpl.elements() {
+                        if let Some(o) = tracker.revoke(e.topic(), e.partition()) {
+                            if !lost {
+                                let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                            }
+                        }
+                        let part = e.partition().to_string();
+                        let _ = METRICS.lag.remove_label_values(&[e.topic(), part.as_str()]);
+                        let _ = METRICS.high_watermark.remove_label_values(&[e.topic(), part.as_str()]);
+                    }
+                }
+                tracing::info!(partitions = %describe(tpl), lost, "partitions revoked; unfinished work is abandoned to the next owner");
+                if commit.count() > 0 {
+                    match consumer.commit(&commit, rdkafka::consumer::CommitMode::Sync) {
+                        Ok(()) => record_commits(&self.tracker, &commit),
+                        Err(e) => {
+                            METRICS.commit_errors.inc();
+                            tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner re-reads from the previous commit");
+                        }
+                    }
+                }
+                if lock(&self.tracker).assigned().is_empty() {
+                    crate::telemetry::set_ready("assignment", false, "no partitions assigned");
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                METRICS.rebalances.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            METRICS.rebalances.with_label_values(&["assign"]).inc();
+            let mut tracker = lock(&self.tracker);
+            for e in tpl.elements() {
+                tracker.assign(e.topic(), e.partition());
+            }
+            let total = tracker.assigned().len();
+            drop(tracker);
+            tracing::info!(partitions = %describe(tpl), total, "partitions assigned");
+            if total > 0 {
+                crate::telemetry::set_ready("assignment", true, format!("{total} partitions assigned"));
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => record_commits(&self.tracker, offsets),
+            Err(e) => {
+                METRICS.commit_errors.inc();
+                tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
+            }
+        }
+    }
+}
+
+fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
+    let mut tracker = lock(tracker);
+    for e in offsets.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            tracker.committed(e.topic(), e.partition(), o);
+            let part = e.partition().to_string();
+            METRICS.committed.with_label_values(&[e.topic(), part.as_str()]).set(o);
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Locks a mutex, recovering from poisoning (a panic elsewhere must not stop commits).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub type Source = StreamConsumer<SourceContext>;
+
+/// The librdkafka settings of the consumer: the bridge's defaults, then the user's pass-through
+/// properties, then the settings the bridge's guarantees depend on (which config validation
+/// forbids users to set).
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("statistics.interval.ms", "5000")
+        // Bounds librdkafka's prefetch memory (its default is 64 MiB per client).
+        .set("queued.max.messages.kbytes", "16384")
+        .set("enable.partition.eof", "false");
+    for (k, v) in cfg.properties.iter() {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    if let Some(id) = &cfg.group_instance_id {
+        c.set("group.instance.id", id);
+    }
+    c
+}
+
+/// Creates the consumer and subscribes to the configured topics or pattern.
+pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>) -> anyhow::Result<Source> {
+    let consumer: Source = client_config(cfg).create_with_context(SourceContext { tracker })?;
+    match &cfg.topic_pattern {
+        // librdkafka treats a subscription starting with `^` as a regular expression.
+        Some(p) => {
+            let p = if p.starts_with('^') { p.clone() } else { format!("^{p}") };
+            consumer.subscribe(&[p.as_str()])?
+        }
+        None => {
+            let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?
+        }
+    }
+    Ok(consumer)
+}

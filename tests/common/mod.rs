@@ -1,0 +1,509 @@
+//! Test harness for end-to-end tests: real processes on 127.0.0.1 — a tansu broker, a
+//! redis-server, the sandbox and the bridge (the built binary) — started per test and killed on
+//! drop. Nothing here is a fake.
+#![allow(dead_code)]
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_datapulse-bridge");
+pub const API_KEY: &str = "dp_test_key_e2e_5f1c2b";
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn wait_port(port: u16, timeout: Duration, what: &str) {
+    let start = Instant::now();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what} did not listen on {port} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A directory for a test's files and process logs; kept on failure for reading.
+pub fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dpb-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: the process gets no chance to finish anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe_kill(c.id(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A tansu broker with in-memory storage.
+pub struct Broker {
+    pub proc: Proc,
+    pub bootstrap: String,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut cmd = Command::new(which("tansu"));
+        cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        cmd.args(["--storage-engine", "memory://tansu/"]);
+        let proc = Proc::spawn(cmd, dir.join("tansu.log"));
+        wait_port(port, Duration::from_secs(20), "tansu");
+        Broker {
+            proc,
+            bootstrap: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+        for r in res {
+            r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("linger.ms", "20")
+            .set("enable.idempotence", "false")
+            .create()
+            .unwrap()
+    }
+
+    /// Produces `(partition, key, value)` records and waits for every acknowledgement.
+    pub async fn produce(&self, topic: &str, records: &[(i32, String, String)]) {
+        let producer = self.producer();
+        for chunk in records.chunks(2000) {
+            let futs: Vec<_> = chunk
+                .iter()
+                .map(|(p, k, v)| {
+                    producer.send_result(
+                        FutureRecord::to(topic)
+                            .partition(*p)
+                            .key(k.as_str())
+                            .payload(v.as_str()),
+                    )
+                })
+                .collect();
+            for f in futs {
+                f.map_err(|(e, _)| e)
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+        }
+    }
+
+    /// The group's committed offsets for partitions `0..partitions` of `topic` (-1 when none).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        (0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    /// High watermarks of partitions `0..partitions`.
+    pub fn ends(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        (0..partitions)
+            .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)
+            .collect()
+    }
+
+    /// Every record of `topic` (all partitions), read from the beginning until `expected` or timeout.
+    pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+        use rdkafka::Message;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("reader-{}", free_port()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < expected && start.elapsed() < timeout {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+            }
+        }
+        let _ = out.iter().map(|m| m.offset()).count();
+        out
+    }
+}
+
+/// A redis-server on a free port, no persistence.
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start(dir: &Path) -> Redis {
+        Self::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> Redis {
+        let mut cmd = Command::new(which("redis-server"));
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ]);
+        let proc = Proc::spawn(cmd, dir.join(format!("redis-{port}.log")));
+        wait_port(port, Duration::from_secs(10), "redis-server");
+        Redis { proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// The sandbox, as its own process.
+pub struct Sandbox {
+    pub proc: Proc,
+    pub url: String,
+    client: reqwest::Client,
+}
+
+impl Sandbox {
+    /// Starts `datapulse-bridge sandbox` with the test key and `extra` flags (rate limit off unless
+    /// `extra` sets one).
+    pub fn start(dir: &Path, extra: &[&str]) -> Sandbox {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["sandbox", "--listen", &listen, "--api-key", API_KEY]);
+        if !extra.iter().any(|a| *a == "--rate-limit") {
+            cmd.args(["--rate-limit", "0"]);
+        }
+        cmd.args(extra);
+        let proc = Proc::spawn(cmd, dir.join(format!("sandbox-{port}.log")));
+        wait_port(port, Duration::from_secs(20), "sandbox");
+        Sandbox {
+            proc,
+            url: format!("http://{listen}"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        self.client
+            .get(format!("{}/_sandbox/stats", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn accepted(&self) -> u64 {
+        self.stats().await["accepted_events"].as_u64().unwrap_or(0)
+    }
+
+    pub async fn events(&self) -> Vec<serde_json::Value> {
+        self.client
+            .get(format!("{}/_sandbox/events", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn set_faults(&self, faults: serde_json::Value) {
+        let r = self
+            .client
+            .put(format!("{}/_sandbox/faults", self.url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "set faults: {}", r.status());
+    }
+
+    /// Transaction ids the sandbox accepted more than once.
+    pub async fn duplicate_ids(&self) -> serde_json::Value {
+        self.stats().await["duplicate_transaction_ids"].clone()
+    }
+}
+
+/// A bridge process (`datapulse-bridge run`).
+pub struct Bridge {
+    pub proc: Proc,
+    pub ops: String,
+    pub config: PathBuf,
+}
+
+impl Bridge {
+    pub fn start(dir: &Path, name: &str, config_toml: &str) -> Bridge {
+        let ops_port = free_port();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, config_toml).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"]).arg(&config);
+        cmd.env("DATAPULSE_BRIDGE_TELEMETRY__LISTEN", format!("127.0.0.1:{ops_port}"));
+        cmd.env("RUST_LOG", "info,datapulse_bridge=debug,librdkafka=warn,rdkafka=warn");
+        let log = dir.join(format!("{name}-{}.log", free_port()));
+        let proc = Proc::spawn(cmd, log);
+        wait_port(ops_port, Duration::from_secs(20), "bridge operations server");
+        Bridge {
+            proc,
+            ops: format!("http://127.0.0.1:{ops_port}"),
+            config,
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.ops))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn ready(&self) -> (u16, serde_json::Value) {
+        let r = reqwest::get(format!("{}/health/ready", self.ops)).await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap())
+    }
+}
+
+/// Sum of a Prometheus metric's samples whose labels include every `label="value"` in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The config of a bridge against `broker` and `sandbox` with the flat test mapping.
+pub fn bridge_config(broker: &Broker, sandbox_url: &str, group: &str, topic: &str, extra: &str) -> String {
+    format!(
+        r#"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+topics = ["{topic}"]
+commit_interval = "500ms"
+[kafka.properties]
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+"statistics.interval.ms" = 1000
+
+[api]
+base_url = "{sandbox_url}"
+key = "{API_KEY}"
+request_timeout = "5s"
+
+[batch]
+max_events = 500
+linger = "100ms"
+
+[dead_letter]
+topic = "{topic}.dlq"
+
+[shutdown]
+deadline = "10s"
+
+{extra}
+
+[[mapping]]
+topics = ["{topic}"]
+client_user_id = "/user"
+event_name = "/type"
+timestamp = "/ts"
+transaction_id = "/tx"
+amount = "/amount"
+currency = "/ccy"
+click_id = "/click"
+ip_address = "/ip"
+"#,
+        bootstrap = broker.bootstrap
+    )
+}
+
+/// A valid flat deposit record with transaction id `tx`.
+pub fn deposit(tx: &str, user: u32) -> String {
+    serde_json::json!({
+        "user": format!("u{user}"), "type": "deposit", "ts": 1_764_000_000 + i64::from(user % 1000),
+        "tx": tx, "amount": 10.5, "ccy": "EUR", "click": format!("c{user}"), "ip": "203.0.113.7"
+    })
+    .to_string()
+}
+
+/// `n` deposits with ids `{prefix}-{i}`, spread round-robin over `partitions`.
+pub fn deposits(prefix: &str, n: usize, partitions: i32) -> Vec<(i32, String, String)> {
+    (0..n)
+        .map(|i| {
+            let tx = format!("{prefix}-{i}");
+            ((i as i32) % partitions, tx.clone(), deposit(&tx, i as u32))
+        })
+        .collect()
+}
+
+/// Transaction ids the sandbox accepted, with how often.
+pub async fn accepted_ids(sandbox: &Sandbox) -> std::collections::HashMap<String, u32> {
+    let mut m = std::collections::HashMap::new();
+    for e in sandbox.events().await {
+        if let Some(tx) = e["transaction_id"].as_str() {
+            *m.entry(tx.to_string()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+fn which(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.push(PathBuf::from("/usr/bin"));
+    dirs.push(PathBuf::from("/usr/local/bin"));
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{name}` is not installed: run scripts/test.sh, which installs the test prerequisites")
+}
+
+/// Reads a log file's lines (for assertions on logs).
+pub fn log_lines(path: &Path) -> Vec<String> {
+    match std::fs::File::open(path) {
+        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    }
+}
