@@ -309,6 +309,23 @@ async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_check_leaves_nothing_held() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let a = Deduper::new(&cfg).await.unwrap();
+    let b = Deduper::new(&cfg).await.unwrap();
+    let batch = vec![deposit("C1")];
+    assert_eq!(a.check(&refs(&batch)).await.unwrap(), vec![Verdict::Send]);
+    // b waits for a's claim; its caller gives up (the check future is dropped).
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), b.check(&refs(&batch))).await;
+    assert!(cancelled.is_err(), "b should have been waiting");
+    a.release(&refs(&batch)).await;
+    // Had the cancelled call left C1 held, b would now call it a duplicate of something never sent.
+    assert_eq!(b.check(&refs(&batch)).await.unwrap(), vec![Verdict::Send]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
     let _serial = SERIAL.lock().await;
     let mut server = RedisServer::start_persistent();

@@ -163,6 +163,22 @@ impl Local {
     }
 }
 
+/// Releases the holds `check` took for `pending` when dropped; forgotten once the verdicts stand.
+struct HoldGuard<'a> {
+    deduper: &'a Deduper,
+    keys: &'a [EventKeys],
+    pending: &'a [usize],
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        let mut local = self.deduper.lock();
+        for &i in self.pending {
+            local.unhold(&self.keys[i]);
+        }
+    }
+}
+
 enum Store {
     Memory(MemoryStore),
     Redis(RedisStore),
@@ -258,6 +274,14 @@ impl Deduper {
             }
             lookup
         });
+        // Should this call be cancelled while the store is asked (its future dropped), the holds
+        // must not outlive it: a leaked hold would finish every later copy of the id as a
+        // duplicate of something never sent.
+        let held = HoldGuard {
+            deduper: self,
+            keys: &keys,
+            pending: &pending,
+        };
         let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
         let lookups = match self.store_check(&probes).await {
             Ok(lookups) => lookups,
@@ -275,13 +299,11 @@ impl Deduper {
                 vec![Lookup::Free; probes.len()]
             }
             Err(StoreError::Unreachable(e) | StoreError::Contended(e)) => {
-                let mut local = self.lock();
-                for &i in &pending {
-                    local.unhold(&keys[i]);
-                }
+                drop(held); // releases the holds
                 return Err(StoreUnavailable(e));
             }
         };
+        std::mem::forget(held);
         {
             let mut local = self.lock();
             for (&i, lookup) in pending.iter().zip(lookups) {
