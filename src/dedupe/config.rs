@@ -276,3 +276,65 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    /// `docs/dedupe.md` lists every key with its default as the code has it.
+    #[test]
+    fn the_docs_table_matches_the_defaults() {
+        let doc = include_str!("../../docs/dedupe.md");
+        let rows: BTreeMap<String, String> = doc
+            .lines()
+            .filter_map(|l| {
+                // `\|` is a pipe inside a cell (`pause` \| `deliver`).
+                let l = l.replace("\\|", "/");
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key.to_string(), cells.get(3)?.to_string()))
+            })
+            .collect();
+        let defaults = toml::Value::try_from(DedupeConfig::default()).unwrap();
+        let mut flat = Vec::new();
+        flatten("", &defaults, &mut flat);
+        assert!(flat.len() >= 11, "{flat:?}");
+        for (key, value) in flat {
+            let documented = rows
+                .get(key.as_str())
+                .unwrap_or_else(|| panic!("`{key}` is not in docs/dedupe.md"));
+            let documented = documented.trim_matches('`');
+            let same = match &value {
+                toml::Value::String(s) => match (humantime::parse_duration(s), humantime::parse_duration(documented)) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => s == documented,
+                },
+                toml::Value::Array(a) => {
+                    toml::Value::Array(a.clone()).to_string().replace(", ", ",") == documented.replace(", ", ",")
+                }
+                other => other.to_string() == documented,
+            };
+            assert!(
+                same,
+                "`{key}`: the code's default is {value}, docs/dedupe.md says {documented}"
+            );
+        }
+    }
+
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match v {
+            toml::Value::Table(t) if !t.is_empty() => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            toml::Value::Table(_) => {} // an empty map such as keys_by_event: documented by its pattern
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+}
