@@ -531,9 +531,20 @@ async fn delivery_loop(
             METRICS.abandoned.inc_by(batch.len() as u64);
             continue;
         }
-        shared.finisher.counters.batches.fetch_add(1, Ordering::Relaxed);
-        process_batch(batch, unit, &deliverer, &deduper, &shared).await;
+        let id = shared.finisher.counters.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!("batch", id, size = batch.len(), partitions = %partitions_of(&batch),
+            delivered = tracing::field::Empty, duplicate = tracing::field::Empty, dead_lettered = tracing::field::Empty);
+        use tracing::Instrument;
+        process_batch(batch, unit, &deliverer, &deduper, &shared).instrument(span).await;
     }
+}
+
+/// `topic/partition` of the records of a batch, for its log span.
+fn partitions_of(batch: &[Pending]) -> String {
+    let mut parts: Vec<(&str, i32)> = batch.iter().map(|p| (&*p.rec.topic, p.rec.partition)).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(",")
 }
 
 /// Takes one batch through dedupe and delivery to an outcome for each record.
@@ -576,6 +587,9 @@ async fn process_batch(
             }
         }
     };
+    let span = tracing::Span::current();
+    let duplicates = verdicts.iter().filter(|v| matches!(v, Verdict::Duplicate { .. })).count();
+    span.record("duplicate", duplicates);
     let mut to_send: Vec<Pending> = Vec::with_capacity(batch.len());
     for (p, v) in batch.into_iter().zip(verdicts) {
         match v {
@@ -650,6 +664,7 @@ async fn process_batch(
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    tracing::debug!("batch delivered");
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e6;
     for p in &delivered {
         let event_ms = match unit {

@@ -33,7 +33,7 @@ async fn ten_thousand_records_over_four_partitions_exactly_once() {
     let ids = accepted_ids(&sandbox).await;
     assert_eq!(ids.len(), 10_000, "every transaction id accepted");
     assert!(ids.values().all(|&n| n == 1), "no transaction id accepted twice");
-    assert_eq!(sandbox.duplicate_ids().await.as_array().map_or(0, Vec::len), 0);
+    assert_eq!(sandbox.duplicate_ids().await.as_object().map_or(0, |m| m.len()), 0);
 
     // The bridge's own accounting agrees with the sandbox's record.
     let m = bridge.metrics().await;
@@ -91,7 +91,7 @@ async fn outage_commits_nothing_and_sigkill_loses_nothing() {
     .await;
 
     // Phase 2: the API fails everything; 1,000 more records arrive.
-    sandbox.set_faults(serde_json::json!({"fail_500": 1.0})).await;
+    sandbox.set_faults(serde_json::json!({"fault_500": 1.0})).await;
     broker.produce("tx", &deposits("b", 1_000, 2)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(sandbox.accepted().await, 1_000, "nothing accepted during the outage");

@@ -1,20 +1,413 @@
-//! The Server Events API sandbox: this project's implementation of the contract.
+//! The Server Events API sandbox: this project's implementation of the contract
+//! (`API-CONTRACT.md`), for tests, the demo and partners' local trials.
 //!
-//! PLACEHOLDER: the sandbox issue builds it.
+//! Whatever the sandbox accepts, the real API accepts too: every event goes through
+//! [`Event::from_json`](crate::event::Event::from_json) and
+//! [`Event::validate`](crate::event::Event::validate), the rules the bridge itself checks.
+//! Requests to the API endpoints go through, in order: added latency, `auth_fail_all`, the API
+//! key, the rate limit (so every authenticated request spends budget, valid or not), injected
+//! faults, the content type and size caps, JSON parsing, validation, and only then the record.
+//!
+//! Layout: `api` (the two ingest endpoints), `admin` (`/_sandbox/*`), `faults` (injection
+//! settings and their script), `record` (what was accepted, the counters, the JSONL file).
 
-use clap::Args;
+mod admin;
+mod api;
+mod faults;
+mod record;
 
-/// `datapulse-bridge sandbox` options.
-#[derive(Debug, Clone, Args)]
+pub use faults::{FaultStep, Faults};
+pub use record::{Stats, SuspiciousTimestamp, SuspiciousTimestamps};
+
+use crate::event::{ContractOptions, TimestampUnit};
+use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
+use clap::{Args, Parser};
+use faults::FaultState;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use record::Record;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// `datapulse-bridge sandbox` options. `SandboxArgs::default()` has the command-line defaults.
+#[derive(Clone, Args)]
 pub struct SandboxArgs {
-    /// Address to listen on.
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// An accepted API key (repeatable).
     #[arg(long = "api-key")]
     pub api_keys: Vec<String>,
+    /// A file of accepted API keys, one a line (blank lines and lines starting with # skipped).
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests allowed per key per --rate-window, across both endpoints; 0 turns the limit off.
+    #[arg(long, default_value_t = 60)]
+    pub rate_limit: u32,
+    /// The rate-limit window, e.g. `60s` or `10s`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub rate_window: Duration,
+    /// Leave the Retry-After header off 429 answers.
+    #[arg(long)]
+    pub no_retry_after: bool,
+    /// Most events accepted in one batch request.
+    #[arg(long, default_value_t = 500)]
+    pub max_batch_events: usize,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+    /// Answer every 400 with an empty body, as the real API may.
+    #[arg(long)]
+    pub bare_400: bool,
+    /// The unit timestamps are expected in: seconds or milliseconds.
+    #[arg(long, default_value = "seconds", value_parser = parse_unit)]
+    pub timestamp_unit: TimestampUnit,
+    /// Require click_id and ip_address on every event, not only register, login and deposit.
+    #[arg(long)]
+    pub strict_click_ip: bool,
+    /// Append every accepted event to this JSONL file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Require header X-Admin-Token with this value on /_sandbox/ endpoints.
+    #[arg(long)]
+    pub admin_token: Option<String>,
+    #[command(flatten)]
+    pub faults: Faults,
 }
 
-pub async fn run(_args: SandboxArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the sandbox is not built yet")
+fn parse_unit(s: &str) -> Result<TimestampUnit, String> {
+    match s {
+        "seconds" | "s" => Ok(TimestampUnit::Seconds),
+        "milliseconds" | "ms" => Ok(TimestampUnit::Milliseconds),
+        _ => Err("use seconds or milliseconds".into()),
+    }
+}
+
+impl Default for SandboxArgs {
+    fn default() -> Self {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SandboxArgs,
+        }
+        Cli::try_parse_from(["sandbox"])
+            .map(|c| c.args)
+            .expect("every sandbox flag has a default")
+    }
+}
+
+/// Keys and the admin token are secrets: Debug shows how many there are, never what they are.
+impl fmt::Debug for SandboxArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxArgs")
+            .field("listen", &self.listen)
+            .field("api_keys", &format_args!("[{} redacted]", self.api_keys.len()))
+            .field("api_keys_file", &self.api_keys_file)
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_window", &self.rate_window)
+            .field("no_retry_after", &self.no_retry_after)
+            .field("max_batch_events", &self.max_batch_events)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("bare_400", &self.bare_400)
+            .field("timestamp_unit", &self.timestamp_unit)
+            .field("strict_click_ip", &self.strict_click_ip)
+            .field("record", &self.record)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "redacted"))
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+impl SandboxArgs {
+    /// The accepted keys: --api-key values, then the lines of --api-keys-file.
+    fn load_keys(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<Vec<u8>> = self.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --api-keys-file {}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| l.as_bytes().to_vec()),
+            );
+        }
+        if keys.iter().any(|k| k.is_empty()) {
+            anyhow::bail!("an empty --api-key is not a key");
+        }
+        if keys.is_empty() {
+            anyhow::bail!("no API key: give at least one --api-key (e.g. --api-key dp_test_key_123) or --api-keys-file");
+        }
+        Ok(keys)
+    }
+
+    fn limiter(&self) -> anyhow::Result<Option<DefaultKeyedRateLimiter<usize>>> {
+        let Some(burst) = NonZeroU32::new(self.rate_limit) else {
+            return Ok(None);
+        };
+        // GCRA with burst = limit: a full window's requests may come at once, the next one
+        // waits for a cell to come back (one every window / limit).
+        let quota = Quota::with_period(self.rate_window / self.rate_limit)
+            .context("--rate-window divided by --rate-limit must be longer than zero")?
+            .allow_burst(burst);
+        Ok(Some(RateLimiter::keyed(quota)))
+    }
+}
+
+/// State shared by every request.
+pub(crate) struct Shared {
+    opts: ContractOptions,
+    keys: Vec<Vec<u8>>,
+    admin_token: Option<Vec<u8>>,
+    limiter: Option<DefaultKeyedRateLimiter<usize>>,
+    rate_limit: u32,
+    rate_window: Duration,
+    retry_after: bool,
+    bare_400: bool,
+    max_batch_events: usize,
+    max_body_bytes: usize,
+    faults: Mutex<FaultState>,
+    record: Mutex<Record>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn faults(&self) -> MutexGuard<'_, FaultState> {
+        // A panic while holding these locks cannot leave them half-updated in a harmful way.
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self) -> MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index of the key the request carries, if it is one of ours. Every key is compared,
+    /// in constant time, so timing tells nothing about which keys exist.
+    fn authenticate(&self, given: Option<&[u8]>) -> Option<usize> {
+        let given = given?;
+        let mut found = None;
+        for (i, k) in self.keys.iter().enumerate() {
+            if ct_eq(given, k) {
+                found = Some(i);
+            }
+        }
+        found
+    }
+}
+
+/// Constant-time equality: the time depends on the lengths only, never on the contents.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..n {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// A running sandbox. Shuts down on drop or [`SandboxHandle::shutdown`].
+pub struct SandboxHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SandboxHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, the base URL to give a client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.record().stats()
+    }
+
+    /// Every accepted event, in order, as the sandbox understood it.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let rec = self.shared.record();
+        (0..rec.len())
+            .filter_map(|i| serde_json::from_slice(rec.event(i)).ok())
+            .collect()
+    }
+
+    /// The current fault settings (the script without its consumed steps).
+    pub fn faults(&self) -> Faults {
+        self.shared.faults().current()
+    }
+
+    /// Replaces the fault settings (and restarts the script).
+    pub fn set_faults(&self, faults: Faults) -> anyhow::Result<()> {
+        let problems = faults.problems();
+        if !problems.is_empty() {
+            anyhow::bail!("invalid faults: {}", problems.join("; "));
+        }
+        self.shared.faults().set(faults);
+        Ok(())
+    }
+
+    /// Forgets the accepted events and the counters (the record file is append-only and stays).
+    pub fn reset(&self) {
+        self.shared.record().reset();
+    }
+
+    /// Stops serving: in-flight requests finish (hanging ones answer 503), then the record file
+    /// is flushed and closed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shared.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.context("the sandbox server task failed")??;
+        }
+        self.shared.record().close_file();
+        if let Some(writer) = self.writer.take() {
+            tokio::task::spawn_blocking(move || writer.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("the record writer panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SandboxHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.shared.record().close_file();
+    }
+}
+
+/// Binds `--listen` and serves in the background.
+pub async fn start(args: SandboxArgs) -> anyhow::Result<SandboxHandle> {
+    let keys = args.load_keys()?;
+    let problems = args.faults.problems();
+    if !problems.is_empty() {
+        anyhow::bail!("invalid fault flags: {}", problems.join("; "));
+    }
+    if args.max_batch_events == 0 || args.max_body_bytes == 0 {
+        anyhow::bail!("--max-batch-events and --max-body-bytes must be at least 1");
+    }
+    let limiter = args.limiter()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let (file, writer) = match &args.record {
+        Some(path) => {
+            let (tx, handle) = record::spawn_file_writer(path)?;
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
+    };
+    let opts = ContractOptions {
+        timestamp_unit: args.timestamp_unit,
+        strict_click_ip: args.strict_click_ip,
+    };
+    let shared = Arc::new(Shared {
+        opts,
+        keys,
+        admin_token: args.admin_token.map(String::into_bytes),
+        limiter,
+        rate_limit: args.rate_limit,
+        rate_window: args.rate_window,
+        retry_after: !args.no_retry_after,
+        bare_400: args.bare_400,
+        max_batch_events: args.max_batch_events,
+        max_body_bytes: args.max_body_bytes,
+        faults: Mutex::new(FaultState::new(args.faults)),
+        record: Mutex::new(Record::new(args.timestamp_unit, file)),
+        shutdown: CancellationToken::new(),
+    });
+    let app = router(shared.clone());
+    // Nagle's algorithm would hold small responses back behind delayed ACKs.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let stop = shared.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    Ok(SandboxHandle {
+        addr,
+        shared,
+        server: Some(server),
+        writer,
+    })
+}
+
+/// Serves until SIGINT or SIGTERM.
+pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    let handle = start(args).await?;
+    println!("sandbox listening on http://{}", handle.addr());
+    wait_for_signal().await?;
+    handle.shutdown().await
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn router(shared: Arc<Shared>) -> axum::Router {
+    use axum::routing::post;
+    axum::Router::new()
+        .route("/v2/s2s/event", post(api::event))
+        .route("/v2/s2s/batch", post(api::batch))
+        .nest("/_sandbox", admin::router(shared.clone()))
+        .fallback(api::not_found)
+        .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_cli_defaults() {
+        let a = SandboxArgs::default();
+        assert_eq!(a.listen, "127.0.0.1:8080");
+        assert_eq!(a.rate_limit, 60);
+        assert_eq!(a.rate_window, Duration::from_secs(60));
+        assert_eq!(a.max_batch_events, 500);
+        assert_eq!(a.max_body_bytes, 1_048_576);
+        assert_eq!(a.faults, Faults::default());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let a = SandboxArgs {
+            api_keys: vec!["dp_secret_key".into()],
+            admin_token: Some("adm_secret".into()),
+            ..SandboxArgs::default()
+        };
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("dp_secret_key") && !shown.contains("adm_secret"), "{shown}");
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"abcd"));
+        assert!(!ct_eq(b"", b"a"));
+        assert!(ct_eq(b"", b""));
+    }
 }

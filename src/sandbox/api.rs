@@ -1,0 +1,306 @@
+//! `POST /v2/s2s/event` and `POST /v2/s2s/batch`.
+
+use super::faults::FaultStep;
+use super::record::AcceptedBatch;
+use super::Shared;
+use crate::event::{Event, Rule, Violation};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Event,
+    Batch,
+}
+
+pub(super) async fn event(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    ingest(&sh, Endpoint::Event, &headers, body).await
+}
+
+pub(super) async fn batch(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    ingest(&sh, Endpoint::Batch, &headers, body).await
+}
+
+pub(super) async fn not_found() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; the API is POST /v2/s2s/event and POST /v2/s2s/batch".into(),
+    )
+}
+
+async fn ingest(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> Response {
+    sh.record().count_request();
+    let resp = handle(sh, ep, headers, body).await;
+    sh.record().count_status(resp.status().as_u16());
+    resp
+}
+
+async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> Response {
+    let (latency, auth_fail_all) = {
+        let f = sh.faults();
+        (f.latency(), f.auth_fail_all())
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if auth_fail_all {
+        sh.record().count_injected("auth_fail_all");
+        return unauthorized();
+    }
+    let Some(key) = sh.authenticate(headers.get("x-api-key").map(HeaderValue::as_bytes)) else {
+        return unauthorized();
+    };
+    // Every authenticated request spends budget, whatever becomes of it: the real API counts
+    // requests, not valid ones.
+    if let Some(limiter) = &sh.limiter {
+        use governor::clock::Clock as _;
+        if let Err(not_until) = limiter.check_key(&key) {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            let msg = format!(
+                "rate limit exceeded: {} requests per {} per API key",
+                sh.rate_limit,
+                humantime::format_duration(sh.rate_window)
+            );
+            return too_many_requests(sh, wait, "rate_limited", msg);
+        }
+    }
+    let step = sh.faults().next(rand::random::<f64>);
+    if step != FaultStep::Ok {
+        sh.record().count_injected(step.as_str());
+    }
+    match step {
+        FaultStep::Ok => {}
+        FaultStep::Status400 => {
+            return bad_request(
+                sh,
+                "injected_fault",
+                "injected fault: a fake rejection; the request was not looked at".into(),
+                Vec::new(),
+            )
+        }
+        FaultStep::Status401 => return unauthorized(),
+        FaultStep::Status429 => {
+            return too_many_requests(
+                sh,
+                Duration::from_secs(1),
+                "injected_fault",
+                "injected fault: rate limit exceeded".into(),
+            )
+        }
+        FaultStep::Status500 => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "injected_fault",
+                "injected fault: internal error; retry with backoff".into(),
+            )
+        }
+        FaultStep::Timeout => return hang(sh).await,
+    }
+    if !is_json(headers) {
+        return bad_request(
+            sh,
+            "unsupported_content_type",
+            "the body must be sent with Content-Type: application/json".into(),
+            Vec::new(),
+        );
+    }
+    let bytes = match read_body(body, headers, sh.max_body_bytes).await {
+        Ok(b) => b,
+        Err(resp) => return bad_request(sh, resp.0, resp.1, Vec::new()),
+    };
+    let value: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return bad_request(sh, "malformed_json", format!("the body is not valid JSON: {e}"), Vec::new()),
+    };
+    let items = match (ep, value) {
+        (Endpoint::Event, Value::Object(m)) => vec![Value::Object(m)],
+        (Endpoint::Event, other) => {
+            let msg = format!(
+                "/v2/s2s/event takes one JSON object (an event), got {}",
+                json_kind(&other)
+            );
+            return bad_request(sh, "not_an_object", msg, Vec::new());
+        }
+        (Endpoint::Batch, Value::Array(items)) => {
+            if items.is_empty() {
+                return bad_request(
+                    sh,
+                    "empty_batch",
+                    "the batch is empty; send at least one event".into(),
+                    Vec::new(),
+                );
+            }
+            if items.len() > sh.max_batch_events {
+                let msg = format!(
+                    "the batch has {} events; at most {} are accepted per request",
+                    items.len(),
+                    sh.max_batch_events
+                );
+                return bad_request(sh, "too_many_events", msg, Vec::new());
+            }
+            items
+        }
+        (Endpoint::Batch, other) => {
+            let msg = format!(
+                "/v2/s2s/batch takes a JSON array of events, got {}",
+                json_kind(&other)
+            );
+            return bad_request(sh, "not_an_array", msg, Vec::new());
+        }
+    };
+    let mut events = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    let mut bad_events = 0;
+    for (index, item) in items.iter().enumerate() {
+        let violations = match item {
+            Value::Object(m) => match Event::from_json(m) {
+                Ok(e) => {
+                    let v = e.validate(&sh.opts);
+                    if v.is_empty() {
+                        events.push(e);
+                    }
+                    v
+                }
+                Err(v) => v,
+            },
+            other => vec![Violation::new(
+                "",
+                Rule::Type,
+                format!("an event must be a JSON object, got {}", json_kind(other)),
+            )],
+        };
+        if !violations.is_empty() {
+            bad_events += 1;
+            errors.extend(violations.into_iter().map(|violation| ItemError { index, violation }));
+        }
+    }
+    if !errors.is_empty() {
+        let msg = format!(
+            "{bad_events} of {} events break the contract; nothing was accepted",
+            items.len()
+        );
+        return bad_request(sh, "validation_failed", msg, errors);
+    }
+    drop(items);
+    let accepted = events.len();
+    let batch = AcceptedBatch::new(&events, bytes.len());
+    sh.record().accept(&events, batch);
+    (StatusCode::OK, axum::Json(json!({ "accepted": accepted }))).into_response()
+}
+
+/// One entry of a 400's `errors`: which event (its index in the batch; 0 for /event), which
+/// field, which rule.
+#[derive(Serialize)]
+struct ItemError {
+    index: usize,
+    #[serde(flatten)]
+    violation: Violation,
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    mime.eq_ignore_ascii_case("application/json")
+}
+
+/// Reads the body, refusing more than `max` bytes without reading them all.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, (&'static str, String)> {
+    let too_large = || ("body_too_large", format!("the body is larger than {max} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(declared.unwrap_or(8 * 1024));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ("body_unreadable", format!("the body could not be read: {e}")))?;
+        if buf.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// An injected timeout: hang for the configured time (then 504, as a gateway would), or until
+/// the client gives up (the future is dropped), or until shutdown (503).
+async fn hang(sh: &Shared) -> Response {
+    let hang = sh.faults().timeout_hang();
+    let wait = async {
+        match hang {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = wait => json_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "injected_fault",
+            "injected fault: the request timed out".into(),
+        ),
+        _ = sh.shutdown.cancelled() => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the sandbox is shutting down".into(),
+        ),
+    }
+}
+
+fn json_error(status: StatusCode, error: &str, message: String) -> Response {
+    (status, axum::Json(json!({ "error": error, "message": message }))).into_response()
+}
+
+/// The same answer whatever key was sent (or none), so that it reveals nothing about the keys.
+fn unauthorized() -> Response {
+    json_error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or invalid API key (header X-API-Key)".into(),
+    )
+}
+
+fn too_many_requests(sh: &Shared, wait: Duration, error: &str, message: String) -> Response {
+    let mut resp = json_error(StatusCode::TOO_MANY_REQUESTS, error, message);
+    if sh.retry_after {
+        // Whole seconds, rounded up, at least 1: retrying after that is allowed.
+        let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+    }
+    resp
+}
+
+fn bad_request(sh: &Shared, error: &str, message: String, errors: Vec<ItemError>) -> Response {
+    if sh.bare_400 {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let body = if errors.is_empty() {
+        json!({ "error": error, "message": message })
+    } else {
+        json!({ "error": error, "message": message, "errors": errors })
+    };
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

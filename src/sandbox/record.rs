@@ -1,0 +1,286 @@
+//! What the sandbox accepted: every accepted event (in order, compactly), the counters behind
+//! `GET /_sandbox/stats`, and the optional append-only JSONL file.
+
+use crate::event::{Event, TimestampUnit};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::sync::mpsc;
+
+/// How many suspicious timestamps are kept as examples (all are counted).
+const SUSPICIOUS_EXAMPLES: usize = 20;
+
+/// The sandbox's counters, as `GET /_sandbox/stats` serialises them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests to the API endpoints (`/v2/s2s/event` and `/v2/s2s/batch`), whatever the outcome.
+    pub requests: u64,
+    /// Events accepted (answered 200), across both endpoints.
+    pub accepted_events: u64,
+    /// Accepted events by `event_name`.
+    pub by_event_name: BTreeMap<String, u64>,
+    /// API responses by status code (a request hanging until the client gave up has none).
+    pub by_status: BTreeMap<u16, u64>,
+    /// Injected faults by kind (`400`, `401`, `429`, `500`, `timeout`, `auth_fail_all`).
+    pub injected_faults: BTreeMap<String, u64>,
+    /// Transaction ids accepted more than once, with how many times each was accepted.
+    pub duplicate_transaction_ids: BTreeMap<String, u64>,
+    /// Accepted timestamps that look like the other unit (milliseconds where seconds are
+    /// configured, or the reverse).
+    pub suspicious_timestamps: SuspiciousTimestamps,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SuspiciousTimestamps {
+    pub count: u64,
+    /// The first few, with their position in the accepted-event log.
+    pub examples: Vec<SuspiciousTimestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuspiciousTimestamp {
+    pub index: u64,
+    pub event_name: String,
+    pub timestamp: i64,
+}
+
+/// The accepted events of one request, serialised (one JSON object and a newline each), ready to be
+/// appended to the log. Built outside the lock.
+pub(crate) struct AcceptedBatch {
+    bytes: Bytes,
+    /// (start, end) of each event's JSON in `bytes`, newline excluded.
+    spans: Vec<(u32, u32)>,
+}
+
+impl AcceptedBatch {
+    pub(crate) fn new(events: &[Event], size_hint: usize) -> AcceptedBatch {
+        let mut buf = Vec::with_capacity(size_hint);
+        let mut spans = Vec::with_capacity(events.len());
+        for e in events {
+            let start = buf.len() as u32;
+            e.write_json(&mut buf);
+            spans.push((start, buf.len() as u32));
+            buf.push(b'\n');
+        }
+        buf.shrink_to_fit();
+        AcceptedBatch {
+            bytes: Bytes::from(buf),
+            spans,
+        }
+    }
+}
+
+/// Where event `i` of the log lives: chunk index and span in that chunk.
+#[derive(Clone, Copy)]
+struct Slot {
+    chunk: u32,
+    start: u32,
+    end: u32,
+}
+
+/// The in-memory record. About 300 bytes an event: the compact JSON, a 12-byte slot and the
+/// transaction-id map entry.
+pub(crate) struct Record {
+    unit: TimestampUnit,
+    chunks: Vec<Bytes>,
+    slots: Vec<Slot>,
+    /// Transaction id → times accepted.
+    seen_ids: HashMap<Box<str>, u64>,
+    duplicates: HashMap<Box<str>, u64>,
+    stats: Stats,
+    file: Option<mpsc::Sender<Bytes>>,
+}
+
+impl Record {
+    pub(crate) fn new(unit: TimestampUnit, file: Option<mpsc::Sender<Bytes>>) -> Record {
+        Record {
+            unit,
+            chunks: Vec::new(),
+            slots: Vec::new(),
+            seen_ids: HashMap::new(),
+            duplicates: HashMap::new(),
+            stats: Stats::default(),
+            file,
+        }
+    }
+
+    pub(crate) fn count_request(&mut self) {
+        self.stats.requests += 1;
+    }
+
+    pub(crate) fn count_status(&mut self, status: u16) {
+        *self.stats.by_status.entry(status).or_default() += 1;
+    }
+
+    pub(crate) fn count_injected(&mut self, kind: &str) {
+        *self.stats.injected_faults.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// Appends the accepted events (already validated) to the log, the counters and the file.
+    pub(crate) fn accept(&mut self, events: &[Event], batch: AcceptedBatch) {
+        let chunk = self.chunks.len() as u32;
+        for (e, &(start, end)) in events.iter().zip(&batch.spans) {
+            let index = self.slots.len() as u64;
+            self.slots.push(Slot { chunk, start, end });
+            if let Some(n) = self.stats.by_event_name.get_mut(&e.event_name) {
+                *n += 1;
+            } else {
+                self.stats.by_event_name.insert(e.event_name.clone(), 1);
+            }
+            if let Some(id) = &e.transaction_id {
+                let n = match self.seen_ids.get_mut(id.as_str()) {
+                    Some(n) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        self.seen_ids.insert(id.as_str().into(), 1);
+                        1
+                    }
+                };
+                if n > 1 {
+                    self.duplicates.insert(id.as_str().into(), n);
+                }
+            }
+            if self.unit.looks_like_other_unit(e.timestamp) {
+                let s = &mut self.stats.suspicious_timestamps;
+                s.count += 1;
+                if s.examples.len() < SUSPICIOUS_EXAMPLES {
+                    s.examples.push(SuspiciousTimestamp {
+                        index,
+                        event_name: e.event_name.clone(),
+                        timestamp: e.timestamp,
+                    });
+                }
+            }
+        }
+        self.stats.accepted_events += events.len() as u64;
+        if let Some(tx) = &self.file {
+            // Sent under the lock so that the file has the log's order. The writer thread only
+            // goes away when the file failed, and then it has said so.
+            if tx.send(batch.bytes.clone()).is_err() {
+                self.file = None;
+            }
+        }
+        self.chunks.push(batch.bytes);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.duplicate_transaction_ids = self.duplicates.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        s
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The JSON of accepted event `i`.
+    pub(crate) fn event(&self, i: usize) -> &[u8] {
+        let s = self.slots[i];
+        &self.chunks[s.chunk as usize][s.start as usize..s.end as usize]
+    }
+
+    /// A JSON array of the accepted events `offset..offset+limit`.
+    pub(crate) fn events_json(&self, offset: usize, limit: usize) -> Vec<u8> {
+        let from = offset.min(self.len());
+        let to = from.saturating_add(limit).min(self.len());
+        let mut out = Vec::with_capacity(2 + (to - from) * 256);
+        out.push(b'[');
+        for i in from..to {
+            if i > from {
+                out.push(b',');
+            }
+            out.extend_from_slice(self.event(i));
+        }
+        out.push(b']');
+        out
+    }
+
+    /// Forgets everything in memory; the file, being append-only, is left as it is.
+    pub(crate) fn reset(&mut self) {
+        let file = self.file.take();
+        *self = Record::new(self.unit, file);
+    }
+
+    /// Stops feeding the file writer so that it finishes.
+    pub(crate) fn close_file(&mut self) {
+        self.file = None;
+    }
+}
+
+/// Opens (appending) the record file and starts the thread that writes it, so that request
+/// handling never waits on the disk. The thread flushes whenever it has caught up and ends when
+/// the sender is dropped.
+pub(crate) fn spawn_file_writer(path: &Path) -> anyhow::Result<(mpsc::Sender<Bytes>, std::thread::JoinHandle<()>)> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open the record file {}: {e}", path.display()))?;
+    let (tx, rx) = mpsc::channel::<Bytes>();
+    let shown = path.display().to_string();
+    let handle = std::thread::Builder::new()
+        .name("sandbox-record".into())
+        .spawn(move || {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let write = |chunk: &Bytes, out: &mut std::io::BufWriter<std::fs::File>| {
+                out.write_all(chunk).map_err(|e| {
+                    tracing::error!("sandbox: writing the record file {shown} failed, recording stops: {e}")
+                })
+            };
+            while let Ok(chunk) = rx.recv() {
+                if write(&chunk, &mut out).is_err() {
+                    return;
+                }
+                while let Ok(chunk) = rx.try_recv() {
+                    if write(&chunk, &mut out).is_err() {
+                        return;
+                    }
+                }
+                if let Err(e) = out.flush() {
+                    tracing::error!("sandbox: flushing the record file failed, recording stops: {e}");
+                    return;
+                }
+            }
+        })?;
+    Ok((tx, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(v: serde_json::Value) -> Event {
+        Event::from_json(v.as_object().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn log_counts_duplicates_and_suspicious_timestamps() {
+        let mut r = Record::new(TimestampUnit::Seconds, None);
+        let a = ev(json!({"client_user_id":"u","event_name":"deposit","timestamp":1702963200,"transaction_id":"t1"}));
+        let b = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200000i64}));
+        let events = vec![a.clone(), b];
+        r.accept(&events, AcceptedBatch::new(&events, 0));
+        r.accept(&[a.clone()], AcceptedBatch::new(&[a], 0));
+        let s = r.stats();
+        assert_eq!(s.accepted_events, 3);
+        assert_eq!(s.by_event_name["deposit"], 2);
+        assert_eq!(s.duplicate_transaction_ids["t1"], 2);
+        assert_eq!(s.suspicious_timestamps.count, 1);
+        assert_eq!(s.suspicious_timestamps.examples[0].index, 1);
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(0, usize::MAX)).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[1]["event_name"], "login");
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(2, 5)).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(r.events_json(7, 5), b"[]");
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), s);
+        r.reset();
+        assert_eq!(r.stats(), Stats::default());
+    }
+}
