@@ -1,21 +1,30 @@
 //! Deduplication by transaction id and the bet-result double-count guard.
 //!
-//! PLACEHOLDER (spine issue): keeps everything. The dedupe issue replaces the internals (memory
-//! and Redis stores, in-flight claims, the guard) behind the same interface.
+//! The protocol (invariant 3, `docs/dedupe.md`): before a batch is sent, [`Deduper::check`] judges
+//! each event against the earlier events of the batch, against what this process has in flight, and
+//! against the store (what was delivered, and with Redis what other replicas have in flight). The
+//! events judged [`Verdict::Send`] are held as in flight until the pipeline reports them
+//! [`Deduper::delivered`] (the API answered 2xx; only then is a key recorded) or
+//! [`Deduper::release`]d (not delivered). Two stores: `memory` (this process) and `redis` (every
+//! replica; in-flight ids are claimed there with a lease).
+
+mod config;
+mod memory;
+mod redis_store;
+
+pub use config::{DedupeConfig, OnStoreUnavailable, RedisConfig, StoreKind};
 
 use crate::event::Event;
-use serde::{Deserialize, Serialize};
-
-/// `[dedupe]`
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct DedupeConfig {}
-
-impl DedupeConfig {
-    pub fn validate(&self, _origin: &dyn Fn(&str) -> String) -> Vec<String> {
-        Vec::new()
-    }
-}
+use memory::MemoryStore;
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec, IntCounter, IntCounterVec,
+};
+use redis_store::RedisStore;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// The verdict on one event before it is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,25 +42,587 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct StoreUnavailable(pub String);
 
-pub struct Deduper {}
+impl std::fmt::Display for StoreUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dedupe store unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreUnavailable {}
+
+/// Readiness condition set by this module.
+const READY_CONDITION: &str = "dedupe_store";
+
+/// The two ways a bet's result reaches the API (contract decision 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    /// Pattern A: a bet carrying `bet_result`.
+    Embedded,
+    /// Pattern B: a standalone win or loss naming the bet in `parent_transaction_id`.
+    Standalone,
+}
+
+impl Kind {
+    fn idx(self) -> usize {
+        match self {
+            Kind::Embedded => 0,
+            Kind::Standalone => 1,
+        }
+    }
+    fn other(self) -> Kind {
+        match self {
+            Kind::Embedded => Kind::Standalone,
+            Kind::Standalone => Kind::Embedded,
+        }
+    }
+    /// One letter, as stored in Redis.
+    fn letter(self) -> &'static str {
+        match self {
+            Kind::Embedded => "a",
+            Kind::Standalone => "b",
+        }
+    }
+}
+
+/// What the stores are asked about one event: its dedupe key and the bet whose result it carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Probe<'a> {
+    key: Option<&'a str>,
+    guard: Option<(&'a str, Kind)>,
+}
+
+/// A store's answer for one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// Not delivered, nothing conflicting (with Redis: now claimed by this process).
+    Free,
+    /// The key was delivered.
+    Done,
+    /// The bet's result was delivered (or, with Redis, is in flight elsewhere) in the other pattern.
+    Conflict,
+}
+
+/// Why a store call failed.
+pub(crate) enum StoreError {
+    /// The store cannot be reached (the `on_store_unavailable` policy applies).
+    Unreachable(String),
+    /// Another replica kept an id in flight for longer than twice the lease (a stuck or
+    /// misconfigured replica): never sent without dedupe, whatever the policy.
+    Contended(String),
+}
+
+/// The keys of one event, computed once per call.
+struct EventKeys {
+    key: Option<String>,
+    guard: Option<(String, Kind)>,
+}
+
+impl EventKeys {
+    fn is_empty(&self) -> bool {
+        self.key.is_none() && self.guard.is_none()
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Probe {
+            key: self.key.as_deref(),
+            guard: self.guard.as_ref().map(|(b, k)| (b.as_str(), *k)),
+        }
+    }
+}
+
+/// What this process holds in flight: checked `Send`, neither delivered nor released yet.
+#[derive(Default)]
+pub(crate) struct Local {
+    keys: HashSet<String>,
+    /// Bet id → number of in-flight results per [`Kind`].
+    bets: HashMap<String, [u32; 2]>,
+}
+
+impl Local {
+    fn hold(&mut self, k: &EventKeys) {
+        if let Some(key) = &k.key {
+            self.keys.insert(key.clone());
+        }
+        if let Some((bet, kind)) = &k.guard {
+            self.bets.entry(bet.clone()).or_default()[kind.idx()] += 1;
+        }
+    }
+
+    fn unhold(&mut self, k: &EventKeys) {
+        if let Some(key) = &k.key {
+            self.keys.remove(key);
+        }
+        if let Some((bet, kind)) = &k.guard {
+            if let Some(counts) = self.bets.get_mut(bet) {
+                counts[kind.idx()] = counts[kind.idx()].saturating_sub(1);
+                if counts == &[0, 0] {
+                    self.bets.remove(bet);
+                }
+            }
+        }
+    }
+}
+
+/// Releases the holds `check` took for `pending` when dropped; forgotten once the verdicts stand.
+struct HoldGuard<'a> {
+    deduper: &'a Deduper,
+    keys: &'a [EventKeys],
+    pending: &'a [usize],
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        let mut local = self.deduper.lock();
+        for &i in self.pending {
+            local.unhold(&self.keys[i]);
+        }
+    }
+}
+
+enum Store {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+/// Deduplication and the double-count guard for one process. `Send + Sync`; share it by reference.
+pub struct Deduper {
+    key: Vec<String>,
+    keys_by_event: HashMap<String, Vec<String>>,
+    guard: bool,
+    policy: OnStoreUnavailable,
+    store: Store,
+    local: Arc<Mutex<Local>>,
+    /// Whether the last store call worked; readiness changes only on a transition.
+    store_ok: AtomicBool,
+}
 
 impl Deduper {
-    pub async fn new(_cfg: &DedupeConfig) -> anyhow::Result<Deduper> {
-        Ok(Deduper {})
+    /// Builds the deduper. With Redis the connection is made lazily: an unreachable Redis at start
+    /// is reported through readiness (and the policy), not as a start-up failure.
+    pub async fn new(cfg: &DedupeConfig) -> anyhow::Result<Deduper> {
+        let local = Arc::new(Mutex::new(Local::default()));
+        let store = match cfg.store {
+            StoreKind::Memory => Store::Memory(MemoryStore::new(cfg.max_entries, cfg.ttl)),
+            StoreKind::Redis => Store::Redis(RedisStore::new(cfg, Arc::downgrade(&local))?),
+        };
+        let d = Deduper {
+            key: cfg.key.clone(),
+            keys_by_event: cfg.keys_by_event.clone().into_iter().collect(),
+            guard: cfg.bet_result_guard,
+            policy: cfg.on_store_unavailable,
+            store,
+            local,
+            store_ok: AtomicBool::new(true),
+        };
+        match &d.store {
+            Store::Memory(_) => crate::telemetry::set_ready(READY_CONDITION, true, "memory store"),
+            Store::Redis(r) => {
+                let ping = r.ping().await;
+                d.note_store(ping.as_ref().map(|_| ()).map_err(Clone::clone), true);
+                if let Err(e) = ping {
+                    tracing::warn!(error = %e, "dedupe: redis is not reachable at start; will keep trying");
+                }
+            }
+        }
+        Ok(d)
     }
 
     /// Judges each event of a batch about to be sent (in order: an earlier event of the same
     /// batch counts as in flight for a later one). Events judged `Send` are held as in flight
     /// until [`Deduper::delivered`] or [`Deduper::release`].
+    ///
+    /// With Redis, an id another replica has in flight makes this call wait (polling, at most about
+    /// the lease) until that replica delivers it (→ `Duplicate "store"`) or gives it up (→ `Send`).
     pub async fn check(&self, events: &[&Event]) -> Result<Vec<Verdict>, StoreUnavailable> {
-        Ok(vec![Verdict::Send; events.len()])
+        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
+        let mut pending = Vec::new();
+        {
+            let mut local = self.lock();
+            let mut in_batch: HashSet<&str> = HashSet::new();
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(key) = k.key.as_deref() {
+                    if in_batch.contains(key) {
+                        verdicts[i] = Some(Verdict::Duplicate { reason: "in_batch" });
+                        continue;
+                    }
+                    if local.keys.contains(key) {
+                        verdicts[i] = Some(Verdict::Duplicate { reason: "in_flight" });
+                        continue;
+                    }
+                }
+                if let Some((bet, kind)) = &k.guard {
+                    if local.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0) {
+                        verdicts[i] = Some(double_count(bet, *kind));
+                        continue;
+                    }
+                }
+                // Held now, before the store is asked, so that a concurrent call sees it.
+                local.hold(k);
+                if let Some(key) = k.key.as_deref() {
+                    in_batch.insert(key);
+                }
+                pending.push(i);
+            }
+        }
+
+        // An event with neither a key nor a guarded bet has nothing to look up.
+        pending.retain(|&i| {
+            let lookup = !keys[i].is_empty();
+            if !lookup {
+                verdicts[i] = Some(Verdict::Send);
+            }
+            lookup
+        });
+        // Should this call be cancelled while the store is asked (its future dropped), the holds
+        // must not outlive it: a leaked hold would finish every later copy of the id as a
+        // duplicate of something never sent.
+        let held = HoldGuard {
+            deduper: self,
+            keys: &keys,
+            pending: &pending,
+        };
+        let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
+        let lookups = match self.store_check(&probes).await {
+            Ok(lookups) => lookups,
+            Err(StoreError::Unreachable(e)) if self.policy == OnStoreUnavailable::Deliver => {
+                METRICS
+                    .unguarded
+                    .with_label_values(&["check"])
+                    .inc_by(probes.len() as u64);
+                tracing::warn!(
+                    error = %e,
+                    events = probes.len(),
+                    "dedupe store unreachable: sending without store lookup (on_store_unavailable = \"deliver\"); \
+                     ids delivered by other replicas or before a restart may repeat"
+                );
+                vec![Lookup::Free; probes.len()]
+            }
+            Err(StoreError::Unreachable(e) | StoreError::Contended(e)) => {
+                drop(held); // releases the holds
+                return Err(StoreUnavailable(e));
+            }
+        };
+        std::mem::forget(held);
+        {
+            let mut local = self.lock();
+            for (&i, lookup) in pending.iter().zip(lookups) {
+                verdicts[i] = Some(match lookup {
+                    Lookup::Free => Verdict::Send,
+                    Lookup::Done => {
+                        local.unhold(&keys[i]);
+                        Verdict::Duplicate { reason: "store" }
+                    }
+                    Lookup::Conflict => {
+                        local.unhold(&keys[i]);
+                        let (bet, kind) = keys[i].guard.as_ref().expect("a conflict comes from a guard probe");
+                        double_count(bet, *kind)
+                    }
+                });
+            }
+        }
+        let verdicts: Vec<Verdict> = verdicts.into_iter().map(|v| v.expect("every event judged")).collect();
+        for v in &verdicts {
+            match v {
+                Verdict::Send => {}
+                Verdict::Duplicate { reason } => METRICS.duplicates.with_label_values(&[reason]).inc(),
+                Verdict::DoubleCount { .. } => METRICS.double_counts.inc(),
+            }
+        }
+        Ok(verdicts)
     }
 
-    /// Records events the API accepted (2xx). Must succeed before their offsets are committed.
-    pub async fn delivered(&self, _events: &[&Event]) -> Result<(), StoreUnavailable> {
+    /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed
+    /// before their offsets are committed.
+    pub async fn delivered(&self, events: &[&Event]) -> Result<(), StoreUnavailable> {
+        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
+        let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
+        let recorded = match &self.store {
+            Store::Memory(m) => {
+                let start = Instant::now();
+                m.record(&probes);
+                observe("delivered", start);
+                Ok(())
+            }
+            Store::Redis(r) => {
+                let res = r.record(&probes).await;
+                self.note_store(res.clone(), false);
+                res
+            }
+        };
+        if let Err(e) = recorded {
+            if self.policy == OnStoreUnavailable::Pause {
+                // Still in flight: the pipeline retries before it commits.
+                return Err(StoreUnavailable(e));
+            }
+            METRICS
+                .unguarded
+                .with_label_values(&["delivered"])
+                .inc_by(probes.len() as u64);
+            tracing::warn!(
+                error = %e,
+                events = probes.len(),
+                "dedupe store unreachable: delivered ids not recorded (on_store_unavailable = \"deliver\"); \
+                 they may be sent again if read again"
+            );
+        }
+        let mut local = self.lock();
+        for k in &keys {
+            local.unhold(k);
+        }
         Ok(())
     }
 
-    /// Releases in-flight holds of events that were not delivered (dead-lettered or abandoned).
-    pub async fn release(&self, _events: &[&Event]) {}
+    /// Releases in-flight holds of events judged `Send` that were not delivered (dead-lettered or
+    /// abandoned).
+    /// With Redis the claims are deleted; if that fails they expire after the lease.
+    pub async fn release(&self, events: &[&Event]) {
+        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
+        {
+            let mut local = self.lock();
+            for k in &keys {
+                local.unhold(k);
+            }
+        }
+        if let Store::Redis(r) = &self.store {
+            let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
+            if let Err(e) = r.release(&probes).await {
+                tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
+            }
+        }
+    }
+
+    /// The dedupe key and the guarded bet of an event.
+    fn keys_of(&self, e: &Event) -> EventKeys {
+        let key = match self.keys_by_event.get(&e.event_name) {
+            Some(fields) => {
+                let mut parts = vec![Cow::Borrowed(e.event_name.as_str())];
+                collect_fields(e, fields, &mut parts).then(|| encode_key(&parts))
+            }
+            None => {
+                let mut parts = Vec::with_capacity(self.key.len());
+                collect_fields(e, &self.key, &mut parts).then(|| encode_key(&parts))
+            }
+        };
+        let guard = if !self.guard {
+            None
+        } else if e.carries_bet_result() {
+            nonempty(&e.transaction_id).map(|t| (t.to_string(), Kind::Embedded))
+        } else if e.is_standalone_settlement() {
+            nonempty(&e.parent_transaction_id).map(|t| (t.to_string(), Kind::Standalone))
+        } else {
+            None
+        };
+        EventKeys { key, guard }
+    }
+
+    async fn store_check(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreError> {
+        if probes.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.store {
+            Store::Memory(m) => {
+                let start = Instant::now();
+                METRICS.lookups.inc_by(probes.len() as u64);
+                let res = m.lookup(probes);
+                observe("check", start);
+                Ok(res)
+            }
+            Store::Redis(r) => {
+                let res = r.claim(probes).await;
+                match &res {
+                    Ok(_) => self.note_store(Ok(()), false),
+                    Err(StoreError::Unreachable(e)) => self.note_store(Err(e.clone()), false),
+                    Err(StoreError::Contended(_)) => {}
+                }
+                res
+            }
+        }
+    }
+
+    /// Keeps the readiness condition in step with the store's health (on transitions only).
+    fn note_store(&self, res: Result<(), String>, force: bool) {
+        let ok = res.is_ok();
+        if !force && self.store_ok.swap(ok, Ordering::Relaxed) == ok {
+            return;
+        }
+        self.store_ok.store(ok, Ordering::Relaxed);
+        match res {
+            Ok(()) => {
+                if !force {
+                    tracing::info!("dedupe: redis reachable again");
+                }
+                crate::telemetry::set_ready(READY_CONDITION, true, "redis store reachable")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, policy = ?self.policy, "dedupe: redis unreachable");
+                match self.policy {
+                    OnStoreUnavailable::Pause => crate::telemetry::set_ready(
+                        READY_CONDITION,
+                        false,
+                        format!("redis unreachable, delivery paused (on_store_unavailable = \"pause\"): {e}"),
+                    ),
+                    OnStoreUnavailable::Deliver => crate::telemetry::set_ready(
+                        READY_CONDITION,
+                        true,
+                        format!(
+                            "redis unreachable, delivering WITHOUT dedupe (on_store_unavailable = \"deliver\"): {e}"
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
+
+fn double_count(bet: &str, kind: Kind) -> Verdict {
+    let bet = crate::event::truncate(bet);
+    let reason = match kind {
+        Kind::Standalone => format!("double count: bet {bet} already carried its result"),
+        Kind::Embedded => format!("double count: bet {bet} already had a standalone win/loss"),
+    };
+    Verdict::DoubleCount { reason }
+}
+
+fn nonempty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|s| !s.is_empty())
+}
+
+/// Appends the values of `fields` to `parts`; false when one is missing or empty (then the event has
+/// no dedupe key).
+fn collect_fields<'a>(e: &'a Event, fields: &[String], parts: &mut Vec<Cow<'a, str>>) -> bool {
+    for f in fields {
+        match field_value(e, f) {
+            Some(v) if !v.is_empty() => parts.push(v),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The value of an API field or a custom property, as text.
+fn field_value<'a>(e: &'a Event, field: &str) -> Option<Cow<'a, str>> {
+    let s = |o: &'a Option<String>| o.as_deref().map(Cow::Borrowed);
+    match field {
+        "client_user_id" => Some(Cow::Borrowed(e.client_user_id.as_str())),
+        "event_name" => Some(Cow::Borrowed(e.event_name.as_str())),
+        "timestamp" => Some(Cow::Owned(e.timestamp.to_string())),
+        "click_id" => s(&e.click_id),
+        "ip_address" => s(&e.ip_address),
+        "user_agent" => s(&e.user_agent),
+        "game_type" => s(&e.game_type),
+        "game_provider" => s(&e.game_provider),
+        "transaction_id" => s(&e.transaction_id),
+        "currency" => s(&e.currency),
+        "parent_transaction_id" => s(&e.parent_transaction_id),
+        "amount" => e.amount.map(|a| Cow::Owned(a.to_string())),
+        "bet_result_amount" => e.bet_result_amount.map(|a| Cow::Owned(a.to_string())),
+        "is_crypto" => e.is_crypto.map(|b| Cow::Borrowed(if b { "true" } else { "false" })),
+        "bet_result" => e.bet_result.map(|r| Cow::Borrowed(r.as_str())),
+        other => e
+            .properties
+            .iter()
+            .find(|(k, _)| k == other)
+            .map(|(_, v)| Cow::Borrowed(v.as_str())),
+    }
+}
+
+/// Longest single value kept as the key verbatim (readable in Redis); longer ones are hashed.
+const MAX_RAW_KEY: usize = 128;
+
+/// The stored form of a key: a single short value as it is (a plain transaction id stays readable),
+/// anything else as a SHA-256 of its length-prefixed parts (unambiguous, bounded in size).
+fn encode_key(parts: &[Cow<'_, str>]) -> String {
+    if let [one] = parts {
+        if one.len() <= MAX_RAW_KEY && !one.starts_with("sha256:") {
+            return one.to_string();
+        }
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p.as_bytes());
+    }
+    let digest = ctx.finish();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest.as_ref() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+pub(crate) struct Metrics {
+    duplicates: IntCounterVec,
+    double_counts: IntCounter,
+    lookups: IntCounter,
+    latency: HistogramVec,
+    errors: IntCounterVec,
+    unguarded: IntCounterVec,
+    waits: IntCounter,
+    claims_lost: IntCounter,
+}
+
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    duplicates: register_int_counter_vec!(
+        "datapulse_bridge_dedupe_duplicates_total",
+        "Events dropped as duplicates, by reason (in_batch, in_flight, store).",
+        &["reason"]
+    )
+    .expect("metric registers once"),
+    double_counts: register_int_counter!(
+        "datapulse_bridge_dedupe_double_counts_total",
+        "Events dead-lettered because their bet's result was already reported in the other pattern."
+    )
+    .expect("metric registers once"),
+    lookups: register_int_counter!(
+        "datapulse_bridge_dedupe_store_lookups_total",
+        "Events looked up in the dedupe store."
+    )
+    .expect("metric registers once"),
+    latency: register_histogram_vec!(
+        "datapulse_bridge_dedupe_store_seconds",
+        "Latency of one dedupe store operation (one Redis round trip), by operation.",
+        &["op"],
+        vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .expect("metric registers once"),
+    errors: register_int_counter_vec!(
+        "datapulse_bridge_dedupe_store_errors_total",
+        "Failed dedupe store operations, by operation.",
+        &["op"]
+    )
+    .expect("metric registers once"),
+    unguarded: register_int_counter_vec!(
+        "datapulse_bridge_dedupe_unguarded_total",
+        "Events passed without the store under on_store_unavailable = \"deliver\": sent without lookup \
+         (stage=check) or delivered without being recorded (stage=delivered).",
+        &["stage"]
+    )
+    .expect("metric registers once"),
+    waits: register_int_counter!(
+        "datapulse_bridge_dedupe_claim_waits_total",
+        "Times a check waited for an id another replica had in flight."
+    )
+    .expect("metric registers once"),
+    claims_lost: register_int_counter!(
+        "datapulse_bridge_dedupe_claims_lost_total",
+        "In-flight claims found taken by another replica (its lease expired while this one held the id): \
+         the id may have been sent twice."
+    )
+    .expect("metric registers once"),
+});
+
+fn observe(op: &str, start: Instant) {
+    METRICS
+        .latency
+        .with_label_values(&[op])
+        .observe(start.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,425 @@
+//! The Redis store, shared by every replica.
+//!
+//! Keys (all under `<prefix>:`, all with a time-to-live; nothing else of an event is written, and
+//! never the API key):
+//! - `done:<key>` = `1`: the key was delivered (TTL `dedupe.ttl`).
+//! - `claim:<key>` = owner: a process has the key in flight (TTL the lease, renewed while held).
+//! - `result:<bet>` = `a` | `b`: the bet's result was delivered embedded (a) or standalone (b).
+//! - `inflight:<a|b>:<bet>`: hash owner → lease deadline (ms): results of the bet in flight.
+//!
+//! Each operation on a batch is one Lua script call (one round trip), atomic on the server, so two
+//! replicas cannot both claim an id. A `check` that meets an id claimed by another owner claims
+//! nothing in that round (holding nothing while waiting rules out deadlocks between replicas) and
+//! polls until the claim is resolved.
+
+use super::{Local, Lookup, Probe, StoreError, METRICS};
+use crate::dedupe::DedupeConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, IntoConnectionInfo, Script};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Judges and, when nothing must wait, claims. KEYS: 5 a probe (done, claim, result, in-flight of
+/// the other kind, in-flight of its own kind). ARGV: owner, lease ms, then one spec a probe:
+/// `1` or `0` (has a key) followed by `a`, `b` or `-` (its guard kind).
+const CHECK_LUA: &str = r"
+local owner, lease = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #ARGV - 2
+local out, waiting = {}, false
+for i = 1, n do
+  local k, spec = (i - 1) * 5, ARGV[i + 2]
+  local kind = string.sub(spec, 2, 2)
+  local v = 'free'
+  if string.sub(spec, 1, 1) == '1' then
+    if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+      v = 'done'
+    else
+      local holder = redis.call('GET', KEYS[k + 2])
+      if holder and holder ~= owner then
+        v = 'wait'
+        waiting = true
+      end
+    end
+  end
+  if v == 'free' and kind ~= '-' then
+    local had = redis.call('GET', KEYS[k + 3])
+    if had and had ~= kind then
+      v = 'conflict'
+    else
+      local h = redis.call('HGETALL', KEYS[k + 4])
+      for j = 1, #h, 2 do
+        if h[j] ~= owner and tonumber(h[j + 1]) > now then v = 'conflict' end
+      end
+    end
+  end
+  out[i] = v
+end
+if not waiting then
+  for i = 1, n do
+    if out[i] == 'free' then
+      local k, spec = (i - 1) * 5, ARGV[i + 2]
+      if string.sub(spec, 1, 1) == '1' then
+        redis.call('SET', KEYS[k + 2], owner, 'PX', lease)
+      end
+      if string.sub(spec, 2, 2) ~= '-' then
+        redis.call('HSET', KEYS[k + 5], owner, now + lease)
+        if redis.call('PTTL', KEYS[k + 5]) < lease then redis.call('PEXPIRE', KEYS[k + 5], lease) end
+      end
+    end
+  end
+end
+return out
+";
+
+/// Records delivered events and drops their claims. KEYS: 4 a probe (done, claim, result, own
+/// in-flight). ARGV: owner, ttl ms, specs. Returns how many claims were held by another owner.
+const DELIVERED_LUA: &str = r"
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local lost = 0
+for i = 1, #ARGV - 2 do
+  local k, spec = (i - 1) * 4, ARGV[i + 2]
+  if string.sub(spec, 1, 1) == '1' then
+    redis.call('SET', KEYS[k + 1], '1', 'PX', ttl)
+    local holder = redis.call('GET', KEYS[k + 2])
+    if holder == owner then
+      redis.call('DEL', KEYS[k + 2])
+    elseif holder then
+      lost = lost + 1
+    end
+  end
+  local kind = string.sub(spec, 2, 2)
+  if kind ~= '-' then
+    local had = redis.call('GET', KEYS[k + 3])
+    if not had or had == kind then redis.call('SET', KEYS[k + 3], kind, 'PX', ttl) end
+    redis.call('HDEL', KEYS[k + 4], owner)
+  end
+end
+return lost
+";
+
+/// Drops claims still held by this owner. KEYS: 2 a probe (claim, own in-flight). ARGV: owner, specs.
+const RELEASE_LUA: &str = r"
+local owner = ARGV[1]
+for i = 1, #ARGV - 1 do
+  local k, spec = (i - 1) * 2, ARGV[i + 1]
+  if string.sub(spec, 1, 1) == '1' and redis.call('GET', KEYS[k + 1]) == owner then
+    redis.call('DEL', KEYS[k + 1])
+  end
+  if string.sub(spec, 2, 2) ~= '-' then redis.call('HDEL', KEYS[k + 2], owner) end
+end
+return 0
+";
+
+/// Extends this owner's leases. KEYS: (claim, done) pairs for ARGV[3] keys, then in-flight hashes.
+/// A claim that vanished (expired during a Redis outage, or Redis restarted empty) is taken again
+/// unless the key was delivered meanwhile. Returns how many claims were lost to another owner.
+const RENEW_LUA: &str = r"
+local owner, lease, nkeys = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = 0
+for i = 1, nkeys do
+  local claim, done = KEYS[2 * i - 1], KEYS[2 * i]
+  local holder = redis.call('GET', claim)
+  if holder == owner then
+    redis.call('PEXPIRE', claim, lease)
+  elseif holder or redis.call('EXISTS', done) == 1 then
+    lost = lost + 1
+  else
+    redis.call('SET', claim, owner, 'PX', lease)
+  end
+end
+for i = 2 * nkeys + 1, #KEYS do
+  redis.call('HSET', KEYS[i], owner, now + lease)
+  if redis.call('PTTL', KEYS[i]) < lease then redis.call('PEXPIRE', KEYS[i], lease) end
+end
+return lost
+";
+
+/// Most probes in one script call of the renewer (a check is bounded by the batch size).
+const RENEW_CHUNK: usize = 1000;
+
+pub(super) struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    owner: String,
+    lease: Duration,
+    ttl: Duration,
+    poll: Duration,
+    check: Script,
+    delivered: Script,
+    release: Script,
+    renewer: JoinHandle<()>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // A dropped deduper stops renewing: its claims expire after the lease, as after a crash.
+        self.renewer.abort();
+    }
+}
+
+impl RedisStore {
+    pub(super) fn new(cfg: &DedupeConfig, local: Weak<Mutex<Local>>) -> anyhow::Result<RedisStore> {
+        let r = &cfg.redis;
+        let info = r
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| anyhow::anyhow!("key `dedupe.redis.url`: `{}` is not a Redis URL: {e}", r.url))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &r.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(pw) = &r.password {
+            settings = settings.set_password(pw.expose());
+        }
+        let client = Client::open(info.set_redis_settings(settings))
+            .map_err(|e| anyhow::anyhow!("key `dedupe.redis.url`: cannot use `{}`: {e}", r.url))?;
+        let mgr_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(r.timeout))
+            .set_response_timeout(Some(r.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, mgr_cfg)
+            .map_err(|e| anyhow::anyhow!("cannot set up the Redis connection: {e}"))?;
+        let owner = format!(
+            "{}:{}:{:016x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let renewer = tokio::spawn(renew_loop(
+            conn.clone(),
+            r.prefix.clone(),
+            owner.clone(),
+            r.lease,
+            local,
+        ));
+        Ok(RedisStore {
+            conn,
+            prefix: r.prefix.clone(),
+            owner,
+            lease: r.lease,
+            ttl: cfg.ttl,
+            poll: r.poll_interval,
+            check: Script::new(CHECK_LUA),
+            delivered: Script::new(DELIVERED_LUA),
+            release: Script::new(RELEASE_LUA),
+            renewer,
+        })
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("redis: {e}"))
+    }
+
+    /// Looks up and claims every probe, waiting while another owner holds one of them.
+    pub(super) async fn claim(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreError> {
+        let mut decided: Vec<Option<Lookup>> = vec![None; probes.len()];
+        // A claim lasts at most the lease unless its owner renews it; twice the lease means the
+        // other owner is alive and stuck (or has a longer lease): give the batch back to the caller.
+        let deadline = Instant::now() + self.lease * 2;
+        loop {
+            let open: Vec<usize> = (0..probes.len()).filter(|&i| decided[i].is_none()).collect();
+            let mut inv = self.check.prepare_invoke();
+            inv.arg(&self.owner).arg(self.lease.as_millis() as u64);
+            for &i in &open {
+                let p = probes[i];
+                let key = p.key.unwrap_or("");
+                let (bet, kind) = p.guard.map(|(b, k)| (b, k.letter())).unwrap_or(("", "-"));
+                let other = p.guard.map(|(_, k)| k.other().letter()).unwrap_or("-");
+                inv.key(self.k("done", key))
+                    .key(self.k("claim", key))
+                    .key(self.k("result", bet))
+                    .key(self.k(&format!("inflight:{other}"), bet))
+                    .key(self.k(&format!("inflight:{kind}"), bet))
+                    .arg(spec(p));
+            }
+            METRICS.lookups.inc_by(open.len() as u64);
+            let start = Instant::now();
+            let mut conn = self.conn.clone();
+            let res: Result<Vec<String>, _> = inv.invoke_async(&mut conn).await;
+            super::observe("check", start);
+            let answers = res.map_err(|e| {
+                METRICS.errors.with_label_values(&["check"]).inc();
+                StoreError::Unreachable(format!("redis: {e}"))
+            })?;
+            let waiting = answers.iter().any(|a| a == "wait");
+            for (&i, a) in open.iter().zip(&answers) {
+                decided[i] = match a.as_str() {
+                    "done" => Some(Lookup::Done),
+                    "conflict" => Some(Lookup::Conflict),
+                    // Claimed only when nothing waited; otherwise looked at again next round.
+                    "free" if !waiting => Some(Lookup::Free),
+                    _ => None,
+                };
+            }
+            if !waiting {
+                return Ok(decided.into_iter().map(|d| d.unwrap_or(Lookup::Free)).collect());
+            }
+            METRICS.waits.inc();
+            if Instant::now() >= deadline {
+                return Err(StoreError::Contended(format!(
+                    "an id of this batch stayed claimed by another replica for over {:?} (twice dedupe.redis.lease); \
+                     is a replica stuck, or configured with a longer lease?",
+                    self.lease * 2
+                )));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    /// Records delivered probes and drops their claims, in one round trip.
+    pub(super) async fn record(&self, probes: &[Probe<'_>]) -> Result<(), String> {
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.delivered.prepare_invoke();
+        inv.arg(&self.owner).arg(self.ttl.as_millis() as u64);
+        for p in probes {
+            let key = p.key.unwrap_or("");
+            let (bet, kind) = p.guard.map(|(b, k)| (b, k.letter())).unwrap_or(("", "-"));
+            inv.key(self.k("done", key))
+                .key(self.k("claim", key))
+                .key(self.k("result", bet))
+                .key(self.k(&format!("inflight:{kind}"), bet))
+                .arg(spec(*p));
+        }
+        let start = Instant::now();
+        let mut conn = self.conn.clone();
+        let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
+        super::observe("delivered", start);
+        let lost = res.map_err(|e| {
+            METRICS.errors.with_label_values(&["delivered"]).inc();
+            format!("redis: {e}")
+        })?;
+        if lost > 0 {
+            METRICS.claims_lost.inc_by(lost);
+            tracing::error!(
+                claims = lost,
+                "dedupe: delivered ids whose claim another replica had taken (this one held them past its lease): \
+                 they may have been sent twice"
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops this owner's claims on probes that were not delivered, in one round trip.
+    pub(super) async fn release(&self, probes: &[Probe<'_>]) -> Result<(), String> {
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(&self.owner);
+        for p in probes {
+            let key = p.key.unwrap_or("");
+            let (bet, kind) = p.guard.map(|(b, k)| (b, k.letter())).unwrap_or(("", "-"));
+            inv.key(self.k("claim", key))
+                .key(self.k(&format!("inflight:{kind}"), bet))
+                .arg(spec(*p));
+        }
+        let start = Instant::now();
+        let mut conn = self.conn.clone();
+        let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
+        super::observe("release", start);
+        res.map(|_| ()).map_err(|e| {
+            METRICS.errors.with_label_values(&["release"]).inc();
+            format!("redis: {e}")
+        })
+    }
+
+    fn k(&self, kind: &str, id: &str) -> String {
+        key(&self.prefix, kind, id)
+    }
+}
+
+fn key(prefix: &str, kind: &str, id: &str) -> String {
+    format!("{prefix}:{kind}:{id}")
+}
+
+/// A probe's spec argument: has a key (`1`/`0`), then its guard kind (`a`, `b`, `-`).
+fn spec(p: Probe<'_>) -> String {
+    let has_key = if p.key.is_some() { '1' } else { '0' };
+    let kind = p.guard.map(|(_, k)| k.letter()).unwrap_or("-");
+    format!("{has_key}{kind}")
+}
+
+/// Renews this process's claims every third of the lease while it holds any, so that a batch that
+/// takes long to deliver (the API rate-limiting or failing) keeps its ids. Ends with the store.
+async fn renew_loop(
+    conn: ConnectionManager,
+    prefix: String,
+    owner: String,
+    lease: Duration,
+    local: Weak<Mutex<Local>>,
+) {
+    let script = Script::new(RENEW_LUA);
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(local) = local.upgrade() else { return };
+        let prefix = prefix.as_str();
+        let (keys, bets): (Vec<String>, Vec<String>) = {
+            let l = local.lock().unwrap_or_else(|p| p.into_inner());
+            let bets = l
+                .bets
+                .iter()
+                .flat_map(|(bet, counts)| {
+                    [super::Kind::Embedded, super::Kind::Standalone]
+                        .into_iter()
+                        .filter(|k| counts[k.idx()] > 0)
+                        .map(move |k| key(prefix, &format!("inflight:{}", k.letter()), bet))
+                })
+                .collect();
+            (l.keys.iter().cloned().collect(), bets)
+        };
+        drop(local);
+        for chunk in keys.chunks(RENEW_CHUNK) {
+            let mut inv = script.prepare_invoke();
+            inv.arg(&owner).arg(lease.as_millis() as u64).arg(chunk.len());
+            for k in chunk {
+                inv.key(key(prefix, "claim", k)).key(key(prefix, "done", k));
+            }
+            renew(&mut inv, conn.clone()).await;
+        }
+        for chunk in bets.chunks(RENEW_CHUNK) {
+            let mut inv = script.prepare_invoke();
+            inv.arg(&owner).arg(lease.as_millis() as u64).arg(0);
+            for k in chunk {
+                inv.key(k);
+            }
+            renew(&mut inv, conn.clone()).await;
+        }
+    }
+}
+
+async fn renew(inv: &mut redis::ScriptInvocation<'_>, mut conn: ConnectionManager) {
+    let start = Instant::now();
+    let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
+    super::observe("renew", start);
+    match res {
+        Ok(0) => {}
+        Ok(lost) => {
+            METRICS.claims_lost.inc_by(lost);
+            tracing::error!(
+                claims = lost,
+                "dedupe: in-flight ids were claimed by another replica after this one's lease lapsed \
+                 (Redis unreachable for longer than the lease?): they may be sent twice"
+            );
+        }
+        Err(e) => {
+            METRICS.errors.with_label_values(&["renew"]).inc();
+            tracing::warn!(error = %e, "dedupe: cannot renew in-flight claims");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Unit tests of the protocol on the memory store. The Redis store is tested against a real
+//! `redis-server` in `tests/dedupe_redis.rs`.
+
+use super::*;
+use crate::event::BetResult;
+use std::time::Duration;
+
+fn ev(name: &str, tx: Option<&str>) -> Event {
+    Event {
+        client_user_id: "u1".into(),
+        event_name: name.into(),
+        timestamp: 1_702_963_200,
+        transaction_id: tx.map(Into::into),
+        amount: Some(5.0),
+        currency: Some("USD".into()),
+        ..Event::default()
+    }
+}
+
+fn deposit(tx: &str) -> Event {
+    ev("deposit", Some(tx))
+}
+
+/// A Pattern A bet.
+fn bet_with_result(tx: &str) -> Event {
+    Event {
+        bet_result: Some(BetResult::Win),
+        bet_result_amount: Some(1.0),
+        ..ev("bet", Some(tx))
+    }
+}
+
+/// A Pattern B standalone win.
+fn win_for(tx: &str, parent: &str) -> Event {
+    Event {
+        parent_transaction_id: Some(parent.into()),
+        ..ev("win", Some(tx))
+    }
+}
+
+async fn deduper(cfg: DedupeConfig) -> Deduper {
+    Deduper::new(&cfg).await.unwrap()
+}
+
+async fn check(d: &Deduper, events: &[Event]) -> Vec<Verdict> {
+    let refs: Vec<&Event> = events.iter().collect();
+    d.check(&refs).await.unwrap()
+}
+
+async fn delivered(d: &Deduper, events: &[Event]) {
+    let refs: Vec<&Event> = events.iter().collect();
+    d.delivered(&refs).await.unwrap()
+}
+
+async fn release(d: &Deduper, events: &[Event]) {
+    let refs: Vec<&Event> = events.iter().collect();
+    d.release(&refs).await
+}
+
+const SEND: Verdict = Verdict::Send;
+fn dup(reason: &'static str) -> Verdict {
+    Verdict::Duplicate { reason }
+}
+
+#[tokio::test]
+async fn in_batch_duplicates_are_dropped_after_the_first() {
+    let d = deduper(DedupeConfig::default()).await;
+    let batch = [deposit("T1"), deposit("T2"), deposit("T1"), deposit("T1")];
+    assert_eq!(
+        check(&d, &batch).await,
+        vec![SEND, SEND, dup("in_batch"), dup("in_batch")]
+    );
+}
+
+#[tokio::test]
+async fn in_flight_until_delivered_then_store() {
+    let d = deduper(DedupeConfig::default()).await;
+    assert_eq!(check(&d, &[deposit("T1")]).await, vec![SEND]);
+    // Sent but not yet acknowledged: a second batch must not send it again.
+    assert_eq!(
+        check(&d, &[deposit("T1"), deposit("T2")]).await,
+        vec![dup("in_flight"), SEND]
+    );
+    delivered(&d, &[deposit("T1")]).await;
+    assert_eq!(check(&d, &[deposit("T1")]).await, vec![dup("store")]);
+}
+
+#[tokio::test]
+async fn released_ids_can_be_sent_again_and_nothing_is_recorded_before_delivery() {
+    let d = deduper(DedupeConfig::default()).await;
+    assert_eq!(check(&d, &[deposit("T1"), deposit("T2")]).await, vec![SEND, SEND]);
+    // T1 was dead-lettered by the API's 400, T2 abandoned at a rebalance: neither was delivered.
+    release(&d, &[deposit("T1"), deposit("T2")]).await;
+    assert_eq!(check(&d, &[deposit("T1"), deposit("T2")]).await, vec![SEND, SEND]);
+}
+
+#[tokio::test]
+async fn events_without_the_key_fields_are_not_deduplicated() {
+    let d = deduper(DedupeConfig::default()).await;
+    let login = ev("login", None);
+    let batch = [login.clone(), login.clone()];
+    assert_eq!(check(&d, &batch).await, vec![SEND, SEND]);
+    delivered(&d, &batch).await;
+    assert_eq!(check(&d, &batch).await, vec![SEND, SEND]);
+    // An empty transaction id is no key either.
+    let empty = [deposit(""), deposit("")];
+    assert_eq!(check(&d, &empty).await, vec![SEND, SEND]);
+}
+
+#[tokio::test]
+async fn key_with_event_name_keeps_names_apart() {
+    let plain = deduper(DedupeConfig::default()).await;
+    let both = [deposit("T1"), ev("withdraw", Some("T1"))];
+    assert_eq!(check(&plain, &both).await, vec![SEND, dup("in_batch")]);
+
+    let d = deduper(DedupeConfig {
+        key: vec!["event_name".into(), "transaction_id".into()],
+        ..DedupeConfig::default()
+    })
+    .await;
+    assert_eq!(check(&d, &both).await, vec![SEND, SEND]);
+    delivered(&d, &both).await;
+    assert_eq!(check(&d, &both).await, vec![dup("store"), dup("store")]);
+}
+
+#[tokio::test]
+async fn key_from_a_custom_property() {
+    let d = deduper(DedupeConfig {
+        key: vec!["ref".into()],
+        ..DedupeConfig::default()
+    })
+    .await;
+    let with_ref = |tx: &str, r: &str| Event {
+        properties: vec![("ref".into(), r.into())],
+        ..deposit(tx)
+    };
+    // Same property value, different transaction ids: duplicates under this key.
+    let batch = [with_ref("T1", "R1"), with_ref("T2", "R1"), deposit("T3")];
+    assert_eq!(check(&d, &batch).await, vec![SEND, dup("in_batch"), SEND]);
+}
+
+#[tokio::test]
+async fn keys_by_event_dedupes_events_without_transaction_id() {
+    let mut keys_by_event = std::collections::BTreeMap::new();
+    keys_by_event.insert("register".to_string(), vec!["client_user_id".to_string()]);
+    let d = deduper(DedupeConfig {
+        keys_by_event,
+        ..DedupeConfig::default()
+    })
+    .await;
+    let register = ev("register", None);
+    let other_user = Event {
+        client_user_id: "u2".into(),
+        ..register.clone()
+    };
+    let login = ev("login", None);
+    assert_eq!(
+        check(
+            &d,
+            &[register.clone(), register.clone(), other_user, login.clone(), login]
+        )
+        .await,
+        vec![SEND, dup("in_batch"), SEND, SEND, SEND]
+    );
+    delivered(&d, std::slice::from_ref(&register)).await;
+    assert_eq!(check(&d, &[register]).await, vec![dup("store")]);
+    // The key of a configured event is scoped by its name: a deposit whose transaction id happens
+    // to equal a user id is not a duplicate of that user's registration.
+    assert_eq!(check(&d, &[deposit("u1")]).await, vec![SEND]);
+}
+
+#[tokio::test]
+async fn ttl_forgets_delivered_keys() {
+    let d = deduper(DedupeConfig {
+        ttl: Duration::from_millis(300),
+        ..DedupeConfig::default()
+    })
+    .await;
+    check(&d, &[deposit("T1")]).await;
+    delivered(&d, &[deposit("T1")]).await;
+    assert_eq!(check(&d, &[deposit("T1")]).await, vec![dup("store")]);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(check(&d, &[deposit("T1")]).await, vec![SEND]);
+}
+
+#[tokio::test]
+async fn memory_store_is_bounded_and_keeps_the_recent_ids() {
+    let store = MemoryStore::new(100, Duration::from_secs(60));
+    let keys: Vec<String> = (0..1000).map(|i| format!("T{i}")).collect();
+    for k in &keys {
+        store.record(&[Probe {
+            key: Some(k),
+            guard: None,
+        }]);
+    }
+    assert!(store.entry_count() <= 100, "{} entries", store.entry_count());
+    let last = Probe {
+        key: Some(&keys[999]),
+        guard: None,
+    };
+    let first = Probe {
+        key: Some(&keys[0]),
+        guard: None,
+    };
+    assert_eq!(store.lookup(&[last, first]), vec![Lookup::Done, Lookup::Free]);
+}
+
+#[tokio::test]
+async fn guard_standalone_after_embedded_is_a_double_count() {
+    let d = deduper(DedupeConfig::default()).await;
+    check(&d, &[bet_with_result("B1")]).await;
+    delivered(&d, &[bet_with_result("B1")]).await;
+    let v = check(&d, &[win_for("W1", "B1"), win_for("W2", "B9")]).await;
+    assert_eq!(
+        v,
+        vec![
+            Verdict::DoubleCount {
+                reason: "double count: bet B1 already carried its result".into()
+            },
+            SEND
+        ]
+    );
+}
+
+#[tokio::test]
+async fn guard_embedded_after_standalone_is_a_double_count() {
+    let d = deduper(DedupeConfig::default()).await;
+    check(&d, &[win_for("W1", "B1")]).await;
+    delivered(&d, &[win_for("W1", "B1")]).await;
+    assert_eq!(
+        check(&d, &[bet_with_result("B1")]).await,
+        vec![Verdict::DoubleCount {
+            reason: "double count: bet B1 already had a standalone win/loss".into()
+        }]
+    );
+    // A plain Pattern B bet with the same id is not a double count; neither is a second
+    // standalone settlement of the same bet (not the guard's business).
+    let plain_bet = ev("bet", Some("B1"));
+    assert_eq!(check(&d, &[plain_bet, win_for("W2", "B1")]).await, vec![SEND, SEND]);
+}
+
+#[tokio::test]
+async fn guard_in_batch_and_in_flight() {
+    let d = deduper(DedupeConfig::default()).await;
+    // In one batch, in both orders.
+    let v = check(
+        &d,
+        &[
+            bet_with_result("B1"),
+            win_for("W1", "B1"),
+            win_for("W2", "B2"),
+            bet_with_result("B2"),
+        ],
+    )
+    .await;
+    assert_eq!(v[0], SEND);
+    assert!(
+        matches!(&v[1], Verdict::DoubleCount { reason } if reason.contains("B1")),
+        "{v:?}"
+    );
+    assert_eq!(v[2], SEND);
+    assert!(
+        matches!(&v[3], Verdict::DoubleCount { reason } if reason.contains("B2")),
+        "{v:?}"
+    );
+    // In flight from the earlier batch.
+    let v = check(&d, &[win_for("W3", "B1")]).await;
+    assert!(matches!(&v[0], Verdict::DoubleCount { .. }), "{v:?}");
+    // Released (the bet was dead-lettered): the standalone win is the only result, and passes.
+    release(&d, &[bet_with_result("B1")]).await;
+    assert_eq!(check(&d, &[win_for("W3", "B1")]).await, vec![SEND]);
+}
+
+#[tokio::test]
+async fn guard_can_be_turned_off() {
+    let d = deduper(DedupeConfig {
+        bet_result_guard: false,
+        ..DedupeConfig::default()
+    })
+    .await;
+    check(&d, &[bet_with_result("B1")]).await;
+    delivered(&d, &[bet_with_result("B1")]).await;
+    assert_eq!(check(&d, &[win_for("W1", "B1")]).await, vec![SEND]);
+}
+
+#[tokio::test]
+async fn a_redelivered_embedded_bet_is_a_duplicate_not_a_double_count() {
+    let d = deduper(DedupeConfig::default()).await;
+    check(&d, &[bet_with_result("B1")]).await;
+    delivered(&d, &[bet_with_result("B1")]).await;
+    assert_eq!(check(&d, &[bet_with_result("B1")]).await, vec![dup("store")]);
+}
+
+#[test]
+fn keys_are_short_and_unambiguous() {
+    let k = |parts: &[&str]| encode_key(&parts.iter().map(|p| Cow::Borrowed(*p)).collect::<Vec<_>>());
+    assert_eq!(k(&["tx_554433"]), "tx_554433");
+    assert_ne!(k(&["ab", "c"]), k(&["a", "bc"]));
+    let long = "x".repeat(10_000);
+    assert_eq!(k(&[&long]).len(), 7 + 64);
+    assert!(k(&["deposit", "T1"]).starts_with("sha256:"));
+    // A raw value cannot pass for a hash.
+    let h = k(&["deposit", "T1"]);
+    assert_ne!(k(&[&h]), h);
+}
+
+#[test]
+fn deduper_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Deduper>();
+}

@@ -1,0 +1,159 @@
+//! End-to-end dedupe (issue 5): bridge processes sharing a redis-server, against a tansu broker and
+//! the sandbox. Two replicas holding one transaction id on different partitions send it once; a
+//! bridge killed with SIGKILL repeats nothing after its restart, whether it died after delivering
+//! (records read again are known) or with a batch in flight (its claims block the ids until the
+//! lease runs out, then the new process sends them once).
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn dedupe_toml(redis: &Redis) -> String {
+    format!(
+        r#"
+[dedupe]
+store = "redis"
+[dedupe.redis]
+url = "{url}"
+prefix = "e2e"
+lease = "30s"
+timeout = "1s"
+"#,
+        url = redis.url()
+    )
+}
+
+fn duplicates(metrics: &str) -> f64 {
+    metric_sum(
+        metrics,
+        "datapulse_bridge_records_finished_total",
+        &["outcome=\"duplicate\""],
+    )
+}
+
+/// Every transaction id is produced twice, on neighbouring partitions, to a group of two bridges:
+/// the copies land on different processes at about the same time; each id reaches the API once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_send_each_transaction_id_once() {
+    let dir = workdir("dedupe-two");
+    let broker = Broker::start(&dir);
+    broker.create_topic("tx", 4).await;
+    broker.create_topic("tx.dlq", 1).await;
+    let redis = Redis::start(&dir);
+    let sandbox = Sandbox::start(&dir, &[]);
+    let cfg = bridge_config(&broker, &sandbox.url, "g-dd-two", "tx", &dedupe_toml(&redis));
+    let a = Bridge::start(&dir, "a", &cfg);
+    let b = Bridge::start(&dir, "b", &cfg);
+    wait_until(MIN, "both bridges assigned and ready", || async {
+        a.ready().await.0 == 200 && b.ready().await.0 == 200
+    })
+    .await;
+
+    const N: usize = 2_000;
+    let mut records = Vec::with_capacity(2 * N);
+    for i in 0..N {
+        let tx = format!("t-{i}");
+        let p = (i % 4) as i32;
+        records.push((p, tx.clone(), deposit(&tx, i as u32)));
+        records.push(((p + 1) % 4, tx.clone(), deposit(&tx, i as u32)));
+    }
+    broker.produce("tx", &records).await;
+    // Counted from what was produced: `Broker::ends` (high watermarks) reads wrong against tansu.
+    let ends = vec![(2 * N / 4) as i64; 4];
+    wait_until(2 * MIN, "every record committed", || async {
+        broker.committed("g-dd-two", "tx", 4) == ends
+    })
+    .await;
+
+    let ids = accepted_ids(&sandbox).await;
+    assert_eq!(ids.len(), N, "every id delivered");
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n != 1).take(10).collect();
+    assert!(twice.is_empty(), "accepted more than once: {twice:?}");
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    let delivered = |m: &str| metric_sum(m, "datapulse_bridge_records_finished_total", &["outcome=\"delivered\""]);
+    assert!(delivered(&ma) > 0.0 && delivered(&mb) > 0.0, "both bridges delivered");
+    assert_eq!(delivered(&ma) + delivered(&mb), N as f64);
+    assert_eq!(
+        duplicates(&ma) + duplicates(&mb),
+        N as f64,
+        "the other copy of each id is a duplicate"
+    );
+}
+
+/// SIGKILL after delivering but before committing: the restarted bridge reads the records again
+/// and finds them delivered. SIGKILL with a batch in flight (the API failing): the restarted
+/// bridge waits for the dead one's claims to lapse, then sends those ids once. The lease (30 s) is
+/// longer than the group takes to hand the dead member's partitions over (session timeout 6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_repeat_nothing() {
+    let dir = workdir("dedupe-kill");
+    let broker = Broker::start(&dir);
+    broker.create_topic("tx", 2).await;
+    broker.create_topic("tx.dlq", 1).await;
+    let redis = Redis::start(&dir);
+    let sandbox = Sandbox::start(&dir, &[]);
+    let cfg = bridge_config(&broker, &sandbox.url, "g-dd-kill", "tx", &dedupe_toml(&redis));
+    // The first process commits late, so that it dies with delivered records uncommitted.
+    let lazy = cfg.replace("commit_interval = \"500ms\"", "commit_interval = \"1h\"");
+    assert_ne!(lazy, cfg);
+
+    // Phase 1: delivered, recorded in Redis, not committed; then SIGKILL.
+    broker.produce("tx", &deposits("a", 2_000, 2)).await;
+    let mut b1 = Bridge::start(&dir, "b1", &lazy);
+    wait_until(MIN, "2,000 accepted", || async { sandbox.accepted().await >= 2_000 }).await;
+    // `delivered` follows the API's answer by one Redis round trip.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b1.proc.kill9();
+    let committed_before: i64 = broker.committed("g-dd-kill", "tx", 2).iter().map(|o| (*o).max(0)).sum();
+    assert!(
+        committed_before < 2_000,
+        "the first process committed everything; nothing to read again"
+    );
+
+    // Phase 2: a new process reads them again and drops them all as delivered. Then the API fails
+    // while 500 more arrive: they are claimed and in flight when this process is killed too.
+    let mut b2 = Bridge::start(&dir, "b2", &cfg);
+    let ends = vec![1_000, 1_000];
+    wait_until(2 * MIN, "the records read again committed", || async {
+        broker.committed("g-dd-kill", "tx", 2) == ends
+    })
+    .await;
+    let m2 = b2.metrics().await;
+    assert_eq!(duplicates(&m2), (2_000 - committed_before) as f64, "{m2}");
+    assert_eq!(sandbox.accepted().await, 2_000, "nothing sent again");
+
+    sandbox.set_faults(serde_json::json!({"fault_500": 1.0})).await;
+    broker.produce("tx", &deposits("b", 500, 2)).await;
+    wait_until(MIN, "the new batch in flight", || async {
+        metric_sum(&b2.metrics().await, "datapulse_bridge_records_in_flight", &[]) >= 500.0
+    })
+    .await;
+    // Checked (claimed in Redis) and failing at the API, retried with backoff.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b2.proc.kill9();
+    sandbox.set_faults(serde_json::json!({})).await;
+
+    // Phase 3: the dead process's claims block the ids for up to the lease, then they go once.
+    let b3 = Bridge::start(&dir, "b3", &cfg);
+    wait_until(2 * MIN, "all 2,500 accepted", || async {
+        sandbox.accepted().await >= 2_500
+    })
+    .await;
+    let ends = vec![1_250, 1_250];
+    wait_until(MIN, "committed at the end", || async {
+        broker.committed("g-dd-kill", "tx", 2) == ends
+    })
+    .await;
+    let ids = accepted_ids(&sandbox).await;
+    assert_eq!(ids.len(), 2_500, "nothing lost");
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n != 1).take(10).collect();
+    assert!(twice.is_empty(), "accepted more than once: {twice:?}");
+    let m3 = b3.metrics().await;
+    assert!(
+        metric_sum(&m3, "datapulse_bridge_dedupe_claim_waits_total", &[]) > 0.0,
+        "the restarted bridge waited for the dead one's claims: {m3}"
+    );
+    assert!(!b3.proc.log_text().contains(API_KEY));
+}
