@@ -20,7 +20,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Serve the Server Events API sandbox.
-    Sandbox(sandbox::SandboxArgs),
+    Sandbox(Box<sandbox::SandboxArgs>),
 }
 
 fn config_path(p: Option<PathBuf>) -> (PathBuf, bool) {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
         Command::Sandbox(args) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(sandbox::run(args)) {
+            match rt.block_on(sandbox::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
