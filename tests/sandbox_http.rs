@@ -712,3 +712,45 @@ fn the_binary_prints_its_address_and_serves() {
     child.wait().unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_click_ip_requires_them_on_every_event() {
+    let lenient = start(|_| {}).await;
+    assert_eq!(event(&lenient, &bet()).await.status, 200);
+    let strict = start(|a| a.strict_click_ip = true).await;
+    let r = event(&strict, &bet()).await;
+    assert_eq!(r.status, 400);
+    let fields: Vec<String> = r.json()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["rule"] == "click_id_ip_address")
+        .map(|e| e["field"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fields, ["click_id", "ip_address"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_unusable_settings() {
+    let no_key = sandbox::start(SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        ..SandboxArgs::default()
+    })
+    .await;
+    assert!(no_key.err().unwrap().to_string().contains("--api-key"));
+    let mut bad_faults = SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys: vec![KEY.into()],
+        ..SandboxArgs::default()
+    };
+    bad_faults.faults.fault_500 = 1.5;
+    let err = sandbox::start(bad_faults).await.err().unwrap().to_string();
+    assert!(err.contains("fault_500"), "{err}");
+    let missing_file = sandbox::start(SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys_file: Some("/nonexistent/keys".into()),
+        ..SandboxArgs::default()
+    })
+    .await;
+    assert!(missing_file.err().unwrap().to_string().contains("--api-keys-file"));
+}
