@@ -72,7 +72,10 @@ impl Drop for Child {
 }
 
 fn main() {
-    let secs = env_or("SANDBOX_LOAD_SECS", 8);
+    // `cargo bench` passes --bench; anything else (`cargo test --all-targets`) gets a one-second
+    // correctness run rather than the measurement.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let secs = env_or("SANDBOX_LOAD_SECS", if measuring { 8 } else { 1 });
     let conns = env_or("SANDBOX_LOAD_CONNS", 4);
     let mut sandbox = Child(
         Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
@@ -194,15 +197,4 @@ fn main() {
     assert_eq!(accepted, sent, "the sandbox's count must match what was sent");
     assert_eq!(dups, 0, "no transaction id was sent twice");
     assert_eq!(stats["by_status"]["200"].as_u64(), Some(sent / BATCH as u64));
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn batches_are_valid_json() {
-        let mut s = String::new();
-        super::batch_body(1, 2, &mut s);
-        let v: Vec<serde_json::Value> = serde_json::from_str(&s).unwrap();
-        assert_eq!(v.len(), super::BATCH);
-    }
 }
