@@ -29,7 +29,7 @@ enum Command {
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
     /// Serve the Server Events API sandbox.
-    Sandbox(sandbox::SandboxArgs),
+    Sandbox(Box<sandbox::SandboxArgs>),
 }
 
 fn config_path(p: Option<PathBuf>) -> (PathBuf, bool) {
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         }
         Command::Sandbox(args) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(sandbox::run(args)) {
+            match rt.block_on(sandbox::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

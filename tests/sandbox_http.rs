@@ -71,7 +71,8 @@ async fn admin_get(h: &SandboxHandle, path: &str) -> Reply {
 
 /// The seed document's use-case bodies with realistic values; `ts` in the configured unit.
 fn seed_use_cases(ts: i64) -> Vec<Value> {
-    let ua = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36";
+    let ua =
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36";
     vec![
         json!({"client_user_id": "user_001", "click_id": "clk_998877", "event_name": "register",
                "timestamp": ts, "ip_address": "203.0.113.1", "user_agent": ua}),
@@ -108,12 +109,25 @@ fn seed_use_cases(ts: i64) -> Vec<Value> {
 
 async fn curl(url: &str, key_header: &str, body: &str) -> (String, String) {
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-X", "POST", url, "-H", "Content-Type: application/json"])
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            "POST",
+            url,
+            "-H",
+            "Content-Type: application/json",
+        ])
         .args(["-H", key_header, "-d", body, "-w", "\n%{http_code}"])
         .output()
         .await
         .expect("curl runs (is it installed?)");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.to_string(), body.to_string())
@@ -142,7 +156,12 @@ async fn seed_examples_are_accepted_when_sent_with_curl() {
         assert_eq!(code, "200", "{case} -> {body}");
     }
     let batch_url = format!("{}/v2/s2s/batch", h.url());
-    let (code, body) = curl(&batch_url, "x-api-key: dp_test_key_123", &Value::from(cases.clone()).to_string()).await;
+    let (code, body) = curl(
+        &batch_url,
+        "x-api-key: dp_test_key_123",
+        &Value::from(cases.clone()).to_string(),
+    )
+    .await;
     assert_eq!(code, "200", "{body}");
     let stats = h.stats();
     assert_eq!(stats.accepted_events, 1 + 2 * cases.len() as u64);
@@ -153,7 +172,12 @@ async fn seed_examples_are_accepted_when_sent_with_curl() {
     // The use cases as written ("UTC milliseconds") against a sandbox configured for milliseconds.
     let ms = start(|a| a.timestamp_unit = datapulse_bridge::event::TimestampUnit::Milliseconds).await;
     let url = format!("{}/v2/s2s/batch", ms.url());
-    let (code, body) = curl(&url, "X-API-Key: dp_test_key_123", &Value::from(seed_use_cases(1_702_963_200_123)).to_string()).await;
+    let (code, body) = curl(
+        &url,
+        "X-API-Key: dp_test_key_123",
+        &Value::from(seed_use_cases(1_702_963_200_123)).to_string(),
+    )
+    .await;
     assert_eq!(code, "200", "{body}");
     assert_eq!(ms.stats().suspicious_timestamps.count, 0);
     // Seconds sent to it are flagged.
@@ -198,12 +222,28 @@ async fn every_contract_rule_is_named_in_the_400() {
         (set(deposit(), "timestamp", json!("1702963200")), "timestamp", "type"),
         (unset(deposit(), "amount"), "amount", "financial_fields"),
         (unset(deposit(), "click_id"), "click_id", "click_id_ip_address"),
-        (set(deposit(), "ip_address", json!("203.0.113.256")), "ip_address", "ip_address"),
+        (
+            set(deposit(), "ip_address", json!("203.0.113.256")),
+            "ip_address",
+            "ip_address",
+        ),
         (set(deposit(), "currency", json!("BTC")), "currency", "currency"),
         (set(bet(), "bet_result", json!("draw")), "bet_result", "bet_result"),
-        (set(bet(), "bet_result", json!("win")), "bet_result_amount", "bet_result"),
-        (unset(win(), "parent_transaction_id"), "parent_transaction_id", "settlement"),
-        (set(bet(), "parent_transaction_id", json!("bet_0")), "parent_transaction_id", "settlement"),
+        (
+            set(bet(), "bet_result", json!("win")),
+            "bet_result_amount",
+            "bet_result",
+        ),
+        (
+            unset(win(), "parent_transaction_id"),
+            "parent_transaction_id",
+            "settlement",
+        ),
+        (
+            set(bet(), "parent_transaction_id", json!("bet_0")),
+            "parent_transaction_id",
+            "settlement",
+        ),
         (set(win(), "amount", json!(-1.5)), "amount", "amount_sign"),
         (
             set(set(bet(), "bet_result", json!("loss")), "bet_result_amount", json!(2.0)),
@@ -227,8 +267,19 @@ async fn every_contract_rule_is_named_in_the_400() {
     }
     // Rule `amount` (not finite) cannot be expressed in JSON: serde_json refuses 1e999 while
     // parsing, so such a body is rejected before validation, as malformed JSON.
-    let r = send(&h, "/v2/s2s/event", Some(KEY), &deposit().to_string().replace("50.0", "1e999")).await;
-    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("malformed_json")), "{}", r.text);
+    let r = send(
+        &h,
+        "/v2/s2s/event",
+        Some(KEY),
+        &deposit().to_string().replace("50.0", "1e999"),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("malformed_json")),
+        "{}",
+        r.text
+    );
     assert_eq!(h.stats().accepted_events, 0);
 }
 
@@ -282,7 +333,11 @@ async fn request_level_400s_say_what_is_wrong() {
         ("/v2/s2s/batch", deposit().to_string(), "not_an_array"),
         ("/v2/s2s/event", json!([deposit()]).to_string(), "not_an_object"),
         ("/v2/s2s/batch", "[]".into(), "empty_batch"),
-        ("/v2/s2s/batch", json!([deposit(), deposit(), deposit(), deposit()]).to_string(), "too_many_events"),
+        (
+            "/v2/s2s/batch",
+            json!([deposit(), deposit(), deposit(), deposit()]).to_string(),
+            "too_many_events",
+        ),
         (
             "/v2/s2s/event",
             set(deposit(), "note", json!("x".repeat(5000))).to_string(),
@@ -387,10 +442,20 @@ async fn the_61st_request_in_a_minute_gets_429_with_retry_after() {
         a.no_retry_after = true;
     })
     .await;
-    assert_eq!(send(&h2, "/v2/s2s/event", Some(KEY), &deposit().to_string()).await.status, 200);
+    assert_eq!(
+        send(&h2, "/v2/s2s/event", Some(KEY), &deposit().to_string())
+            .await
+            .status,
+        200
+    );
     let limited = send(&h2, "/v2/s2s/event", Some(KEY), &deposit().to_string()).await;
     assert_eq!((limited.status, limited.retry_after), (429, None));
-    assert_eq!(send(&h2, "/v2/s2s/event", Some("dp_other"), &deposit().to_string()).await.status, 200);
+    assert_eq!(
+        send(&h2, "/v2/s2s/event", Some("dp_other"), &deposit().to_string())
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,7 +470,10 @@ async fn rate_limit_zero_turns_it_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripted_faults_come_in_order_and_record_nothing() {
     let h = start(|a| {
-        a.faults.script = "500,500,429,ok,timeout,400,401".split(',').map(|s| s.parse().unwrap()).collect();
+        a.faults.script = "500,500,429,ok,timeout,400,401"
+            .split(',')
+            .map(|s| s.parse().unwrap())
+            .collect();
         a.faults.timeout_hang = Some(Duration::from_millis(50));
     })
     .await;
@@ -416,7 +484,11 @@ async fn scripted_faults_come_in_order_and_record_nothing() {
             assert_eq!(r.retry_after.as_deref(), Some("1"));
         }
         if r.status != 200 {
-            assert!(r.json()["message"].as_str().unwrap().contains("injected") || r.status == 401, "{}", r.text);
+            assert!(
+                r.json()["message"].as_str().unwrap().contains("injected") || r.status == 401,
+                "{}",
+                r.text
+            );
         }
         got.push(r.status);
     }
@@ -472,7 +544,10 @@ async fn fault_probabilities_and_auth_fail_all_change_at_run_time() {
     })
     .unwrap();
     // Hang until the client gives up.
-    let short = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let short = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let err = short
         .post(format!("{}/v2/s2s/event", h.url()))
         .header("x-api-key", KEY)
@@ -481,7 +556,12 @@ async fn fault_probabilities_and_auth_fail_all_change_at_run_time() {
         .await
         .unwrap_err();
     assert!(err.is_timeout(), "{err}");
-    assert!(h.set_faults(Faults { fault_429: 2.0, ..Faults::default() }).is_err());
+    assert!(h
+        .set_faults(Faults {
+            fault_429: 2.0,
+            ..Faults::default()
+        })
+        .is_err());
     h.set_faults(Faults::default()).unwrap();
     assert_eq!(event(&h, &deposit()).await.status, 200);
     assert_eq!(h.stats().accepted_events, 1);
@@ -494,9 +574,16 @@ async fn stats_events_reset_and_duplicates_over_the_admin_api() {
         .map(|i| set(deposit(), "transaction_id", json!(format!("tx_{i}"))))
         .collect();
     events.push(set(deposit(), "transaction_id", json!("tx_1")));
-    events.push(set(set(deposit(), "event_name", json!("login")), "timestamp", json!(1702963200123i64)));
+    events.push(set(
+        set(deposit(), "event_name", json!("login")),
+        "timestamp",
+        json!(1702963200123i64),
+    ));
     assert_eq!(batch(&h, &Value::from(events.clone())).await.status, 200);
-    assert_eq!(event(&h, &set(deposit(), "transaction_id", json!("tx_1"))).await.status, 200);
+    assert_eq!(
+        event(&h, &set(deposit(), "transaction_id", json!("tx_1"))).await.status,
+        200
+    );
     let stats: Stats = serde_json::from_str(&admin_get(&h, "stats").await.text).unwrap();
     assert_eq!(stats, h.stats());
     assert_eq!(stats.requests, 2);
@@ -504,7 +591,12 @@ async fn stats_events_reset_and_duplicates_over_the_admin_api() {
     assert_eq!(stats.by_event_name["deposit"], 7);
     assert_eq!(stats.by_event_name["login"], 1);
     assert_eq!(stats.by_status[&200], 2);
-    assert_eq!(stats.duplicate_transaction_ids.len(), 1, "{:?}", stats.duplicate_transaction_ids);
+    assert_eq!(
+        stats.duplicate_transaction_ids.len(),
+        1,
+        "{:?}",
+        stats.duplicate_transaction_ids
+    );
     assert_eq!(stats.duplicate_transaction_ids["tx_1"], 3);
     assert_eq!(stats.suspicious_timestamps.count, 1);
     assert_eq!(stats.suspicious_timestamps.examples[0].index, 6);
@@ -535,8 +627,16 @@ async fn admin_token_guards_the_admin_prefix_and_partner_keys_do_not_open_it() {
     let client = reqwest::Client::new();
     let url = format!("{}/_sandbox/stats", h.url());
     assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
-    assert_eq!(client.get(&url).header("x-api-key", KEY).send().await.unwrap().status(), 401);
-    let wrong = client.get(&url).header("x-admin-token", "adm_secreT").send().await.unwrap();
+    assert_eq!(
+        client.get(&url).header("x-api-key", KEY).send().await.unwrap().status(),
+        401
+    );
+    let wrong = client
+        .get(&url)
+        .header("x-admin-token", "adm_secreT")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let put = client
         .put(format!("{}/_sandbox/faults", h.url()))
@@ -546,7 +646,12 @@ async fn admin_token_guards_the_admin_prefix_and_partner_keys_do_not_open_it() {
         .unwrap();
     assert_eq!(put.status(), 401);
     assert!(!h.faults().auth_fail_all);
-    let ok = client.get(&url).header("X-Admin-Token", "adm_secret").send().await.unwrap();
+    let ok = client
+        .get(&url)
+        .header("X-Admin-Token", "adm_secret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
 }
 
@@ -587,7 +692,11 @@ fn the_binary_prints_its_address_and_serves() {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("sandbox listening on http://").expect(&line).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("sandbox listening on http://")
+        .expect(&line)
+        .to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
         reqwest::Client::new()
@@ -602,4 +711,46 @@ fn the_binary_prints_its_address_and_serves() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_click_ip_requires_them_on_every_event() {
+    let lenient = start(|_| {}).await;
+    assert_eq!(event(&lenient, &bet()).await.status, 200);
+    let strict = start(|a| a.strict_click_ip = true).await;
+    let r = event(&strict, &bet()).await;
+    assert_eq!(r.status, 400);
+    let fields: Vec<String> = r.json()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["rule"] == "click_id_ip_address")
+        .map(|e| e["field"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fields, ["click_id", "ip_address"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_unusable_settings() {
+    let no_key = sandbox::start(SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        ..SandboxArgs::default()
+    })
+    .await;
+    assert!(no_key.err().unwrap().to_string().contains("--api-key"));
+    let mut bad_faults = SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys: vec![KEY.into()],
+        ..SandboxArgs::default()
+    };
+    bad_faults.faults.fault_500 = 1.5;
+    let err = sandbox::start(bad_faults).await.err().unwrap().to_string();
+    assert!(err.contains("fault_500"), "{err}");
+    let missing_file = sandbox::start(SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys_file: Some("/nonexistent/keys".into()),
+        ..SandboxArgs::default()
+    })
+    .await;
+    assert!(missing_file.err().unwrap().to_string().contains("--api-keys-file"));
 }

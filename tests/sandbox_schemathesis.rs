@@ -49,7 +49,15 @@ fn schemathesis_finds_nothing_contradicting_the_openapi_document() {
 
     let mut sandbox = Child(
         Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
-            .args(["sandbox", "--listen", "127.0.0.1:0", "--rate-limit", "0", "--api-key", KEY])
+            .args([
+                "sandbox",
+                "--listen",
+                "127.0.0.1:0",
+                "--rate-limit",
+                "0",
+                "--api-key",
+                KEY,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the sandbox binary"),
@@ -77,9 +85,7 @@ fn schemathesis_finds_nothing_contradicting_the_openapi_document() {
         .current_dir(dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let out = rt.block_on(async {
-        let child = tokio::process::Command::from(run)
-            .kill_on_drop(true)
-            .output();
+        let child = tokio::process::Command::from(run).kill_on_drop(true).output();
         tokio::time::timeout(Duration::from_secs(180), child)
             .await
             .expect("schemathesis finished within 3 minutes")

@@ -87,4 +87,3 @@ async fn reset(State(sh): State<Arc<Shared>>) -> Response {
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
 }
-

@@ -118,7 +118,14 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
     };
     let value: Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
-        Err(e) => return bad_request(sh, "malformed_json", format!("the body is not valid JSON: {e}"), Vec::new()),
+        Err(e) => {
+            return bad_request(
+                sh,
+                "malformed_json",
+                format!("the body is not valid JSON: {e}"),
+                Vec::new(),
+            )
+        }
     };
     let items = match (ep, value) {
         (Endpoint::Event, Value::Object(m)) => vec![Value::Object(m)],
@@ -149,10 +156,7 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
             items
         }
         (Endpoint::Batch, other) => {
-            let msg = format!(
-                "/v2/s2s/batch takes a JSON array of events, got {}",
-                json_kind(&other)
-            );
+            let msg = format!("/v2/s2s/batch takes a JSON array of events, got {}", json_kind(&other));
             return bad_request(sh, "not_an_array", msg, Vec::new());
         }
     };
@@ -277,7 +281,8 @@ fn too_many_requests(sh: &Shared, wait: Duration, error: &str, message: String) 
     if sh.retry_after {
         // Whole seconds, rounded up, at least 1: retrying after that is allowed.
         let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
     }
     resp
 }

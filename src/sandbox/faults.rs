@@ -234,7 +234,8 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_problems() {
-        let f: Faults = serde_json::from_str(r#"{"fault_500":0.5,"latency":"20ms","script":["500",429,"ok"]}"#).unwrap();
+        let f: Faults =
+            serde_json::from_str(r#"{"fault_500":0.5,"latency":"20ms","script":["500",429,"ok"]}"#).unwrap();
         assert_eq!(f.latency, Duration::from_millis(20));
         assert_eq!(f.script, [FaultStep::Status500, FaultStep::Status429, FaultStep::Ok]);
         let back: Faults = serde_json::from_value(serde_json::to_value(&f).unwrap()).unwrap();

@@ -141,7 +141,9 @@ impl SandboxArgs {
             anyhow::bail!("an empty --api-key is not a key");
         }
         if keys.is_empty() {
-            anyhow::bail!("no API key: give at least one --api-key (e.g. --api-key dp_test_key_123) or --api-keys-file");
+            anyhow::bail!(
+                "no API key: give at least one --api-key (e.g. --api-key dp_test_key_123) or --api-keys-file"
+            );
         }
         Ok(keys)
     }
@@ -399,7 +401,10 @@ mod tests {
             ..SandboxArgs::default()
         };
         let shown = format!("{a:?}");
-        assert!(!shown.contains("dp_secret_key") && !shown.contains("adm_secret"), "{shown}");
+        assert!(
+            !shown.contains("dp_secret_key") && !shown.contains("adm_secret"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -265,7 +265,10 @@ mod tests {
         let b = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200000i64}));
         let events = vec![a.clone(), b];
         r.accept(&events, AcceptedBatch::new(&events, 0));
-        r.accept(&[a.clone()], AcceptedBatch::new(&[a], 0));
+        r.accept(
+            std::slice::from_ref(&a),
+            AcceptedBatch::new(std::slice::from_ref(&a), 0),
+        );
         let s = r.stats();
         assert_eq!(s.accepted_events, 3);
         assert_eq!(s.by_event_name["deposit"], 2);
