@@ -35,6 +35,7 @@ pub struct Tracker {
     topics: HashMap<String, HashMap<i32, Part>>,
     next_epoch: u64,
     in_flight: usize,
+    gaps: u64,
 }
 
 impl Tracker {
@@ -90,6 +91,11 @@ impl Tracker {
         }
         if p.pending.insert(offset, Instant::now()).is_none() {
             self.in_flight += 1;
+        }
+        if p.next.is_some_and(|n| offset > n) {
+            // Compaction and transaction markers make gaps legitimately; a broker that skips
+            // records makes them too. Counted so that an operator can tell the two apart.
+            self.gaps += 1;
         }
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
         Some(Ticket {
@@ -159,6 +165,11 @@ impl Tracker {
             }
         }
         out
+    }
+
+    /// How often a partition's next record skipped offsets since the last record read.
+    pub fn gaps(&self) -> u64 {
+        self.gaps
     }
 
     /// Records read and not finished, over all partitions.

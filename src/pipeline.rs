@@ -246,7 +246,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         Mapper::compile(&cfg.mapping, &cfg.api.contract())
             .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.0.join("; ")))?,
     );
-    let deliverer = Deliverer::new(&cfg.api, &cfg.delivery)?;
+    let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery)?);
+    // Readiness needs the API to have accepted the key once; the probe spends one request.
+    let probe = Arc::clone(&deliverer);
+    tokio::spawn(async move {
+        match probe.probe().await {
+            crate::deliver::KeyCheck::Accepted => tracing::info!("the API accepted the key"),
+            other => {
+                tracing::error!(result = ?other, "the API did not accept the key at start-up; delivery will halt until it does")
+            }
+        }
+    });
     let deduper = Deduper::new(&cfg.dedupe).await?;
     let tracker = Arc::new(Mutex::new(Tracker::new()));
     let consumer = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
@@ -483,7 +493,10 @@ fn commit(consumer: &Source, tracker: &Mutex<Tracker>) {
             let mut tr = lock(tracker);
             for (t, p, o) in &todo {
                 tr.committed(t, *p, *o);
-                SOURCE_METRICS.committed.with_label_values(&[t.as_str(), p.to_string().as_str()]).set(*o);
+                SOURCE_METRICS
+                    .committed
+                    .with_label_values(&[t.as_str(), p.to_string().as_str()])
+                    .set(*o);
             }
         }
         Err(e) => {
@@ -498,7 +511,7 @@ async fn delivery_loop(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     cfg: BatchConfig,
     unit: TimestampUnit,
-    deliverer: Deliverer,
+    deliverer: Arc<Deliverer>,
     deduper: Deduper,
     shared: Arc<Shared>,
 ) {
@@ -535,7 +548,9 @@ async fn delivery_loop(
         let span = tracing::info_span!("batch", id, size = batch.len(), partitions = %partitions_of(&batch),
             delivered = tracing::field::Empty, duplicate = tracing::field::Empty, dead_lettered = tracing::field::Empty);
         use tracing::Instrument;
-        process_batch(batch, unit, &deliverer, &deduper, &shared).instrument(span).await;
+        process_batch(batch, unit, &deliverer, &deduper, &shared)
+            .instrument(span)
+            .await;
     }
 }
 
@@ -544,7 +559,11 @@ fn partitions_of(batch: &[Pending]) -> String {
     let mut parts: Vec<(&str, i32)> = batch.iter().map(|p| (&*p.rec.topic, p.rec.partition)).collect();
     parts.sort_unstable();
     parts.dedup();
-    parts.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(",")
+    parts
+        .iter()
+        .map(|(t, p)| format!("{t}/{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Takes one batch through dedupe and delivery to an outcome for each record.
@@ -571,7 +590,14 @@ async fn process_batch(
     let verdicts = {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match deduper.check(&events).await {
+            let checked = tokio::select! {
+                r = deduper.check(&events) => r,
+                _ = shared.abandon.cancelled() => {
+                    METRICS.abandoned.inc_by(batch.len() as u64);
+                    return;
+                }
+            };
+            match checked {
                 Ok(v) => break v,
                 Err(e) => {
                     tracing::warn!(error = %e.0, "dedupe store unavailable; delivery paused until it returns");
@@ -588,7 +614,10 @@ async fn process_batch(
         }
     };
     let span = tracing::Span::current();
-    let duplicates = verdicts.iter().filter(|v| matches!(v, Verdict::Duplicate { .. })).count();
+    let duplicates = verdicts
+        .iter()
+        .filter(|v| matches!(v, Verdict::Duplicate { .. }))
+        .count();
     span.record("duplicate", duplicates);
     let mut to_send: Vec<Pending> = Vec::with_capacity(batch.len());
     for (p, v) in batch.into_iter().zip(verdicts) {
