@@ -118,6 +118,7 @@ struct Metrics {
     paused: prometheus::IntGauge,
     build_info: prometheus::IntGaugeVec,
     shutdowns: prometheus::IntCounterVec,
+    offset_gaps: prometheus::IntGauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -165,6 +166,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "datapulse_bridge_shutdowns_total",
         "Graceful shutdowns, by how in-flight work ended (drained, abandoned).",
         &["result"]
+    )
+    .expect("metric registers once"),
+    offset_gaps: prometheus::register_int_gauge!(
+        "datapulse_bridge_offset_gaps",
+        "Times a partition's next record skipped offsets (compaction and transaction markers do this; so does a broker that loses records)."
     )
     .expect("metric registers once"),
 }
@@ -338,10 +344,11 @@ async fn consumer_loop(
             _ = shutdown.cancelled() => break,
             _ = commit_tick.tick() => {
                 commit(consumer, tracker);
-                let (in_flight, oldest) = {
+                let (in_flight, oldest, gaps) = {
                     let t = lock(tracker);
-                    (t.in_flight(), t.oldest_unfinished())
+                    (t.in_flight(), t.oldest_unfinished(), t.gaps())
                 };
+                METRICS.offset_gaps.set(gaps as i64);
                 METRICS.in_flight.set(in_flight as i64);
                 METRICS.oldest_age.set(oldest.map_or(0.0, |o| o.elapsed().as_secs_f64()));
                 if paused {
