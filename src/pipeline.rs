@@ -531,13 +531,30 @@ async fn delivery_loop(
                 None => return, // the consumer loop stopped and everything queued was handled
             },
         };
+        // The batch fills until it is full or `linger` has passed *and* the budget allows a
+        // request: when the budget is the bottleneck, every request leaves full; when it is not,
+        // linger bounds the latency.
         let linger_end = tokio::time::Instant::now() + cfg.linger;
         let mut bytes = first.size + 2;
         let mut batch = vec![first];
+        let mut lingered = false;
+        let reserve = deliverer.reserve(&shared.abandon);
+        tokio::pin!(reserve);
+        let mut reserved = false;
         while batch.len() < cfg.max_events {
             let next = tokio::select! {
+                biased;
+                r = &mut reserve, if !reserved => {
+                    reserved = true;
+                    if lingered || r.is_err() { break }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(linger_end), if !lingered => {
+                    lingered = true;
+                    if reserved { break }
+                    continue;
+                }
                 p = rx.recv() => p,
-                _ = tokio::time::sleep_until(linger_end) => break,
             };
             let Some(p) = next else { break };
             if bytes + p.size + 1 > cfg.max_bytes {

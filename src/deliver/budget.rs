@@ -36,6 +36,8 @@ pub struct RateBudget {
     store: Store,
     /// Until when this process sends nothing to the key (a 429).
     paused_until: Mutex<Option<Instant>>,
+    /// Requests drawn in advance by [`RateBudget::reserve`] and not yet used.
+    prepaid: std::sync::atomic::AtomicU32,
 }
 
 enum Store {
@@ -97,6 +99,7 @@ impl RateBudget {
         Ok(RateBudget {
             store,
             paused_until: Mutex::new(None),
+            prepaid: Default::default(),
         })
     }
 
@@ -109,7 +112,33 @@ impl RateBudget {
         result
     }
 
+    /// Draws one request in advance, waiting until the budget allows it; the next
+    /// [`RateBudget::acquire`] uses it at once. The batcher calls this while it keeps filling a
+    /// batch, so that when the budget is the bottleneck every request leaves full. Dropping the
+    /// future before it completes draws nothing.
+    pub async fn reserve(&self, id: &str, cancel: &CancellationToken) -> Result<(), Cancelled> {
+        if self.prepaid.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        self.acquire(id, cancel).await?;
+        self.prepaid.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
     async fn acquire_inner(&self, id: &str, cancel: &CancellationToken) -> Result<(), Cancelled> {
+        let take_prepaid = |n: u32| n.checked_sub(1);
+        if self.pause_end().is_none()
+            && self
+                .prepaid
+                .fetch_update(
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                    take_prepaid,
+                )
+                .is_ok()
+        {
+            return Ok(());
+        }
         loop {
             if let Some(until) = self.pause_end() {
                 sleep_until(until, cancel).await?;
@@ -382,6 +411,24 @@ mod tests {
         // 6 draws at 50 ms spacing: the first is free, 5 intervals follow.
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(245), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reserved_draw_is_used_by_the_next_acquire_only() {
+        let cfg = DeliveryConfig {
+            rate_limit: 10,
+            rate_window: Duration::from_millis(500),
+            ..DeliveryConfig::default()
+        };
+        let b = RateBudget::new(&cfg).unwrap();
+        let cancel = CancellationToken::new();
+        b.reserve("x", &cancel).await.unwrap();
+        b.reserve("x", &cancel).await.unwrap(); // already holds one: draws nothing more
+        let start = Instant::now();
+        b.acquire("x", &cancel).await.unwrap();
+        assert!(start.elapsed() < Duration::from_millis(40), "the prepaid draw is used at once");
+        b.acquire("x", &cancel).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(40), "the next draw waits for the budget");
     }
 
     #[tokio::test]

@@ -362,6 +362,13 @@ impl Deliverer {
             .collect())
     }
 
+    /// Waits until the key's budget allows one more request and draws it for the next request
+    /// this deliverer sends (see `RateBudget::reserve`).
+    pub async fn reserve(&self, cancel: &CancellationToken) -> Result<(), Cancelled> {
+        let creds = self.current_credentials();
+        self.budget.reserve(&creds.budget_id, cancel).await
+    }
+
     /// Finds one bad event of `group`, which the API answered 400 without naming it, by binary
     /// search: the first half of the suspect range is sent; if accepted, the bad event is in the
     /// second half (not sent: inferred); if refused, the second half waits and the search goes on
