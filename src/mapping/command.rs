@@ -39,10 +39,10 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
     let stderr = std::io::stderr();
     let result = match &args.file {
         Some(path) => match std::fs::File::open(path) {
-            Ok(f) => run(&args, std::io::BufReader::new(f), &mut stdout.lock(), &mut stderr.lock()),
+            Ok(f) => run_map(&args, std::io::BufReader::new(f), &mut stdout.lock(), &mut stderr.lock()),
             Err(e) => Err(format!("cannot open {}: {e}", path.display())),
         },
-        None => run(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
+        None => run_map(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
     };
     match result {
         Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
@@ -55,7 +55,7 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
 }
 
 /// The body of [`run_map_command`], over any input and outputs.
-pub fn run(args: &MapArgs, input: impl BufRead, out: &mut dyn Write, err: &mut dyn Write) -> Result<Summary, String> {
+pub fn run_map(args: &MapArgs, input: impl BufRead, out: &mut dyn Write, err: &mut dyn Write) -> Result<Summary, String> {
     let loaded = crate::config::load(&args.config, true).map_err(|e| e.to_string().trim_end().to_string())?;
     let cfg = &loaded.config;
     let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(|e| e.to_string())?;
@@ -98,10 +98,10 @@ pub fn run(args: &MapArgs, input: impl BufRead, out: &mut dyn Write, err: &mut d
             }
             MapOutcome::Failed(e) => {
                 summary.failed += 1;
-                let field = e.field.as_deref().unwrap_or("-");
+                let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
                 writeln!(
                     err,
-                    "line {n}: failed at {} on field `{field}` ({}): {}",
+                    "line {n}: failed at {}{field} ({}): {}",
                     e.stage.as_str(),
                     e.reason,
                     e.message

@@ -14,7 +14,7 @@ mod expr;
 mod read;
 mod spec;
 
-pub use command::{run_map_command, MapArgs};
+pub use command::{run_map, run_map_command, MapArgs, Summary};
 pub use spec::{
     AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
     CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
@@ -179,7 +179,9 @@ struct Field {
 
 #[derive(Debug)]
 struct Cond {
-    label: String,
+    /// `from`, quoted, and the `in` values, for the filtered reason.
+    from: String,
+    values: String,
     source: Source,
     one_of: HashSet<String>,
 }
@@ -325,13 +327,15 @@ impl Mapper {
         }
         let cx = Cx { rec, slots };
         for c in &m.keep_when {
-            if !cx.holds(c)? {
-                return Err(Stop::Filtered(format!("keep_when: {} is not one of the kept values", c.label)));
+            let (holds, seen) = cx.holds(c)?;
+            if !holds {
+                return Err(Stop::Filtered(format!("keep_when: {} is {seen}, not one of {}", c.from, c.values)));
             }
         }
         for c in &m.skip_when {
-            if cx.holds(c)? {
-                return Err(Stop::Filtered(format!("skip_when: {}", c.label)));
+            let (holds, seen) = cx.holds(c)?;
+            if holds {
+                return Err(Stop::Filtered(format!("skip_when: {} is {seen}", c.from)));
             }
         }
         let mut cx = cx;
@@ -494,8 +498,9 @@ impl Cx<'_, '_> {
         .filter(|v| !v.is_null()))
     }
 
-    fn holds(&self, c: &Cond) -> Result<bool, Stop> {
-        // Conditions never take from a slot; reading by reference keeps `self` shared.
+    /// Whether the condition holds, and what the source held (for the filtered reason).
+    fn holds(&self, c: &Cond) -> Result<(bool, String), Stop> {
+        // Conditions never take from a slot; reading by reference keeps the slots for the fields.
         let v = match &c.source {
             Source::Value { place, .. } => Plan::get(&self.slots, place).cloned(),
             other => {
@@ -503,13 +508,14 @@ impl Cx<'_, '_> {
                     rec: self.rec,
                     slots: Vec::new(),
                 };
-                tmp.read(other, &c.label)?
+                tmp.read(other, &c.from)?
             }
         };
-        Ok(match v.as_ref().and_then(scalar_text) {
-            Some(t) => c.one_of.contains(t.as_ref()),
-            None => false,
-        })
+        let holds = v
+            .as_ref()
+            .and_then(scalar_text)
+            .is_some_and(|t| c.one_of.contains(t.as_ref()));
+        Ok((holds, v.as_ref().map_or("absent".to_string(), describe)))
     }
 
     /// Runs a field's options; `Ok(None)` when the field is absent.
@@ -755,15 +761,10 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
                 errs.push(format!("{at}: option `in`: {e}"));
                 HashSet::new()
             });
-            let values: Vec<&str> = c.one_of.iter().filter_map(|v| v.as_str()).collect();
-            let label = if values.len() == c.one_of.len() {
-                format!("`{}` is one of {}", c.from, values.join(", "))
-            } else {
-                format!("`{}` matches `in`", c.from)
-            };
             out.push(Pending {
                 item: Cond {
-                    label,
+                    from: format!("`{}`", c.from),
+                    values: c.one_of.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
                     source: Source::Topic,
                     one_of,
                 },
