@@ -118,6 +118,7 @@ fn every_conversion() {
         ("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "2023-12-19T07:20:00.5+02:00"}), ok(json!(1702963200))),
         ("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "19/12/2023"}), Err("time")),
         ("timestamp", r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "2023-12-19T05:20:00.000Z"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "20231219T052000Z"}), ok(json!(1702963200))),
         ("timestamp", r#"{ from = "/ts", time_format = "[day]/[month]/[year] [hour]:[minute]:[second]" }"#,
          json!({"ts": "19/12/2023 05:20:00"}), ok(json!(1702963200))),
         ("timestamp", r#"{ from = "/ts", time_format = "[day]/[month]/[year] [hour]:[minute]:[second]" }"#,
