@@ -58,7 +58,10 @@ fn topic_flag_picks_the_mapping() {
     // Default: the first of kafka.topics (the wallet mapping), where this record lacks the fields.
     let (s, _, err) = run(None);
     assert_eq!(s.failed, 1, "{err}");
-    assert!(err.contains("line 1: failed at validation on field `timestamp` (required)"), "{err}");
+    assert!(
+        err.contains("line 1: failed at validation on field `timestamp` (required)"),
+        "{err}"
+    );
     let (s, out, err) = run(Some("games.rounds"));
     assert_eq!((s.events, s.failed), (1, 0), "{err}");
     assert!(out.contains(r#""bet_result":"win""#), "{out}");

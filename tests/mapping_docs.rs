@@ -71,8 +71,25 @@ fn every_option_is_documented() {
     }
     // Every value of every enumerated option, as the TOML writes it.
     let values = [
-        "upper", "lower", "dead-letter", "skip", "keep", "string", "number", "integer", "boolean", "auto", "seconds",
-        "milliseconds", "microseconds", "nanoseconds", "rfc3339", "iso8601", "negate", "positive", "negative",
+        "upper",
+        "lower",
+        "dead-letter",
+        "skip",
+        "keep",
+        "string",
+        "number",
+        "integer",
+        "boolean",
+        "auto",
+        "seconds",
+        "milliseconds",
+        "microseconds",
+        "nanoseconds",
+        "rfc3339",
+        "iso8601",
+        "negate",
+        "positive",
+        "negative",
     ];
     for v in values {
         if !doc.contains(&format!("\"{v}\"")) {

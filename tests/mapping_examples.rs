@@ -21,7 +21,11 @@ fn run_example(name: &str) -> (String, String, Summary) {
     let input = std::io::BufReader::new(std::fs::File::open(dir.join("records.jsonl")).unwrap());
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let summary = run_map(&args, input, &mut out, &mut err).unwrap_or_else(|e| panic!("{name}: {e}"));
-    (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), summary)
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+        summary,
+    )
 }
 
 fn check(name: &str, min_events: usize) {

@@ -39,7 +39,12 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
     let stderr = std::io::stderr();
     let result = match &args.file {
         Some(path) => match std::fs::File::open(path) {
-            Ok(f) => run_map(&args, std::io::BufReader::new(f), &mut stdout.lock(), &mut stderr.lock()),
+            Ok(f) => run_map(
+                &args,
+                std::io::BufReader::new(f),
+                &mut stdout.lock(),
+                &mut stderr.lock(),
+            ),
             Err(e) => Err(format!("cannot open {}: {e}", path.display())),
         },
         None => run_map(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
@@ -55,7 +60,12 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
 }
 
 /// The body of [`run_map_command`], over any input and outputs.
-pub fn run_map(args: &MapArgs, input: impl BufRead, out: &mut dyn Write, err: &mut dyn Write) -> Result<Summary, String> {
+pub fn run_map(
+    args: &MapArgs,
+    input: impl BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Summary, String> {
     let loaded = crate::config::load(&args.config, true).map_err(|e| e.to_string().trim_end().to_string())?;
     let cfg = &loaded.config;
     let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(|e| e.to_string())?;
@@ -157,7 +167,10 @@ impl Sample {
             topic: obj.get("topic").and_then(Value::as_str).map(str::to_string),
             timestamp_ms: obj.get("timestamp").and_then(Value::as_i64),
             key: obj.get("key").filter(|k| !k.is_null()).map(bytes),
-            value: obj.get("value").filter(|v| !v.is_null()).map(|v| v.to_string().into_bytes()),
+            value: obj
+                .get("value")
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string().into_bytes()),
             headers: match obj.get("headers") {
                 Some(Value::Object(h)) => h.iter().map(|(k, v)| (k.clone(), bytes(v))).collect(),
                 _ => Vec::new(),

@@ -146,7 +146,10 @@ impl TimeReader {
         match self {
             TimeReader::Format(items) => {
                 let Value::String(s) = v else {
-                    return Err(format!("a time in a custom format must be a string, got {}", describe(v)));
+                    return Err(format!(
+                        "a time in a custom format must be a string, got {}",
+                        describe(v)
+                    ));
                 };
                 let s = s.trim();
                 OffsetDateTime::parse(s, items)
@@ -156,9 +159,11 @@ impl TimeReader {
             }
             TimeReader::Unit(TimeSource::Rfc3339) => parse_rfc3339(v),
             TimeReader::Unit(TimeSource::Iso8601) => match v {
-                Value::String(s) => OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Iso8601::DEFAULT)
-                    .map(|t| t.unix_timestamp_nanos())
-                    .map_err(|e| format!("{} is not an ISO 8601 time with an offset: {e}", describe(v))),
+                Value::String(s) => {
+                    OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Iso8601::DEFAULT)
+                        .map(|t| t.unix_timestamp_nanos())
+                        .map_err(|e| format!("{} is not an ISO 8601 time with an offset: {e}", describe(v)))
+                }
                 _ => Err(format!("an ISO 8601 time must be a string, got {}", describe(v))),
             },
             TimeReader::Unit(TimeSource::Auto) => match v {

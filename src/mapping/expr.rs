@@ -32,23 +32,21 @@ impl Expr {
         let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
         let loader = Loader::new(defs);
         let arena = Arena::default();
-        let modules = loader
-            .load(&arena, File { code, path: () })
-            .map_err(|errs| {
-                let parts: Vec<String> = errs
-                    .into_iter()
-                    .map(|(_file, e)| match e {
-                        jaq_core::load::Error::Io(v) => format!("cannot load {:?}", v),
-                        jaq_core::load::Error::Lex(v) => {
-                            format!("cannot read the expression near {:?}", v.first().map(|(_, at)| *at))
-                        }
-                        jaq_core::load::Error::Parse(v) => {
-                            format!("cannot parse the expression near {:?}", v.first().map(|(_, at)| *at))
-                        }
-                    })
-                    .collect();
-                parts.join("; ")
-            })?;
+        let modules = loader.load(&arena, File { code, path: () }).map_err(|errs| {
+            let parts: Vec<String> = errs
+                .into_iter()
+                .map(|(_file, e)| match e {
+                    jaq_core::load::Error::Io(v) => format!("cannot load {:?}", v),
+                    jaq_core::load::Error::Lex(v) => {
+                        format!("cannot read the expression near {:?}", v.first().map(|(_, at)| *at))
+                    }
+                    jaq_core::load::Error::Parse(v) => {
+                        format!("cannot parse the expression near {:?}", v.first().map(|(_, at)| *at))
+                    }
+                })
+                .collect();
+            parts.join("; ")
+        })?;
         let filter = Compiler::default().with_funs(funs).compile(modules).map_err(|errs| {
             let parts: Vec<String> = errs
                 .into_iter()
@@ -110,6 +108,10 @@ mod tests {
         assert!(Expr::compile(".a +").is_err());
         assert!(Expr::compile("nosuchfn(1)").unwrap_err().contains("nosuchfn"));
         assert!(Expr::compile("halt").unwrap().run(&json!(1)).is_err());
-        assert!(Expr::compile("error(\"boom\")").unwrap().run(&json!(1)).unwrap_err().contains("boom"));
+        assert!(Expr::compile("error(\"boom\")")
+            .unwrap()
+            .run(&json!(1))
+            .unwrap_err()
+            .contains("boom"));
     }
 }

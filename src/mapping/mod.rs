@@ -142,7 +142,10 @@ fn kind_of(field: &str) -> Kind {
 enum Source {
     /// A pointer into the value; `take` when no other option reads the same slot, so the value
     /// can be moved out rather than cloned.
-    Value { place: Place, take: bool },
+    Value {
+        place: Place,
+        take: bool,
+    },
     Key,
     Header(String),
     Topic,
@@ -329,7 +332,10 @@ impl Mapper {
         for c in &m.keep_when {
             let (holds, seen) = cx.holds(c)?;
             if !holds {
-                return Err(Stop::Filtered(format!("keep_when: {} is {seen}, not one of {}", c.from, c.values)));
+                return Err(Stop::Filtered(format!(
+                    "keep_when: {} is {seen}, not one of {}",
+                    c.from, c.values
+                )));
             }
         }
         for c in &m.skip_when {
@@ -442,7 +448,10 @@ fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
         }
         Kind::Bool => {
             let Value::Bool(b) = v else {
-                return Err(wrong("a boolean", "; add `as = \"boolean\"` or `in = [...]` to convert"));
+                return Err(wrong(
+                    "a boolean",
+                    "; add `as = \"boolean\"` or `in = [...]` to convert",
+                ));
             };
             e.is_crypto = Some(b);
         }
@@ -469,14 +478,16 @@ impl Cx<'_, '_> {
     /// The value of a source; `None` when absent. `field` names the error.
     fn read(&mut self, s: &Source, field: &str) -> Result<Option<Value>, Stop> {
         let utf8 = |what: &str, b: &[u8]| {
-            std::str::from_utf8(b).map(|s| Some(Value::String(s.to_string()))).map_err(|e| {
-                fail(
-                    Stage::Mapping,
-                    Some(field),
-                    "not_utf8",
-                    format!("the {what} is not UTF-8 text: {e}"),
-                )
-            })
+            std::str::from_utf8(b)
+                .map(|s| Some(Value::String(s.to_string())))
+                .map_err(|e| {
+                    fail(
+                        Stage::Mapping,
+                        Some(field),
+                        "not_utf8",
+                        format!("the {what} is not UTF-8 text: {e}"),
+                    )
+                })
         };
         Ok(match s {
             Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
@@ -992,10 +1003,16 @@ fn compile_field(
         }
         None => {
             if o.otherwise.is_some() {
-                err("otherwise", "applies to values missing from a `table`; add a `table`".into());
+                err(
+                    "otherwise",
+                    "applies to values missing from a `table`; add a `table`".into(),
+                );
             }
             if o.fallback.is_some() {
-                err("fallback", "applies to values missing from a `table`; add a `table`".into());
+                err(
+                    "fallback",
+                    "applies to values missing from a `table`; add a `table`".into(),
+                );
             }
             None
         }
@@ -1046,7 +1063,10 @@ fn compile_field(
         if !fits {
             err(
                 "as",
-                format!("`{}` does not fit `{name}`", serde_json::to_string(&t).unwrap_or_default()),
+                format!(
+                    "`{}` does not fit `{name}`",
+                    serde_json::to_string(&t).unwrap_or_default()
+                ),
             );
         }
     }

@@ -144,7 +144,10 @@ impl Plan {
         // A node that became a slot after its children were added (a shorter pointer sorts
         // first, so this cannot happen) would leave children unread.
         debug_assert!(plan.nodes.iter().all(|n| n.slot.is_none() || n.children.is_empty()));
-        (plan, places.into_iter().map(|p| p.expect("every pointer placed")).collect())
+        (
+            plan,
+            places.into_iter().map(|p| p.expect("every pointer placed")).collect(),
+        )
     }
 
     pub fn slot_count(&self) -> usize {

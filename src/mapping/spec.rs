@@ -57,11 +57,7 @@ pub struct MappingConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_transaction_id: Option<FieldSpec>,
     /// Custom properties: a table, or a list of tables.
-    #[serde(
-        default,
-        deserialize_with = "one_or_many",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
     pub properties: Vec<PropertiesSpec>,
 }
 
@@ -306,7 +302,9 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PropertiesSpec>, D
             f.write_str("a properties table such as { from = \"/meta\", prefix = \"meta_\" }, or a list of them")
         }
         fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            Ok(vec![PropertiesSpec::deserialize(de::value::MapAccessDeserializer::new(map))?])
+            Ok(vec![PropertiesSpec::deserialize(
+                de::value::MapAccessDeserializer::new(map),
+            )?])
         }
         fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
             Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))

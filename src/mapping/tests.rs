@@ -8,7 +8,9 @@ struct Doc {
 }
 
 fn configs(toml_text: &str) -> Vec<MappingConfig> {
-    toml::from_str::<Doc>(toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}")).mapping
+    toml::from_str::<Doc>(toml_text)
+        .unwrap_or_else(|e| panic!("{e}\n{toml_text}"))
+        .mapping
 }
 
 fn compile(toml_text: &str) -> Result<Mapper, MappingErrors> {
@@ -62,6 +64,7 @@ fn one_field(field: &str, spec: &str) -> String {
 fn every_conversion() {
     // (field, spec, record value, expected field value or failure reason)
     let ok = |v: Value| Ok::<Value, &str>(v);
+    #[rustfmt::skip]
     let cases: Vec<(&str, &str, Value, Result<Value, &str>)> = vec![
         // sources
         ("game_type", r#""/g""#, json!({"g": "slot"}), ok(json!("slot"))),
@@ -222,7 +225,10 @@ fn filtered_and_dead_lettered_records_say_why() {
     let bad = wallet("").replace("DEPOSIT_OK", "REFUND");
     let e = map_value(&m, bad.as_bytes());
     let e = failed(&e);
-    assert_eq!((e.stage, e.reason.as_str(), e.field.as_deref()), (Stage::Mapping, "unknown_value", Some("event_name")));
+    assert_eq!(
+        (e.stage, e.reason.as_str(), e.field.as_deref()),
+        (Stage::Mapping, "unknown_value", Some("event_name"))
+    );
     assert!(e.message.contains("REFUND"), "{e}");
 }
 
@@ -230,16 +236,40 @@ fn filtered_and_dead_lettered_records_say_why() {
 fn contract_rules_fail_at_validation_naming_the_rule() {
     let m = mapper(WALLET);
     let cases = [
-        (wallet("").replace(r#""click":"c1","#, ""), "click_id", "click_id_ip_address"),
-        (wallet("").replace(r#""ccy":"usd""#, r#""ccy":"BTC""#), "currency", "currency"),
-        (wallet("").replace(r#""ref":"tx1","#, ""), "transaction_id", "financial_fields"),
-        (wallet("").replace(r#""id":"p1""#, r#""id":"""#), "client_user_id", "required"),
-        (wallet("").replace("2023-12-19T05:20:00Z", "1969-12-31T00:00:00Z"), "timestamp", "timestamp"),
+        (
+            wallet("").replace(r#""click":"c1","#, ""),
+            "click_id",
+            "click_id_ip_address",
+        ),
+        (
+            wallet("").replace(r#""ccy":"usd""#, r#""ccy":"BTC""#),
+            "currency",
+            "currency",
+        ),
+        (
+            wallet("").replace(r#""ref":"tx1","#, ""),
+            "transaction_id",
+            "financial_fields",
+        ),
+        (
+            wallet("").replace(r#""id":"p1""#, r#""id":"""#),
+            "client_user_id",
+            "required",
+        ),
+        (
+            wallet("").replace("2023-12-19T05:20:00Z", "1969-12-31T00:00:00Z"),
+            "timestamp",
+            "timestamp",
+        ),
     ];
     for (value, field, rule) in cases {
         let out = map_value(&m, value.as_bytes());
         let e = failed(&out);
-        assert_eq!((e.stage, e.field.as_deref(), e.reason.as_str()), (Stage::Validation, Some(field), rule), "{e}");
+        assert_eq!(
+            (e.stage, e.field.as_deref(), e.reason.as_str()),
+            (Stage::Validation, Some(field), rule),
+            "{e}"
+        );
     }
     let out = map_value(&m, wallet(r#","nothing":1"#).replace("\"meta\"", "\"x\"").as_bytes());
     assert!(matches!(out, MapOutcome::Event(_)), "{out:?}");
@@ -314,7 +344,10 @@ timestamp = { const = 1702963200 }
     ));
     assert!(e.get("tags").is_none() && e.get("vip").is_some());
     // A dynamic name that collides with an API field fails the record, naming it.
-    let out = run(r#"properties = { remaining = true }"#, json!({"user": "u", "currency": "EUR"}));
+    let out = run(
+        r#"properties = { remaining = true }"#,
+        json!({"user": "u", "currency": "EUR"}),
+    );
     assert_eq!(
         (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
         ("property_name", Some("currency"))
@@ -362,17 +395,44 @@ ip_address = "/after/ip"
 #[test]
 fn compile_errors_name_the_mapping_and_the_field() {
     let cases = [
-        (one_field("amount", r#"{ from = "player/id" }"#), "field `amount`: option `from`"),
-        (one_field("game_type", r#"{ from = "/g", as = "number" }"#), "field `game_type`: option `as`"),
-        (one_field("game_type", r#"{ from = "/g", time = "seconds" }"#), "field `game_type`: option `time`"),
-        (one_field("game_type", r#"{ from = "/g", otherwise = "skip" }"#), "option `otherwise`"),
-        (one_field("game_type", r#"{ from = "/g", expr = ".a +" }"#), "option `expr`"),
-        (one_field("game_type", r#"{ from = "/g", const = "x" }"#), "option `const`"),
+        (
+            one_field("amount", r#"{ from = "player/id" }"#),
+            "field `amount`: option `from`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", as = "number" }"#),
+            "field `game_type`: option `as`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", time = "seconds" }"#),
+            "field `game_type`: option `time`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", otherwise = "skip" }"#),
+            "option `otherwise`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", expr = ".a +" }"#),
+            "option `expr`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", const = "x" }"#),
+            "option `const`",
+        ),
         (one_field("game_type", r#"{ trim = true }"#), "a field needs `from`"),
-        (one_field("timestamp", r#"{ from = "/t", time_format = "[nope]" }"#), "option `time_format`"),
-        (one_field("amount", r#"{ from = "/a", sign_for = ["loss"] }"#), "option `sign_for`"),
+        (
+            one_field("timestamp", r#"{ from = "/t", time_format = "[nope]" }"#),
+            "option `time_format`",
+        ),
+        (
+            one_field("amount", r#"{ from = "/a", sign_for = ["loss"] }"#),
+            "option `sign_for`",
+        ),
         (one_field("game_type", r#"{ from = "header:" }"#), "header name"),
-        (one_field("is_crypto", r#"{ from = "/c", in = ["BTC"], as = "boolean" }"#), "option `in`"),
+        (
+            one_field("is_crypto", r#"{ from = "/c", in = ["BTC"], as = "boolean" }"#),
+            "option `in`",
+        ),
         (
             one_field("game_type", r#""/g""#) + "properties = { fields = [\"amount\"] }\n",
             "properties[0]: the custom property `amount`",
@@ -383,21 +443,42 @@ fn compile_errors_name_the_mapping_and_the_field() {
         ),
     ];
     for (text, want) in cases {
-        let e = compile(&text).err().unwrap_or_else(|| panic!("compiled: {text}")).to_string();
+        let e = compile(&text)
+            .err()
+            .unwrap_or_else(|| panic!("compiled: {text}"))
+            .to_string();
         assert!(e.contains("mapping[0] (topics t"), "{e}");
         assert!(e.contains(want), "want {want:?} in {e}");
     }
-    let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n").unwrap_err().to_string();
-    assert!(missing.contains("field `event_name`: missing") && missing.contains("field `timestamp`"), "{missing}");
-    let twice = format!("{}{}", one_field("game_type", "\"/g\""), one_field("game_type", "\"/g\""));
-    assert!(compile(&twice).unwrap_err().to_string().contains("already mapped by mapping[0]"));
+    let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("field `event_name`: missing") && missing.contains("field `timestamp`"),
+        "{missing}"
+    );
+    let twice = format!(
+        "{}{}",
+        one_field("game_type", "\"/g\""),
+        one_field("game_type", "\"/g\"")
+    );
+    assert!(compile(&twice)
+        .unwrap_err()
+        .to_string()
+        .contains("already mapped by mapping[0]"));
 }
 
 #[test]
 fn unknown_targets_and_options_are_rejected_by_name() {
-    let unknown_field = toml::from_str::<Doc>(&one_field("amout", "\"/a\"")).err().unwrap().to_string();
+    let unknown_field = toml::from_str::<Doc>(&one_field("amout", "\"/a\""))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(unknown_field.contains("amout"), "{unknown_field}");
-    let unknown_option = toml::from_str::<Doc>(&one_field("amount", "{ form = \"/a\" }")).err().unwrap().to_string();
+    let unknown_option = toml::from_str::<Doc>(&one_field("amount", "{ form = \"/a\" }"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(unknown_option.contains("form"), "{unknown_option}");
     let bad_value = toml::from_str::<Doc>(&one_field("amount", "{ from = \"/a\", sign = \"flip\" }"))
         .err()
