@@ -39,6 +39,14 @@ pub fn trim(v: Value) -> Value {
 
 pub fn case(v: Value, c: Case) -> Value {
     match v {
+        // ASCII (the common case: codes, names) changes in place, without allocating.
+        Value::String(mut s) if s.is_ascii() => {
+            match c {
+                Case::Upper => s.make_ascii_uppercase(),
+                Case::Lower => s.make_ascii_lowercase(),
+            }
+            Value::String(s)
+        }
         Value::String(s) => Value::String(match c {
             Case::Upper => s.to_uppercase(),
             Case::Lower => s.to_lowercase(),

@@ -140,8 +140,8 @@ fn kind_of(field: &str) -> Kind {
 
 #[derive(Debug)]
 enum Source {
-    /// A pointer into the value; `take` when no other option reads the same slot, so the value
-    /// can be moved out rather than cloned.
+    /// A pointer into the value; `take` when no other option reads the same slot, so a field or
+    /// `properties` can move the value out rather than clone it.
     Value {
         place: Place,
         take: bool,
@@ -591,32 +591,35 @@ impl Cx<'_, '_> {
     }
 
     fn properties(&mut self, p: &Props, out: &mut Vec<(String, String)>) -> Result<(), Stop> {
-        let Some(obj) = (match &p.source {
-            Source::Value { place, .. } => Plan::get(&self.slots, place),
+        let obj = match &p.source {
+            Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
+            Source::Value { place, .. } => Plan::get(&self.slots, place).cloned(),
             _ => None,
-        }) else {
+        };
+        let Some(obj) = obj.filter(|v| !v.is_null()) else {
             return Ok(());
         };
-        let Value::Object(map) = obj else {
+        let Value::Object(mut map) = obj else {
             return Err(fail(
                 Stage::Mapping,
                 Some("properties"),
                 "type",
-                format!("properties must come from an object, got {}", describe(obj)),
+                format!("properties must come from an object, got {}", describe(&obj)),
             ));
         };
-        let mut copy = |k: &str, v: &Value| -> Result<(), Stop> {
-            if p.skip.contains(k) {
+        let mut copy = |k: String, v: Value| -> Result<(), Stop> {
+            if p.skip.contains(&k) {
                 return Ok(());
             }
             let text = match v {
                 Value::Null => return Ok(()),
-                Value::String(s) => s.clone(),
+                Value::String(s) => s,
                 other => other.to_string(),
             };
-            let name = match p.rename.get(k) {
-                Some(n) => format!("{}{n}", p.prefix),
-                None => format!("{}{k}", p.prefix),
+            let name = match (p.rename.get(&k), p.prefix.is_empty()) {
+                (Some(n), _) => format!("{}{n}", p.prefix),
+                (None, true) => k,
+                (None, false) => format!("{}{k}", p.prefix),
             };
             if text.len() > MAX_TEXT_BYTES {
                 return Err(too_long(&name, text.len()));
@@ -639,8 +642,8 @@ impl Cx<'_, '_> {
         match &p.fields {
             Some(fields) => {
                 for k in fields {
-                    if let Some(v) = map.get(k) {
-                        copy(k, v)?;
+                    if let Some(v) = map.remove(k) {
+                        copy(k.clone(), v)?;
                     }
                 }
             }
@@ -917,7 +920,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
     let props = props
         .into_iter()
         .map(|mut p| {
-            p.item.source = resolve(p.raw.take(), false);
+            p.item.source = resolve(p.raw.take(), true);
             p.item
         })
         .collect();

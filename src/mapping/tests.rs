@@ -552,3 +552,23 @@ fn config_round_trips_through_toml() {
     let text = toml::to_string(&Out { mapping: &cfgs }).unwrap();
     assert_eq!(configs(&text), cfgs, "{text}");
 }
+
+#[test]
+fn mangled_records_never_panic() {
+    // Every prefix of a record, and the record with each byte replaced by a troublesome one: each
+    // gets an outcome, and anything that is not a whole record fails rather than maps.
+    let m = mapper(WALLET);
+    let good = wallet("");
+    let bytes = good.as_bytes();
+    for cut in 0..bytes.len() {
+        let out = map_value(&m, &bytes[..cut]);
+        assert!(matches!(out, MapOutcome::Failed(_)), "prefix {cut}: {out:?}");
+    }
+    for i in 0..bytes.len() {
+        for b in [b'"', b'{', b']', b'\\', 0xff, b'0', b' '] {
+            let mut v = bytes.to_vec();
+            v[i] = b;
+            let _ = map_value(&m, &v);
+        }
+    }
+}
