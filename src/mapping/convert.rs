@@ -83,8 +83,8 @@ pub fn as_type(v: Value, to: AsType) -> Result<Value, String> {
         },
         (AsType::Boolean, Value::Bool(b)) => Ok(Value::Bool(b)),
         (AsType::Boolean, Value::Number(n)) => match n.as_f64() {
-            Some(f) if f == 0.0 => Ok(Value::Bool(false)),
-            Some(f) if f == 1.0 => Ok(Value::Bool(true)),
+            Some(0.0) => Ok(Value::Bool(false)),
+            Some(1.0) => Ok(Value::Bool(true)),
             _ => Err(format!("the number {n} is not a boolean (only 0 and 1 are)")),
         },
         (AsType::Boolean, Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
