@@ -537,6 +537,14 @@ parent_transaction_id = "/parent_transaction_id"
 }
 
 #[test]
+fn known_field_match_agrees_with_the_contract_list() {
+    for f in KNOWN_FIELDS {
+        assert!(is_known_field(f), "{f}");
+    }
+    assert!(!is_known_field("vip") && !is_known_field("amount "));
+}
+
+#[test]
 fn mapper_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Mapper>();
