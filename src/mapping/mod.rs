@@ -534,7 +534,7 @@ impl Cx<'_, '_, '_> {
         };
         Ok(match s {
             Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
-            Source::Value { place, .. } => Plan::get(&self.slots, place).cloned(),
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
             Source::Key => match self.rec.key {
                 Some(k) => utf8("record key", k)?,
                 None => None,
@@ -556,7 +556,7 @@ impl Cx<'_, '_, '_> {
     fn holds(&self, c: &Cond) -> Result<(bool, String), Stop> {
         // Conditions never take from a slot; reading by reference keeps the slots for the fields.
         let v = match &c.source {
-            Source::Value { place, .. } => Plan::get(&self.slots, place).cloned(),
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
             other => {
                 let mut tmp = Cx {
                     rec: self.rec,
@@ -636,7 +636,7 @@ impl Cx<'_, '_, '_> {
     fn properties(&mut self, p: &Props, out: &mut Vec<(String, String)>) -> Result<(), Stop> {
         let obj = match &p.source {
             Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
-            Source::Value { place, .. } => Plan::get(&self.slots, place).cloned(),
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
             _ => None,
         };
         let Some(obj) = obj.filter(|v| !v.is_null()) else {
