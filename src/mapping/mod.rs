@@ -129,6 +129,48 @@ enum Kind {
     Bool,
 }
 
+/// An API field, resolved from its name once at compile time (matching names per record cost
+/// string comparisons on the hot path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    ClientUserId,
+    EventName,
+    Timestamp,
+    ClickId,
+    IpAddress,
+    UserAgent,
+    GameType,
+    GameProvider,
+    TransactionId,
+    Amount,
+    Currency,
+    IsCrypto,
+    BetResult,
+    BetResultAmount,
+    ParentTransactionId,
+}
+
+fn target_of(field: &str) -> Target {
+    match field {
+        "client_user_id" => Target::ClientUserId,
+        "event_name" => Target::EventName,
+        "timestamp" => Target::Timestamp,
+        "click_id" => Target::ClickId,
+        "ip_address" => Target::IpAddress,
+        "user_agent" => Target::UserAgent,
+        "game_type" => Target::GameType,
+        "game_provider" => Target::GameProvider,
+        "transaction_id" => Target::TransactionId,
+        "amount" => Target::Amount,
+        "currency" => Target::Currency,
+        "is_crypto" => Target::IsCrypto,
+        "bet_result" => Target::BetResult,
+        "bet_result_amount" => Target::BetResultAmount,
+        "parent_transaction_id" => Target::ParentTransactionId,
+        other => unreachable!("`{other}` is not an API field; MappingConfig::fields names only API fields"),
+    }
+}
+
 fn kind_of(field: &str) -> Kind {
     match field {
         "timestamp" => Kind::Time,
@@ -166,6 +208,7 @@ enum Miss {
 #[derive(Debug)]
 struct Field {
     name: &'static str,
+    target: Target,
     kind: Kind,
     /// `None` only for an `expr` over the whole value, which reads slot `whole`.
     source: Source,
@@ -173,7 +216,8 @@ struct Field {
     default: Option<Value>,
     trim: bool,
     case: Option<Case>,
-    table: Option<(HashMap<String, Value>, Miss)>,
+    /// Sorted by key and binary searched: faster than hashing for the small tables mappings have.
+    table: Option<(Vec<(String, Value)>, Miss)>,
     as_type: Option<AsType>,
     time: Option<TimeReader>,
     one_of: Option<HashSet<String>>,
@@ -367,7 +411,7 @@ impl Mapper {
                 continue;
             };
             has_timestamp |= f.kind == Kind::Time;
-            set(&mut event, f.name, v)?;
+            set(&mut event, f, v)?;
         }
         for p in &m.props {
             cx.properties(p, &mut event.properties)?;
@@ -390,7 +434,8 @@ impl Mapper {
 }
 
 /// Puts a converted value into its event field.
-fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
+fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
+    let name = f.name;
     let wrong = |want: &str, hint: &str| {
         fail(
             Stage::Mapping,
@@ -399,7 +444,7 @@ fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
             format!("`{name}` must be {want}, got {}{hint}", describe(&v)),
         )
     };
-    match kind_of(name) {
+    match f.kind {
         Kind::Str => {
             let Value::String(s) = v else {
                 return Err(wrong("a string", "; add `as = \"string\"` to convert"));
@@ -407,16 +452,16 @@ fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
             if s.len() > MAX_TEXT_BYTES {
                 return Err(too_long(name, s.len()));
             }
-            let slot = match name {
-                "client_user_id" => {
+            let slot = match f.target {
+                Target::ClientUserId => {
                     e.client_user_id = s;
                     return Ok(());
                 }
-                "event_name" => {
+                Target::EventName => {
                     e.event_name = s;
                     return Ok(());
                 }
-                "bet_result" => {
+                Target::BetResult => {
                     e.bet_result = match s.as_str() {
                         "win" => Some(BetResult::Win),
                         "loss" => Some(BetResult::Loss),
@@ -434,15 +479,15 @@ fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
                     };
                     return Ok(());
                 }
-                "click_id" => &mut e.click_id,
-                "ip_address" => &mut e.ip_address,
-                "user_agent" => &mut e.user_agent,
-                "game_type" => &mut e.game_type,
-                "game_provider" => &mut e.game_provider,
-                "transaction_id" => &mut e.transaction_id,
-                "currency" => &mut e.currency,
-                "parent_transaction_id" => &mut e.parent_transaction_id,
-                other => unreachable!("string field {other} has no slot"),
+                Target::ClickId => &mut e.click_id,
+                Target::IpAddress => &mut e.ip_address,
+                Target::UserAgent => &mut e.user_agent,
+                Target::GameType => &mut e.game_type,
+                Target::GameProvider => &mut e.game_provider,
+                Target::TransactionId => &mut e.transaction_id,
+                Target::Currency => &mut e.currency,
+                Target::ParentTransactionId => &mut e.parent_transaction_id,
+                other => unreachable!("{other:?} is not a string field"),
             };
             *slot = Some(s);
         }
@@ -450,8 +495,8 @@ fn set(e: &mut Event, name: &'static str, v: Value) -> Result<(), Stop> {
             let Some(x) = v.as_f64() else {
                 return Err(wrong("a number", "; add `as = \"number\"` to convert a string"));
             };
-            match name {
-                "amount" => e.amount = Some(x),
+            match f.target {
+                Target::Amount => e.amount = Some(x),
                 _ => e.bet_result_amount = Some(x),
             }
         }
@@ -591,7 +636,10 @@ impl Cx<'_, '_, '_> {
             v = convert::case(v, c);
         }
         if let Some((table, miss)) = &f.table {
-            let hit = scalar_text(&v).and_then(|k| table.get(k.as_ref()));
+            let hit = scalar_text(&v).and_then(|k| {
+                let i = table.binary_search_by(|(key, _)| key.as_str().cmp(k.as_ref())).ok()?;
+                Some(&table[i].1)
+            });
             v = match (hit, miss) {
                 (Some(to), _) => to.clone(),
                 (None, Miss::Keep) => v,
@@ -1051,6 +1099,7 @@ fn compile_field(
                 (Some(Otherwise::Skip), None) => Miss::Skip,
                 (Some(Otherwise::Keep), None) => Miss::Keep,
             };
+            // A BTreeMap iterates in key order: the Vec comes out sorted.
             Some((t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), miss))
         }
         None => {
@@ -1139,6 +1188,7 @@ fn compile_field(
     Some(Pending {
         item: Field {
             name,
+            target: target_of(name),
             kind,
             source: Source::Topic,
             expr,
