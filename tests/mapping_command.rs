@@ -66,3 +66,38 @@ fn topic_flag_picks_the_mapping() {
     assert_eq!((s.events, s.failed), (1, 0), "{err}");
     assert!(out.contains(r#""bet_result":"win""#), "{out}");
 }
+
+#[test]
+fn mapping_mistakes_stop_start_up_naming_the_mapping_and_the_field() {
+    let base = std::fs::read_to_string(example("flat-seconds").join("datapulse-bridge.toml")).unwrap();
+    let cases = [
+        // A misspelt API field, a misspelt option, a bad option value, a bad source.
+        (
+            base.replace("click_id = \"/click_id\"", "clik_id = \"/click_id\""),
+            "clik_id",
+        ),
+        (
+            base.replace("{ from = \"/ts\", time = \"seconds\" }", "{ frm = \"/ts\" }"),
+            "frm",
+        ),
+        (base.replace("time = \"seconds\"", "time = \"hours\""), "hours"),
+        (
+            base.replace("user_agent = \"/ua\"", "user_agent = \"ua\""),
+            "mapping[0] (topics acme.events), field `user_agent`",
+        ),
+    ];
+    for (text, want) in cases {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let args = MapArgs {
+            config: f.path().to_path_buf(),
+            topic: None,
+            file: None,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let e = run_map(&args, &b""[..], &mut out, &mut err).unwrap_err();
+        eprintln!("{e}");
+        assert!(e.contains(want), "want {want:?} in: {e}");
+        assert!(e.contains("mapping"), "{e}");
+    }
+}
