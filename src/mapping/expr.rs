@@ -13,6 +13,10 @@ use serde_json::Value;
 
 type Filter = jaq_core::compile::Filter<Native<JustLut<Val>>>;
 
+/// Native jq functions a mapping may not call, and the definitions built on them.
+const DENIED: &[&str] = &["env", "debug_empty", "stderr_empty"];
+const DENIED_DEFS: &[&str] = &["debug", "stderr", "halt_error"];
+
 /// A compiled jq filter.
 pub struct Expr {
     source: String,
@@ -28,8 +32,16 @@ impl std::fmt::Debug for Expr {
 impl Expr {
     /// Compiles `code`; the error says what is wrong with it.
     pub fn compile(code: &str) -> Result<Expr, String> {
-        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs());
-        let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+        let defs = jaq_core::defs()
+            .chain(jaq_std::defs())
+            .chain(jaq_json::defs())
+            .filter(|d| !DENIED_DEFS.contains(&d.name));
+        // No `env`: the API key may be in the environment, and an expression's result is sent
+        // to the API. No `debug`/`stderr` output either: records would bypass the logging.
+        let funs = jaq_core::funs()
+            .chain(jaq_std::funs())
+            .chain(jaq_json::funs())
+            .filter(|(name, _, _)| !DENIED.contains(name));
         let loader = Loader::new(defs);
         let arena = Arena::default();
         let modules = loader.load(&arena, File { code, path: () }).map_err(|errs| {
@@ -108,6 +120,13 @@ mod tests {
         assert!(Expr::compile(".a +").is_err());
         assert!(Expr::compile("nosuchfn(1)").unwrap_err().contains("nosuchfn"));
         assert!(Expr::compile("halt").unwrap().run(&json!(1)).is_err());
+        for denied in ["env", "$ENV", "env.HOME", "debug", "stderr", "debug(1)"] {
+            let compiled = Expr::compile(denied);
+            assert!(
+                compiled.is_err() || compiled.unwrap().run(&json!(1)).is_err(),
+                "`{denied}` must not run"
+            );
+        }
         assert!(Expr::compile("error(\"boom\")")
             .unwrap()
             .run(&json!(1))
