@@ -210,7 +210,7 @@ struct Field {
     name: &'static str,
     target: Target,
     kind: Kind,
-    /// `None` only for an `expr` over the whole value, which reads slot `whole`.
+    /// An `expr` without `from` reads the whole value (the pointer `""`).
     source: Source,
     expr: Option<Expr>,
     default: Option<Value>,
@@ -769,6 +769,9 @@ fn mapping_label(i: usize, cfg: &MappingConfig) -> String {
     }
 }
 
+/// The placeholder source of a [`Pending`] item (any value; it is always replaced).
+const UNRESOLVED: Source = Source::Topic;
+
 /// A source before slots are assigned.
 enum RawSource {
     Pointer(usize),
@@ -825,7 +828,9 @@ fn text_set(values: &[Value], what: &str) -> Result<HashSet<String>, String> {
         .collect()
 }
 
-/// A field or condition whose source still refers to a pointer index.
+/// A field, condition or properties table whose source still refers to a pointer index: slots
+/// are known only once every pointer of the mapping is. Until then `item.source` holds
+/// [`UNRESOLVED`].
 struct Pending<T> {
     item: T,
     raw: Option<RawSource>,
@@ -876,7 +881,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
                 item: Cond {
                     from: format!("`{}`", c.from),
                     values: c.one_of.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
-                    source: Source::Topic,
+                    source: UNRESOLVED,
                     one_of,
                 },
                 raw: Some(raw),
@@ -947,7 +952,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
         }
         props.push(Pending {
             item: Props {
-                source: Source::Topic,
+                source: UNRESOLVED,
                 fields: p.fields.clone(),
                 skip: p.except.iter().cloned().collect(),
                 prefix,
@@ -1190,7 +1195,7 @@ fn compile_field(
             name,
             target: target_of(name),
             kind,
-            source: Source::Topic,
+            source: UNRESOLVED,
             expr,
             default: o.default.clone(),
             trim: o.trim,
