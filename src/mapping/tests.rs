@@ -530,9 +530,70 @@ parent_transaction_id = "/parent_transaction_id"
         json!({"client_user_id": "u", "event_name": "withdraw", "currency": "EUR", "amount": 5.0,
                "transaction_id": "w1", "timestamp": 1702963200, "ip_address": "203.0.113.1", "is_crypto": false}),
     ];
-    for ev in seed {
+    for ev in seed.iter() {
         let out = map_value(&m, ev.to_string().as_bytes());
-        assert_eq!(event_json(&out), ev);
+        assert_eq!(&event_json(&out), ev);
+    }
+    // Each contract rule a mapped event can break fails at validation with the rule named.
+    // (`type`, `property_type` and `amount` cannot be broken through a mapping: the mapping
+    // itself fixes each field's type and refuses non-finite numbers, with reason `type`.)
+    let (deposit, bet, loss) = (&seed[0], &seed[4], &seed[5]);
+    let with = |base: &Value, k: &str, v: Value| {
+        let mut e = base.clone();
+        if v.is_null() {
+            e.as_object_mut().unwrap().remove(k);
+        } else {
+            e[k] = v;
+        }
+        e
+    };
+    let broken = [
+        (with(deposit, "client_user_id", json!("")), "client_user_id", "required"),
+        (with(deposit, "event_name", json!("")), "event_name", "required"),
+        (with(deposit, "timestamp", json!(-1)), "timestamp", "timestamp"),
+        (with(deposit, "amount", Value::Null), "amount", "financial_fields"),
+        (
+            with(deposit, "click_id", Value::Null),
+            "click_id",
+            "click_id_ip_address",
+        ),
+        (
+            with(deposit, "ip_address", json!("300.1.1.1")),
+            "ip_address",
+            "ip_address",
+        ),
+        (with(deposit, "currency", json!("XBT")), "currency", "currency"),
+        (
+            with(bet, "bet_result_amount", Value::Null),
+            "bet_result_amount",
+            "bet_result",
+        ),
+        (with(bet, "bet_result", json!("draw")), "bet_result", "bet_result"),
+        (
+            with(bet, "bet_result_amount", json!(2.0)),
+            "bet_result_amount",
+            "amount_sign",
+        ),
+        (
+            with(loss, "parent_transaction_id", Value::Null),
+            "parent_transaction_id",
+            "settlement",
+        ),
+        (
+            with(deposit, "parent_transaction_id", json!("b1")),
+            "parent_transaction_id",
+            "settlement",
+        ),
+        (with(loss, "amount", json!(5.0)), "amount", "amount_sign"),
+    ];
+    for (ev, field, rule) in broken {
+        let out = map_value(&m, ev.to_string().as_bytes());
+        let e = failed(&out);
+        assert_eq!(
+            (e.stage, e.field.as_deref(), e.reason.as_str()),
+            (Stage::Validation, Some(field), rule),
+            "{ev}: {e}"
+        );
     }
 }
 
