@@ -1,23 +1,36 @@
 //! Field mapping: compiles the configured `[[mapping]]` tables once at start-up and turns each
 //! Kafka record into an API event, a filtered record, or an error naming the field.
 //!
-//! PLACEHOLDER (spine issue): the simplest config-driven field copy; the mapping engine replaces
-//! the internals behind this same interface (`MappingConfig`, `Mapper`, `SourceRecord`,
-//! `MapOutcome`).
+//! A mapping is chosen by the record's topic (the first mapping whose `topics` or
+//! `topic_pattern` matches). Its JSON pointers are compiled into a reading plan (`read`), so a
+//! record value is parsed once and only the fields the mapping uses are built. Each API field then
+//! goes through its options in a fixed order (source, `expr`, `default`, `trim`, `case`, `table`,
+//! `as`/`time`/`in`, `sign`), the custom properties are copied, and the event is checked by the
+//! contract rules of `event::Event::validate`. `docs/mapping.md` is the user's reference.
 
-use crate::event::{ContractOptions, Event};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+mod command;
+mod convert;
+mod expr;
+mod read;
+mod spec;
 
-/// One `[[mapping]]` table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct MappingConfig {
-    /// Topics this mapping applies to.
-    pub topics: Vec<String>,
-    /// Target field → JSON pointer into the record value.
-    #[serde(flatten)]
-    pub fields: BTreeMap<String, String>,
-}
+pub use command::{run_map, run_map_command, MapArgs, Summary};
+pub use spec::{
+    AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
+    CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
+};
+
+use crate::event::{truncate, BetResult, ContractOptions, Event, KNOWN_FIELDS};
+use convert::{describe, scalar_text, TimeReader};
+use expr::Expr;
+use read::{Place, Plan, Pointer};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// The longest string a field or property may carry, in bytes. Longer values fail the record
+/// (`too_long`) rather than ship megabytes to the API.
+pub const MAX_TEXT_BYTES: usize = 8 * 1024;
 
 /// A Kafka record as the mapping sees it.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +74,16 @@ pub struct MapError {
     pub message: String,
 }
 
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed", self.stage.as_str())?;
+        if let Some(field) = &self.field {
+            write!(f, " on field `{field}`")?;
+        }
+        write!(f, " ({}): {}", self.reason, self.message)
+    }
+}
+
 /// The result of mapping one record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MapOutcome {
@@ -76,58 +99,1116 @@ pub enum MapOutcome {
 #[derive(Debug)]
 pub struct MappingErrors(pub Vec<String>);
 
+impl fmt::Display for MappingErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(e)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MappingErrors {}
+
 /// The compiled mappings.
 #[derive(Debug)]
 pub struct Mapper {
-    mappings: Vec<MappingConfig>,
+    mappings: Vec<Compiled>,
     contract: ContractOptions,
 }
 
+/// The JSON type an API field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Num,
+    Time,
+    Bool,
+}
+
+/// An API field, resolved from its name once at compile time (matching names per record cost
+/// string comparisons on the hot path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    ClientUserId,
+    EventName,
+    Timestamp,
+    ClickId,
+    IpAddress,
+    UserAgent,
+    GameType,
+    GameProvider,
+    TransactionId,
+    Amount,
+    Currency,
+    IsCrypto,
+    BetResult,
+    BetResultAmount,
+    ParentTransactionId,
+}
+
+fn target_of(field: &str) -> Target {
+    match field {
+        "client_user_id" => Target::ClientUserId,
+        "event_name" => Target::EventName,
+        "timestamp" => Target::Timestamp,
+        "click_id" => Target::ClickId,
+        "ip_address" => Target::IpAddress,
+        "user_agent" => Target::UserAgent,
+        "game_type" => Target::GameType,
+        "game_provider" => Target::GameProvider,
+        "transaction_id" => Target::TransactionId,
+        "amount" => Target::Amount,
+        "currency" => Target::Currency,
+        "is_crypto" => Target::IsCrypto,
+        "bet_result" => Target::BetResult,
+        "bet_result_amount" => Target::BetResultAmount,
+        "parent_transaction_id" => Target::ParentTransactionId,
+        other => unreachable!("`{other}` is not an API field; MappingConfig::fields names only API fields"),
+    }
+}
+
+fn kind_of(field: &str) -> Kind {
+    match field {
+        "timestamp" => Kind::Time,
+        "amount" | "bet_result_amount" => Kind::Num,
+        "is_crypto" => Kind::Bool,
+        _ => Kind::Str,
+    }
+}
+
+#[derive(Debug)]
+enum Source {
+    /// A pointer into the value; `take` when no other option reads the same slot, so a field or
+    /// `properties` can move the value out rather than clone it.
+    Value {
+        place: Place,
+        take: bool,
+    },
+    Key,
+    Header(String),
+    Topic,
+    Partition,
+    Offset,
+    Timestamp,
+    Const(Value),
+}
+
+#[derive(Debug)]
+enum Miss {
+    DeadLetter,
+    Skip,
+    Keep,
+    Fallback(Value),
+}
+
+#[derive(Debug)]
+struct Field {
+    name: &'static str,
+    target: Target,
+    kind: Kind,
+    /// An `expr` without `from` reads the whole value (the pointer `""`).
+    source: Source,
+    expr: Option<Expr>,
+    default: Option<Value>,
+    trim: bool,
+    case: Option<Case>,
+    /// Sorted by key and binary searched: faster than hashing for the small tables mappings have.
+    table: Option<(Vec<(String, Value)>, Miss)>,
+    as_type: Option<AsType>,
+    time: Option<TimeReader>,
+    one_of: Option<HashSet<String>>,
+    sign: Option<(Sign, Vec<String>)>,
+}
+
+#[derive(Debug)]
+struct Cond {
+    /// `from`, quoted, and the `in` values, for the filtered reason.
+    from: String,
+    values: String,
+    source: Source,
+    one_of: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Props {
+    source: Source,
+    fields: Option<Vec<String>>,
+    skip: HashSet<String>,
+    prefix: String,
+    rename: HashMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    topics: Vec<String>,
+    pattern: Option<regex::Regex>,
+    plan: Plan,
+    keep_when: Vec<Cond>,
+    skip_when: Vec<Cond>,
+    /// `event_name` first: `sign_for` reads the mapped event name.
+    fields: Vec<Field>,
+    props: Vec<Props>,
+}
+
+/// How a record stops short of an event. Boxed so that the `Result`s of the per-field hot path
+/// stay small (moving a large error type around cost more than the boxing).
+enum Stop {
+    Filtered(String),
+    Failed(Box<MapError>),
+}
+
+fn fail(stage: Stage, field: Option<&str>, reason: &str, message: impl Into<String>) -> Stop {
+    Stop::Failed(Box::new(MapError {
+        stage,
+        field: field.map(str::to_string),
+        reason: reason.to_string(),
+        message: message.into(),
+    }))
+}
+
 impl Mapper {
+    /// Compiles every mapping, or returns every error found, each naming the mapping (by index
+    /// and topics) and the field.
     pub fn compile(cfgs: &[MappingConfig], contract: &ContractOptions) -> Result<Mapper, MappingErrors> {
-        Ok(Mapper {
-            mappings: cfgs.to_vec(),
-            contract: *contract,
-        })
+        let mut errors = Vec::new();
+        let mut mappings = Vec::new();
+        let mut claimed: HashMap<&str, usize> = HashMap::new();
+        for (i, cfg) in cfgs.iter().enumerate() {
+            let label = mapping_label(i, cfg);
+            for t in &cfg.topics {
+                if let Some(first) = claimed.insert(t.as_str(), i) {
+                    errors.push(format!(
+                        "{label}: topic `{t}` is already mapped by mapping[{first}]; a topic has one mapping"
+                    ));
+                }
+            }
+            let mut errs = Vec::new();
+            let compiled = compile_one(cfg, &mut errs);
+            errors.extend(errs.into_iter().map(|e| format!("{label}, {e}")));
+            if let Some(c) = compiled {
+                mappings.push(c);
+            }
+        }
+        if errors.is_empty() {
+            Ok(Mapper {
+                mappings,
+                contract: *contract,
+            })
+        } else {
+            Err(MappingErrors(errors))
+        }
     }
 
+    /// The contract settings events are validated and timestamps converted with.
+    pub fn contract(&self) -> &ContractOptions {
+        &self.contract
+    }
+
+    /// Whether some mapping applies to `topic`.
+    pub fn handles(&self, topic: &str) -> bool {
+        self.find(topic).is_some()
+    }
+
+    fn find(&self, topic: &str) -> Option<&Compiled> {
+        self.mappings
+            .iter()
+            .find(|m| m.topics.iter().any(|t| t == topic) || m.pattern.as_ref().is_some_and(|p| p.is_match(topic)))
+    }
+
+    /// Maps one record. Never panics; every record gets an outcome.
     pub fn map(&self, rec: &SourceRecord<'_>) -> MapOutcome {
-        let fail = |stage, field: Option<&str>, reason: &str, message: String| {
-            MapOutcome::Failed(MapError {
-                stage,
-                field: field.map(str::to_string),
-                reason: reason.into(),
-                message,
-            })
-        };
-        let Some(m) = self.mappings.iter().find(|m| m.topics.iter().any(|t| t == rec.topic)) else {
-            return fail(
+        match self.map_inner(rec) {
+            Ok(e) => MapOutcome::Event(e),
+            Err(Stop::Filtered(reason)) => MapOutcome::Filtered { reason },
+            Err(Stop::Failed(e)) => MapOutcome::Failed(*e),
+        }
+    }
+
+    fn map_inner(&self, rec: &SourceRecord<'_>) -> Result<Box<Event>, Stop> {
+        let Some(m) = self.find(rec.topic) else {
+            return Err(fail(
                 Stage::Mapping,
                 None,
                 "no_mapping",
-                format!("no mapping for topic {}", rec.topic),
-            );
+                format!("no mapping applies to topic `{}`", truncate(rec.topic)),
+            ));
         };
-        let Some(value) = rec.value else {
-            return fail(Stage::Mapping, None, "tombstone", "record has no value".into());
+        let Some(raw) = rec.value else {
+            return Err(fail(
+                Stage::Mapping,
+                None,
+                "tombstone",
+                "the record has no value (a tombstone)",
+            ));
         };
-        let v: serde_json::Value = match serde_json::from_slice(value) {
-            Ok(v) => v,
-            Err(e) => return fail(Stage::Mapping, None, "not_json", format!("value is not JSON: {e}")),
-        };
-        let mut obj = serde_json::Map::new();
-        for (target, pointer) in &m.fields {
-            if let Some(x) = v.pointer(pointer) {
-                obj.insert(target.clone(), x.clone());
+        let text = std::str::from_utf8(raw).map_err(|e| {
+            fail(
+                Stage::Mapping,
+                None,
+                "not_utf8",
+                format!("the value is not UTF-8 text: {e}"),
+            )
+        })?;
+        let mut slots = SLOTS.take();
+        slots.resize(m.plan.slot_count(), None);
+        let result = self.map_value(m, rec, text, &mut slots);
+        slots.clear();
+        SLOTS.set(slots);
+        result
+    }
+
+    fn map_value(
+        &self,
+        m: &Compiled,
+        rec: &SourceRecord<'_>,
+        text: &str,
+        slots: &mut Vec<Option<Value>>,
+    ) -> Result<Box<Event>, Stop> {
+        match m.plan.read(text, slots) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(fail(
+                    Stage::Mapping,
+                    None,
+                    "not_object",
+                    "the value is JSON but not an object",
+                ))
+            }
+            Err(e) => {
+                return Err(fail(
+                    Stage::Mapping,
+                    None,
+                    "not_json",
+                    format!("the value is not JSON: {e}"),
+                ))
             }
         }
-        let event = match Event::from_json(&obj) {
-            Ok(e) => e,
-            Err(v) => return fail(Stage::Mapping, Some(&v[0].field), v[0].rule, v[0].message.clone()),
-        };
-        match event.validate(&self.contract).into_iter().next() {
-            Some(v) => fail(Stage::Validation, Some(&v.field), v.rule, v.message),
-            None => MapOutcome::Event(Box::new(event)),
+        let cx = Cx { rec, slots };
+        for c in &m.keep_when {
+            let (holds, seen) = cx.holds(c)?;
+            if !holds {
+                return Err(Stop::Filtered(format!(
+                    "keep_when: {} is {seen}, not one of {}",
+                    c.from, c.values
+                )));
+            }
         }
+        for c in &m.skip_when {
+            let (holds, seen) = cx.holds(c)?;
+            if holds {
+                return Err(Stop::Filtered(format!("skip_when: {} is {seen}", c.from)));
+            }
+        }
+        let mut cx = cx;
+        let mut event = Box::<Event>::default();
+        let mut has_timestamp = false;
+        for f in &m.fields {
+            let Some(v) = cx.field(f, &event.event_name, &self.contract)? else {
+                continue;
+            };
+            has_timestamp |= f.kind == Kind::Time;
+            set(&mut event, f, v)?;
+        }
+        for p in &m.props {
+            cx.properties(p, &mut event.properties)?;
+        }
+        if !has_timestamp {
+            return Err(fail(
+                Stage::Validation,
+                Some("timestamp"),
+                "required",
+                "timestamp is required: its source is absent or null",
+            ));
+        }
+        let violations = event.validate(&self.contract);
+        if let Some(first) = violations.first() {
+            let message = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
+            return Err(fail(Stage::Validation, Some(&first.field), first.rule, message));
+        }
+        Ok(event)
     }
 }
+
+/// Puts a converted value into its event field.
+fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
+    let name = f.name;
+    let wrong = |want: &str, hint: &str| {
+        fail(
+            Stage::Mapping,
+            Some(name),
+            "type",
+            format!("`{name}` must be {want}, got {}{hint}", describe(&v)),
+        )
+    };
+    match f.kind {
+        Kind::Str => {
+            let Value::String(s) = v else {
+                return Err(wrong("a string", "; add `as = \"string\"` to convert"));
+            };
+            if s.len() > MAX_TEXT_BYTES {
+                return Err(too_long(name, s.len()));
+            }
+            let slot = match f.target {
+                Target::ClientUserId => {
+                    e.client_user_id = s;
+                    return Ok(());
+                }
+                Target::EventName => {
+                    e.event_name = s;
+                    return Ok(());
+                }
+                Target::BetResult => {
+                    e.bet_result = match s.as_str() {
+                        "win" => Some(BetResult::Win),
+                        "loss" => Some(BetResult::Loss),
+                        _ => {
+                            return Err(fail(
+                                Stage::Validation,
+                                Some(name),
+                                crate::event::Rule::BetResult.code(),
+                                format!(
+                                    "bet_result must be \"win\" or \"loss\", got {}; a `table` can translate",
+                                    describe(&Value::String(s))
+                                ),
+                            ))
+                        }
+                    };
+                    return Ok(());
+                }
+                Target::ClickId => &mut e.click_id,
+                Target::IpAddress => &mut e.ip_address,
+                Target::UserAgent => &mut e.user_agent,
+                Target::GameType => &mut e.game_type,
+                Target::GameProvider => &mut e.game_provider,
+                Target::TransactionId => &mut e.transaction_id,
+                Target::Currency => &mut e.currency,
+                Target::ParentTransactionId => &mut e.parent_transaction_id,
+                other => unreachable!("{other:?} is not a string field"),
+            };
+            *slot = Some(s);
+        }
+        Kind::Num => {
+            let Some(x) = v.as_f64() else {
+                return Err(wrong("a number", "; add `as = \"number\"` to convert a string"));
+            };
+            match f.target {
+                Target::Amount => e.amount = Some(x),
+                _ => e.bet_result_amount = Some(x),
+            }
+        }
+        Kind::Time => {
+            let Some(x) = v.as_i64() else {
+                return Err(wrong("an integer", ""));
+            };
+            e.timestamp = x;
+        }
+        Kind::Bool => {
+            let Value::Bool(b) = v else {
+                return Err(wrong(
+                    "a boolean",
+                    "; add `as = \"boolean\"` or `in = [...]` to convert",
+                ));
+            };
+            e.is_crypto = Some(b);
+        }
+    }
+    Ok(())
+}
+
+/// `KNOWN_FIELDS.contains`, without fifteen string comparisons per custom property.
+fn is_known_field(name: &str) -> bool {
+    matches!(
+        name,
+        "client_user_id"
+            | "event_name"
+            | "timestamp"
+            | "click_id"
+            | "ip_address"
+            | "user_agent"
+            | "game_type"
+            | "game_provider"
+            | "transaction_id"
+            | "amount"
+            | "currency"
+            | "is_crypto"
+            | "bet_result"
+            | "bet_result_amount"
+            | "parent_transaction_id"
+    )
+}
+
+fn too_long(name: &str, len: usize) -> Stop {
+    fail(
+        Stage::Mapping,
+        Some(name),
+        "too_long",
+        format!("`{name}` is {len} bytes long; the limit is {MAX_TEXT_BYTES}"),
+    )
+}
+
+thread_local! {
+    /// The reading slots, reused from record to record on each thread (one allocation less per
+    /// record).
+    static SLOTS: std::cell::Cell<Vec<Option<Value>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// One record being mapped.
+struct Cx<'r, 'a, 's> {
+    rec: &'r SourceRecord<'a>,
+    slots: &'s mut [Option<Value>],
+}
+
+impl Cx<'_, '_, '_> {
+    /// The value of a source; `None` when absent. `field` names the error.
+    fn read(&mut self, s: &Source, field: &str) -> Result<Option<Value>, Stop> {
+        let utf8 = |what: &str, b: &[u8]| {
+            std::str::from_utf8(b)
+                .map(|s| Some(Value::String(s.to_string())))
+                .map_err(|e| {
+                    fail(
+                        Stage::Mapping,
+                        Some(field),
+                        "not_utf8",
+                        format!("the {what} is not UTF-8 text: {e}"),
+                    )
+                })
+        };
+        Ok(match s {
+            Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
+            Source::Key => match self.rec.key {
+                Some(k) => utf8("record key", k)?,
+                None => None,
+            },
+            Source::Header(name) => match self.rec.headers.iter().rev().find(|h| h.0 == name) {
+                Some(h) => utf8(&format!("header `{name}`"), h.1)?,
+                None => None,
+            },
+            Source::Topic => Some(Value::String(self.rec.topic.to_string())),
+            Source::Partition => Some(Value::from(self.rec.partition)),
+            Source::Offset => Some(Value::from(self.rec.offset)),
+            Source::Timestamp => self.rec.timestamp_ms.map(Value::from),
+            Source::Const(v) => Some(v.clone()),
+        }
+        .filter(|v| !v.is_null()))
+    }
+
+    /// Whether the condition holds, and what the source held (for the filtered reason).
+    fn holds(&self, c: &Cond) -> Result<(bool, String), Stop> {
+        // Conditions never take from a slot; reading by reference keeps the slots for the fields.
+        let v = match &c.source {
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
+            other => {
+                let mut tmp = Cx {
+                    rec: self.rec,
+                    slots: &mut [],
+                };
+                tmp.read(other, &c.from)?
+            }
+        };
+        let holds = v
+            .as_ref()
+            .and_then(scalar_text)
+            .is_some_and(|t| c.one_of.contains(t.as_ref()));
+        Ok((holds, v.as_ref().map_or("absent".to_string(), describe)))
+    }
+
+    /// Runs a field's options; `Ok(None)` when the field is absent.
+    fn field(&mut self, f: &Field, event_name: &str, contract: &ContractOptions) -> Result<Option<Value>, Stop> {
+        let name = f.name;
+        let mapping_err = |reason: &str, msg: String| fail(Stage::Mapping, Some(name), reason, msg);
+        let mut v = self.read(&f.source, name)?;
+        if let Some(e) = &f.expr {
+            let input = v.take().unwrap_or(Value::Null);
+            v = e.run(&input).map_err(|m| mapping_err("expr", m))?;
+        }
+        let Some(mut v) = v.or_else(|| f.default.clone()) else {
+            return Ok(None);
+        };
+        if f.trim {
+            v = convert::trim(v);
+        }
+        if let Some(c) = f.case {
+            v = convert::case(v, c);
+        }
+        if let Some((table, miss)) = &f.table {
+            let hit = scalar_text(&v).and_then(|k| {
+                let i = table.binary_search_by(|(key, _)| key.as_str().cmp(k.as_ref())).ok()?;
+                Some(&table[i].1)
+            });
+            v = match (hit, miss) {
+                (Some(to), _) => to.clone(),
+                (None, Miss::Keep) => v,
+                (None, Miss::Fallback(to)) => to.clone(),
+                (None, Miss::Skip) => {
+                    return Err(Stop::Filtered(format!(
+                        "`{name}`: {} is not in the table (otherwise = \"skip\")",
+                        describe(&v)
+                    )))
+                }
+                (None, Miss::DeadLetter) => {
+                    return Err(mapping_err(
+                        "unknown_value",
+                        format!("{} is not in the table of `{name}`", describe(&v)),
+                    ))
+                }
+            };
+        }
+        if let Some(t) = f.as_type {
+            v = convert::as_type(v, t).map_err(|m| mapping_err("type", m))?;
+        }
+        if let Some(set) = &f.one_of {
+            let hit = scalar_text(&v).is_some_and(|t| set.contains(t.as_ref()));
+            v = Value::Bool(hit);
+        }
+        if f.kind == Kind::Time {
+            let reader = f.time.as_ref().unwrap_or(&TimeReader::Unit(TimeSource::Auto));
+            v = Value::from(
+                reader
+                    .read(&v, contract.timestamp_unit)
+                    .map_err(|m| mapping_err("time", m))?,
+            );
+        }
+        if let Some((s, only_for)) = &f.sign {
+            if only_for.is_empty() || only_for.iter().any(|n| n == event_name) {
+                v = convert::sign(v, *s).map_err(|m| mapping_err("type", m))?;
+            }
+        }
+        Ok(Some(v))
+    }
+
+    fn properties(&mut self, p: &Props, out: &mut Vec<(String, String)>) -> Result<(), Stop> {
+        let obj = match &p.source {
+            Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
+            _ => None,
+        };
+        let Some(obj) = obj.filter(|v| !v.is_null()) else {
+            return Ok(());
+        };
+        let Value::Object(mut map) = obj else {
+            return Err(fail(
+                Stage::Mapping,
+                Some("properties"),
+                "type",
+                format!("properties must come from an object, got {}", describe(&obj)),
+            ));
+        };
+        let mut copy = |k: String, v: Value| -> Result<(), Stop> {
+            if !p.skip.is_empty() && p.skip.contains(&k) {
+                return Ok(());
+            }
+            let text = match v {
+                Value::Null => return Ok(()),
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let renamed = if p.rename.is_empty() { None } else { p.rename.get(&k) };
+            let name = match (renamed, p.prefix.is_empty()) {
+                (None, true) => k,
+                (renamed, _) => {
+                    let base = renamed.unwrap_or(&k);
+                    let mut n = String::with_capacity(p.prefix.len() + base.len());
+                    n.push_str(&p.prefix);
+                    n.push_str(base);
+                    n
+                }
+            };
+            if text.len() > MAX_TEXT_BYTES {
+                return Err(too_long(&name, text.len()));
+            }
+            if is_known_field(&name) || out.iter().any(|(n, _)| *n == name) {
+                return Err(fail(
+                    Stage::Mapping,
+                    Some(&name),
+                    "property_name",
+                    format!(
+                        "the custom property `{}` would collide with an API field or another property; \
+                         add a `prefix`, a `rename` or an `except`",
+                        truncate(&name)
+                    ),
+                ));
+            }
+            out.push((name, text));
+            Ok(())
+        };
+        match &p.fields {
+            Some(fields) => {
+                for k in fields {
+                    if let Some(v) = map.remove(k) {
+                        copy(k.clone(), v)?;
+                    }
+                }
+            }
+            None => {
+                for (k, v) in map {
+                    copy(k, v)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mapping_label(i: usize, cfg: &MappingConfig) -> String {
+    let mut what = Vec::new();
+    if !cfg.topics.is_empty() {
+        what.push(format!("topics {}", cfg.topics.join(", ")));
+    }
+    if let Some(p) = &cfg.topic_pattern {
+        what.push(format!("topic_pattern {p}"));
+    }
+    if what.is_empty() {
+        format!("mapping[{i}]")
+    } else {
+        format!("mapping[{i}] ({})", what.join("; "))
+    }
+}
+
+/// The placeholder source of a [`Pending`] item (any value; it is always replaced).
+const UNRESOLVED: Source = Source::Topic;
+
+/// A source before slots are assigned.
+enum RawSource {
+    Pointer(usize),
+    Other(Source),
+}
+
+/// Collects the pointers of one mapping so the reading plan can be built once they are all known.
+#[derive(Default)]
+struct Pointers {
+    list: Vec<Pointer>,
+}
+
+impl Pointers {
+    fn source(&mut self, s: &str) -> Result<RawSource, String> {
+        Ok(RawSource::Other(match s {
+            "key" => Source::Key,
+            "topic" => Source::Topic,
+            "partition" => Source::Partition,
+            "offset" => Source::Offset,
+            "timestamp" => Source::Timestamp,
+            _ => {
+                if let Some(h) = s.strip_prefix("header:") {
+                    if h.is_empty() {
+                        return Err("`header:` needs a header name, for example `header:client-ip`".into());
+                    }
+                    Source::Header(h.to_string())
+                } else {
+                    return self.pointer(s);
+                }
+            }
+        }))
+    }
+
+    fn pointer(&mut self, s: &str) -> Result<RawSource, String> {
+        self.list.push(Pointer::parse(s)?);
+        Ok(RawSource::Pointer(self.list.len() - 1))
+    }
+}
+
+fn scalar(v: &Value, what: &str) -> Result<(), String> {
+    match v {
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(()),
+        _ => Err(format!("{what} must be a string, a number or a boolean")),
+    }
+}
+
+fn text_set(values: &[Value], what: &str) -> Result<HashSet<String>, String> {
+    values
+        .iter()
+        .map(|v| {
+            scalar(v, what)?;
+            Ok(scalar_text(v).expect("scalar").into_owned())
+        })
+        .collect()
+}
+
+/// A field, condition or properties table whose source still refers to a pointer index: slots
+/// are known only once every pointer of the mapping is. Until then `item.source` holds
+/// [`UNRESOLVED`].
+struct Pending<T> {
+    item: T,
+    raw: Option<RawSource>,
+}
+
+fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> {
+    let mut ptrs = Pointers::default();
+    if cfg.topics.is_empty() && cfg.topic_pattern.is_none() {
+        errs.push("set `topics` (a list) or `topic_pattern` (a regular expression)".into());
+    }
+    let pattern = match &cfg.topic_pattern {
+        Some(p) => match regex::Regex::new(&format!("^(?:{p})$")) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errs.push(format!("option `topic_pattern`: not a valid regular expression: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    for required in ["client_user_id", "event_name", "timestamp"] {
+        if cfg.fields().iter().any(|(n, s)| *n == required && s.is_none()) {
+            errs.push(format!(
+                "field `{required}`: missing; every event needs `client_user_id`, `event_name` and `timestamp`"
+            ));
+        }
+    }
+
+    let conds = |list: &[Condition], which: &str, ptrs: &mut Pointers, errs: &mut Vec<String>| {
+        let mut out = Vec::new();
+        for (i, c) in list.iter().enumerate() {
+            let at = format!("{which}[{i}]");
+            let raw = match ptrs.source(&c.from) {
+                Ok(r) => r,
+                Err(e) => {
+                    errs.push(format!("{at}: option `from`: {e}"));
+                    continue;
+                }
+            };
+            if c.one_of.is_empty() {
+                errs.push(format!("{at}: option `in`: list at least one value"));
+            }
+            let one_of = text_set(&c.one_of, "each value of `in`").unwrap_or_else(|e| {
+                errs.push(format!("{at}: option `in`: {e}"));
+                HashSet::new()
+            });
+            out.push(Pending {
+                item: Cond {
+                    from: format!("`{}`", c.from),
+                    values: c.one_of.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
+                    source: UNRESOLVED,
+                    one_of,
+                },
+                raw: Some(raw),
+            });
+        }
+        out
+    };
+    let mut keep_when = conds(&cfg.keep_when, "keep_when", &mut ptrs, errs);
+    let mut skip_when = conds(&cfg.skip_when, "skip_when", &mut ptrs, errs);
+
+    let mut fields = Vec::new();
+    let ordered = {
+        let all = cfg.fields();
+        let mut v: Vec<_> = all.iter().filter(|(n, _)| *n == "event_name").cloned().collect();
+        v.extend(all.iter().filter(|(n, _)| *n != "event_name").cloned());
+        v
+    };
+    for (name, spec) in ordered {
+        let Some(spec) = spec else { continue };
+        let mut e = Vec::new();
+        let f = compile_field(name, &spec.options(), &mut ptrs, &mut e);
+        errs.extend(e.into_iter().map(|m| format!("field `{name}`: {m}")));
+        if let Some(f) = f {
+            fields.push(f);
+        }
+    }
+
+    let mut props = Vec::new();
+    for (i, p) in cfg.properties.iter().enumerate() {
+        let at = format!("properties[{i}]");
+        let from = p.from.clone().unwrap_or_default();
+        let raw = match ptrs.pointer(&from) {
+            Ok(r) => r,
+            Err(e) => {
+                errs.push(format!("{at}: option `from`: {e}"));
+                continue;
+            }
+        };
+        if p.fields.is_some() && p.remaining {
+            errs.push(format!(
+                "{at}: set either `fields` (copy these) or `remaining` (copy what no field reads), not both"
+            ));
+        }
+        let prefix = p.prefix.clone().unwrap_or_default();
+        for (old, new) in &p.rename {
+            if let Some(fields) = &p.fields {
+                if !fields.contains(old) {
+                    errs.push(format!("{at}: option `rename`: `{old}` is not one of `fields`"));
+                }
+            }
+            if new.is_empty() {
+                errs.push(format!("{at}: option `rename`: `{old}` is renamed to an empty name"));
+            }
+        }
+        let fixed: Vec<String> = match &p.fields {
+            Some(fields) => fields
+                .iter()
+                .map(|k| format!("{prefix}{}", p.rename.get(k).unwrap_or(k)))
+                .collect(),
+            None => p.rename.values().map(|n| format!("{prefix}{n}")).collect(),
+        };
+        for n in fixed {
+            if KNOWN_FIELDS.contains(&n.as_str()) {
+                errs.push(format!(
+                    "{at}: the custom property `{n}` is an API field name; add a `prefix` or a `rename`"
+                ));
+            }
+        }
+        props.push(Pending {
+            item: Props {
+                source: UNRESOLVED,
+                fields: p.fields.clone(),
+                skip: p.except.iter().cloned().collect(),
+                prefix,
+                rename: p.rename.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            },
+            raw: Some(raw),
+        });
+    }
+
+    if !errs.is_empty() {
+        return None;
+    }
+
+    // `remaining`: the fields of the properties object that another option reads.
+    for (i, p) in cfg.properties.iter().enumerate() {
+        if !p.remaining {
+            continue;
+        }
+        let own = match &props[i].raw {
+            Some(RawSource::Pointer(own)) => *own,
+            _ => continue,
+        };
+        let base = ptrs.list[own].0.clone();
+        for (j, other) in ptrs.list.iter().enumerate() {
+            if j != own && other.0.len() > base.len() && other.0.starts_with(&base) {
+                props[i].item.skip.insert(other.0[base.len()].clone());
+            }
+        }
+    }
+
+    let (plan, places) = Plan::build(&ptrs.list);
+    let mut uses = vec![0usize; plan.slot_count()];
+    for p in &places {
+        uses[p.slot] += 1;
+    }
+    let resolve = |raw: Option<RawSource>, may_take: bool| -> Source {
+        match raw.expect("source present") {
+            RawSource::Other(s) => s,
+            RawSource::Pointer(i) => {
+                let place = places[i].clone();
+                let take = may_take && uses[place.slot] == 1 && place.rest.is_empty();
+                Source::Value { place, take }
+            }
+        }
+    };
+    let keep_when = keep_when
+        .drain(..)
+        .map(|mut p| {
+            p.item.source = resolve(p.raw.take(), false);
+            p.item
+        })
+        .collect();
+    let skip_when = skip_when
+        .drain(..)
+        .map(|mut p| {
+            p.item.source = resolve(p.raw.take(), false);
+            p.item
+        })
+        .collect();
+    let fields = fields
+        .into_iter()
+        .map(|mut p: Pending<Field>| {
+            p.item.source = resolve(p.raw.take(), true);
+            p.item
+        })
+        .collect();
+    let props = props
+        .into_iter()
+        .map(|mut p| {
+            p.item.source = resolve(p.raw.take(), true);
+            p.item
+        })
+        .collect();
+    Some(Compiled {
+        topics: cfg.topics.clone(),
+        pattern,
+        plan,
+        keep_when,
+        skip_when,
+        fields,
+        props,
+    })
+}
+
+fn compile_field(
+    name: &'static str,
+    o: &FieldOptions,
+    ptrs: &mut Pointers,
+    errs: &mut Vec<String>,
+) -> Option<Pending<Field>> {
+    let kind = kind_of(name);
+    let mut err = |opt: &str, m: String| errs.push(format!("option `{opt}`: {m}"));
+    let raw = match (&o.from, &o.constant, &o.expr) {
+        (Some(_), Some(_), _) | (None, Some(_), Some(_)) => {
+            err("const", "a constant takes no `from` or `expr`".into());
+            None
+        }
+        (Some(from), None, _) => match ptrs.source(from) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                err("from", e);
+                None
+            }
+        },
+        (None, Some(c), None) => {
+            if let Err(e) = scalar(c, "a constant") {
+                err("const", e);
+            }
+            Some(RawSource::Other(Source::Const(c.clone())))
+        }
+        // An expression without `from` reads the whole record value.
+        (None, None, Some(_)) => ptrs.pointer("").ok(),
+        (None, None, None) => {
+            err("from", "a field needs `from`, `const` or `expr`".into());
+            None
+        }
+    };
+    let expr = match &o.expr {
+        Some(code) => match Expr::compile(code) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                err("expr", e);
+                None
+            }
+        },
+        None => None,
+    };
+    for (opt, v) in [("default", &o.default), ("fallback", &o.fallback)] {
+        if let Some(v) = v {
+            if let Err(e) = scalar(v, opt) {
+                err(opt, e);
+            }
+        }
+    }
+    let table = match &o.table {
+        Some(t) => {
+            for (k, v) in t {
+                if let Err(e) = scalar(v, &format!("the table value of `{k}`")) {
+                    err("table", e);
+                }
+            }
+            let miss = match (o.otherwise, &o.fallback) {
+                (Some(_), Some(_)) => {
+                    err("fallback", "set either `otherwise` or `fallback`, not both".into());
+                    Miss::DeadLetter
+                }
+                (_, Some(f)) => Miss::Fallback(f.clone()),
+                (None | Some(Otherwise::DeadLetter), None) => Miss::DeadLetter,
+                (Some(Otherwise::Skip), None) => Miss::Skip,
+                (Some(Otherwise::Keep), None) => Miss::Keep,
+            };
+            // A BTreeMap iterates in key order: the Vec comes out sorted.
+            Some((t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), miss))
+        }
+        None => {
+            if o.otherwise.is_some() {
+                err(
+                    "otherwise",
+                    "applies to values missing from a `table`; add a `table`".into(),
+                );
+            }
+            if o.fallback.is_some() {
+                err(
+                    "fallback",
+                    "applies to values missing from a `table`; add a `table`".into(),
+                );
+            }
+            None
+        }
+    };
+    let time = match (o.time, &o.time_format) {
+        (Some(_), Some(_)) => {
+            err("time_format", "set either `time` or `time_format`, not both".into());
+            None
+        }
+        (Some(t), None) => Some(TimeReader::Unit(t)),
+        (None, Some(f)) => match TimeReader::format(f) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                err("time_format", e);
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    if time.is_some() && kind != Kind::Time {
+        err("time", "applies to the `timestamp` field only".into());
+    }
+    let one_of = match &o.one_of {
+        Some(list) => {
+            if kind != Kind::Bool {
+                err("in", "makes a boolean; it applies to `is_crypto` only".into());
+            }
+            if o.as_type.is_some() {
+                err("in", "set either `in` or `as`, not both".into());
+            }
+            match text_set(list, "each value of `in`") {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    err("in", e);
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    if let Some(t) = o.as_type {
+        let fits = match kind {
+            Kind::Str => t == AsType::String,
+            Kind::Num => matches!(t, AsType::Number | AsType::Integer),
+            Kind::Bool => t == AsType::Boolean,
+            Kind::Time => t != AsType::Boolean,
+        };
+        if !fits {
+            err(
+                "as",
+                format!(
+                    "`{}` does not fit `{name}`",
+                    serde_json::to_string(&t).unwrap_or_default()
+                ),
+            );
+        }
+    }
+    let sign = match o.sign {
+        Some(s) => {
+            if kind != Kind::Num {
+                err("sign", "applies to `amount` and `bet_result_amount` only".into());
+            }
+            Some((s, o.sign_for.clone()))
+        }
+        None => {
+            if !o.sign_for.is_empty() {
+                err("sign_for", "says when to apply `sign`; add a `sign`".into());
+            }
+            None
+        }
+    };
+    Some(Pending {
+        item: Field {
+            name,
+            target: target_of(name),
+            kind,
+            source: UNRESOLVED,
+            expr,
+            default: o.default.clone(),
+            trim: o.trim,
+            case: o.case,
+            table,
+            as_type: o.as_type,
+            time,
+            one_of,
+            sign,
+        },
+        raw,
+    })
+}
+
+#[cfg(test)]
+mod tests;

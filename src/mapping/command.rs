@@ -1,0 +1,180 @@
+//! `datapulse-bridge map`: runs the configured mappings over sample records and shows, record by
+//! record, what the API would receive or why it would not. Exits non-zero when a record fails, so
+//! partners can run it in CI.
+
+use super::{MapOutcome, Mapper, SourceRecord};
+use serde_json::Value;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `datapulse-bridge map`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MapArgs {
+    /// The bridge configuration file (its `[[mapping]]` tables are used).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The topic records are mapped as, unless a record names its own `topic`. Default: the
+    /// first of `kafka.topics`.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Sample records, one a line: the record value as JSON, or an object
+    /// `{"key":..,"value":..,"headers":{..},"topic":..}`. Standard input when absent.
+    pub file: Option<PathBuf>,
+}
+
+/// Counts of what happened to the sample records.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub events: usize,
+    pub filtered: usize,
+    pub failed: usize,
+}
+
+/// Runs `map`: events on stdout, failures and filtered records on stderr.
+/// Exit status: 0 when every record mapped or was filtered, 1 when one failed, 2 when the
+/// configuration or the input cannot be read.
+pub fn run_map_command(args: MapArgs) -> ExitCode {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let result = match &args.file {
+        Some(path) => match std::fs::File::open(path) {
+            Ok(f) => run_map(
+                &args,
+                std::io::BufReader::new(f),
+                &mut stdout.lock(),
+                &mut stderr.lock(),
+            ),
+            Err(e) => Err(format!("cannot open {}: {e}", path.display())),
+        },
+        None => run_map(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
+    };
+    match result {
+        Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            let _ = writeln!(stderr.lock(), "error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The body of [`run_map_command`], over any input and outputs.
+pub fn run_map(
+    args: &MapArgs,
+    input: impl BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Summary, String> {
+    let loaded = crate::config::load(&args.config, true).map_err(|e| e.to_string().trim_end().to_string())?;
+    let cfg = &loaded.config;
+    let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(|e| e.to_string())?;
+    let default_topic = args.topic.clone().or_else(|| cfg.kafka.topics.first().cloned());
+    let io = |e: std::io::Error| format!("cannot write: {e}");
+    let mut summary = Summary::default();
+    let mut buf = Vec::new();
+    for (i, line) in input.split(b'\n').enumerate() {
+        let line = line.map_err(|e| format!("cannot read the records: {e}"))?;
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        let n = i + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let sample = Sample::parse(line);
+        let Some(topic) = sample.topic.as_deref().or(default_topic.as_deref()) else {
+            return Err("no topic: pass --topic, set kafka.topics, or give each record a \"topic\"".into());
+        };
+        let headers: Vec<(&str, &[u8])> = sample.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let rec = SourceRecord {
+            topic,
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: sample.timestamp_ms,
+            key: sample.key.as_deref(),
+            value: sample.value.as_deref(),
+            headers: &headers,
+        };
+        match mapper.map(&rec) {
+            MapOutcome::Event(e) => {
+                summary.events += 1;
+                buf.clear();
+                e.write_json(&mut buf);
+                buf.push(b'\n');
+                out.write_all(&buf).map_err(io)?;
+            }
+            MapOutcome::Filtered { reason } => {
+                summary.filtered += 1;
+                writeln!(err, "line {n}: filtered: {reason}").map_err(io)?;
+            }
+            MapOutcome::Failed(e) => {
+                summary.failed += 1;
+                let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
+                writeln!(
+                    err,
+                    "line {n}: failed at {}{field} ({}): {}",
+                    e.stage.as_str(),
+                    e.reason,
+                    e.message
+                )
+                .map_err(io)?;
+            }
+        }
+    }
+    out.flush().map_err(io)?;
+    writeln!(
+        err,
+        "{} records: {} events, {} filtered, {} failed",
+        summary.events + summary.filtered + summary.failed,
+        summary.events,
+        summary.filtered,
+        summary.failed
+    )
+    .map_err(io)?;
+    Ok(summary)
+}
+
+/// One sample line as a record.
+#[derive(Debug, Default)]
+struct Sample {
+    topic: Option<String>,
+    timestamp_ms: Option<i64>,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+const ENVELOPE_KEYS: &[&str] = &["key", "value", "headers", "topic", "timestamp"];
+
+impl Sample {
+    /// An object whose keys are all envelope keys and that has `value` is an envelope; any other
+    /// line, JSON or not, is the record value itself (so bad values can be tried too).
+    fn parse(line: &[u8]) -> Sample {
+        let raw = Sample {
+            value: Some(line.to_vec()),
+            ..Sample::default()
+        };
+        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(line) else {
+            return raw;
+        };
+        if !obj.contains_key("value") || !obj.keys().all(|k| ENVELOPE_KEYS.contains(&k.as_str())) {
+            return raw;
+        }
+        let bytes = |v: &Value| match v {
+            Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        Sample {
+            topic: obj.get("topic").and_then(Value::as_str).map(str::to_string),
+            timestamp_ms: obj.get("timestamp").and_then(Value::as_i64),
+            key: obj.get("key").filter(|k| !k.is_null()).map(bytes),
+            value: obj
+                .get("value")
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string().into_bytes()),
+            headers: match obj.get("headers") {
+                Some(Value::Object(h)) => h.iter().map(|(k, v)| (k.clone(), bytes(v))).collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
+}

@@ -1,0 +1,643 @@
+use super::*;
+use crate::event::TimestampUnit;
+use serde_json::json;
+
+#[derive(serde::Deserialize)]
+struct Doc {
+    mapping: Vec<MappingConfig>,
+}
+
+fn configs(toml_text: &str) -> Vec<MappingConfig> {
+    toml::from_str::<Doc>(toml_text)
+        .unwrap_or_else(|e| panic!("{e}\n{toml_text}"))
+        .mapping
+}
+
+fn compile(toml_text: &str) -> Result<Mapper, MappingErrors> {
+    Mapper::compile(&configs(toml_text), &ContractOptions::default())
+}
+
+fn mapper(toml_text: &str) -> Mapper {
+    compile(toml_text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn map_value(m: &Mapper, value: &[u8]) -> MapOutcome {
+    m.map(&SourceRecord {
+        topic: "t",
+        partition: 3,
+        offset: 42,
+        timestamp_ms: Some(1_702_963_200_123),
+        key: Some(b"key-1"),
+        value: Some(value),
+        headers: &[("client-ip", b"203.0.113.9"), ("bad", b"\xff\xfe")],
+    })
+}
+
+fn event_json(o: &MapOutcome) -> Value {
+    match o {
+        MapOutcome::Event(e) => serde_json::to_value(e).unwrap(),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn failed(o: &MapOutcome) -> &MapError {
+    match o {
+        MapOutcome::Failed(e) => e,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// A mapping of a non-financial event whose only variable field is `field = spec`.
+fn one_field(field: &str, spec: &str) -> String {
+    let mut base = vec![
+        ("client_user_id", "{ const = \"u1\" }".to_string()),
+        ("event_name", "{ const = \"custom\" }".to_string()),
+        ("timestamp", "{ const = 1702963200 }".to_string()),
+    ];
+    base.retain(|(f, _)| *f != field);
+    base.push((field, spec.to_string()));
+    let lines: Vec<String> = base.iter().map(|(f, s)| format!("{f} = {s}")).collect();
+    format!("[[mapping]]\ntopics = [\"t\"]\n{}\n", lines.join("\n"))
+}
+
+#[test]
+fn every_conversion() {
+    // (field, spec, record value, expected field value or failure reason)
+    let ok = |v: Value| Ok::<Value, &str>(v);
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, Value, Result<Value, &str>)> = vec![
+        // sources
+        ("game_type", r#""/g""#, json!({"g": "slot"}), ok(json!("slot"))),
+        ("game_type", r#""/a/0/b""#, json!({"a": [{"b": "deep"}]}), ok(json!("deep"))),
+        ("game_type", r#""/a~1b""#, json!({"a/b": "escaped"}), ok(json!("escaped"))),
+        ("game_type", r#""key""#, json!({}), ok(json!("key-1"))),
+        ("ip_address", r#""header:client-ip""#, json!({}), ok(json!("203.0.113.9"))),
+        ("game_type", r#""header:bad""#, json!({}), Err("not_utf8")),
+        ("game_type", r#""topic""#, json!({}), ok(json!("t"))),
+        ("game_type", r#"{ from = "partition", as = "string" }"#, json!({}), ok(json!("3"))),
+        ("game_type", r#"{ from = "offset", as = "string" }"#, json!({}), ok(json!("42"))),
+        ("timestamp", r#""timestamp""#, json!({}), ok(json!(1_702_963_200))),
+        ("game_type", r#"{ const = "fixed" }"#, json!({"g": "x"}), ok(json!("fixed"))),
+        ("game_type", r#"{ from = "/g", default = "none" }"#, json!({}), ok(json!("none"))),
+        ("game_type", r#"{ from = "/g", default = "none" }"#, json!({"g": null}), ok(json!("none"))),
+        ("game_type", r#""/g""#, json!({"g": null}), ok(Value::Null)),
+        ("game_type", r#""/g""#, json!({"g": 5}), Err("type")),
+        // string <-> number, boolean
+        ("game_type", r#"{ from = "/g", as = "string" }"#, json!({"g": 12.5}), ok(json!("12.5"))),
+        ("game_type", r#"{ from = "/g", as = "string" }"#, json!({"g": true}), ok(json!("true"))),
+        ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": " 12.50 "}), ok(json!(12.5))),
+        ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "1e3"}), ok(json!(1000.0))),
+        ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "12,50"}), Err("type")),
+        ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "NaN"}), Err("type")),
+        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": "7"}), ok(json!(7.0))),
+        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": 7.5}), Err("type")),
+        ("amount", r#""/a""#, json!({"a": "7"}), Err("type")),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": "Yes"}), ok(json!(true))),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": "0"}), ok(json!(false))),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": 1}), ok(json!(true))),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": 2}), Err("type")),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": "maybe"}), Err("type")),
+        ("is_crypto", r#""/c""#, json!({"c": "true"}), Err("type")),
+        // trimming and case
+        ("game_type", r#"{ from = "/g", trim = true }"#, json!({"g": "  slot \n"}), ok(json!("slot"))),
+        ("game_type", r#"{ from = "/g", case = "upper" }"#, json!({"g": "Slot"}), ok(json!("SLOT"))),
+        ("game_type", r#"{ from = "/g", case = "lower", trim = true }"#, json!({"g": " SLOT "}), ok(json!("slot"))),
+        // value tables
+        ("event_name", r#"{ from = "/t", table = { DEPOSIT_COMPLETED = "deposit_x" } }"#,
+         json!({"t": "DEPOSIT_COMPLETED"}), ok(json!("deposit_x"))),
+        ("event_name", r#"{ from = "/t", table = { A = "a" } }"#, json!({"t": "B"}), Err("unknown_value")),
+        ("event_name", r#"{ from = "/t", table = { A = "a" }, otherwise = "keep" }"#, json!({"t": "B"}), ok(json!("B"))),
+        ("event_name", r#"{ from = "/t", table = { A = "a" }, fallback = "other" }"#, json!({"t": "B"}), ok(json!("other"))),
+        ("event_name", r#"{ from = "/t", table = { "1" = "one" } }"#, json!({"t": 1}), ok(json!("one"))),
+        ("event_name", r#"{ from = "/t", case = "upper", table = { A = "a" } }"#, json!({"t": "a"}), ok(json!("a"))),
+        // timestamps, to seconds (the default unit)
+        ("timestamp", r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 1702963200}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": "1702963200"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 1702963200.9}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "milliseconds" }"#, json!({"ts": 1702963200999_i64}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "microseconds" }"#, json!({"ts": 1702963200000000_i64}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "nanoseconds" }"#, json!({"ts": 1702963200000000000_i64}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "2023-12-19T05:20:00Z"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "2023-12-19T07:20:00.5+02:00"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "19/12/2023"}), Err("time")),
+        ("timestamp", r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "2023-12-19T05:20:00.000Z"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "20231219T052000Z"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time_format = "[day]/[month]/[year] [hour]:[minute]:[second]" }"#,
+         json!({"ts": "19/12/2023 05:20:00"}), ok(json!(1702963200))),
+        ("timestamp", r#"{ from = "/ts", time_format = "[day]/[month]/[year] [hour]:[minute]:[second]" }"#,
+         json!({"ts": "2023-12-19"}), Err("time")),
+        ("timestamp", r#""/ts""#, json!({"ts": 1702963200}), ok(json!(1702963200))),
+        ("timestamp", r#""/ts""#, json!({"ts": 1702963200123_i64}), ok(json!(1702963200))),
+        ("timestamp", r#""/ts""#, json!({"ts": 1702963200123456_i64}), ok(json!(1702963200))),
+        ("timestamp", r#""/ts""#, json!({"ts": "2023-12-19T05:20:00Z"}), ok(json!(1702963200))),
+        ("timestamp", r#""/ts""#, json!({"ts": true}), Err("time")),
+        ("timestamp", r#""/ts""#, json!({}), Err("required")),
+        // amount sign rules
+        ("amount", r#"{ from = "/a", sign = "negate" }"#, json!({"a": 5}), ok(json!(-5.0))),
+        ("amount", r#"{ from = "/a", sign = "negative" }"#, json!({"a": -5.5}), ok(json!(-5.5))),
+        ("amount", r#"{ from = "/a", sign = "positive" }"#, json!({"a": -5.5}), ok(json!(5.5))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["custom"] }"#, json!({"a": 2}), ok(json!(-2.0))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["loss"] }"#, json!({"a": 2}), ok(json!(2.0))),
+        ("amount", r#"{ from = "/a", as = "number", sign = "negate" }"#, json!({"a": "3.25"}), ok(json!(-3.25))),
+        // currency and is_crypto
+        ("currency", r#"{ from = "/c", case = "upper", trim = true }"#, json!({"c": " eur"}), ok(json!("EUR"))),
+        ("is_crypto", r#"{ from = "/c", case = "upper", in = ["BTC", "ETH", "USDT"] }"#, json!({"c": "usdt"}), ok(json!(true))),
+        ("is_crypto", r#"{ from = "/c", in = ["BTC", "ETH"] }"#, json!({"c": "EUR"}), ok(json!(false))),
+        // the escape hatch
+        ("game_type", r#"{ expr = ".kind + \"/\" + .sub" }"#, json!({"kind": "slot", "sub": "megaways"}), ok(json!("slot/megaways"))),
+        ("amount", r#"{ from = "/cents", expr = ". / 100" }"#, json!({"cents": 1250}), ok(json!(12.5))),
+        ("game_type", r#"{ expr = "error(\"nope\")" }"#, json!({}), Err("expr")),
+        ("game_type", r#"{ expr = "empty", default = "d" }"#, json!({}), ok(json!("d"))),
+        // limits
+        ("game_type", r#""/g""#, json!({"g": "x".repeat(MAX_TEXT_BYTES + 1)}), Err("too_long")),
+    ];
+    for (field, spec, value, want) in cases {
+        let m = mapper(&one_field(field, spec));
+        let out = map_value(&m, value.to_string().as_bytes());
+        let label = format!("{field} = {spec} on {value}");
+        match want {
+            Ok(v) => {
+                let e = event_json(&out);
+                assert_eq!(e.get(field).cloned().unwrap_or(Value::Null), v, "{label}");
+            }
+            Err(reason) => {
+                let e = failed(&out);
+                assert_eq!(e.reason, reason, "{label}: {e}");
+                assert_eq!(e.field.as_deref(), Some(field), "{label}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn timestamps_convert_to_the_configured_unit() {
+    let cfg = configs(&one_field("timestamp", r#"{ from = "/ts", time = "rfc3339" }"#));
+    let ms = ContractOptions {
+        timestamp_unit: TimestampUnit::Milliseconds,
+        ..Default::default()
+    };
+    let m = Mapper::compile(&cfg, &ms).unwrap();
+    let e = event_json(&map_value(&m, br#"{"ts":"2023-12-19T05:20:00.123Z"}"#));
+    assert_eq!(e["timestamp"], json!(1_702_963_200_123_i64));
+}
+
+const WALLET: &str = r#"
+[[mapping]]
+topics = ["t"]
+skip_when = [{ from = "/test", in = [true] }]
+event_name     = { from = "/type", table = { DEPOSIT_OK = "deposit", WITHDRAWAL_OK = "withdraw", PING = "ping" }, otherwise = "dead-letter" }
+client_user_id = "/player/id"
+transaction_id = "/ref"
+amount         = { from = "/money/value", as = "number" }
+currency       = { from = "/money/ccy", case = "upper" }
+timestamp      = { from = "/occurredAt", time = "rfc3339" }
+click_id       = "/click"
+ip_address     = "header:client-ip"
+properties     = { from = "/meta", prefix = "meta_" }
+"#;
+
+fn wallet(extra: &str) -> String {
+    format!(
+        r#"{{"type":"DEPOSIT_OK","player":{{"id":"p1"}},"ref":"tx1","money":{{"value":"50.00","ccy":"usd"}},
+           "occurredAt":"2023-12-19T05:20:00Z","click":"c1","meta":{{"vip":3,"src":"web","n":null}}{extra}}}"#
+    )
+}
+
+#[test]
+fn the_engineering_example_maps_a_full_event() {
+    let m = mapper(WALLET);
+    let e = event_json(&map_value(&m, wallet("").as_bytes()));
+    assert_eq!(
+        e,
+        json!({"client_user_id": "p1", "event_name": "deposit", "timestamp": 1702963200, "click_id": "c1",
+               "ip_address": "203.0.113.9", "transaction_id": "tx1", "amount": 50.0, "currency": "USD",
+               "meta_src": "web", "meta_vip": "3"})
+    );
+}
+
+#[test]
+fn filtered_and_dead_lettered_records_say_why() {
+    let m = mapper(WALLET);
+    match map_value(&m, wallet(r#","test":true"#).as_bytes()) {
+        MapOutcome::Filtered { reason } => assert!(reason.contains("/test"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let bad = wallet("").replace("DEPOSIT_OK", "REFUND");
+    let e = map_value(&m, bad.as_bytes());
+    let e = failed(&e);
+    assert_eq!(
+        (e.stage, e.reason.as_str(), e.field.as_deref()),
+        (Stage::Mapping, "unknown_value", Some("event_name"))
+    );
+    assert!(e.message.contains("REFUND"), "{e}");
+}
+
+#[test]
+fn contract_rules_fail_at_validation_naming_the_rule() {
+    let m = mapper(WALLET);
+    let cases = [
+        (
+            wallet("").replace(r#""click":"c1","#, ""),
+            "click_id",
+            "click_id_ip_address",
+        ),
+        (
+            wallet("").replace(r#""ccy":"usd""#, r#""ccy":"BTC""#),
+            "currency",
+            "currency",
+        ),
+        (
+            wallet("").replace(r#""ref":"tx1","#, ""),
+            "transaction_id",
+            "financial_fields",
+        ),
+        (
+            wallet("").replace(r#""id":"p1""#, r#""id":"""#),
+            "client_user_id",
+            "required",
+        ),
+        (
+            wallet("").replace("2023-12-19T05:20:00Z", "1969-12-31T00:00:00Z"),
+            "timestamp",
+            "timestamp",
+        ),
+    ];
+    for (value, field, rule) in cases {
+        let out = map_value(&m, value.as_bytes());
+        let e = failed(&out);
+        assert_eq!(
+            (e.stage, e.field.as_deref(), e.reason.as_str()),
+            (Stage::Validation, Some(field), rule),
+            "{e}"
+        );
+    }
+    let out = map_value(&m, wallet(r#","nothing":1"#).replace("\"meta\"", "\"x\"").as_bytes());
+    assert!(matches!(out, MapOutcome::Event(_)), "{out:?}");
+}
+
+#[test]
+fn bad_input_is_a_per_record_failure() {
+    let m = mapper(WALLET);
+    let reason = |v: Option<&[u8]>| match m.map(&SourceRecord {
+        topic: "t",
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: v,
+        headers: &[],
+    }) {
+        MapOutcome::Failed(e) => e.reason,
+        other => format!("{other:?}"),
+    };
+    assert_eq!(reason(None), "tombstone");
+    assert_eq!(reason(Some(b"not json")), "not_json");
+    assert_eq!(reason(Some(b"{\"type\":\"DEPOSIT_OK\"")), "not_json");
+    assert_eq!(reason(Some(b"{\"type\":\"\xff\"}")), "not_utf8");
+    assert_eq!(reason(Some(b"[1,2,3]")), "not_object");
+    assert_eq!(reason(Some(b"")), "not_json");
+    let deep = format!("{{\"type\":{}1{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    assert_eq!(reason(Some(deep.as_bytes())), "not_json");
+    let wrong = wallet("").replace(r#""id":"p1""#, r#""id":{"x":1}"#);
+    assert_eq!(reason(Some(wrong.as_bytes())), "type");
+    let huge = wallet("").replace("tx1", &"t".repeat(1 << 20));
+    assert_eq!(reason(Some(huge.as_bytes())), "too_long");
+    let other_topic = m.map(&SourceRecord {
+        topic: "elsewhere",
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: Some(b"{}"),
+        headers: &[],
+    });
+    assert_eq!(failed(&other_topic).reason, "no_mapping");
+}
+
+#[test]
+fn properties_copy_chosen_or_remaining_fields() {
+    let base = r#"
+[[mapping]]
+topics = ["t"]
+event_name = { const = "custom" }
+client_user_id = "/user"
+timestamp = { const = 1702963200 }
+"#;
+    let run = |props: &str, value: Value| map_value(&mapper(&format!("{base}{props}\n")), value.to_string().as_bytes());
+    let v = json!({"user": "u", "vip": 3, "src": "web", "tags": ["a"], "nested": {"k": "v"}});
+    let e = event_json(&run(r#"properties = { remaining = true }"#, v.clone()));
+    assert_eq!(
+        e,
+        json!({"client_user_id": "u", "event_name": "custom", "timestamp": 1702963200,
+               "nested": "{\"k\":\"v\"}", "src": "web", "tags": "[\"a\"]", "vip": "3"})
+    );
+    let e = event_json(&run(
+        r#"properties = { fields = ["vip", "src"], rename = { vip = "vip_level" }, prefix = "p_" }"#,
+        v.clone(),
+    ));
+    assert_eq!(e["p_vip_level"], json!("3"));
+    assert_eq!(e["p_src"], json!("web"));
+    assert!(e.get("tags").is_none() && e.get("p_tags").is_none());
+    let e = event_json(&run(
+        r#"properties = { remaining = true, except = ["tags", "nested"] }"#,
+        v.clone(),
+    ));
+    assert!(e.get("tags").is_none() && e.get("vip").is_some());
+    // A dynamic name that collides with an API field fails the record, naming it.
+    let out = run(
+        r#"properties = { remaining = true }"#,
+        json!({"user": "u", "currency": "EUR"}),
+    );
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("property_name", Some("currency"))
+    );
+    // Two specs: a table and a list of tables.
+    let e = event_json(&run(
+        r#"properties = [{ fields = ["vip"] }, { from = "/nested", prefix = "n_" }]"#,
+        v,
+    ));
+    assert_eq!((e["vip"].clone(), e["n_k"].clone()), (json!("3"), json!("v")));
+}
+
+#[test]
+fn keep_when_filters_everything_else() {
+    let m = mapper(
+        r#"
+[[mapping]]
+topic_pattern = "cdc\\..*"
+keep_when = [{ from = "/op", in = ["c"] }]
+event_name = { const = "register" }
+client_user_id = "/after/id"
+timestamp = { from = "/ts_ms", time = "milliseconds" }
+click_id = "/after/click"
+ip_address = "/after/ip"
+"#,
+    );
+    let rec = |topic: &'static str, v: &'static [u8]| SourceRecord {
+        topic,
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: Some(v),
+        headers: &[],
+    };
+    let c = br#"{"op":"c","ts_ms":1702963200000,"after":{"id":"u","click":"k","ip":"::1"}}"#;
+    assert!(matches!(m.map(&rec("cdc.users", c)), MapOutcome::Event(_)));
+    let u = br#"{"op":"u","ts_ms":1702963200000,"after":{"id":"u","click":"k","ip":"::1"}}"#;
+    assert!(matches!(m.map(&rec("cdc.users", u)), MapOutcome::Filtered { .. }));
+    let d = br#"{"op":"d","ts_ms":1702963200000,"after":null}"#;
+    assert!(matches!(m.map(&rec("cdc.users", d)), MapOutcome::Filtered { .. }));
+    assert!(!m.handles("xcdc.users") && m.handles("cdc.users"));
+}
+
+#[test]
+fn compile_errors_name_the_mapping_and_the_field() {
+    let cases = [
+        (
+            one_field("amount", r#"{ from = "player/id" }"#),
+            "field `amount`: option `from`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", as = "number" }"#),
+            "field `game_type`: option `as`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", time = "seconds" }"#),
+            "field `game_type`: option `time`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", otherwise = "skip" }"#),
+            "option `otherwise`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", expr = ".a +" }"#),
+            "option `expr`",
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", const = "x" }"#),
+            "option `const`",
+        ),
+        (one_field("game_type", r#"{ trim = true }"#), "a field needs `from`"),
+        (
+            one_field("timestamp", r#"{ from = "/t", time_format = "[nope]" }"#),
+            "option `time_format`",
+        ),
+        (
+            one_field("amount", r#"{ from = "/a", sign_for = ["loss"] }"#),
+            "option `sign_for`",
+        ),
+        (one_field("game_type", r#"{ from = "header:" }"#), "header name"),
+        (
+            one_field("is_crypto", r#"{ from = "/c", in = ["BTC"], as = "boolean" }"#),
+            "option `in`",
+        ),
+        (
+            one_field("game_type", r#""/g""#) + "properties = { fields = [\"amount\"] }\n",
+            "properties[0]: the custom property `amount`",
+        ),
+        (
+            one_field("game_type", r#""/g""#) + "topic_pattern = \"(\"\n",
+            "option `topic_pattern`",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = compile(&text)
+            .err()
+            .unwrap_or_else(|| panic!("compiled: {text}"))
+            .to_string();
+        assert!(e.contains("mapping[0] (topics t"), "{e}");
+        assert!(e.contains(want), "want {want:?} in {e}");
+    }
+    let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("field `event_name`: missing") && missing.contains("field `timestamp`"),
+        "{missing}"
+    );
+    let twice = format!(
+        "{}{}",
+        one_field("game_type", "\"/g\""),
+        one_field("game_type", "\"/g\"")
+    );
+    assert!(compile(&twice)
+        .unwrap_err()
+        .to_string()
+        .contains("already mapped by mapping[0]"));
+}
+
+#[test]
+fn unknown_targets_and_options_are_rejected_by_name() {
+    let unknown_field = toml::from_str::<Doc>(&one_field("amout", "\"/a\""))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(unknown_field.contains("amout"), "{unknown_field}");
+    let unknown_option = toml::from_str::<Doc>(&one_field("amount", "{ form = \"/a\" }"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(unknown_option.contains("form"), "{unknown_option}");
+    let bad_value = toml::from_str::<Doc>(&one_field("amount", "{ from = \"/a\", sign = \"flip\" }"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(bad_value.contains("flip"), "{bad_value}");
+}
+
+#[test]
+fn seed_examples_pass_validation() {
+    // The seed's example events, sent as record values and mapped one field to one field.
+    let m = mapper(
+        r#"
+[[mapping]]
+topics = ["t"]
+client_user_id = "/client_user_id"
+click_id = "/click_id"
+event_name = "/event_name"
+timestamp = { from = "/timestamp", time = "seconds" }
+ip_address = "/ip_address"
+user_agent = "/user_agent"
+game_type = "/game_type"
+game_provider = "/game_provider"
+transaction_id = "/transaction_id"
+amount = "/amount"
+currency = "/currency"
+is_crypto = "/is_crypto"
+bet_result = "/bet_result"
+bet_result_amount = "/bet_result_amount"
+parent_transaction_id = "/parent_transaction_id"
+"#,
+    );
+    let seed = [
+        json!({"client_user_id": "user_001", "click_id": "clk_998877", "ip_address": "203.0.113.1",
+               "event_name": "deposit", "transaction_id": "tx_554433", "timestamp": 1702963200,
+               "amount": 50.0, "currency": "USD"}),
+        json!({"client_user_id": "u", "click_id": "c", "event_name": "register", "timestamp": 1702963200,
+               "ip_address": "203.0.113.1", "user_agent": "Mozilla/5.0"}),
+        json!({"client_user_id": "u", "click_id": "c", "event_name": "login", "timestamp": 1702963200,
+               "ip_address": "2001:db8::1", "user_agent": "Mozilla/5.0"}),
+        json!({"client_user_id": "u", "click_id": "c", "event_name": "deposit", "currency": "BTC", "amount": 5.0,
+               "transaction_id": "t1", "timestamp": 1702963200, "ip_address": "203.0.113.1", "is_crypto": true}),
+        json!({"client_user_id": "u", "event_name": "bet", "game_type": "slot", "game_provider": "EA",
+               "currency": "USD", "amount": 5.0, "transaction_id": "b1", "timestamp": 1702963200,
+               "is_crypto": false, "bet_result": "loss", "bet_result_amount": -5.0}),
+        json!({"client_user_id": "u", "event_name": "loss", "game_type": "slot", "game_provider": "EA",
+               "currency": "USD", "amount": -5.0, "transaction_id": "l1", "parent_transaction_id": "b2",
+               "timestamp": 1702963200, "is_crypto": false}),
+        json!({"client_user_id": "u", "event_name": "withdraw", "currency": "EUR", "amount": 5.0,
+               "transaction_id": "w1", "timestamp": 1702963200, "ip_address": "203.0.113.1", "is_crypto": false}),
+    ];
+    for ev in seed.iter() {
+        let out = map_value(&m, ev.to_string().as_bytes());
+        assert_eq!(&event_json(&out), ev);
+    }
+    // Each contract rule a mapped event can break fails at validation with the rule named.
+    // (`type`, `property_type` and `amount` cannot be broken through a mapping: the mapping
+    // itself fixes each field's type and refuses non-finite numbers, with reason `type`.)
+    let (deposit, bet, loss) = (&seed[0], &seed[4], &seed[5]);
+    let with = |base: &Value, k: &str, v: Value| {
+        let mut e = base.clone();
+        if v.is_null() {
+            e.as_object_mut().unwrap().remove(k);
+        } else {
+            e[k] = v;
+        }
+        e
+    };
+    let broken = [
+        (with(deposit, "client_user_id", json!("")), "client_user_id", "required"),
+        (with(deposit, "event_name", json!("")), "event_name", "required"),
+        (with(deposit, "timestamp", json!(-1)), "timestamp", "timestamp"),
+        (with(deposit, "amount", Value::Null), "amount", "financial_fields"),
+        (
+            with(deposit, "click_id", Value::Null),
+            "click_id",
+            "click_id_ip_address",
+        ),
+        (
+            with(deposit, "ip_address", json!("300.1.1.1")),
+            "ip_address",
+            "ip_address",
+        ),
+        (with(deposit, "currency", json!("XBT")), "currency", "currency"),
+        (
+            with(bet, "bet_result_amount", Value::Null),
+            "bet_result_amount",
+            "bet_result",
+        ),
+        (with(bet, "bet_result", json!("draw")), "bet_result", "bet_result"),
+        (
+            with(bet, "bet_result_amount", json!(2.0)),
+            "bet_result_amount",
+            "amount_sign",
+        ),
+        (
+            with(loss, "parent_transaction_id", Value::Null),
+            "parent_transaction_id",
+            "settlement",
+        ),
+        (
+            with(deposit, "parent_transaction_id", json!("b1")),
+            "parent_transaction_id",
+            "settlement",
+        ),
+        (with(loss, "amount", json!(5.0)), "amount", "amount_sign"),
+    ];
+    for (ev, field, rule) in broken {
+        let out = map_value(&m, ev.to_string().as_bytes());
+        let e = failed(&out);
+        assert_eq!(
+            (e.stage, e.field.as_deref(), e.reason.as_str()),
+            (Stage::Validation, Some(field), rule),
+            "{ev}: {e}"
+        );
+    }
+}
+
+#[test]
+fn known_field_match_agrees_with_the_contract_list() {
+    for f in KNOWN_FIELDS {
+        assert!(is_known_field(f), "{f}");
+    }
+    assert!(!is_known_field("vip") && !is_known_field("amount "));
+}
+
+#[test]
+fn mapper_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Mapper>();
+}
+
+#[test]
+fn config_round_trips_through_toml() {
+    let cfgs = configs(WALLET);
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        mapping: &'a [MappingConfig],
+    }
+    let text = toml::to_string(&Out { mapping: &cfgs }).unwrap();
+    assert_eq!(configs(&text), cfgs, "{text}");
+}
+
+#[test]
+fn mangled_records_never_panic() {
+    // Every prefix of a record, and the record with each byte replaced by a troublesome one: each
+    // gets an outcome, and anything that is not a whole record fails rather than maps.
+    let m = mapper(WALLET);
+    let good = wallet("");
+    let bytes = good.as_bytes();
+    for cut in 0..bytes.len() {
+        let out = map_value(&m, &bytes[..cut]);
+        assert!(matches!(out, MapOutcome::Failed(_)), "prefix {cut}: {out:?}");
+    }
+    for i in 0..bytes.len() {
+        for b in [b'"', b'{', b']', b'\\', 0xff, b'0', b' '] {
+            let mut v = bytes.to_vec();
+            v[i] = b;
+            let _ = map_value(&m, &v);
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `datapulse-bridge map` as partners run it in CI: its exit status and its use of `--topic`.
+
+use datapulse_bridge::mapping::{run_map, run_map_command, MapArgs};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)
+}
+
+#[test]
+fn exit_status_says_whether_a_record_failed() {
+    let dir = example("flat-seconds");
+    let config = dir.join("datapulse-bridge.toml");
+    // The example includes bad records: non-zero.
+    let bad = run_map_command(MapArgs {
+        config: config.clone(),
+        topic: None,
+        file: Some(dir.join("records.jsonl")),
+    });
+    assert_eq!(bad, ExitCode::FAILURE);
+    // Only its good and filtered lines: zero.
+    let records = std::fs::read_to_string(dir.join("records.jsonl")).unwrap();
+    let mut good = tempfile::NamedTempFile::new().unwrap();
+    for line in records.lines().take(9) {
+        writeln!(good, "{line}").unwrap();
+    }
+    let ok = run_map_command(MapArgs {
+        config: config.clone(),
+        topic: None,
+        file: Some(good.path().to_path_buf()),
+    });
+    assert_eq!(ok, ExitCode::SUCCESS);
+    // A configuration that cannot be read: 2, distinct from a failed record.
+    let missing = run_map_command(MapArgs {
+        config: dir.join("no-such.toml"),
+        topic: None,
+        file: Some(good.path().to_path_buf()),
+    });
+    assert_eq!(missing, ExitCode::from(2));
+}
+
+#[test]
+fn topic_flag_picks_the_mapping() {
+    let dir = example("nested-wallet");
+    let round = r#"{"kind":"ROUND_SETTLED","player":{"id":"p"},"round":{"id":"r","game":{"type":"SLOT","provider":"EA"},"stake":"1","result":"WIN","net":"2"},"currency":"EUR","at":1702963200000}"#;
+    let run = |topic: Option<&str>| {
+        let args = MapArgs {
+            config: dir.join("datapulse-bridge.toml"),
+            topic: topic.map(str::to_string),
+            file: None,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let s = run_map(&args, round.as_bytes(), &mut out, &mut err).unwrap();
+        (s, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+    };
+    // Default: the first of kafka.topics (the wallet mapping), where this record lacks the fields.
+    let (s, _, err) = run(None);
+    assert_eq!(s.failed, 1, "{err}");
+    assert!(
+        err.contains("line 1: failed at validation on field `timestamp` (required)"),
+        "{err}"
+    );
+    let (s, out, err) = run(Some("games.rounds"));
+    assert_eq!((s.events, s.failed), (1, 0), "{err}");
+    assert!(out.contains(r#""bet_result":"win""#), "{out}");
+}
+
+#[test]
+fn mapping_mistakes_stop_start_up_naming_the_mapping_and_the_field() {
+    let base = std::fs::read_to_string(example("flat-seconds").join("datapulse-bridge.toml")).unwrap();
+    let cases = [
+        // A misspelt API field, a misspelt option, a bad option value, a bad source.
+        (
+            base.replace("click_id = \"/click_id\"", "clik_id = \"/click_id\""),
+            "clik_id",
+        ),
+        (
+            base.replace("{ from = \"/ts\", time = \"seconds\" }", "{ frm = \"/ts\" }"),
+            "frm",
+        ),
+        (base.replace("time = \"seconds\"", "time = \"hours\""), "hours"),
+        (
+            base.replace("user_agent = \"/ua\"", "user_agent = \"ua\""),
+            "mapping[0] (topics acme.events), field `user_agent`",
+        ),
+    ];
+    for (text, want) in cases {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let args = MapArgs {
+            config: f.path().to_path_buf(),
+            topic: None,
+            file: None,
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let e = run_map(&args, &b""[..], &mut out, &mut err).unwrap_err();
+        eprintln!("{e}");
+        assert!(e.contains(want), "want {want:?} in: {e}");
+        assert!(e.contains("mapping"), "{e}");
+    }
+}
