@@ -28,7 +28,7 @@ fn container(docs: &[Value]) -> &Value {
 /// The environment the pod gives the bridge, with sample values for values taken from the cluster
 /// (pod name, Secrets), plus api.key_file pointed at a real file: the mount exists only in the pod.
 fn pod_env(docs: &[Value], key: &tempfile::NamedTempFile) -> Vec<(String, String)> {
-    let mut env = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
     for e in container(docs)["env"].as_sequence().into_iter().flatten() {
         let name = e["name"].as_str().unwrap().to_string();
         let sample = KNOWN_ENV
@@ -36,7 +36,15 @@ fn pod_env(docs: &[Value], key: &tempfile::NamedTempFile) -> Vec<(String, String
             .find(|(k, _)| *k == name)
             .unwrap_or_else(|| panic!("{name} set by the chart has no sample in KNOWN_ENV"))
             .1;
-        env.push((name, e["value"].as_str().unwrap_or(sample).to_string()));
+        let value = match e["value"].as_str() {
+            // Kubernetes expands $(VAR) with variables defined earlier in the list.
+            Some(v) => env
+                .iter()
+                .fold(v.to_string(), |v, (k, val)| v.replace(&format!("$({k})"), val)),
+            None => sample.to_string(),
+        };
+        assert!(!value.contains("$("), "{name}={value} refers to a variable not defined before it");
+        env.push((name, value));
     }
     env.push((
         "DATAPULSE_BRIDGE_API__KEY_FILE".into(),
@@ -68,8 +76,12 @@ fn production_values_render_and_pass_check() {
     }
     let checked = check_rendered(&docs);
     assert!(checked.ok, "check refused the production ConfigMap:\n{}", checked.stderr);
-    // The Redis URL (credentials) comes from a Secret through the environment, not the ConfigMap.
+    // The Redis password comes from its Secret through the environment, and is never printed.
+    let env = &container(&docs)["env"];
+    assert!(env.as_sequence().unwrap().iter().any(|e| e["name"] == "DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD"
+        && e["valueFrom"]["secretKeyRef"]["name"] == "datapulse-redis"));
     assert!(!config_toml(&docs).contains("redis_url"), "{}", config_toml(&docs));
+    assert!(!checked.stdout.contains(SAMPLE_SECRET), "{}", checked.stdout);
 }
 
 #[test]
@@ -165,8 +177,8 @@ fn static_share_passes_the_replica_count() {
     )
     .unwrap();
     let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
-    let budget = &toml["delivery"]["rate_budget"];
-    assert_eq!(budget["mode"].as_str(), Some("static_share"));
+    let budget = &toml["delivery"];
+    assert_eq!(budget["rate_mode"].as_str(), Some("static_share"));
     assert_eq!(budget["replicas"].as_integer(), Some(3));
     assert_eq!(manifest(&docs, "StatefulSet")["spec"]["replicas"].as_u64(), Some(3));
     let checked = check_rendered(&docs);
@@ -187,6 +199,7 @@ fn unsafe_combinations_are_refused() {
             "dedupe.store=memory",
         ),
         (&[], r#"{"rateBudget":{"mode":"redis"}}"#, "redis.url"),
+        (&[PRODUCTION], r#"{"redis":{"url":"redis://:pw@r:6379"}}"#, "url"),
         (
             &[],
             r#"{"kafka":{"partitions":4},"replicaCount":3,"rateBudget":{"mode":"static_share","limit":2},"dedupe":{"store":"redis"},"redis":{"url":"redis://r:6379"}}"#,

@@ -98,12 +98,15 @@ pub fn manifest<'a>(docs: &'a [serde_norway::Value], kind: &str) -> &'a serde_no
 /// A variable named anywhere in the packaging but missing here fails `env_vars_named_exist`.
 pub const KNOWN_ENV: &[(&str, &str)] = &[
     ("DATAPULSE_BRIDGE_KAFKA__GROUP_INSTANCE_ID", "datapulse-bridge-0"),
-    ("DATAPULSE_BRIDGE_DELIVERY__RATE_BUDGET__REDIS_URL", "redis://127.0.0.1:6379/0"),
-    ("DATAPULSE_BRIDGE_DEDUPE__REDIS_URL", "redis://127.0.0.1:6379/0"),
+    ("DATAPULSE_BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
     ("DATAPULSE_BRIDGE_API__KEY_FILE", "/etc/datapulse-bridge/secret/api-key"),
     ("DATAPULSE_BRIDGE_TELEMETRY__LOG_LEVEL", "debug"),
-    ("DATAPULSE_BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+    ("DATAPULSE_BRIDGE_DELIVERY__REDIS_URL", "redis://:s3cret-sample@127.0.0.1:6379/0"),
+    ("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "s3cret-sample"),
 ];
+
+/// The sample secrets of [`KNOWN_ENV`]: `check` must never print them.
+pub const SAMPLE_SECRET: &str = "s3cret-sample";
 
 /// Every `DATAPULSE_BRIDGE_*` variable name in `text`.
 pub fn env_vars_in(text: &str) -> BTreeSet<String> {

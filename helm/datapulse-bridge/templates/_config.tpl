@@ -55,32 +55,43 @@ deadline = {{ printf "%ds" (int $v.shutdown.deadlineSeconds) | toJson }}
 {{- end -}}
 
 {{/*
-[delivery]: the rate budget. KEY NAMES: follow src/deliver (see the report of the packaging task);
-static_share passes the replica count so each pod spends limit ÷ replicas.
+[delivery]: the key's rate budget (keys of src/deliver). static_share passes the replica count so
+each pod spends rate_limit ÷ replicas. With redis.existingSecret the Redis URL carrying the
+password is set through the environment instead (see the StatefulSet).
 */}}
 {{- define "datapulse-bridge.deliveryToml" -}}
 {{- $v := .Values -}}
-[delivery.rate_budget]
-mode = {{ $v.rateBudget.mode | toJson }}
-limit = {{ int $v.rateBudget.limit }}
-window = {{ $v.rateBudget.window | toJson }}
+[delivery]
+rate_mode = {{ $v.rateBudget.mode | toJson }}
+rate_limit = {{ int $v.rateBudget.limit }}
+rate_window = {{ $v.rateBudget.window | toJson }}
+rate_burst = {{ int $v.rateBudget.burst }}
 {{- if eq $v.rateBudget.mode "static_share" }}
 replicas = {{ int $v.replicaCount }}
 {{- end }}
-{{- if and (eq $v.rateBudget.mode "redis") $v.redis.url }}
+{{- if and (eq $v.rateBudget.mode "redis") (not $v.redis.existingSecret) }}
 redis_url = {{ $v.redis.url | toJson }}
 {{- end }}
 {{- end -}}
 
-{{/* [dedupe]: the seen-set of delivered transaction ids. */}}
+{{/* [dedupe]: the seen-set of delivered transaction ids (keys of src/dedupe). */}}
 {{- define "datapulse-bridge.dedupeToml" -}}
 {{- $v := .Values -}}
 [dedupe]
 store = {{ $v.dedupe.store | toJson }}
-{{- if and (eq $v.dedupe.store "redis") $v.redis.url }}
-redis_url = {{ $v.redis.url | toJson }}
-{{- end }}
-prefix = {{ $v.dedupe.prefix | toJson }}
 ttl = {{ $v.dedupe.ttl | toJson }}
+max_entries = {{ int $v.dedupe.maxEntries }}
 on_store_unavailable = {{ $v.dedupe.onStoreUnavailable | toJson }}
+{{- if eq $v.dedupe.store "redis" }}
+
+[dedupe.redis]
+url = {{ $v.redis.url | toJson }}
+prefix = {{ $v.dedupe.prefix | toJson }}
+{{- end }}
+{{- end -}}
+
+{{/* The Redis URL with the password of redis.existingSecret, as a Kubernetes $(VAR) reference. */}}
+{{- define "datapulse-bridge.redisUrlWithPassword" -}}
+{{- $u := urlParse .Values.redis.url -}}
+{{- printf "%s://:$(DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD)@%s%s" $u.scheme $u.host $u.path -}}
 {{- end -}}

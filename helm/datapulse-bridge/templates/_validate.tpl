@@ -25,17 +25,17 @@ API key's rate limit. Included by the workload, so `helm install/upgrade/templat
 {{- if and $auto (eq $v.rateBudget.mode "static_share") -}}
 {{- fail "rateBudget.mode=static_share divides the limit by a fixed replicaCount, which autoscaling would change: set rateBudget.mode=redis to autoscale, or disable autoscaling." -}}
 {{- end -}}
-{{- if and (eq $v.rateBudget.mode "static_share") (lt (int $v.rateBudget.limit) $replicas) -}}
+{{- if and (eq $v.rateBudget.mode "static_share") (lt (int $v.rateBudget.limit) (mul $replicas (int $v.rateBudget.burst))) -}}
 {{- fail (printf "rateBudget.limit (%d) divided among %d replicas leaves less than one request per window each: lower replicaCount or use rateBudget.mode=redis." (int $v.rateBudget.limit) $replicas) -}}
 {{- end -}}
 {{- if and $many (eq $v.dedupe.store "memory") -}}
 {{- fail "dedupe.store=memory keeps each replica's own seen-set, so a transaction seen by another replica (or before a rebalance) could be sent twice: with more than one replica set dedupe.store=redis." -}}
 {{- end -}}
-{{- if and (include "datapulse-bridge.usesRedis" .) (not $v.redis.url) (not $v.redis.existingSecret) -}}
-{{- fail "rateBudget.mode=redis or dedupe.store=redis needs Redis: set redis.url or redis.existingSecret." -}}
+{{- if and (include "datapulse-bridge.usesRedis" .) (not $v.redis.url) -}}
+{{- fail "rateBudget.mode=redis or dedupe.store=redis needs Redis: set redis.url (redis://host:6379/0; a password goes in redis.existingSecret)." -}}
 {{- end -}}
-{{- if and $v.redis.url $v.redis.existingSecret -}}
-{{- fail "set either redis.url or redis.existingSecret, not both." -}}
+{{- if and $v.redis.url (contains "@" $v.redis.url) -}}
+{{- fail "redis.url must not hold credentials (it lands in a ConfigMap): put the password in a Secret named by redis.existingSecret." -}}
 {{- end -}}
 {{- if and (not $v.kafka.topics) (not $v.kafka.topicPattern) -}}
 {{- fail "set kafka.topics (a list) or kafka.topicPattern (a regular expression)." -}}
