@@ -98,7 +98,11 @@ fn dockerfile_builds_what_ci_builds() {
     let last = commands.last().unwrap();
     let from = last.find("cargo ").unwrap();
     assert_eq!(commands.len(), 1, "{commands:?}");
-    assert_eq!(&last[from..], RELEASE_BUILD, "the image must build exactly what CI builds");
+    assert_eq!(
+        &last[from..],
+        RELEASE_BUILD,
+        "the image must build exactly what CI builds"
+    );
     if let Ok(ci) = std::fs::read_to_string(repo().join(".ci/run")) {
         assert!(ci.contains(RELEASE_BUILD), ".ci/run no longer runs `{RELEASE_BUILD}`");
     } else {
@@ -173,9 +177,14 @@ fn alert_rules_parse_and_match_the_chart_copy() {
             assert!(["warning", "critical"].contains(&r["labels"]["severity"].as_str().unwrap()));
             assert!(r["for"].as_str().is_some(), "{name} has no `for`");
             let runbook = r["annotations"]["runbook"].as_str().unwrap();
-            let anchor = runbook.strip_prefix("docs/operations.md#").expect("runbook in docs/operations.md");
+            let anchor = runbook
+                .strip_prefix("docs/operations.md#")
+                .expect("runbook in docs/operations.md");
             assert_eq!(anchor, name.to_lowercase());
-            assert!(ops.contains(&format!("### {anchor}")), "docs/operations.md has no runbook for {name}");
+            assert!(
+                ops.contains(&format!("### {anchor}")),
+                "docs/operations.md has no runbook for {name}"
+            );
         }
     }
     for needed in [
@@ -190,7 +199,10 @@ fn alert_rules_parse_and_match_the_chart_copy() {
 }
 
 fn compose() -> serde_norway::Value {
-    serde_norway::from_str(&read("docker-compose.yml")).unwrap()
+    let mut v: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    // Compose applies YAML merge keys (`<<: *bridge-image`); so must the test.
+    v.apply_merge().unwrap();
+    v
 }
 
 fn strings(v: &serde_norway::Value) -> Vec<String> {
@@ -203,7 +215,15 @@ fn strings(v: &serde_norway::Value) -> Vec<String> {
 fn compose_file_wires_the_system() {
     let c = compose();
     let s = &c["services"];
-    for name in ["kafka", "redis", "sandbox", "bridge", "generator", "prometheus", "grafana"] {
+    for name in [
+        "kafka",
+        "redis",
+        "sandbox",
+        "bridge",
+        "generator",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(s[name].is_mapping(), "service {name} missing");
     }
     assert!(s["kafka"]["image"].as_str().unwrap().starts_with("apache/kafka:"));
@@ -224,7 +244,11 @@ fn compose_file_wires_the_system() {
     let sandbox = strings(&s["sandbox"]["command"]);
     assert_eq!(sandbox[..3], ["sandbox", "--listen", "0.0.0.0:8080"]);
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
-    assert_eq!(sandbox[key_pos + 1], read("deploy/compose/api-key").trim(), "bridge and sandbox share a key");
+    assert_eq!(
+        sandbox[key_pos + 1],
+        read("deploy/compose/api-key").trim(),
+        "bridge and sandbox share a key"
+    );
 
     // The bridge reads the config file mounted where its command says.
     let bridge = strings(&s["bridge"]["command"]);
@@ -238,18 +262,37 @@ fn compose_file_wires_the_system() {
 
     let toml_text = read("deploy/compose/bridge.toml");
     let toml: toml::Value = toml::from_str(&toml_text).unwrap();
-    let key_mount = mounts.iter().find(|m| m.starts_with("./deploy/compose/api-key:")).unwrap();
-    assert_eq!(key_mount.split(':').nth(1).unwrap(), toml["api"]["key_file"].as_str().unwrap());
+    let key_mount = mounts
+        .iter()
+        .find(|m| m.starts_with("./deploy/compose/api-key:"))
+        .unwrap();
+    assert_eq!(
+        key_mount.split(':').nth(1).unwrap(),
+        toml["api"]["key_file"].as_str().unwrap()
+    );
     assert_eq!(toml["api"]["base_url"].as_str(), Some("http://sandbox:8080"));
     assert_eq!(
         toml["kafka"]["bootstrap_servers"].as_str(),
-        Some(s["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"].as_str().unwrap().trim_start_matches("PLAINTEXT://"))
+        Some(
+            s["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("PLAINTEXT://")
+        )
     );
 
     // Prometheus scrapes the bridge's operations port; Grafana gets the dashboard it provisions.
-    let port = toml["telemetry"]["listen"].as_str().unwrap().rsplit(':').next().unwrap().to_string();
+    let port = toml["telemetry"]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
     let prom: serde_norway::Value = serde_norway::from_str(&read("deploy/prometheus/prometheus.yml")).unwrap();
-    let target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0].as_str().unwrap();
+    let target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
+        .as_str()
+        .unwrap();
     assert_eq!(target, format!("bridge:{port}"));
     let provider: serde_norway::Value =
         serde_norway::from_str(&read("deploy/grafana/provisioning/dashboards/datapulse-bridge.yaml")).unwrap();
@@ -266,10 +309,17 @@ fn compose_file_wires_the_system() {
         .flatten()
         .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
         .collect();
-    env.push(("DATAPULSE_BRIDGE_API__KEY_FILE".into(), key.path().display().to_string()));
+    env.push((
+        "DATAPULSE_BRIDGE_API__KEY_FILE".into(),
+        key.path().display().to_string(),
+    ));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let checked = check(&toml_text, &env);
-    assert!(checked.ok, "check refused deploy/compose/bridge.toml:\n{}", checked.stderr);
+    assert!(
+        checked.ok,
+        "check refused deploy/compose/bridge.toml:\n{}",
+        checked.stderr
+    );
 }
 
 /// The packaging files that may name environment variables or configuration keys.
@@ -321,7 +371,11 @@ fn env_vars_named_exist() {
         }
         let checked = check(BASE, &env);
         assert!(checked.ok, "{var}={sample} is refused:\n{}", checked.stderr);
-        assert!(!checked.stdout.contains(SAMPLE_SECRET), "check printed a secret:\n{}", checked.stdout);
+        assert!(
+            !checked.stdout.contains(SAMPLE_SECRET),
+            "check printed a secret:\n{}",
+            checked.stdout
+        );
         // The override reached the configuration (secrets aside, check prints it back).
         let key = var.trim_start_matches("DATAPULSE_BRIDGE_").to_lowercase();
         let leaf = key.rsplit("__").next().unwrap();
@@ -347,7 +401,11 @@ fn values_paths() -> BTreeSet<String> {
         }
     }
     let mut out = BTreeSet::new();
-    walk("", &serde_norway::from_str(&read("helm/datapulse-bridge/values.yaml")).unwrap(), &mut out);
+    walk(
+        "",
+        &serde_norway::from_str(&read("helm/datapulse-bridge/values.yaml")).unwrap(),
+        &mut out,
+    );
     out
 }
 
@@ -358,17 +416,31 @@ fn config_keys_named_in_docs_exist() {
     // chart's ConfigMap from the production values and with a static share), and the keys the known
     // environment variables set.
     let key = key_file();
-    let printed = check(BASE, &[("DATAPULSE_BRIDGE_API__KEY_FILE", &key.path().display().to_string())]);
+    let printed = check(
+        BASE,
+        &[("DATAPULSE_BRIDGE_API__KEY_FILE", &key.path().display().to_string())],
+    );
     assert!(printed.ok, "check refused BASE:\n{}", printed.stderr);
     let mut known = toml_paths(&printed.stdout);
     known.extend(toml_paths(&read("deploy/compose/bridge.toml")));
-    for set in ["{}", r#"{"autoscaling":{"enabled":false},"rateBudget":{"mode":"static_share"}}"#] {
+    for set in [
+        "{}",
+        r#"{"autoscaling":{"enabled":false},"rateBudget":{"mode":"static_share"}}"#,
+        r#"{"kafka":{"topics":[],"topicPattern":"^wallet\\..*"}}"#,
+    ] {
         let docs = helm_template(&["helm/datapulse-bridge/ci/production-values.yaml"], &[set]).unwrap();
-        let cm = manifest(&docs, "ConfigMap")["data"]["datapulse-bridge.toml"].as_str().unwrap().to_string();
+        let cm = manifest(&docs, "ConfigMap")["data"]["datapulse-bridge.toml"]
+            .as_str()
+            .unwrap()
+            .to_string();
         known.extend(toml_paths(&cm));
     }
     for (var, _) in KNOWN_ENV {
-        known.insert(var.trim_start_matches("DATAPULSE_BRIDGE_").to_lowercase().replace("__", "."));
+        known.insert(
+            var.trim_start_matches("DATAPULSE_BRIDGE_")
+                .to_lowercase()
+                .replace("__", "."),
+        );
     }
     let values = values_paths();
     let re = regex::Regex::new(

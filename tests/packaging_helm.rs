@@ -43,7 +43,10 @@ fn pod_env(docs: &[Value], key: &tempfile::NamedTempFile) -> Vec<(String, String
                 .fold(v.to_string(), |v, (k, val)| v.replace(&format!("$({k})"), val)),
             None => sample.to_string(),
         };
-        assert!(!value.contains("$("), "{name}={value} refers to a variable not defined before it");
+        assert!(
+            !value.contains("$("),
+            "{name}={value} refers to a variable not defined before it"
+        );
         env.push((name, value));
     }
     env.push((
@@ -71,15 +74,29 @@ fn default_values_render_and_pass_check() {
 #[test]
 fn production_values_render_and_pass_check() {
     let docs = helm_template(&[PRODUCTION], &[]).expect("production values render");
-    for kind in ["ScaledObject", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget", "Service"] {
+    for kind in [
+        "ScaledObject",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "PodDisruptionBudget",
+        "Service",
+    ] {
         manifest(&docs, kind);
     }
     let checked = check_rendered(&docs);
-    assert!(checked.ok, "check refused the production ConfigMap:\n{}", checked.stderr);
+    assert!(
+        checked.ok,
+        "check refused the production ConfigMap:\n{}",
+        checked.stderr
+    );
     // The Redis password comes from its Secret through the environment, and is never printed.
     let env = &container(&docs)["env"];
-    assert!(env.as_sequence().unwrap().iter().any(|e| e["name"] == "DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD"
-        && e["valueFrom"]["secretKeyRef"]["name"] == "datapulse-redis"));
+    assert!(env
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD"
+            && e["valueFrom"]["secretKeyRef"]["name"] == "datapulse-redis"));
     assert!(!config_toml(&docs).contains("redis_url"), "{}", config_toml(&docs));
     assert!(!checked.stdout.contains(SAMPLE_SECRET), "{}", checked.stdout);
 }
@@ -101,8 +118,16 @@ fn pod_wiring_matches_the_configuration() {
             .iter()
             .find(|m| m["name"] == "api-key")
             .unwrap();
-        assert!(mount["subPath"].is_null(), "a subPath mount would never see a rotated key");
-        let vol = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "api-key").unwrap();
+        assert!(
+            mount["subPath"].is_null(),
+            "a subPath mount would never see a rotated key"
+        );
+        let vol = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "api-key")
+            .unwrap();
         let item = &vol["secret"]["items"][0]["path"];
         assert_eq!(
             key_path,
@@ -110,9 +135,19 @@ fn pod_wiring_matches_the_configuration() {
         );
 
         // The config file the container is told to read is the ConfigMap's key in its mount.
-        let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
         assert_eq!(args[..2], ["run", "--config"]);
-        let cfg_mount = c["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "config").unwrap();
+        let cfg_mount = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "config")
+            .unwrap();
         assert_eq!(
             args[2],
             format!("{}/datapulse-bridge.toml", cfg_mount["mountPath"].as_str().unwrap())
@@ -125,7 +160,10 @@ fn pod_wiring_matches_the_configuration() {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health/live");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/health/ready");
         assert_eq!(c["readinessProbe"]["httpGet"]["port"], c["ports"][0]["name"]);
-        assert_eq!(manifest(&docs, "Service")["spec"]["ports"][0]["port"].as_u64(), Some(port));
+        assert_eq!(
+            manifest(&docs, "Service")["spec"]["ports"][0]["port"].as_u64(),
+            Some(port)
+        );
 
         // Static membership from the pod name.
         let gid = c["env"]
@@ -166,7 +204,10 @@ fn autoscaling_is_capped_at_the_partition_count() {
     assert!(manifest(&docs, "StatefulSet")["spec"]["replicas"].is_null());
 
     let hpa = helm_template(&[PRODUCTION], &[r#"{"autoscaling":{"kind":"hpa","maxReplicas":6}}"#]).unwrap();
-    assert_eq!(manifest(&hpa, "HorizontalPodAutoscaler")["spec"]["maxReplicas"].as_u64(), Some(6));
+    assert_eq!(
+        manifest(&hpa, "HorizontalPodAutoscaler")["spec"]["maxReplicas"].as_u64(),
+        Some(6)
+    );
 }
 
 #[test]
@@ -182,7 +223,11 @@ fn static_share_passes_the_replica_count() {
     assert_eq!(budget["replicas"].as_integer(), Some(3));
     assert_eq!(manifest(&docs, "StatefulSet")["spec"]["replicas"].as_u64(), Some(3));
     let checked = check_rendered(&docs);
-    assert!(checked.ok, "check refused the static-share ConfigMap:\n{}", checked.stderr);
+    assert!(
+        checked.ok,
+        "check refused the static-share ConfigMap:\n{}",
+        checked.stderr
+    );
 }
 
 /// Each misconfiguration, and a word of the message that must tell the user what to change.
@@ -190,9 +235,21 @@ fn static_share_passes_the_replica_count() {
 fn unsafe_combinations_are_refused() {
     let cases: &[(&[&str], &str, &str)] = &[
         (&[], r#"{"replicaCount":2}"#, "exceeds kafka.partitions"),
-        (&[PRODUCTION], r#"{"autoscaling":{"maxReplicas":13}}"#, "autoscaling.maxReplicas"),
-        (&[PRODUCTION], r#"{"rateBudget":{"mode":"static_share"}}"#, "static_share"),
-        (&[PRODUCTION], r#"{"rateBudget":{"mode":"local"}}"#, "rateBudget.mode=local"),
+        (
+            &[PRODUCTION],
+            r#"{"autoscaling":{"maxReplicas":13}}"#,
+            "autoscaling.maxReplicas",
+        ),
+        (
+            &[PRODUCTION],
+            r#"{"rateBudget":{"mode":"static_share"}}"#,
+            "static_share",
+        ),
+        (
+            &[PRODUCTION],
+            r#"{"rateBudget":{"mode":"local"}}"#,
+            "rateBudget.mode=local",
+        ),
         (
             &[],
             r#"{"kafka":{"partitions":4},"replicaCount":2,"rateBudget":{"mode":"redis"},"redis":{"url":"redis://r:6379"}}"#,
@@ -205,9 +262,17 @@ fn unsafe_combinations_are_refused() {
             r#"{"kafka":{"partitions":4},"replicaCount":3,"rateBudget":{"mode":"static_share","limit":2},"dedupe":{"store":"redis"},"redis":{"url":"redis://r:6379"}}"#,
             "rateBudget.limit",
         ),
-        (&[PRODUCTION], r#"{"autoscaling":{"minReplicas":8,"maxReplicas":6}}"#, "minReplicas"),
+        (
+            &[PRODUCTION],
+            r#"{"autoscaling":{"minReplicas":8,"maxReplicas":6}}"#,
+            "minReplicas",
+        ),
         (&[], r#"{"kafka":{"topics":[],"topicPattern":""}}"#, "kafka.topics"),
-        (&[], r#"{"kafka":{"properties":{"enable.auto.commit":true}}}"#, "enable.auto.commit"),
+        (
+            &[],
+            r#"{"kafka":{"properties":{"enable.auto.commit":true}}}"#,
+            "enable.auto.commit",
+        ),
         // The schema: unknown keys, wrong enums, malformed durations.
         (&[], r#"{"replicas":2}"#, "replicas"),
         (&[], r#"{"rateBudget":{"mode":"global"}}"#, "mode"),
@@ -217,7 +282,10 @@ fn unsafe_combinations_are_refused() {
     for (files, set, needle) in cases {
         match helm_template(files, &[set]) {
             Ok(_) => panic!("values {set} over {files:?} were accepted"),
-            Err(e) => assert!(e.contains(needle), "values {set}: message does not mention {needle}: {e}"),
+            Err(e) => assert!(
+                e.contains(needle),
+                "values {set}: message does not mention {needle}: {e}"
+            ),
         }
     }
 }
@@ -225,7 +293,10 @@ fn unsafe_combinations_are_refused() {
 #[test]
 fn api_key_secret_is_created_only_on_request() {
     let docs = helm_template(&[], &[]).unwrap();
-    assert!(docs.iter().all(|d| d["kind"] != "Secret"), "no key given, no Secret created");
+    assert!(
+        docs.iter().all(|d| d["kind"] != "Secret"),
+        "no key given, no Secret created"
+    );
     let vol_secret = |docs: &[Value]| {
         manifest(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
             .as_sequence()

@@ -101,7 +101,10 @@ pub const KNOWN_ENV: &[(&str, &str)] = &[
     ("DATAPULSE_BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
     ("DATAPULSE_BRIDGE_API__KEY_FILE", "/etc/datapulse-bridge/secret/api-key"),
     ("DATAPULSE_BRIDGE_TELEMETRY__LOG_LEVEL", "debug"),
-    ("DATAPULSE_BRIDGE_DELIVERY__REDIS_URL", "redis://:s3cret-sample@127.0.0.1:6379/0"),
+    (
+        "DATAPULSE_BRIDGE_DELIVERY__REDIS_URL",
+        "redis://:s3cret-sample@127.0.0.1:6379/0",
+    ),
     ("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "s3cret-sample"),
 ];
 
@@ -121,7 +124,11 @@ pub fn toml_paths(text: &str) -> BTreeSet<String> {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     out.insert(p.clone());
                     walk(&p, v, out);
                 }
