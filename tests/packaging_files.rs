@@ -243,6 +243,15 @@ fn compose_file_wires_the_system() {
     }
     let sandbox = strings(&s["sandbox"]["command"]);
     assert_eq!(sandbox[..3], ["sandbox", "--listen", "0.0.0.0:8080"]);
+    // Every flag compose passes exists in the binary's `sandbox` subcommand.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
+        .args(["sandbox", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in sandbox.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(flag.as_str()), "`sandbox` has no flag {flag}:\n{help}");
+    }
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
     assert_eq!(
         sandbox[key_pos + 1],
