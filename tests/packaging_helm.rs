@@ -4,7 +4,7 @@
 //! ports, probes, security) matches the configuration, and misconfigurations that would lose data or
 //! overspend the key's rate limit are refused.
 //!
-//! Needs python3 and `pip install helm-python-sdk==0.2.2`.
+//! Needs python3, `pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0`.
 
 #[path = "packaging_common/mod.rs"]
 mod common;
@@ -332,4 +332,42 @@ fn values_with_quotes_and_unicode_stay_valid_toml() {
     let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
     assert_eq!(toml["kafka"]["group_id"].as_str(), Some("bridge \"quoted\" \\ é"));
     assert_eq!(toml["kafka"]["properties"]["client.id"].as_str(), Some("a\"b"));
+}
+
+/// The rendered objects are valid Kubernetes objects: kubernetes-validate (PyPI) checks each one
+/// against the Kubernetes 1.30 OpenAPI schemas, strictly (unknown fields refused). KEDA's and the
+/// Prometheus operator's custom resources have no schema there and are only reported.
+#[test]
+fn manifests_are_valid_kubernetes_objects() {
+    let variants: &[(&[&str], &str)] = &[
+        (&[], "{}"),
+        (
+            &[],
+            r#"{"api":{"key":"dp_trial_key"},"kafka":{"staticMembership":false}}"#,
+        ),
+        (&[PRODUCTION], "{}"),
+        (&[PRODUCTION], r#"{"autoscaling":{"kind":"hpa"}}"#),
+    ];
+    for (files, set) in variants {
+        let text = helm_template_text(files, &[set]).unwrap();
+        let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        let out = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", "1.30.0"])
+            .arg(f.path())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run kubernetes-validate ({e}): pip install kubernetes-validate==1.37.0")
+            });
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "values {set} over {files:?}: invalid objects:\n{report}"
+        );
+        assert!(!report.contains("ERROR"), "{report}");
+    }
 }

@@ -65,6 +65,11 @@ pub fn yaml_docs(s: &str) -> Vec<serde_norway::Value> {
 /// objects merged over them) through scripts/helm-template.py, which drives Helm's Go SDK via the
 /// PyPI package helm-python-sdk. Err holds Helm's message (a `fail`, a schema violation).
 pub fn helm_template(values_files: &[&str], set_json: &[&str]) -> Result<Vec<serde_norway::Value>, String> {
+    helm_template_text(values_files, set_json).map(|s| yaml_docs(&s))
+}
+
+/// [`helm_template`]'s YAML stream, unparsed.
+pub fn helm_template_text(values_files: &[&str], set_json: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new("python3");
     cmd.arg(repo().join("scripts/helm-template.py"))
         .arg(repo().join("helm/datapulse-bridge"))
@@ -80,7 +85,7 @@ pub fn helm_template(values_files: &[&str], set_json: &[&str]) -> Result<Vec<ser
         .expect("python3 is needed to render the chart (scripts/helm-template.py)");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     match out.status.code() {
-        Some(0) => Ok(yaml_docs(&String::from_utf8_lossy(&out.stdout))),
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
         Some(2) => panic!("cannot render the chart: {stderr}(CI installs it: pip install helm-python-sdk==0.2.2)"),
         _ => Err(stderr),
     }
