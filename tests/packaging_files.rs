@@ -3,6 +3,7 @@
 //! alert rules parse and use only the bridge's metric names, and every environment variable and
 //! configuration key the compose file, the chart and the docs name exists in the config schema.
 //!
+//! PromQL is parsed by the PyPI package promql-parser (`pip install promql-parser==0.11.0`).
 //! Not run here (no container engine, no Prometheus): `docker build`, `docker compose up`,
 //! `promtool check rules`. See docs/deployment.md.
 
@@ -54,6 +55,35 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             name.to_string()
         })
         .collect()
+}
+
+/// Parses each expression with a real PromQL parser (scripts/promql-check.py).
+fn assert_promql_parses(exprs: &[String]) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .arg(repo().join("scripts/promql-check.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs scripts/promql-check.py");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(exprs).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => {}
+        Some(2) => panic!("{report}(CI installs it: pip install promql-parser==0.11.0)"),
+        _ => panic!("PromQL that does not parse:\n{report}"),
+    }
 }
 
 /// Dockerfile instructions with continuation lines joined, comments dropped.
@@ -132,16 +162,18 @@ fn dashboard_parses_and_uses_known_metrics() {
     assert_eq!(dash["uid"], "datapulse-bridge");
     let mut ids = BTreeSet::new();
     let mut used = BTreeSet::new();
+    let mut exprs = Vec::new();
     for p in dash["panels"].as_array().unwrap() {
         assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate panel id {}", p["id"]);
         assert!(p["gridPos"]["w"].as_u64().unwrap() <= 24);
         for t in p["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
             assert!(!expr.is_empty());
-            assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "{expr}");
+            exprs.push(expr.to_string());
             used.extend(metric_names(expr));
         }
     }
+    assert_promql_parses(&exprs);
     for m in &used {
         assert!(METRICS.contains(&m.as_str()), "dashboard uses unknown metric {m}");
     }
@@ -163,12 +195,13 @@ fn alert_rules_parse_and_match_the_chart_copy() {
     let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
     let ops = read("docs/operations.md").to_lowercase();
     let mut alerts = BTreeSet::new();
+    let mut exprs = Vec::new();
     for g in doc["groups"].as_sequence().unwrap() {
         for r in g["rules"].as_sequence().unwrap() {
             let name = r["alert"].as_str().expect("alert name");
             alerts.insert(name.to_string());
             let expr = r["expr"].as_str().unwrap();
-            assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "{name}: {expr}");
+            exprs.push(expr.to_string());
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{name} uses no bridge metric");
             for m in names {
@@ -187,6 +220,7 @@ fn alert_rules_parse_and_match_the_chart_copy() {
             );
         }
     }
+    assert_promql_parses(&exprs);
     for needed in [
         "DataPulseBridgeLagGrowing",
         "DataPulseBridgeOldestRecordTooOld",
