@@ -81,7 +81,7 @@ fn assert_promql_parses(exprs: &[String]) {
     );
     match out.status.code() {
         Some(0) => {}
-        Some(2) => panic!("{report}(CI installs it: pip install promql-parser==0.11.0)"),
+        Some(2) => panic!("{report}(CI installs it: pip install -r scripts/packaging-requirements.txt)"),
         _ => panic!("PromQL that does not parse:\n{report}"),
     }
 }

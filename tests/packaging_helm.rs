@@ -357,7 +357,7 @@ fn manifests_are_valid_kubernetes_objects() {
             .arg(f.path())
             .output()
             .unwrap_or_else(|e| {
-                panic!("cannot run kubernetes-validate ({e}): pip install kubernetes-validate==1.37.0")
+                panic!("cannot run kubernetes-validate ({e}): pip install -r scripts/packaging-requirements.txt")
             });
         let report = format!(
             "{}{}",

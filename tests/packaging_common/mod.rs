@@ -86,7 +86,9 @@ pub fn helm_template_text(values_files: &[&str], set_json: &[&str]) -> Result<St
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     match out.status.code() {
         Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-        Some(2) => panic!("cannot render the chart: {stderr}(CI installs it: pip install helm-python-sdk==0.2.2)"),
+        Some(2) => panic!(
+            "cannot render the chart: {stderr}(CI installs it: pip install -r scripts/packaging-requirements.txt)"
+        ),
         _ => Err(stderr),
     }
 }
