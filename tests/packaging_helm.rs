@@ -4,7 +4,7 @@
 //! ports, probes, security) matches the configuration, and misconfigurations that would lose data or
 //! overspend the key's rate limit are refused.
 //!
-//! Needs python3, `pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0`.
+//! Needs python3 and `pip install -r scripts/packaging-requirements.txt`.
 
 #[path = "packaging_common/mod.rs"]
 mod common;
