@@ -133,8 +133,16 @@ fn dockerfile_builds_what_ci_builds() {
         RELEASE_BUILD,
         "the image must build exactly what CI builds"
     );
-    if let Ok(ci) = std::fs::read_to_string(repo().join(".ci/run")) {
-        assert!(ci.contains(RELEASE_BUILD), ".ci/run no longer runs `{RELEASE_BUILD}`");
+    if let Ok(mut ci) = std::fs::read_to_string(repo().join(".ci/run")) {
+        // .ci/run and the scripts it calls.
+        let called = regex::Regex::new(r"scripts/[A-Za-z0-9_.-]+\.sh").unwrap();
+        for script in called.find_iter(&ci.clone()) {
+            ci.push_str(&std::fs::read_to_string(repo().join(script.as_str())).unwrap_or_default());
+        }
+        assert!(
+            ci.contains(RELEASE_BUILD),
+            "CI (.ci/run and the scripts it calls) does not run `{RELEASE_BUILD}`, the image's build"
+        );
     } else {
         eprintln!("note: no .ci/run in this tree; only the Dockerfile side was checked");
     }
