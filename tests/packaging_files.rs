@@ -285,14 +285,22 @@ fn compose_file_wires_the_system() {
     }
     let sandbox = strings(&s["sandbox"]["command"]);
     assert_eq!(sandbox[..3], ["sandbox", "--listen", "0.0.0.0:8080"]);
-    // Every flag compose passes exists in the binary's `sandbox` subcommand.
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
-        .args(["sandbox", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    for flag in sandbox.iter().filter(|a| a.starts_with("--")) {
-        assert!(help.contains(flag.as_str()), "`sandbox` has no flag {flag}:\n{help}");
+    // The subcommands and flags compose passes (and the chart's `run --config`) exist in the binary.
+    for service in ["sandbox", "bridge"] {
+        let args = strings(&s[service]["command"]);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
+            .args([args[0].as_str(), "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "`datapulse-bridge {}` does not exist", args[0]);
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            assert!(
+                help.contains(flag.as_str()),
+                "`{}` has no flag {flag}:\n{help}",
+                args[0]
+            );
+        }
     }
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
     assert_eq!(
