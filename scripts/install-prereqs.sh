@@ -5,7 +5,7 @@
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
-SCHEMATHESIS_VERSION=4.6.3
+SCHEMATHESIS_VERSION=4.32.5
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -30,5 +30,12 @@ if ! command -v st >/dev/null 2>&1 && ! command -v schemathesis >/dev/null 2>&1;
   echo "installing schemathesis $SCHEMATHESIS_VERSION"
   python3 -m pip install --quiet "schemathesis==$SCHEMATHESIS_VERSION" 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+# Python tools of the packaging tests (Helm's engine through its Go SDK, Kubernetes schemas,
+# PromQL and Compose parsers), pinned.
+if ! python3 -c "import helm_python, kubernetes_validate, promql_parser" >/dev/null 2>&1; then
+  echo "installing the packaging tests' Python tools"
+  python3 -m pip install --quiet -r "$(dirname "$0")/packaging-requirements.txt" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages -r "$(dirname "$0")/packaging-requirements.txt"
 fi
 echo "prerequisites ready: $(tansu --version 2>/dev/null | head -1), $(redis-server --version | cut -d' ' -f3)"

@@ -56,12 +56,19 @@ pub fn generate(n: usize, seed: u64) -> Generated {
     let mut open_bets: Vec<(String, String)> = Vec::new();
     let base = 1_764_000_000i64;
     let ccys = ["EUR", "USD", "GBP", "BRL", "BTC", "USDT"];
-    let games = [("slot", "GGP"), ("roulette", "EVO"), ("sports", "BETR"), ("poker", "PKR")];
+    let games = [
+        ("slot", "GGP"),
+        ("roulette", "EVO"),
+        ("sports", "BETR"),
+        ("poker", "PKR"),
+    ];
     while g.records.len() < n {
         let i = g.records.len();
         let user = format!("p-{}", rng.random_range(1..=400));
         let at = time::OffsetDateTime::from_unix_timestamp(base + i as i64).expect("valid time");
-        let occurred = at.format(&time::format_description::well_known::Rfc3339).expect("formats");
+        let occurred = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("formats");
         let player = json!({"id": user, "ip": format!("203.0.113.{}", rng.random_range(1..=254)),
                             "click_id": format!("clk-{}", rng.random_range(10_000..99_999)),
                             "agent": "Mozilla/5.0 (Linux; Android 14) Mobile"});
@@ -80,7 +87,8 @@ pub fn generate(n: usize, seed: u64) -> Generated {
             }
             20..=24 => {
                 g.malformed += 1;
-                g.records.push((tx.clone(), b"{\"event\": \"DEPOSIT_COMPLETED\", \"player\": ".to_vec()));
+                g.records
+                    .push((user, b"{\"event\": \"DEPOSIT_COMPLETED\", \"player\": ".to_vec()));
                 continue;
             }
             25..=29 => {
@@ -110,7 +118,11 @@ pub fn generate(n: usize, seed: u64) -> Generated {
                 let (game, provider) = games[rng.random_range(0..2)];
                 let stake: f64 = rng.random_range(0.5..50.0);
                 let won = rng.random_bool(0.45);
-                let net = if won { stake * rng.random_range(0.1..3.0) } else { -stake };
+                let net = if won {
+                    stake * rng.random_range(0.1..3.0)
+                } else {
+                    -stake
+                };
                 pattern_a_bets.push((tx.clone(), ccy.to_lowercase()));
                 json!({"event": "BET_PLACED", "ref": tx, "player": player, "occurred_at": occurred,
                        "game": {"type": game, "provider": provider}, "money": money(stake),
@@ -132,7 +144,8 @@ pub fn generate(n: usize, seed: u64) -> Generated {
             }
             _ => json!({"event": "PLAYER_LOGIN", "player": player, "occurred_at": occurred}),
         };
-        g.records.push((tx, serde_json::to_vec(&record).expect("serialises")));
+        // Keyed by player, as partners do, so that a player's events stay in order.
+        g.records.push((user, serde_json::to_vec(&record).expect("serialises")));
     }
     g
 }
@@ -171,7 +184,8 @@ deadline = "10s"
 /// The mapping of the demo's partner shape (also `examples/demo/`).
 pub const MAPPING: &str = r#"[[mapping]]
 topics = ["wallet.events"]
-event_name = { from = "/event", table = { PLAYER_REGISTERED = "register", PLAYER_LOGIN = "login", DEPOSIT_COMPLETED = "deposit", WITHDRAWAL_COMPLETED = "withdraw", BET_PLACED = "bet", BET_WON = "win", BET_LOST = "loss", BALANCE_SNAPSHOT = "skip" }, otherwise = "dead-letter" }
+skip_when = [{ from = "/event", in = ["BALANCE_SNAPSHOT"] }]
+event_name = { from = "/event", table = { PLAYER_REGISTERED = "register", PLAYER_LOGIN = "login", DEPOSIT_COMPLETED = "deposit", WITHDRAWAL_COMPLETED = "withdraw", BET_PLACED = "bet", BET_WON = "win", BET_LOST = "loss" }, otherwise = "dead-letter" }
 client_user_id = "/player/id"
 click_id = "/player/click_id"
 ip_address = "/player/ip"
@@ -181,12 +195,11 @@ transaction_id = "/ref"
 parent_transaction_id = "/parent_ref"
 amount = { from = "/money/amount", as = "number" }
 currency = { from = "/money/currency", case = "upper" }
-is_crypto = { from = "/money/currency", crypto_codes = ["BTC", "ETH", "USDT"] }
+is_crypto = { from = "/money/currency", case = "upper", in = ["BTC", "ETH", "USDT", "USDC"] }
 game_type = "/game/type"
 game_provider = "/game/provider"
 bet_result = "/result/outcome"
 bet_result_amount = { from = "/result/net", as = "number" }
-skip_when = { event_name = ["skip"] }
 "#;
 
 /// Runs the demo and prints the summary.
@@ -236,7 +249,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             c.dead_lettered.load(Ordering::Relaxed),
             c.batches.load(Ordering::Relaxed),
         );
-        use std::io::Write;
+        use std::io::{IsTerminal, Write};
+        if !std::io::stdout().is_terminal() {
+            println!();
+        }
         let _ = std::io::stdout().flush();
         if c.finished() >= total || Instant::now() > deadline || pipeline.is_finished() {
             break;
@@ -255,10 +271,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  duplicates dropped    {}", c.duplicate.load(Ordering::Relaxed));
     println!("  filtered (not events) {}", c.filtered.load(Ordering::Relaxed));
     println!("  dead-lettered         {}", c.dead_lettered.load(Ordering::Relaxed));
-    println!(
-        "  unaccounted           {}",
-        total.saturating_sub(c.finished())
-    );
+    println!("  unaccounted           {}", total.saturating_sub(c.finished()));
     let requests = stats.requests;
     println!(
         "  API requests          {requests} ({:.1} events per request); sandbox accepted {} events, {} transaction ids more than once",
@@ -316,8 +329,11 @@ fn dead_letter_reasons(bootstrap: &str, expected: usize) -> BTreeMap<(String, St
     while seen < expected && Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             seen += 1;
-            *out.entry((header(&m, crate::dlq::headers::STAGE), header(&m, crate::dlq::headers::REASON))).or_default() +=
-                1;
+            *out.entry((
+                header(&m, crate::dlq::headers::STAGE),
+                header(&m, crate::dlq::headers::REASON),
+            ))
+            .or_default() += 1;
         }
     }
     out
@@ -333,6 +349,9 @@ mod tests {
         let b = generate(2000, 1);
         assert_eq!(a.records, b.records);
         assert_eq!(a.records.len(), 2000);
-        assert!(a.duplicates > 0 && a.malformed > 0 && a.not_events > 0 && a.double_counts > 0, "{a:?}");
+        assert!(
+            a.duplicates > 0 && a.malformed > 0 && a.not_events > 0 && a.double_counts > 0,
+            "{a:?}"
+        );
     }
 }

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod dedupe;
 pub mod deliver;
+pub mod demo;
 pub mod dlq;
 pub mod event;
 pub mod mapping;

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use datapulse_bridge::{config, dlq, pipeline, sandbox, telemetry};
+use datapulse_bridge::{config, demo, dlq, mapping, pipeline, sandbox, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +25,10 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Dry-run the mapping over sample records (JSON lines); exits non-zero if any fails.
+    Map(mapping::MapArgs),
+    /// The whole pipeline on embedded components (mock Kafka, in-process sandbox), no setup.
+    Demo(demo::DemoArgs),
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -81,6 +85,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "bridge failed");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Map(args) => mapping::run_map_command(args),
+        Command::Demo(args) => {
+            telemetry::init_logging(telemetry::LogFormat::Text, "error");
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(demo::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }

@@ -97,6 +97,14 @@ pub struct Condition {
     pub reason: String,
 }
 
+static READY_GAUGE: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    prometheus::register_int_gauge!(
+        "datapulse_bridge_ready",
+        "1 when every readiness condition holds (see /health/ready), else 0."
+    )
+    .expect("metric registers once")
+});
+
 static READY: LazyLock<Mutex<BTreeMap<&'static str, Condition>>> = LazyLock::new(Default::default);
 
 /// Sets a named readiness condition (for example `assignment`, `api_key`, `dedupe_store`).
@@ -109,6 +117,7 @@ pub fn set_ready(name: &'static str, ok: bool, reason: impl Into<String>) {
             reason: reason.into(),
         },
     );
+    READY_GAUGE.set(i64::from(m.values().all(|c| c.ok)));
 }
 
 /// Whether every condition holds (and at least one was set), with the conditions.

@@ -106,7 +106,7 @@ async fn refused_key_halts_without_rejecting_and_recovers_when_the_key_file_is_f
         assert!(!metrics.contains(secret), "a key in the metrics");
     }
     assert!(
-        metrics.contains("datapulse_bridge_delivery_retries_total{cause=\"401\"}"),
+        metrics.contains("datapulse_bridge_api_retries_total{cause=\"401\"}"),
         "{metrics}"
     );
     assert!(metrics.contains("datapulse_bridge_api_requests_total{endpoint=\"batch\",status=\"401\"}"));

@@ -426,9 +426,15 @@ mod tests {
         b.reserve("x", &cancel).await.unwrap(); // already holds one: draws nothing more
         let start = Instant::now();
         b.acquire("x", &cancel).await.unwrap();
-        assert!(start.elapsed() < Duration::from_millis(40), "the prepaid draw is used at once");
+        assert!(
+            start.elapsed() < Duration::from_millis(40),
+            "the prepaid draw is used at once"
+        );
         b.acquire("x", &cancel).await.unwrap();
-        assert!(start.elapsed() >= Duration::from_millis(40), "the next draw waits for the budget");
+        assert!(
+            start.elapsed() >= Duration::from_millis(40),
+            "the next draw waits for the budget"
+        );
     }
 
     #[tokio::test]

@@ -22,12 +22,18 @@ pub struct Metrics {
     pub budget_remaining: IntGauge,
     pub rejected: IntCounter,
     pub bisection_requests: IntCounter,
+    pub auth_halted: IntGauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // Registering the collector here keeps every delivery metric behind one LazyLock.
     prometheus::register(Box::new(OldestRetryAge::new())).expect("register oldest retry age");
     Metrics {
+        auth_halted: prometheus::register_int_gauge!(
+            "datapulse_bridge_auth_halted",
+            "1 while delivery is halted because the API refused the key (401/403), else 0."
+        )
+        .expect("register auth_halted"),
         requests: register_int_counter_vec!(
             "datapulse_bridge_api_requests_total",
             "Requests sent to the Server Events API, by endpoint and status (HTTP code, timeout, connect_error, io_error).",
@@ -42,17 +48,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         )
         .expect("register api_request_duration_seconds"),
         events_per_request: register_histogram!(
-            "datapulse_bridge_api_request_events",
+            "datapulse_bridge_api_events_per_request",
             "Events carried by one request to the API.",
             vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]
         )
-        .expect("register api_request_events"),
+        .expect("register api_events_per_request"),
         retries: register_int_counter_vec!(
-            "datapulse_bridge_delivery_retries_total",
+            "datapulse_bridge_api_retries_total",
             "Requests repeated after a retriable answer, by cause (429, 5xx, timeout, connect, 401, 403).",
             &["cause"]
         )
-        .expect("register delivery_retries_total"),
+        .expect("register api_retries_total"),
         budget_wait: register_counter!(
             "datapulse_bridge_rate_budget_wait_seconds_total",
             "Time requests spent waiting for the key's rate budget (including 429 pauses)."

@@ -621,6 +621,7 @@ impl Deliverer {
                 tracing::info!("API accepted the key again; delivery resumes");
             }
             telemetry::set_ready("api_key", true, "API accepted the key");
+            METRICS.auth_halted.set(0);
         }
     }
 
@@ -637,6 +638,7 @@ impl Deliverer {
             );
         }
         telemetry::set_ready("api_key", false, reason);
+        METRICS.auth_halted.set(1);
     }
 
     /// Re-reads `api.key_file` (a rotated Kubernetes Secret) before a retry after 401/403.
