@@ -72,6 +72,11 @@ pub struct KafkaConfig {
     /// look secret are redacted when printed.
     #[serde(default)]
     pub properties: KafkaProperties,
+    /// A file of `key=value` lines (librdkafka properties, `#` comments) read at start-up and
+    /// applied over `properties`: mount a Secret here to keep SASL/SSL secrets out of the config.
+    /// Its values are never printed.
+    #[serde(default)]
+    pub properties_file: Option<PathBuf>,
 }
 
 fn default_max_in_flight() -> usize {
@@ -157,9 +162,19 @@ impl Default for ShutdownConfig {
 }
 
 /// A secret string: prints as `<redacted>` in Debug, Display and Serialize.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Accepts any scalar: figment reads environment variables by their look, so an all-digit
+    /// password arrives as a number.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match PropertyValue::deserialize(d)? {
+            PropertyValue::String(s) => Ok(Secret(s)),
+            other => Ok(Secret(other.to_string())),
+        }
+    }
+}
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -212,6 +227,15 @@ impl fmt::Display for PropertyValue {
     }
 }
 
+/// librdkafka properties the bridge sets itself (its guarantees depend on them).
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "enable.auto.commit",
+    "group.instance.id",
+];
+
 /// Whether a librdkafka property holds a secret.
 pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
@@ -226,6 +250,32 @@ pub fn is_secret_property(key: &str) -> bool {
     ]
     .iter()
     .any(|s| k.contains(s))
+}
+
+impl KafkaConfig {
+    /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out: Vec<(String, String)> = self.properties.iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if let Some(path) = &self.properties_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read kafka.properties_file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((k, v)) = line.split_once('=') else {
+                    return Err(format!(
+                        "kafka.properties_file {} line {}: expected `key=value`",
+                        path.display(),
+                        n + 1
+                    ));
+                };
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl KafkaProperties {
@@ -397,13 +447,21 @@ impl Config {
         if k.max_in_flight_records == 0 {
             err("kafka.max_in_flight_records", "must be at least 1".into());
         }
-        for reserved in [
-            "enable.auto.offset.store",
-            "group.id",
-            "bootstrap.servers",
-            "enable.auto.commit",
-            "group.instance.id",
-        ] {
+        match k.client_properties() {
+            Err(e) => err("kafka.properties_file", e),
+            Ok(props) => {
+                for (key, _) in props
+                    .iter()
+                    .filter(|(key, _)| RESERVED_PROPERTIES.contains(&key.as_str()))
+                {
+                    err(
+                        "kafka.properties_file",
+                        format!("sets `{key}`, which is managed by the bridge; remove it"),
+                    );
+                }
+            }
+        }
+        for reserved in RESERVED_PROPERTIES.iter().copied() {
             if k.properties.0.contains_key(reserved) {
                 err(
                     &format!("kafka.properties.{reserved}"),
@@ -479,6 +537,26 @@ key = "dp_test_key_123"
         assert!(printed.contains(REDACTED));
         assert!(!format!("{:?}", loaded.config).contains("hunter2"));
         assert_eq!(loaded.config.batch.max_events, 500);
+    }
+
+    #[test]
+    fn properties_file_applies_and_is_never_printed() {
+        let secrets = write("# from a Secret\nsasl.username = bridge\nsasl.password=s3cr3t-from-file\n");
+        let f = write(&format!("{MINIMAL}").replace(
+            "[kafka.properties]",
+            &format!("properties_file = {:?}\n[kafka.properties]", secrets.path()),
+        ));
+        let loaded = load(f.path(), true).unwrap();
+        let props = loaded.config.kafka.client_properties().unwrap();
+        assert!(props.contains(&("sasl.password".into(), "s3cr3t-from-file".into())));
+        assert!(!loaded.config.to_redacted_toml().contains("s3cr3t-from-file"));
+        let bad = write("group.id = other\n");
+        let f = write(&MINIMAL.replace(
+            "[kafka.properties]",
+            &format!("properties_file = {:?}\n[kafka.properties]", bad.path()),
+        ));
+        let e = load(f.path(), true).unwrap_err().to_string();
+        assert!(e.contains("kafka.properties_file") && e.contains("group.id"), "{e}");
     }
 
     #[test]

@@ -100,8 +100,8 @@ pub struct DeadLetters {
 impl DeadLetters {
     pub fn new(kafka: &KafkaConfig, cfg: &DeadLetterConfig) -> anyhow::Result<DeadLetters> {
         let mut c = ClientConfig::new();
-        for (k, v) in kafka.properties.iter() {
-            if crate::source::is_producer_property(k) {
+        for (k, v) in kafka.client_properties().map_err(anyhow::Error::msg)? {
+            if crate::source::is_producer_property(&k) {
                 c.set(k, v);
             }
         }
@@ -280,7 +280,7 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLett
     use rdkafka::message::Headers;
     use rdkafka::Message;
     let mut c = ClientConfig::new();
-    for (k, v) in kafka.properties.iter() {
+    for (k, v) in kafka.client_properties().map_err(anyhow::Error::msg)? {
         c.set(k, v);
     }
     let consumer: BaseConsumer = c

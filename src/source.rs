@@ -210,7 +210,9 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // Bounds librdkafka's prefetch memory (its default is 64 MiB per client).
         .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false");
-    for (k, v) in cfg.properties.iter() {
+    // Validated at start-up (`Config::validate`); a file that became unreadable since is skipped
+    // here and librdkafka reports what is missing.
+    for (k, v) in cfg.client_properties().unwrap_or_default() {
         c.set(k, v);
     }
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
