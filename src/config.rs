@@ -542,7 +542,7 @@ key = "dp_test_key_123"
     #[test]
     fn properties_file_applies_and_is_never_printed() {
         let secrets = write("# from a Secret\nsasl.username = bridge\nsasl.password=s3cr3t-from-file\n");
-        let f = write(&format!("{MINIMAL}").replace(
+        let f = write(&MINIMAL.replace(
             "[kafka.properties]",
             &format!("properties_file = {:?}\n[kafka.properties]", secrets.path()),
         ));

@@ -295,12 +295,13 @@ async fn produce(bootstrap: &str, records: &[(String, Vec<u8>)]) -> anyhow::Resu
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "10")
         .create()?;
-    let futures: Vec<_> = records
-        .iter()
-        .map(|(k, v)| producer.send_result(FutureRecord::to(TOPIC).key(k.as_str()).payload(v.as_slice())))
-        .collect();
+    let mut futures = Vec::with_capacity(records.len());
+    for (k, v) in records {
+        let record = FutureRecord::to(TOPIC).key(k.as_str()).payload(v.as_slice());
+        futures.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
     for f in futures {
-        f.map_err(|(e, _)| e)?.await?.map_err(|(e, _)| e)?;
+        f.await?.map_err(|(e, _)| e)?;
     }
     Ok(())
 }

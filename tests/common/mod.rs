@@ -179,24 +179,16 @@ impl Broker {
     pub async fn produce(&self, topic: &str, records: &[(i32, String, String)]) {
         let producer = self.producer();
         for chunk in records.chunks(2000) {
-            let futs: Vec<_> = chunk
-                .iter()
-                .map(|(p, k, v)| {
-                    producer.send_result(
-                        FutureRecord::to(topic)
-                            .partition(*p)
-                            .key(k.as_str())
-                            .payload(v.as_str()),
-                    )
-                })
-                .collect();
+            let mut futs = Vec::with_capacity(chunk.len());
+            for (p, k, v) in chunk {
+                let record = FutureRecord::to(topic)
+                    .partition(*p)
+                    .key(k.as_str())
+                    .payload(v.as_str());
+                futs.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+            }
             for f in futs {
-                f.map_err(|(e, _)| e)
-                    .unwrap()
-                    .await
-                    .unwrap()
-                    .map_err(|(e, _)| e)
-                    .unwrap();
+                f.await.unwrap().map_err(|(e, _)| e).unwrap();
             }
         }
     }
@@ -223,7 +215,6 @@ impl Broker {
 
     /// Every record of `topic` (all partitions), read from the beginning until `expected` or timeout.
     pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
-        use rdkafka::Message;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", format!("reader-{}", free_port()))
@@ -240,7 +231,6 @@ impl Broker {
                 out.push(m.detach());
             }
         }
-        let _ = out.iter().map(|m| m.offset()).count();
         out
     }
 }
@@ -303,7 +293,7 @@ impl Sandbox {
         let listen = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(BIN);
         cmd.args(["sandbox", "--listen", &listen, "--api-key", API_KEY]);
-        if !extra.iter().any(|a| *a == "--rate-limit") {
+        if !extra.contains(&"--rate-limit") {
             cmd.args(["--rate-limit", "0"]);
         }
         cmd.args(extra);
