@@ -665,46 +665,50 @@ async fn process_batch(
     if to_send.is_empty() {
         return;
     }
-    let events: Vec<Event> = to_send.iter().map(|p| p.event.clone()).collect();
+    let (mut records, events): (Vec<Option<(OwnedRecord, Ticket)>>, Vec<Event>) =
+        to_send.into_iter().map(|p| (Some((p.rec, p.ticket)), p.event)).unzip();
     let results = match deliverer.deliver(&events, &shared.abandon).await {
         Ok(r) => r,
         Err(_cancelled) => {
             deduper.release(&events.iter().collect::<Vec<_>>()).await;
-            METRICS.abandoned.inc_by(to_send.len() as u64);
+            METRICS.abandoned.inc_by(events.len() as u64);
             return;
         }
     };
-    let mut delivered = Vec::with_capacity(to_send.len());
-    let mut rejected = Vec::new();
-    for (p, r) in to_send.into_iter().zip(results) {
+    let mut delivered: Vec<usize> = Vec::with_capacity(events.len());
+    let mut rejected: Vec<(usize, u16, String)> = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
         match r {
-            EventResult::Delivered => delivered.push(p),
-            EventResult::Rejected { status, body } => rejected.push((p, status, body)),
+            EventResult::Delivered => delivered.push(i),
+            EventResult::Rejected { status, body } => rejected.push((i, status, body)),
         }
     }
     if !rejected.is_empty() {
         deduper
-            .release(&rejected.iter().map(|(p, _, _)| &p.event).collect::<Vec<_>>())
+            .release(&rejected.iter().map(|(i, _, _)| &events[*i]).collect::<Vec<_>>())
             .await;
     }
-    for (p, status, body) in rejected {
+    for (i, status, body) in rejected {
+        let Some((rec, ticket)) = records[i].take() else {
+            continue;
+        };
         let why = Reason {
             stage: "api",
             code: "rejected".into(),
             message: format!(
                 "record {}: the API answered {status}: {}",
-                p.rec.coordinates(),
+                rec.coordinates(),
                 crate::event::truncate(&body)
             ),
             http_status: Some(status),
         };
-        shared.dead_letter(p.rec, p.ticket, why);
+        shared.dead_letter(rec, ticket, why);
     }
     if delivered.is_empty() {
         return;
     }
     // Invariant 3: ids are recorded after the 2xx and before the offsets become committable.
-    let refs: Vec<&Event> = delivered.iter().map(|p| &p.event).collect();
+    let refs: Vec<&Event> = delivered.iter().map(|&i| &events[i]).collect();
     let mut backoff = Duration::from_millis(100);
     while let Err(e) = deduper.delivered(&refs).await {
         tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing");
@@ -719,22 +723,19 @@ async fn process_batch(
     }
     tracing::debug!("batch delivered");
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e6;
-    for p in &delivered {
+    let from_event = METRICS.latency.with_label_values(&["event"]);
+    let from_kafka = METRICS.latency.with_label_values(&["kafka"]);
+    for &i in &delivered {
+        let Some((rec, ticket)) = &records[i] else { continue };
         let event_ms = match unit {
-            TimestampUnit::Seconds => p.event.timestamp as f64 * 1000.0,
-            TimestampUnit::Milliseconds => p.event.timestamp as f64,
+            TimestampUnit::Seconds => events[i].timestamp as f64 * 1000.0,
+            TimestampUnit::Milliseconds => events[i].timestamp as f64,
         };
-        METRICS
-            .latency
-            .with_label_values(&["event"])
-            .observe(((now_ms - event_ms) / 1000.0).max(0.0));
-        if let Some(k) = p.rec.timestamp_ms {
-            METRICS
-                .latency
-                .with_label_values(&["kafka"])
-                .observe(((now_ms - k as f64) / 1000.0).max(0.0));
+        from_event.observe(((now_ms - event_ms) / 1000.0).max(0.0));
+        if let Some(k) = rec.timestamp_ms {
+            from_kafka.observe(((now_ms - k as f64) / 1000.0).max(0.0));
         }
-        shared.finisher.finish(&p.rec, &p.ticket, Outcome::Delivered);
+        shared.finisher.finish(rec, ticket, Outcome::Delivered);
     }
 }
 
