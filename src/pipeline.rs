@@ -207,8 +207,9 @@ struct Pending {
     rec: OwnedRecord,
     ticket: Ticket,
     event: Event,
-    /// Bytes of the event's JSON.
-    size: usize,
+    /// The event's JSON, serialised once (its length sizes the batch; the request body joins
+    /// them).
+    json: Vec<u8>,
 }
 
 /// Everything the pipeline shares between its tasks.
@@ -337,7 +338,6 @@ async fn consumer_loop(
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paused = false;
     let mut topic_names: Vec<Arc<str>> = Vec::new();
-    let mut buf = Vec::with_capacity(1024);
     loop {
         tokio::select! {
             biased;
@@ -359,7 +359,7 @@ async fn consumer_loop(
             m = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => match m {
                 Ok(Ok(msg)) => {
                     let topic = intern(&mut topic_names, msg.topic());
-                    handle(&msg, topic, mapper, tracker, shared, &tx, max_event_bytes, &mut buf);
+                    handle(&msg, topic, mapper, tracker, shared, &tx, max_event_bytes);
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 Err(_) => {} // no record within the poll window; loop to keep polling
@@ -402,7 +402,6 @@ fn handle(
     shared: &Arc<Shared>,
     tx: &mpsc::UnboundedSender<Pending>,
     max_event_bytes: usize,
-    buf: &mut Vec<u8>,
 ) {
     SOURCE_METRICS.consumed.inc();
     let Some(ticket) = lock(tracker).begin(&topic, msg.partition(), msg.offset()) else {
@@ -427,25 +426,24 @@ fn handle(
     drop(headers);
     match outcome {
         MapOutcome::Event(event) => {
-            buf.clear();
-            event.write_json(buf);
-            if buf.len() > max_event_bytes {
+            let mut json = Vec::with_capacity(256);
+            event.write_json(&mut json);
+            if json.len() > max_event_bytes {
                 let why = Reason {
                     stage: "validation",
                     code: "too_large".into(),
-                    message: format!("the event is {} bytes, over batch.max_bytes", buf.len()),
+                    message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
                     http_status: None,
                 };
                 shared.dead_letter(rec, ticket, why);
                 return;
             }
-            let size = buf.len();
             if tx
                 .send(Pending {
                     rec,
                     ticket,
                     event: *event,
-                    size,
+                    json,
                 })
                 .is_err()
             {
@@ -535,7 +533,7 @@ async fn delivery_loop(
         // request: when the budget is the bottleneck, every request leaves full; when it is not,
         // linger bounds the latency.
         let linger_end = tokio::time::Instant::now() + cfg.linger;
-        let mut bytes = first.size + 2;
+        let mut bytes = first.json.len() + 2;
         let mut batch = vec![first];
         let mut lingered = false;
         let reserve = deliverer.reserve(&shared.abandon);
@@ -557,11 +555,11 @@ async fn delivery_loop(
                 p = rx.recv() => p,
             };
             let Some(p) = next else { break };
-            if bytes + p.size + 1 > cfg.max_bytes {
+            if bytes + p.json.len() + 1 > cfg.max_bytes {
                 carry = Some(p);
                 break;
             }
-            bytes += p.size + 1;
+            bytes += p.json.len() + 1;
             batch.push(p);
         }
         if shared.abandon.is_cancelled() {
@@ -665,9 +663,16 @@ async fn process_batch(
     if to_send.is_empty() {
         return;
     }
-    let (mut records, events): (Vec<Option<(OwnedRecord, Ticket)>>, Vec<Event>) =
-        to_send.into_iter().map(|p| (Some((p.rec, p.ticket)), p.event)).unzip();
-    let results = match deliverer.deliver(&events, &shared.abandon).await {
+    let mut records: Vec<Option<(OwnedRecord, Ticket)>> = Vec::with_capacity(to_send.len());
+    let mut events: Vec<Event> = Vec::with_capacity(to_send.len());
+    let mut json: Vec<Vec<u8>> = Vec::with_capacity(to_send.len());
+    for p in to_send {
+        records.push(Some((p.rec, p.ticket)));
+        events.push(p.event);
+        json.push(p.json);
+    }
+    let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+    let results = match deliverer.deliver_json(&bodies, &shared.abandon).await {
         Ok(r) => r,
         Err(_cancelled) => {
             deduper.release(&events.iter().collect::<Vec<_>>()).await;

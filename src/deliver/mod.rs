@@ -242,7 +242,8 @@ enum Answer {
 
 /// One batch on its way: its events, their results so far, and whether it is under retry.
 struct Batch<'a> {
-    events: &'a [Event],
+    /// Each event's JSON, serialised once by the caller.
+    events: &'a [&'a [u8]],
     cancel: &'a CancellationToken,
     started: Instant,
     /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
@@ -327,6 +328,25 @@ impl Deliverer {
     /// and during isolation of a 400 some parts may already be delivered. The caller must neither
     /// commit nor mark any of it; after a restart the batch is read and sent again.
     pub async fn deliver(&self, events: &[Event], cancel: &CancellationToken) -> Result<Vec<EventResult>, Cancelled> {
+        let json: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| {
+                let mut out = Vec::with_capacity(256);
+                e.write_json(&mut out);
+                out
+            })
+            .collect();
+        let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+        self.deliver_json(&slices, cancel).await
+    }
+
+    /// [`Deliverer::deliver`] for events already serialised (each one JSON object, as
+    /// `Event::write_json` writes it): the pipeline serialises each event once, to size batches.
+    pub async fn deliver_json(
+        &self,
+        events: &[&[u8]],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<EventResult>, Cancelled> {
         let mut b = Batch {
             events,
             cancel,
@@ -668,14 +688,15 @@ fn credentials(cfg: &DeliveryConfig, key: &Secret) -> anyhow::Result<Credentials
     })
 }
 
-fn request_body(events: &[Event], idx: &[usize]) -> Bytes {
-    let mut body = Vec::with_capacity(idx.len() * 256 + 2);
+fn request_body(events: &[&[u8]], idx: &[usize]) -> Bytes {
+    let len: usize = idx.iter().map(|&i| events[i].len() + 1).sum();
+    let mut body = Vec::with_capacity(len + 2);
     body.push(b'[');
     for (n, &i) in idx.iter().enumerate() {
         if n > 0 {
             body.push(b',');
         }
-        events[i].write_json(&mut body);
+        body.extend_from_slice(events[i]);
     }
     body.push(b']');
     Bytes::from(body)
