@@ -125,7 +125,7 @@ async fn storm(
     assert!(!log.contains(API_KEY), "the API key must never be logged");
     eprintln!(
         "{name}: sandbox {during} during the storm; bridge retries {}",
-        metric_sum(&m, "datapulse_bridge_delivery_retries_total", &[])
+        metric_sum(&m, "datapulse_bridge_api_retries_total", &[])
     );
     (m, sandbox.stats().await)
 }
@@ -134,7 +134,7 @@ async fn storm(
 async fn storm_of_429_with_retry_after_delivers_everything_once() {
     let (m, stats) = storm("d429ra", &[], json!({"fault_429": 0.5}), "5s").await;
     assert!(by_status(&stats, 429) >= 3, "{stats}");
-    assert!(metric_sum(&m, "datapulse_bridge_delivery_retries_total", &["cause=\"429\""]) >= 3.0);
+    assert!(metric_sum(&m, "datapulse_bridge_api_retries_total", &["cause=\"429\""]) >= 3.0);
     // Each 429 carried `Retry-After: 1`, and the whole key paused for it.
     assert!(
         metric_sum(&m, "datapulse_bridge_rate_budget_wait_seconds_total", &[]) >= 2.0,
@@ -146,14 +146,14 @@ async fn storm_of_429_with_retry_after_delivers_everything_once() {
 async fn storm_of_429_without_retry_after_delivers_everything_once() {
     let (m, stats) = storm("d429", &["--no-retry-after"], json!({"fault_429": 0.8}), "5s").await;
     assert!(by_status(&stats, 429) >= 3, "{stats}");
-    assert!(metric_sum(&m, "datapulse_bridge_delivery_retries_total", &["cause=\"429\""]) >= 3.0);
+    assert!(metric_sum(&m, "datapulse_bridge_api_retries_total", &["cause=\"429\""]) >= 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_500_delivers_everything_once() {
     let (m, stats) = storm("d500", &[], json!({"fault_500": 0.8}), "5s").await;
     assert!(by_status(&stats, 500) >= 3, "{stats}");
-    assert!(metric_sum(&m, "datapulse_bridge_delivery_retries_total", &["cause=\"5xx\""]) >= 3.0);
+    assert!(metric_sum(&m, "datapulse_bridge_api_retries_total", &["cause=\"5xx\""]) >= 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +164,7 @@ async fn timeouts_deliver_everything_once() {
         stats["injected_faults"]["timeout"].as_u64().unwrap_or(0) >= 3,
         "{stats}"
     );
-    assert!(metric_sum(&m, "datapulse_bridge_delivery_retries_total", &["cause=\"timeout\""]) >= 3.0);
+    assert!(metric_sum(&m, "datapulse_bridge_api_retries_total", &["cause=\"timeout\""]) >= 3.0);
     assert!(metric_sum(&m, "datapulse_bridge_api_requests_total", &["status=\"timeout\""]) >= 3.0);
 }
 
@@ -436,8 +436,8 @@ prefix = "shared"
         for b in &bridges {
             let m = b.metrics().await;
             v.push((
-                metric_sum(&m, "datapulse_bridge_api_request_events_sum", &[]),
-                metric_sum(&m, "datapulse_bridge_api_request_events_count", &[]),
+                metric_sum(&m, "datapulse_bridge_api_events_per_request_sum", &[]),
+                metric_sum(&m, "datapulse_bridge_api_events_per_request_count", &[]),
             ));
         }
         v

@@ -162,12 +162,12 @@ async fn metrics_account_for_every_record_and_agree_with_the_sandbox() {
     );
     // Events per request: the sum over requests is what the sandbox saw in the requests it
     // accepted plus the retried and rejected ones; at least the accepted events.
-    assert!(metric_sum(m, "datapulse_bridge_api_request_events_sum", &[]) >= 1_000.0);
+    assert!(metric_sum(m, "datapulse_bridge_api_events_per_request_sum", &[]) >= 1_000.0);
     for cause in ["5xx", "429", "timeout"] {
         assert!(
             metric_sum(
                 m,
-                "datapulse_bridge_delivery_retries_total",
+                "datapulse_bridge_api_retries_total",
                 &[&format!("cause=\"{cause}\"")]
             ) >= 1.0,
             "a retry after {cause} is counted: {m}"
