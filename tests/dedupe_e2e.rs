@@ -157,3 +157,69 @@ async fn sigkill_and_restart_repeat_nothing() {
     );
     assert!(!b3.proc.log_text().contains(API_KEY));
 }
+
+/// Redis unreachable mid-run (the process frozen with SIGSTOP, as in a network partition: its data
+/// survives, as a production Redis's must for dedupe to mean anything) under the default `pause`
+/// policy: delivery stops (readiness says why), nothing is lost or sent twice, and delivery
+/// resumes by itself when Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_pauses_delivery_without_loss_or_duplicates() {
+    let dir = workdir("dedupe-redis-outage");
+    let broker = Broker::start(&dir);
+    broker.create_topic("tx", 2).await;
+    broker.create_topic("tx.dlq", 1).await;
+    let redis = Redis::start(&dir);
+    let sandbox = Sandbox::start(&dir, &[]);
+    let bridge = Bridge::start(
+        &dir,
+        "b",
+        &bridge_config(&broker, &sandbox.url, "g-dd-outage", "tx", &dedupe_toml(&redis)),
+    );
+    let first = deposits("before", 1_000, 2);
+    broker.produce("tx", &first).await;
+    wait_until(MIN, "first 1,000 accepted", || async {
+        sandbox.accepted().await >= 1_000
+    })
+    .await;
+
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(redis.proc.pid().to_string())
+            .status();
+        assert!(status.unwrap().success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let second = deposits("during", 1_000, 2);
+    // The same ids again: after the outage they must be recognised, not re-sent.
+    let replays: Vec<_> = first.iter().take(200).cloned().collect();
+    broker.produce("tx", &second).await;
+    broker.produce("tx", &replays).await;
+    wait_until(MIN, "readiness names the store", || async {
+        let (status, body) = bridge.ready().await;
+        status == 503 && body.to_string().contains("dedupe_store")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sandbox.accepted().await,
+        1_000,
+        "nothing is delivered while the store is down"
+    );
+
+    signal("-CONT");
+    wait_until(2 * MIN, "all 2,000 ids accepted", || async {
+        sandbox.accepted().await >= 2_000
+    })
+    .await;
+    let ends = ends_of(&[first, second, replays].concat(), 2);
+    wait_until(MIN, "committed at the end", || async {
+        broker.committed("g-dd-outage", "tx", 2) == ends
+    })
+    .await;
+    let ids = accepted_ids(&sandbox).await;
+    assert_eq!(ids.len(), 2_000, "nothing lost");
+    let twice: Vec<_> = ids.iter().filter(|(_, &n)| n > 1).map(|(id, _)| id.clone()).collect();
+    assert!(twice.is_empty(), "sent twice: {twice:?}");
+    assert_eq!(bridge.ready().await.0, 200, "ready again");
+}
