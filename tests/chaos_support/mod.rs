@@ -132,6 +132,19 @@ impl Ledger {
         ends
     }
 
+    /// Where the records with Kafka key `key` are: `partition/offset` of each copy.
+    pub fn positions(&self, key: &str) -> Vec<String> {
+        let mut next = vec![0i64; self.partitions as usize];
+        let mut out = Vec::new();
+        for (p, k, _) in &self.records {
+            if k == key {
+                out.push(format!("{p}/{}", next[*p as usize]));
+            }
+            next[*p as usize] += 1;
+        }
+        out
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "{} records: {} valid ids, {} duplicates ({} on another partition), {} invalid",
@@ -223,11 +236,11 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
     let mut a = Accounting::default();
     let mut lost = Vec::new();
     let mut twice = Vec::new();
-    for (tx, p, _) in &ledger.valid {
+    for (tx, _, _) in &ledger.valid {
         match accepted.get(tx) {
-            None => lost.push(format!("{tx} (partition {p})")),
+            None => lost.push(format!("{tx} at {:?}", ledger.positions(tx))),
             Some(1) => {}
-            Some(n) => twice.push(format!("{tx} x{n}")),
+            Some(n) => twice.push(format!("{tx} x{n} at {:?}", ledger.positions(tx))),
         }
     }
     let valid: std::collections::HashSet<&str> = ledger.valid.iter().map(|(t, _, _)| t.as_str()).collect();
