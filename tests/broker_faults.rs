@@ -215,7 +215,10 @@ fn committed(w: &World) -> Option<Vec<i64>> {
 async fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -262,10 +265,11 @@ fn verify(w: &World, name: &str, counters: &[&Counters]) {
     let consumed: u64 = counters.iter().map(|c| c.consumed.load(Ordering::Relaxed)).sum();
     println!(
         "{name}: produced {}; consumed {consumed} (re-reads included), delivered {delivered}; {} dead letters, \
-         repeated: {:?}; sandbox {:?}",
+         {} invalid records dead-lettered more than once (re-read), e.g. {:?}; sandbox statuses {:?}",
         w.ledger.summary(),
         dead.len(),
-        acc.repeated_dead_letters,
+        acc.repeated_dead_letters.len(),
+        acc.repeated_dead_letters.iter().take(5).collect::<Vec<_>>(),
         w.sandbox.stats().by_status
     );
     let mut problems = acc.problems;
@@ -473,7 +477,10 @@ async fn scale_up_and_down_under_load_with_redis() {
     // Records keep coming while the group rebalances, until the newcomer has delivered some.
     let since = Instant::now();
     while b.counters.delivered.load(Ordering::Relaxed) == 0 {
-        assert!(since.elapsed() < Duration::from_secs(40), "the second process never delivered");
+        assert!(
+            since.elapsed() < Duration::from_secs(40),
+            "the second process never delivered"
+        );
         produce(&mut w, 100).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -60,9 +60,9 @@ fn fault_menu() -> Vec<serde_json::Value> {
         json!({}),
         json!({"fault_500": 0.25}),
         json!({"fault_429": 0.25}),
-        json!({"fault_timeout": 0.1, "timeout_hang": "1s"}),
+        json!({"fault_timeout": 0.2, "timeout_hang": "1s"}),
         // Hangs until the bridge gives up (api.request_timeout = 5s).
-        json!({"fault_timeout": 0.05}),
+        json!({"fault_timeout": 0.1}),
         json!({"fault_500": 0.1, "fault_429": 0.1, "fault_timeout": 0.05, "timeout_hang": "2s"}),
         // The key is refused: delivery halts, nothing may be dead-lettered or committed past.
         json!({"auth_fail_all": true}),
@@ -137,9 +137,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
                 };
                 let acks: Vec<_> = burst
                     .iter()
-                    .map(|(p, k, v)| {
-                        producer.send_result(FutureRecord::to(TOPIC).partition(*p).key(k).payload(v))
-                    })
+                    .map(|(p, k, v)| producer.send_result(FutureRecord::to(TOPIC).partition(*p).key(k).payload(v)))
                     .collect();
                 for a in acks {
                     a.map_err(|(e, _)| e)
@@ -281,7 +279,11 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
         "chaos: the last bridge's dedupe claim waits {}, claims lost {}, duplicates dropped {}",
         metric_sum(&m, "datapulse_bridge_dedupe_claim_waits_total", &[]),
         metric_sum(&m, "datapulse_bridge_dedupe_claims_lost_total", &[]),
-        metric_sum(&m, "datapulse_bridge_records_finished_total", &["outcome=\"duplicate\""]),
+        metric_sum(
+            &m,
+            "datapulse_bridge_records_finished_total",
+            &["outcome=\"duplicate\""]
+        ),
     );
 
     let mut problems = acc.problems;
@@ -307,7 +309,10 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
             .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
     );
-    assert!(kills > 0 && assigns > 1, "the run must have killed and rebalanced something");
+    assert!(
+        kills > 0 && assigns > 1,
+        "the run must have killed and rebalanced something"
+    );
     drop(bridges);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -196,7 +196,9 @@ pub fn read_dead_letters(
         .set("session.timeout.ms", "6000")
         .create()
         .expect("a dead-letter reader");
-    consumer.subscribe(&[topic]).expect("subscribe to the dead-letter topic");
+    consumer
+        .subscribe(&[topic])
+        .expect("subscribe to the dead-letter topic");
     let start = Instant::now();
     let mut last = Instant::now();
     let mut out = Vec::new();
@@ -205,7 +207,10 @@ pub fn read_dead_letters(
             let m = m.detach();
             last = Instant::now();
             out.push(DeadLetter {
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
                 stage: header(&m, "dp.stage"),
                 reason: header(&m, "dp.reason"),
                 source: format!(
@@ -244,7 +249,11 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
         }
     }
     let valid: std::collections::HashSet<&str> = ledger.valid.iter().map(|(t, _, _)| t.as_str()).collect();
-    let unknown: Vec<&String> = accepted.keys().filter(|t| !valid.contains(t.as_str())).take(20).collect();
+    let unknown: Vec<&String> = accepted
+        .keys()
+        .filter(|t| !valid.contains(t.as_str()))
+        .take(20)
+        .collect();
     if !lost.is_empty() {
         a.problems.push(format!(
             "{} valid transaction ids never accepted by the API (lost): {:?}",
