@@ -343,7 +343,12 @@ async fn consumer_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = commit_tick.tick() => {
-                commit(consumer, tracker);
+                // A synchronous commit waits for the broker: seconds during a rebalance. Blocking
+                // an async worker stalls the tasks queued on it, the delivery task among them (the
+                // consumer loop has just woken it, so it sits in this worker's un-stealable LIFO
+                // slot): its HTTP request, answered meanwhile, is then reported as a timeout and
+                // sent again. block_in_place hands this worker's queued tasks to another thread.
+                tokio::task::block_in_place(|| commit(consumer, tracker));
                 let (in_flight, oldest, gaps) = {
                     let t = lock(tracker);
                     (t.in_flight(), t.oldest_unfinished(), t.gaps())
