@@ -219,6 +219,9 @@ struct Shared {
     /// Fires when shutdown's deadline passed: in-flight work is abandoned.
     abandon: CancellationToken,
     dlq_tasks: Mutex<JoinSet<()>>,
+    /// The runtime of the delivery side, where dead-letter writes run (the consumer loop has a
+    /// thread and runtime of its own).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Shared {
@@ -229,11 +232,12 @@ impl Shared {
         let shared = Arc::clone(self);
         let mut tasks = lock(&self.dlq_tasks);
         while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
+        let fut = async move {
             if shared.dlq.send(&rec, &why, &shared.abandon).await {
                 shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
             }
-        });
+        };
+        tasks.spawn_on(fut, &self.runtime);
     }
 }
 
@@ -275,6 +279,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         dlq: DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?,
         abandon: CancellationToken::new(),
         dlq_tasks: Mutex::new(JoinSet::new()),
+        runtime: tokio::runtime::Handle::current(),
     });
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %shared.dlq.topic(), "bridge started");
@@ -289,7 +294,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         Arc::clone(&shared),
     ));
 
-    consumer_loop(&consumer, &cfg, &mapper, &tracker, &shared, tx, &shutdown).await;
+    // The consumer loop gets a thread and a runtime of its own: librdkafka's blocking calls
+    // (the synchronous commits, the revoke commit inside the rebalance callback) then never stall
+    // a worker of the delivery side. A stalled worker once held the woken delivery task in its
+    // un-stealable LIFO slot until reqwest's timeout fired on an answered request, which was then
+    // sent again (found by tests/broker_faults.rs on a scale-up under load).
+    let consumer_thread = {
+        let (consumer, cfg, mapper) = (Arc::clone(&consumer), cfg.clone(), Arc::clone(&mapper));
+        let (tracker, shared, shutdown) = (Arc::clone(&tracker), Arc::clone(&shared), shutdown.clone());
+        std::thread::Builder::new().name("consumer".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(consumer_loop(
+                    &consumer, &cfg, &mapper, &tracker, &shared, tx, &shutdown,
+                )),
+                Err(e) => tracing::error!(error = %e, "cannot start the consumer's runtime"),
+            }
+        })?
+    };
+    let _ = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
 
     // Shutdown: fetching has stopped; let queued and in-flight work finish until the deadline.
     tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(&tracker).in_flight(), "shutting down: finishing in-flight work");
@@ -316,10 +338,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         "abandoned"
     };
     METRICS.shutdowns.with_label_values(&[result]).inc();
-    commit(&consumer, &tracker);
-    tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
-    consumer.unsubscribe();
-    drop(consumer);
+    let _ = tokio::task::spawn_blocking(move || {
+        commit(&consumer, &tracker);
+        tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await;
     Ok(())
 }
 
@@ -343,12 +368,8 @@ async fn consumer_loop(
             biased;
             _ = shutdown.cancelled() => break,
             _ = commit_tick.tick() => {
-                // A synchronous commit waits for the broker: seconds during a rebalance. Blocking
-                // an async worker stalls the tasks queued on it, the delivery task among them (the
-                // consumer loop has just woken it, so it sits in this worker's un-stealable LIFO
-                // slot): its HTTP request, answered meanwhile, is then reported as a timeout and
-                // sent again. block_in_place hands this worker's queued tasks to another thread.
-                tokio::task::block_in_place(|| commit(consumer, tracker));
+                // Blocking, on purpose: this loop has its own thread (see `run`).
+                commit(consumer, tracker);
                 let (in_flight, oldest, gaps) = {
                     let t = lock(tracker);
                     (t.in_flight(), t.oldest_unfinished(), t.gaps())
