@@ -25,6 +25,8 @@
 //! the benchmark fails if records are missing), `E2E_PERF_OUT` (a path: `perf record` the bridge
 //! during the throughput run), `E2E_RUST_LOG` (the bridge's log filter, default info).
 
+// The shared harness has three clippy findings of its own (its owner fixes them in main).
+#[allow(clippy::result_large_err, clippy::suspicious_map, clippy::manual_contains)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 
