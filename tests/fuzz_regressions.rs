@@ -1,0 +1,133 @@
+//! Inputs for the fuzz targets' properties, replayed through the same checks the fuzzer runs
+//! (`fuzz/src/checks.rs`): the seed-corpus-like bad inputs below, and every crash the fuzzer
+//! finds (none so far; see docs/fuzzing.md). Each case also pins the outcome, not only "no panic".
+
+#[path = "../fuzz/src/checks.rs"]
+mod checks;
+
+use datapulse_bridge::mapping::{MapOutcome, Stage};
+
+/// A valid deposit in the fixed mapping's record shape.
+const DEPOSIT: &str = r#"{"player":{"id":"p1"},"type":"deposit","ts":1764000000,"ref":"tx-1",
+    "money":{"value":10.5,"ccy":"EUR"},"click":"c1","ip":"203.0.113.7","meta":{"brand":"acme"}}"#;
+
+/// Runs both targets' checks on `data` and returns the mapping's failure reason (None: an event).
+fn replay(data: &[u8]) -> Option<String> {
+    checks::check_mapping(data);
+    checks::check_sandbox_body(data);
+    match checks::map_input(data) {
+        MapOutcome::Event(_) => None,
+        MapOutcome::Filtered { reason } => Some(format!("filtered: {reason}")),
+        MapOutcome::Failed(e) => Some(e.reason),
+    }
+}
+
+fn deposit_with(field: &str, raw_json_value: &str) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(DEPOSIT).unwrap();
+    v[field] = serde_json::Value::Null;
+    v.to_string()
+        .replace(&format!("\"{field}\":null"), &format!("\"{field}\":{raw_json_value}"))
+}
+
+#[test]
+fn a_valid_deposit_maps_and_round_trips() {
+    assert_eq!(replay(DEPOSIT.as_bytes()), None);
+    let MapOutcome::Event(e) = checks::map_input(DEPOSIT.as_bytes()) else {
+        panic!("deposit did not map")
+    };
+    assert_eq!(e.properties, vec![("brand".to_string(), "acme".to_string())]);
+}
+
+#[test]
+fn tombstone_is_a_mapping_failure() {
+    assert_eq!(replay(b"").as_deref(), Some("tombstone"));
+}
+
+#[test]
+fn invalid_utf8_and_non_json_are_not_json() {
+    assert_eq!(replay(b"\xff\xfe{\"type\":\"deposit\"}").as_deref(), Some("not_json"));
+    let mut bad_string = DEPOSIT.as_bytes().to_vec();
+    let at = bad_string.windows(2).position(|w| w == b"p1").unwrap();
+    bad_string[at] = 0xc3; // a lone UTF-8 lead byte inside a JSON string
+    assert_eq!(replay(&bad_string).as_deref(), Some("not_json"));
+    assert_eq!(replay(b"{\"type\":").as_deref(), Some("not_json"));
+}
+
+#[test]
+fn deep_nesting_is_refused_without_overflowing_the_stack() {
+    for depth in [127, 129, 100_000] {
+        let doc = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let got = replay(doc.as_bytes());
+        // serde_json stops at depth 128; shallower arrays parse but are no event.
+        assert!(got.is_some(), "depth {depth}: {got:?}");
+        let obj = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+        assert!(replay(obj.as_bytes()).is_some());
+    }
+    let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(replay(deep.as_bytes()).as_deref(), Some("not_json"));
+}
+
+#[test]
+fn huge_strings_map_or_fail_by_rule() {
+    let big = "x".repeat(4 << 20);
+    assert_eq!(replay(deposit_with("ref", &format!("\"{big}\"")).as_bytes()), None);
+    // A huge currency is not ISO 4217: a validation failure whose message is truncated.
+    let ccy = format!(r#"{{"value":1,"ccy":"{}"}}"#, "é".repeat(1 << 20));
+    let doc = deposit_with("money", &ccy);
+    checks::check_mapping(doc.as_bytes());
+    match checks::map_input(doc.as_bytes()) {
+        MapOutcome::Failed(e) => {
+            assert_eq!((e.stage, e.field.as_deref()), (Stage::Validation, Some("currency")));
+            assert!(
+                e.message.len() < 200,
+                "message not truncated: {} bytes",
+                e.message.len()
+            );
+        }
+        other => panic!("huge currency: {other:?}"),
+    }
+}
+
+#[test]
+fn out_of_range_and_nan_like_numbers() {
+    // serde_json refuses numbers beyond f64 and the NaN/Infinity spellings: not JSON.
+    for amount in [r#"{"value":1e400,"ccy":"EUR"}"#, r#"{"value":-1e400,"ccy":"EUR"}"#] {
+        assert_eq!(
+            replay(deposit_with("money", amount).as_bytes()).as_deref(),
+            Some("not_json")
+        );
+    }
+    for amount in ["NaN", "Infinity", "-Infinity", "nan"] {
+        let doc = deposit_with("money", &format!(r#"{{"value":{amount},"ccy":"EUR"}}"#));
+        assert_eq!(replay(doc.as_bytes()).as_deref(), Some("not_json"), "{amount}");
+    }
+    // Strings that look like NaN are the wrong type for amount.
+    let doc = deposit_with("money", r#"{"value":"NaN","ccy":"EUR"}"#);
+    assert_eq!(replay(doc.as_bytes()).as_deref(), Some("type"));
+    // The extremes of f64 are numbers, sent as they are.
+    for amount in ["1.7976931348623157e308", "5e-324", "-0.0", "1e-400"] {
+        let doc = deposit_with("money", &format!(r#"{{"value":{amount},"ccy":"EUR"}}"#));
+        assert_eq!(replay(doc.as_bytes()), None, "{amount}");
+    }
+    // Timestamps beyond i64 or fractional are not integers.
+    for ts in ["1e400", "18446744073709551616", "1764000000.5", "-1"] {
+        assert!(replay(deposit_with("ts", ts).as_bytes()).is_some(), "ts {ts}");
+    }
+}
+
+#[test]
+fn sandbox_bodies_of_every_shape() {
+    for body in [
+        "",
+        "null",
+        "[]",
+        "[1,\"a\",null,[],{}]",
+        r#"{"client_user_id":"u","event_name":"login","timestamp":1}"#,
+        r#"[{"client_user_id":"u","event_name":"bet","timestamp":1,"transaction_id":"t","amount":1e308,"currency":"BTC","is_crypto":true,"bet_result":"loss","bet_result_amount":-0.0}]"#,
+        r#"{"client_user_id":"u","event_name":"x","timestamp":9223372036854775807,"a":"","a":"dup"}"#,
+        r#"{"client_user_id":"\ud800","event_name":"x","timestamp":1}"#,
+        r#"{"client_user_id":"\u0000","event_name":"\u2028","timestamp":1,"\u0000":"\u0000"}"#,
+    ] {
+        checks::check_sandbox_body(body.as_bytes());
+    }
+}
