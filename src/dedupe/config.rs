@@ -98,7 +98,7 @@ fn default_ttl() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 fn default_max_entries() -> u64 {
-    // About 400 bytes an entry measured (moka's bookkeeping dominates): about 80 MB.
+    // An entry is the id plus about 60 bytes of map bookkeeping.
     200_000
 }
 fn default_true() -> bool {

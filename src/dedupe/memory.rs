@@ -4,49 +4,54 @@
 //! exactly what can repeat because of that. In-flight holds live in the [`super::Deduper`] itself.
 
 use super::{Kind, Lookup, Probe};
-use moka::policy::EvictionPolicy;
-use moka::sync::Cache;
-use std::time::Duration;
+use hashlink::LinkedHashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// One remembered fact.
-#[derive(Clone, Hash, PartialEq, Eq)]
-enum Entry {
-    /// This dedupe key was delivered.
-    Done(String),
-    /// This bet's result was delivered, in the pattern of the value.
-    Result(String),
+/// Delivered ids and bets with an embedded result, in delivery order, each with when it was
+/// recorded. Delivery order is exactly the order in which facts should be forgotten: the oldest
+/// first, when they pass the time-to-live or the bound. (An LRU that refreshes on lookup would
+/// only keep replayed ids longer; each id is delivered once.)
+struct Facts {
+    done: LinkedHashMap<String, Instant>,
+    results: LinkedHashMap<String, (Kind, Instant)>,
 }
 
 pub(super) struct MemoryStore {
-    cache: Cache<Entry, Option<Kind>>,
+    facts: Mutex<Facts>,
+    max_entries: usize,
+    ttl: Duration,
 }
 
 impl MemoryStore {
     pub(super) fn new(max_entries: u64, ttl: Duration) -> MemoryStore {
-        // LRU rather than moka's default TinyLFU admission: for dedupe the recently delivered ids
-        // matter, and an id is seen once, so frequency says nothing.
-        let cache = Cache::builder()
-            .max_capacity(max_entries)
-            .time_to_live(ttl)
-            .eviction_policy(EvictionPolicy::lru())
-            .build();
-        MemoryStore { cache }
+        MemoryStore {
+            facts: Mutex::new(Facts {
+                done: LinkedHashMap::new(),
+                results: LinkedHashMap::new(),
+            }),
+            max_entries: usize::try_from(max_entries).unwrap_or(usize::MAX).max(1),
+            ttl,
+        }
+    }
+
+    fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn lookup(&self, probes: &[Probe<'_>]) -> Vec<Lookup> {
+        let now = Instant::now();
+        let mut facts = self.facts();
+        self.forget(&mut facts, now);
         probes
             .iter()
             .map(|p| {
-                if let Some(k) = p.key {
-                    if self.cache.contains_key(&Entry::Done(k.to_string())) {
-                        return Lookup::Done;
-                    }
+                if p.key.is_some_and(|k| facts.done.contains_key(k)) {
+                    return Lookup::Done;
                 }
                 if let Some((bet, kind)) = p.guard {
-                    if let Some(Some(had)) = self.cache.get(&Entry::Result(bet.to_string())) {
-                        if had != kind {
-                            return Lookup::Conflict;
-                        }
+                    if facts.results.get(bet).is_some_and(|(had, _)| *had != kind) {
+                        return Lookup::Conflict;
                     }
                 }
                 Lookup::Free
@@ -55,24 +60,52 @@ impl MemoryStore {
     }
 
     pub(super) fn record(&self, probes: &[Probe<'_>]) {
+        let now = Instant::now();
+        let mut facts = self.facts();
         for p in probes {
             if let Some(k) = p.key {
-                self.cache.insert(Entry::Done(k.to_string()), None);
+                facts.done.replace(k.to_string(), now);
             }
             if let Some((bet, kind)) = p.guard {
-                // The first delivered pattern of a bet stays: a later conflicting one can only have
-                // been delivered under the `deliver` policy, and the first is what the API counted.
-                let entry = Entry::Result(bet.to_string());
-                if !matches!(self.cache.get(&entry), Some(Some(had)) if had != kind) {
-                    self.cache.insert(entry, Some(kind));
+                // The first kind recorded for a bet stays: a conflicting one was refused by lookup.
+                if !facts.results.contains_key(bet) {
+                    facts.results.insert(bet.to_string(), (kind, now));
                 }
+            }
+        }
+        self.forget(&mut facts, now);
+    }
+
+    /// Drops facts past the time-to-live, then the oldest while over the bound.
+    fn forget(&self, facts: &mut Facts, now: Instant) {
+        let expired = |at: &Instant| now.duration_since(*at) >= self.ttl;
+        while facts.done.front().is_some_and(|(_, at)| expired(at)) {
+            facts.done.pop_front();
+        }
+        while facts.results.front().is_some_and(|(_, (_, at))| expired(at)) {
+            facts.results.pop_front();
+        }
+        while facts.done.len() + facts.results.len() > self.max_entries {
+            let oldest_done = facts.done.front().map(|(_, at)| *at);
+            let oldest_result = facts.results.front().map(|(_, (_, at))| *at);
+            match (oldest_done, oldest_result) {
+                (Some(d), Some(r)) if r < d => {
+                    facts.results.pop_front();
+                }
+                (Some(_), _) => {
+                    facts.done.pop_front();
+                }
+                (None, Some(_)) => {
+                    facts.results.pop_front();
+                }
+                (None, None) => break,
             }
         }
     }
 
     #[cfg(test)]
     pub(super) fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        let facts = self.facts();
+        (facts.done.len() + facts.results.len()) as u64
     }
 }
