@@ -219,6 +219,8 @@ struct Shared {
     /// Fires when shutdown's deadline passed: in-flight work is abandoned.
     abandon: CancellationToken,
     dlq_tasks: Mutex<JoinSet<()>>,
+    /// Dedupe, shared by the delivery loop and the dead-letter writes.
+    deduper: Arc<Deduper>,
     /// The runtime of the delivery side, where dead-letter writes run (the consumer loop has a
     /// thread and runtime of its own).
     runtime: tokio::runtime::Handle,
@@ -233,7 +235,14 @@ impl Shared {
         let mut tasks = lock(&self.dlq_tasks);
         while tasks.try_join_next().is_some() {}
         let fut = async move {
-            if shared.dlq.send(&rec, &why, &shared.abandon).await {
+            // A record read again (after a crash or a rebalance) that was already dead-lettered is
+            // not written twice; it is finished as the dead letter it already is.
+            let coords = rec.coordinates();
+            if shared.deduper.dead_lettered_before(&coords).await {
+                tracing::debug!(record = %coords, "already dead-lettered");
+                shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
+            } else if shared.dlq.send(&rec, &why, &shared.abandon).await {
+                shared.deduper.dead_lettered(&coords).await;
                 shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
             }
         };
@@ -268,7 +277,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
             }
         }
     });
-    let deduper = Deduper::new(&cfg.dedupe).await?;
+    let deduper = Arc::new(Deduper::new(&cfg.dedupe).await?);
     let tracker = Arc::new(Mutex::new(Tracker::new()));
     let consumer = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
     let shared = Arc::new(Shared {
@@ -280,6 +289,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         abandon: CancellationToken::new(),
         dlq_tasks: Mutex::new(JoinSet::new()),
         runtime: tokio::runtime::Handle::current(),
+        deduper: Arc::clone(&deduper),
     });
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %shared.dlq.topic(), "bridge started");
@@ -543,7 +553,7 @@ async fn delivery_loop(
     cfg: BatchConfig,
     unit: TimestampUnit,
     deliverer: Arc<Deliverer>,
-    deduper: Deduper,
+    deduper: Arc<Deduper>,
     shared: Arc<Shared>,
 ) {
     let mut carry: Option<Pending> = None;

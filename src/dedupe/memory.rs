@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 struct Facts {
     done: LinkedHashMap<String, Instant>,
     results: LinkedHashMap<String, (Kind, Instant)>,
+    /// Records (`topic/partition/offset`) already dead-lettered.
+    dead: LinkedHashMap<String, Instant>,
 }
 
 pub(super) struct MemoryStore {
@@ -29,6 +31,7 @@ impl MemoryStore {
             facts: Mutex::new(Facts {
                 done: LinkedHashMap::new(),
                 results: LinkedHashMap::new(),
+                dead: LinkedHashMap::new(),
             }),
             max_entries: usize::try_from(max_entries).unwrap_or(usize::MAX).max(1),
             ttl,
@@ -76,6 +79,20 @@ impl MemoryStore {
         self.forget(&mut facts, now);
     }
 
+    pub(super) fn dead_lettered(&self, coords: &str) -> bool {
+        let now = Instant::now();
+        let mut facts = self.facts();
+        self.forget(&mut facts, now);
+        facts.dead.contains_key(coords)
+    }
+
+    pub(super) fn mark_dead_lettered(&self, coords: &str) {
+        let now = Instant::now();
+        let mut facts = self.facts();
+        facts.dead.replace(coords.to_string(), now);
+        self.forget(&mut facts, now);
+    }
+
     /// Drops facts past the time-to-live, then the oldest while over the bound.
     fn forget(&self, facts: &mut Facts, now: Instant) {
         let expired = |at: &Instant| now.duration_since(*at) >= self.ttl;
@@ -84,6 +101,13 @@ impl MemoryStore {
         }
         while facts.results.front().is_some_and(|(_, (_, at))| expired(at)) {
             facts.results.pop_front();
+        }
+        while facts.dead.front().is_some_and(|(_, at)| expired(at)) {
+            facts.dead.pop_front();
+        }
+        // Dead letters are rare: they count towards the bound only by being dropped first.
+        while facts.dead.len() > self.max_entries / 10 + 1 {
+            facts.dead.pop_front();
         }
         while facts.done.len() + facts.results.len() > self.max_entries {
             let oldest_done = facts.done.front().map(|(_, at)| *at);

@@ -332,6 +332,31 @@ impl Deduper {
         Ok(verdicts)
     }
 
+    /// Whether the record at `coords` (`topic/partition/offset`) was already dead-lettered (it is
+    /// being read again after a crash or a rebalance). When the store cannot say, false: the dead
+    /// letter is then written again rather than lost.
+    pub async fn dead_lettered_before(&self, coords: &str) -> bool {
+        match &self.store {
+            Store::Memory(m) => m.dead_lettered(coords),
+            Store::Redis(r) => r.dead_lettered(coords).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, record = coords, "dedupe store unreachable: the dead letter may be written twice");
+                false
+            }),
+        }
+    }
+
+    /// Remembers that the record at `coords` was dead-lettered (after the broker acknowledged it).
+    pub async fn dead_lettered(&self, coords: &str) {
+        match &self.store {
+            Store::Memory(m) => m.mark_dead_lettered(coords),
+            Store::Redis(r) => {
+                if let Err(e) = r.mark_dead_lettered(coords).await {
+                    tracing::warn!(error = %e, record = coords, "cannot remember a dead letter: a re-read may write it twice");
+                }
+            }
+        }
+    }
+
     /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed
     /// before their offsets are committed.
     pub async fn delivered(&self, events: &[&Event]) -> Result<(), StoreUnavailable> {

@@ -222,6 +222,30 @@ impl RedisStore {
             .map_err(|e| format!("redis: {e}"))
     }
 
+    /// Whether a record (`topic/partition/offset`) was already dead-lettered.
+    pub(super) async fn dead_lettered(&self, coords: &str) -> Result<bool, String> {
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(self.k("dead", coords))
+            .query_async::<u64>(&mut conn)
+            .await
+            .map(|n| n > 0)
+            .map_err(|e| format!("redis: {e}"))
+    }
+
+    /// Remembers that a record (`topic/partition/offset`) was dead-lettered, for the dedupe ttl.
+    pub(super) async fn mark_dead_lettered(&self, coords: &str) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.k("dead", coords))
+            .arg(1)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))
+    }
+
     /// Looks up and claims every probe, waiting while another owner holds one of them.
     pub(super) async fn claim(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreError> {
         let mut decided: Vec<Option<Lookup>> = vec![None; probes.len()];

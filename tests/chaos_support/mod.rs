@@ -230,8 +230,10 @@ pub fn read_dead_letters(
 pub struct Accounting {
     /// Problems that break the promise (loss, double sends, wrong reasons): the test fails.
     pub problems: Vec<String>,
-    /// Invalid records dead-lettered more than once (each re-read after a crash or a lost
-    /// partition writes its dead letter again): key → copies.
+    /// Invalid records dead-lettered more than once: key → copies. The bridge remembers dead
+    /// letters in its dedupe store, so a re-read record is not written again; the one window left
+    /// is a crash between the broker's acknowledgement and that store write. Each is also a
+    /// problem (the test fails, naming them).
     pub repeated_dead_letters: BTreeMap<String, usize>,
 }
 
@@ -293,6 +295,9 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
                 }
                 if ds.len() > 1 {
                     a.repeated_dead_letters.insert(key.clone(), ds.len());
+                    let at: Vec<&str> = ds.iter().map(|d| d.source.as_str()).collect();
+                    a.problems
+                        .push(format!("{key} dead-lettered {} times (from {at:?})", ds.len()));
                 }
             }
         }
