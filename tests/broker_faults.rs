@@ -13,7 +13,6 @@
 
 mod chaos_support;
 // The shared harness is not this file's to change; its lints are its owner's.
-#[allow(clippy::result_large_err, clippy::suspicious_map, clippy::manual_contains)]
 mod common;
 
 use chaos_support::*;
