@@ -85,7 +85,10 @@ async fn produce(broker: &Broker, topic: &str, n: usize, partitions: i32) -> Vec
         // resumed partition re-fetches from a batch boundary and tansu skips nothing, so the
         // drain can run with the default `max_in_flight_records` (memory bounded as in
         // production).
-        .set("batch.num.messages", env_or("E2E_BATCH_RECORDS", 10_000usize).to_string())
+        .set(
+            "batch.num.messages",
+            env_or("E2E_BATCH_RECORDS", 10_000usize).to_string(),
+        )
         .set("queue.buffering.max.messages", "1000000")
         .set("enable.idempotence", "false")
         .create()

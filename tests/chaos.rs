@@ -12,7 +12,6 @@
 #![allow(clippy::result_large_err)]
 
 mod chaos_support;
-// The shared harness is not this file's to change; its lints are its owner's.
 mod common;
 
 use chaos_support::*;
