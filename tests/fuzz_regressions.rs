@@ -45,11 +45,11 @@ fn tombstone_is_a_mapping_failure() {
 
 #[test]
 fn invalid_utf8_and_non_json_are_not_json() {
-    assert_eq!(replay(b"\xff\xfe{\"type\":\"deposit\"}").as_deref(), Some("not_json"));
+    assert_eq!(replay(b"\xff\xfe{\"type\":\"deposit\"}").as_deref(), Some("not_utf8"));
     let mut bad_string = DEPOSIT.as_bytes().to_vec();
     let at = bad_string.windows(2).position(|w| w == b"p1").unwrap();
     bad_string[at] = 0xc3; // a lone UTF-8 lead byte inside a JSON string
-    assert_eq!(replay(&bad_string).as_deref(), Some("not_json"));
+    assert_eq!(replay(&bad_string).as_deref(), Some("not_utf8"));
     assert_eq!(replay(b"{\"type\":").as_deref(), Some("not_json"));
 }
 
@@ -63,21 +63,28 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
         let obj = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
         assert!(replay(obj.as_bytes()).is_some());
     }
+    // The mapping engine reads only the parts the mapping uses: a top-level array is refused as
+    // such, without recursing into it.
     let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
-    assert_eq!(replay(deep.as_bytes()).as_deref(), Some("not_json"));
+    assert_eq!(replay(deep.as_bytes()).as_deref(), Some("not_object"));
 }
 
 #[test]
 fn huge_strings_map_or_fail_by_rule() {
+    // Strings over the engine's 8 KiB limit fail the record rather than ship megabytes.
     let big = "x".repeat(4 << 20);
-    assert_eq!(replay(deposit_with("ref", &format!("\"{big}\"")).as_bytes()), None);
-    // A huge currency is not ISO 4217: a validation failure whose message is truncated.
+    assert_eq!(
+        replay(deposit_with("ref", &format!("\"{big}\"")).as_bytes()).as_deref(),
+        Some("too_long")
+    );
+    // A huge currency (2 MiB of "é") is over the engine's string limit: a mapping failure on the
+    // field, whose message is truncated.
     let ccy = format!(r#"{{"value":1,"ccy":"{}"}}"#, "é".repeat(1 << 20));
     let doc = deposit_with("money", &ccy);
     checks::check_mapping(doc.as_bytes());
     match checks::map_input(doc.as_bytes()) {
         MapOutcome::Failed(e) => {
-            assert_eq!((e.stage, e.field.as_deref()), (Stage::Validation, Some("currency")));
+            assert_eq!((e.stage, e.field.as_deref()), (Stage::Mapping, Some("currency")));
             assert!(
                 e.message.len() < 200,
                 "message not truncated: {} bytes",
@@ -109,9 +116,18 @@ fn out_of_range_and_nan_like_numbers() {
         let doc = deposit_with("money", &format!(r#"{{"value":{amount},"ccy":"EUR"}}"#));
         assert_eq!(replay(doc.as_bytes()), None, "{amount}");
     }
-    // Timestamps beyond i64 or fractional are not integers.
-    for ts in ["1e400", "18446744073709551616", "1764000000.5", "-1"] {
-        assert!(replay(deposit_with("ts", ts).as_bytes()).is_some(), "ts {ts}");
+    // Timestamps: beyond f64 is not JSON, a negative time is refused; `time = "auto"` reads a
+    // fractional number as seconds and 2^64 by its magnitude as nanoseconds (docs/mapping.md).
+    assert_eq!(
+        replay(deposit_with("ts", "1e400").as_bytes()).as_deref(),
+        Some("not_json")
+    );
+    assert_eq!(
+        replay(deposit_with("ts", "-1").as_bytes()).as_deref(),
+        Some("timestamp")
+    );
+    for ts in ["18446744073709551616", "1764000000.5"] {
+        assert_eq!(replay(deposit_with("ts", ts).as_bytes()), None, "ts {ts}");
     }
 }
 

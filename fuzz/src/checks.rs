@@ -40,7 +40,7 @@ ip_address = "/ip"
 bet_result = "/result/kind"
 bet_result_amount = "/result/amount"
 parent_transaction_id = "/parent"
-brand = "/meta/brand"
+properties = { from = "/meta", fields = ["brand"] }
 "#;
 
 fn mapper() -> &'static Mapper {
