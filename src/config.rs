@@ -343,13 +343,17 @@ impl Loaded {
 }
 
 fn origin(figment: &Figment, key: &str) -> String {
-    match figment.find_metadata(key) {
-        Some(md) => match &md.source {
-            Some(figment::Source::File(p)) => format!("in {}", p.display()),
-            Some(other) => format!("from {} ({other})", md.name),
-            None => format!("from {}", md.name),
-        },
-        None => "(not set)".to_string(),
+    figment
+        .find_metadata(key)
+        .map_or_else(|| "(not set)".to_string(), source_of)
+}
+
+/// "in FILE" or "from environment variable X": where a value came from.
+fn source_of(md: &figment::Metadata) -> String {
+    match &md.source {
+        Some(figment::Source::File(p)) => format!("in {}", p.display()),
+        Some(other) => format!("from {} ({other})", md.name),
+        None => format!("from {}", md.name),
     }
 }
 
@@ -380,11 +384,7 @@ pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
                         e.path.join(".")
                     };
                     let src = match &e.metadata {
-                        Some(md) => match &md.source {
-                            Some(figment::Source::File(p)) => format!("in {}", p.display()),
-                            Some(other) => format!("from {} ({other})", md.name),
-                            None => format!("from {}", md.name),
-                        },
+                        Some(md) => source_of(md),
                         None if !path.exists() => format!("(no config file: {} does not exist)", path.display()),
                         None => format!("in {}", path.display()),
                     };

@@ -131,13 +131,7 @@ impl DeadLetters {
         let status = why.http_status.map(|s| s.to_string());
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut h = OwnedHeaders::new_with_capacity(rec.headers.len() + 9);
-            for (k, v) in &rec.headers {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(v.as_slice()),
-                });
-            }
+            let mut h = rec.original_headers(9);
             h = h
                 .insert(Header {
                     key: headers::STAGE,
@@ -177,13 +171,7 @@ impl DeadLetters {
                     value: Some(s.as_str()),
                 });
             }
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(h);
-            if let Some(k) = &rec.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(v) = &rec.value {
-                record = record.payload(v.as_slice());
-            }
+            let record = rec.to_record(&self.topic, h);
             let sent = tokio::select! {
                 r = self.producer.send(record, Duration::from_secs(30)) => r,
                 _ = cancel.cancelled() => return false,
@@ -205,6 +193,33 @@ impl DeadLetters {
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+impl OwnedRecord {
+    /// The record's own headers, with room for `extra` more.
+    fn original_headers(&self, extra: usize) -> OwnedHeaders {
+        self.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(self.headers.len() + extra),
+            |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                })
+            },
+        )
+    }
+
+    /// The record's key and value, to `topic`, with `headers`.
+    fn to_record<'a>(&'a self, topic: &'a str, headers: OwnedHeaders) -> FutureRecord<'a, [u8], [u8]> {
+        let mut record = FutureRecord::to(topic).headers(headers);
+        if let Some(k) = &self.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &self.value {
+            record = record.payload(v.as_slice());
+        }
+        record
     }
 }
 
@@ -438,24 +453,12 @@ impl DeadLetters {
     /// Produces a dead letter's original record to its source topic again, marked with a
     /// `dp.replayed_from` header.
     async fn replay(&self, d: &DeadLetter, _cancel: &CancellationToken) -> anyhow::Result<()> {
-        let mut h = OwnedHeaders::new_with_capacity(d.record.headers.len() + 1);
-        for (k, v) in &d.record.headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
-        }
+        let mut h = d.record.original_headers(1);
         h = h.insert(Header {
             key: "dp.replayed_from",
             value: Some(d.at.as_str()),
         });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&d.record.topic).headers(h);
-        if let Some(k) = &d.record.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(v) = &d.record.value {
-            record = record.payload(v.as_slice());
-        }
+        let record = d.record.to_record(&d.record.topic, h);
         self.producer
             .send(record, Duration::from_secs(30))
             .await

@@ -504,7 +504,8 @@ fn want_opt_num(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<f64> 
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// "a string", "an object", …: the JSON type of a value, for error messages.
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -530,16 +530,7 @@ fn commit(consumer: &Source, tracker: &Mutex<Tracker>) {
         let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
-        Ok(()) => {
-            let mut tr = lock(tracker);
-            for (t, p, o) in &todo {
-                tr.committed(t, *p, *o);
-                SOURCE_METRICS
-                    .committed
-                    .with_label_values(&[t.as_str(), p.to_string().as_str()])
-                    .set(*o);
-            }
-        }
+        Ok(()) => source::record_commits(tracker, &tpl),
         Err(e) => {
             // REBALANCE_IN_PROGRESS and friends: the next interval commits again.
             SOURCE_METRICS.commit_errors.inc();

@@ -172,7 +172,8 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
+/// Notes offsets that were committed in the tracker and the committed-offset metric.
+pub(crate) fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
     let mut tracker = lock(tracker);
     for e in offsets.elements() {
         if let Offset::Offset(o) = e.offset() {

@@ -123,17 +123,8 @@ retry_backoff_max = "500ms"
 
 {extra}
 
-[[mapping]]
-topics = ["{TOPIC}"]
-client_user_id = "/user"
-event_name = "/type"
-timestamp = "/ts"
-transaction_id = "/tx"
-amount = "/amount"
-currency = "/ccy"
-click_id = "/click"
-ip_address = "/ip"
-"#,
+{mapping}"#,
+        mapping = common::flat_mapping(TOPIC),
         bootstrap = w.bootstrap,
         group = w.group,
         api = w.sandbox.url(),

@@ -3,7 +3,7 @@
 use super::faults::FaultStep;
 use super::record::AcceptedBatch;
 use super::Shared;
-use crate::event::{Event, Rule, Violation};
+use crate::event::{json_kind, Event, Rule, Violation};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -297,15 +297,4 @@ fn bad_request(sh: &Shared, error: &str, message: String, errors: Vec<ItemError>
         json!({ "error": error, "message": message, "errors": errors })
     };
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

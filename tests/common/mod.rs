@@ -405,6 +405,23 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The mapping of the flat test records (`deposit`) on `topic`.
+pub fn flat_mapping(topic: &str) -> String {
+    format!(
+        r#"[[mapping]]
+topics = ["{topic}"]
+client_user_id = "/user"
+event_name = "/type"
+timestamp = "/ts"
+transaction_id = "/tx"
+amount = "/amount"
+currency = "/ccy"
+click_id = "/click"
+ip_address = "/ip"
+"#
+    )
+}
+
 /// The config of a bridge against `broker` and `sandbox` with the flat test mapping.
 pub fn bridge_config(broker: &Broker, sandbox_url: &str, group: &str, topic: &str, extra: &str) -> String {
     format!(
@@ -438,17 +455,8 @@ deadline = "10s"
 {extra}
 {delivery}
 
-[[mapping]]
-topics = ["{topic}"]
-client_user_id = "/user"
-event_name = "/type"
-timestamp = "/ts"
-transaction_id = "/tx"
-amount = "/amount"
-currency = "/ccy"
-click_id = "/click"
-ip_address = "/ip"
-"#,
+{mapping}"#,
+        mapping = flat_mapping(topic),
         bootstrap = broker.bootstrap,
         // The sandbox's rate limit is off unless a test sets one; so is the bridge's.
         delivery = if extra.contains("[delivery]") {
