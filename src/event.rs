@@ -5,9 +5,9 @@
 //! object into an [`Event`] with [`Event::from_json`] (which reports wrong types field by field);
 //! both then call [`Event::validate`].
 
-use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -63,24 +63,28 @@ impl BetResult {
 /// One event of the Server Events API (section 1.1 of the seed document).
 ///
 /// Custom properties (`<<any_prop>>`) are kept in insertion order and are always strings.
+///
+/// The text fields borrow where they can: a mapped event from the record it was read from, the
+/// sandbox's from the request body. An event lives only until it is serialised and its dedupe
+/// keys are taken, so borrowing saves an allocation per field on the hot path.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Event {
-    pub client_user_id: String,
-    pub event_name: String,
+pub struct Event<'a> {
+    pub client_user_id: Cow<'a, str>,
+    pub event_name: Cow<'a, str>,
     pub timestamp: i64,
-    pub click_id: Option<String>,
-    pub ip_address: Option<String>,
-    pub user_agent: Option<String>,
-    pub game_type: Option<String>,
-    pub game_provider: Option<String>,
-    pub transaction_id: Option<String>,
+    pub click_id: Option<Cow<'a, str>>,
+    pub ip_address: Option<Cow<'a, str>>,
+    pub user_agent: Option<Cow<'a, str>>,
+    pub game_type: Option<Cow<'a, str>>,
+    pub game_provider: Option<Cow<'a, str>>,
+    pub transaction_id: Option<Cow<'a, str>>,
     pub amount: Option<f64>,
-    pub currency: Option<String>,
+    pub currency: Option<Cow<'a, str>>,
     pub is_crypto: Option<bool>,
     pub bet_result: Option<BetResult>,
     pub bet_result_amount: Option<f64>,
-    pub parent_transaction_id: Option<String>,
-    pub properties: Vec<(String, String)>,
+    pub parent_transaction_id: Option<Cow<'a, str>>,
+    pub properties: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
 /// The names of the fields the contract defines. Anything else is a custom property.
@@ -188,9 +192,9 @@ impl fmt::Display for Violation {
     }
 }
 
-impl Event {
+impl<'a> Event<'a> {
     pub fn is_financial(&self) -> bool {
-        FINANCIAL_EVENTS.contains(&self.event_name.as_str())
+        FINANCIAL_EVENTS.contains(&self.event_name.as_ref())
     }
 
     /// Whether this is a Pattern A bet (a bet carrying its result).
@@ -200,7 +204,7 @@ impl Event {
 
     /// Whether this is a Pattern B settlement (a standalone win or loss).
     pub fn is_standalone_settlement(&self) -> bool {
-        matches!(self.event_name.as_str(), "win" | "loss")
+        matches!(self.event_name.as_ref(), "win" | "loss")
     }
 
     /// Checks every contract rule and returns each violation (empty when valid).
@@ -227,7 +231,7 @@ impl Event {
                 "timestamp must be a positive Unix time integer",
             ));
         }
-        let name = self.event_name.as_str();
+        let name = self.event_name.as_ref();
         if self.is_financial() {
             for (field, present) in [
                 (
@@ -377,7 +381,7 @@ impl Event {
 
     /// Reads an event from a JSON object as the API receives it, reporting each field of the wrong
     /// type. Missing always-required fields are reported as [`Rule::Required`].
-    pub fn from_json(obj: &Map<String, Value>) -> Result<Event, Vec<Violation>> {
+    pub fn from_json(obj: &'a Map<String, Value>) -> Result<Event<'a>, Vec<Violation>> {
         let mut errs = Vec::new();
         let mut e = Event::default();
         let mut seen_required = [false; 3];
@@ -436,7 +440,7 @@ impl Event {
                     )),
                 },
                 _ => match val {
-                    Value::String(s) => e.properties.push((k.clone(), s.clone())),
+                    Value::String(s) => e.properties.push((Cow::Borrowed(k), Cow::Borrowed(s))),
                     other => errs.push(Violation::new(
                         k,
                         Rule::PropertyType,
@@ -461,16 +465,130 @@ impl Event {
         }
     }
 
-    /// Serialises to the JSON the API receives, appending to `out`.
+    /// Serialises to the JSON the API receives, appending to `out`: the fields in the order of the
+    /// seed document, absent optional fields left out, then the custom properties.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        // Serialising plain strings, numbers and booleans into a Vec cannot fail.
-        serde_json::to_writer(out, self).expect("event serialisation is infallible");
+        out.extend_from_slice(b"{\"client_user_id\":");
+        write_str(out, &self.client_user_id);
+        out.extend_from_slice(b",\"event_name\":");
+        write_str(out, &self.event_name);
+        out.extend_from_slice(b",\"timestamp\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.timestamp).as_bytes());
+        let text = [
+            ("click_id", &self.click_id),
+            ("ip_address", &self.ip_address),
+            ("user_agent", &self.user_agent),
+            ("game_type", &self.game_type),
+            ("game_provider", &self.game_provider),
+            ("transaction_id", &self.transaction_id),
+        ];
+        for (k, v) in text {
+            if let Some(v) = v {
+                write_key(out, k);
+                write_str(out, v);
+            }
+        }
+        if let Some(a) = self.amount {
+            write_key(out, "amount");
+            write_num(out, a);
+        }
+        if let Some(c) = &self.currency {
+            write_key(out, "currency");
+            write_str(out, c);
+        }
+        if let Some(b) = self.is_crypto {
+            write_key(out, "is_crypto");
+            out.extend_from_slice(if b { b"true" } else { b"false" });
+        }
+        if let Some(r) = self.bet_result {
+            write_key(out, "bet_result");
+            write_str(out, r.as_str());
+        }
+        if let Some(a) = self.bet_result_amount {
+            write_key(out, "bet_result_amount");
+            write_num(out, a);
+        }
+        if let Some(p) = &self.parent_transaction_id {
+            write_key(out, "parent_transaction_id");
+            write_str(out, p);
+        }
+        for (k, v) in &self.properties {
+            out.push(b',');
+            write_str(out, k);
+            out.push(b':');
+            write_str(out, v);
+        }
+        out.push(b'}');
+    }
+
+    /// The event with every field owned, for keeping it beyond its source.
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        Event {
+            client_user_id: own(self.client_user_id),
+            event_name: own(self.event_name),
+            timestamp: self.timestamp,
+            click_id: self.click_id.map(own),
+            ip_address: self.ip_address.map(own),
+            user_agent: self.user_agent.map(own),
+            game_type: self.game_type.map(own),
+            game_provider: self.game_provider.map(own),
+            transaction_id: self.transaction_id.map(own),
+            amount: self.amount,
+            currency: self.currency.map(own),
+            is_crypto: self.is_crypto,
+            bet_result: self.bet_result,
+            bet_result_amount: self.bet_result_amount,
+            parent_transaction_id: self.parent_transaction_id.map(own),
+            properties: self.properties.into_iter().map(|(k, v)| (own(k), own(v))).collect(),
+        }
     }
 }
 
-fn want_str(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<String> {
+/// `,"key":` for a constant key (no escaping needed).
+fn write_key(out: &mut Vec<u8>, k: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(k.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// A JSON string. Text without a quote, a backslash or a control character (nearly all) is
+/// copied as it is; anything else is escaped by `serde_json`.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // A fold without early exit: it compiles to a vector loop.
+    let plain = s
+        .bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        serde_json::to_writer(&mut *out, s).expect("string serialisation is infallible");
+    }
+}
+
+/// A finite number as `serde_json` writes it (`50.0`, `-1.5`, `1e-7`).
+fn write_num(out: &mut Vec<u8>, x: f64) {
+    // Whole amounts are the common case: written as an integer and `.0`, as serde_json would.
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        if x.is_sign_negative() && x == 0.0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa::Buffer::new().format(x as i64).as_bytes());
+        out.extend_from_slice(b".0");
+        return;
+    }
+    // A non-finite number fails validation before any event is sent; `null` is what serde_json
+    // would write for it.
+    serde_json::to_writer(&mut *out, &x).expect("number serialisation is infallible");
+}
+
+fn want_str<'v>(k: &str, val: &'v Value, errs: &mut Vec<Violation>) -> Option<Cow<'v, str>> {
     match val {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(Cow::Borrowed(s)),
         other => {
             errs.push(Violation::new(
                 k,
@@ -482,7 +600,7 @@ fn want_str(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<String> {
     }
 }
 
-fn want_opt_str(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<String> {
+fn want_opt_str<'v>(k: &str, val: &'v Value, errs: &mut Vec<Violation>) -> Option<Cow<'v, str>> {
     if val.is_null() {
         return None;
     }
@@ -542,8 +660,31 @@ pub fn is_crypto_code(s: &str) -> bool {
 
 /// An active ISO 4217 currency code.
 pub fn is_iso4217(s: &str) -> bool {
-    s.len() == 3 && ISO_4217.binary_search(&s).is_ok()
+    // A bit per possible code (26³), looked up rather than searched: this runs for every event.
+    match s.as_bytes() {
+        [a, b, c] if [a, b, c].iter().all(|x| x.is_ascii_uppercase()) => {
+            let i = code_index(*a, *b, *c);
+            ISO_4217_BITS[i / 64] & (1 << (i % 64)) != 0
+        }
+        _ => false,
+    }
 }
+
+const fn code_index(a: u8, b: u8, c: u8) -> usize {
+    ((a - b'A') as usize * 26 + (b - b'A') as usize) * 26 + (c - b'A') as usize
+}
+
+static ISO_4217_BITS: [u64; 26 * 26 * 26 / 64 + 1] = {
+    let mut bits = [0u64; 26 * 26 * 26 / 64 + 1];
+    let mut n = 0;
+    while n < ISO_4217.len() {
+        let code = ISO_4217[n].as_bytes();
+        let i = code_index(code[0], code[1], code[2]);
+        bits[i / 64] |= 1 << (i % 64);
+        n += 1;
+    }
+    bits
+};
 
 /// Active ISO 4217 alphabetic codes (sorted; binary searched).
 const ISO_4217: &[&str] = &[
@@ -559,50 +700,17 @@ const ISO_4217: &[&str] = &[
     "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
 ];
 
-impl Serialize for Event {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("client_user_id", &self.client_user_id)?;
-        m.serialize_entry("event_name", &self.event_name)?;
-        m.serialize_entry("timestamp", &self.timestamp)?;
-        macro_rules! opt {
-            ($($f:ident),*) => {$(
-                if let Some(v) = &self.$f { m.serialize_entry(stringify!($f), v)?; }
-            )*};
-        }
-        opt!(
-            click_id,
-            ip_address,
-            user_agent,
-            game_type,
-            game_provider,
-            transaction_id,
-            amount,
-            currency,
-            is_crypto
-        );
-        if let Some(r) = self.bet_result {
-            m.serialize_entry("bet_result", r.as_str())?;
-        }
-        opt!(bet_result_amount, parent_transaction_id);
-        for (k, v) in &self.properties {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn parse(v: Value) -> Result<Event, Vec<Violation>> {
+    fn parse(v: &Value) -> Result<Event<'_>, Vec<Violation>> {
         Event::from_json(v.as_object().unwrap())
     }
 
     fn rules(v: Value) -> Vec<&'static str> {
-        match parse(v) {
+        match parse(&v) {
             Ok(e) => e
                 .validate(&ContractOptions::default())
                 .into_iter()
@@ -629,9 +737,12 @@ mod tests {
 
     #[test]
     fn seed_curl_example_is_valid_and_round_trips() {
-        let e = parse(deposit()).unwrap();
+        let seed = deposit();
+        let e = parse(&seed).unwrap();
         assert!(e.validate(&ContractOptions::default()).is_empty());
-        let back: Value = serde_json::to_value(&e).unwrap();
+        let mut json = Vec::new();
+        e.write_json(&mut json);
+        let back: Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(back, deposit());
     }
 
@@ -667,7 +778,7 @@ mod tests {
             json!(-5.0),
         );
         assert!(rules(a.clone()).is_empty());
-        assert!(parse(a).unwrap().carries_bet_result());
+        assert!(parse(&a).unwrap().carries_bet_result());
         let bad_sign = with(
             with(bet.clone(), "bet_result", json!("win")),
             "bet_result_amount",
@@ -693,11 +804,9 @@ mod tests {
 
     #[test]
     fn strict_click_ip_applies_everywhere() {
-        let bet = parse(
-            json!({"client_user_id": "u", "event_name": "bet", "timestamp": 1, "amount": 5.0,
-                               "currency": "EUR", "transaction_id": "b1"}),
-        )
-        .unwrap();
+        let bet = json!({"client_user_id": "u", "event_name": "bet", "timestamp": 1, "amount": 5.0,
+                         "currency": "EUR", "transaction_id": "b1"});
+        let bet = parse(&bet).unwrap();
         let strict = ContractOptions {
             strict_click_ip: true,
             ..Default::default()
@@ -707,9 +816,41 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_written_as_serde_json_writes_them() {
+        let mut values = vec![
+            0.0, -0.0, 1.0, -1.0, 50.0, 0.5, 12.34, -7.25, 1e-7, 123456.0, 1e15, 1e16, 1e300,
+        ];
+        values.extend([
+            999_999_999_999_999.0,
+            -999_999_999_999_999.0,
+            1e14 + 0.5,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+        ]);
+        for x in values {
+            let mut ours = Vec::new();
+            write_num(&mut ours, x);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&x).unwrap(),
+                "{x}"
+            );
+        }
+    }
+
+    #[test]
     fn iso_list_is_sorted() {
         assert!(ISO_4217.windows(2).all(|w| w[0] < w[1]));
         assert!(is_iso4217("EUR") && !is_iso4217("BTC"));
+        for code in ISO_4217 {
+            assert!(is_iso4217(code), "{code}");
+        }
+        let all = (b'A'..=b'Z').flat_map(|a| (b'A'..=b'Z').flat_map(move |b| (b'A'..=b'Z').map(move |c| [a, b, c])));
+        let known = all.filter(|c| is_iso4217(std::str::from_utf8(c).unwrap())).count();
+        assert_eq!(known, ISO_4217.len());
+        for not in ["", "EU", "EURO", "eur", "EU1", "ÉUR"] {
+            assert!(!is_iso4217(not), "{not}");
+        }
     }
 
     #[test]

@@ -12,10 +12,10 @@
 
 use crate::batch::BatchConfig;
 use crate::config::Config;
-use crate::dedupe::{Deduper, Verdict};
+use crate::dedupe::{Deduper, EventKeys, Verdict};
 use crate::deliver::{Deliverer, EventResult};
 use crate::dlq::{DeadLetters, Reason};
-use crate::event::{Event, TimestampUnit};
+use crate::event::TimestampUnit;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
 use crate::offsets::{Ticket, Tracker};
 use crate::source::{self, lock, Source, METRICS as SOURCE_METRICS};
@@ -202,11 +202,15 @@ impl Finisher {
     }
 }
 
-/// An event waiting for delivery, with the record it came from.
+/// An event waiting for delivery, with the record it came from. The event itself is not kept
+/// (it borrows from the record): only what the later stages need of it.
 struct Pending {
     rec: OwnedRecord,
     ticket: Ticket,
-    event: Event,
+    /// Its dedupe keys, taken once.
+    keys: EventKeys,
+    /// Its `timestamp`, for the delivery latency.
+    timestamp: i64,
     /// The event's JSON, serialised once (its length sizes the batch; the request body joins
     /// them).
     json: Vec<u8>,
@@ -458,12 +462,13 @@ fn handle(
         value: rec.value.as_deref(),
         headers: &headers,
     };
-    let outcome = mapper.map(&src);
-    drop(headers);
-    match outcome {
+    match mapper.map(&src) {
         MapOutcome::Event(event) => {
             let mut json = Vec::with_capacity(256);
             event.write_json(&mut json);
+            let (keys, timestamp) = (shared.deduper.keys_of(&event), event.timestamp);
+            drop(event);
+            drop(headers);
             if json.len() > max_event_bytes {
                 let why = Reason {
                     stage: "validation",
@@ -476,9 +481,10 @@ fn handle(
             }
             if tx
                 .send(Pending {
+                    keys,
+                    timestamp,
                     rec,
                     ticket,
-                    event: *event,
                     json,
                 })
                 .is_err()
@@ -635,12 +641,12 @@ async fn process_batch(
     if batch.is_empty() {
         return;
     }
-    let events: Vec<&Event> = batch.iter().map(|p| &p.event).collect();
+    let keys: Vec<&EventKeys> = batch.iter().map(|p| &p.keys).collect();
     let verdicts = {
         let mut backoff = Duration::from_millis(100);
         loop {
             let checked = tokio::select! {
-                r = deduper.check(&events) => r,
+                r = deduper.check(&keys) => r,
                 _ = shared.abandon.cancelled() => {
                     METRICS.abandoned.inc_by(batch.len() as u64);
                     return;
@@ -691,18 +697,18 @@ async fn process_batch(
         return;
     }
     let mut records: Vec<Option<(OwnedRecord, Ticket)>> = Vec::with_capacity(to_send.len());
-    let mut events: Vec<Event> = Vec::with_capacity(to_send.len());
+    let mut events: Vec<(EventKeys, i64)> = Vec::with_capacity(to_send.len());
     let mut json: Vec<Vec<u8>> = Vec::with_capacity(to_send.len());
     for p in to_send {
         records.push(Some((p.rec, p.ticket)));
-        events.push(p.event);
+        events.push((p.keys, p.timestamp));
         json.push(p.json);
     }
     let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
     let results = match deliverer.deliver_json(&bodies, &shared.abandon).await {
         Ok(r) => r,
         Err(_cancelled) => {
-            deduper.release(&events.iter().collect::<Vec<_>>()).await;
+            deduper.release(&events.iter().map(|e| &e.0).collect::<Vec<_>>()).await;
             METRICS.abandoned.inc_by(events.len() as u64);
             return;
         }
@@ -717,7 +723,7 @@ async fn process_batch(
     }
     if !rejected.is_empty() {
         deduper
-            .release(&rejected.iter().map(|(i, _, _)| &events[*i]).collect::<Vec<_>>())
+            .release(&rejected.iter().map(|(i, _, _)| &events[*i].0).collect::<Vec<_>>())
             .await;
     }
     for (i, status, body) in rejected {
@@ -740,7 +746,7 @@ async fn process_batch(
         return;
     }
     // Invariant 3: ids are recorded after the 2xx and before the offsets become committable.
-    let refs: Vec<&Event> = delivered.iter().map(|&i| &events[i]).collect();
+    let refs: Vec<&EventKeys> = delivered.iter().map(|&i| &events[i].0).collect();
     let mut backoff = Duration::from_millis(100);
     while let Err(e) = deduper.delivered(&refs).await {
         tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing");
@@ -760,8 +766,8 @@ async fn process_batch(
     for &i in &delivered {
         let Some((rec, ticket)) = &records[i] else { continue };
         let event_ms = match unit {
-            TimestampUnit::Seconds => events[i].timestamp as f64 * 1000.0,
-            TimestampUnit::Milliseconds => events[i].timestamp as f64,
+            TimestampUnit::Seconds => events[i].1 as f64 * 1000.0,
+            TimestampUnit::Milliseconds => events[i].1 as f64,
         };
         from_event.observe(((now_ms - event_ms) / 1000.0).max(0.0));
         if let Some(k) = rec.timestamp_ms {

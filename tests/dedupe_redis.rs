@@ -4,7 +4,7 @@
 //!
 //! Tests run one at a time (`SERIAL`): readiness and metrics are process-wide.
 
-use datapulse_bridge::dedupe::{DedupeConfig, Deduper, OnStoreUnavailable, RedisConfig, StoreKind, Verdict};
+use datapulse_bridge::dedupe::{DedupeConfig, Deduper, EventKeys, OnStoreUnavailable, RedisConfig, StoreKind, Verdict};
 use datapulse_bridge::event::{BetResult, Event};
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -115,12 +115,12 @@ fn config(url: String, policy: OnStoreUnavailable) -> DedupeConfig {
     cfg
 }
 
-fn deposit(tx: &str) -> Event {
+fn deposit(tx: &str) -> Event<'static> {
     Event {
         client_user_id: "user_001".into(),
         event_name: "deposit".into(),
         timestamp: 1_702_963_200,
-        transaction_id: Some(tx.into()),
+        transaction_id: Some(tx.to_string().into()),
         amount: Some(50.0),
         currency: Some("USD".into()),
         click_id: Some("clk_1".into()),
@@ -129,7 +129,7 @@ fn deposit(tx: &str) -> Event {
     }
 }
 
-fn bet_with_result(tx: &str) -> Event {
+fn bet_with_result(tx: &str) -> Event<'static> {
     Event {
         event_name: "bet".into(),
         bet_result: Some(BetResult::Loss),
@@ -138,16 +138,21 @@ fn bet_with_result(tx: &str) -> Event {
     }
 }
 
-fn win_for(tx: &str, parent: &str) -> Event {
+fn win_for(tx: &str, parent: &str) -> Event<'static> {
     Event {
         event_name: "win".into(),
-        parent_transaction_id: Some(parent.into()),
+        parent_transaction_id: Some(parent.to_string().into()),
         ..deposit(tx)
     }
 }
 
-fn refs(events: &[Event]) -> Vec<&Event> {
-    events.iter().collect()
+/// The dedupe keys of `events`, as the pipeline takes them when it maps each record.
+fn keys(d: &Deduper, events: &[Event]) -> Vec<EventKeys> {
+    events.iter().map(|e| d.keys_of(e)).collect()
+}
+
+fn refs(keys: &[EventKeys]) -> Vec<&EventKeys> {
+    keys.iter().collect()
 }
 
 fn metric(name: &str, label: Option<(&str, &str)>) -> f64 {
@@ -174,23 +179,22 @@ type Sent = Arc<Mutex<HashMap<String, u32>>>;
 
 /// Plays the pipeline for one replica: check, "send" the `Send` events (count them), then report
 /// them delivered, batch after batch.
-async fn replica(d: Deduper, batches: Vec<Vec<Event>>, sent: Sent) -> Deduper {
+async fn replica(d: Deduper, batches: Vec<Vec<Event<'static>>>, sent: Sent) -> Deduper {
     for batch in batches {
-        let verdicts = d.check(&refs(&batch)).await.unwrap();
-        let to_send: Vec<&Event> = batch
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| **v == Verdict::Send)
-            .map(|(e, _)| e)
-            .collect();
+        let keys = keys(&d, &batch);
+        let verdicts = d.check(&refs(&keys)).await.unwrap();
+        let to_send: Vec<usize> = (0..batch.len()).filter(|&i| verdicts[i] == Verdict::Send).collect();
         {
             let mut s = sent.lock().unwrap();
-            for e in &to_send {
-                *s.entry(e.transaction_id.clone().unwrap()).or_default() += 1;
+            for &i in &to_send {
+                *s.entry(batch[i].transaction_id.as_deref().unwrap().to_string())
+                    .or_default() += 1;
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await; // the API call
-        d.delivered(&to_send).await.unwrap();
+        d.delivered(&to_send.iter().map(|&i| &keys[i]).collect::<Vec<_>>())
+            .await
+            .unwrap();
     }
     d
 }
@@ -228,7 +232,7 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
     // Same ids once more, from both: all known.
     let again = vec![deposit("tx_0"), deposit("tx_599"), deposit("tx_300")];
     for d in [&a, &b] {
-        let v = d.check(&refs(&again)).await.unwrap();
+        let v = d.check(&refs(&keys(d, &again))).await.unwrap();
         assert!(v.iter().all(|v| *v == Verdict::Duplicate { reason: "store" }), "{v:?}");
     }
 }
@@ -242,12 +246,12 @@ async fn a_crashed_replicas_claims_free_up_after_the_lease() {
     let b = Deduper::new(&cfg).await.unwrap();
     let batch = vec![deposit("T1"), deposit("T2")];
     assert_eq!(
-        a.check(&refs(&batch)).await.unwrap(),
+        a.check(&refs(&keys(&a, &batch))).await.unwrap(),
         vec![Verdict::Send, Verdict::Send]
     );
     let claimed_at = Instant::now();
     drop(a); // killed between check and delivered: no release, no renewal
-    let v = b.check(&refs(&batch)).await.unwrap();
+    let v = b.check(&refs(&keys(&b, &batch))).await.unwrap();
     let waited = claimed_at.elapsed();
     assert_eq!(v, vec![Verdict::Send, Verdict::Send]);
     assert!(
@@ -255,7 +259,7 @@ async fn a_crashed_replicas_claims_free_up_after_the_lease() {
         "got the ids after {waited:?}, before the lease"
     );
     assert!(waited < LEASE * 2, "waited {waited:?}");
-    b.delivered(&refs(&batch)).await.unwrap();
+    b.delivered(&refs(&keys(&b, &batch))).await.unwrap();
     assert!(metric("datapulse_bridge_dedupe_claim_waits_total", None) >= 1.0);
 }
 
@@ -267,18 +271,18 @@ async fn a_live_replica_keeps_its_claim_past_the_lease() {
     let a = Arc::new(Deduper::new(&cfg).await.unwrap());
     let b = Deduper::new(&cfg).await.unwrap();
     let batch = vec![deposit("SLOW")];
-    assert_eq!(a.check(&refs(&batch)).await.unwrap(), vec![Verdict::Send]);
+    assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // The API is slow (429s, retries): delivery takes longer than the lease.
     let slow = {
         let a = a.clone();
         let batch = batch.clone();
         tokio::spawn(async move {
             tokio::time::sleep(LEASE + LEASE / 2).await;
-            a.delivered(&refs(&batch)).await.unwrap();
+            a.delivered(&refs(&keys(&a, &batch))).await.unwrap();
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let v = b.check(&refs(&batch)).await.unwrap();
+    let v = b.check(&refs(&keys(&b, &batch))).await.unwrap();
     // Without renewal the claim would have expired at the lease and b would have sent it too.
     assert_eq!(v, vec![Verdict::Duplicate { reason: "store" }]);
     slow.await.unwrap();
@@ -292,18 +296,18 @@ async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
     let a = Deduper::new(&cfg).await.unwrap();
     let b = Deduper::new(&cfg).await.unwrap();
     let stuck = vec![deposit("STUCK")];
-    assert_eq!(a.check(&refs(&stuck)).await.unwrap(), vec![Verdict::Send]);
+    assert_eq!(a.check(&refs(&keys(&a, &stuck))).await.unwrap(), vec![Verdict::Send]);
     // a is alive (renewing) but never finishes: b neither sends nor finishes the event, and gives
     // the batch back as an error even under `deliver` (Redis is reachable: not an outage).
     let batch = vec![deposit("FREE"), deposit("STUCK")];
     let start = Instant::now();
-    let err = b.check(&refs(&batch)).await.unwrap_err();
+    let err = b.check(&refs(&keys(&b, &batch))).await.unwrap_err();
     assert!(start.elapsed() >= LEASE * 2, "{:?}", start.elapsed());
     assert!(err.0.contains("another replica"), "{}", err.0);
     // Nothing of that batch stayed held: once a gives up, b gets both.
-    a.release(&refs(&stuck)).await;
+    a.release(&refs(&keys(&a, &stuck))).await;
     assert_eq!(
-        b.check(&refs(&batch)).await.unwrap(),
+        b.check(&refs(&keys(&b, &batch))).await.unwrap(),
         vec![Verdict::Send, Verdict::Send]
     );
 }
@@ -316,13 +320,13 @@ async fn a_cancelled_check_leaves_nothing_held() {
     let a = Deduper::new(&cfg).await.unwrap();
     let b = Deduper::new(&cfg).await.unwrap();
     let batch = vec![deposit("C1")];
-    assert_eq!(a.check(&refs(&batch)).await.unwrap(), vec![Verdict::Send]);
+    assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // b waits for a's claim; its caller gives up (the check future is dropped).
-    let cancelled = tokio::time::timeout(Duration::from_millis(300), b.check(&refs(&batch))).await;
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), b.check(&refs(&keys(&b, &batch)))).await;
     assert!(cancelled.is_err(), "b should have been waiting");
-    a.release(&refs(&batch)).await;
+    a.release(&refs(&keys(&a, &batch))).await;
     // Had the cancelled call left C1 held, b would now call it a duplicate of something never sent.
-    assert_eq!(b.check(&refs(&batch)).await.unwrap(), vec![Verdict::Send]);
+    assert_eq!(b.check(&refs(&keys(&b, &batch))).await.unwrap(), vec![Verdict::Send]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,41 +342,43 @@ async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
     let mut send = |events: &[Event], verdicts: &[Verdict]| {
         for (e, v) in events.iter().zip(verdicts) {
             if *v == Verdict::Send {
-                *sent.entry(e.transaction_id.clone().unwrap()).or_default() += 1;
+                *sent
+                    .entry(e.transaction_id.as_deref().unwrap().to_string())
+                    .or_default() += 1;
             }
         }
     };
 
-    let v1 = d.check(&refs(&b1)).await.unwrap();
+    let v1 = d.check(&refs(&keys(&d, &b1))).await.unwrap();
     send(&b1, &v1);
-    d.delivered(&refs(&b1)).await.unwrap();
-    let v2 = d.check(&refs(&b2)).await.unwrap();
+    d.delivered(&refs(&keys(&d, &b1))).await.unwrap();
+    let v2 = d.check(&refs(&keys(&d, &b2))).await.unwrap();
     send(&b2, &v2);
     assert!(ready_condition().0);
 
     server.kill();
     // The API accepted b2, but recording it fails: the pipeline must not commit, and retries.
-    assert!(d.delivered(&refs(&b2)).await.is_err());
+    assert!(d.delivered(&refs(&keys(&d, &b2))).await.is_err());
     let (ok, reason) = ready_condition();
     assert!(!ok && reason.contains("redis unreachable"), "{reason}");
-    let err = d.check(&refs(&b3)).await.unwrap_err();
+    let err = d.check(&refs(&keys(&d, &b3))).await.unwrap_err();
     assert!(!err.0.is_empty());
     assert!(metric("datapulse_bridge_dedupe_store_errors_total", Some(("op", "check"))) >= 1.0);
 
     server.restart();
     let start = Instant::now();
-    while d.delivered(&refs(&b2)).await.is_err() {
+    while d.delivered(&refs(&keys(&d, &b2))).await.is_err() {
         assert!(start.elapsed() < Duration::from_secs(20), "no recovery after restart");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(ready_condition().0, "{}", ready_condition().1);
-    let v3 = d.check(&refs(&b3)).await.unwrap();
+    let v3 = d.check(&refs(&keys(&d, &b3))).await.unwrap();
     send(&b3, &v3);
-    d.delivered(&refs(&b3)).await.unwrap();
+    d.delivered(&refs(&keys(&d, &b3))).await.unwrap();
 
     // Everything is known after the outage, each id was sent exactly once.
     let all: Vec<Event> = [b1, b2, b3].concat();
-    let again = d.check(&refs(&all)).await.unwrap();
+    let again = d.check(&refs(&keys(&d, &all))).await.unwrap();
     assert!(
         again.iter().all(|v| *v == Verdict::Duplicate { reason: "store" }),
         "{again:?}"
@@ -390,7 +396,7 @@ async fn deliver_policy_sends_without_store_counted_and_visible() {
     let before_check = metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "check")));
     let before_delivered = metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "delivered")));
     let batch = vec![deposit("D1"), deposit("D2"), deposit("D1")];
-    let v = d.check(&refs(&batch)).await.unwrap();
+    let v = d.check(&refs(&keys(&d, &batch))).await.unwrap();
     // In-process dedupe still works without the store.
     assert_eq!(
         v,
@@ -402,7 +408,7 @@ async fn deliver_policy_sends_without_store_counted_and_visible() {
     );
     let (ok, reason) = ready_condition();
     assert!(ok && reason.contains("WITHOUT dedupe"), "{reason}");
-    d.delivered(&refs(&batch[..2])).await.unwrap();
+    d.delivered(&refs(&keys(&d, &batch[..2]))).await.unwrap();
     assert_eq!(
         metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "delivered"))) - before_delivered,
         2.0
@@ -419,9 +425,9 @@ async fn guard_works_across_replicas_in_both_orders_and_in_flight() {
 
     // Embedded result delivered by a, then a standalone win for the same bet at b.
     let bet1 = vec![bet_with_result("B1")];
-    assert_eq!(a.check(&refs(&bet1)).await.unwrap(), vec![Verdict::Send]);
-    a.delivered(&refs(&bet1)).await.unwrap();
-    let v = b.check(&refs(&[win_for("W1", "B1")])).await.unwrap();
+    assert_eq!(a.check(&refs(&keys(&a, &bet1))).await.unwrap(), vec![Verdict::Send]);
+    a.delivered(&refs(&keys(&a, &bet1))).await.unwrap();
+    let v = b.check(&refs(&keys(&b, &[win_for("W1", "B1")]))).await.unwrap();
     assert!(
         double(&v[0], "B1")
             && matches!(&v[0], Verdict::DoubleCount { reason } if reason.contains("already carried its result")),
@@ -430,20 +436,20 @@ async fn guard_works_across_replicas_in_both_orders_and_in_flight() {
 
     // Standalone win delivered by b, then the bet with an embedded result at a.
     let win2 = vec![win_for("W2", "B2")];
-    assert_eq!(b.check(&refs(&win2)).await.unwrap(), vec![Verdict::Send]);
-    b.delivered(&refs(&win2)).await.unwrap();
-    let v = a.check(&refs(&[bet_with_result("B2")])).await.unwrap();
+    assert_eq!(b.check(&refs(&keys(&b, &win2))).await.unwrap(), vec![Verdict::Send]);
+    b.delivered(&refs(&keys(&b, &win2))).await.unwrap();
+    let v = a.check(&refs(&keys(&a, &[bet_with_result("B2")]))).await.unwrap();
     assert!(double(&v[0], "B2"), "{v:?}");
 
     // In flight at a (not delivered yet): b's standalone win is a double count too.
     let bet3 = vec![bet_with_result("B3")];
-    assert_eq!(a.check(&refs(&bet3)).await.unwrap(), vec![Verdict::Send]);
-    let v = b.check(&refs(&[win_for("W3", "B3")])).await.unwrap();
+    assert_eq!(a.check(&refs(&keys(&a, &bet3))).await.unwrap(), vec![Verdict::Send]);
+    let v = b.check(&refs(&keys(&b, &[win_for("W3", "B3")]))).await.unwrap();
     assert!(double(&v[0], "B3"), "{v:?}");
     // a's bet is dead-lettered (released): the win is then the only result and passes.
-    a.release(&refs(&bet3)).await;
+    a.release(&refs(&keys(&a, &bet3))).await;
     assert_eq!(
-        b.check(&refs(&[win_for("W3", "B3")])).await.unwrap(),
+        b.check(&refs(&keys(&b, &[win_for("W3", "B3")]))).await.unwrap(),
         vec![Verdict::Send]
     );
 }
@@ -469,8 +475,8 @@ async fn one_round_trip_per_batch_operation_and_only_ids_are_written() {
         .unwrap();
     // Warm up: loads the scripts (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA).
     let warm = vec![deposit("warm"), bet_with_result("warm_bet")];
-    d.check(&refs(&warm)).await.unwrap();
-    d.delivered(&refs(&warm)).await.unwrap();
+    d.check(&refs(&keys(&d, &warm))).await.unwrap();
+    d.delivered(&refs(&keys(&d, &warm))).await.unwrap();
     let mut conn = server.conn();
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut conn).unwrap();
 
@@ -484,9 +490,9 @@ async fn one_round_trip_per_batch_operation_and_only_ids_are_written() {
                 _ => win_for(&format!("b{b}_{i}"), &format!("other_{b}_{i}")),
             })
             .collect();
-        let v = d.check(&refs(&batch)).await.unwrap();
+        let v = d.check(&refs(&keys(&d, &batch))).await.unwrap();
         assert!(v.iter().all(|v| *v == Verdict::Send));
-        d.delivered(&refs(&batch)).await.unwrap();
+        d.delivered(&refs(&keys(&d, &batch))).await.unwrap();
     }
     let stats = commandstats(&mut conn);
     let round_trips = stats.get("evalsha").copied().unwrap_or(0) + stats.get("eval").copied().unwrap_or(0);

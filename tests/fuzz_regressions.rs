@@ -35,7 +35,7 @@ fn a_valid_deposit_maps_and_round_trips() {
     let MapOutcome::Event(e) = checks::map_input(DEPOSIT.as_bytes()) else {
         panic!("deposit did not map")
     };
-    assert_eq!(e.properties, vec![("brand".to_string(), "acme".to_string())]);
+    assert_eq!(e.properties, vec![("brand".into(), "acme".into())]);
 }
 
 #[test]

@@ -53,7 +53,7 @@ fn mapper() -> &'static Mapper {
 
 /// Input bytes as a Kafka record through the fixed mapping: the whole input is the value (an
 /// empty input is a tombstone); the key and a header are slices of it, so they vary too.
-pub fn map_input(data: &[u8]) -> MapOutcome {
+pub fn map_input(data: &[u8]) -> MapOutcome<'static> {
     let value = (!data.is_empty()).then_some(data);
     let key = data.get(..data.len().min(16));
     let headers = [("trace", data.get(data.len() / 2..).unwrap_or_default())];
@@ -66,7 +66,7 @@ pub fn map_input(data: &[u8]) -> MapOutcome {
         value,
         headers: &headers,
     };
-    mapper().map(&rec)
+    mapper().map(&rec).into_owned()
 }
 
 /// [`map_input`], then: a mapped event is valid, and survives `write_json` and parsing back.
@@ -126,7 +126,7 @@ fn contract_variants() -> [ContractOptions; 2] {
 
 /// `write_json`, then parsed back as the API would. The result must equal the event, except that
 /// numbers may move by the last bit (serde_json's default float parsing is not exact).
-fn round_trip(event: &Event) -> Event {
+fn round_trip(event: &Event) -> Event<'static> {
     let mut out = Vec::new();
     event.write_json(&mut out);
     let value: Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
@@ -138,7 +138,9 @@ fn round_trip(event: &Event) -> Event {
     let Value::Object(obj) = value else {
         panic!("write_json produced a non-object: {}", String::from_utf8_lossy(&out))
     };
-    let back = Event::from_json(&obj).unwrap_or_else(|v| panic!("serialised event does not parse back: {v:?}"));
+    let back = Event::from_json(&obj)
+        .unwrap_or_else(|v| panic!("serialised event does not parse back: {v:?}"))
+        .into_owned();
     let same_num = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => a == b || (a - b).abs() <= a.abs().max(b.abs()) * 4.0 * f64::EPSILON,
         (a, b) => a.is_none() && b.is_none(),
@@ -147,11 +149,13 @@ fn round_trip(event: &Event) -> Event {
         same_num(event.amount, back.amount) && same_num(event.bet_result_amount, back.bet_result_amount),
         "numbers changed across serialisation: {event:?} became {back:?}"
     );
-    let exact = |e: &Event| Event {
-        amount: None,
-        bet_result_amount: None,
-        ..e.clone()
-    };
+    fn exact<'a>(e: &Event<'a>) -> Event<'a> {
+        Event {
+            amount: None,
+            bet_result_amount: None,
+            ..e.clone()
+        }
+    }
     assert_eq!(exact(event), exact(&back), "event changed across serialisation");
     back
 }

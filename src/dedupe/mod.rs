@@ -1,6 +1,7 @@
 //! Deduplication by transaction id and the bet-result double-count guard.
 //!
-//! The protocol (invariant 3, `docs/dedupe.md`): before a batch is sent, [`Deduper::check`] judges
+//! The protocol (invariant 3, `docs/dedupe.md`): each event's keys are taken once, when it is mapped
+//! ([`Deduper::keys_of`]); before a batch is sent, [`Deduper::check`] judges
 //! each event against the earlier events of the batch, against what this process has in flight, and
 //! against the store (what was delivered, and with Redis what other replicas have in flight). The
 //! events judged [`Verdict::Send`] are held as in flight until the pipeline reports them
@@ -111,8 +112,10 @@ pub(crate) enum StoreError {
     Contended(String),
 }
 
-/// The keys of one event, computed once per call.
-struct EventKeys {
+/// The dedupe keys of one event, taken once when it is mapped ([`Deduper::keys_of`]) and kept with
+/// it until it has an outcome (the event itself is not kept: it borrows from its record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventKeys {
     key: Option<String>,
     guard: Option<(String, Kind)>,
 }
@@ -166,7 +169,7 @@ impl Local {
 /// Releases the holds `check` took for `pending` when dropped; forgotten once the verdicts stand.
 struct HoldGuard<'a> {
     deduper: &'a Deduper,
-    keys: &'a [EventKeys],
+    keys: &'a [&'a EventKeys],
     pending: &'a [usize],
 }
 
@@ -174,7 +177,7 @@ impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
         let mut local = self.deduper.lock();
         for &i in self.pending {
-            local.unhold(&self.keys[i]);
+            local.unhold(self.keys[i]);
         }
     }
 }
@@ -233,9 +236,8 @@ impl Deduper {
     ///
     /// With Redis, an id another replica has in flight makes this call wait (polling, at most about
     /// the lease) until that replica delivers it (→ `Duplicate "store"`) or gives it up (→ `Send`).
-    pub async fn check(&self, events: &[&Event]) -> Result<Vec<Verdict>, StoreUnavailable> {
-        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
-        let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
+    pub async fn check(&self, keys: &[&EventKeys]) -> Result<Vec<Verdict>, StoreUnavailable> {
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; keys.len()];
         let mut pending = Vec::new();
         {
             let mut local = self.lock();
@@ -279,7 +281,7 @@ impl Deduper {
         // duplicate of something never sent.
         let held = HoldGuard {
             deduper: self,
-            keys: &keys,
+            keys,
             pending: &pending,
         };
         let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
@@ -310,11 +312,11 @@ impl Deduper {
                 verdicts[i] = Some(match lookup {
                     Lookup::Free => Verdict::Send,
                     Lookup::Done => {
-                        local.unhold(&keys[i]);
+                        local.unhold(keys[i]);
                         Verdict::Duplicate { reason: "store" }
                     }
                     Lookup::Conflict => {
-                        local.unhold(&keys[i]);
+                        local.unhold(keys[i]);
                         let (bet, kind) = keys[i].guard.as_ref().expect("a conflict comes from a guard probe");
                         double_count(bet, *kind)
                     }
@@ -359,9 +361,8 @@ impl Deduper {
 
     /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed
     /// before their offsets are committed.
-    pub async fn delivered(&self, events: &[&Event]) -> Result<(), StoreUnavailable> {
-        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
-        let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
+    pub async fn delivered(&self, keys: &[&EventKeys]) -> Result<(), StoreUnavailable> {
+        let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
         let recorded = match &self.store {
             Store::Memory(m) => {
                 let start = Instant::now();
@@ -392,7 +393,7 @@ impl Deduper {
             );
         }
         let mut local = self.lock();
-        for k in &keys {
+        for k in keys {
             local.unhold(k);
         }
         Ok(())
@@ -401,16 +402,15 @@ impl Deduper {
     /// Releases in-flight holds of events judged `Send` that were not delivered (dead-lettered or
     /// abandoned).
     /// With Redis the claims are deleted; if that fails they expire after the lease.
-    pub async fn release(&self, events: &[&Event]) {
-        let keys: Vec<EventKeys> = events.iter().map(|e| self.keys_of(e)).collect();
+    pub async fn release(&self, keys: &[&EventKeys]) {
         {
             let mut local = self.lock();
-            for k in &keys {
+            for k in keys {
                 local.unhold(k);
             }
         }
         if let Store::Redis(r) = &self.store {
-            let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(EventKeys::probe).collect();
+            let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
             if let Err(e) = r.release(&probes).await {
                 tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
             }
@@ -418,10 +418,15 @@ impl Deduper {
     }
 
     /// The dedupe key and the guarded bet of an event.
-    fn keys_of(&self, e: &Event) -> EventKeys {
-        let key = match self.keys_by_event.get(&e.event_name) {
+    pub fn keys_of(&self, e: &Event<'_>) -> EventKeys {
+        let by_event = if self.keys_by_event.is_empty() {
+            None
+        } else {
+            self.keys_by_event.get(e.event_name.as_ref())
+        };
+        let key = match by_event {
             Some(fields) => {
-                let mut parts = vec![Cow::Borrowed(e.event_name.as_str())];
+                let mut parts = vec![Cow::Borrowed(e.event_name.as_ref())];
                 collect_fields(e, fields, &mut parts).then(|| encode_key(&parts))
             }
             None => {
@@ -513,13 +518,13 @@ fn double_count(bet: &str, kind: Kind) -> Verdict {
     Verdict::DoubleCount { reason }
 }
 
-fn nonempty(s: &Option<String>) -> Option<&str> {
+fn nonempty<'a>(s: &'a Option<Cow<'_, str>>) -> Option<&'a str> {
     s.as_deref().filter(|s| !s.is_empty())
 }
 
 /// Appends the values of `fields` to `parts`; false when one is missing or empty (then the event has
 /// no dedupe key).
-fn collect_fields<'a>(e: &'a Event, fields: &[String], parts: &mut Vec<Cow<'a, str>>) -> bool {
+fn collect_fields<'a>(e: &'a Event<'_>, fields: &[String], parts: &mut Vec<Cow<'a, str>>) -> bool {
     for f in fields {
         match field_value(e, f) {
             Some(v) if !v.is_empty() => parts.push(v),
@@ -530,11 +535,11 @@ fn collect_fields<'a>(e: &'a Event, fields: &[String], parts: &mut Vec<Cow<'a, s
 }
 
 /// The value of an API field or a custom property, as text.
-fn field_value<'a>(e: &'a Event, field: &str) -> Option<Cow<'a, str>> {
-    let s = |o: &'a Option<String>| o.as_deref().map(Cow::Borrowed);
+fn field_value<'a>(e: &'a Event<'_>, field: &str) -> Option<Cow<'a, str>> {
+    let s = |o: &'a Option<Cow<'_, str>>| o.as_deref().map(Cow::Borrowed);
     match field {
-        "client_user_id" => Some(Cow::Borrowed(e.client_user_id.as_str())),
-        "event_name" => Some(Cow::Borrowed(e.event_name.as_str())),
+        "client_user_id" => Some(Cow::Borrowed(e.client_user_id.as_ref())),
+        "event_name" => Some(Cow::Borrowed(e.event_name.as_ref())),
         "timestamp" => Some(Cow::Owned(e.timestamp.to_string())),
         "click_id" => s(&e.click_id),
         "ip_address" => s(&e.ip_address),
@@ -552,7 +557,7 @@ fn field_value<'a>(e: &'a Event, field: &str) -> Option<Cow<'a, str>> {
             .properties
             .iter()
             .find(|(k, _)| k == other)
-            .map(|(_, v)| Cow::Borrowed(v.as_str())),
+            .map(|(_, v)| Cow::Borrowed(v.as_ref())),
     }
 }
 

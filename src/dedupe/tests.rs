@@ -5,7 +5,7 @@ use super::*;
 use crate::event::BetResult;
 use std::time::Duration;
 
-fn ev(name: &str, tx: Option<&str>) -> Event {
+fn ev<'a>(name: &'a str, tx: Option<&'a str>) -> Event<'a> {
     Event {
         client_user_id: "u1".into(),
         event_name: name.into(),
@@ -17,12 +17,12 @@ fn ev(name: &str, tx: Option<&str>) -> Event {
     }
 }
 
-fn deposit(tx: &str) -> Event {
+fn deposit(tx: &str) -> Event<'_> {
     ev("deposit", Some(tx))
 }
 
 /// A Pattern A bet.
-fn bet_with_result(tx: &str) -> Event {
+fn bet_with_result(tx: &str) -> Event<'_> {
     Event {
         bet_result: Some(BetResult::Win),
         bet_result_amount: Some(1.0),
@@ -31,7 +31,7 @@ fn bet_with_result(tx: &str) -> Event {
 }
 
 /// A Pattern B standalone win.
-fn win_for(tx: &str, parent: &str) -> Event {
+fn win_for<'a>(tx: &'a str, parent: &'a str) -> Event<'a> {
     Event {
         parent_transaction_id: Some(parent.into()),
         ..ev("win", Some(tx))
@@ -42,19 +42,23 @@ async fn deduper(cfg: DedupeConfig) -> Deduper {
     Deduper::new(&cfg).await.unwrap()
 }
 
-async fn check(d: &Deduper, events: &[Event]) -> Vec<Verdict> {
-    let refs: Vec<&Event> = events.iter().collect();
-    d.check(&refs).await.unwrap()
+fn keys(d: &Deduper, events: &[Event<'_>]) -> Vec<EventKeys> {
+    events.iter().map(|e| d.keys_of(e)).collect()
 }
 
-async fn delivered(d: &Deduper, events: &[Event]) {
-    let refs: Vec<&Event> = events.iter().collect();
-    d.delivered(&refs).await.unwrap()
+async fn check(d: &Deduper, events: &[Event<'_>]) -> Vec<Verdict> {
+    let keys = keys(d, events);
+    d.check(&keys.iter().collect::<Vec<_>>()).await.unwrap()
 }
 
-async fn release(d: &Deduper, events: &[Event]) {
-    let refs: Vec<&Event> = events.iter().collect();
-    d.release(&refs).await
+async fn delivered(d: &Deduper, events: &[Event<'_>]) {
+    let keys = keys(d, events);
+    d.delivered(&keys.iter().collect::<Vec<_>>()).await.unwrap()
+}
+
+async fn release(d: &Deduper, events: &[Event<'_>]) {
+    let keys = keys(d, events);
+    d.release(&keys.iter().collect::<Vec<_>>()).await
 }
 
 const SEND: Verdict = Verdict::Send;
@@ -130,10 +134,12 @@ async fn key_from_a_custom_property() {
         ..DedupeConfig::default()
     })
     .await;
-    let with_ref = |tx: &str, r: &str| Event {
-        properties: vec![("ref".into(), r.into())],
-        ..deposit(tx)
-    };
+    fn with_ref<'a>(tx: &'a str, r: &'a str) -> Event<'a> {
+        Event {
+            properties: vec![("ref".into(), r.into())],
+            ..deposit(tx)
+        }
+    }
     // Same property value, different transaction ids: duplicates under this key.
     let batch = [with_ref("T1", "R1"), with_ref("T2", "R1"), deposit("T3")];
     assert_eq!(check(&d, &batch).await, vec![SEND, dup("in_batch"), SEND]);

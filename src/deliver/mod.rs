@@ -327,7 +327,11 @@ impl Deliverer {
     /// `Err(Cancelled)` says nothing about the batch: a request in flight may have been accepted,
     /// and during isolation of a 400 some parts may already be delivered. The caller must neither
     /// commit nor mark any of it; after a restart the batch is read and sent again.
-    pub async fn deliver(&self, events: &[Event], cancel: &CancellationToken) -> Result<Vec<EventResult>, Cancelled> {
+    pub async fn deliver(
+        &self,
+        events: &[Event<'_>],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<EventResult>, Cancelled> {
         let json: Vec<Vec<u8>> = events
             .iter()
             .map(|e| {

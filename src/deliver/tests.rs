@@ -75,13 +75,13 @@ fn deliverer(base_url: &str) -> Deliverer {
     Deliverer::new(&api, &cfg).unwrap()
 }
 
-fn batch(n: usize, bad: &[usize]) -> Vec<Event> {
+fn batch(n: usize, bad: &[usize]) -> Vec<Event<'static>> {
     (0..n)
         .map(|i| Event {
             client_user_id: if bad.contains(&i) {
-                format!("bad{i:04}")
+                format!("bad{i:04}").into()
             } else {
-                format!("u{i:04}")
+                format!("u{i:04}").into()
             },
             event_name: "login".into(),
             timestamp: 1_702_963_200,

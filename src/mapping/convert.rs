@@ -1,98 +1,108 @@
-//! The conversions a field option asks for. Each takes a JSON value and returns the converted
-//! value or a sentence saying why it cannot (the caller adds the field and the record).
+//! The conversions a field option asks for. Each takes a value and returns the converted value
+//! or a sentence saying why it cannot (the caller adds the field and the record). Strings that
+//! need no change stay borrowed from the record.
 
 use super::spec::{AsType, Case, Sign, TimeSource};
+use super::value::Val;
 use crate::event::{truncate, TimestampUnit};
-use serde_json::{Number, Value};
+use serde_json::Number;
+use std::borrow::Cow;
 use time::format_description::OwnedFormatItem;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// A short description of a value for error messages.
-pub fn describe(v: &Value) -> String {
+pub fn describe(v: &Val) -> String {
     match v {
-        Value::String(s) => format!("the string {:?}", truncate(s)),
-        Value::Number(n) => format!("the number {n}"),
-        Value::Bool(b) => format!("the boolean {b}"),
-        Value::Null => "null".into(),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
+        Val::Str(s) => format!("the string {:?}", truncate(s)),
+        Val::Num(n) => format!("the number {n}"),
+        Val::Bool(b) => format!("the boolean {b}"),
+        Val::Null => "null".into(),
+        Val::Arr(_) => "an array".into(),
+        Val::Obj(_) => "an object".into(),
     }
 }
 
 /// The text of a scalar, as table keys and `in` lists compare it: strings as they are, numbers
 /// and booleans as JSON writes them.
-pub fn scalar_text(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
+pub fn scalar_text<'v>(v: &'v Val) -> Option<Cow<'v, str>> {
     match v {
-        Value::String(s) => Some(s.as_str().into()),
-        Value::Number(n) => Some(n.to_string().into()),
-        Value::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
+        Val::Str(s) => Some(Cow::Borrowed(s)),
+        Val::Num(n) => Some(n.to_string().into()),
+        Val::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
         _ => None,
     }
 }
 
-pub fn trim(v: Value) -> Value {
+pub fn trim(v: Val<'_>) -> Val<'_> {
     match v {
-        Value::String(s) if s.trim().len() != s.len() => Value::String(s.trim().to_string()),
+        Val::Str(Cow::Borrowed(s)) => Val::Str(Cow::Borrowed(s.trim())),
+        Val::Str(Cow::Owned(s)) if s.trim().len() != s.len() => Val::Str(Cow::Owned(s.trim().to_string())),
         v => v,
     }
 }
 
-pub fn case(v: Value, c: Case) -> Value {
-    match v {
-        // ASCII (the common case: codes, names) changes in place, without allocating.
-        Value::String(mut s) if s.is_ascii() => {
-            match c {
-                Case::Upper => s.make_ascii_uppercase(),
-                Case::Lower => s.make_ascii_lowercase(),
-            }
-            Value::String(s)
+pub fn case(v: Val<'_>, c: Case) -> Val<'_> {
+    let Val::Str(s) = v else { return v };
+    if s.is_ascii() {
+        // Codes and names usually arrive in the right case already: then nothing is copied.
+        let changes = |b: &u8| match c {
+            Case::Upper => b.is_ascii_lowercase(),
+            Case::Lower => b.is_ascii_uppercase(),
+        };
+        if !s.as_bytes().iter().any(changes) {
+            return Val::Str(s);
         }
-        Value::String(s) => Value::String(match c {
-            Case::Upper => s.to_uppercase(),
-            Case::Lower => s.to_lowercase(),
-        }),
-        v => v,
+        let mut s = s.into_owned();
+        match c {
+            Case::Upper => s.make_ascii_uppercase(),
+            Case::Lower => s.make_ascii_lowercase(),
+        }
+        return Val::Str(Cow::Owned(s));
     }
+    Val::Str(Cow::Owned(match c {
+        Case::Upper => s.to_uppercase(),
+        Case::Lower => s.to_lowercase(),
+    }))
 }
 
-fn finite(f: f64) -> Result<Value, String> {
+fn finite<'a>(f: f64) -> Result<Val<'a>, String> {
     Number::from_f64(f)
-        .map(Value::Number)
+        .map(Val::Num)
         .ok_or_else(|| format!("{f} is not a finite number"))
 }
 
 /// Converts to the JSON type `to`.
-pub fn as_type(v: Value, to: AsType) -> Result<Value, String> {
+pub fn as_type(v: Val<'_>, to: AsType) -> Result<Val<'_>, String> {
     match (to, v) {
-        (AsType::String, Value::String(s)) => Ok(Value::String(s)),
-        (AsType::String, Value::Number(n)) => Ok(Value::String(n.to_string())),
-        (AsType::String, Value::Bool(b)) => Ok(Value::String(b.to_string())),
-        (AsType::Number, Value::Number(n)) => Ok(Value::Number(n)),
-        (AsType::Number, Value::String(s)) => match s.trim().parse::<f64>() {
+        (AsType::String, Val::Str(s)) => Ok(Val::Str(s)),
+        (AsType::String, Val::Num(n)) => Ok(Val::Str(Cow::Owned(n.to_string()))),
+        (AsType::String, Val::Bool(b)) => Ok(Val::Str(Cow::Borrowed(if b { "true" } else { "false" }))),
+        (AsType::Number, Val::Num(n)) => Ok(Val::Num(n)),
+        (AsType::Number, Val::Str(s)) => match s.trim().parse::<f64>() {
             Ok(f) if s.trim().bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) => finite(f),
-            _ => Err(format!("{} is not a number", describe(&Value::String(s)))),
+            _ => Err(format!("{} is not a number", describe(&Val::Str(s)))),
         },
-        (AsType::Integer, Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => Ok(Value::from(i)),
-            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Value::from(f as i64)),
+        (AsType::Integer, Val::Num(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(Val::from(i)),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Val::from(f as i64)),
             _ => Err(format!("the number {n} is not an integer")),
         },
-        (AsType::Integer, Value::String(s)) => match s.trim().parse::<i64>() {
-            Ok(i) => Ok(Value::from(i)),
-            Err(_) => Err(format!("{} is not an integer", describe(&Value::String(s)))),
+        (AsType::Integer, Val::Str(s)) => match s.trim().parse::<i64>() {
+            Ok(i) => Ok(Val::from(i)),
+            Err(_) => Err(format!("{} is not an integer", describe(&Val::Str(s)))),
         },
-        (AsType::Boolean, Value::Bool(b)) => Ok(Value::Bool(b)),
-        (AsType::Boolean, Value::Number(n)) => match n.as_f64() {
-            Some(0.0) => Ok(Value::Bool(false)),
-            Some(1.0) => Ok(Value::Bool(true)),
+        (AsType::Boolean, Val::Bool(b)) => Ok(Val::Bool(b)),
+        (AsType::Boolean, Val::Num(n)) => match n.as_f64() {
+            Some(0.0) => Ok(Val::Bool(false)),
+            Some(1.0) => Ok(Val::Bool(true)),
             _ => Err(format!("the number {n} is not a boolean (only 0 and 1 are)")),
         },
-        (AsType::Boolean, Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "y" | "t" => Ok(Value::Bool(true)),
-            "false" | "0" | "no" | "n" | "f" => Ok(Value::Bool(false)),
+        (AsType::Boolean, Val::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "y" | "t" => Ok(Val::Bool(true)),
+            "false" | "0" | "no" | "n" | "f" => Ok(Val::Bool(false)),
             _ => Err(format!(
                 "{} is not a boolean (true/false, 1/0, yes/no, y/n, t/f)",
-                describe(&Value::String(s))
+                describe(&Val::Str(s))
             )),
         },
         (to, v) => Err(format!("{} cannot be converted to {}", describe(&v), as_name(to))),
@@ -109,7 +119,7 @@ fn as_name(t: AsType) -> &'static str {
 }
 
 /// Applies a sign rule to a number.
-pub fn sign(v: Value, s: Sign) -> Result<Value, String> {
+pub fn sign(v: Val<'_>, s: Sign) -> Result<Val<'_>, String> {
     let Some(f) = v.as_f64() else {
         return Err(format!("`sign` needs a number, got {}", describe(&v)));
     };
@@ -120,7 +130,7 @@ pub fn sign(v: Value, s: Sign) -> Result<Value, String> {
     };
     // Integers stay integers (the sign of an integer is integral).
     if v.is_i64() {
-        return Ok(Value::from(f as i64));
+        return Ok(Val::from(f as i64));
     }
     finite(f)
 }
@@ -141,7 +151,7 @@ impl TimeReader {
     }
 
     /// Reads `v` and returns it in `unit`, rounding down.
-    pub fn read(&self, v: &Value, unit: TimestampUnit) -> Result<i64, String> {
+    pub fn read(&self, v: &Val, unit: TimestampUnit) -> Result<i64, String> {
         let nanos = self.nanos(v)?;
         let per = match unit {
             TimestampUnit::Seconds => 1_000_000_000,
@@ -150,10 +160,10 @@ impl TimeReader {
         i64::try_from(nanos.div_euclid(per)).map_err(|_| format!("{} is out of range as a time", describe(v)))
     }
 
-    fn nanos(&self, v: &Value) -> Result<i128, String> {
+    fn nanos(&self, v: &Val) -> Result<i128, String> {
         match self {
             TimeReader::Format(items) => {
-                let Value::String(s) = v else {
+                let Val::Str(s) = v else {
                     return Err(format!(
                         "a time in a custom format must be a string, got {}",
                         describe(v)
@@ -167,15 +177,13 @@ impl TimeReader {
             }
             TimeReader::Unit(TimeSource::Rfc3339) => parse_rfc3339(v),
             TimeReader::Unit(TimeSource::Iso8601) => match v {
-                Value::String(s) => {
-                    OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Iso8601::DEFAULT)
-                        .map(|t| t.unix_timestamp_nanos())
-                        .map_err(|e| format!("{} is not an ISO 8601 time with an offset: {e}", describe(v)))
-                }
+                Val::Str(s) => OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Iso8601::DEFAULT)
+                    .map(|t| t.unix_timestamp_nanos())
+                    .map_err(|e| format!("{} is not an ISO 8601 time with an offset: {e}", describe(v))),
                 _ => Err(format!("an ISO 8601 time must be a string, got {}", describe(v))),
             },
             TimeReader::Unit(TimeSource::Auto) => match v {
-                Value::String(s) if !looks_numeric(s) => parse_rfc3339(v),
+                Val::Str(s) if !looks_numeric(s) => parse_rfc3339(v),
                 _ => {
                     let n = number(v)?;
                     let unit = match n.abs() {
@@ -209,25 +217,25 @@ fn looks_numeric(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-fn integer(v: &Value) -> Option<i64> {
+fn integer(v: &Val) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
+        Val::Num(n) => n.as_i64(),
+        Val::Str(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
-fn number(v: &Value) -> Result<f64, String> {
+fn number(v: &Val) -> Result<f64, String> {
     let f = match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) if looks_numeric(s) => s.trim().parse().ok(),
+        Val::Num(n) => n.as_f64(),
+        Val::Str(s) if looks_numeric(s) => s.trim().parse().ok(),
         _ => None,
     };
     f.filter(|f| f.is_finite())
         .ok_or_else(|| format!("{} is not a Unix time", describe(v)))
 }
 
-fn scale(n: f64, per: f64, v: &Value) -> Result<i128, String> {
+fn scale(n: f64, per: f64, v: &Val) -> Result<i128, String> {
     let x = (n * per).floor();
     if x.abs() > 9.0e27 {
         return Err(format!("{} is out of range as a time", describe(v)));
@@ -235,9 +243,9 @@ fn scale(n: f64, per: f64, v: &Value) -> Result<i128, String> {
     Ok(x as i128)
 }
 
-fn parse_rfc3339(v: &Value) -> Result<i128, String> {
+fn parse_rfc3339(v: &Val) -> Result<i128, String> {
     match v {
-        Value::String(s) => OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        Val::Str(s) => OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
             .map(|t| t.unix_timestamp_nanos())
             .map_err(|e| format!("{} is not an RFC 3339 time: {e}", describe(v))),
         _ => Err(format!("an RFC 3339 time must be a string, got {}", describe(v))),

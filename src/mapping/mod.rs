@@ -13,6 +13,7 @@ mod convert;
 mod expr;
 mod read;
 mod spec;
+mod value;
 
 pub use command::{run_map, run_map_command, MapArgs, Summary};
 pub use spec::{
@@ -25,8 +26,11 @@ use convert::{describe, scalar_text, TimeReader};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
 use serde_json::Value;
+use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use value::Val;
 
 /// The longest string a field or property may carry, in bytes. Longer values fail the record
 /// (`too_long`) rather than ship megabytes to the API.
@@ -84,15 +88,27 @@ impl fmt::Display for MapError {
     }
 }
 
-/// The result of mapping one record.
+/// The result of mapping one record. The event borrows from the record and the mapper.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MapOutcome {
-    Event(Box<Event>),
+#[allow(clippy::large_enum_variant)] // boxing the event would cost an allocation per record
+pub enum MapOutcome<'a> {
+    Event(Event<'a>),
     /// A rule said this record is not an event for the API.
     Filtered {
         reason: String,
     },
     Failed(MapError),
+}
+
+impl MapOutcome<'_> {
+    /// The outcome with its event owned, for keeping it beyond the record.
+    pub fn into_owned(self) -> MapOutcome<'static> {
+        match self {
+            MapOutcome::Event(e) => MapOutcome::Event(e.into_owned()),
+            MapOutcome::Filtered { reason } => MapOutcome::Filtered { reason },
+            MapOutcome::Failed(e) => MapOutcome::Failed(e),
+        }
+    }
 }
 
 /// Errors in the mapping configuration, each naming the mapping and the field.
@@ -194,7 +210,7 @@ enum Source {
     Partition,
     Offset,
     Timestamp,
-    Const(Value),
+    Const(Val<'static>),
 }
 
 #[derive(Debug)]
@@ -202,7 +218,7 @@ enum Miss {
     DeadLetter,
     Skip,
     Keep,
-    Fallback(Value),
+    Fallback(Val<'static>),
 }
 
 #[derive(Debug)]
@@ -213,11 +229,11 @@ struct Field {
     /// An `expr` without `from` reads the whole value (the pointer `""`).
     source: Source,
     expr: Option<Expr>,
-    default: Option<Value>,
+    default: Option<Val<'static>>,
     trim: bool,
     case: Option<Case>,
     /// Sorted by key and binary searched: faster than hashing for the small tables mappings have.
-    table: Option<(Vec<(String, Value)>, Miss)>,
+    table: Option<(Vec<(String, Val<'static>)>, Miss)>,
     as_type: Option<AsType>,
     time: Option<TimeReader>,
     one_of: Option<HashSet<String>>,
@@ -320,15 +336,17 @@ impl Mapper {
     }
 
     /// Maps one record. Never panics; every record gets an outcome.
-    pub fn map(&self, rec: &SourceRecord<'_>) -> MapOutcome {
-        match self.map_inner(rec) {
-            Ok(e) => MapOutcome::Event(e),
+    pub fn map<'a>(&'a self, rec: &SourceRecord<'a>) -> MapOutcome<'a> {
+        // Filled in place: an event is a few hundred bytes, and each move through a `Result` copies it.
+        let mut event = Event::default();
+        match self.map_inner(rec, &mut event) {
+            Ok(()) => MapOutcome::Event(event),
             Err(Stop::Filtered(reason)) => MapOutcome::Filtered { reason },
             Err(Stop::Failed(e)) => MapOutcome::Failed(*e),
         }
     }
 
-    fn map_inner(&self, rec: &SourceRecord<'_>) -> Result<Box<Event>, Stop> {
+    fn map_inner<'a>(&'a self, rec: &SourceRecord<'a>, event: &mut Event<'a>) -> Result<(), Stop> {
         let Some(m) = self.find(rec.topic) else {
             return Err(fail(
                 Stage::Mapping,
@@ -353,21 +371,20 @@ impl Mapper {
                 format!("the value is not UTF-8 text: {e}"),
             )
         })?;
-        let mut slots = SLOTS.take();
+        // On the stack for the usual handful of pointers.
+        let mut slots: SmallVec<[Option<Val<'a>>; 12]> = SmallVec::new();
         slots.resize(m.plan.slot_count(), None);
-        let result = self.map_value(m, rec, text, &mut slots);
-        slots.clear();
-        SLOTS.set(slots);
-        result
+        self.map_value(m, rec, text, &mut slots, event)
     }
 
-    fn map_value(
-        &self,
-        m: &Compiled,
-        rec: &SourceRecord<'_>,
-        text: &str,
-        slots: &mut Vec<Option<Value>>,
-    ) -> Result<Box<Event>, Stop> {
+    fn map_value<'a>(
+        &'a self,
+        m: &'a Compiled,
+        rec: &SourceRecord<'a>,
+        text: &'a str,
+        slots: &mut [Option<Val<'a>>],
+        event: &mut Event<'a>,
+    ) -> Result<(), Stop> {
         match m.plan.read(text, slots) {
             Ok(true) => {}
             Ok(false) => {
@@ -404,14 +421,10 @@ impl Mapper {
             }
         }
         let mut cx = cx;
-        let mut event = Box::<Event>::default();
         let mut has_timestamp = false;
         for f in &m.fields {
-            let Some(v) = cx.field(f, &event.event_name, &self.contract)? else {
-                continue;
-            };
-            has_timestamp |= f.kind == Kind::Time;
-            set(&mut event, f, v)?;
+            let present = cx.field(f, event, &self.contract)?;
+            has_timestamp |= present && f.kind == Kind::Time;
         }
         for p in &m.props {
             cx.properties(p, &mut event.properties)?;
@@ -429,12 +442,12 @@ impl Mapper {
             let message = violations.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ");
             return Err(fail(Stage::Validation, Some(&first.field), first.rule, message));
         }
-        Ok(event)
+        Ok(())
     }
 }
 
 /// Puts a converted value into its event field.
-fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
+fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
     let name = f.name;
     let wrong = |want: &str, hint: &str| {
         fail(
@@ -446,7 +459,7 @@ fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
     };
     match f.kind {
         Kind::Str => {
-            let Value::String(s) = v else {
+            let Val::Str(s) = v else {
                 return Err(wrong("a string", "; add `as = \"string\"` to convert"));
             };
             if s.len() > MAX_TEXT_BYTES {
@@ -462,7 +475,7 @@ fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
                     return Ok(());
                 }
                 Target::BetResult => {
-                    e.bet_result = match s.as_str() {
+                    e.bet_result = match &*s {
                         "win" => Some(BetResult::Win),
                         "loss" => Some(BetResult::Loss),
                         _ => {
@@ -472,7 +485,7 @@ fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
                                 crate::event::Rule::BetResult.code(),
                                 format!(
                                     "bet_result must be \"win\" or \"loss\", got {}; a `table` can translate",
-                                    describe(&Value::String(s))
+                                    describe(&Val::Str(s))
                                 ),
                             ))
                         }
@@ -507,7 +520,7 @@ fn set(e: &mut Event, f: &Field, v: Value) -> Result<(), Stop> {
             e.timestamp = x;
         }
         Kind::Bool => {
-            let Value::Bool(b) = v else {
+            let Val::Bool(b) = v else {
                 return Err(wrong(
                     "a boolean",
                     "; add `as = \"boolean\"` or `in = [...]` to convert",
@@ -550,85 +563,83 @@ fn too_long(name: &str, len: usize) -> Stop {
     )
 }
 
-thread_local! {
-    /// The reading slots, reused from record to record on each thread (one allocation less per
-    /// record).
-    static SLOTS: std::cell::Cell<Vec<Option<Value>>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// One record being mapped.
-struct Cx<'r, 'a, 's> {
+/// One record being mapped; `'a` is the lifetime of the record and of the mapper.
+struct Cx<'r, 'a> {
     rec: &'r SourceRecord<'a>,
-    slots: &'s mut [Option<Value>],
+    slots: &'r mut [Option<Val<'a>>],
 }
 
-impl Cx<'_, '_, '_> {
-    /// The value of a source; `None` when absent. `field` names the error.
-    fn read(&mut self, s: &Source, field: &str) -> Result<Option<Value>, Stop> {
-        let utf8 = |what: &str, b: &[u8]| {
-            std::str::from_utf8(b)
-                .map(|s| Some(Value::String(s.to_string())))
-                .map_err(|e| {
-                    fail(
-                        Stage::Mapping,
-                        Some(field),
-                        "not_utf8",
-                        format!("the {what} is not UTF-8 text: {e}"),
-                    )
-                })
+impl<'a> Cx<'_, 'a> {
+    /// The value of a source; `Val::Null` when absent or null (the options treat both alike, and
+    /// a plain value returns faster than an `Option` of it). `field` names the error.
+    #[inline(always)] // keeps the value in registers: returned through memory, it stalled
+    fn read(&mut self, s: &'a Source, field: &str) -> Result<Val<'a>, Stop> {
+        let utf8 = |what: &str, b: &'a [u8]| {
+            std::str::from_utf8(b).map(|s| Val::Str(Cow::Borrowed(s))).map_err(|e| {
+                fail(
+                    Stage::Mapping,
+                    Some(field),
+                    "not_utf8",
+                    format!("the {what} is not UTF-8 text: {e}"),
+                )
+            })
         };
         Ok(match s {
-            Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
-            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
+            Source::Value { place, take: true } if place.rest.is_empty() => {
+                self.slots[place.slot].take().unwrap_or(Val::Null)
+            }
+            Source::Value { place, .. } => Plan::get(self.slots, place).cloned().unwrap_or(Val::Null),
             Source::Key => match self.rec.key {
                 Some(k) => utf8("record key", k)?,
-                None => None,
+                None => Val::Null,
             },
             Source::Header(name) => match self.rec.headers.iter().rev().find(|h| h.0 == name) {
                 Some(h) => utf8(&format!("header `{name}`"), h.1)?,
-                None => None,
+                None => Val::Null,
             },
-            Source::Topic => Some(Value::String(self.rec.topic.to_string())),
-            Source::Partition => Some(Value::from(self.rec.partition)),
-            Source::Offset => Some(Value::from(self.rec.offset)),
-            Source::Timestamp => self.rec.timestamp_ms.map(Value::from),
-            Source::Const(v) => Some(v.clone()),
-        }
-        .filter(|v| !v.is_null()))
+            Source::Topic => Val::Str(Cow::Borrowed(self.rec.topic)),
+            Source::Partition => Val::from(i64::from(self.rec.partition)),
+            Source::Offset => Val::from(self.rec.offset),
+            Source::Timestamp => self.rec.timestamp_ms.map_or(Val::Null, Val::from),
+            Source::Const(v) => v.reborrow(),
+        })
     }
 
     /// Whether the condition holds, and what the source held (for the filtered reason).
-    fn holds(&self, c: &Cond) -> Result<(bool, String), Stop> {
+    fn holds(&self, c: &'a Cond) -> Result<(bool, String), Stop> {
         // Conditions never take from a slot; reading by reference keeps the slots for the fields.
+        let read;
         let v = match &c.source {
-            Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
+            Source::Value { place, .. } => Plan::get(self.slots, place),
             other => {
                 let mut tmp = Cx {
                     rec: self.rec,
                     slots: &mut [],
                 };
-                tmp.read(other, &c.from)?
+                read = tmp.read(other, &c.from)?;
+                Some(&read).filter(|v| !v.is_null())
             }
         };
-        let holds = v
-            .as_ref()
-            .and_then(scalar_text)
-            .is_some_and(|t| c.one_of.contains(t.as_ref()));
-        Ok((holds, v.as_ref().map_or("absent".to_string(), describe)))
+        let holds = v.and_then(scalar_text).is_some_and(|t| c.one_of.contains(t.as_ref()));
+        Ok((holds, v.map_or("absent".to_string(), describe)))
     }
 
-    /// Runs a field's options; `Ok(None)` when the field is absent.
-    fn field(&mut self, f: &Field, event_name: &str, contract: &ContractOptions) -> Result<Option<Value>, Stop> {
+    /// Runs a field's options and sets it in `event`; `Ok(false)` when the field is absent. (Setting
+    /// it here rather than returning the value keeps large `Result`s off the hot path.)
+    fn field(&mut self, f: &'a Field, event: &mut Event<'a>, contract: &ContractOptions) -> Result<bool, Stop> {
         let name = f.name;
         let mapping_err = |reason: &str, msg: String| fail(Stage::Mapping, Some(name), reason, msg);
         let mut v = self.read(&f.source, name)?;
         if let Some(e) = &f.expr {
-            let input = v.take().unwrap_or(Value::Null);
-            v = e.run(&input).map_err(|m| mapping_err("expr", m))?;
+            let out = e.run(&v.to_json()).map_err(|m| mapping_err("expr", m))?;
+            v = out.map_or(Val::Null, Val::from_json);
         }
-        let Some(mut v) = v.or_else(|| f.default.clone()) else {
-            return Ok(None);
-        };
+        if v.is_null() {
+            match &f.default {
+                Some(d) => v = d.reborrow(),
+                None => return Ok(false),
+            }
+        }
         if f.trim {
             v = convert::trim(v);
         }
@@ -641,9 +652,9 @@ impl Cx<'_, '_, '_> {
                 Some(&table[i].1)
             });
             v = match (hit, miss) {
-                (Some(to), _) => to.clone(),
+                (Some(to), _) => to.reborrow(),
                 (None, Miss::Keep) => v,
-                (None, Miss::Fallback(to)) => to.clone(),
+                (None, Miss::Fallback(to)) => to.reborrow(),
                 (None, Miss::Skip) => {
                     return Err(Stop::Filtered(format!(
                         "`{name}`: {} is not in the table (otherwise = \"skip\")",
@@ -663,25 +674,26 @@ impl Cx<'_, '_, '_> {
         }
         if let Some(set) = &f.one_of {
             let hit = scalar_text(&v).is_some_and(|t| set.contains(t.as_ref()));
-            v = Value::Bool(hit);
+            v = Val::Bool(hit);
         }
         if f.kind == Kind::Time {
             let reader = f.time.as_ref().unwrap_or(&TimeReader::Unit(TimeSource::Auto));
-            v = Value::from(
+            v = Val::from(
                 reader
                     .read(&v, contract.timestamp_unit)
                     .map_err(|m| mapping_err("time", m))?,
             );
         }
         if let Some((s, only_for)) = &f.sign {
-            if only_for.is_empty() || only_for.iter().any(|n| n == event_name) {
+            if only_for.is_empty() || only_for.iter().any(|n| *n == event.event_name) {
                 v = convert::sign(v, *s).map_err(|m| mapping_err("type", m))?;
             }
         }
-        Ok(Some(v))
+        set(event, f, v)?;
+        Ok(true)
     }
 
-    fn properties(&mut self, p: &Props, out: &mut Vec<(String, String)>) -> Result<(), Stop> {
+    fn properties(&mut self, p: &'a Props, out: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) -> Result<(), Stop> {
         let obj = match &p.source {
             Source::Value { place, take: true } if place.rest.is_empty() => self.slots[place.slot].take(),
             Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
@@ -690,7 +702,7 @@ impl Cx<'_, '_, '_> {
         let Some(obj) = obj.filter(|v| !v.is_null()) else {
             return Ok(());
         };
-        let Value::Object(mut map) = obj else {
+        let Val::Obj(mut map) = obj else {
             return Err(fail(
                 Stage::Mapping,
                 Some("properties"),
@@ -698,24 +710,25 @@ impl Cx<'_, '_, '_> {
                 format!("properties must come from an object, got {}", describe(&obj)),
             ));
         };
-        let mut copy = |k: String, v: Value| -> Result<(), Stop> {
-            if !p.skip.is_empty() && p.skip.contains(&k) {
+        let mut copy = |k: Cow<'a, str>, v: Val<'a>| -> Result<(), Stop> {
+            if !p.skip.is_empty() && p.skip.contains(&*k) {
                 return Ok(());
             }
             let text = match v {
-                Value::Null => return Ok(()),
-                Value::String(s) => s,
-                other => other.to_string(),
+                Val::Null => return Ok(()),
+                Val::Str(s) => s,
+                other => Cow::Owned(other.to_string()),
             };
-            let renamed = if p.rename.is_empty() { None } else { p.rename.get(&k) };
+            let renamed = if p.rename.is_empty() { None } else { p.rename.get(&*k) };
             let name = match (renamed, p.prefix.is_empty()) {
                 (None, true) => k,
-                (renamed, _) => {
-                    let base = renamed.unwrap_or(&k);
+                (Some(r), true) => Cow::Borrowed(r.as_str()),
+                (renamed, false) => {
+                    let base = renamed.map_or(&*k, String::as_str);
                     let mut n = String::with_capacity(p.prefix.len() + base.len());
                     n.push_str(&p.prefix);
                     n.push_str(base);
-                    n
+                    Cow::Owned(n)
                 }
             };
             if text.len() > MAX_TEXT_BYTES {
@@ -739,8 +752,9 @@ impl Cx<'_, '_, '_> {
         match &p.fields {
             Some(fields) => {
                 for k in fields {
-                    if let Some(v) = map.remove(k) {
-                        copy(k.clone(), v)?;
+                    if let Ok(i) = map.binary_search_by(|(key, _)| key.as_ref().cmp(k)) {
+                        let v = std::mem::replace(&mut map[i].1, Val::Null);
+                        copy(Cow::Borrowed(k.as_str()), v)?;
                     }
                 }
             }
@@ -823,7 +837,7 @@ fn text_set(values: &[Value], what: &str) -> Result<HashSet<String>, String> {
         .iter()
         .map(|v| {
             scalar(v, what)?;
-            Ok(scalar_text(v).expect("scalar").into_owned())
+            Ok(scalar_text(&Val::from_json(v.clone())).expect("scalar").into_owned())
         })
         .collect()
 }
@@ -1061,7 +1075,7 @@ fn compile_field(
             if let Err(e) = scalar(c, "a constant") {
                 err("const", e);
             }
-            Some(RawSource::Other(Source::Const(c.clone())))
+            Some(RawSource::Other(Source::Const(Val::from_json(c.clone()))))
         }
         // An expression without `from` reads the whole record value.
         (None, None, Some(_)) => ptrs.pointer("").ok(),
@@ -1099,13 +1113,16 @@ fn compile_field(
                     err("fallback", "set either `otherwise` or `fallback`, not both".into());
                     Miss::DeadLetter
                 }
-                (_, Some(f)) => Miss::Fallback(f.clone()),
+                (_, Some(f)) => Miss::Fallback(Val::from_json(f.clone())),
                 (None | Some(Otherwise::DeadLetter), None) => Miss::DeadLetter,
                 (Some(Otherwise::Skip), None) => Miss::Skip,
                 (Some(Otherwise::Keep), None) => Miss::Keep,
             };
             // A BTreeMap iterates in key order: the Vec comes out sorted.
-            Some((t.iter().map(|(k, v)| (k.clone(), v.clone())).collect(), miss))
+            Some((
+                t.iter().map(|(k, v)| (k.clone(), Val::from_json(v.clone()))).collect(),
+                miss,
+            ))
         }
         None => {
             if o.otherwise.is_some() {
@@ -1197,7 +1214,7 @@ fn compile_field(
             kind,
             source: UNRESOLVED,
             expr,
-            default: o.default.clone(),
+            default: o.default.clone().map(Val::from_json),
             trim: o.trim,
             case: o.case,
             table,

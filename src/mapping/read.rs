@@ -2,13 +2,13 @@
 //! whole JSON tree.
 //!
 //! At compile time every JSON pointer a mapping uses goes into a trie. A pointer that is a prefix
-//! of another is *materialised*: its whole value is built once (a `serde_json::Value`), and the
+//! of another is *materialised*: its whole value is built once (a [`Val`]), and the
 //! longer pointers are resolved inside it afterwards. Everything the trie does not name is
 //! skipped by the parser (`IgnoredAny`), which checks its syntax and allocates nothing.
 
+use super::value::Val;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::Value;
 use std::fmt;
 
 /// A parsed JSON pointer (RFC 6901): its unescaped tokens. Empty for the whole value.
@@ -49,16 +49,16 @@ impl Pointer {
 
     /// Looks the pointer up in `v` (array elements by decimal index).
     #[cfg(test)]
-    pub fn lookup<'v>(&self, v: &'v Value) -> Option<&'v Value> {
+    pub fn lookup<'v, 'a>(&self, v: &'v Val<'a>) -> Option<&'v Val<'a>> {
         lookup(&self.0, v)
     }
 }
 
-fn lookup<'v>(tokens: &[String], mut v: &'v Value) -> Option<&'v Value> {
+fn lookup<'v, 'a>(tokens: &[String], mut v: &'v Val<'a>) -> Option<&'v Val<'a>> {
     for t in tokens {
         v = match v {
-            Value::Object(m) => m.get(t)?,
-            Value::Array(a) => a.get(array_index(t)?)?,
+            Val::Obj(_) => v.get(t)?,
+            Val::Arr(a) => a.get(array_index(t)?)?,
             _ => return None,
         };
     }
@@ -155,7 +155,7 @@ impl Plan {
     }
 
     /// Reads `text` (one JSON document) into `slots`. Returns whether the top level is an object.
-    pub fn read(&self, text: &str, slots: &mut [Option<Value>]) -> Result<bool, serde_json::Error> {
+    pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_str(text);
         let is_object = NodeSeed {
             plan: self,
@@ -168,25 +168,25 @@ impl Plan {
     }
 
     /// The value at `place` after [`Plan::read`].
-    pub fn get<'v>(slots: &'v [Option<Value>], place: &Place) -> Option<&'v Value> {
+    pub fn get<'v, 't>(slots: &'v [Option<Val<'t>>], place: &Place) -> Option<&'v Val<'t>> {
         lookup(&place.rest, slots[place.slot].as_ref()?)
     }
 }
 
-struct NodeSeed<'p, 's> {
+struct NodeSeed<'p, 's, 't> {
     plan: &'p Plan,
     node: usize,
-    slots: &'s mut [Option<Value>],
+    slots: &'s mut [Option<Val<'t>>],
 }
 
-impl<'de> DeserializeSeed<'de> for NodeSeed<'_, '_> {
+impl<'t> DeserializeSeed<'t> for NodeSeed<'_, '_, 't> {
     /// Whether the value was an object.
     type Value = bool;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: de::Deserializer<'t>>(self, d: D) -> Result<bool, D::Error> {
         if let Some(slot) = self.plan.nodes[self.node].slot {
-            let v = Value::deserialize(d)?;
-            let is_object = v.is_object();
+            let v = Val::deserialize(d)?;
+            let is_object = matches!(v, Val::Obj(_));
             self.slots[slot] = Some(v);
             return Ok(is_object);
         }
@@ -194,14 +194,14 @@ impl<'de> DeserializeSeed<'de> for NodeSeed<'_, '_> {
     }
 }
 
-impl<'de> Visitor<'de> for NodeSeed<'_, '_> {
+impl<'t> Visitor<'t> for NodeSeed<'_, '_, 't> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+    fn visit_map<A: MapAccess<'t>>(self, mut map: A) -> Result<bool, A::Error> {
         let children = &self.plan.nodes[self.node].children;
         while let Some(child) = map.next_key_seed(KeySeed(children))? {
             match child {
@@ -220,7 +220,7 @@ impl<'de> Visitor<'de> for NodeSeed<'_, '_> {
         Ok(true)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+    fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<bool, A::Error> {
         let children = &self.plan.nodes[self.node].children;
         let mut i = 0usize;
         loop {
@@ -311,26 +311,26 @@ mod tests {
                       "meta":{"x":1,"y":[1,2]},"other":{"deep":[[[1]]]},"missing":3,"a\"b":"esc"}"#;
         let mut slots = vec![None; plan.slot_count()];
         assert!(plan.read(text, &mut slots).unwrap());
-        let full: Value = serde_json::from_str(text).unwrap();
+        let full: Val = serde_json::from_str(text).unwrap();
         for (ptr, place) in p.iter().zip(&places) {
             assert_eq!(Plan::get(&slots, place), ptr.lookup(&full), "{ptr:?}");
         }
-        assert_eq!(Plan::get(&slots, &places[0]), Some(&json!("u1")));
+        assert_eq!(Plan::get(&slots, &places[0]), Some(&Val::from_json(json!("u1"))));
         assert_eq!(places[3].slot, places[2].slot, "/meta/x is read inside /meta");
     }
 
     #[test]
     fn rejects_bad_json_and_reports_non_objects() {
         let (plan, _) = Plan::build(&ptrs(&["/a"]));
-        let mut slots = vec![None; plan.slot_count()];
-        assert!(plan.read("{\"a\":1", &mut slots).is_err());
-        assert!(plan.read("{\"a\":1} x", &mut slots).is_err());
-        assert!(plan.read("{\"b\":[1,}", &mut slots).is_err());
-        assert!(!plan.read("[1,2]", &mut slots).unwrap());
-        assert!(!plan.read("\"s\"", &mut slots).unwrap());
+        let read = |text: &str| plan.read(text, &mut vec![None; plan.slot_count()]);
+        assert!(read("{\"a\":1").is_err());
+        assert!(read("{\"a\":1} x").is_err());
+        assert!(read("{\"b\":[1,}").is_err());
+        assert!(!read("[1,2]").unwrap());
+        assert!(!read("\"s\"").unwrap());
         // Deep nesting: skipped without recursion where unread, refused (recursion limit) where read.
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
-        assert!(plan.read(&format!("{{\"b\":{deep}}}"), &mut slots).is_ok());
-        assert!(plan.read(&format!("{{\"a\":{deep}}}"), &mut slots).is_err());
+        assert!(read(&format!("{{\"b\":{deep}}}")).is_ok());
+        assert!(read(&format!("{{\"a\":{deep}}}")).is_err());
     }
 }

@@ -21,7 +21,8 @@ fn mapper(toml_text: &str) -> Mapper {
     compile(toml_text).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn map_value(m: &Mapper, value: &[u8]) -> MapOutcome {
+/// Maps one record; the event is made owned so that tests can map temporaries.
+fn map_value(m: &Mapper, value: &[u8]) -> MapOutcome<'static> {
     m.map(&SourceRecord {
         topic: "t",
         partition: 3,
@@ -31,16 +32,21 @@ fn map_value(m: &Mapper, value: &[u8]) -> MapOutcome {
         value: Some(value),
         headers: &[("client-ip", b"203.0.113.9"), ("bad", b"\xff\xfe")],
     })
+    .into_owned()
 }
 
 fn event_json(o: &MapOutcome) -> Value {
     match o {
-        MapOutcome::Event(e) => serde_json::to_value(e).unwrap(),
+        MapOutcome::Event(e) => {
+            let mut json = Vec::new();
+            e.write_json(&mut json);
+            serde_json::from_slice(&json).unwrap()
+        }
         other => panic!("expected an event, got {other:?}"),
     }
 }
 
-fn failed(o: &MapOutcome) -> &MapError {
+fn failed<'o>(o: &'o MapOutcome<'_>) -> &'o MapError {
     match o {
         MapOutcome::Failed(e) => e,
         other => panic!("expected a failure, got {other:?}"),

@@ -193,7 +193,6 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
         );
         return bad_request(sh, "validation_failed", msg, errors);
     }
-    drop(items);
     let accepted = events.len();
     let batch = AcceptedBatch::new(&events, bytes.len());
     sh.record().accept(&events, batch);

@@ -124,24 +124,24 @@ impl Record {
         for (e, &(start, end)) in events.iter().zip(&batch.spans) {
             let index = self.slots.len() as u64;
             self.slots.push(Slot { chunk, start, end });
-            if let Some(n) = self.stats.by_event_name.get_mut(&e.event_name) {
+            if let Some(n) = self.stats.by_event_name.get_mut(e.event_name.as_ref()) {
                 *n += 1;
             } else {
-                self.stats.by_event_name.insert(e.event_name.clone(), 1);
+                self.stats.by_event_name.insert(e.event_name.to_string(), 1);
             }
             if let Some(id) = &e.transaction_id {
-                let n = match self.seen_ids.get_mut(id.as_str()) {
+                let n = match self.seen_ids.get_mut(id.as_ref()) {
                     Some(n) => {
                         *n += 1;
                         *n
                     }
                     None => {
-                        self.seen_ids.insert(id.as_str().into(), 1);
+                        self.seen_ids.insert(id.as_ref().into(), 1);
                         1
                     }
                 };
                 if n > 1 {
-                    self.duplicates.insert(id.as_str().into(), n);
+                    self.duplicates.insert(id.as_ref().into(), n);
                 }
             }
             if self.unit.looks_like_other_unit(e.timestamp) {
@@ -150,7 +150,7 @@ impl Record {
                 if s.examples.len() < SUSPICIOUS_EXAMPLES {
                     s.examples.push(SuspiciousTimestamp {
                         index,
-                        event_name: e.event_name.clone(),
+                        event_name: e.event_name.to_string(),
                         timestamp: e.timestamp,
                     });
                 }
@@ -254,8 +254,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn ev(v: serde_json::Value) -> Event {
-        Event::from_json(v.as_object().unwrap()).unwrap()
+    fn ev(v: serde_json::Value) -> Event<'static> {
+        Event::from_json(v.as_object().unwrap()).unwrap().into_owned()
     }
 
     #[test]

@@ -60,15 +60,15 @@ pub fn deliverer(api: &ApiConfig, cfg: &DeliveryConfig) -> Deliverer {
 }
 
 /// `n` valid deposits with transaction ids `{tag}-{i}`; the ones at `bad` lack `amount` (a 400).
-pub fn deposits(tag: &str, n: usize, bad: &[usize]) -> Vec<Event> {
+pub fn deposits(tag: &str, n: usize, bad: &[usize]) -> Vec<Event<'static>> {
     (0..n)
         .map(|i| Event {
-            client_user_id: format!("user-{i}"),
+            client_user_id: format!("user-{i}").into(),
             event_name: "deposit".into(),
             timestamp: 1_702_963_200,
-            click_id: Some(format!("clk-{i}")),
+            click_id: Some(format!("clk-{i}").into()),
             ip_address: Some("203.0.113.1".into()),
-            transaction_id: Some(format!("{tag}-{i}")),
+            transaction_id: Some(format!("{tag}-{i}").into()),
             amount: if bad.contains(&i) { None } else { Some(50.0) },
             currency: Some("USD".into()),
             ..Event::default()
