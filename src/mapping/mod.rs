@@ -11,6 +11,7 @@
 mod command;
 mod convert;
 mod expr;
+mod json;
 mod read;
 mod spec;
 mod value;
@@ -26,11 +27,13 @@ use convert::{describe, scalar_text, TimeReader};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
 use serde_json::Value;
-use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use value::Val;
+
+/// Slots (values read from a record) kept on the stack; a mapping reading more uses the heap.
+const STACK_SLOTS: usize = 16;
 
 /// The longest string a field or property may carry, in bytes. Longer values fail the record
 /// (`too_long`) rather than ship megabytes to the API.
@@ -372,9 +375,14 @@ impl Mapper {
             )
         })?;
         // On the stack for the usual handful of pointers.
-        let mut slots: SmallVec<[Option<Val<'a>>; 12]> = SmallVec::new();
-        slots.resize(m.plan.slot_count(), None);
-        self.map_value(m, rec, text, &mut slots, event)
+        let n = m.plan.slot_count();
+        if n <= STACK_SLOTS {
+            let mut slots: [Option<Val<'a>>; STACK_SLOTS] = [const { None }; STACK_SLOTS];
+            self.map_value(m, rec, text, &mut slots[..n], event)
+        } else {
+            let mut slots: Vec<Option<Val<'a>>> = (0..n).map(|_| None).collect();
+            self.map_value(m, rec, text, &mut slots, event)
+        }
     }
 
     fn map_value<'a>(

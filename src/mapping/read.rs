@@ -4,12 +4,10 @@
 //! At compile time every JSON pointer a mapping uses goes into a trie. A pointer that is a prefix
 //! of another is *materialised*: its whole value is built once (a [`Val`]), and the
 //! longer pointers are resolved inside it afterwards. Everything the trie does not name is
-//! skipped by the parser (`IgnoredAny`), which checks its syntax and allocates nothing.
+//! skipped by the reader ([`Scanner::skip`]), which checks its syntax and allocates nothing.
 
+use super::json::{JsonError, Scanner};
 use super::value::Val;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
-use std::fmt;
 
 /// A parsed JSON pointer (RFC 6901): its unescaped tokens. Empty for the whole value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,134 +153,79 @@ impl Plan {
     }
 
     /// Reads `text` (one JSON document) into `slots`. Returns whether the top level is an object.
-    pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let is_object = NodeSeed {
-            plan: self,
-            node: 0,
-            slots,
-        }
-        .deserialize(&mut de)?;
-        de.end()?;
+    pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, JsonError> {
+        let mut s = Scanner::new(text);
+        let is_object = self.node(&mut s, 0, 0, slots)?;
+        s.end()?;
         Ok(is_object)
+    }
+
+    /// Reads the value at the scanner into `node`'s slot, or into its children's, skipping what
+    /// no pointer names.
+    fn node<'t>(
+        &self,
+        s: &mut Scanner<'t>,
+        node: usize,
+        depth: usize,
+        slots: &mut [Option<Val<'t>>],
+    ) -> Result<bool, JsonError> {
+        let n = &self.nodes[node];
+        if let Some(slot) = n.slot {
+            // Strings, the usual leaves, without the round trip through `value`.
+            let v = match s.peek() {
+                Some(b'"') => Val::Str(s.string()?),
+                _ => s.value(depth)?,
+            };
+            let is_object = matches!(v, Val::Obj(_));
+            slots[slot] = Some(v);
+            return Ok(is_object);
+        }
+        match s.peek() {
+            Some(b'{') => {
+                s.bump();
+                if s.eat(b'}') {
+                    return Ok(true);
+                }
+                loop {
+                    let k = s.key()?;
+                    match n.children.iter().find(|c| c.0 == *k) {
+                        Some(c) => {
+                            self.node(s, c.2, depth + 1, slots)?;
+                        }
+                        None => s.skip()?,
+                    }
+                    if !s.next_member(b'}')? {
+                        return Ok(true);
+                    }
+                }
+            }
+            Some(b'[') => {
+                s.bump();
+                if s.eat(b']') {
+                    return Ok(false);
+                }
+                let mut i = 0usize;
+                loop {
+                    match n.children.iter().find(|c| c.1 == Some(i)) {
+                        Some(c) => {
+                            self.node(s, c.2, depth + 1, slots)?;
+                        }
+                        None => s.skip()?,
+                    }
+                    if !s.next_member(b']')? {
+                        return Ok(false);
+                    }
+                    i += 1;
+                }
+            }
+            // Scalars where the plan expected a container: the pointers below do not resolve.
+            _ => s.skip().map(|()| false),
+        }
     }
 
     /// The value at `place` after [`Plan::read`].
     pub fn get<'v, 't>(slots: &'v [Option<Val<'t>>], place: &Place) -> Option<&'v Val<'t>> {
         lookup(&place.rest, slots[place.slot].as_ref()?)
-    }
-}
-
-struct NodeSeed<'p, 's, 't> {
-    plan: &'p Plan,
-    node: usize,
-    slots: &'s mut [Option<Val<'t>>],
-}
-
-impl<'t> DeserializeSeed<'t> for NodeSeed<'_, '_, 't> {
-    /// Whether the value was an object.
-    type Value = bool;
-
-    fn deserialize<D: de::Deserializer<'t>>(self, d: D) -> Result<bool, D::Error> {
-        if let Some(slot) = self.plan.nodes[self.node].slot {
-            let v = Val::deserialize(d)?;
-            let is_object = matches!(v, Val::Obj(_));
-            self.slots[slot] = Some(v);
-            return Ok(is_object);
-        }
-        d.deserialize_any(self)
-    }
-}
-
-impl<'t> Visitor<'t> for NodeSeed<'_, '_, 't> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'t>>(self, mut map: A) -> Result<bool, A::Error> {
-        let children = &self.plan.nodes[self.node].children;
-        while let Some(child) = map.next_key_seed(KeySeed(children))? {
-            match child {
-                Some(node) => {
-                    map.next_value_seed(NodeSeed {
-                        plan: self.plan,
-                        node,
-                        slots: &mut *self.slots,
-                    })?;
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(true)
-    }
-
-    fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<bool, A::Error> {
-        let children = &self.plan.nodes[self.node].children;
-        let mut i = 0usize;
-        loop {
-            let child = children.iter().find(|c| c.1 == Some(i)).map(|c| c.2);
-            let more = match child {
-                Some(node) => seq
-                    .next_element_seed(NodeSeed {
-                        plan: self.plan,
-                        node,
-                        slots: &mut *self.slots,
-                    })?
-                    .is_some(),
-                None => seq.next_element::<IgnoredAny>()?.is_some(),
-            };
-            if !more {
-                return Ok(false);
-            }
-            i += 1;
-        }
-    }
-
-    // Scalars where the plan expected a container: the pointers below simply do not resolve.
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_none<E>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-}
-
-/// Matches an object key against a node's children without allocating it.
-struct KeySeed<'p>(&'p [(String, Option<usize>, usize)]);
-
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_str<E>(self, k: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().find(|c| c.0 == k).map(|c| c.2))
     }
 }
 
@@ -311,7 +254,7 @@ mod tests {
                       "meta":{"x":1,"y":[1,2]},"other":{"deep":[[[1]]]},"missing":3,"a\"b":"esc"}"#;
         let mut slots = vec![None; plan.slot_count()];
         assert!(plan.read(text, &mut slots).unwrap());
-        let full: Val = serde_json::from_str(text).unwrap();
+        let full = super::super::json::parse(text).unwrap();
         for (ptr, place) in p.iter().zip(&places) {
             assert_eq!(Plan::get(&slots, place), ptr.lookup(&full), "{ptr:?}");
         }

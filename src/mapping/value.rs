@@ -3,9 +3,8 @@
 //! values, so that reading, converting and moving a field into the event allocates nothing.
 //! Objects keep `serde_json::Map`'s semantics (keys sorted, the last of duplicate keys wins).
 
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Serialize, Serializer};
 use serde_json::{Number, Value};
 use std::borrow::Cow;
 use std::fmt;
@@ -138,108 +137,15 @@ impl Serialize for Val<'_> {
     }
 }
 
-impl<'de> Deserialize<'de> for Val<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ValVisitor)
-    }
-}
-
-struct ValVisitor;
-
-impl<'de> Visitor<'de> for ValVisitor {
-    type Value = Val<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<Val<'de>, E> {
-        Ok(Val::Bool(b))
-    }
-    fn visit_i64<E>(self, i: i64) -> Result<Val<'de>, E> {
-        Ok(Val::Num(i.into()))
-    }
-    fn visit_u64<E>(self, u: u64) -> Result<Val<'de>, E> {
-        Ok(Val::Num(u.into()))
-    }
-    fn visit_f64<E>(self, f: f64) -> Result<Val<'de>, E> {
-        // JSON text cannot hold a non-finite number; other deserializers could.
-        Ok(Number::from_f64(f).map_or(Val::Null, Val::Num))
-    }
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Val<'de>, E> {
-        Ok(Val::Str(Cow::Borrowed(s)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Val<'de>, E> {
-        Ok(Val::Str(Cow::Owned(s.to_string())))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Val<'de>, E> {
-        Ok(Val::Str(Cow::Owned(s)))
-    }
-    fn visit_unit<E>(self) -> Result<Val<'de>, E> {
-        Ok(Val::Null)
-    }
-    fn visit_none<E>(self) -> Result<Val<'de>, E> {
-        Ok(Val::Null)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val<'de>, A::Error> {
-        let mut out = Vec::new();
-        while let Some(v) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Val::Arr(out))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val<'de>, A::Error> {
-        let mut pairs: Vec<(Cow<'de, str>, Val<'de>)> = Vec::new();
-        while let Some(k) = map.next_key_seed(Text)? {
-            pairs.push((k, map.next_value()?));
-        }
-        // Stable: equal keys stay in input order, and the kept entry takes the last value.
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        pairs.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                std::mem::swap(later, kept);
-            }
-            same
-        });
-        Ok(Val::Obj(pairs))
-    }
-}
-
-/// A string borrowed from the input when it has no escapes.
-pub struct Text;
-
-impl<'de> DeserializeSeed<'de> for Text {
-    type Value = Cow<'de, str>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Text {
-    type Value = Cow<'de, str>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a string")
-    }
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Borrowed(s))
-    }
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Owned(s.to_string()))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Owned(s))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     #[test]
-    fn borrows_plain_strings_and_agrees_with_serde_json() {
+    fn borrows_plain_strings_and_converts_both_ways() {
         let text = r#"{"b":"plain","a":"esc\"aped","n":[1,-2,2.5,true,null],"b":"last","o":{"y":1,"x":{}}}"#;
-        let v: Val = serde_json::from_str(text).unwrap();
+        let v = super::super::json::parse(text).unwrap();
         let Val::Obj(pairs) = &v else { panic!("{v:?}") };
         assert!(matches!(
             pairs.iter().find(|p| p.0 == "b").unwrap().1,

@@ -1,0 +1,621 @@
+//! A JSON reader (RFC 8259) made for the mapping's one pass over a record value: it builds [`Val`]s
+//! that borrow their strings from the text, and checks the syntax of everything else without
+//! building it. `serde_json` does the same through serde's visitors at about twice the cost, which
+//! was half of the mapping's time (`docs/mapping.md`, "Speed"); `tests` below hold this reader to
+//! `serde_json`'s verdicts and values on every input they try.
+//!
+//! Limits, as `serde_json`'s: a value that is built may nest [`MAX_DEPTH`] deep; a skipped value
+//! may nest without limit (it is skipped without recursion).
+
+use super::value::Val;
+use serde_json::Number;
+use std::borrow::Cow;
+use std::fmt;
+
+/// How deep a built value may nest.
+pub const MAX_DEPTH: usize = 128;
+
+/// Why a text is not JSON, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonError {
+    pub what: &'static str,
+    /// Byte offset in the text.
+    pub at: usize,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+impl std::error::Error for JsonError {}
+
+pub type Result<T> = std::result::Result<T, JsonError>;
+
+/// A cursor over one JSON text.
+pub struct Scanner<'t> {
+    text: &'t str,
+    b: &'t [u8],
+    i: usize,
+}
+
+impl<'t> Scanner<'t> {
+    pub fn new(text: &'t str) -> Scanner<'t> {
+        Scanner {
+            text,
+            b: text.as_bytes(),
+            i: 0,
+        }
+    }
+
+    pub fn err<T>(&self, what: &'static str) -> Result<T> {
+        Err(JsonError { what, at: self.i })
+    }
+
+    /// Skips whitespace and returns the next byte, if any.
+    #[inline]
+    pub fn peek(&mut self) -> Option<u8> {
+        while let Some(&c) = self.b.get(self.i) {
+            if !matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+                return Some(c);
+            }
+            self.i += 1;
+        }
+        None
+    }
+
+    /// Consumes `c` (after whitespace) or fails with `what`.
+    #[inline]
+    pub fn expect(&mut self, c: u8, what: &'static str) -> Result<()> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            self.err(what)
+        }
+    }
+
+    /// Moves past the byte [`Scanner::peek`] returned.
+    #[inline]
+    pub fn bump(&mut self) {
+        self.i += 1;
+    }
+
+    /// Consumes `c` (after whitespace) if it is next.
+    #[inline]
+    pub fn eat(&mut self, c: u8) -> bool {
+        let next = self.peek() == Some(c);
+        self.i += usize::from(next);
+        next
+    }
+
+    /// After the top-level value: only whitespace may follow.
+    pub fn end(&mut self) -> Result<()> {
+        match self.peek() {
+            None => Ok(()),
+            Some(_) => self.err("trailing characters after the JSON value"),
+        }
+    }
+
+    /// Reads a value, building it.
+    pub fn value(&mut self, depth: usize) -> Result<Val<'t>> {
+        match self.peek() {
+            Some(b'"') => Ok(Val::Str(self.string()?)),
+            Some(b'{') => {
+                if depth >= MAX_DEPTH {
+                    return self.err("nested too deeply");
+                }
+                self.i += 1;
+                let mut pairs: Vec<(Cow<'t, str>, Val<'t>)> = Vec::new();
+                if !self.eat(b'}') {
+                    loop {
+                        let k = self.key()?;
+                        pairs.push((k, self.value(depth + 1)?));
+                        if !self.next_member(b'}')? {
+                            break;
+                        }
+                    }
+                }
+                Ok(Val::Obj(object(pairs)))
+            }
+            Some(b'[') => {
+                if depth >= MAX_DEPTH {
+                    return self.err("nested too deeply");
+                }
+                self.i += 1;
+                let mut items = Vec::new();
+                if !self.eat(b']') {
+                    loop {
+                        items.push(self.value(depth + 1)?);
+                        if !self.next_member(b']')? {
+                            break;
+                        }
+                    }
+                }
+                Ok(Val::Arr(items))
+            }
+            Some(b'-' | b'0'..=b'9') => self.number().map(Val::Num),
+            Some(b't') => self.word(b"true").map(|()| Val::Bool(true)),
+            Some(b'f') => self.word(b"false").map(|()| Val::Bool(false)),
+            Some(b'n') => self.word(b"null").map(|()| Val::Null),
+            Some(_) => self.err("expected a JSON value"),
+            None => self.err("unexpected end of the text"),
+        }
+    }
+
+    /// An object key and its `:`.
+    #[inline]
+    pub fn key(&mut self) -> Result<Cow<'t, str>> {
+        if self.peek() != Some(b'"') {
+            return self.err("expected a string key");
+        }
+        let k = self.string()?;
+        self.expect(b':', "expected `:` after an object key")?;
+        Ok(k)
+    }
+
+    /// After a member of an object or array: `,` (true, another follows) or `close` (false).
+    #[inline]
+    pub fn next_member(&mut self, close: u8) -> Result<bool> {
+        match self.peek() {
+            Some(b',') => {
+                self.i += 1;
+                Ok(true)
+            }
+            Some(c) if c == close => {
+                self.i += 1;
+                Ok(false)
+            }
+            _ if close == b'}' => self.err("expected `,` or `}` in an object"),
+            _ => self.err("expected `,` or `]` in an array"),
+        }
+    }
+
+    fn word(&mut self, word: &'static [u8]) -> Result<()> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            self.err("expected a JSON value")
+        }
+    }
+
+    /// Skips a value, checking its syntax, without building it and without recursion.
+    pub fn skip(&mut self) -> Result<()> {
+        // The open containers, innermost last: true for an object.
+        let mut open: Vec<bool> = Vec::new();
+        loop {
+            // A value.
+            match self.peek() {
+                Some(b'"') => self.skip_string()?,
+                Some(b'{') => {
+                    self.i += 1;
+                    if !self.eat(b'}') {
+                        open.push(true);
+                        self.skip_key()?;
+                        continue;
+                    }
+                }
+                Some(b'[') => {
+                    self.i += 1;
+                    if !self.eat(b']') {
+                        open.push(false);
+                        continue;
+                    }
+                }
+                Some(b'-' | b'0'..=b'9') => {
+                    self.number_end()?;
+                }
+                Some(b't') => self.word(b"true")?,
+                Some(b'f') => self.word(b"false")?,
+                Some(b'n') => self.word(b"null")?,
+                Some(_) => return self.err("expected a JSON value"),
+                None => return self.err("unexpected end of the text"),
+            }
+            // Closes what ends after it, until a `,` says another member follows.
+            loop {
+                let Some(&is_object) = open.last() else {
+                    return Ok(());
+                };
+                if self.next_member(if is_object { b'}' } else { b']' })? {
+                    if is_object {
+                        self.skip_key()?;
+                    }
+                    break;
+                }
+                open.pop();
+            }
+        }
+    }
+
+    fn skip_key(&mut self) -> Result<()> {
+        if self.peek() != Some(b'"') {
+            return self.err("expected a string key");
+        }
+        self.skip_string()?;
+        self.expect(b':', "expected `:` after an object key")
+    }
+
+    /// The end of the plain run of a string starting at `self.i`: the next quote, backslash or
+    /// control character.
+    #[inline]
+    fn plain_run(&self) -> usize {
+        let mut j = self.i;
+        while let Some(&c) = self.b.get(j) {
+            if c == b'"' || c == b'\\' || c < 0x20 {
+                break;
+            }
+            j += 1;
+        }
+        j
+    }
+
+    /// A string, at its opening quote: borrowed when it has no escape.
+    #[inline(always)] // the common case, a plain string, then stays in registers
+    pub fn string(&mut self) -> Result<Cow<'t, str>> {
+        self.i += 1;
+        let start = self.i;
+        self.i = self.plain_run();
+        if self.b.get(self.i) == Some(&b'"') {
+            self.i += 1;
+            // Both ends are ASCII bytes, so character boundaries.
+            return Ok(Cow::Borrowed(&self.text[start..self.i - 1]));
+        }
+        self.string_rest(start)
+    }
+
+    /// The rest of a string that has an escape (or an error) at `self.i`.
+    #[cold]
+    fn string_rest(&mut self, start: usize) -> Result<Cow<'t, str>> {
+        match self.b.get(self.i) {
+            Some(b'\\') => {
+                let mut s = String::with_capacity(self.i - start + 16);
+                s.push_str(&self.text[start..self.i]);
+                loop {
+                    match self.b.get(self.i) {
+                        Some(b'"') => {
+                            self.i += 1;
+                            return Ok(Cow::Owned(s));
+                        }
+                        Some(b'\\') => {
+                            self.i += 1;
+                            self.escape(&mut s)?;
+                        }
+                        Some(_) => return self.err("control character in a string"),
+                        None => return self.err("unterminated string"),
+                    }
+                    let from = self.i;
+                    self.i = self.plain_run();
+                    s.push_str(&self.text[from..self.i]);
+                }
+            }
+            Some(_) => self.err("control character in a string"),
+            None => self.err("unterminated string"),
+        }
+    }
+
+    fn skip_string(&mut self) -> Result<()> {
+        self.i += 1;
+        loop {
+            self.i = self.plain_run();
+            match self.b.get(self.i) {
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    match self.b.get(self.i) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
+                        Some(b'u') => {
+                            self.i += 1;
+                            self.hex4()?;
+                        }
+                        _ => return self.err("invalid escape in a string"),
+                    }
+                }
+                Some(_) => return self.err("control character in a string"),
+                None => return self.err("unterminated string"),
+            }
+        }
+    }
+
+    /// One escape, after its backslash, appended to `s`.
+    fn escape(&mut self, s: &mut String) -> Result<()> {
+        let c = match self.b.get(self.i) {
+            Some(b'"') => '"',
+            Some(b'\\') => '\\',
+            Some(b'/') => '/',
+            Some(b'b') => '\u{8}',
+            Some(b'f') => '\u{c}',
+            Some(b'n') => '\n',
+            Some(b'r') => '\r',
+            Some(b't') => '\t',
+            Some(b'u') => {
+                self.i += 1;
+                let hi = self.hex4()?;
+                let c = match hi {
+                    0xD800..=0xDBFF => {
+                        if !self.b[self.i..].starts_with(b"\\u") {
+                            return self.err("lone leading surrogate in a \\u escape");
+                        }
+                        self.i += 2;
+                        let lo = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return self.err("lone leading surrogate in a \\u escape");
+                        }
+                        char::from_u32(0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00))
+                    }
+                    _ => char::from_u32(u32::from(hi)),
+                };
+                match c {
+                    Some(c) => s.push(c),
+                    None => return self.err("lone trailing surrogate in a \\u escape"),
+                }
+                return Ok(());
+            }
+            _ => return self.err("invalid escape in a string"),
+        };
+        self.i += 1;
+        s.push(c);
+        Ok(())
+    }
+
+    fn hex4(&mut self) -> Result<u16> {
+        let Some(digits) = self.b.get(self.i..self.i + 4) else {
+            return self.err("invalid \\u escape");
+        };
+        let mut n = 0u16;
+        for &d in digits {
+            let v = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return self.err("invalid \\u escape"),
+            };
+            n = n * 16 + u16::from(v);
+        }
+        self.i += 4;
+        Ok(n)
+    }
+
+    /// Moves past a number's literal; returns whether it has a fraction or an exponent.
+    fn number_end(&mut self) -> Result<bool> {
+        let digits = |s: &mut Self| {
+            let from = s.i;
+            while s.b.get(s.i).is_some_and(u8::is_ascii_digit) {
+                s.i += 1;
+            }
+            s.i > from
+        };
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match self.b.get(self.i) {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                digits(self);
+            }
+            _ => return self.err("invalid number"),
+        }
+        let mut real = false;
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if !digits(self) {
+                return self.err("invalid number");
+            }
+            real = true;
+        }
+        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if !digits(self) {
+                return self.err("invalid number");
+            }
+            real = true;
+        }
+        Ok(real)
+    }
+
+    /// A number, as `serde_json` reads it: an integer when it is one that fits 64 bits, otherwise
+    /// a finite float.
+    fn number(&mut self) -> Result<Number> {
+        let start = self.i;
+        let real = self.number_end()?;
+        let lit = &self.text[start..self.i];
+        if !real {
+            if lit.starts_with('-') {
+                // serde_json reads `-0` as the float -0.0.
+                if let Some(n) = lit.parse::<i64>().ok().filter(|n| *n != 0) {
+                    return Ok(n.into());
+                }
+            } else if let Ok(n) = lit.parse::<u64>() {
+                return Ok(n.into());
+            }
+        }
+        match lit.parse::<f64>().ok().and_then(Number::from_f64) {
+            Some(n) => Ok(n),
+            None => Err(JsonError {
+                what: "number out of range",
+                at: start,
+            }),
+        }
+    }
+}
+
+/// Object members as `serde_json::Map` keeps them: sorted by key, the last of equal keys winning.
+pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> Vec<(Cow<'t, str>, Val<'t>)> {
+    // Stable: equal keys stay in input order, and the kept entry takes the last value.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    pairs
+}
+
+/// Parses a whole JSON text.
+#[cfg(test)]
+pub fn parse(text: &str) -> Result<Val<'_>> {
+    let mut s = Scanner::new(text);
+    let v = s.value(0)?;
+    s.end()?;
+    Ok(v)
+}
+
+/// Checks a whole JSON text without building it.
+#[cfg(test)]
+pub fn check(text: &str) -> Result<()> {
+    let mut s = Scanner::new(text);
+    s.skip()?;
+    s.end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use serde_json::Value;
+
+    /// Equal as JSON, floats to the last few bits (serde_json's float parsing is not always
+    /// correctly rounded; `str::parse` is).
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+                _ if x == y => true,
+                (Some(x), Some(y)) => (x - y).abs() <= x.abs().max(y.abs()) * 4.0 * f64::EPSILON,
+                _ => false,
+            },
+            (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|((ka, a), (kb, b))| ka == kb && same(a, b))
+            }
+            _ => a == b,
+        }
+    }
+
+    /// This reader and serde_json agree on `text`: both refuse it, or both read the same value.
+    fn agrees(text: &str) {
+        let ours = parse(text);
+        let theirs = serde_json::from_str::<Value>(text);
+        match (&ours, &theirs) {
+            (Ok(v), Ok(t)) => assert!(same(&v.to_json(), t), "{text:?}: {v:?} vs {t:?}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("{text:?}: ours {ours:?}, serde_json {theirs:?}"),
+        }
+        // Skipping checks syntax only, as serde_json's `IgnoredAny` does (`1e400` passes).
+        let syntax = serde_json::from_str::<serde::de::IgnoredAny>(text);
+        assert_eq!(
+            check(text).is_ok(),
+            syntax.is_ok(),
+            "check({text:?}): {:?}",
+            syntax.err()
+        );
+    }
+
+    const SEEDS: &[&str] = &[
+        r#"{"type":"DEPOSIT_COMPLETED","player":{"id":"p-77","clickId":"ck-9","ip":"198.51.100.7"},"ref":"W-1","money":{"value":"50.00","ccy":"usd"},"occurredAt":"2023-12-19T05:20:00Z","meta":{"channel":"ios","vip":"gold"}}"#,
+        r#"[1, -0, 0.5, -2.5e-3, 1E+2, 18446744073709551615, 18446744073709551616, -9223372036854775808, -9223372036854775809, 1e308, 123456789012345678901234567890]"#,
+        r#"{"s":"a\"b\\c\/d\be\ff\ng\rh\ti\u00e9\ud83d\ude00 ü","e":"","n":null,"t":true,"f":false,"d":{"x":1,"x":2}}"#,
+        "  [ {} , [] , [[]], {\"a\" : [ ] } ]  ",
+        r#""just a string""#,
+        "0",
+        "-1",
+    ];
+
+    #[test]
+    fn agrees_with_serde_json_on_valid_documents() {
+        for s in SEEDS {
+            assert!(parse(s).is_ok(), "{s}");
+            agrees(s);
+        }
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_broken_ones() {
+        for s in [
+            "",
+            " ",
+            "{",
+            "}",
+            "[",
+            "[1,]",
+            "[,1]",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{a:1}",
+            "{\"a\":1 \"b\":2}",
+            "01",
+            "-",
+            "1.",
+            ".5",
+            "1e",
+            "1e+",
+            "+1",
+            "--1",
+            "0x10",
+            "1e400",
+            "-1e400",
+            "tru",
+            "nul",
+            "falsey",
+            "\"abc",
+            "\"a\\x\"",
+            "\"\\u12\"",
+            "\"\\ud83d\"",
+            "\"\\ude00\"",
+            "\"\\ud83dx\"",
+            "\"\\ud83d\\u0041\"",
+            "\"tab\there\"",
+            "\"nl\nhere\"",
+            "[1] [2]",
+            "{} x",
+            "\u{feff}{}",
+            "NaN",
+            "Infinity",
+            "[1,2",
+        ] {
+            agrees(s);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_when_built_and_skipped_without_limit() {
+        let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        assert!(parse(&deep(MAX_DEPTH)).is_ok());
+        assert_eq!(parse(&deep(MAX_DEPTH + 1)).unwrap_err().what, "nested too deeply");
+        assert!(serde_json::from_str::<Value>(&deep(MAX_DEPTH + 1)).is_err());
+        assert!(check(&deep(100_000)).is_ok());
+        assert!(check(&("[".repeat(100_000) + &"]".repeat(99_999))).is_err());
+    }
+
+    /// Random edits of the seeds (bytes flipped, inserted, removed; text cut short), each
+    /// judged by both readers: 30,000 documents, most of them broken in some way.
+    #[test]
+    fn agrees_with_serde_json_on_random_edits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        const BYTES: &[u8] = b"{}[],:\"\\ -+.eE0123456789abfnrtux\n\t";
+        for n in 0..30_000 {
+            let mut b = SEEDS[n % SEEDS.len()].as_bytes().to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=b.len());
+                match rng.random_range(0..4) {
+                    0 if at < b.len() => b[at] = BYTES[rng.random_range(0..BYTES.len())],
+                    1 => b.insert(at, BYTES[rng.random_range(0..BYTES.len())]),
+                    2 if at < b.len() => drop(b.remove(at)),
+                    _ => b.truncate(at),
+                }
+            }
+            if let Ok(text) = std::str::from_utf8(&b) {
+                agrees(text);
+            }
+        }
+    }
+}
