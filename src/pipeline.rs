@@ -19,6 +19,7 @@ use crate::event::TimestampUnit;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
 use crate::offsets::{Ticket, Tracker};
 use crate::source::{self, lock, Source, METRICS as SOURCE_METRICS};
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -185,20 +186,37 @@ struct Finisher {
 
 impl Finisher {
     fn finish(&self, rec: &OwnedRecord, ticket: &Ticket, outcome: Outcome) {
-        let counted = lock(&self.tracker).finish(&rec.topic, ticket);
-        if !counted {
-            // The partition was revoked meanwhile: the new owner reads the record again.
-            METRICS.abandoned.inc();
+        self.finish_all([(rec, ticket)], outcome);
+    }
+
+    /// Finishes records with one outcome: one lock of the tracker and one metric update for all.
+    fn finish_all<'r>(&self, records: impl IntoIterator<Item = (&'r OwnedRecord, &'r Ticket)>, outcome: Outcome) {
+        let (mut counted, mut revoked) = (0u64, 0u64);
+        {
+            let mut tracker = lock(&self.tracker);
+            for (rec, ticket) in records {
+                if tracker.finish(&rec.topic, ticket) {
+                    counted += 1;
+                } else {
+                    // The partition was revoked meanwhile: the new owner reads the record again.
+                    revoked += 1;
+                }
+            }
+        }
+        if revoked > 0 {
+            METRICS.abandoned.inc_by(revoked);
+        }
+        if counted == 0 {
             return;
         }
-        METRICS.finished.with_label_values(&outcome.labels()).inc();
+        METRICS.finished.with_label_values(&outcome.labels()).inc_by(counted);
         let c = match outcome {
             Outcome::Delivered => &self.counters.delivered,
             Outcome::Duplicate(_) => &self.counters.duplicate,
             Outcome::Filtered => &self.counters.filtered,
             Outcome::DeadLettered(_) => &self.counters.dead_lettered,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(counted, Ordering::Relaxed);
     }
 }
 
@@ -298,7 +316,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %shared.dlq.topic(), "bridge started");
 
-    let (tx, rx) = mpsc::unbounded_channel::<Pending>();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Pending>>();
     let delivery = tokio::spawn(delivery_loop(
         rx,
         cfg.batch.clone(),
@@ -368,13 +386,17 @@ async fn consumer_loop(
     mapper: &Mapper,
     tracker: &Arc<Mutex<Tracker>>,
     shared: &Arc<Shared>,
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::UnboundedSender<Vec<Pending>>,
     shutdown: &CancellationToken,
 ) {
     let max_in_flight = cfg.kafka.max_in_flight_records;
     let max_event_bytes = cfg.batch.max_bytes.saturating_sub(2);
     let mut commit_tick = tokio::time::interval(cfg.kafka.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recheck = tokio::time::interval(Duration::from_millis(200));
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One stream for the loop's life (each `recv()` would register a waker slot anew).
+    let mut stream = consumer.stream();
     let mut paused = false;
     let mut topic_names: Vec<Arc<str>> = Vec::new();
     loop {
@@ -396,14 +418,36 @@ async fn consumer_loop(
                     set_paused(consumer, true);
                 }
             }
-            m = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => match m {
-                Ok(Ok(msg)) => {
-                    let topic = intern(&mut topic_names, msg.topic());
-                    handle(&msg, topic, mapper, tracker, shared, &tx, max_event_bytes);
+            // While no record arrives (paused, or idle), the pause check below still runs.
+            _ = recheck.tick() => {}
+            m = stream.next() => {
+                // A burst: this record and whatever else is ready now, handed to the delivery loop
+                // as one chunk (a wake-up of the delivery side per burst, not per record).
+                let mut chunk = Vec::new();
+                let (mut next, mut taken) = (m, 1);
+                loop {
+                    match next {
+                        Some(Ok(msg)) => {
+                            let topic = intern(&mut topic_names, msg.topic());
+                            handle(&msg, topic, mapper, tracker, shared, &mut chunk, max_event_bytes);
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                        None => break,
+                    }
+                    // Take another only to handle it: a record taken from the stream and not
+                    // handled would be skipped (its offset committed past).
+                    if taken == BURST {
+                        break;
+                    }
+                    match stream.next().now_or_never() {
+                        Some(m) => (next, taken) = (m, taken + 1),
+                        None => break,
+                    }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                Err(_) => {} // no record within the poll window; loop to keep polling
-            },
+                if !chunk.is_empty() && tx.send(chunk).is_err() {
+                    tracing::error!("delivery loop has stopped; records left unfinished");
+                }
+            }
         }
         let in_flight = lock(tracker).in_flight();
         if !paused && in_flight >= max_in_flight {
@@ -440,7 +484,7 @@ fn handle(
     mapper: &Mapper,
     tracker: &Mutex<Tracker>,
     shared: &Arc<Shared>,
-    tx: &mpsc::UnboundedSender<Pending>,
+    out: &mut Vec<Pending>,
     max_event_bytes: usize,
 ) {
     SOURCE_METRICS.consumed.inc();
@@ -479,18 +523,13 @@ fn handle(
                 shared.dead_letter(rec, ticket, why);
                 return;
             }
-            if tx
-                .send(Pending {
-                    keys,
-                    timestamp,
-                    rec,
-                    ticket,
-                    json,
-                })
-                .is_err()
-            {
-                tracing::error!("delivery loop has stopped; record left unfinished");
-            }
+            out.push(Pending {
+                keys,
+                timestamp,
+                rec,
+                ticket,
+                json,
+            });
         }
         MapOutcome::Filtered { reason } => {
             tracing::debug!(record = %rec.coordinates(), %reason, "record filtered");
@@ -545,14 +584,41 @@ fn commit(consumer: &Source, tracker: &Mutex<Tracker>) {
     }
 }
 
+/// Most records the consumer loop handles in one burst before it looks at its timers again.
+const BURST: usize = 256;
+
+/// The delivery loop's end of the queue: records arrive in chunks (one per consumer burst) and
+/// leave one at a time.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<Vec<Pending>>,
+    ready: std::vec::IntoIter<Pending>,
+}
+
+impl Inbox {
+    /// The next record; `None` once the consumer loop stopped and everything was handed out.
+    /// Cancel-safe: a received chunk is stored before the next await.
+    async fn recv(&mut self) -> Option<Pending> {
+        loop {
+            if let Some(p) = self.ready.next() {
+                return Some(p);
+            }
+            self.ready = self.rx.recv().await?.into_iter();
+        }
+    }
+}
+
 async fn delivery_loop(
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    rx: mpsc::UnboundedReceiver<Vec<Pending>>,
     cfg: BatchConfig,
     unit: TimestampUnit,
     deliverer: Arc<Deliverer>,
     deduper: Arc<Deduper>,
     shared: Arc<Shared>,
 ) {
+    let mut rx = Inbox {
+        rx,
+        ready: Vec::new().into_iter(),
+    };
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
@@ -764,7 +830,7 @@ async fn process_batch(
     let from_event = METRICS.latency.with_label_values(&["event"]);
     let from_kafka = METRICS.latency.with_label_values(&["kafka"]);
     for &i in &delivered {
-        let Some((rec, ticket)) = &records[i] else { continue };
+        let Some((rec, _)) = &records[i] else { continue };
         let event_ms = match unit {
             TimestampUnit::Seconds => events[i].1 as f64 * 1000.0,
             TimestampUnit::Milliseconds => events[i].1 as f64,
@@ -773,8 +839,11 @@ async fn process_batch(
         if let Some(k) = rec.timestamp_ms {
             from_kafka.observe(((now_ms - k as f64) / 1000.0).max(0.0));
         }
-        shared.finisher.finish(rec, ticket, Outcome::Delivered);
     }
+    let finished = delivered
+        .iter()
+        .filter_map(|&i| records[i].as_ref().map(|(r, t)| (r, t)));
+    shared.finisher.finish_all(finished, Outcome::Delivered);
 }
 
 /// Installs SIGTERM/SIGINT handlers that fire `token`.

@@ -241,7 +241,7 @@ impl Deduper {
         let mut pending = Vec::new();
         {
             let mut local = self.lock();
-            let mut in_batch: HashSet<&str> = HashSet::new();
+            let mut in_batch: HashSet<&str> = HashSet::with_capacity(keys.len());
             for (i, k) in keys.iter().enumerate() {
                 if let Some(key) = k.key.as_deref() {
                     if in_batch.contains(key) {
