@@ -6,7 +6,10 @@
 //! unfinished: the contiguous finished prefix. A revoke ends the epoch: finishes that arrive later
 //! for the old epoch are ignored, so the old owner never commits past work it abandoned.
 
-use std::collections::{BTreeMap, HashMap};
+// hashbrown's default hasher: these maps are looked up twice per record, and SipHash showed in
+// the profile.
+use hashbrown::HashMap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Identifies the assignment a record was read under.
@@ -84,12 +87,13 @@ impl Tracker {
 
     /// Registers a record read from Kafka. Returns `None` for a partition not assigned to us
     /// (a record fetched before a revoke took effect): the caller drops it unprocessed.
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+    /// `read_at`: when the record was read (the caller reads the clock once per burst).
+    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64, read_at: Instant) -> Option<Ticket> {
         let p = self.topics.get_mut(topic)?.get_mut(&partition)?;
         if !p.assigned {
             return None;
         }
-        if p.pending.insert(offset, Instant::now()).is_none() {
+        if p.pending.insert(offset, read_at).is_none() {
             self.in_flight += 1;
         }
         if p.next.is_some_and(|n| offset > n) {
@@ -212,9 +216,9 @@ mod tests {
     fn commits_only_the_contiguous_finished_prefix() {
         let mut t = Tracker::new();
         t.assign("t", 0);
-        let a = t.begin("t", 0, 10).unwrap();
-        let b = t.begin("t", 0, 11).unwrap();
-        let c = t.begin("t", 0, 12).unwrap();
+        let a = t.begin("t", 0, 10, Instant::now()).unwrap();
+        let b = t.begin("t", 0, 11, Instant::now()).unwrap();
+        let c = t.begin("t", 0, 12, Instant::now()).unwrap();
         assert_eq!(t.committable("t", 0), Some(10));
         assert!(t.finish("t", &b));
         assert!(t.finish("t", &c));
@@ -230,8 +234,8 @@ mod tests {
     fn revoked_work_is_not_committed_by_the_old_owner() {
         let mut t = Tracker::new();
         t.assign("t", 1);
-        let a = t.begin("t", 1, 0).unwrap();
-        let b = t.begin("t", 1, 1).unwrap();
+        let a = t.begin("t", 1, 0, Instant::now()).unwrap();
+        let b = t.begin("t", 1, 1, Instant::now()).unwrap();
         assert!(t.finish("t", &a));
         assert_eq!(
             t.revoke("t", 1),
@@ -240,13 +244,13 @@ mod tests {
         );
         assert!(!t.finish("t", &b), "a finish after revoke is ignored");
         assert!(
-            t.begin("t", 1, 2).is_none(),
+            t.begin("t", 1, 2, Instant::now()).is_none(),
             "records of a revoked partition are dropped"
         );
         assert_eq!(t.in_flight(), 0);
         // Reassigned: a new epoch; the old ticket stays void.
         t.assign("t", 1);
-        let b2 = t.begin("t", 1, 1).unwrap();
+        let b2 = t.begin("t", 1, 1, Instant::now()).unwrap();
         assert!(!t.finish("t", &b));
         assert_eq!(t.committable("t", 1), Some(1));
         assert!(t.finish("t", &b2));
@@ -257,8 +261,8 @@ mod tests {
     fn duplicate_begin_counts_once() {
         let mut t = Tracker::new();
         t.assign("t", 0);
-        t.begin("t", 0, 5).unwrap();
-        let a = t.begin("t", 0, 5).unwrap();
+        t.begin("t", 0, 5, Instant::now()).unwrap();
+        let a = t.begin("t", 0, 5, Instant::now()).unwrap();
         assert_eq!(t.in_flight(), 1);
         assert!(t.finish("t", &a));
         assert_eq!(t.in_flight(), 0);

@@ -425,11 +425,12 @@ async fn consumer_loop(
                 // as one chunk (a wake-up of the delivery side per burst, not per record).
                 let mut chunk = Vec::new();
                 let (mut next, mut taken) = (m, 1);
+                let read_at = std::time::Instant::now();
                 loop {
                     match next {
                         Some(Ok(msg)) => {
                             let topic = intern(&mut topic_names, msg.topic());
-                            handle(&msg, topic, mapper, tracker, shared, &mut chunk, max_event_bytes);
+                            handle(&msg, topic, mapper, tracker, shared, &mut chunk, max_event_bytes, read_at);
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                         None => break,
@@ -486,9 +487,10 @@ fn handle(
     shared: &Arc<Shared>,
     out: &mut Vec<Pending>,
     max_event_bytes: usize,
+    read_at: std::time::Instant,
 ) {
     SOURCE_METRICS.consumed.inc();
-    let Some(ticket) = lock(tracker).begin(&topic, msg.partition(), msg.offset()) else {
+    let Some(ticket) = lock(tracker).begin(&topic, msg.partition(), msg.offset(), read_at) else {
         // Fetched before its partition was revoked: the new owner reads it.
         tracing::warn!(topic = %topic, partition = msg.partition(), offset = msg.offset(),
             "record of a partition not assigned to this process ignored");

@@ -22,7 +22,8 @@ use prometheus::{
 };
 use redis_store::RedisStore;
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+// hashbrown's default hasher (not SipHash): the in-flight holds are touched for every event.
+use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
