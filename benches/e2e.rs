@@ -20,7 +20,8 @@
 //! record count with no duplicate transaction id for the bridge.
 //!
 //! `cargo bench --bench e2e`; under `cargo test --all-targets` (no `--bench` argument) it returns
-//! at once. Other settings: `E2E_MAX_IN_FLIGHT` (the throughput run's `max_in_flight_records`),
+//! at once. Other settings: `E2E_CONCURRENCY` (the throughput run's `delivery.concurrency`, default
+//! 1), `E2E_MAX_IN_FLIGHT` (the throughput run's `max_in_flight_records`),
 //! `E2E_BATCH_RECORDS` (the producer's records per batch, default 10000; 1 makes pausing safe on
 //! tansu),
 //! `E2E_STALL_SECS` (default 30: the throughput run ends when nothing was accepted that long, and
@@ -196,9 +197,12 @@ struct Throughput {
 
 async fn throughput(broker: &Broker, dir: &std::path::Path, topic: &str, n: u64) -> Throughput {
     let sandbox = Sandbox::start(dir, &[]);
-    let delivery = "[delivery]\nrate_limit = 1000000\nrate_window = \"1s\"\nrate_burst = 100000";
+    let concurrency: u32 = env_or("E2E_CONCURRENCY", 1);
+    let delivery = format!(
+        "[delivery]\nrate_limit = 1000000\nrate_window = \"1s\"\nrate_burst = 100000\nconcurrency = {concurrency}"
+    );
     let max_in_flight = env_or("E2E_MAX_IN_FLIGHT", n as usize + 1);
-    let cfg = config(broker, &sandbox, "bench-throughput", topic, delivery, max_in_flight);
+    let cfg = config(broker, &sandbox, "bench-throughput", topic, &delivery, max_in_flight);
     let start = Instant::now();
     let bridge = Bridge::start(dir, "bridge-throughput", &cfg);
     let pid = bridge.proc.pid();

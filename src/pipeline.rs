@@ -316,15 +316,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %shared.dlq.topic(), "bridge started");
 
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<Pending>>();
-    let delivery = tokio::spawn(delivery_loop(
-        rx,
-        cfg.batch.clone(),
-        cfg.api.timestamp_unit,
-        deliverer,
-        deduper,
-        Arc::clone(&shared),
-    ));
+    // One delivery loop per lane; a partition always goes to the same lane, so its events leave
+    // in order, while the lanes' requests are in flight together.
+    let mut lanes = Vec::new();
+    let mut lane_tasks = Vec::new();
+    for _ in 0..cfg.delivery.concurrency.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<Pending>>();
+        lanes.push(tx);
+        lane_tasks.push(tokio::spawn(delivery_loop(
+            rx,
+            cfg.batch.clone(),
+            cfg.api.timestamp_unit,
+            Arc::clone(&deliverer),
+            Arc::clone(&deduper),
+            Arc::clone(&shared),
+        )));
+    }
+    let delivery = tokio::spawn(futures::future::join_all(lane_tasks));
+    let tx = lanes;
 
     // The consumer loop gets a thread and a runtime of its own: librdkafka's blocking calls
     // (the synchronous commits, the revoke commit inside the rebalance callback) then never stall
@@ -386,7 +395,7 @@ async fn consumer_loop(
     mapper: &Mapper,
     tracker: &Arc<Mutex<Tracker>>,
     shared: &Arc<Shared>,
-    tx: mpsc::UnboundedSender<Vec<Pending>>,
+    lanes: Vec<mpsc::UnboundedSender<Vec<Pending>>>,
     shutdown: &CancellationToken,
 ) {
     let max_in_flight = cfg.kafka.max_in_flight_records;
@@ -423,14 +432,15 @@ async fn consumer_loop(
             m = stream.next() => {
                 // A burst: this record and whatever else is ready now, handed to the delivery loop
                 // as one chunk (a wake-up of the delivery side per burst, not per record).
-                let mut chunk = Vec::new();
+                let mut chunks: Vec<Vec<Pending>> = lanes.iter().map(|_| Vec::new()).collect();
                 let (mut next, mut taken) = (m, 1);
                 let read_at = std::time::Instant::now();
                 loop {
                     match next {
                         Some(Ok(msg)) => {
-                            let topic = intern(&mut topic_names, msg.topic());
-                            handle(&msg, topic, mapper, tracker, shared, &mut chunk, max_event_bytes, read_at);
+                            let (topic, n) = intern(&mut topic_names, msg.topic());
+                            let lane = (n + msg.partition().unsigned_abs() as usize) % chunks.len();
+                            handle(&msg, topic, mapper, tracker, shared, &mut chunks[lane], max_event_bytes, read_at);
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                         None => break,
@@ -445,8 +455,10 @@ async fn consumer_loop(
                         None => break,
                     }
                 }
-                if !chunk.is_empty() && tx.send(chunk).is_err() {
-                    tracing::error!("delivery loop has stopped; records left unfinished");
+                for (lane, chunk) in lanes.iter().zip(chunks) {
+                    if !chunk.is_empty() && lane.send(chunk).is_err() {
+                        tracing::error!("delivery loop has stopped; records left unfinished");
+                    }
                 }
             }
         }
@@ -469,13 +481,13 @@ async fn consumer_loop(
     set_paused(consumer, true);
 }
 
-fn intern(names: &mut Vec<Arc<str>>, topic: &str) -> Arc<str> {
-    if let Some(t) = names.iter().find(|t| &***t == topic) {
-        return Arc::clone(t);
+/// The topic's shared name, and its number (in order of first sight; it spreads topics over lanes).
+fn intern(names: &mut Vec<Arc<str>>, topic: &str) -> (Arc<str>, usize) {
+    if let Some(i) = names.iter().position(|t| &**t == topic) {
+        return (Arc::clone(&names[i]), i);
     }
-    let t: Arc<str> = Arc::from(topic);
-    names.push(Arc::clone(&t));
-    t
+    names.push(Arc::from(topic));
+    (Arc::clone(&names[names.len() - 1]), names.len() - 1)
 }
 
 #[allow(clippy::too_many_arguments)]

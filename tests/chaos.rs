@@ -51,6 +51,9 @@ rate_window = "1s"
 rate_burst = 1000
 retry_backoff_max = "2s"
 auth_retry_interval = "1s"
+# Two delivery lanes: the kills, rebalances and faults then also test lanes (per-partition order,
+# a key in flight in one lane while a copy arrives in the other).
+concurrency = 2
 "#,
         url = redis.url()
     )

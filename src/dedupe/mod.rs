@@ -34,7 +34,7 @@ pub enum Verdict {
     /// Send it.
     Send,
     /// Already delivered or already on its way: a finished outcome, never sent. The reason is a
-    /// bounded label (`in_batch`, `in_flight`, `store`).
+    /// bounded label (`in_batch`, `store`).
     Duplicate { reason: &'static str },
     /// Sending it would make the API count a bet result twice: dead-letter it with this reason.
     DoubleCount { reason: String },
@@ -51,6 +51,9 @@ impl std::fmt::Display for StoreUnavailable {
 }
 
 impl std::error::Error for StoreUnavailable {}
+
+/// How often a check waiting for another batch's in-flight key looks again.
+const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Readiness condition set by this module.
 const READY_CONDITION: &str = "dedupe_store";
@@ -143,6 +146,15 @@ pub(crate) struct Local {
 }
 
 impl Local {
+    /// Whether `k`'s key, or the other result of its bet, is held (by another batch: a batch
+    /// holds nothing before its check passes this test).
+    fn conflicts(&self, k: &EventKeys) -> bool {
+        k.key.as_ref().is_some_and(|key| self.keys.contains(key))
+            || k.guard
+                .as_ref()
+                .is_some_and(|(bet, kind)| self.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0))
+    }
+
     fn hold(&mut self, k: &EventKeys) {
         if let Some(key) = &k.key {
             self.keys.insert(key.clone());
@@ -235,38 +247,20 @@ impl Deduper {
     /// batch counts as in flight for a later one). Events judged `Send` are held as in flight
     /// until [`Deduper::delivered`] or [`Deduper::release`].
     ///
-    /// With Redis, an id another replica has in flight makes this call wait (polling, at most about
-    /// the lease) until that replica delivers it (→ `Duplicate "store"`) or gives it up (→ `Send`).
+    /// An id another batch of this process has in flight (another delivery lane), or with Redis
+    /// another replica, makes this call wait (polling; with Redis at most about the lease) until
+    /// it is delivered (→ `Duplicate "store"`) or given up (→ `Send`): a copy is never dropped as
+    /// the duplicate of something that may still fail.
     pub async fn check(&self, keys: &[&EventKeys]) -> Result<Vec<Verdict>, StoreUnavailable> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; keys.len()];
         let mut pending = Vec::new();
-        {
-            let mut local = self.lock();
-            let mut in_batch: HashSet<&str> = HashSet::with_capacity(keys.len());
-            for (i, k) in keys.iter().enumerate() {
-                if let Some(key) = k.key.as_deref() {
-                    if in_batch.contains(key) {
-                        verdicts[i] = Some(Verdict::Duplicate { reason: "in_batch" });
-                        continue;
-                    }
-                    if local.keys.contains(key) {
-                        verdicts[i] = Some(Verdict::Duplicate { reason: "in_flight" });
-                        continue;
-                    }
-                }
-                if let Some((bet, kind)) = &k.guard {
-                    if local.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0) {
-                        verdicts[i] = Some(double_count(bet, *kind));
-                        continue;
-                    }
-                }
-                // Held now, before the store is asked, so that a concurrent call sees it.
-                local.hold(k);
-                if let Some(key) = k.key.as_deref() {
-                    in_batch.insert(key);
-                }
-                pending.push(i);
-            }
+        // Another batch of this process (another delivery lane) may have one of these keys, or the
+        // other result of one of these bets, in flight. Its outcome decides: wait until it is
+        // delivered (then the store answers) or given up (then this one is sent). Nothing of this
+        // batch is held while it waits, so two batches never wait on each other.
+        while !self.take_holds(keys, &mut verdicts, &mut pending) {
+            METRICS.waits.inc();
+            tokio::time::sleep(LOCAL_WAIT).await;
         }
 
         // An event with neither a key nor a guarded bet has nothing to look up.
@@ -333,6 +327,37 @@ impl Deduper {
             }
         }
         Ok(verdicts)
+    }
+
+    /// Judges the batch against itself and holds the keys of what it sends; unless a key conflicts
+    /// with another batch's holds: then it holds nothing and returns false.
+    fn take_holds(&self, keys: &[&EventKeys], verdicts: &mut [Option<Verdict>], pending: &mut Vec<usize>) -> bool {
+        let mut local = self.lock();
+        if keys.iter().any(|k| local.conflicts(k)) {
+            return false;
+        }
+        let mut in_batch: HashSet<&str> = HashSet::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(key) = k.key.as_deref() {
+                if in_batch.contains(key) {
+                    verdicts[i] = Some(Verdict::Duplicate { reason: "in_batch" });
+                    continue;
+                }
+            }
+            if let Some((bet, kind)) = &k.guard {
+                if local.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0) {
+                    verdicts[i] = Some(double_count(bet, *kind));
+                    continue;
+                }
+            }
+            // Held now, before the store is asked, so that a concurrent call sees it.
+            local.hold(k);
+            if let Some(key) = k.key.as_deref() {
+                in_batch.insert(key);
+            }
+            pending.push(i);
+        }
+        true
     }
 
     /// Whether the record at `coords` (`topic/partition/offset`) was already dead-lettered (it is
@@ -598,10 +623,11 @@ pub(crate) struct Metrics {
     claims_lost: IntCounter,
 }
 
-pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     duplicates: register_int_counter_vec!(
         "datapulse_bridge_dedupe_duplicates_total",
-        "Events dropped as duplicates, by reason (in_batch, in_flight, store).",
+        "Events dropped as duplicates, by reason (in_batch, store).",
         &["reason"]
     )
     .expect("metric registers once"),
@@ -637,7 +663,7 @@ pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     .expect("metric registers once"),
     waits: register_int_counter!(
         "datapulse_bridge_dedupe_claim_waits_total",
-        "Times a check waited for an id another replica had in flight."
+        "Times a check waited for an id in flight elsewhere: in another delivery lane of this process, or (Redis) in another replica."
     )
     .expect("metric registers once"),
     claims_lost: register_int_counter!(
@@ -646,6 +672,7 @@ pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
          the id may have been sent twice."
     )
     .expect("metric registers once"),
+}
 });
 
 fn observe(op: &str, start: Instant) {

@@ -77,16 +77,38 @@ async fn in_batch_duplicates_are_dropped_after_the_first() {
 }
 
 #[tokio::test]
-async fn in_flight_until_delivered_then_store() {
+async fn a_batch_waits_for_another_batchs_in_flight_key() {
     let d = deduper(DedupeConfig::default()).await;
     assert_eq!(check(&d, &[deposit("T1")]).await, vec![SEND]);
-    // Sent but not yet acknowledged: a second batch must not send it again.
+    // T1 is sent but not yet acknowledged: a second batch (another delivery lane) waits for its
+    // outcome rather than guess it, holding nothing meanwhile.
+    let second = [deposit("T1"), deposit("T2")];
+    let waiting = check(&d, &second);
+    tokio::pin!(waiting);
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+        .await
+        .is_err());
     assert_eq!(
-        check(&d, &[deposit("T1"), deposit("T2")]).await,
-        vec![dup("in_flight"), SEND]
+        check(&d, &[deposit("T2")]).await,
+        vec![SEND],
+        "the waiting batch holds nothing"
     );
+    release(&d, &[deposit("T2")]).await;
+    // Delivered: the waiting batch finds T1 in the store.
     delivered(&d, &[deposit("T1")]).await;
-    assert_eq!(check(&d, &[deposit("T1")]).await, vec![dup("store")]);
+    assert_eq!(waiting.await, vec![dup("store"), SEND]);
+
+    // Given up (the API rejected it, or its partition was revoked): the copy is sent.
+    let d = deduper(DedupeConfig::default()).await;
+    assert_eq!(check(&d, &[deposit("T3")]).await, vec![SEND]);
+    let again = [deposit("T3")];
+    let waiting = check(&d, &again);
+    tokio::pin!(waiting);
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+        .await
+        .is_err());
+    release(&d, &[deposit("T3")]).await;
+    assert_eq!(waiting.await, vec![SEND]);
 }
 
 #[tokio::test]
@@ -269,12 +291,27 @@ async fn guard_in_batch_and_in_flight() {
         matches!(&v[3], Verdict::DoubleCount { reason } if reason.contains("B2")),
         "{v:?}"
     );
-    // In flight from the earlier batch.
-    let v = check(&d, &[win_for("W3", "B1")]).await;
-    assert!(matches!(&v[0], Verdict::DoubleCount { .. }), "{v:?}");
-    // Released (the bet was dead-lettered): the standalone win is the only result, and passes.
+    // In flight in an earlier batch: the win waits for the bet's outcome. Released (the bet was
+    // dead-lettered): the standalone win is the only result, and passes.
+    let win = [win_for("W3", "B1")];
+    let waiting = check(&d, &win);
+    tokio::pin!(waiting);
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+        .await
+        .is_err());
     release(&d, &[bet_with_result("B1")]).await;
-    assert_eq!(check(&d, &[win_for("W3", "B1")]).await, vec![SEND]);
+    assert_eq!(waiting.await, vec![SEND]);
+    // Delivered: the store knows the bet carried its result, and the later win is a double count.
+    assert_eq!(check(&d, &[bet_with_result("B5")]).await, vec![SEND]);
+    let win = [win_for("W4", "B5")];
+    let waiting = check(&d, &win);
+    tokio::pin!(waiting);
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+        .await
+        .is_err());
+    delivered(&d, &[bet_with_result("B5")]).await;
+    let v = waiting.await;
+    assert!(matches!(&v[0], Verdict::DoubleCount { .. }), "{v:?}");
 }
 
 #[tokio::test]

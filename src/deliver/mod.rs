@@ -36,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::oldest_retry_age;
 
+/// The most delivery lanes (`delivery.concurrency`).
+pub const MAX_CONCURRENCY: u32 = 32;
+
 /// `[delivery]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +85,10 @@ pub struct DeliveryConfig {
     /// Interval between retries while the API refuses the key (401/403).
     #[serde(default = "default_auth_retry_interval", with = "humantime_serde")]
     pub auth_retry_interval: Duration,
+    /// Requests in flight at once. Each belongs to a delivery lane that owns a fixed share of the
+    /// partitions, so a partition's events still reach the API in order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
@@ -114,6 +121,9 @@ fn default_backoff_max() -> Duration {
 fn default_auth_retry_interval() -> Duration {
     Duration::from_secs(30)
 }
+fn default_concurrency() -> u32 {
+    1
+}
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -130,6 +140,7 @@ impl Default for DeliveryConfig {
             retry_backoff_max: default_backoff_max(),
             max_retries: None,
             auth_retry_interval: default_auth_retry_interval(),
+            concurrency: default_concurrency(),
         }
     }
 }
@@ -146,6 +157,9 @@ impl DeliveryConfig {
         }
         if self.rate_window.is_zero() {
             err("rate_window", "must be greater than zero".into());
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            err("concurrency", format!("must be between 1 and {MAX_CONCURRENCY}"));
         }
         if self.rate_burst == 0 || self.rate_burst > self.rate_limit.max(1) {
             err(
