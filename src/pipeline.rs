@@ -432,7 +432,7 @@ async fn consumer_loop(
             m = stream.next() => {
                 // A burst: this record and whatever else is ready now, handed to the delivery loop
                 // as one chunk (a wake-up of the delivery side per burst, not per record).
-                let mut chunks: Vec<Vec<Pending>> = lanes.iter().map(|_| Vec::new()).collect();
+                let mut chunks: Vec<Vec<Pending>> = lanes.iter().map(|_| Vec::with_capacity(BURST / lanes.len())).collect();
                 let (mut next, mut taken) = (m, 1);
                 let read_at = std::time::Instant::now();
                 loop {
@@ -609,6 +609,15 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// The next record if one is here already.
+    fn try_recv(&mut self) -> Option<Pending> {
+        if let Some(p) = self.ready.next() {
+            return Some(p);
+        }
+        self.ready = self.rx.try_recv().ok()?.into_iter();
+        self.ready.next()
+    }
+
     /// The next record; `None` once the consumer loop stopped and everything was handed out.
     /// Cancel-safe: a received chunk is stored before the next await.
     async fn recv(&mut self) -> Option<Pending> {
@@ -647,25 +656,33 @@ async fn delivery_loop(
         // linger bounds the latency.
         let linger_end = tokio::time::Instant::now() + cfg.linger;
         let mut bytes = first.json.len() + 2;
-        let mut batch = vec![first];
+        let mut batch = Vec::with_capacity(cfg.max_events.min(1024));
+        batch.push(first);
         let mut lingered = false;
         let reserve = deliverer.reserve(&shared.abandon);
         tokio::pin!(reserve);
         let mut reserved = false;
+        // One timer per batch (a timer made per event cost a wake-up of the timer driver each).
+        let linger = tokio::time::sleep_until(linger_end);
+        tokio::pin!(linger);
         while batch.len() < cfg.max_events {
-            let next = tokio::select! {
-                biased;
-                r = &mut reserve, if !reserved => {
-                    reserved = true;
-                    if lingered || r.is_err() { break }
-                    continue;
-                }
-                _ = tokio::time::sleep_until(linger_end), if !lingered => {
-                    lingered = true;
-                    if reserved { break }
-                    continue;
-                }
-                p = rx.recv() => p,
+            // Records already here join at once; the timers matter only when none is waiting.
+            let next = match rx.try_recv() {
+                Some(p) => Some(p),
+                None => tokio::select! {
+                    biased;
+                    r = &mut reserve, if !reserved => {
+                        reserved = true;
+                        if lingered || r.is_err() { break }
+                        continue;
+                    }
+                    _ = &mut linger, if !lingered => {
+                        lingered = true;
+                        if reserved { break }
+                        continue;
+                    }
+                    p = rx.recv() => p,
+                },
             };
             let Some(p) = next else { break };
             if bytes + p.json.len() + 1 > cfg.max_bytes {
