@@ -61,6 +61,12 @@ async fn release(d: &Deduper, events: &[Event<'_>]) {
     d.release(&keys.iter().collect::<Vec<_>>()).await
 }
 
+/// Asserts that a check is still waiting (for another batch's outcome) after 50 ms.
+async fn assert_waiting(check: &mut (impl std::future::Future + Unpin)) {
+    let waited = tokio::time::timeout(Duration::from_millis(50), check).await.is_err();
+    assert!(waited, "the check did not wait for the other batch's outcome");
+}
+
 const SEND: Verdict = Verdict::Send;
 fn dup(reason: &'static str) -> Verdict {
     Verdict::Duplicate { reason }
@@ -85,9 +91,7 @@ async fn a_batch_waits_for_another_batchs_in_flight_key() {
     let second = [deposit("T1"), deposit("T2")];
     let waiting = check(&d, &second);
     tokio::pin!(waiting);
-    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
-        .await
-        .is_err());
+    assert_waiting(&mut waiting).await;
     assert_eq!(
         check(&d, &[deposit("T2")]).await,
         vec![SEND],
@@ -104,9 +108,7 @@ async fn a_batch_waits_for_another_batchs_in_flight_key() {
     let again = [deposit("T3")];
     let waiting = check(&d, &again);
     tokio::pin!(waiting);
-    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
-        .await
-        .is_err());
+    assert_waiting(&mut waiting).await;
     release(&d, &[deposit("T3")]).await;
     assert_eq!(waiting.await, vec![SEND]);
 }
@@ -296,9 +298,7 @@ async fn guard_in_batch_and_in_flight() {
     let win = [win_for("W3", "B1")];
     let waiting = check(&d, &win);
     tokio::pin!(waiting);
-    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
-        .await
-        .is_err());
+    assert_waiting(&mut waiting).await;
     release(&d, &[bet_with_result("B1")]).await;
     assert_eq!(waiting.await, vec![SEND]);
     // Delivered: the store knows the bet carried its result, and the later win is a double count.
@@ -306,9 +306,7 @@ async fn guard_in_batch_and_in_flight() {
     let win = [win_for("W4", "B5")];
     let waiting = check(&d, &win);
     tokio::pin!(waiting);
-    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
-        .await
-        .is_err());
+    assert_waiting(&mut waiting).await;
     delivered(&d, &[bet_with_result("B5")]).await;
     let v = waiting.await;
     assert!(matches!(&v[0], Verdict::DoubleCount { .. }), "{v:?}");

@@ -66,6 +66,7 @@ rate_mode = {{ $v.rateBudget.mode | toJson }}
 rate_limit = {{ int $v.rateBudget.limit }}
 rate_window = {{ $v.rateBudget.window | toJson }}
 rate_burst = {{ int $v.rateBudget.burst }}
+concurrency = {{ int ($v.batch.concurrency | default 1) }}
 {{- if eq $v.rateBudget.mode "static_share" }}
 replicas = {{ int $v.replicaCount }}
 {{- end }}
