@@ -257,15 +257,18 @@ impl Shared {
         let mut tasks = lock(&self.dlq_tasks);
         while tasks.try_join_next().is_some() {}
         let fut = async move {
-            // A record read again (after a crash or a rebalance) that was already dead-lettered is
-            // not written twice; it is finished as the dead letter it already is.
+            // A record read again (after a crash or a rebalance, possibly by two owners at once)
+            // is dead-lettered by whoever claims it first; the others finish it as the dead
+            // letter it already is.
             let coords = rec.coordinates();
-            if shared.deduper.dead_lettered_before(&coords).await {
+            if shared.deduper.claim_dead_letter(&coords).await {
                 tracing::debug!(record = %coords, "already dead-lettered");
                 shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
             } else if shared.dlq.send(&rec, &why, &shared.abandon).await {
                 shared.deduper.dead_lettered(&coords).await;
                 shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
+            } else {
+                shared.deduper.release_dead_letter(&coords);
             }
         };
         tasks.spawn_on(fut, &self.runtime);

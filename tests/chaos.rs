@@ -6,7 +6,8 @@
 //! the dead-letter topic: every valid id accepted exactly once, every invalid record dead-lettered
 //! with its reason, the group's committed offsets at the end of every partition.
 //!
-//! `DPB_CHAOS_SEED` replays a run's schedule and records (the seed is printed). See docs/chaos.md.
+//! `DPB_CHAOS_SEED` replays a run's schedule and records (the seed is printed);
+//! `DPB_CHAOS_CONCURRENCY` sets the bridges' delivery lanes (default 1). See docs/chaos.md.
 
 // rdkafka's `send_result` hands the record back in its error by design.
 #![allow(clippy::result_large_err)]
@@ -51,11 +52,10 @@ rate_window = "1s"
 rate_burst = 1000
 retry_backoff_max = "2s"
 auth_retry_interval = "1s"
-# Two delivery lanes: the kills, rebalances and faults then also test lanes (per-partition order,
-# a key in flight in one lane while a copy arrives in the other).
-concurrency = 2
+concurrency = {lanes}
 "#,
-        url = redis.url()
+        url = redis.url(),
+        lanes = env_u64("DPB_CHAOS_CONCURRENCY").unwrap_or(1),
     )
 }
 
@@ -266,6 +266,13 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
         Duration::from_secs(30),
     );
     let acc = account(&ledger, &accepted, &dead);
+    let arrival: Vec<String> = sandbox
+        .events()
+        .await
+        .iter()
+        .filter_map(|e| e["transaction_id"].as_str().map(str::to_string))
+        .collect();
+    let order = order_problem(&ledger, &arrival);
     let last = &bridges[0];
     let m = last.metrics().await;
     let assigns = count_in_logs(&dir, "partitions assigned");
@@ -297,6 +304,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
     );
 
     let mut problems = acc.problems;
+    problems.extend(order);
     if let Err(c) = drained {
         problems.push(format!(
             "committed offsets {c:?} did not reach the partition ends {ends:?} within 120 s of the drain"

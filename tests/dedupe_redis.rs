@@ -264,6 +264,35 @@ async fn a_crashed_replicas_claims_free_up_after_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_claimed_across_replicas() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
+    // writes; the other waits and finds it written.
+    assert!(!a.claim_dead_letter("tx/0/7").await, "a claims and writes");
+    let b_claim = b.claim_dead_letter("tx/0/7");
+    tokio::pin!(b_claim);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut b_claim)
+            .await
+            .is_err(),
+        "b waits while a holds the claim"
+    );
+    a.dead_lettered("tx/0/7").await;
+    assert!(b_claim.await, "b finds it dead-lettered and does not write");
+    // A claimer that dies before writing: its claim lapses after the lease and the next writes.
+    assert!(!a.claim_dead_letter("tx/0/8").await);
+    let claimed_at = Instant::now();
+    drop(a);
+    assert!(!b.claim_dead_letter("tx/0/8").await, "b takes over the lapsed claim");
+    assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
+    b.dead_lettered("tx/0/8").await;
+    assert!(b.claim_dead_letter("tx/0/8").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_replica_keeps_its_claim_past_the_lease() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();

@@ -143,6 +143,8 @@ pub(crate) struct Local {
     keys: HashSet<String>,
     /// Bet id → number of in-flight results per [`Kind`].
     bets: HashMap<String, [u32; 2]>,
+    /// Records (`topic/partition/offset`) whose dead letter a task of this process is writing.
+    dead: HashSet<String>,
 }
 
 impl Local {
@@ -360,20 +362,38 @@ impl Deduper {
         true
     }
 
-    /// Whether the record at `coords` (`topic/partition/offset`) was already dead-lettered (it is
-    /// being read again after a crash or a rebalance). When the store cannot say, false: the dead
-    /// letter is then written again rather than lost.
-    pub async fn dead_lettered_before(&self, coords: &str) -> bool {
-        match &self.store {
+    /// Claims the writing of the dead letter of the record at `coords` (`topic/partition/offset`),
+    /// which may be read again after a crash or a rebalance, even by two owners at once. Returns
+    /// true when it was dead-lettered already: finish it without writing. Returns false when this
+    /// call holds the claim: write it, then [`Deduper::dead_lettered`] (or
+    /// [`Deduper::release_dead_letter`] if the write did not happen). Waits while another task of
+    /// this process, or (Redis) another replica, holds the claim. When the store cannot say, false:
+    /// the dead letter is then written again rather than lost.
+    pub async fn claim_dead_letter(&self, coords: &str) -> bool {
+        while !self.lock().dead.insert(coords.to_string()) {
+            tokio::time::sleep(LOCAL_WAIT).await;
+        }
+        let done = match &self.store {
             Store::Memory(m) => m.dead_lettered(coords),
-            Store::Redis(r) => r.dead_lettered(coords).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, record = coords, "dedupe store unreachable: the dead letter may be written twice");
+            Store::Redis(r) => r.claim_dead_letter(coords).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, record = coords, "dedupe store cannot claim the dead letter: it may be written twice");
                 false
             }),
+        };
+        if done {
+            self.lock().dead.remove(coords);
         }
+        done
     }
 
-    /// Remembers that the record at `coords` was dead-lettered (after the broker acknowledged it).
+    /// Gives up a claim from [`Deduper::claim_dead_letter`] whose write did not happen (shutdown's
+    /// deadline). With Redis the claim lapses after the lease.
+    pub fn release_dead_letter(&self, coords: &str) {
+        self.lock().dead.remove(coords);
+    }
+
+    /// Remembers that the record at `coords` was dead-lettered (after the broker acknowledged it),
+    /// ending the claim.
     pub async fn dead_lettered(&self, coords: &str) {
         match &self.store {
             Store::Memory(m) => m.mark_dead_lettered(coords),
@@ -383,6 +403,7 @@ impl Deduper {
                 }
             }
         }
+        self.lock().dead.remove(coords);
     }
 
     /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed

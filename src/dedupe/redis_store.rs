@@ -223,17 +223,45 @@ impl RedisStore {
     }
 
     /// Whether a record (`topic/partition/offset`) was already dead-lettered.
-    pub(super) async fn dead_lettered(&self, coords: &str) -> Result<bool, String> {
+    /// Claims the writing of a record's dead letter for the lease, or reports it written
+    /// (`Ok(true)`). While another replica holds the claim, polls until it is written or the
+    /// claim lapses (the other replica died); after twice the lease gives up (`Err`).
+    pub(super) async fn claim_dead_letter(&self, coords: &str) -> Result<bool, String> {
+        let key = self.k("dead", coords);
+        let mine = format!("claim:{}", self.owner);
+        let deadline = Instant::now() + self.lease * 2;
         let mut conn = self.conn.clone();
-        redis::cmd("EXISTS")
-            .arg(self.k("dead", coords))
-            .query_async::<u64>(&mut conn)
-            .await
-            .map(|n| n > 0)
-            .map_err(|e| format!("redis: {e}"))
+        loop {
+            // SET NX claims; GET (in the same call) tells what is there otherwise.
+            let (claimed, now): (Option<String>, Option<String>) = redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&mine)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.lease.as_millis() as u64)
+                .cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            match (claimed, now) {
+                (Some(_), _) => return Ok(false),
+                (None, Some(v)) if v == "1" => return Ok(true),
+                (None, Some(v)) if v == mine => return Ok(false),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "another replica has held the dead letter of {coords} for twice the lease"
+                ));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
     }
 
-    /// Remembers that a record (`topic/partition/offset`) was dead-lettered, for the dedupe ttl.
+    /// Remembers that a record (`topic/partition/offset`) was dead-lettered, for the dedupe ttl
+    /// (replacing the claim).
     pub(super) async fn mark_dead_lettered(&self, coords: &str) -> Result<(), String> {
         let mut conn = self.conn.clone();
         redis::cmd("SET")
