@@ -236,6 +236,8 @@ pub struct Accounting {
     /// write: the claim lapses and the next owner writes it again), which SIGKILLs at random hit
     /// now and then, so repeats are reported, not failed on (see docs/chaos.md).
     pub repeated_dead_letters: BTreeMap<String, usize>,
+    /// Ids accepted twice inside the documented kill window (see [`account`]).
+    pub kill_window_repeats: Vec<String>,
 }
 
 /// Compares the ledger with the API's record (`accepted`: transaction id → times accepted) and the
@@ -288,7 +290,15 @@ pub fn order_problem(ledger: &Ledger, accepted: &[String]) -> Option<String> {
     })
 }
 
-pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLetter]) -> Accounting {
+/// `in_kill_window(tx)`: whether the id's repeat is the one documented window (its first copy was
+/// accepted while the process that sent it was being killed, so it could not record it; the next
+/// owner sent it again after the claim's lease). Those are reported, not failed on.
+pub fn account(
+    ledger: &Ledger,
+    accepted: &HashMap<String, u32>,
+    dead: &[DeadLetter],
+    in_kill_window: &dyn Fn(&str) -> bool,
+) -> Accounting {
     let mut a = Accounting::default();
     let mut lost = Vec::new();
     let mut twice = Vec::new();
@@ -296,6 +306,7 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
         match accepted.get(tx) {
             None => lost.push(format!("{tx} at {:?}", ledger.positions(tx))),
             Some(1) => {}
+            Some(n) if in_kill_window(tx) => a.kill_window_repeats.push(format!("{tx} x{n}")),
             Some(n) => twice.push(format!("{tx} x{n} at {:?}", ledger.positions(tx))),
         }
     }

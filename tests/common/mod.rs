@@ -306,6 +306,11 @@ impl Sandbox {
         }
     }
 
+    /// Events accepted so far (`/_sandbox/stats`).
+    pub async fn accepted_events(&self) -> u64 {
+        self.stats().await["accepted_events"].as_u64().unwrap_or(0)
+    }
+
     pub async fn stats(&self) -> serde_json::Value {
         self.client
             .get(format!("{}/_sandbox/stats", self.url))
