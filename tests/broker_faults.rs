@@ -19,7 +19,7 @@ use datapulse_bridge::pipeline::{self, Counters};
 use datapulse_bridge::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
@@ -135,10 +135,7 @@ retry_backoff_max = "500ms"
 /// `[dedupe]` on a shared redis-server: what makes "nothing sent twice" hold across processes and
 /// restarts (the memory store forgets on restart, see docs/dedupe.md).
 fn redis_dedupe(redis: &common::Redis, prefix: &str) -> String {
-    format!(
-        "[dedupe]\nstore = \"redis\"\n[dedupe.redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\nlease = \"5s\"\ntimeout = \"1s\"\npoll_interval = \"100ms\"",
-        redis.url()
-    )
+    common::redis_dedupe_toml(redis, prefix, "5s")
 }
 
 struct Running {
@@ -170,18 +167,7 @@ async fn produce(w: &mut World, n: usize) {
         .create()
         .expect("producer");
     let recs: Vec<_> = (0..n).map(|_| w.ledger.next_record()).collect();
-    let acks: Vec<_> = recs
-        .iter()
-        .map(|(p, k, v)| producer.send_result(FutureRecord::to(TOPIC).partition(*p).key(k).payload(v)))
-        .collect();
-    for a in acks {
-        a.map_err(|(e, _)| e)
-            .expect("enqueue")
-            .await
-            .expect("delivery report")
-            .map_err(|(e, _)| e)
-            .expect("acknowledged");
-    }
+    common::produce_with(&producer, TOPIC, &recs).await;
 }
 
 /// The group's committed offsets (-1 where none), read by a separate consumer in the same group.

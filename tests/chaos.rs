@@ -19,7 +19,6 @@ use chaos_support::*;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::producer::FutureRecord;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -35,17 +34,10 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn extra_toml(redis: &Redis) -> String {
+    let dedupe = redis_dedupe_toml(redis, "chaos", "5s");
     format!(
         r#"
-[dedupe]
-store = "redis"
-[dedupe.redis]
-url = "{url}"
-prefix = "chaos"
-lease = "5s"
-timeout = "1s"
-poll_interval = "100ms"
-
+{dedupe}
 [delivery]
 rate_limit = 100000
 rate_window = "1s"
@@ -54,7 +46,6 @@ retry_backoff_max = "2s"
 auth_retry_interval = "1s"
 concurrency = {lanes}
 "#,
-        url = redis.url(),
         lanes = env_u64("DPB_CHAOS_CONCURRENCY").unwrap_or(1),
     )
 }
@@ -141,18 +132,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
                     let mut l = ledger.lock().unwrap();
                     (0..4).map(|_| l.next_record()).collect()
                 };
-                let acks: Vec<_> = burst
-                    .iter()
-                    .map(|(p, k, v)| producer.send_result(FutureRecord::to(TOPIC).partition(*p).key(k).payload(v)))
-                    .collect();
-                for a in acks {
-                    a.map_err(|(e, _)| e)
-                        .expect("enqueue")
-                        .await
-                        .expect("delivery report")
-                        .map_err(|(e, _)| e)
-                        .expect("tansu acknowledged the record");
-                }
+                produce_with(&producer, TOPIC, &burst).await;
             }
         })
     };

@@ -11,18 +11,7 @@ use std::time::Duration;
 const MIN: Duration = Duration::from_secs(60);
 
 fn dedupe_toml(redis: &Redis) -> String {
-    format!(
-        r#"
-[dedupe]
-store = "redis"
-[dedupe.redis]
-url = "{url}"
-prefix = "e2e"
-lease = "30s"
-timeout = "1s"
-"#,
-        url = redis.url()
-    )
+    redis_dedupe_toml(redis, "e2e", "30s")
 }
 
 fn duplicates(metrics: &str) -> f64 {

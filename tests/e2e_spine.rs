@@ -197,7 +197,6 @@ async fn two_processes_split_partitions_and_hand_over() {
 /// rule; the good ones around them are delivered; every offset is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_dead_lettered_with_reasons() {
-    use rdkafka::message::Headers;
     use rdkafka::Message;
     let dir = workdir("spine-dlq");
     let broker = Broker::start(&dir);
@@ -216,15 +215,6 @@ async fn bad_records_are_dead_lettered_with_reasons() {
     .await;
     let dead = broker.read_all("tx.dlq", 2, Duration::from_secs(30));
     assert_eq!(dead.len(), 2);
-    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> String {
-        m.headers()
-            .and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == k)
-                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            })
-            .unwrap_or_default()
-    };
     let by_key: std::collections::HashMap<String, &rdkafka::message::OwnedMessage> = dead
         .iter()
         .map(|m| (String::from_utf8_lossy(m.key().unwrap()).into_owned(), m))

@@ -5,10 +5,10 @@
 //! in-process).
 #![allow(dead_code)]
 
+use crate::common::header;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientConfig, Message};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -164,16 +164,6 @@ pub struct DeadLetter {
     pub stage: String,
     pub reason: String,
     pub source: String,
-}
-
-pub fn header(m: &OwnedMessage, k: &str) -> String {
-    m.headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == k)
-                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-        })
-        .unwrap_or_default()
 }
 
 /// Every record of `topic`, read from the beginning with a fresh group until at least `expected`

@@ -177,20 +177,7 @@ impl Broker {
 
     /// Produces `(partition, key, value)` records and waits for every acknowledgement.
     pub async fn produce(&self, topic: &str, records: &[(i32, String, String)]) {
-        let producer = self.producer();
-        for chunk in records.chunks(2000) {
-            let mut futs = Vec::with_capacity(chunk.len());
-            for (p, k, v) in chunk {
-                let record = FutureRecord::to(topic)
-                    .partition(*p)
-                    .key(k.as_str())
-                    .payload(v.as_str());
-                futs.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-            }
-            for f in futs {
-                f.await.unwrap().map_err(|(e, _)| e).unwrap();
-            }
-        }
+        produce_with(&self.producer(), topic, records).await;
     }
 
     /// The group's committed offsets for partitions `0..partitions` of `topic` (-1 when none).
@@ -489,6 +476,50 @@ pub fn deposits(prefix: &str, n: usize, partitions: i32) -> Vec<(i32, String, St
             ((i as i32) % partitions, tx.clone(), deposit(&tx, i as u32))
         })
         .collect()
+}
+
+/// Produces `(partition, key, value)` records with `producer` and waits for every acknowledgement
+/// (sent together, 2,000 at a time: one awaited send per record waits for the linger each time).
+pub async fn produce_with(producer: &FutureProducer, topic: &str, records: &[(i32, String, String)]) {
+    for chunk in records.chunks(2000) {
+        let mut futs = Vec::with_capacity(chunk.len());
+        for (p, k, v) in chunk {
+            let record = FutureRecord::to(topic)
+                .partition(*p)
+                .key(k.as_str())
+                .payload(v.as_str());
+            futs.push(producer.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+        }
+        for f in futs {
+            f.await
+                .expect("delivery report")
+                .map_err(|(e, _)| e)
+                .expect("the broker acknowledged the record");
+        }
+    }
+}
+
+/// A header of a record (a dead letter's `dp.*`), as text ("" when absent).
+pub fn header(m: &rdkafka::message::OwnedMessage, key: &str) -> String {
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    m.headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == key)
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        })
+        .unwrap_or_default()
+}
+
+/// `[dedupe]` on a redis-server shared by the processes of a test: what makes "nothing sent twice"
+/// hold across processes and restarts.
+pub fn redis_dedupe_toml(redis: &Redis, prefix: &str, lease: &str) -> String {
+    format!(
+        "[dedupe]\nstore = \"redis\"\n[dedupe.redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\nlease = \"{lease}\"\n\
+         timeout = \"1s\"\npoll_interval = \"100ms\"\n",
+        redis.url()
+    )
 }
 
 /// Transaction ids the sandbox accepted, with how often.

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use crate::common::{accepted_ids, metric_sum, Broker, Sandbox};
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use std::collections::HashSet;
 
@@ -47,17 +47,6 @@ pub async fn assert_committed_prefix_delivered(
         }
     }
     committed
-}
-
-/// A header of a dead letter, as text ("" when absent).
-pub fn header(m: &OwnedMessage, key: &str) -> String {
-    m.headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == key)
-                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-        })
-        .unwrap_or_default()
 }
 
 /// The key of a Kafka message as text.
