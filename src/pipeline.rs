@@ -435,7 +435,8 @@ async fn consumer_loop(
             m = stream.next() => {
                 // A burst: this record and whatever else is ready now, handed to the delivery loop
                 // as one chunk (a wake-up of the delivery side per burst, not per record).
-                let mut chunks: Vec<Vec<Pending>> = lanes.iter().map(|_| Vec::with_capacity(BURST / lanes.len())).collect();
+                // Empty until used: most bursts are a record or two when traffic is low.
+                let mut chunks: Vec<Vec<Pending>> = lanes.iter().map(|_| Vec::new()).collect();
                 let (mut next, mut taken) = (m, 1);
                 let read_at = std::time::Instant::now();
                 loop {
