@@ -58,6 +58,8 @@ pub struct Reason {
     /// A sentence naming the field and the problem.
     pub message: String,
     pub http_status: Option<u16>,
+    /// The dedupe key of an event dead-lettered as `in_doubt` (`dlq replay` lets it go).
+    pub dedupe_key: Option<String>,
 }
 
 /// Header names of the dead-letter metadata.
@@ -71,6 +73,7 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "dp.source.offset";
     pub const TIME: &str = "dp.time";
     pub const VERSION: &str = "dp.bridge_version";
+    pub const DEDUPE_KEY: &str = "dp.dedupe_key";
 }
 
 static DEAD_LETTERS: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
@@ -131,7 +134,7 @@ impl DeadLetters {
         let status = why.http_status.map(|s| s.to_string());
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut h = rec.original_headers(9);
+            let mut h = rec.original_headers(10);
             h = h
                 .insert(Header {
                     key: headers::STAGE,
@@ -169,6 +172,12 @@ impl DeadLetters {
                 h = h.insert(Header {
                     key: headers::HTTP_STATUS,
                     value: Some(s.as_str()),
+                });
+            }
+            if let Some(k) = &why.dedupe_key {
+                h = h.insert(Header {
+                    key: headers::DEDUPE_KEY,
+                    value: Some(k.as_str()),
                 });
             }
             let record = rec.to_record(&self.topic, h);
@@ -275,6 +284,8 @@ pub struct DeadLetter {
     pub reason: String,
     pub error: String,
     pub time: Option<time::OffsetDateTime>,
+    /// `dp.dedupe_key`: the key of an `in_doubt` dead letter.
+    pub dedupe_key: Option<String>,
     /// Where the dead letter itself is: `topic/partition/offset`.
     pub at: String,
 }
@@ -360,6 +371,7 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLett
                             headers::SOURCE_TOPIC => "topic",
                             headers::SOURCE_PARTITION => "partition",
                             headers::SOURCE_OFFSET => "offset",
+                            headers::DEDUPE_KEY => "dedupe_key",
                             _ => continue,
                         },
                         String::from_utf8_lossy(v).into_owned(),
@@ -384,6 +396,7 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLett
             reason: get("reason"),
             error: get("error"),
             time: parse_time(&get("time")).ok(),
+            dedupe_key: meta.get("dedupe_key").cloned(),
             at: format!("{topic}/{}/{}", m.partition(), m.offset()),
         });
     }
@@ -427,6 +440,13 @@ pub async fn run_command(cmd: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay { dry_run, .. } => {
             let dl = DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?;
             let cancel = CancellationToken::new();
+            // An `in_doubt` dead letter's id stays a duplicate in the dedupe store until replayed:
+            // replaying it says the operator found it missing in DataPulse.
+            let in_doubt = chosen.iter().any(|d| d.dedupe_key.is_some());
+            let deduper = match (in_doubt && !dry_run, cfg.dedupe.store) {
+                (true, crate::dedupe::StoreKind::Redis) => Some(crate::dedupe::Deduper::new(&cfg.dedupe).await?),
+                _ => None,
+            };
             for d in &chosen {
                 if d.record.topic.is_empty() {
                     println!("skipped {}: no source topic header", d.at);
@@ -435,6 +455,11 @@ pub async fn run_command(cmd: DlqCommand) -> anyhow::Result<()> {
                 if dry_run {
                     println!("would replay {} to {}", d.at, d.record.topic);
                     continue;
+                }
+                if let (Some(deduper), Some(key)) = (&deduper, &d.dedupe_key) {
+                    if deduper.forget_doubt(key).await.map_err(|e| anyhow::anyhow!("{e}"))? {
+                        println!("{key} is no longer in doubt: it will be sent");
+                    }
                 }
                 dl.replay(d, &cancel).await?;
                 println!("replayed {} ({}: {}) to {}", d.at, d.stage, d.reason, d.record.topic);

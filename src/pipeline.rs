@@ -250,7 +250,8 @@ struct Shared {
 
 impl Shared {
     /// Dead-letters a record in the background; it is finished once the broker acknowledged.
-    fn dead_letter(self: &Arc<Self>, rec: OwnedRecord, ticket: Ticket, why: Reason) {
+    /// `doubt`: the keys of an event judged in doubt, held until its dead letter is written.
+    fn dead_letter(self: &Arc<Self>, rec: OwnedRecord, ticket: Ticket, why: Reason, doubt: Option<EventKeys>) {
         tracing::warn!(record = %rec.coordinates(), stage = why.stage, reason = %why.code, error = %why.message,
             "record dead-lettered");
         let shared = Arc::clone(self);
@@ -261,14 +262,25 @@ impl Shared {
             // is dead-lettered by whoever claims it first; the others finish it as the dead
             // letter it already is.
             let coords = rec.coordinates();
-            if shared.deduper.claim_dead_letter(&coords).await {
+            let written = if shared.deduper.claim_dead_letter(&coords).await {
                 tracing::debug!(record = %coords, "already dead-lettered");
-                shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
+                true
             } else if shared.dlq.send(&rec, &why, &shared.abandon).await {
                 shared.deduper.dead_lettered(&coords).await;
-                shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
+                true
             } else {
                 shared.deduper.release_dead_letter(&coords);
+                false
+            };
+            if let Some(keys) = &doubt {
+                if written {
+                    shared.deduper.doubt_dead_lettered(&[keys]).await;
+                } else {
+                    shared.deduper.release(&[keys]).await;
+                }
+            }
+            if written {
+                shared.finisher.finish(&rec, &ticket, Outcome::DeadLettered(why.stage));
             }
         };
         tasks.spawn_on(fut, &self.runtime);
@@ -537,8 +549,9 @@ fn handle(
                     code: "too_large".into(),
                     message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
                     http_status: None,
+                    dedupe_key: None,
                 };
-                shared.dead_letter(rec, ticket, why);
+                shared.dead_letter(rec, ticket, why, None);
                 return;
             }
             out.push(Pending {
@@ -560,8 +573,9 @@ fn handle(
                 code: err.reason.clone(),
                 message: format!("record {}: field `{field}`: {}", rec.coordinates(), err.message),
                 http_status: None,
+                dedupe_key: None,
             };
-            shared.dead_letter(rec, ticket, why);
+            shared.dead_letter(rec, ticket, why, None);
         }
     }
 }
@@ -789,8 +803,19 @@ async fn process_batch(
                     code: "double_count".into(),
                     message: reason,
                     http_status: None,
+                    dedupe_key: None,
                 };
-                shared.dead_letter(p.rec, p.ticket, why);
+                shared.dead_letter(p.rec, p.ticket, why, None);
+            }
+            Verdict::InDoubt { reason } => {
+                let why = Reason {
+                    stage: "dedupe",
+                    code: "in_doubt".into(),
+                    message: format!("record {}: {reason}", p.rec.coordinates()),
+                    http_status: None,
+                    dedupe_key: p.keys.key().map(str::to_string),
+                };
+                shared.dead_letter(p.rec, p.ticket, why, Some(p.keys));
             }
         }
     }
@@ -840,8 +865,9 @@ async fn process_batch(
                 crate::event::truncate(&body)
             ),
             http_status: Some(status),
+            dedupe_key: None,
         };
-        shared.dead_letter(rec, ticket, why);
+        shared.dead_letter(rec, ticket, why, None);
     }
     if delivered.is_empty() {
         return;

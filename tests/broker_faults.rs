@@ -241,7 +241,7 @@ fn verify(w: &World, name: &str, counters: &[&Counters]) {
         )
     });
     // No process is killed with a request in flight here: every repeat is a failure.
-    let acc = account(&w.ledger, &accepted(w), &dead, &|_| false);
+    let acc = account(&w.ledger, &accepted(w), &dead);
     let delivered: u64 = counters.iter().map(|c| c.delivered.load(Ordering::Relaxed)).sum();
     let consumed: u64 = counters.iter().map(|c| c.consumed.load(Ordering::Relaxed)).sum();
     println!(

@@ -4,7 +4,9 @@
 //!
 //! Tests run one at a time (`SERIAL`): readiness and metrics are process-wide.
 
-use datapulse_bridge::dedupe::{DedupeConfig, Deduper, EventKeys, OnStoreUnavailable, RedisConfig, StoreKind, Verdict};
+use datapulse_bridge::dedupe::{
+    DedupeConfig, Deduper, EventKeys, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind, Verdict,
+};
 use datapulse_bridge::event::{BetResult, Event};
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -238,27 +240,104 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_replicas_claims_free_up_after_the_lease() {
+async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_again() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();
     let cfg = config(server.url(), OnStoreUnavailable::Pause);
     let a = Deduper::new(&cfg).await.unwrap();
     let b = Deduper::new(&cfg).await.unwrap();
+    let c = Deduper::new(&cfg).await.unwrap();
+    let in_doubt_before = metric("datapulse_bridge_dedupe_in_doubt_total", None);
     let batch = vec![deposit("T1"), deposit("T2")];
     assert_eq!(
         a.check(&refs(&keys(&a, &batch))).await.unwrap(),
         vec![Verdict::Send, Verdict::Send]
     );
     let claimed_at = Instant::now();
-    drop(a); // killed between check and delivered: no release, no renewal
-    let v = b.check(&refs(&keys(&b, &batch))).await.unwrap();
+    drop(a); // killed with the batch in flight: the API may or may not have counted it
+    let (kb, kc) = (keys(&b, &batch), keys(&c, &batch[..1]));
+    let v = b.check(&refs(&kb)).await.unwrap();
     let waited = claimed_at.elapsed();
-    assert_eq!(v, vec![Verdict::Send, Verdict::Send]);
+    assert!(
+        v.iter()
+            .all(|v| matches!(v, Verdict::InDoubt { reason } if reason.contains("in doubt"))),
+        "{v:?}"
+    );
     assert!(
         waited >= LEASE - Duration::from_millis(200),
-        "got the ids after {waited:?}, before the lease"
+        "in doubt after {waited:?}, before the lease"
     );
     assert!(waited < LEASE * 2, "waited {waited:?}");
+    // While b writes the dead letters, a copy of T1 elsewhere waits for it...
+    let kc = refs(&kc);
+    let copy = c.check(&kc);
+    tokio::pin!(copy);
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut copy)
+        .await
+        .is_err());
+    // ... and once they are written, is a duplicate of that dead letter: never sent.
+    b.doubt_dead_lettered(&refs(&kb)).await;
+    assert_eq!(copy.await.unwrap(), vec![Verdict::Duplicate { reason: "in_doubt" }]);
+    assert_eq!(
+        b.check(&refs(&kb)).await.unwrap(),
+        vec![Verdict::Duplicate { reason: "in_doubt" }; 2]
+    );
+    assert_eq!(
+        metric("datapulse_bridge_dedupe_in_doubt_total", None) - in_doubt_before,
+        2.0
+    );
+    // `dlq replay` of T1's dead letter (the operator found it missing): T1 is sent again, T2 not.
+    assert!(c.forget_doubt("T1").await.unwrap());
+    assert!(!c.forget_doubt("T1").await.unwrap(), "only an id in doubt is let go");
+    let v = c.check(&refs(&keys(&c, &batch))).await.unwrap();
+    assert_eq!(v, vec![Verdict::Send, Verdict::Duplicate { reason: "in_doubt" }]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let batch = vec![deposit("D1")];
+    assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
+    drop(a);
+    let kb = keys(&b, &batch);
+    assert!(matches!(
+        b.check(&refs(&kb)).await.unwrap()[..],
+        [Verdict::InDoubt { .. }]
+    ));
+    // b is stopped (shutdown's deadline) before the dead letter is acknowledged: it releases.
+    b.release(&refs(&kb)).await;
+    assert!(matches!(
+        b.check(&refs(&kb)).await.unwrap()[..],
+        [Verdict::InDoubt { .. }]
+    ));
+    // b dies holding it in doubt: the next one finds it in doubt too, after the lease.
+    drop(b);
+    let c = Deduper::new(&cfg).await.unwrap();
+    let v = c.check(&refs(&keys(&c, &batch))).await.unwrap();
+    assert!(matches!(v[..], [Verdict::InDoubt { .. }]), "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let mut cfg = config(server.url(), OnStoreUnavailable::Pause);
+    cfg.redis.in_doubt = InDoubt::Resend;
+    let a = Deduper::new(&cfg).await.unwrap();
+    let b = Deduper::new(&cfg).await.unwrap();
+    let batch = vec![deposit("R1"), deposit("R2")];
+    assert_eq!(
+        a.check(&refs(&keys(&a, &batch))).await.unwrap(),
+        vec![Verdict::Send, Verdict::Send]
+    );
+    let claimed_at = Instant::now();
+    drop(a);
+    let v = b.check(&refs(&keys(&b, &batch))).await.unwrap();
+    assert_eq!(v, vec![Verdict::Send, Verdict::Send]);
+    assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
     b.delivered(&refs(&keys(&b, &batch))).await.unwrap();
     assert!(metric("datapulse_bridge_dedupe_claim_waits_total", None) >= 1.0);
 }

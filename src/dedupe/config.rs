@@ -89,6 +89,20 @@ pub struct RedisConfig {
     /// Time limit of connecting and of one round trip.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// An id whose process died with it in flight (killed after sending, before recording the
+    /// API's answer) may or may not have reached the API: `dead-letter` (default) its record with
+    /// reason `in_doubt`, never sending it twice; or `resend` it, never leaving it out.
+    #[serde(default)]
+    pub in_doubt: InDoubt,
+}
+
+/// `dedupe.redis.in_doubt`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum InDoubt {
+    #[default]
+    DeadLetter,
+    Resend,
 }
 
 fn default_key() -> Vec<String> {
@@ -145,6 +159,7 @@ impl Default for RedisConfig {
             lease: default_lease(),
             poll_interval: default_poll_interval(),
             timeout: default_timeout(),
+            in_doubt: InDoubt::default(),
         }
     }
 }

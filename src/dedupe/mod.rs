@@ -13,7 +13,7 @@ mod config;
 mod memory;
 mod redis_store;
 
-pub use config::{DedupeConfig, OnStoreUnavailable, RedisConfig, StoreKind};
+pub use config::{DedupeConfig, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind};
 
 use crate::event::Event;
 use memory::MemoryStore;
@@ -38,6 +38,10 @@ pub enum Verdict {
     Duplicate { reason: &'static str },
     /// Sending it would make the API count a bet result twice: dead-letter it with this reason.
     DoubleCount { reason: String },
+    /// (Redis) Its key was in flight in a process that died before recording the API's answer: it
+    /// may or may not have been counted. Held like `Send`; dead-letter it with reason `in_doubt`,
+    /// then [`Deduper::doubt_dead_lettered`] (or [`Deduper::release`] if that write did not happen).
+    InDoubt { reason: String },
 }
 
 /// The dedupe store is unreachable; under the `pause` policy the caller waits and retries.
@@ -105,6 +109,10 @@ pub(crate) enum Lookup {
     Done,
     /// The bet's result was delivered (or, with Redis, is in flight elsewhere) in the other pattern.
     Conflict,
+    /// (Redis) The key's owner died in flight; now claimed by this process, to be dead-lettered.
+    InDoubt,
+    /// (Redis) The key was in doubt and a record carrying it is dead-lettered already.
+    Doubted,
 }
 
 /// Why a store call failed.
@@ -129,6 +137,11 @@ impl EventKeys {
         self.key.is_none() && self.guard.is_none()
     }
 
+    /// The dedupe key, if the event has one.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     fn probe(&self) -> Probe<'_> {
         Probe {
             key: self.key.as_deref(),
@@ -140,7 +153,9 @@ impl EventKeys {
 /// What this process holds in flight: checked `Send`, neither delivered nor released yet.
 #[derive(Default)]
 pub(crate) struct Local {
-    keys: HashSet<String>,
+    /// Held key → whether the store has it claimed for this process (Redis; renewed only then: a
+    /// key whose check still waits for another replica is not this process's to renew).
+    keys: HashMap<String, bool>,
     /// Bet id → number of in-flight results per [`Kind`].
     bets: HashMap<String, [u32; 2]>,
     /// Records (`topic/partition/offset`) whose dead letter a task of this process is writing.
@@ -151,7 +166,7 @@ impl Local {
     /// Whether `k`'s key, or the other result of its bet, is held (by another batch: a batch
     /// holds nothing before its check passes this test).
     fn conflicts(&self, k: &EventKeys) -> bool {
-        k.key.as_ref().is_some_and(|key| self.keys.contains(key))
+        k.key.as_ref().is_some_and(|key| self.keys.contains_key(key))
             || k.guard
                 .as_ref()
                 .is_some_and(|(bet, kind)| self.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0))
@@ -159,7 +174,7 @@ impl Local {
 
     fn hold(&mut self, k: &EventKeys) {
         if let Some(key) = &k.key {
-            self.keys.insert(key.clone());
+            self.keys.insert(key.clone(), false);
         }
         if let Some((bet, kind)) = &k.guard {
             self.bets.entry(bet.clone()).or_default()[kind.idx()] += 1;
@@ -306,6 +321,11 @@ impl Deduper {
         {
             let mut local = self.lock();
             for (&i, lookup) in pending.iter().zip(lookups) {
+                if matches!(lookup, Lookup::Free | Lookup::InDoubt) {
+                    if let Some(claimed) = keys[i].key.as_ref().and_then(|k| local.keys.get_mut(k)) {
+                        *claimed = true;
+                    }
+                }
                 verdicts[i] = Some(match lookup {
                     Lookup::Free => Verdict::Send,
                     Lookup::Done => {
@@ -317,6 +337,18 @@ impl Deduper {
                         let (bet, kind) = keys[i].guard.as_ref().expect("a conflict comes from a guard probe");
                         double_count(bet, *kind)
                     }
+                    Lookup::InDoubt => Verdict::InDoubt {
+                        reason: format!(
+                            "in doubt: {} was in flight in a bridge process that stopped before recording the \
+                             API's answer, so it may or may not have been counted; look it up in DataPulse and \
+                             replay this dead letter only if it is missing",
+                            crate::event::truncate(keys[i].key.as_deref().unwrap_or(""))
+                        ),
+                    },
+                    Lookup::Doubted => {
+                        local.unhold(keys[i]);
+                        Verdict::Duplicate { reason: "in_doubt" }
+                    }
                 });
             }
         }
@@ -326,6 +358,7 @@ impl Deduper {
                 Verdict::Send => {}
                 Verdict::Duplicate { reason } => METRICS.duplicates.with_label_values(&[reason]).inc(),
                 Verdict::DoubleCount { .. } => METRICS.double_counts.inc(),
+                Verdict::InDoubt { .. } => METRICS.in_doubt.inc(),
             }
         }
         Ok(verdicts)
@@ -446,10 +479,22 @@ impl Deduper {
         Ok(())
     }
 
-    /// Releases in-flight holds of events judged `Send` that were not delivered (dead-lettered or
-    /// abandoned).
+    /// Releases in-flight holds of events judged `Send` (or `InDoubt`) that were not delivered
+    /// (dead-lettered after the API's 400, or abandoned).
     /// With Redis the claims are deleted; if that fails they expire after the lease.
     pub async fn release(&self, keys: &[&EventKeys]) {
+        self.let_go(keys, false).await
+    }
+
+    /// Ends the hold of an event judged `InDoubt` once its dead letter is written: later copies of
+    /// its key are `Duplicate "in_doubt"` (for the ttl), until `dlq replay` lets it go
+    /// ([`Deduper::forget_doubt`]). If the store cannot record it, a later copy is judged in doubt
+    /// again (and dead-lettered too): never sent.
+    pub async fn doubt_dead_lettered(&self, keys: &[&EventKeys]) {
+        self.let_go(keys, true).await
+    }
+
+    async fn let_go(&self, keys: &[&EventKeys], doubt: bool) {
         {
             let mut local = self.lock();
             for k in keys {
@@ -458,9 +503,18 @@ impl Deduper {
         }
         if let Store::Redis(r) = &self.store {
             let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
-            if let Err(e) = r.release(&probes).await {
+            if let Err(e) = r.release(&probes, doubt).await {
                 tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
             }
+        }
+    }
+
+    /// Lets a key in doubt be sent again: `dlq replay` of its `in_doubt` dead letter (the operator
+    /// found the event missing in DataPulse). Returns whether it was in doubt.
+    pub async fn forget_doubt(&self, key: &str) -> Result<bool, StoreUnavailable> {
+        match &self.store {
+            Store::Memory(_) => Ok(false),
+            Store::Redis(r) => r.forget_doubt(key).await.map_err(StoreUnavailable),
         }
     }
 
@@ -642,6 +696,7 @@ pub(crate) struct Metrics {
     unguarded: IntCounterVec,
     waits: IntCounter,
     claims_lost: IntCounter,
+    in_doubt: IntCounter,
 }
 
 pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -691,6 +746,12 @@ pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "datapulse_bridge_dedupe_claims_lost_total",
         "In-flight claims found taken by another replica (its lease expired while this one held the id): \
          the id may have been sent twice."
+    )
+    .expect("metric registers once"),
+    in_doubt: register_int_counter!(
+        "datapulse_bridge_dedupe_in_doubt_total",
+        "Events whose id was in flight in a process that died before recording the API's answer \
+         (dedupe.redis.in_doubt = \"dead-letter\"): dead-lettered as in_doubt, never sent twice."
     )
     .expect("metric registers once"),
 }

@@ -4,6 +4,9 @@
 //! never the API key):
 //! - `done:<key>` = `1`: the key was delivered (TTL `dedupe.ttl`).
 //! - `claim:<key>` = owner: a process has the key in flight (TTL the lease, renewed while held).
+//! - `sent:<key>` = owner: the key may have reached the API; kept until it is delivered or given
+//!   up (TTL `dedupe.ttl`). Found without its claim, the owner died with the key in flight: the key
+//!   is *in doubt*. Set to `doubt` once the record carrying the doubt is dead-lettered.
 //! - `result:<bet>` = `a` | `b`: the bet's result was delivered embedded (a) or standalone (b).
 //! - `inflight:<a|b>:<bet>`: hash owner → lease deadline (ms): results of the bet in flight.
 //!
@@ -13,24 +16,26 @@
 //! polls until the claim is resolved.
 
 use super::{Local, Lookup, Probe, StoreError, METRICS};
-use crate::dedupe::DedupeConfig;
+use crate::dedupe::{DedupeConfig, InDoubt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
-/// Judges and, when nothing must wait, claims. KEYS: 5 a probe (done, claim, result, in-flight of
-/// the other kind, in-flight of its own kind). ARGV: owner, lease ms, then one spec a probe:
-/// `1` or `0` (has a key) followed by `a`, `b` or `-` (its guard kind).
+/// Judges and, when nothing must wait, claims. KEYS: 6 a probe (done, claim, result, in-flight of
+/// the other kind, in-flight of its own kind, sent). ARGV: owner, lease ms, ttl ms, `1` to resend
+/// ids in doubt, then one spec a probe: `1` or `0` (has a key) followed by `a`, `b` or `-` (its
+/// guard kind). Answers per probe: `free`, `done`, `conflict`, `wait`, `doubt <owner>` (claimed
+/// like `free`, to be dead-lettered), `doubted` (its doubt is already dead-lettered).
 const CHECK_LUA: &str = r"
-local owner, lease = ARGV[1], tonumber(ARGV[2])
+local owner, lease, ttl, resend = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #ARGV - 2
+local n = #ARGV - 4
 local out, waiting = {}, false
 for i = 1, n do
-  local k, spec = (i - 1) * 5, ARGV[i + 2]
+  local k, spec = (i - 1) * 6, ARGV[i + 4]
   local kind = string.sub(spec, 2, 2)
   local v = 'free'
   if string.sub(spec, 1, 1) == '1' then
@@ -41,6 +46,13 @@ for i = 1, n do
       if holder and holder ~= owner then
         v = 'wait'
         waiting = true
+      elseif not holder then
+        local sent = redis.call('GET', KEYS[k + 6])
+        if sent == 'doubt' then
+          v = 'doubted'
+        elseif sent and sent ~= owner and not resend then
+          v = 'doubt ' .. sent
+        end
       end
     end
   end
@@ -59,10 +71,12 @@ for i = 1, n do
 end
 if not waiting then
   for i = 1, n do
-    if out[i] == 'free' then
-      local k, spec = (i - 1) * 5, ARGV[i + 2]
+    local free, doubt = out[i] == 'free', string.sub(out[i], 1, 6) == 'doubt '
+    if free or doubt then
+      local k, spec = (i - 1) * 6, ARGV[i + 4]
       if string.sub(spec, 1, 1) == '1' then
         redis.call('SET', KEYS[k + 2], owner, 'PX', lease)
+        if free then redis.call('SET', KEYS[k + 6], owner, 'PX', ttl) end
       end
       if string.sub(spec, 2, 2) ~= '-' then
         redis.call('HSET', KEYS[k + 5], owner, now + lease)
@@ -74,13 +88,13 @@ end
 return out
 ";
 
-/// Records delivered events and drops their claims. KEYS: 4 a probe (done, claim, result, own
-/// in-flight). ARGV: owner, ttl ms, specs. Returns how many claims were held by another owner.
+/// Records delivered events and drops their claims. KEYS: 5 a probe (done, claim, result, own
+/// in-flight, sent). ARGV: owner, ttl ms, specs. Returns how many claims were held by another owner.
 const DELIVERED_LUA: &str = r"
 local owner, ttl = ARGV[1], tonumber(ARGV[2])
 local lost = 0
 for i = 1, #ARGV - 2 do
-  local k, spec = (i - 1) * 4, ARGV[i + 2]
+  local k, spec = (i - 1) * 5, ARGV[i + 2]
   if string.sub(spec, 1, 1) == '1' then
     redis.call('SET', KEYS[k + 1], '1', 'PX', ttl)
     local holder = redis.call('GET', KEYS[k + 2])
@@ -89,6 +103,7 @@ for i = 1, #ARGV - 2 do
     elseif holder then
       lost = lost + 1
     end
+    if redis.call('GET', KEYS[k + 5]) == owner then redis.call('DEL', KEYS[k + 5]) end
   end
   local kind = string.sub(spec, 2, 2)
   if kind ~= '-' then
@@ -100,39 +115,49 @@ end
 return lost
 ";
 
-/// Drops claims still held by this owner. KEYS: 2 a probe (claim, own in-flight). ARGV: owner, specs.
+/// Drops this owner's claims on probes that were not delivered. KEYS: 3 a probe (claim, own
+/// in-flight, sent). ARGV: owner, mode, ttl ms, specs. Mode `release`: never sent (the API's 400,
+/// abandoned), the `sent` mark goes too. Mode `doubt`: the record carrying an id in doubt was
+/// dead-lettered, later copies are duplicates of it (`sent` = `doubt` for the ttl).
 const RELEASE_LUA: &str = r"
-local owner = ARGV[1]
-for i = 1, #ARGV - 1 do
-  local k, spec = (i - 1) * 2, ARGV[i + 1]
-  if string.sub(spec, 1, 1) == '1' and redis.call('GET', KEYS[k + 1]) == owner then
-    redis.call('DEL', KEYS[k + 1])
+local owner, mode, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 1, #ARGV - 3 do
+  local k, spec = (i - 1) * 3, ARGV[i + 3]
+  if string.sub(spec, 1, 1) == '1' then
+    if redis.call('GET', KEYS[k + 1]) == owner then redis.call('DEL', KEYS[k + 1]) end
+    if mode == 'doubt' then
+      redis.call('SET', KEYS[k + 3], 'doubt', 'PX', ttl)
+    elseif redis.call('GET', KEYS[k + 3]) == owner then
+      redis.call('DEL', KEYS[k + 3])
+    end
   end
   if string.sub(spec, 2, 2) ~= '-' then redis.call('HDEL', KEYS[k + 2], owner) end
 end
 return 0
 ";
 
-/// Extends this owner's leases. KEYS: (claim, done) pairs for ARGV[3] keys, then in-flight hashes.
-/// A claim that vanished (expired during a Redis outage, or Redis restarted empty) is taken again
-/// unless the key was delivered meanwhile. Returns how many claims were lost to another owner.
+/// Extends this owner's leases. KEYS: (claim, done, sent) triples for ARGV[3] keys, then in-flight
+/// hashes. ARGV: owner, lease ms, number of keys, ttl ms. A claim that vanished (expired during a
+/// Redis outage, or Redis restarted empty) is taken again unless the key was delivered or declared
+/// in doubt meanwhile. Returns how many claims were lost to another owner.
 const RENEW_LUA: &str = r"
-local owner, lease, nkeys = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local owner, lease, nkeys, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lost = 0
 for i = 1, nkeys do
-  local claim, done = KEYS[2 * i - 1], KEYS[2 * i]
+  local claim, done, sent = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local holder = redis.call('GET', claim)
   if holder == owner then
     redis.call('PEXPIRE', claim, lease)
-  elseif holder or redis.call('EXISTS', done) == 1 then
+  elseif holder or redis.call('EXISTS', done) == 1 or redis.call('GET', sent) == 'doubt' then
     lost = lost + 1
   else
     redis.call('SET', claim, owner, 'PX', lease)
+    redis.call('SET', sent, owner, 'NX', 'PX', ttl)
   end
 end
-for i = 2 * nkeys + 1, #KEYS do
+for i = 3 * nkeys + 1, #KEYS do
   redis.call('HSET', KEYS[i], owner, now + lease)
   if redis.call('PTTL', KEYS[i]) < lease then redis.call('PEXPIRE', KEYS[i], lease) end
 end
@@ -149,6 +174,8 @@ pub(super) struct RedisStore {
     lease: Duration,
     ttl: Duration,
     poll: Duration,
+    /// `dedupe.redis.in_doubt = "resend"`: an id whose owner died in flight is sent again.
+    resend: bool,
     check: Script,
     delivered: Script,
     release: Script,
@@ -196,7 +223,7 @@ impl RedisStore {
             conn.clone(),
             r.prefix.clone(),
             owner.clone(),
-            r.lease,
+            (r.lease, cfg.ttl),
             local,
         ));
         Ok(RedisStore {
@@ -206,6 +233,7 @@ impl RedisStore {
             lease: r.lease,
             ttl: cfg.ttl,
             poll: r.poll_interval,
+            resend: r.in_doubt == InDoubt::Resend,
             check: Script::new(CHECK_LUA),
             delivered: Script::new(DELIVERED_LUA),
             release: Script::new(RELEASE_LUA),
@@ -283,7 +311,10 @@ impl RedisStore {
         loop {
             let open: Vec<usize> = (0..probes.len()).filter(|&i| decided[i].is_none()).collect();
             let mut inv = self.check.prepare_invoke();
-            inv.arg(&self.owner).arg(self.lease.as_millis() as u64);
+            inv.arg(&self.owner)
+                .arg(self.lease.as_millis() as u64)
+                .arg(self.ttl.as_millis() as u64)
+                .arg(if self.resend { "1" } else { "0" });
             for &i in &open {
                 let p = probes[i];
                 let key = p.key.unwrap_or("");
@@ -294,6 +325,7 @@ impl RedisStore {
                     .key(self.k("result", bet))
                     .key(self.k(&format!("inflight:{other}"), bet))
                     .key(self.k(&format!("inflight:{kind}"), bet))
+                    .key(self.k("sent", key))
                     .arg(spec(p));
             }
             METRICS.lookups.inc_by(open.len() as u64);
@@ -309,11 +341,21 @@ impl RedisStore {
             for (&i, a) in open.iter().zip(&answers) {
                 decided[i] = match a.as_str() {
                     "done" => Some(Lookup::Done),
+                    "doubted" => Some(Lookup::Doubted),
                     "conflict" => Some(Lookup::Conflict),
                     // Claimed only when nothing waited; otherwise looked at again next round.
                     "free" if !waiting => Some(Lookup::Free),
+                    a if !waiting && a.starts_with("doubt ") => Some(Lookup::InDoubt),
                     _ => None,
                 };
+                if decided[i] == Some(Lookup::InDoubt) {
+                    tracing::warn!(
+                        key = probes[i].key.unwrap_or(""),
+                        owner = &a["doubt ".len()..],
+                        "dedupe: an id was in flight in a process that stopped without recording the API's answer: \
+                         it may or may not have reached the API; its record is dead-lettered as in_doubt"
+                    );
+                }
             }
             if !waiting {
                 return Ok(decided.into_iter().map(|d| d.unwrap_or(Lookup::Free)).collect());
@@ -344,6 +386,7 @@ impl RedisStore {
                 .key(self.k("claim", key))
                 .key(self.k("result", bet))
                 .key(self.k(&format!("inflight:{kind}"), bet))
+                .key(self.k("sent", key))
                 .arg(spec(*p));
         }
         let start = Instant::now();
@@ -365,18 +408,23 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Drops this owner's claims on probes that were not delivered, in one round trip.
-    pub(super) async fn release(&self, probes: &[Probe<'_>]) -> Result<(), String> {
+    /// Drops this owner's claims on probes that were not delivered, in one round trip: given up
+    /// (`doubt` false), or (`doubt` true) dead-lettered as in doubt, which makes later copies
+    /// duplicates of that dead letter.
+    pub(super) async fn release(&self, probes: &[Probe<'_>], doubt: bool) -> Result<(), String> {
         if probes.is_empty() {
             return Ok(());
         }
         let mut inv = self.release.prepare_invoke();
-        inv.arg(&self.owner);
+        inv.arg(&self.owner)
+            .arg(if doubt { "doubt" } else { "release" })
+            .arg(self.ttl.as_millis() as u64);
         for p in probes {
             let key = p.key.unwrap_or("");
             let (bet, kind) = p.guard.map(|(b, k)| (b, k.letter())).unwrap_or(("", "-"));
             inv.key(self.k("claim", key))
                 .key(self.k(&format!("inflight:{kind}"), bet))
+                .key(self.k("sent", key))
                 .arg(spec(*p));
         }
         let start = Instant::now();
@@ -387,6 +435,27 @@ impl RedisStore {
             METRICS.errors.with_label_values(&["release"]).inc();
             format!("redis: {e}")
         })
+    }
+
+    /// Lets an id in doubt be sent again (`dlq replay` of its dead letter, after the operator
+    /// found it missing in DataPulse). Returns whether it was in doubt.
+    pub(super) async fn forget_doubt(&self, key: &str) -> Result<bool, String> {
+        let mut conn = self.conn.clone();
+        let sent = self.k("sent", key);
+        let was: Option<String> = redis::cmd("GET")
+            .arg(&sent)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        if was.as_deref() != Some("doubt") {
+            return Ok(false);
+        }
+        redis::cmd("DEL")
+            .arg(&sent)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        Ok(true)
     }
 
     fn k(&self, kind: &str, id: &str) -> String {
@@ -411,7 +480,7 @@ async fn renew_loop(
     conn: ConnectionManager,
     prefix: String,
     owner: String,
-    lease: Duration,
+    (lease, ttl): (Duration, Duration),
     local: Weak<Mutex<Local>>,
 ) {
     let script = Script::new(RENEW_LUA);
@@ -433,20 +502,29 @@ async fn renew_loop(
                         .map(move |k| key(prefix, &format!("inflight:{}", k.letter()), bet))
                 })
                 .collect();
-            (l.keys.iter().cloned().collect(), bets)
+            let claimed = l.keys.iter().filter(|(_, &claimed)| claimed).map(|(k, _)| k.clone());
+            (claimed.collect(), bets)
         };
         drop(local);
         for chunk in keys.chunks(RENEW_CHUNK) {
             let mut inv = script.prepare_invoke();
-            inv.arg(&owner).arg(lease.as_millis() as u64).arg(chunk.len());
+            inv.arg(&owner)
+                .arg(lease.as_millis() as u64)
+                .arg(chunk.len())
+                .arg(ttl.as_millis() as u64);
             for k in chunk {
-                inv.key(key(prefix, "claim", k)).key(key(prefix, "done", k));
+                inv.key(key(prefix, "claim", k))
+                    .key(key(prefix, "done", k))
+                    .key(key(prefix, "sent", k));
             }
             renew(&mut inv, conn.clone()).await;
         }
         for chunk in bets.chunks(RENEW_CHUNK) {
             let mut inv = script.prepare_invoke();
-            inv.arg(&owner).arg(lease.as_millis() as u64).arg(0);
+            inv.arg(&owner)
+                .arg(lease.as_millis() as u64)
+                .arg(0)
+                .arg(ttl.as_millis() as u64);
             for k in chunk {
                 inv.key(k);
             }

@@ -226,8 +226,9 @@ pub struct Accounting {
     /// write: the claim lapses and the next owner writes it again), which SIGKILLs at random hit
     /// now and then, so repeats are reported, not failed on (see docs/chaos.md).
     pub repeated_dead_letters: BTreeMap<String, usize>,
-    /// Ids accepted twice inside the documented kill window (see [`account`]).
-    pub kill_window_repeats: Vec<String>,
+    /// Valid ids dead-lettered as `in_doubt` (in flight in a process that was killed), with whether
+    /// the API had accepted them (the request left before the kill) or not.
+    pub in_doubt: Vec<(String, bool)>,
 }
 
 /// Compares the ledger with the API's record (`accepted`: transaction id → times accepted) and the
@@ -280,24 +281,28 @@ pub fn order_problem(ledger: &Ledger, accepted: &[String]) -> Option<String> {
     })
 }
 
-/// `in_kill_window(tx)`: whether the id's repeat is the one documented window (its first copy was
-/// accepted while the process that sent it was being killed, so it could not record it; the next
-/// owner sent it again after the claim's lease). Those are reported, not failed on.
-pub fn account(
-    ledger: &Ledger,
-    accepted: &HashMap<String, u32>,
-    dead: &[DeadLetter],
-    in_kill_window: &dyn Fn(&str) -> bool,
-) -> Accounting {
+/// Every valid id is accepted exactly once, or (killed in flight) dead-lettered once as
+/// `in_doubt` and accepted at most once; no id is ever accepted twice.
+pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLetter]) -> Accounting {
     let mut a = Accounting::default();
     let mut lost = Vec::new();
     let mut twice = Vec::new();
+    let mut doubts: HashMap<&str, usize> = HashMap::new();
+    for d in dead.iter().filter(|d| d.stage == "dedupe" && d.reason == "in_doubt") {
+        *doubts.entry(d.key.as_str()).or_default() += 1;
+    }
     for (tx, _, _) in &ledger.valid {
-        match accepted.get(tx) {
-            None => lost.push(format!("{tx} at {:?}", ledger.positions(tx))),
-            Some(1) => {}
-            Some(n) if in_kill_window(tx) => a.kill_window_repeats.push(format!("{tx} x{n}")),
-            Some(n) => twice.push(format!("{tx} x{n} at {:?}", ledger.positions(tx))),
+        let n = accepted.get(tx).copied().unwrap_or(0);
+        match (doubts.get(tx.as_str()).copied().unwrap_or(0), n) {
+            (_, n) if n > 1 => twice.push(format!("{tx} x{n} at {:?}", ledger.positions(tx))),
+            (0, 0) => lost.push(format!("{tx} at {:?}", ledger.positions(tx))),
+            (0, _) => {}
+            (d, n) => {
+                a.in_doubt.push((tx.clone(), n == 1));
+                if d > 1 {
+                    a.repeated_dead_letters.insert(tx.clone(), d);
+                }
+            }
         }
     }
     let valid: std::collections::HashSet<&str> = ledger.valid.iter().map(|(t, _, _)| t.as_str()).collect();
@@ -358,7 +363,10 @@ pub fn account(
     }
     let stray: Vec<String> = dead
         .iter()
-        .filter(|d| !ledger.invalid.contains_key(&d.key))
+        .filter(|d| {
+            let in_doubt = d.stage == "dedupe" && d.reason == "in_doubt" && valid.contains(d.key.as_str());
+            !ledger.invalid.contains_key(&d.key) && !in_doubt
+        })
         .take(20)
         .map(|d| format!("{} ({}, {}/{})", d.key, d.source, d.stage, d.reason))
         .collect();

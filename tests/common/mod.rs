@@ -84,6 +84,15 @@ impl Proc {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The process's peak resident memory so far (`VmHWM`), in KiB; None once it has exited.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.as_ref()?.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// SIGKILL: the process gets no chance to finish anything.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -293,11 +302,6 @@ impl Sandbox {
         }
     }
 
-    /// Events accepted so far (`/_sandbox/stats`).
-    pub async fn accepted_events(&self) -> u64 {
-        self.stats().await["accepted_events"].as_u64().unwrap_or(0)
-    }
-
     pub async fn stats(&self) -> serde_json::Value {
         self.client
             .get(format!("{}/_sandbox/stats", self.url))
@@ -369,6 +373,15 @@ impl Bridge {
             ops: format!("http://127.0.0.1:{ops_port}"),
             config,
         }
+    }
+
+    /// Whether its readiness says no partitions are assigned (condition `assignment`).
+    pub async fn unassigned(&self) -> bool {
+        let Ok(r) = reqwest::get(format!("{}/health/ready", self.ops)).await else {
+            return false;
+        };
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        body["conditions"]["assignment"]["ok"] == serde_json::json!(false)
     }
 
     pub async fn metrics(&self) -> String {
