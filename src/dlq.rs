@@ -98,6 +98,8 @@ static DEAD_LETTER_ERRORS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
 pub struct DeadLetters {
     producer: FutureProducer,
     topic: String,
+    /// For reading the topic back ([`DeadLetters::written_since`]).
+    kafka: KafkaConfig,
 }
 
 impl DeadLetters {
@@ -116,7 +118,25 @@ impl DeadLetters {
         Ok(DeadLetters {
             producer,
             topic: cfg.topic.clone(),
+            kafka: kafka.clone(),
         })
+    }
+
+    /// Whether the topic holds the dead letter of the record at `coords`, written since `since_ms`
+    /// (see [`contains`]). When the topic cannot be read, false: written again rather than lost.
+    pub async fn written_since(&self, coords: &str, since_ms: i64) -> bool {
+        let (kafka, topic, c) = (self.kafka.clone(), self.topic.clone(), coords.to_string());
+        match tokio::task::spawn_blocking(move || contains(&kafka, &topic, &c, since_ms)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(record = coords, error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(record = coords, error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
+                false
+            }
+        }
     }
 
     pub fn topic(&self) -> &str {
@@ -302,6 +322,23 @@ impl DlqFilter {
 
 /// Reads every dead letter on the topic (from the beginning to the current end).
 pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
+    read_since(kafka, topic, None)
+}
+
+/// Whether the topic holds a dead letter of the record at `coords` (`topic/partition/offset`)
+/// written at or after `since_ms` (Unix ms, give or take a minute of clock skew). Asked when a
+/// dead-letter claim is taken over from a process that died holding it: the broker may have taken
+/// its write.
+pub fn contains(kafka: &KafkaConfig, topic: &str, coords: &str, since_ms: i64) -> anyhow::Result<bool> {
+    let since = since_ms.saturating_sub(60_000).max(0);
+    Ok(read_since(kafka, topic, Some(since))?
+        .iter()
+        .any(|d| d.record.coordinates() == coords))
+}
+
+/// Reads the dead letters on the topic from `since_ms` (by the records' timestamps; from the
+/// beginning when None, or when the broker cannot look offsets up by time) to the current end.
+fn read_since(kafka: &KafkaConfig, topic: &str, since_ms: Option<i64>) -> anyhow::Result<Vec<DeadLetter>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers;
     use rdkafka::Message;
@@ -324,11 +361,36 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLett
     if partitions.is_empty() {
         anyhow::bail!("dead-letter topic `{topic}` does not exist or has no partitions");
     }
+    // Where each partition's reading starts: its first offset at or after `since_ms`.
+    let by_time: std::collections::HashMap<i32, i64> = match since_ms {
+        None => Default::default(),
+        Some(ms) => {
+            let mut q = rdkafka::TopicPartitionList::new();
+            for &p in &partitions {
+                q.add_partition_offset(topic, p, rdkafka::Offset::Offset(ms))?;
+            }
+            match consumer.offsets_for_times(q, Duration::from_secs(10)) {
+                Ok(found) => found
+                    .elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        rdkafka::Offset::Offset(o) => (e.partition(), o),
+                        _ => (e.partition(), i64::MAX),
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(topic, error = %e, "the broker cannot look offsets up by time: reading the dead-letter topic from its start");
+                    Default::default()
+                }
+            }
+        }
+    };
     let mut tpl = rdkafka::TopicPartitionList::new();
     let mut remaining = 0i64;
     let mut ends = std::collections::HashMap::new();
     for &p in &partitions {
         let (lo, hi) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        let lo = by_time.get(&p).map_or(lo, |&from| from.max(lo));
         if hi > lo {
             tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(lo))?;
             remaining += hi - lo;

@@ -12,7 +12,7 @@
 
 use crate::batch::BatchConfig;
 use crate::config::Config;
-use crate::dedupe::{Deduper, EventKeys, Verdict};
+use crate::dedupe::{DeadLetterClaim, Deduper, EventKeys, Verdict};
 use crate::deliver::{Deliverer, EventResult};
 use crate::dlq::{DeadLetters, Reason};
 use crate::event::TimestampUnit;
@@ -262,15 +262,32 @@ impl Shared {
             // is dead-lettered by whoever claims it first; the others finish it as the dead
             // letter it already is.
             let coords = rec.coordinates();
-            let written = if shared.deduper.claim_dead_letter(&coords).await {
-                tracing::debug!(record = %coords, "already dead-lettered");
-                true
-            } else if shared.dlq.send(&rec, &why, &shared.abandon).await {
-                shared.deduper.dead_lettered(&coords).await;
-                true
-            } else {
-                shared.deduper.release_dead_letter(&coords);
-                false
+            let found = match shared.deduper.claim_dead_letter(&coords).await {
+                DeadLetterClaim::Written => Some(false),
+                DeadLetterClaim::Mine => None,
+                // Its last claimer died holding the claim, perhaps after the broker took the write.
+                DeadLetterClaim::Lapsed { since_ms } => shared
+                    .dlq
+                    .written_since(&coords, since_ms)
+                    .await
+                    .then_some(true),
+            };
+            let written = match found {
+                Some(remember) => {
+                    tracing::debug!(record = %coords, "already dead-lettered");
+                    if remember {
+                        shared.deduper.dead_lettered(&coords).await;
+                    }
+                    true
+                }
+                None if shared.dlq.send(&rec, &why, &shared.abandon).await => {
+                    shared.deduper.dead_lettered(&coords).await;
+                    true
+                }
+                None => {
+                    shared.deduper.release_dead_letter(&coords);
+                    false
+                }
             };
             if let Some(keys) = &doubt {
                 if written {
@@ -831,7 +848,11 @@ async fn process_batch(
         json.push(p.json);
     }
     let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-    let results = match deliverer.deliver_json(&bodies, &shared.abandon).await {
+    let marks = SentMarks {
+        deduper,
+        keys: events.iter().map(|e| &e.0).collect(),
+    };
+    let results = match deliverer.deliver_json(&bodies, &shared.abandon, &marks).await {
         Ok(r) => r,
         Err(_cancelled) => {
             deduper.release(&events.iter().map(|e| &e.0).collect::<Vec<_>>()).await;
@@ -905,6 +926,31 @@ async fn process_batch(
         .iter()
         .filter_map(|&i| records[i].as_ref().map(|(r, t)| (r, t)));
     shared.finisher.finish_all(finished, Outcome::Delivered);
+}
+
+/// Keeps the dedupe store's `sent:` marks of a batch in step with its requests (see
+/// `deliver::Exposure`): a request leaves only once its ids are marked, so that a crash leaves
+/// them in doubt rather than free to be sent twice.
+struct SentMarks<'a> {
+    deduper: &'a Deduper,
+    keys: Vec<&'a EventKeys>,
+}
+
+impl crate::deliver::Exposure for SentMarks<'_> {
+    async fn exposed(&self) {
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = self.deduper.mark_sent(&self.keys, true).await {
+            tracing::warn!(error = %e.0, "cannot mark ids as sent in the dedupe store; the request waits");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn unexposed(&self) {
+        // Best effort: a mark left behind makes a crash's next owner dead-letter the ids as in
+        // doubt, never send them twice.
+        let _ = self.deduper.mark_sent(&self.keys, false).await;
+    }
 }
 
 /// Installs SIGTERM/SIGINT handlers that fire `token`.

@@ -1,8 +1,9 @@
 //! End-to-end dedupe (issue 5): bridge processes sharing a redis-server, against a tansu broker and
 //! the sandbox. Two replicas holding one transaction id on different partitions send it once; a
 //! bridge killed with SIGKILL repeats nothing after its restart, whether it died after delivering
-//! (records read again are known) or with a batch in flight (its claims block the ids until the
-//! lease runs out, then the new process sends them once).
+//! (records read again are known) or with a batch in flight at a failing API (its claims block the
+//! ids until the lease runs out; then they are in doubt: dead-lettered, and sent once when the
+//! operator replays them).
 
 mod common;
 use common::*;
@@ -124,26 +125,59 @@ async fn sigkill_and_restart_repeat_nothing() {
     b2.proc.kill9();
     sandbox.set_faults(serde_json::json!({})).await;
 
-    // Phase 3: the dead process's claims block the ids for up to the lease, then they go once.
+    // Phase 3: the dead process's claims block the ids for up to the lease; then, since the API
+    // may have counted them (a 500 says nothing about that), they are in doubt: dead-lettered as
+    // `in_doubt`, none sent again.
     let b3 = Bridge::start(&dir, "b3", &cfg);
-    wait_until(2 * MIN, "all 2,500 accepted", || async {
-        sandbox.accepted().await >= 2_500
+    let ends = vec![1_250, 1_250];
+    wait_until(2 * MIN, "committed at the end", || async {
+        broker.committed("g-dd-kill", "tx", 2) == ends
     })
     .await;
-    let ends = vec![1_250, 1_250];
-    wait_until(MIN, "committed at the end", || async {
-        broker.committed("g-dd-kill", "tx", 2) == ends
+    // The batch that was failing at the API when b2 died is in doubt; records b2 had read but
+    // not yet sent are simply sent.
+    let m3 = b3.metrics().await;
+    assert!(
+        metric_sum(&m3, "datapulse_bridge_dedupe_claim_waits_total", &[]) > 0.0,
+        "the restarted bridge waited for the dead one's claims: {m3}"
+    );
+    let in_doubt = metric_sum(&m3, "datapulse_bridge_dedupe_in_doubt_total", &[]) as usize;
+    assert!(in_doubt > 0, "{m3}");
+    let dead = broker.read_all("tx.dlq", in_doubt, Duration::from_secs(30));
+    assert_eq!(dead.len(), in_doubt, "each id in doubt dead-lettered once");
+    let ids = accepted_ids(&sandbox).await;
+    for m in &dead {
+        assert_eq!(
+            (header(m, "dp.stage").as_str(), header(m, "dp.reason").as_str()),
+            ("dedupe", "in_doubt")
+        );
+        let id = header(m, "dp.dedupe_key");
+        assert!(id.starts_with("b-") && !ids.contains_key(&id), "{id} in doubt, and sent");
+    }
+    assert_eq!(ids.len(), 2_500 - in_doubt, "everything not in doubt delivered");
+    assert!(ids.values().all(|n| *n == 1));
+
+    // The operator finds them missing in DataPulse and replays them: the replay lets each id go,
+    // and the bridge sends each once.
+    let replay = std::process::Command::new(BIN)
+        .args(["dlq", "replay", "--reason", "in_doubt", "--config"])
+        .arg(&b3.config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success() && out.contains(&format!("{in_doubt} dead letters replayed")),
+        "{out} {}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    wait_until(2 * MIN, "all 2,500 accepted", || async {
+        sandbox.accepted().await >= 2_500
     })
     .await;
     let ids = accepted_ids(&sandbox).await;
     assert_eq!(ids.len(), 2_500, "nothing lost");
     let twice: Vec<_> = ids.iter().filter(|(_, n)| **n != 1).take(10).collect();
     assert!(twice.is_empty(), "accepted more than once: {twice:?}");
-    let m3 = b3.metrics().await;
-    assert!(
-        metric_sum(&m3, "datapulse_bridge_dedupe_claim_waits_total", &[]) > 0.0,
-        "the restarted bridge waited for the dead one's claims: {m3}"
-    );
     assert!(!b3.proc.log_text().contains(API_KEY));
 }
 

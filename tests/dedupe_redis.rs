@@ -5,7 +5,7 @@
 //! Tests run one at a time (`SERIAL`): readiness and metrics are process-wide.
 
 use datapulse_bridge::dedupe::{
-    DedupeConfig, Deduper, EventKeys, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind, Verdict,
+    DeadLetterClaim, DedupeConfig, Deduper, EventKeys, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind, Verdict,
 };
 use datapulse_bridge::event::{BetResult, Event};
 use std::collections::HashMap;
@@ -249,10 +249,9 @@ async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_agai
     let c = Deduper::new(&cfg).await.unwrap();
     let in_doubt_before = metric("datapulse_bridge_dedupe_in_doubt_total", None);
     let batch = vec![deposit("T1"), deposit("T2")];
-    assert_eq!(
-        a.check(&refs(&keys(&a, &batch))).await.unwrap(),
-        vec![Verdict::Send, Verdict::Send]
-    );
+    let ka = keys(&a, &batch);
+    assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
+    a.mark_sent(&refs(&ka), true).await.unwrap(); // the request leaves
     let claimed_at = Instant::now();
     drop(a); // killed with the batch in flight: the API may or may not have counted it
     let (kb, kc) = (keys(&b, &batch), keys(&c, &batch[..1]));
@@ -300,7 +299,9 @@ async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
     let cfg = config(server.url(), OnStoreUnavailable::Pause);
     let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
     let batch = vec![deposit("D1")];
-    assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
+    let ka = keys(&a, &batch);
+    assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
+    a.mark_sent(&refs(&ka), true).await.unwrap();
     drop(a);
     let kb = keys(&b, &batch);
     assert!(matches!(
@@ -321,6 +322,29 @@ async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    // N1: claimed, then killed while waiting for the rate budget (no request left).
+    // N2: its request left and was refused (a 429, a 401): the mark is taken back.
+    let batch = vec![deposit("N1"), deposit("N2")];
+    let ka = keys(&a, &batch);
+    assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
+    a.mark_sent(&refs(&ka[1..]), true).await.unwrap();
+    a.mark_sent(&refs(&ka[1..]), false).await.unwrap();
+    drop(a);
+    let kb = keys(&b, &batch);
+    assert_eq!(b.check(&refs(&kb)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
+    b.delivered(&refs(&kb)).await.unwrap();
+    // What is left in Redis: the delivered keys, no mark.
+    let mut conn = server.conn();
+    let left: Vec<String> = redis::cmd("KEYS").arg("dp-test:sent:*").query(&mut conn).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();
@@ -329,10 +353,9 @@ async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
     let a = Deduper::new(&cfg).await.unwrap();
     let b = Deduper::new(&cfg).await.unwrap();
     let batch = vec![deposit("R1"), deposit("R2")];
-    assert_eq!(
-        a.check(&refs(&keys(&a, &batch))).await.unwrap(),
-        vec![Verdict::Send, Verdict::Send]
-    );
+    let ka = keys(&a, &batch);
+    assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
+    a.mark_sent(&refs(&ka), true).await.unwrap();
     let claimed_at = Instant::now();
     drop(a);
     let v = b.check(&refs(&keys(&b, &batch))).await.unwrap();
@@ -350,7 +373,7 @@ async fn a_dead_letter_is_claimed_across_replicas() {
     let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
     // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
     // writes; the other waits and finds it written.
-    assert!(!a.claim_dead_letter("tx/0/7").await, "a claims and writes");
+    assert_eq!(a.claim_dead_letter("tx/0/7").await, DeadLetterClaim::Mine, "a claims and writes");
     let b_claim = b.claim_dead_letter("tx/0/7");
     tokio::pin!(b_claim);
     assert!(
@@ -360,15 +383,24 @@ async fn a_dead_letter_is_claimed_across_replicas() {
         "b waits while a holds the claim"
     );
     a.dead_lettered("tx/0/7").await;
-    assert!(b_claim.await, "b finds it dead-lettered and does not write");
-    // A claimer that dies before writing: its claim lapses after the lease and the next writes.
-    assert!(!a.claim_dead_letter("tx/0/8").await);
+    assert_eq!(b_claim.await, DeadLetterClaim::Written, "b finds it dead-lettered and does not write");
+    // A claimer that dies: its claim lapses after the lease, and the next one is told when it was
+    // taken, to look in the topic for a write the broker may have taken before the death.
+    let before_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - 1000;
+    assert_eq!(a.claim_dead_letter("tx/0/8").await, DeadLetterClaim::Mine);
     let claimed_at = Instant::now();
     drop(a);
-    assert!(!b.claim_dead_letter("tx/0/8").await, "b takes over the lapsed claim");
+    let DeadLetterClaim::Lapsed { since_ms } = b.claim_dead_letter("tx/0/8").await else {
+        panic!("b must take over a lapsed claim")
+    };
     assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
+    assert!(since_ms >= before_ms && since_ms <= before_ms + 10_000, "{since_ms} vs {before_ms}");
     b.dead_lettered("tx/0/8").await;
-    assert!(b.claim_dead_letter("tx/0/8").await);
+    assert_eq!(b.claim_dead_letter("tx/0/8").await, DeadLetterClaim::Written);
+    // A write given up (shutdown's deadline) and tried again by the same process: its own claim.
+    assert_eq!(b.claim_dead_letter("tx/0/9").await, DeadLetterClaim::Mine);
+    b.release_dead_letter("tx/0/9");
+    assert_eq!(b.claim_dead_letter("tx/0/9").await, DeadLetterClaim::Mine);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

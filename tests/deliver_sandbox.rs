@@ -305,3 +305,61 @@ async fn exhausted_max_retries_keeps_retrying_at_the_cap() {
     // Failures 2 and 3 are past max_retries: each waits the full 150 ms cap.
     assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
 }
+
+/// What the delivery told its `Exposure`, in order.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<&'static str>>);
+
+impl datapulse_bridge::deliver::Exposure for Told {
+    async fn exposed(&self) {
+        self.0.lock().unwrap().push("exposed");
+    }
+    async fn unexposed(&self) {
+        self.0.lock().unwrap().push("unexposed");
+    }
+}
+
+/// The dedupe store's `sent:` marks follow what the API may have counted: set before a request
+/// leaves, taken back after a refusal that proves nothing was counted (429, 401), kept once an
+/// answer leaves it open (a 500, a timeout) even if later requests are refused.
+#[tokio::test]
+async fn exposure_follows_what_the_api_may_have_counted() {
+    let cases: [(Vec<FaultStep>, &[&str]); 3] = [
+        (vec![], &["exposed"]),
+        (
+            vec![FaultStep::Status429, FaultStep::Status401],
+            &["exposed", "unexposed", "exposed", "unexposed", "exposed"],
+        ),
+        (vec![FaultStep::Status500, FaultStep::Status429], &["exposed"]),
+    ];
+    for (script, expected) in cases {
+        let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+        sb.set_faults(Faults {
+            script: script.clone(),
+            ..Faults::default()
+        })
+        .unwrap();
+        let cfg = DeliveryConfig {
+            auth_retry_interval: Duration::from_millis(50),
+            ..delivery()
+        };
+        let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
+        let events = deposits("x", 5, &[]);
+        let json: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| {
+                let mut out = Vec::new();
+                e.write_json(&mut out);
+                out
+            })
+            .collect();
+        let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+        let told = Told::default();
+        let r = d
+            .deliver_json(&bodies, &CancellationToken::new(), &told)
+            .await
+            .unwrap();
+        assert!(all_delivered(&r));
+        assert_eq!(*told.0.lock().unwrap(), expected, "script {script:?}");
+    }
+}

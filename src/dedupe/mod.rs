@@ -44,6 +44,18 @@ pub enum Verdict {
     InDoubt { reason: String },
 }
 
+/// The answer of [`Deduper::claim_dead_letter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterClaim {
+    /// Dead-lettered already.
+    Written,
+    /// Claimed by this call: write it.
+    Mine,
+    /// Claimed by this call from an owner that died while it held the claim, taken at `since_ms`
+    /// (Unix ms): the dead letter may be in the topic already.
+    Lapsed { since_ms: i64 },
+}
+
 /// The dedupe store is unreachable; under the `pause` policy the caller waits and retries.
 #[derive(Debug, Clone)]
 pub struct StoreUnavailable(pub String);
@@ -396,27 +408,29 @@ impl Deduper {
     }
 
     /// Claims the writing of the dead letter of the record at `coords` (`topic/partition/offset`),
-    /// which may be read again after a crash or a rebalance, even by two owners at once. Returns
-    /// true when it was dead-lettered already: finish it without writing. Returns false when this
-    /// call holds the claim: write it, then [`Deduper::dead_lettered`] (or
-    /// [`Deduper::release_dead_letter`] if the write did not happen). Waits while another task of
-    /// this process, or (Redis) another replica, holds the claim. When the store cannot say, false:
-    /// the dead letter is then written again rather than lost.
-    pub async fn claim_dead_letter(&self, coords: &str) -> bool {
+    /// which may be read again after a crash or a rebalance, even by two owners at once.
+    /// `Written`: it was dead-lettered already; finish it without writing. `Mine`: this call holds
+    /// the claim; write it, then [`Deduper::dead_lettered`] (or [`Deduper::release_dead_letter`] if
+    /// the write did not happen). `Lapsed`: (Redis) this call holds a claim whose previous owner
+    /// died, perhaps after the broker took its write: look for it in the topic first. Waits while
+    /// another task of this process, or (Redis) another replica, holds the claim. When the store
+    /// cannot say, `Mine`: the dead letter is then written again rather than lost.
+    pub async fn claim_dead_letter(&self, coords: &str) -> DeadLetterClaim {
         while !self.lock().dead.insert(coords.to_string()) {
             tokio::time::sleep(LOCAL_WAIT).await;
         }
-        let done = match &self.store {
-            Store::Memory(m) => m.dead_lettered(coords),
+        let claim = match &self.store {
+            Store::Memory(m) if m.dead_lettered(coords) => DeadLetterClaim::Written,
+            Store::Memory(_) => DeadLetterClaim::Mine,
             Store::Redis(r) => r.claim_dead_letter(coords).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, record = coords, "dedupe store cannot claim the dead letter: it may be written twice");
-                false
+                DeadLetterClaim::Mine
             }),
         };
-        if done {
+        if claim == DeadLetterClaim::Written {
             self.lock().dead.remove(coords);
         }
-        done
+        claim
     }
 
     /// Gives up a claim from [`Deduper::claim_dead_letter`] whose write did not happen (shutdown's
@@ -505,6 +519,26 @@ impl Deduper {
             let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
             if let Err(e) = r.release(&probes, doubt).await {
                 tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
+            }
+        }
+    }
+
+    /// Marks the keys of events judged `Send` as possibly reached the API (`exposed`: a request
+    /// holding them is about to leave) or surely not (`false`: every request so far was refused
+    /// before the API counted anything). With Redis, a key exposed when its process dies is in doubt
+    /// for the next owner; the memory store has nothing to mark. Under `pause` an unreachable store
+    /// is an error (the request must not leave unmarked); under `deliver` it is counted and passed.
+    pub async fn mark_sent(&self, keys: &[&EventKeys], exposed: bool) -> Result<(), StoreUnavailable> {
+        let Store::Redis(r) = &self.store else {
+            return Ok(());
+        };
+        let ids: Vec<&str> = keys.iter().filter_map(|k| k.key.as_deref()).collect();
+        match r.mark_sent(&ids, exposed).await {
+            Ok(()) => Ok(()),
+            Err(e) if self.policy == OnStoreUnavailable::Pause && exposed => Err(StoreUnavailable(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, events = ids.len(), exposed, "dedupe store unreachable: ids not marked as sent; a crash now may send them twice or leave them in doubt");
+                Ok(())
             }
         }
     }

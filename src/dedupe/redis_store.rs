@@ -15,7 +15,7 @@
 //! nothing in that round (holding nothing while waiting rules out deadlocks between replicas) and
 //! polls until the claim is resolved.
 
-use super::{Local, Lookup, Probe, StoreError, METRICS};
+use super::{DeadLetterClaim, Local, Lookup, Probe, StoreError, METRICS};
 use crate::dedupe::{DedupeConfig, InDoubt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
@@ -24,18 +24,18 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 /// Judges and, when nothing must wait, claims. KEYS: 6 a probe (done, claim, result, in-flight of
-/// the other kind, in-flight of its own kind, sent). ARGV: owner, lease ms, ttl ms, `1` to resend
+/// the other kind, in-flight of its own kind, sent). ARGV: owner, lease ms, `1` to resend
 /// ids in doubt, then one spec a probe: `1` or `0` (has a key) followed by `a`, `b` or `-` (its
 /// guard kind). Answers per probe: `free`, `done`, `conflict`, `wait`, `doubt <owner>` (claimed
 /// like `free`, to be dead-lettered), `doubted` (its doubt is already dead-lettered).
 const CHECK_LUA: &str = r"
-local owner, lease, ttl, resend = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local owner, lease, resend = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #ARGV - 4
+local n = #ARGV - 3
 local out, waiting = {}, false
 for i = 1, n do
-  local k, spec = (i - 1) * 6, ARGV[i + 4]
+  local k, spec = (i - 1) * 6, ARGV[i + 3]
   local kind = string.sub(spec, 2, 2)
   local v = 'free'
   if string.sub(spec, 1, 1) == '1' then
@@ -73,10 +73,9 @@ if not waiting then
   for i = 1, n do
     local free, doubt = out[i] == 'free', string.sub(out[i], 1, 6) == 'doubt '
     if free or doubt then
-      local k, spec = (i - 1) * 6, ARGV[i + 4]
+      local k, spec = (i - 1) * 6, ARGV[i + 3]
       if string.sub(spec, 1, 1) == '1' then
         redis.call('SET', KEYS[k + 2], owner, 'PX', lease)
-        if free then redis.call('SET', KEYS[k + 6], owner, 'PX', ttl) end
       end
       if string.sub(spec, 2, 2) ~= '-' then
         redis.call('HSET', KEYS[k + 5], owner, now + lease)
@@ -137,11 +136,11 @@ return 0
 ";
 
 /// Extends this owner's leases. KEYS: (claim, done, sent) triples for ARGV[3] keys, then in-flight
-/// hashes. ARGV: owner, lease ms, number of keys, ttl ms. A claim that vanished (expired during a
-/// Redis outage, or Redis restarted empty) is taken again unless the key was delivered or declared
-/// in doubt meanwhile. Returns how many claims were lost to another owner.
+/// hashes. ARGV: owner, lease ms, number of keys. A claim that vanished (expired during a Redis
+/// outage, or Redis restarted empty) is taken again unless the key was delivered or declared in
+/// doubt meanwhile. Returns how many claims were lost to another owner.
 const RENEW_LUA: &str = r"
-local owner, lease, nkeys, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local owner, lease, nkeys = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lost = 0
@@ -154,7 +153,6 @@ for i = 1, nkeys do
     lost = lost + 1
   else
     redis.call('SET', claim, owner, 'PX', lease)
-    redis.call('SET', sent, owner, 'NX', 'PX', ttl)
   end
 end
 for i = 3 * nkeys + 1, #KEYS do
@@ -162,6 +160,41 @@ for i = 3 * nkeys + 1, #KEYS do
   if redis.call('PTTL', KEYS[i]) < lease then redis.call('PEXPIRE', KEYS[i], lease) end
 end
 return lost
+";
+
+/// Sets (ARGV[2] = `set`) or drops (`clear`, only this owner's) the `sent:` marks in KEYS: the
+/// ids may have reached the API, or surely have not. ARGV: owner, mode, ttl ms.
+const SENT_LUA: &str = r"
+local owner, mode, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 1, #KEYS do
+  if mode == 'set' then
+    redis.call('SET', KEYS[i], owner, 'PX', ttl)
+  elseif redis.call('GET', KEYS[i]) == owner then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 0
+";
+
+/// Claims a record's dead letter. KEYS: `dead:<coords>`. ARGV: owner, lease ms, ttl ms. The value
+/// is `1` once written, else `claim:<owner>:<since ms>` (kept for the ttl: a claim older than the
+/// lease has lapsed, and must be looked for in the topic before it is written again). Answers
+/// `done`, `mine` (claimed now), `wait`, or `lapsed <since ms of the lapsed claim>` (claimed now).
+const CLAIM_DEAD_LUA: &str = r"
+local owner, lease, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = redis.call('GET', KEYS[1])
+if v == '1' then return 'done' end
+local answer = 'mine'
+if v then
+  local holder, since = string.match(v, '^claim:(.*):(%d+)$')
+  if holder == owner then return 'mine' end
+  if not holder or tonumber(since) + lease > now then return 'wait' end
+  answer = 'lapsed ' .. since
+end
+redis.call('SET', KEYS[1], 'claim:' .. owner .. ':' .. now, 'PX', ttl)
+return answer
 ";
 
 /// Most probes in one script call of the renewer (a check is bounded by the batch size).
@@ -179,6 +212,8 @@ pub(super) struct RedisStore {
     check: Script,
     delivered: Script,
     release: Script,
+    claim_dead: Script,
+    sent: Script,
     renewer: JoinHandle<()>,
 }
 
@@ -223,7 +258,7 @@ impl RedisStore {
             conn.clone(),
             r.prefix.clone(),
             owner.clone(),
-            (r.lease, cfg.ttl),
+            r.lease,
             local,
         ));
         Ok(RedisStore {
@@ -237,6 +272,8 @@ impl RedisStore {
             check: Script::new(CHECK_LUA),
             delivered: Script::new(DELIVERED_LUA),
             release: Script::new(RELEASE_LUA),
+            claim_dead: Script::new(CLAIM_DEAD_LUA),
+            sent: Script::new(SENT_LUA),
             renewer,
         })
     }
@@ -250,33 +287,33 @@ impl RedisStore {
             .map_err(|e| format!("redis: {e}"))
     }
 
-    /// Whether a record (`topic/partition/offset`) was already dead-lettered.
-    /// Claims the writing of a record's dead letter for the lease, or reports it written
-    /// (`Ok(true)`). While another replica holds the claim, polls until it is written or the
-    /// claim lapses (the other replica died); after twice the lease gives up (`Err`).
-    pub(super) async fn claim_dead_letter(&self, coords: &str) -> Result<bool, String> {
+    /// Claims the writing of a record's dead letter, or reports it written. While another replica
+    /// holds the claim (for the lease from when it took it), polls until it is written or the
+    /// claim lapses; a lapsed claim (its owner died, perhaps after the broker took the dead letter)
+    /// is taken over and reported with when it was taken, so that the caller looks in the topic.
+    /// After twice the lease gives up (`Err`).
+    pub(super) async fn claim_dead_letter(&self, coords: &str) -> Result<DeadLetterClaim, String> {
         let key = self.k("dead", coords);
-        let mine = format!("claim:{}", self.owner);
         let deadline = Instant::now() + self.lease * 2;
-        let mut conn = self.conn.clone();
         loop {
-            // SET NX claims; GET (in the same call) tells what is there otherwise.
-            let (claimed, now): (Option<String>, Option<String>) = redis::pipe()
-                .cmd("SET")
-                .arg(&key)
-                .arg(&mine)
-                .arg("NX")
-                .arg("PX")
+            let mut inv = self.claim_dead.prepare_invoke();
+            inv.key(&key)
+                .arg(&self.owner)
                 .arg(self.lease.as_millis() as u64)
-                .cmd("GET")
-                .arg(&key)
-                .query_async(&mut conn)
+                .arg(self.ttl.as_millis() as u64);
+            let mut conn = self.conn.clone();
+            let answer: String = inv
+                .invoke_async(&mut conn)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
-            match (claimed, now) {
-                (Some(_), _) => return Ok(false),
-                (None, Some(v)) if v == "1" => return Ok(true),
-                (None, Some(v)) if v == mine => return Ok(false),
+            match answer.split_once(' ') {
+                _ if answer == "done" => return Ok(DeadLetterClaim::Written),
+                _ if answer == "mine" => return Ok(DeadLetterClaim::Mine),
+                Some(("lapsed", since)) => {
+                    return Ok(DeadLetterClaim::Lapsed {
+                        since_ms: since.parse().unwrap_or(0),
+                    })
+                }
                 _ => {}
             }
             if Instant::now() >= deadline {
@@ -313,7 +350,6 @@ impl RedisStore {
             let mut inv = self.check.prepare_invoke();
             inv.arg(&self.owner)
                 .arg(self.lease.as_millis() as u64)
-                .arg(self.ttl.as_millis() as u64)
                 .arg(if self.resend { "1" } else { "0" });
             for &i in &open {
                 let p = probes[i];
@@ -437,6 +473,28 @@ impl RedisStore {
         })
     }
 
+    /// Marks keys as possibly reached the API (`exposed`) or surely not, in one round trip.
+    pub(super) async fn mark_sent(&self, keys: &[&str], exposed: bool) -> Result<(), String> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.sent.prepare_invoke();
+        inv.arg(&self.owner)
+            .arg(if exposed { "set" } else { "clear" })
+            .arg(self.ttl.as_millis() as u64);
+        for k in keys {
+            inv.key(self.k("sent", k));
+        }
+        let start = Instant::now();
+        let mut conn = self.conn.clone();
+        let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
+        super::observe("sent", start);
+        res.map(|_| ()).map_err(|e| {
+            METRICS.errors.with_label_values(&["sent"]).inc();
+            format!("redis: {e}")
+        })
+    }
+
     /// Lets an id in doubt be sent again (`dlq replay` of its dead letter, after the operator
     /// found it missing in DataPulse). Returns whether it was in doubt.
     pub(super) async fn forget_doubt(&self, key: &str) -> Result<bool, String> {
@@ -480,7 +538,7 @@ async fn renew_loop(
     conn: ConnectionManager,
     prefix: String,
     owner: String,
-    (lease, ttl): (Duration, Duration),
+    lease: Duration,
     local: Weak<Mutex<Local>>,
 ) {
     let script = Script::new(RENEW_LUA);
@@ -508,10 +566,7 @@ async fn renew_loop(
         drop(local);
         for chunk in keys.chunks(RENEW_CHUNK) {
             let mut inv = script.prepare_invoke();
-            inv.arg(&owner)
-                .arg(lease.as_millis() as u64)
-                .arg(chunk.len())
-                .arg(ttl.as_millis() as u64);
+            inv.arg(&owner).arg(lease.as_millis() as u64).arg(chunk.len());
             for k in chunk {
                 inv.key(key(prefix, "claim", k))
                     .key(key(prefix, "done", k))
@@ -521,10 +576,7 @@ async fn renew_loop(
         }
         for chunk in bets.chunks(RENEW_CHUNK) {
             let mut inv = script.prepare_invoke();
-            inv.arg(&owner)
-                .arg(lease.as_millis() as u64)
-                .arg(0)
-                .arg(ttl.as_millis() as u64);
+            inv.arg(&owner).arg(lease.as_millis() as u64).arg(0);
             for k in chunk {
                 inv.key(k);
             }

@@ -254,18 +254,58 @@ enum Answer {
     Retriable { cause: &'static str, detail: String },
 }
 
+/// Told when the batch's events may have reached the API and when they surely have not: with the
+/// Redis dedupe store this keeps the ids' `sent:` marks, which tell the next owner after a crash
+/// whether an id is in doubt (`docs/dedupe.md`).
+pub trait Exposure: Sync {
+    /// Before a request leaves while no earlier request of the batch may have been counted.
+    fn exposed(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// After a refusal that proves the request was not counted (401/403, 429, no connection),
+    /// when no earlier request of the batch may have been counted either.
+    fn unexposed(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// No dedupe store to tell.
+pub struct Unobserved;
+
+impl Exposure for Unobserved {
+    async fn exposed(&self) {}
+    async fn unexposed(&self) {}
+}
+
 /// One batch on its way: its events, their results so far, and whether it is under retry.
-struct Batch<'a> {
+struct Batch<'a, E> {
     /// Each event's JSON, serialised once by the caller.
     events: &'a [&'a [u8]],
     cancel: &'a CancellationToken,
+    exposure: &'a E,
+    /// A request of the batch may have reached the API, as far as `exposure` was told.
+    exposed: bool,
+    /// A request of the batch ended so that it may have been counted (a 5xx, a timeout, a broken
+    /// connection): the batch stays exposed until it has its results.
+    uncertain: bool,
     started: Instant,
     /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
     retry_guard: Option<RetryGuard>,
     results: Vec<Option<EventResult>>,
 }
 
-impl Batch<'_> {
+impl<E: Exposure> Batch<'_, E> {
+    async fn before_request(&mut self) {
+        if !self.exposed {
+            self.exposure.exposed().await;
+            self.exposed = true;
+        }
+    }
+
+    /// The last request was refused before the API counted anything.
+    async fn refused(&mut self) {
+        if self.exposed && !self.uncertain {
+            self.exposure.unexposed().await;
+            self.exposed = false;
+        }
+    }
+
     fn delivered(&mut self, idx: &[usize]) {
         for &i in idx {
             self.results[i] = Some(EventResult::Delivered);
@@ -355,19 +395,24 @@ impl Deliverer {
             })
             .collect();
         let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-        self.deliver_json(&slices, cancel).await
+        self.deliver_json(&slices, cancel, &Unobserved).await
     }
 
     /// [`Deliverer::deliver`] for events already serialised (each one JSON object, as
     /// `Event::write_json` writes it): the pipeline serialises each event once, to size batches.
-    pub async fn deliver_json(
+    /// `exposure` is told when the events may have reached the API (see [`Exposure`]).
+    pub async fn deliver_json<E: Exposure>(
         &self,
         events: &[&[u8]],
         cancel: &CancellationToken,
+        exposure: &E,
     ) -> Result<Vec<EventResult>, Cancelled> {
         let mut b = Batch {
             events,
             cancel,
+            exposure,
+            exposed: false,
+            uncertain: false,
             started: Instant::now(),
             retry_guard: None,
             results: vec![None; events.len()],
@@ -414,7 +459,12 @@ impl Deliverer {
     /// Events accepted on the way are marked delivered; the ones left (the halves that waited) are
     /// sent by the caller as one request. For one bad event among n this costs at most
     /// ⌈log2 n⌉ + 1 requests, and one more for the rest.
-    async fn isolate(&self, b: &mut Batch<'_>, group: &[usize], group_body: String) -> Result<(), Cancelled> {
+    async fn isolate<E: Exposure>(
+        &self,
+        b: &mut Batch<'_, E>,
+        group: &[usize],
+        group_body: String,
+    ) -> Result<(), Cancelled> {
         let mut suspect = group;
         // Some(body): the suspect range itself was answered 400 with that body.
         let mut confirmed = Some(group_body);
@@ -464,7 +514,7 @@ impl Deliverer {
 
     /// Sends the events `idx` of `events` as one request until the API gives a final answer (2xx
     /// or 400), spending budget on every try.
-    async fn send(&self, b: &mut Batch<'_>, idx: &[usize]) -> Result<Final, Cancelled> {
+    async fn send<E: Exposure>(&self, b: &mut Batch<'_, E>, idx: &[usize]) -> Result<Final, Cancelled> {
         let body = request_body(b.events, idx);
         let cancel = b.cancel;
         let mut attempt: u32 = 0;
@@ -473,10 +523,21 @@ impl Deliverer {
         loop {
             let creds = self.current_credentials();
             self.budget.acquire(&creds.budget_id, cancel).await?;
+            tokio::select! {
+                () = b.before_request() => {}
+                _ = cancel.cancelled() => return Err(Cancelled),
+            }
             let answer = tokio::select! {
                 a = self.post(&creds, body.clone(), idx.len()) => a,
                 _ = cancel.cancelled() => return Err(Cancelled),
             };
+            match &answer {
+                Answer::AuthRefused(_) | Answer::TooManyRequests(_) | Answer::Retriable { cause: "connect", .. } => {
+                    b.refused().await
+                }
+                Answer::Retriable { .. } => b.uncertain = true,
+                Answer::Success | Answer::BadRequest(_) => {}
+            }
             let delay = match answer {
                 Answer::Success => {
                     self.key_accepted();
