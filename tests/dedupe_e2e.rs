@@ -246,3 +246,70 @@ async fn redis_outage_pauses_delivery_without_loss_or_duplicates() {
     assert!(twice.is_empty(), "sent twice: {twice:?}");
     assert_eq!(bridge.ready().await.0, 200, "ready again");
 }
+
+/// A process that died holding a dead-letter claim may or may not have written it: the next owner
+/// looks for the record in the dead-letter topic (from the lapsed claim's time on) before writing.
+/// Set up as the dead process left it: `tx/0/10`'s claim lapsed after its dead letter reached the
+/// broker, `tx/0/11`'s lapsed before. Each ends with exactly one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_dead_letter_claim_is_looked_up_in_the_topic() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let dir = workdir("dedupe-dlq-lapsed");
+    let broker = Broker::start(&dir);
+    broker.create_topic("tx", 1).await;
+    broker.create_topic("tx.dlq", 1).await;
+    let redis = Redis::start(&dir);
+    let sandbox = Sandbox::start(&dir, &[]);
+    let mut records = deposits("ok", 20, 1);
+    records[10] = (0, "bad-10".into(), "{not json".into());
+    records[11] = (0, "bad-11".into(), "{not json".into());
+    broker.produce("tx", &records).await;
+
+    // The dead process's traces: both claims taken 10 minutes ago (long lapsed), and the dead
+    // letter of tx/0/10 written.
+    let since = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - 600_000;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    for coords in ["tx/0/10", "tx/0/11"] {
+        let _: () = redis::cmd("SET")
+            .arg(format!("e2e:dead:{coords}"))
+            .arg(format!("claim:ghost:1:0:{since}"))
+            .query(&mut conn)
+            .unwrap();
+    }
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "dp.stage", value: Some("mapping") })
+        .insert(Header { key: "dp.reason", value: Some("not_json") })
+        .insert(Header { key: "dp.source.topic", value: Some("tx") })
+        .insert(Header { key: "dp.source.partition", value: Some("0") })
+        .insert(Header { key: "dp.source.offset", value: Some("10") });
+    broker
+        .producer()
+        .send(
+            FutureRecord::to("tx.dlq").key("bad-10").payload("{not json").headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let cfg = bridge_config(&broker, &sandbox.url, "g-dd-lapsed", "tx", &dedupe_toml(&redis));
+    let bridge = Bridge::start(&dir, "b", &cfg);
+    wait_until(MIN, "committed at the end", || async {
+        broker.committed("g-dd-lapsed", "tx", 1) == vec![20]
+    })
+    .await;
+    let dead = broker.read_all("tx.dlq", 2, Duration::from_secs(30));
+    let mut keys: Vec<String> = dead
+        .iter()
+        .map(|m| String::from_utf8_lossy(rdkafka::Message::key(m).unwrap()).into_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["bad-10", "bad-11"], "one dead letter each");
+    assert_eq!(sandbox.accepted().await, 18);
+    // Both are remembered now: the claim became the fact.
+    for coords in ["tx/0/10", "tx/0/11"] {
+        let v: String = redis::cmd("GET").arg(format!("e2e:dead:{coords}")).query(&mut conn).unwrap();
+        assert_eq!(v, "1", "{coords}");
+    }
+    assert!(!bridge.proc.log_text().contains(API_KEY));
+}
