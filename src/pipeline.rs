@@ -266,11 +266,9 @@ impl Shared {
                 DeadLetterClaim::Written => Some(false),
                 DeadLetterClaim::Mine => None,
                 // Its last claimer died holding the claim, perhaps after the broker took the write.
-                DeadLetterClaim::Lapsed { since_ms } => shared
-                    .dlq
-                    .written_since(&coords, since_ms)
-                    .await
-                    .then_some(true),
+                DeadLetterClaim::Lapsed { since_ms } => {
+                    shared.dlq.written_since(&coords, since_ms).await.then_some(true)
+                }
             };
             let written = match found {
                 Some(remember) => {

@@ -312,8 +312,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
         stats["requests"], stats["by_status"], stats["injected_faults"]
     );
     println!(
-        "chaos: {} dead letters for {} invalid records; {} invalid records dead-lettered more than once \
-         (re-read after a kill or a lost partition): {:?}",
+        "chaos: {} dead letters for {} invalid records; {} records dead-lettered more than once: {:?}",
         dead.len(),
         ledger.invalid.len(),
         acc.repeated_dead_letters.len(),

@@ -152,7 +152,10 @@ async fn sigkill_and_restart_repeat_nothing() {
             ("dedupe", "in_doubt")
         );
         let id = header(m, "dp.dedupe_key");
-        assert!(id.starts_with("b-") && !ids.contains_key(&id), "{id} in doubt, and sent");
+        assert!(
+            id.starts_with("b-") && !ids.contains_key(&id),
+            "{id} in doubt, and sent"
+        );
     }
     assert_eq!(ids.len(), 2_500 - in_doubt, "everything not in doubt delivered");
     assert!(ids.values().all(|n| *n == 1));
@@ -278,15 +281,33 @@ async fn a_lapsed_dead_letter_claim_is_looked_up_in_the_topic() {
             .unwrap();
     }
     let headers = OwnedHeaders::new()
-        .insert(Header { key: "dp.stage", value: Some("mapping") })
-        .insert(Header { key: "dp.reason", value: Some("not_json") })
-        .insert(Header { key: "dp.source.topic", value: Some("tx") })
-        .insert(Header { key: "dp.source.partition", value: Some("0") })
-        .insert(Header { key: "dp.source.offset", value: Some("10") });
+        .insert(Header {
+            key: "dp.stage",
+            value: Some("mapping"),
+        })
+        .insert(Header {
+            key: "dp.reason",
+            value: Some("not_json"),
+        })
+        .insert(Header {
+            key: "dp.source.topic",
+            value: Some("tx"),
+        })
+        .insert(Header {
+            key: "dp.source.partition",
+            value: Some("0"),
+        })
+        .insert(Header {
+            key: "dp.source.offset",
+            value: Some("10"),
+        });
     broker
         .producer()
         .send(
-            FutureRecord::to("tx.dlq").key("bad-10").payload("{not json").headers(headers),
+            FutureRecord::to("tx.dlq")
+                .key("bad-10")
+                .payload("{not json")
+                .headers(headers),
             Duration::from_secs(10),
         )
         .await
@@ -308,7 +329,10 @@ async fn a_lapsed_dead_letter_claim_is_looked_up_in_the_topic() {
     assert_eq!(sandbox.accepted().await, 18);
     // Both are remembered now: the claim became the fact.
     for coords in ["tx/0/10", "tx/0/11"] {
-        let v: String = redis::cmd("GET").arg(format!("e2e:dead:{coords}")).query(&mut conn).unwrap();
+        let v: String = redis::cmd("GET")
+            .arg(format!("e2e:dead:{coords}"))
+            .query(&mut conn)
+            .unwrap();
         assert_eq!(v, "1", "{coords}");
     }
     assert!(!bridge.proc.log_text().contains(API_KEY));

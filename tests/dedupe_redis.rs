@@ -373,7 +373,11 @@ async fn a_dead_letter_is_claimed_across_replicas() {
     let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
     // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
     // writes; the other waits and finds it written.
-    assert_eq!(a.claim_dead_letter("tx/0/7").await, DeadLetterClaim::Mine, "a claims and writes");
+    assert_eq!(
+        a.claim_dead_letter("tx/0/7").await,
+        DeadLetterClaim::Mine,
+        "a claims and writes"
+    );
     let b_claim = b.claim_dead_letter("tx/0/7");
     tokio::pin!(b_claim);
     assert!(
@@ -383,7 +387,11 @@ async fn a_dead_letter_is_claimed_across_replicas() {
         "b waits while a holds the claim"
     );
     a.dead_lettered("tx/0/7").await;
-    assert_eq!(b_claim.await, DeadLetterClaim::Written, "b finds it dead-lettered and does not write");
+    assert_eq!(
+        b_claim.await,
+        DeadLetterClaim::Written,
+        "b finds it dead-lettered and does not write"
+    );
     // A claimer that dies: its claim lapses after the lease, and the next one is told when it was
     // taken, to look in the topic for a write the broker may have taken before the death.
     let before_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - 1000;
@@ -394,7 +402,10 @@ async fn a_dead_letter_is_claimed_across_replicas() {
         panic!("b must take over a lapsed claim")
     };
     assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
-    assert!(since_ms >= before_ms && since_ms <= before_ms + 10_000, "{since_ms} vs {before_ms}");
+    assert!(
+        since_ms >= before_ms && since_ms <= before_ms + 10_000,
+        "{since_ms} vs {before_ms}"
+    );
     b.dead_lettered("tx/0/8").await;
     assert_eq!(b.claim_dead_letter("tx/0/8").await, DeadLetterClaim::Written);
     // A write given up (shutdown's deadline) and tried again by the same process: its own claim.

@@ -302,10 +302,7 @@ impl RedisStore {
                 .arg(self.lease.as_millis() as u64)
                 .arg(self.ttl.as_millis() as u64);
             let mut conn = self.conn.clone();
-            let answer: String = inv
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
+            let answer: String = inv.invoke_async(&mut conn).await.map_err(|e| format!("redis: {e}"))?;
             match answer.split_once(' ') {
                 _ if answer == "done" => return Ok(DeadLetterClaim::Written),
                 _ if answer == "mine" => return Ok(DeadLetterClaim::Mine),

@@ -354,13 +354,21 @@ fn deduper_is_send_and_sync() {
 #[tokio::test]
 async fn a_dead_letter_is_written_by_one_task_and_remembered() {
     let d = deduper(DedupeConfig::default()).await;
-    assert_eq!(d.claim_dead_letter("tx/0/1").await, DeadLetterClaim::Mine, "the first task claims it");
+    assert_eq!(
+        d.claim_dead_letter("tx/0/1").await,
+        DeadLetterClaim::Mine,
+        "the first task claims it"
+    );
     // A second task of this process (the record read again) waits for the first one's write.
     let second = d.claim_dead_letter("tx/0/1");
     tokio::pin!(second);
     assert_waiting(&mut second).await;
     d.dead_lettered("tx/0/1").await;
-    assert_eq!(second.await, DeadLetterClaim::Written, "the second task finishes it without writing");
+    assert_eq!(
+        second.await,
+        DeadLetterClaim::Written,
+        "the second task finishes it without writing"
+    );
     // A write that did not happen (shutdown) gives the claim back.
     assert_eq!(d.claim_dead_letter("tx/0/2").await, DeadLetterClaim::Mine);
     d.release_dead_letter("tx/0/2");

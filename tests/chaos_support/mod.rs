@@ -220,11 +220,8 @@ pub fn read_dead_letters(
 pub struct Accounting {
     /// Problems that break the promise (loss, double sends, wrong reasons): the test fails.
     pub problems: Vec<String>,
-    /// Invalid records dead-lettered more than once: key → copies. The bridge claims dead letters
-    /// in its dedupe store, so a re-read record is not written again, even by two owners at once;
-    /// one window remains (a kill after the dead letter reached the broker and before the store
-    /// write: the claim lapses and the next owner writes it again), which SIGKILLs at random hit
-    /// now and then, so repeats are reported, not failed on (see docs/chaos.md).
+    /// Records dead-lettered more than once: key → copies (a failure: the bridge claims dead
+    /// letters by coordinates, and looks a lapsed claim up in the topic before writing again).
     pub repeated_dead_letters: BTreeMap<String, usize>,
     /// Valid ids dead-lettered as `in_doubt` (in flight in a process that was killed), with whether
     /// the API had accepted them (the request left before the kill) or not.
@@ -353,6 +350,13 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
                 }
             }
         }
+    }
+    if !a.repeated_dead_letters.is_empty() {
+        a.problems.push(format!(
+            "{} records dead-lettered more than once: {:?}",
+            a.repeated_dead_letters.len(),
+            a.repeated_dead_letters.iter().take(20).collect::<Vec<_>>()
+        ));
     }
     if !missing.is_empty() {
         a.problems.push(format!(

@@ -88,6 +88,7 @@ on_store_unavailable = {{ $v.dedupe.onStoreUnavailable | toJson }}
 [dedupe.redis]
 url = {{ $v.redis.url | toJson }}
 prefix = {{ $v.dedupe.prefix | toJson }}
+in_doubt = {{ $v.dedupe.inDoubt | toJson }}
 {{- end }}
 {{- end -}}
 
