@@ -342,7 +342,56 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
         ),
     );
 
+    // The operator's part (docs/operations.md): ids in doubt that DataPulse (here, the sandbox)
+    // does not have are replayed from the dead-letter topic. Then every valid id must have been
+    // accepted exactly once.
+    let missing: Vec<&DeadLetter> = dead
+        .iter()
+        .filter(|d| d.reason == "in_doubt" && !accepted.contains_key(&d.key))
+        .collect();
+    let mut replay_problem = None;
+    if !missing.is_empty() {
+        let mut args = vec!["replay", "--reason", "in_doubt"];
+        for d in &missing {
+            args.extend(["--record", d.source.as_str()]);
+        }
+        let (ok, out) = tokio::task::block_in_place(|| last.dlq(&args));
+        if !ok || !out.contains(&format!("{} dead letters replayed", missing.len())) {
+            replay_problem = Some(format!(
+                "dlq replay of the {} ids in doubt failed: {out}",
+                missing.len()
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let now = accepted_ids(&sandbox).await;
+            if missing.iter().all(|d| now.contains_key(&d.key)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let after_replay = accepted_ids(&sandbox).await;
+    let not_once: Vec<String> = ledger
+        .valid
+        .iter()
+        .filter(|(tx, _, _)| after_replay.get(tx).copied().unwrap_or(0) != 1)
+        .take(20)
+        .map(|(tx, _, _)| format!("{tx} x{}", after_replay.get(tx).copied().unwrap_or(0)))
+        .collect();
+    println!(
+        "chaos: replayed the {} ids in doubt the sandbox did not have; every valid id accepted exactly once: {}",
+        missing.len(),
+        not_once.is_empty()
+    );
+
     let mut problems = acc.problems;
+    problems.extend(replay_problem);
+    if !not_once.is_empty() {
+        problems.push(format!(
+            "after replaying the ids in doubt, valid ids not accepted exactly once: {not_once:?}"
+        ));
+    }
     problems.extend(order);
     if limited > 0 {
         problems.push(format!(

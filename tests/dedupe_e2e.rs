@@ -162,16 +162,10 @@ async fn sigkill_and_restart_repeat_nothing() {
 
     // The operator finds them missing in DataPulse and replays them: the replay lets each id go,
     // and the bridge sends each once.
-    let replay = std::process::Command::new(BIN)
-        .args(["dlq", "replay", "--reason", "in_doubt", "--config"])
-        .arg(&b3.config)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&replay.stdout);
+    let (ok, out) = b3.dlq(&["replay", "--reason", "in_doubt"]);
     assert!(
-        replay.status.success() && out.contains(&format!("{in_doubt} dead letters replayed")),
-        "{out} {}",
-        String::from_utf8_lossy(&replay.stderr)
+        ok && out.contains(&format!("{in_doubt} dead letters replayed")),
+        "{out}"
     );
     wait_until(2 * MIN, "all 2,500 accepted", || async {
         sandbox.accepted().await >= 2_500

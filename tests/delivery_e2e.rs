@@ -168,9 +168,10 @@ async fn timeouts_deliver_everything_once() {
     assert!(metric_sum(&m, "datapulse_bridge_api_requests_total", &["status=\"timeout\""]) >= 3.0);
 }
 
-/// An API outage of 15 s, longer than the consumer's session timeout (6 s): the bridge keeps
-/// polling with its partitions paused, so its group membership survives (no revocation, no
-/// rebalance), nothing is committed past the undelivered records, and recovery delivers all.
+/// An API outage of 15 s, longer than the consumer's session timeout (6 s) and its
+/// `max.poll.interval.ms` (7 s): the bridge keeps polling with its partitions paused, so its group
+/// membership survives (no revocation, no rebalance), nothing is committed past the undelivered
+/// records, and recovery delivers all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_longer_than_session_timeout_keeps_membership() {
     let dir = workdir("doutage");
@@ -179,7 +180,11 @@ async fn outage_longer_than_session_timeout_keeps_membership() {
     broker.create_topic("tx.dlq", 1).await;
     let sandbox = Sandbox::start(&dir, &[]);
     let group = "g-doutage";
-    let cfg = bridge_config(&broker, &sandbox.url, group, "tx", FAST_RETRIES);
+    let cfg = bridge_config(&broker, &sandbox.url, group, "tx", FAST_RETRIES).replace(
+        "\"session.timeout.ms\" = 6000",
+        "\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 7000",
+    );
+    assert!(cfg.contains("max.poll.interval.ms"));
     let bridge = Bridge::start(&dir, "bridge", &cfg);
     wait_until(MIN, "bridge ready", || async { bridge.ready().await.0 == 200 }).await;
     let first = deposits("a", 500, 2);

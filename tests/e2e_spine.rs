@@ -234,27 +234,14 @@ async fn bad_records_are_dead_lettered_with_reasons() {
 
     // `dlq list` groups them by reason; `dlq replay` sends the chosen one through the running
     // pipeline again (still malformed, so it comes back with a `dp.replayed_from` header).
-    let list = std::process::Command::new(BIN)
-        .args(["dlq", "list", "--config"])
-        .arg(&bridge.config)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&list.stdout);
-    assert!(list.status.success(), "{out} {}", String::from_utf8_lossy(&list.stderr));
+    let (ok, out) = bridge.dlq(&["list"]);
+    assert!(ok, "{out}");
     assert!(
         out.contains("2 dead letters") && out.contains("validation: currency") && out.contains("tx/0/20"),
         "{out}"
     );
-    let replay = std::process::Command::new(BIN)
-        .args(["dlq", "replay", "--stage", "mapping", "--config"])
-        .arg(&bridge.config)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&replay.stdout);
-    assert!(
-        replay.status.success() && out.contains("1 dead letters replayed"),
-        "{out}"
-    );
+    let (ok, out) = bridge.dlq(&["replay", "--stage", "mapping"]);
+    assert!(ok && out.contains("1 dead letters replayed"), "{out}");
     wait_until(MIN, "the replayed record committed", || async {
         broker.committed("g-dlq", "tx", 1) == vec![103]
     })

@@ -375,6 +375,24 @@ impl Bridge {
         }
     }
 
+    /// Runs `datapulse-bridge dlq <args> --config <this bridge's config>`: whether it succeeded,
+    /// and its standard output followed by its standard error.
+    pub fn dlq(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(BIN)
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// Whether its readiness says no partitions are assigned (condition `assignment`).
     pub async fn unassigned(&self) -> bool {
         let Ok(r) = reqwest::get(format!("{}/health/ready", self.ops)).await else {
