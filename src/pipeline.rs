@@ -24,7 +24,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -849,11 +849,18 @@ async fn process_batch(
     let marks = SentMarks {
         deduper,
         keys: events.iter().map(|e| &e.0).collect(),
+        exposed: AtomicBool::new(false),
     };
     let results = match deliverer.deliver_json(&bodies, &shared.abandon, &marks).await {
         Ok(r) => r,
         Err(_cancelled) => {
-            deduper.release(&events.iter().map(|e| &e.0).collect::<Vec<_>>()).await;
+            // Shutdown's deadline: a request that may have been counted leaves its ids in doubt
+            // for the next owner; otherwise they are free again.
+            if marks.exposed.load(Ordering::Relaxed) {
+                deduper.abandon(&marks.keys).await;
+            } else {
+                deduper.release(&marks.keys).await;
+            }
             METRICS.abandoned.inc_by(events.len() as u64);
             return;
         }
@@ -932,10 +939,13 @@ async fn process_batch(
 struct SentMarks<'a> {
     deduper: &'a Deduper,
     keys: Vec<&'a EventKeys>,
+    /// What the deliverer last said: a request may have been counted.
+    exposed: AtomicBool,
 }
 
 impl crate::deliver::Exposure for SentMarks<'_> {
     async fn exposed(&self) {
+        self.exposed.store(true, Ordering::Relaxed);
         let mut backoff = Duration::from_millis(100);
         while let Err(e) = self.deduper.mark_sent(&self.keys, true).await {
             tracing::warn!(error = %e.0, "cannot mark ids as sent in the dedupe store; the request waits");
@@ -945,6 +955,7 @@ impl crate::deliver::Exposure for SentMarks<'_> {
     }
 
     async fn unexposed(&self) {
+        self.exposed.store(false, Ordering::Relaxed);
         // Best effort: a mark left behind makes a crash's next owner dead-letter the ids as in
         // doubt, never send them twice.
         let _ = self.deduper.mark_sent(&self.keys, false).await;

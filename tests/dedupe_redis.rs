@@ -345,6 +345,30 @@ async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    // Shutdown's deadline passes while a's request is out (A1), and before b's has left (A2).
+    let (ka, kb) = (keys(&a, &[deposit("A1")]), keys(&b, &[deposit("A2")]));
+    assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
+    a.mark_sent(&refs(&ka), true).await.unwrap();
+    a.abandon(&refs(&ka)).await;
+    assert_eq!(b.check(&refs(&kb)).await.unwrap(), vec![Verdict::Send]);
+    b.release(&refs(&kb)).await;
+    // The next owner needs no lease to know: A1 may have been counted, A2 was not.
+    let c = Deduper::new(&cfg).await.unwrap();
+    let start = Instant::now();
+    let v = c
+        .check(&refs(&keys(&c, &[deposit("A1"), deposit("A2")])))
+        .await
+        .unwrap();
+    assert!(matches!(v[..], [Verdict::InDoubt { .. }, Verdict::Send]), "{v:?}");
+    assert!(start.elapsed() < LEASE / 2, "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();

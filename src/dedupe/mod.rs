@@ -56,6 +56,27 @@ pub enum DeadLetterClaim {
     Lapsed { since_ms: i64 },
 }
 
+/// How held events are let go, as the Redis release script's mode says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LetGo {
+    /// Not delivered and surely not counted: claims and `sent:` marks go.
+    Release,
+    /// May have been counted (a request was out at shutdown's deadline): claims go, marks stay.
+    Abandon,
+    /// In doubt and dead-lettered: claims go, the marks become `doubt`.
+    Doubt,
+}
+
+impl LetGo {
+    fn mode(self) -> &'static str {
+        match self {
+            LetGo::Release => "release",
+            LetGo::Abandon => "abandon",
+            LetGo::Doubt => "doubt",
+        }
+    }
+}
+
 /// The dedupe store is unreachable; under the `pause` policy the caller waits and retries.
 #[derive(Debug, Clone)]
 pub struct StoreUnavailable(pub String);
@@ -497,7 +518,14 @@ impl Deduper {
     /// (dead-lettered after the API's 400, or abandoned).
     /// With Redis the claims are deleted; if that fails they expire after the lease.
     pub async fn release(&self, keys: &[&EventKeys]) {
-        self.let_go(keys, false).await
+        self.let_go(keys, LetGo::Release).await
+    }
+
+    /// Gives up events judged `Send` whose request may have reached the API (shutdown's deadline
+    /// passed with it out): the claims go, the `sent:` marks stay (Redis), so that the next owner
+    /// finds the ids in doubt instead of sending them again.
+    pub async fn abandon(&self, keys: &[&EventKeys]) {
+        self.let_go(keys, LetGo::Abandon).await
     }
 
     /// Ends the hold of an event judged `InDoubt` once its dead letter is written: later copies of
@@ -505,10 +533,10 @@ impl Deduper {
     /// ([`Deduper::forget_doubt`]). If the store cannot record it, a later copy is judged in doubt
     /// again (and dead-lettered too): never sent.
     pub async fn doubt_dead_lettered(&self, keys: &[&EventKeys]) {
-        self.let_go(keys, true).await
+        self.let_go(keys, LetGo::Doubt).await
     }
 
-    async fn let_go(&self, keys: &[&EventKeys], doubt: bool) {
+    async fn let_go(&self, keys: &[&EventKeys], how: LetGo) {
         {
             let mut local = self.lock();
             for k in keys {
@@ -517,7 +545,7 @@ impl Deduper {
         }
         if let Store::Redis(r) = &self.store {
             let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
-            if let Err(e) = r.release(&probes, doubt).await {
+            if let Err(e) = r.release(&probes, how).await {
                 tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
             }
         }

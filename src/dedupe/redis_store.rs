@@ -15,7 +15,7 @@
 //! nothing in that round (holding nothing while waiting rules out deadlocks between replicas) and
 //! polls until the claim is resolved.
 
-use super::{DeadLetterClaim, Local, Lookup, Probe, StoreError, METRICS};
+use super::{DeadLetterClaim, LetGo, Local, Lookup, Probe, StoreError, METRICS};
 use crate::dedupe::{DedupeConfig, InDoubt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
@@ -115,9 +115,10 @@ return lost
 ";
 
 /// Drops this owner's claims on probes that were not delivered. KEYS: 3 a probe (claim, own
-/// in-flight, sent). ARGV: owner, mode, ttl ms, specs. Mode `release`: never sent (the API's 400,
-/// abandoned), the `sent` mark goes too. Mode `doubt`: the record carrying an id in doubt was
-/// dead-lettered, later copies are duplicates of it (`sent` = `doubt` for the ttl).
+/// in-flight, sent). ARGV: owner, mode, ttl ms, specs. Mode `release`: not counted (the API's 400,
+/// given up before a request could count), this owner's `sent` mark goes too. `abandon`: given up
+/// while a request may have counted, the mark stays. `doubt`: the record carrying an id in doubt
+/// was dead-lettered, later copies are duplicates of it (`sent` = `doubt` for the ttl).
 const RELEASE_LUA: &str = r"
 local owner, mode, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 for i = 1, #ARGV - 3 do
@@ -126,7 +127,7 @@ for i = 1, #ARGV - 3 do
     if redis.call('GET', KEYS[k + 1]) == owner then redis.call('DEL', KEYS[k + 1]) end
     if mode == 'doubt' then
       redis.call('SET', KEYS[k + 3], 'doubt', 'PX', ttl)
-    elseif redis.call('GET', KEYS[k + 3]) == owner then
+    elseif mode == 'release' and redis.call('GET', KEYS[k + 3]) == owner then
       redis.call('DEL', KEYS[k + 3])
     end
   end
@@ -441,17 +442,14 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Drops this owner's claims on probes that were not delivered, in one round trip: given up
-    /// (`doubt` false), or (`doubt` true) dead-lettered as in doubt, which makes later copies
-    /// duplicates of that dead letter.
-    pub(super) async fn release(&self, probes: &[Probe<'_>], doubt: bool) -> Result<(), String> {
+    /// Drops this owner's claims on probes that were not delivered, in one round trip (see
+    /// [`LetGo`] for what becomes of their `sent:` marks).
+    pub(super) async fn release(&self, probes: &[Probe<'_>], how: LetGo) -> Result<(), String> {
         if probes.is_empty() {
             return Ok(());
         }
         let mut inv = self.release.prepare_invoke();
-        inv.arg(&self.owner)
-            .arg(if doubt { "doubt" } else { "release" })
-            .arg(self.ttl.as_millis() as u64);
+        inv.arg(&self.owner).arg(how.mode()).arg(self.ttl.as_millis() as u64);
         for p in probes {
             let key = p.key.unwrap_or("");
             let (bet, kind) = p.guard.map(|(b, k)| (b, k.letter())).unwrap_or(("", "-"));
