@@ -117,6 +117,20 @@ fn config(url: String, policy: OnStoreUnavailable) -> DedupeConfig {
     cfg
 }
 
+/// One test's world: the lock that runs the tests one at a time, its own redis-server, and a
+/// config for it.
+async fn world(policy: OnStoreUnavailable) -> (tokio::sync::MutexGuard<'static, ()>, RedisServer, DedupeConfig) {
+    let serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let cfg = config(server.url(), policy);
+    (serial, server, cfg)
+}
+
+/// A replica: one process's deduper.
+async fn deduper(cfg: &DedupeConfig) -> Deduper {
+    Deduper::new(cfg).await.unwrap()
+}
+
 fn deposit(tx: &str) -> Event<'static> {
     Event {
         client_user_id: "user_001".into(),
@@ -203,10 +217,8 @@ async fn replica(d: Deduper, batches: Vec<Vec<Event<'static>>>, sent: Sent) -> D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_racing_on_the_same_ids_send_each_once() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     let ids: Vec<String> = (0..600).map(|i| format!("tx_{i}")).collect();
     // Both replicas see every id (the same transaction published on two partitions), in batches
     // of 50: one in the same order as the other (contending on every batch), then in the
@@ -241,12 +253,10 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_again() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let a = Deduper::new(&cfg).await.unwrap();
-    let b = Deduper::new(&cfg).await.unwrap();
-    let c = Deduper::new(&cfg).await.unwrap();
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = deduper(&cfg).await;
+    let b = deduper(&cfg).await;
+    let c = deduper(&cfg).await;
     let in_doubt_before = metric("datapulse_bridge_dedupe_in_doubt_total", None);
     let batch = vec![deposit("T1"), deposit("T2")];
     let ka = keys(&a, &batch);
@@ -294,10 +304,8 @@ async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_agai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     let batch = vec![deposit("D1")];
     let ka = keys(&a, &batch);
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
@@ -316,17 +324,15 @@ async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
     ));
     // b dies holding it in doubt: the next one finds it in doubt too, after the lease.
     drop(b);
-    let c = Deduper::new(&cfg).await.unwrap();
+    let c = deduper(&cfg).await;
     let v = c.check(&refs(&keys(&c, &batch))).await.unwrap();
     assert!(matches!(v[..], [Verdict::InDoubt { .. }]), "{v:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     // N1: claimed, then killed while waiting for the rate budget (no request left).
     // N2: its request left and was refused (a 429, a 401): the mark is taken back.
     let batch = vec![deposit("N1"), deposit("N2")];
@@ -346,10 +352,8 @@ async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     // Shutdown's deadline passes while a's request is out (A1), and before b's has left (A2).
     let (ka, kb) = (keys(&a, &[deposit("A1")]), keys(&b, &[deposit("A2")]));
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
@@ -358,7 +362,7 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
     assert_eq!(b.check(&refs(&kb)).await.unwrap(), vec![Verdict::Send]);
     b.release(&refs(&kb)).await;
     // The next owner needs no lease to know: A1 may have been counted, A2 was not.
-    let c = Deduper::new(&cfg).await.unwrap();
+    let c = deduper(&cfg).await;
     let start = Instant::now();
     let v = c
         .check(&refs(&keys(&c, &[deposit("A1"), deposit("A2")])))
@@ -370,12 +374,10 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let mut cfg = config(server.url(), OnStoreUnavailable::Pause);
+    let (_serial, _server, mut cfg) = world(OnStoreUnavailable::Pause).await;
     cfg.redis.in_doubt = InDoubt::Resend;
-    let a = Deduper::new(&cfg).await.unwrap();
-    let b = Deduper::new(&cfg).await.unwrap();
+    let a = deduper(&cfg).await;
+    let b = deduper(&cfg).await;
     let batch = vec![deposit("R1"), deposit("R2")];
     let ka = keys(&a, &batch);
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
@@ -391,10 +393,8 @@ async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_claimed_across_replicas() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
     // writes; the other waits and finds it written.
     assert_eq!(
@@ -440,11 +440,9 @@ async fn a_dead_letter_is_claimed_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_replica_keeps_its_claim_past_the_lease() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let a = Arc::new(Deduper::new(&cfg).await.unwrap());
-    let b = Deduper::new(&cfg).await.unwrap();
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = Arc::new(deduper(&cfg).await);
+    let b = deduper(&cfg).await;
     let batch = vec![deposit("SLOW")];
     assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // The API is slow (429s, retries): delivery takes longer than the lease.
@@ -465,11 +463,9 @@ async fn a_live_replica_keeps_its_claim_past_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Deliver);
-    let a = Deduper::new(&cfg).await.unwrap();
-    let b = Deduper::new(&cfg).await.unwrap();
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Deliver).await;
+    let a = deduper(&cfg).await;
+    let b = deduper(&cfg).await;
     let stuck = vec![deposit("STUCK")];
     assert_eq!(a.check(&refs(&keys(&a, &stuck))).await.unwrap(), vec![Verdict::Send]);
     // a is alive (renewing) but never finishes: b neither sends nor finishes the event, and gives
@@ -489,11 +485,9 @@ async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_check_leaves_nothing_held() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let a = Deduper::new(&cfg).await.unwrap();
-    let b = Deduper::new(&cfg).await.unwrap();
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = deduper(&cfg).await;
+    let b = deduper(&cfg).await;
     let batch = vec![deposit("C1")];
     assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // b waits for a's claim; its caller gives up (the check future is dropped).
@@ -592,10 +586,8 @@ async fn deliver_policy_sends_without_store_counted_and_visible() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_works_across_replicas_in_both_orders_and_in_flight() {
-    let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let cfg = config(server.url(), OnStoreUnavailable::Pause);
-    let (a, b) = (Deduper::new(&cfg).await.unwrap(), Deduper::new(&cfg).await.unwrap());
+    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
     let double = |v: &Verdict, bet: &str| matches!(v, Verdict::DoubleCount { reason } if reason.contains(bet));
 
     // Embedded result delivered by a, then a standalone win for the same bet at b.

@@ -317,17 +317,8 @@ async fn secrets_never_appear_and_json_logs_parse() {
         cfg_text.contains(API_KEY) && cfg_text.contains(SASL_PASSWORD),
         "the run had both secrets"
     );
-    let check = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&run.config)
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    assert!(check.status.success(), "{out}");
+    let (ok, out) = command(&["check"], &run.config);
+    assert!(ok, "{out}");
     assert!(out.contains("<redacted>"), "{out}");
     for (what, text) in [("log", &run.log), ("metrics", &run.metrics), ("check", &out)] {
         assert!(!text.contains(API_KEY), "the API key appears in the {what}");

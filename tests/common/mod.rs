@@ -59,6 +59,23 @@ pub fn workdir(name: &str) -> PathBuf {
     dir
 }
 
+/// Runs `datapulse-bridge <args> --config <config>` to its end: whether it succeeded, and its
+/// standard output followed by its standard error.
+pub fn command(args: &[&str], config: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// A child process killed (SIGKILL) on drop.
 pub struct Proc {
     pub child: Option<Child>,
@@ -375,22 +392,9 @@ impl Bridge {
         }
     }
 
-    /// Runs `datapulse-bridge dlq <args> --config <this bridge's config>`: whether it succeeded,
-    /// and its standard output followed by its standard error.
+    /// Runs `datapulse-bridge dlq <args>` on this bridge's config (see [`command`]).
     pub fn dlq(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(BIN)
-            .arg("dlq")
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        command(&[&["dlq"], args].concat(), &self.config)
     }
 
     /// Whether its readiness says no partitions are assigned (condition `assignment`).
