@@ -58,8 +58,6 @@ pub struct Reason {
     /// A sentence naming the field and the problem.
     pub message: String,
     pub http_status: Option<u16>,
-    /// The dedupe key of an event dead-lettered as `in_doubt` (`dlq replay` lets it go).
-    pub dedupe_key: Option<String>,
 }
 
 /// Header names of the dead-letter metadata.
@@ -126,12 +124,9 @@ impl DeadLetters {
     /// (see [`contains`]). When the topic cannot be read, false: written again rather than lost.
     pub async fn written_since(&self, coords: &str, since_ms: i64) -> bool {
         let (kafka, topic, c) = (self.kafka.clone(), self.topic.clone(), coords.to_string());
-        match tokio::task::spawn_blocking(move || contains(&kafka, &topic, &c, since_ms)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                tracing::warn!(record = coords, error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
-                false
-            }
+        let read = tokio::task::spawn_blocking(move || contains(&kafka, &topic, &c, since_ms)).await;
+        match read.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(found) => found,
             Err(e) => {
                 tracing::warn!(record = coords, error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
                 false
@@ -144,8 +139,16 @@ impl DeadLetters {
     }
 
     /// Writes a dead letter and waits for the broker's acknowledgement, retrying with backoff.
-    /// Returns false only when `cancel` fired first (the record then stays unfinished).
-    pub async fn send(&self, rec: &OwnedRecord, why: &Reason, cancel: &CancellationToken) -> bool {
+    /// `dedupe_key`: the key of an event dead-lettered in doubt (header `dp.dedupe_key`, which
+    /// `dlq replay` lets go). Returns false only when `cancel` fired first (the record then stays
+    /// unfinished).
+    pub async fn send(
+        &self,
+        rec: &OwnedRecord,
+        why: &Reason,
+        dedupe_key: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> bool {
         let partition = rec.partition.to_string();
         let offset = rec.offset.to_string();
         let now = time::OffsetDateTime::now_utc()
@@ -194,10 +197,10 @@ impl DeadLetters {
                     value: Some(s.as_str()),
                 });
             }
-            if let Some(k) = &why.dedupe_key {
+            if let Some(k) = dedupe_key {
                 h = h.insert(Header {
                     key: headers::DEDUPE_KEY,
-                    value: Some(k.as_str()),
+                    value: Some(k),
                 });
             }
             let record = rec.to_record(&self.topic, h);

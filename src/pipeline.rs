@@ -262,29 +262,25 @@ impl Shared {
             // is dead-lettered by whoever claims it first; the others finish it as the dead
             // letter it already is.
             let coords = rec.coordinates();
-            let found = match shared.deduper.claim_dead_letter(&coords).await {
-                DeadLetterClaim::Written => Some(false),
-                DeadLetterClaim::Mine => None,
-                // Its last claimer died holding the claim, perhaps after the broker took the write.
-                DeadLetterClaim::Lapsed { since_ms } => {
-                    shared.dlq.written_since(&coords, since_ms).await.then_some(true)
-                }
-            };
-            let written = match found {
-                Some(remember) => {
+            let written = match shared.deduper.claim_dead_letter(&coords).await {
+                DeadLetterClaim::Written => {
                     tracing::debug!(record = %coords, "already dead-lettered");
-                    if remember {
-                        shared.deduper.dead_lettered(&coords).await;
-                    }
                     true
                 }
-                None if shared.dlq.send(&rec, &why, &shared.abandon).await => {
+                // Its last claimer died holding the claim, perhaps after the broker took the write.
+                DeadLetterClaim::Lapsed { since_ms } if shared.dlq.written_since(&coords, since_ms).await => {
                     shared.deduper.dead_lettered(&coords).await;
                     true
                 }
-                None => {
-                    shared.deduper.release_dead_letter(&coords);
-                    false
+                DeadLetterClaim::Mine | DeadLetterClaim::Lapsed { .. } => {
+                    let dedupe_key = doubt.as_ref().and_then(EventKeys::key);
+                    if shared.dlq.send(&rec, &why, dedupe_key, &shared.abandon).await {
+                        shared.deduper.dead_lettered(&coords).await;
+                        true
+                    } else {
+                        shared.deduper.release_dead_letter(&coords);
+                        false
+                    }
                 }
             };
             if let Some(keys) = &doubt {
@@ -564,7 +560,6 @@ fn handle(
                     code: "too_large".into(),
                     message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
                     http_status: None,
-                    dedupe_key: None,
                 };
                 shared.dead_letter(rec, ticket, why, None);
                 return;
@@ -588,7 +583,6 @@ fn handle(
                 code: err.reason.clone(),
                 message: format!("record {}: field `{field}`: {}", rec.coordinates(), err.message),
                 http_status: None,
-                dedupe_key: None,
             };
             shared.dead_letter(rec, ticket, why, None);
         }
@@ -818,7 +812,6 @@ async fn process_batch(
                     code: "double_count".into(),
                     message: reason,
                     http_status: None,
-                    dedupe_key: None,
                 };
                 shared.dead_letter(p.rec, p.ticket, why, None);
             }
@@ -828,7 +821,6 @@ async fn process_batch(
                     code: "in_doubt".into(),
                     message: format!("record {}: {reason}", p.rec.coordinates()),
                     http_status: None,
-                    dedupe_key: p.keys.key().map(str::to_string),
                 };
                 shared.dead_letter(p.rec, p.ticket, why, Some(p.keys));
             }
@@ -891,7 +883,6 @@ async fn process_batch(
                 crate::event::truncate(&body)
             ),
             http_status: Some(status),
-            dedupe_key: None,
         };
         shared.dead_letter(rec, ticket, why, None);
     }
