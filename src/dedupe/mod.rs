@@ -352,9 +352,11 @@ impl Deduper {
         };
         std::mem::forget(held);
         {
+            // Only the Redis renewer reads the claimed flag: the memory store skips a lookup per event.
+            let renewed = matches!(self.store, Store::Redis(_));
             let mut local = self.lock();
             for (&i, lookup) in pending.iter().zip(lookups) {
-                if matches!(lookup, Lookup::Free | Lookup::InDoubt) {
+                if renewed && matches!(lookup, Lookup::Free | Lookup::InDoubt) {
                     if let Some(claimed) = keys[i].key.as_ref().and_then(|k| local.keys.get_mut(k)) {
                         *claimed = true;
                     }

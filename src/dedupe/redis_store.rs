@@ -304,15 +304,14 @@ impl RedisStore {
                 .arg(self.ttl.as_millis() as u64);
             let mut conn = self.conn.clone();
             let answer: String = inv.invoke_async(&mut conn).await.map_err(|e| format!("redis: {e}"))?;
-            match answer.split_once(' ') {
-                _ if answer == "done" => return Ok(DeadLetterClaim::Written),
-                _ if answer == "mine" => return Ok(DeadLetterClaim::Mine),
-                Some(("lapsed", since)) => {
-                    return Ok(DeadLetterClaim::Lapsed {
-                        since_ms: since.parse().unwrap_or(0),
-                    })
+            match answer.as_str() {
+                "done" => return Ok(DeadLetterClaim::Written),
+                "mine" => return Ok(DeadLetterClaim::Mine),
+                other => {
+                    if let Some(since_ms) = other.strip_prefix("lapsed ").and_then(|s| s.parse().ok()) {
+                        return Ok(DeadLetterClaim::Lapsed { since_ms });
+                    }
                 }
-                _ => {}
             }
             if Instant::now() >= deadline {
                 return Err(format!(
