@@ -10,15 +10,51 @@
 // the profile.
 use hashbrown::HashMap;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-/// Identifies the assignment a record was read under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket {
+/// A record's place in Kafka, its one identity in the bridge: in messages, dead-letter headers and
+/// dedupe keys it is written `topic/partition/offset` (its `Display`). A record read again after a
+/// crash or a rebalance has the same `RecordId`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordId {
+    /// The topic's name, shared by every record read from it.
+    pub topic: Arc<str>,
     pub partition: i32,
-    pub epoch: u64,
     pub offset: i64,
 }
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+impl std::str::FromStr for RecordId {
+    type Err = String;
+
+    /// Reads `topic/partition/offset` (Kafka topic names hold no `/`).
+    fn from_str(s: &str) -> Result<RecordId, String> {
+        let bad = || format!("`{s}` is not a record's `topic/partition/offset`");
+        let mut parts = s.rsplitn(3, '/');
+        let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        if topic.is_empty() {
+            return Err(bad());
+        }
+        Ok(RecordId {
+            topic: topic.into(),
+            partition: partition.parse().map_err(|_| bad())?,
+            offset: offset.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// The assignment a record was read under: a number this process gives each assignment of a
+/// partition to it, not Kafka's group generation (which also moves for partitions that are kept).
+/// A finish carrying an epoch that has ended (the partition was revoked since) is ignored.
+pub type Epoch = u64;
 
 #[derive(Debug)]
 struct Part {
@@ -79,17 +115,19 @@ impl Tracker {
         commit
     }
 
-    /// Whether a partition is assigned in the given epoch.
-    pub fn is_current(&self, topic: &str, t: &Ticket) -> bool {
-        self.part(topic, t.partition)
-            .is_some_and(|p| p.assigned && p.epoch == t.epoch)
+    /// Whether the record's partition is still assigned in the epoch it was read under.
+    pub fn is_current(&self, id: &RecordId, epoch: Epoch) -> bool {
+        self.part(&id.topic, id.partition)
+            .is_some_and(|p| p.assigned && p.epoch == epoch)
     }
 
-    /// Registers a record read from Kafka. Returns `None` for a partition not assigned to us
-    /// (a record fetched before a revoke took effect): the caller drops it unprocessed.
-    /// `read_at`: when the record was read (the caller reads the clock once per burst).
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64, read_at: Instant) -> Option<Ticket> {
-        let p = self.topics.get_mut(topic)?.get_mut(&partition)?;
+    /// Registers a record read from Kafka; returns the epoch it is read under. `None` for a
+    /// partition not assigned to us (a record fetched before a revoke took effect): the caller
+    /// drops it unprocessed. `read_at`: when the record was read (the caller reads the clock once
+    /// per burst).
+    pub fn begin(&mut self, id: &RecordId, read_at: Instant) -> Option<Epoch> {
+        let offset = id.offset;
+        let p = self.topics.get_mut(&*id.topic)?.get_mut(&id.partition)?;
         if !p.assigned {
             return None;
         }
@@ -102,23 +140,19 @@ impl Tracker {
             self.gaps += 1;
         }
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        Some(Ticket {
-            partition,
-            epoch: p.epoch,
-            offset,
-        })
+        Some(p.epoch)
     }
 
-    /// Records the outcome of a record. Returns false when the ticket's epoch has ended (the
-    /// partition was revoked since): the outcome must not count towards a commit.
-    pub fn finish(&mut self, topic: &str, t: &Ticket) -> bool {
-        let Some(p) = self.topics.get_mut(topic).and_then(|m| m.get_mut(&t.partition)) else {
+    /// Records the outcome of a record. Returns false when its epoch has ended (the partition was
+    /// revoked since): the outcome must not count towards a commit.
+    pub fn finish(&mut self, id: &RecordId, epoch: Epoch) -> bool {
+        let Some(p) = self.topics.get_mut(&*id.topic).and_then(|m| m.get_mut(&id.partition)) else {
             return false;
         };
-        if !p.assigned || p.epoch != t.epoch {
+        if !p.assigned || p.epoch != epoch {
             return false;
         }
-        if p.pending.remove(&t.offset).is_some() {
+        if p.pending.remove(&id.offset).is_some() {
             self.in_flight -= 1;
             true
         } else {
@@ -212,18 +246,46 @@ impl Tracker {
 mod tests {
     use super::*;
 
+    fn id(topic: &str, partition: i32, offset: i64) -> RecordId {
+        RecordId {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
+
+    /// Begins the record `topic/partition/offset`: its id and epoch, as the pipeline holds them.
+    fn begin(t: &mut Tracker, topic: &str, partition: i32, offset: i64) -> Option<(RecordId, Epoch)> {
+        let id = id(topic, partition, offset);
+        let epoch = t.begin(&id, Instant::now())?;
+        Some((id, epoch))
+    }
+
+    fn finish(t: &mut Tracker, (id, epoch): &(RecordId, Epoch)) -> bool {
+        t.finish(id, *epoch)
+    }
+
+    #[test]
+    fn a_record_id_is_written_and_read_as_topic_partition_offset() {
+        assert_eq!(id("wallet.tx", 3, 42).to_string(), "wallet.tx/3/42");
+        assert_eq!("wallet.tx/3/42".parse::<RecordId>(), Ok(id("wallet.tx", 3, 42)));
+        for bad in ["", "t/1", "/1/2", "t/x/2", "t/1/y"] {
+            assert!(bad.parse::<RecordId>().is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn commits_only_the_contiguous_finished_prefix() {
         let mut t = Tracker::new();
         t.assign("t", 0);
-        let a = t.begin("t", 0, 10, Instant::now()).unwrap();
-        let b = t.begin("t", 0, 11, Instant::now()).unwrap();
-        let c = t.begin("t", 0, 12, Instant::now()).unwrap();
+        let a = begin(&mut t, "t", 0, 10).unwrap();
+        let b = begin(&mut t, "t", 0, 11).unwrap();
+        let c = begin(&mut t, "t", 0, 12).unwrap();
         assert_eq!(t.committable("t", 0), Some(10));
-        assert!(t.finish("t", &b));
-        assert!(t.finish("t", &c));
+        assert!(finish(&mut t, &b));
+        assert!(finish(&mut t, &c));
         assert_eq!(t.committable("t", 0), Some(10), "11 and 12 are finished but 10 is not");
-        assert!(t.finish("t", &a));
+        assert!(finish(&mut t, &a));
         assert_eq!(t.committable("t", 0), Some(13));
         t.committed("t", 0, 13);
         assert_eq!(t.committable("t", 0), None);
@@ -234,26 +296,26 @@ mod tests {
     fn revoked_work_is_not_committed_by_the_old_owner() {
         let mut t = Tracker::new();
         t.assign("t", 1);
-        let a = t.begin("t", 1, 0, Instant::now()).unwrap();
-        let b = t.begin("t", 1, 1, Instant::now()).unwrap();
-        assert!(t.finish("t", &a));
+        let a = begin(&mut t, "t", 1, 0).unwrap();
+        let b = begin(&mut t, "t", 1, 1).unwrap();
+        assert!(finish(&mut t, &a));
         assert_eq!(
             t.revoke("t", 1),
             Some(1),
             "the finished prefix may be committed on revoke"
         );
-        assert!(!t.finish("t", &b), "a finish after revoke is ignored");
+        assert!(!finish(&mut t, &b), "a finish after revoke is ignored");
         assert!(
-            t.begin("t", 1, 2, Instant::now()).is_none(),
+            begin(&mut t, "t", 1, 2).is_none(),
             "records of a revoked partition are dropped"
         );
         assert_eq!(t.in_flight(), 0);
         // Reassigned: a new epoch; the old ticket stays void.
         t.assign("t", 1);
-        let b2 = t.begin("t", 1, 1, Instant::now()).unwrap();
-        assert!(!t.finish("t", &b));
+        let b2 = begin(&mut t, "t", 1, 1).unwrap();
+        assert!(!finish(&mut t, &b));
         assert_eq!(t.committable("t", 1), Some(1));
-        assert!(t.finish("t", &b2));
+        assert!(finish(&mut t, &b2));
         assert_eq!(t.committable("t", 1), Some(2));
     }
 
@@ -261,10 +323,10 @@ mod tests {
     fn duplicate_begin_counts_once() {
         let mut t = Tracker::new();
         t.assign("t", 0);
-        t.begin("t", 0, 5, Instant::now()).unwrap();
-        let a = t.begin("t", 0, 5, Instant::now()).unwrap();
+        begin(&mut t, "t", 0, 5).unwrap();
+        let a = begin(&mut t, "t", 0, 5).unwrap();
         assert_eq!(t.in_flight(), 1);
-        assert!(t.finish("t", &a));
+        assert!(finish(&mut t, &a));
         assert_eq!(t.in_flight(), 0);
         assert!(t.oldest_unfinished().is_none());
     }

@@ -1,18 +1,55 @@
-//! The Kafka consumer group: client settings, subscription, rebalance callbacks, commits.
+//! Everything that speaks Kafka consumer: client settings, subscription, the record type, the
+//! rebalance callbacks, periodic and revoke commits, pause and resume.
 //!
 //! Offsets are never stored or committed by librdkafka on its own (`enable.auto.commit=false`,
-//! `enable.auto.offset.store=false`): the pipeline commits the finished prefix the tracker
-//! (`offsets`) computes. On a revoke the finished prefix of the revoked partitions is committed
-//! synchronously inside the callback and their epoch ends, so work still in flight for them is
-//! never committed by this process (invariant 9).
+//! `enable.auto.offset.store=false`): [`Source::commit_finished`] commits the finished prefix the
+//! tracker (`offsets`) computes. On a revoke the finished prefix of the revoked partitions is
+//! committed synchronously inside the callback and their epoch ends, so work still in flight for
+//! them is never committed by this process (invariant 9).
 
 use crate::config::KafkaConfig;
 use crate::offsets::Tracker;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+pub use crate::offsets::{Epoch, RecordId};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::{ClientConfig, ClientContext, Message};
 use std::sync::{Arc, LazyLock, Mutex};
+
+/// A record as read from Kafka, owned, kept until its outcome (a dead letter needs the original).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub id: RecordId,
+    /// The record's Kafka timestamp (create or log-append time), Unix ms.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// The record's headers in order; a header without a value has an empty one.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    /// Copies a record out of librdkafka's buffer. `id`: its identity, with the topic's shared
+    /// name.
+    pub fn from_message(m: &BorrowedMessage<'_>, id: RecordId) -> Record {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            id,
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
 
 /// Properties that belong to the consumer only and must not be given to the dead-letter producer.
 pub fn is_producer_property(key: &str) -> bool {
@@ -173,7 +210,7 @@ impl ConsumerContext for SourceContext {
 }
 
 /// Notes offsets that were committed in the tracker and the committed-offset metric.
-pub(crate) fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
+fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
     let mut tracker = lock(tracker);
     for e in offsets.elements() {
         if let Offset::Offset(o) = e.offset() {
@@ -197,7 +234,65 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub type Source = StreamConsumer<SourceContext>;
+/// The consumer group member, with the tracker its rebalance callbacks keep in step.
+pub struct Source {
+    consumer: StreamConsumer<SourceContext>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl Source {
+    /// The consumer's records as a stream (take one for the loop's life: each `recv()` would
+    /// register a waker slot anew).
+    pub fn stream(&self) -> rdkafka::consumer::MessageStream<'_, SourceContext> {
+        self.consumer.stream()
+    }
+
+    /// Commits the finished prefix of every assigned partition that advanced, synchronously (one
+    /// round trip; blocking: call it from the consumer's own thread), so the tracker and the
+    /// metrics know what is committed. A failed commit (REBALANCE_IN_PROGRESS and friends) is
+    /// counted and tried again at the next call.
+    pub fn commit_finished(&self) {
+        let todo = lock(&self.tracker).to_commit();
+        if todo.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in &todo {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => record_commits(&self.tracker, &tpl),
+            Err(e) => {
+                METRICS.commit_errors.inc();
+                tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
+            }
+        }
+    }
+
+    /// Pauses (`true`) or resumes every partition assigned now; fetching stops, polling goes on,
+    /// so the group membership survives. Partitions assigned later arrive unpaused.
+    pub fn set_paused(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        if assignment.count() == 0 {
+            return;
+        }
+        let r = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, pause, "pause/resume failed");
+        }
+    }
+
+    /// Leaves the consumer group (after the last commit); the client closes when dropped.
+    pub fn leave(&self) {
+        self.consumer.unsubscribe();
+    }
+}
 
 /// The librdkafka settings of the consumer: the bridge's defaults, then the user's pass-through
 /// properties, then the settings the bridge's guarantees depend on (which config validation
@@ -228,7 +323,9 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 
 /// Creates the consumer and subscribes to the configured topics or pattern.
 pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>) -> anyhow::Result<Source> {
-    let consumer: Source = client_config(cfg).create_with_context(SourceContext { tracker })?;
+    let consumer: StreamConsumer<SourceContext> = client_config(cfg).create_with_context(SourceContext {
+        tracker: Arc::clone(&tracker),
+    })?;
     match &cfg.topic_pattern {
         // librdkafka treats a subscription starting with `^` as a regular expression.
         Some(p) => {
@@ -240,5 +337,5 @@ pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>) -> anyhow::Res
             consumer.subscribe(&topics)?
         }
     }
-    Ok(consumer)
+    Ok(Source { consumer, tracker })
 }

@@ -398,11 +398,12 @@ async fn a_dead_letter_is_claimed_across_replicas() {
     // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
     // writes; the other waits and finds it written.
     assert_eq!(
-        a.claim_dead_letter("tx/0/7").await,
+        a.claim_dead_letter(&"tx/0/7".parse().unwrap()).await,
         DeadLetterClaim::Mine,
         "a claims and writes"
     );
-    let b_claim = b.claim_dead_letter("tx/0/7");
+    let record = "tx/0/7".parse().unwrap();
+    let b_claim = b.claim_dead_letter(&record);
     tokio::pin!(b_claim);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut b_claim)
@@ -410,7 +411,7 @@ async fn a_dead_letter_is_claimed_across_replicas() {
             .is_err(),
         "b waits while a holds the claim"
     );
-    a.dead_lettered("tx/0/7").await;
+    a.dead_lettered(&"tx/0/7".parse().unwrap()).await;
     assert_eq!(
         b_claim.await,
         DeadLetterClaim::Written,
@@ -419,10 +420,13 @@ async fn a_dead_letter_is_claimed_across_replicas() {
     // A claimer that dies: its claim lapses after the lease, and the next one is told when it was
     // taken, to look in the topic for a write the broker may have taken before the death.
     let before_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 - 1000;
-    assert_eq!(a.claim_dead_letter("tx/0/8").await, DeadLetterClaim::Mine);
+    assert_eq!(
+        a.claim_dead_letter(&"tx/0/8".parse().unwrap()).await,
+        DeadLetterClaim::Mine
+    );
     let claimed_at = Instant::now();
     drop(a);
-    let DeadLetterClaim::Lapsed { since_ms } = b.claim_dead_letter("tx/0/8").await else {
+    let DeadLetterClaim::Lapsed { since_ms } = b.claim_dead_letter(&"tx/0/8".parse().unwrap()).await else {
         panic!("b must take over a lapsed claim")
     };
     assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
@@ -430,12 +434,21 @@ async fn a_dead_letter_is_claimed_across_replicas() {
         since_ms >= before_ms && since_ms <= before_ms + 10_000,
         "{since_ms} vs {before_ms}"
     );
-    b.dead_lettered("tx/0/8").await;
-    assert_eq!(b.claim_dead_letter("tx/0/8").await, DeadLetterClaim::Written);
+    b.dead_lettered(&"tx/0/8".parse().unwrap()).await;
+    assert_eq!(
+        b.claim_dead_letter(&"tx/0/8".parse().unwrap()).await,
+        DeadLetterClaim::Written
+    );
     // A write given up (shutdown's deadline) and tried again by the same process: its own claim.
-    assert_eq!(b.claim_dead_letter("tx/0/9").await, DeadLetterClaim::Mine);
-    b.release_dead_letter("tx/0/9");
-    assert_eq!(b.claim_dead_letter("tx/0/9").await, DeadLetterClaim::Mine);
+    assert_eq!(
+        b.claim_dead_letter(&"tx/0/9".parse().unwrap()).await,
+        DeadLetterClaim::Mine
+    );
+    b.release_dead_letter(&"tx/0/9".parse().unwrap());
+    assert_eq!(
+        b.claim_dead_letter(&"tx/0/9".parse().unwrap()).await,
+        DeadLetterClaim::Mine
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

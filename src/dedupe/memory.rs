@@ -4,6 +4,7 @@
 //! exactly what can repeat because of that. In-flight holds live in the [`super::Deduper`] itself.
 
 use super::{Kind, Lookup, Probe};
+use crate::offsets::RecordId;
 use hashlink::LinkedHashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
@@ -44,7 +45,7 @@ struct Facts {
     done: LinkedHashMap<Fingerprint, Instant, BuildHasherDefault<FingerprintHasher>>,
     results: LinkedHashMap<String, (Kind, Instant)>,
     /// Records (`topic/partition/offset`) already dead-lettered.
-    dead: LinkedHashMap<String, Instant>,
+    dead: LinkedHashMap<RecordId, Instant>,
 }
 
 pub(super) struct MemoryStore {
@@ -117,17 +118,17 @@ impl MemoryStore {
         self.forget(&mut facts, now);
     }
 
-    pub(super) fn dead_lettered(&self, coords: &str) -> bool {
+    pub(super) fn dead_lettered(&self, id: &RecordId) -> bool {
         let now = Instant::now();
         let mut facts = self.facts();
         self.forget(&mut facts, now);
-        facts.dead.contains_key(coords)
+        facts.dead.contains_key(id)
     }
 
-    pub(super) fn mark_dead_lettered(&self, coords: &str) {
+    pub(super) fn mark_dead_lettered(&self, id: &RecordId) {
         let now = Instant::now();
         let mut facts = self.facts();
-        facts.dead.replace(coords.to_string(), now);
+        facts.dead.replace(id.clone(), now);
         self.forget(&mut facts, now);
     }
 

@@ -16,6 +16,7 @@ mod redis_store;
 pub use config::{DedupeConfig, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind};
 
 use crate::event::Event;
+use crate::offsets::RecordId;
 use memory::MemoryStore;
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec, IntCounter, IntCounterVec,
@@ -191,8 +192,8 @@ pub(crate) struct Local {
     keys: HashMap<String, bool>,
     /// Bet id → number of in-flight results per [`Kind`].
     bets: HashMap<String, [u32; 2]>,
-    /// Records (`topic/partition/offset`) whose dead letter a task of this process is writing.
-    dead: HashSet<String>,
+    /// Records whose dead letter a task of this process is writing.
+    dead: HashSet<RecordId>,
 }
 
 impl Local {
@@ -430,7 +431,7 @@ impl Deduper {
         true
     }
 
-    /// Claims the writing of the dead letter of the record at `coords` (`topic/partition/offset`),
+    /// Claims the writing of the dead letter of the record `id`,
     /// which may be read again after a crash or a rebalance, even by two owners at once.
     /// `Written`: it was dead-lettered already; finish it without writing. `Mine`: this call holds
     /// the claim; write it, then [`Deduper::dead_lettered`] (or [`Deduper::release_dead_letter`] if
@@ -438,42 +439,42 @@ impl Deduper {
     /// died, perhaps after the broker took its write: look for it in the topic first. Waits while
     /// another task of this process, or (Redis) another replica, holds the claim. When the store
     /// cannot say, `Mine`: the dead letter is then written again rather than lost.
-    pub async fn claim_dead_letter(&self, coords: &str) -> DeadLetterClaim {
-        while !self.lock().dead.insert(coords.to_string()) {
+    pub async fn claim_dead_letter(&self, id: &RecordId) -> DeadLetterClaim {
+        while !self.lock().dead.insert(id.clone()) {
             tokio::time::sleep(LOCAL_WAIT).await;
         }
         let claim = match &self.store {
-            Store::Memory(m) if m.dead_lettered(coords) => DeadLetterClaim::Written,
+            Store::Memory(m) if m.dead_lettered(id) => DeadLetterClaim::Written,
             Store::Memory(_) => DeadLetterClaim::Mine,
-            Store::Redis(r) => r.claim_dead_letter(coords).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, record = coords, "dedupe store cannot claim the dead letter: it may be written twice");
+            Store::Redis(r) => r.claim_dead_letter(id).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, record = %id, "dedupe store cannot claim the dead letter: it may be written twice");
                 DeadLetterClaim::Mine
             }),
         };
         if claim == DeadLetterClaim::Written {
-            self.lock().dead.remove(coords);
+            self.lock().dead.remove(id);
         }
         claim
     }
 
     /// Gives up a claim from [`Deduper::claim_dead_letter`] whose write did not happen (shutdown's
     /// deadline). With Redis the claim lapses after the lease.
-    pub fn release_dead_letter(&self, coords: &str) {
-        self.lock().dead.remove(coords);
+    pub fn release_dead_letter(&self, id: &RecordId) {
+        self.lock().dead.remove(id);
     }
 
-    /// Remembers that the record at `coords` was dead-lettered (after the broker acknowledged it),
+    /// Remembers that the record `id` was dead-lettered (after the broker acknowledged it),
     /// ending the claim.
-    pub async fn dead_lettered(&self, coords: &str) {
+    pub async fn dead_lettered(&self, id: &RecordId) {
         match &self.store {
-            Store::Memory(m) => m.mark_dead_lettered(coords),
+            Store::Memory(m) => m.mark_dead_lettered(id),
             Store::Redis(r) => {
-                if let Err(e) = r.mark_dead_lettered(coords).await {
-                    tracing::warn!(error = %e, record = coords, "cannot remember a dead letter: a re-read may write it twice");
+                if let Err(e) = r.mark_dead_lettered(id).await {
+                    tracing::warn!(error = %e, record = %id, "cannot remember a dead letter: a re-read may write it twice");
                 }
             }
         }
-        self.lock().dead.remove(coords);
+        self.lock().dead.remove(id);
     }
 
     /// Records events the API accepted (2xx), among those `check` judged `Send`. Must succeed

@@ -17,6 +17,7 @@
 
 use super::{DeadLetterClaim, LetGo, Local, Lookup, Probe, StoreError, METRICS};
 use crate::dedupe::{DedupeConfig, InDoubt};
+use crate::offsets::RecordId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
 use std::sync::{Mutex, Weak};
@@ -177,7 +178,7 @@ end
 return 0
 ";
 
-/// Claims a record's dead letter. KEYS: `dead:<coords>`. ARGV: owner, lease ms, ttl ms. The value
+/// Claims a record's dead letter. KEYS: `dead:<topic/partition/offset>`. ARGV: owner, lease ms, ttl ms. The value
 /// is `1` once written, else `claim:<owner>:<since ms>` (kept for the ttl: a claim older than the
 /// lease has lapsed, and must be looked for in the topic before it is written again). Answers
 /// `done`, `mine` (claimed now), `wait`, or `lapsed <since ms of the lapsed claim>` (claimed now).
@@ -293,8 +294,8 @@ impl RedisStore {
     /// claim lapses; a lapsed claim (its owner died, perhaps after the broker took the dead letter)
     /// is taken over and reported with when it was taken, so that the caller looks in the topic.
     /// After twice the lease gives up (`Err`).
-    pub(super) async fn claim_dead_letter(&self, coords: &str) -> Result<DeadLetterClaim, String> {
-        let key = self.k("dead", coords);
+    pub(super) async fn claim_dead_letter(&self, id: &RecordId) -> Result<DeadLetterClaim, String> {
+        let key = self.k("dead", &id.to_string());
         let deadline = Instant::now() + self.lease * 2;
         loop {
             let mut inv = self.claim_dead.prepare_invoke();
@@ -315,7 +316,7 @@ impl RedisStore {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "another replica has held the dead letter of {coords} for twice the lease"
+                    "another replica has held the dead letter of {id} for twice the lease"
                 ));
             }
             tokio::time::sleep(self.poll).await;
@@ -324,10 +325,10 @@ impl RedisStore {
 
     /// Remembers that a record (`topic/partition/offset`) was dead-lettered, for the dedupe ttl
     /// (replacing the claim).
-    pub(super) async fn mark_dead_lettered(&self, coords: &str) -> Result<(), String> {
+    pub(super) async fn mark_dead_lettered(&self, id: &RecordId) -> Result<(), String> {
         let mut conn = self.conn.clone();
         redis::cmd("SET")
-            .arg(self.k("dead", coords))
+            .arg(self.k("dead", &id.to_string()))
             .arg(1)
             .arg("PX")
             .arg(self.ttl.as_millis() as u64)

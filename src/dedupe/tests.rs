@@ -355,22 +355,29 @@ fn deduper_is_send_and_sync() {
 async fn a_dead_letter_is_written_by_one_task_and_remembered() {
     let d = deduper(DedupeConfig::default()).await;
     assert_eq!(
-        d.claim_dead_letter("tx/0/1").await,
+        d.claim_dead_letter(&"tx/0/1".parse().unwrap()).await,
         DeadLetterClaim::Mine,
         "the first task claims it"
     );
     // A second task of this process (the record read again) waits for the first one's write.
-    let second = d.claim_dead_letter("tx/0/1");
+    let first_record = "tx/0/1".parse().unwrap();
+    let second = d.claim_dead_letter(&first_record);
     tokio::pin!(second);
     assert_waiting(&mut second).await;
-    d.dead_lettered("tx/0/1").await;
+    d.dead_lettered(&"tx/0/1".parse().unwrap()).await;
     assert_eq!(
         second.await,
         DeadLetterClaim::Written,
         "the second task finishes it without writing"
     );
     // A write that did not happen (shutdown) gives the claim back.
-    assert_eq!(d.claim_dead_letter("tx/0/2").await, DeadLetterClaim::Mine);
-    d.release_dead_letter("tx/0/2");
-    assert_eq!(d.claim_dead_letter("tx/0/2").await, DeadLetterClaim::Mine);
+    assert_eq!(
+        d.claim_dead_letter(&"tx/0/2".parse().unwrap()).await,
+        DeadLetterClaim::Mine
+    );
+    d.release_dead_letter(&"tx/0/2".parse().unwrap());
+    assert_eq!(
+        d.claim_dead_letter(&"tx/0/2".parse().unwrap()).await,
+        DeadLetterClaim::Mine
+    );
 }

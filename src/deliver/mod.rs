@@ -224,9 +224,18 @@ pub enum EventResult {
     Rejected { status: u16, body: String },
 }
 
-/// Delivery was abandoned because shutdown was requested; nothing about the batch is known.
+/// A wait was abandoned because shutdown's deadline passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cancelled;
+
+/// A batch's delivery was abandoned because shutdown's deadline passed before every event had
+/// its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted {
+    /// A request of the batch may have been counted by the API (what the batch's [`Exposure`]
+    /// was last told): the ids are in doubt for the next owner rather than free to be sent again.
+    pub may_have_been_counted: bool,
+}
 
 /// What [`Deliverer::probe`] learnt about the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,18 +300,20 @@ struct Batch<'a, E> {
 }
 
 impl<E: Exposure> Batch<'_, E> {
+    /// Set before `exposure` is told, so that a delivery cancelled while telling it still
+    /// reports that the ids may have left (their marks may be set).
     async fn before_request(&mut self) {
         if !self.exposed {
-            self.exposure.exposed().await;
             self.exposed = true;
+            self.exposure.exposed().await;
         }
     }
 
     /// The last request was refused before the API counted anything.
     async fn refused(&mut self) {
         if self.exposed && !self.uncertain {
-            self.exposure.unexposed().await;
             self.exposed = false;
+            self.exposure.unexposed().await;
         }
     }
 
@@ -378,14 +389,14 @@ impl Deliverer {
     /// Delivers `events`, retrying until each has a final result or `cancel` fires. Results are
     /// in the order of `events`, and events reach the API in that order.
     ///
-    /// `Err(Cancelled)` says nothing about the batch: a request in flight may have been accepted,
-    /// and during isolation of a 400 some parts may already be delivered. The caller must neither
-    /// commit nor mark any of it; after a restart the batch is read and sent again.
+    /// `Err(Interrupted)` gives no result: a request in flight may have been accepted, and during
+    /// isolation of a 400 some parts may already be delivered. The caller must neither commit nor
+    /// mark any of it as delivered; `may_have_been_counted` says whether its ids are in doubt.
     pub async fn deliver(
         &self,
         events: &[Event<'_>],
         cancel: &CancellationToken,
-    ) -> Result<Vec<EventResult>, Cancelled> {
+    ) -> Result<Vec<EventResult>, Interrupted> {
         let json: Vec<Vec<u8>> = events
             .iter()
             .map(|e| {
@@ -406,7 +417,7 @@ impl Deliverer {
         events: &[&[u8]],
         cancel: &CancellationToken,
         exposure: &E,
-    ) -> Result<Vec<EventResult>, Cancelled> {
+    ) -> Result<Vec<EventResult>, Interrupted> {
         let mut b = Batch {
             events,
             cancel,
@@ -417,9 +428,25 @@ impl Deliverer {
             retry_guard: None,
             results: vec![None; events.len()],
         };
-        let mut pending: Vec<usize> = (0..events.len()).collect();
+        match self.deliver_batch(&mut b).await {
+            // The loop ends only when every event has its result.
+            Ok(()) => Ok(b
+                .results
+                .into_iter()
+                .map(|r| r.expect("every event has a result"))
+                .collect()),
+            Err(Cancelled) => Err(Interrupted {
+                may_have_been_counted: b.exposed,
+            }),
+        }
+    }
+
+    /// Sends the batch's events until each has a result: in order, one request for all that is
+    /// left after each 400 was isolated.
+    async fn deliver_batch<E: Exposure>(&self, b: &mut Batch<'_, E>) -> Result<(), Cancelled> {
+        let mut pending: Vec<usize> = (0..b.events.len()).collect();
         while !pending.is_empty() {
-            let body = match self.send(&mut b, &pending).await? {
+            let body = match self.send(b, &pending).await? {
                 Final::Accepted => {
                     b.delivered(&pending);
                     break;
@@ -433,16 +460,12 @@ impl Deliverer {
             } else if pending.len() == 1 {
                 b.reject(pending[0], body);
             } else {
-                self.isolate(&mut b, &pending, body).await?;
+                self.isolate(b, &pending, body).await?;
             }
             // What is left, in order, goes again as one request.
             pending.retain(|&i| b.results[i].is_none());
         }
-        // The loop ends only when every event has its result.
-        Ok(b.results
-            .into_iter()
-            .map(|r| r.expect("every event has a result"))
-            .collect())
+        Ok(())
     }
 
     /// Waits until the key's budget allows one more request and draws it for the next request

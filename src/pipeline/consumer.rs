@@ -1,0 +1,315 @@
+//! The consumer loop: read records, map them, hand events over to the lanes; commit and pause.
+//!
+//! It runs on a thread and runtime of its own (see `pipeline::run`). Records are read in bursts
+//! (a record and whatever else is ready, up to [`BURST`]); each is begun in the tracker, mapped,
+//! and finished at once (filtered), dead-lettered (mapping or validation failure, or too large),
+//! or queued for its partition's lane. Every `commit_interval` the finished prefix is committed.
+//! While [`Backpressure`] says too many records are unfinished, the partitions are paused and the
+//! loop keeps polling, so the group membership survives any outage (invariants 4 and 8).
+
+use super::lane::Pending;
+use super::outcome::{Held, Outcome, Outcomes};
+use crate::dlq::Reason;
+use crate::mapping::{MapOutcome, Mapper, SourceRecord};
+use crate::source::{lock, Record, RecordId, Source, METRICS as SOURCE_METRICS};
+use futures::{FutureExt, StreamExt};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::Message;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Most records the consumer loop handles in one burst before it looks at its timers and the
+/// in-flight bound again. The bound can be passed by up to `BURST - 1` records.
+pub(crate) const BURST: usize = 256;
+
+struct Metrics {
+    in_flight: prometheus::IntGauge,
+    oldest_age: prometheus::Gauge,
+    paused: prometheus::IntGauge,
+    offset_gaps: prometheus::IntGauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
+    in_flight: prometheus::register_int_gauge!(
+        "datapulse_bridge_records_in_flight",
+        "Records read from Kafka that have no outcome yet."
+    )
+    .expect("metric registers once"),
+    oldest_age: prometheus::register_gauge!(
+        "datapulse_bridge_oldest_unfinished_record_age_seconds",
+        "How long the oldest record without an outcome has been in the bridge (0 when none)."
+    )
+    .expect("metric registers once"),
+    paused: prometheus::register_int_gauge!(
+        "datapulse_bridge_consumer_paused",
+        "1 while the consumer's partitions are paused because too many records are unfinished."
+    )
+    .expect("metric registers once"),
+    offset_gaps: prometheus::register_int_gauge!(
+        "datapulse_bridge_offset_gaps",
+        "Times a partition's next record skipped offsets (compaction and transaction markers do this; so does a broker that loses records)."
+    )
+    .expect("metric registers once"),
+}
+});
+
+/// Registers the consumer's metrics (exported at zero from the start).
+pub(super) fn register_metrics() {
+    LazyLock::force(&METRICS);
+}
+
+/// Pause on full (invariant 8): pause at `max_in_flight_records` unfinished records, resume at
+/// half of it.
+#[derive(Debug)]
+pub(crate) struct Backpressure {
+    max_in_flight: usize,
+    paused: bool,
+}
+
+impl Backpressure {
+    pub fn new(max_in_flight: usize) -> Backpressure {
+        Backpressure {
+            max_in_flight,
+            paused: false,
+        }
+    }
+
+    /// Whether the partitions must now be paused (`Some(true)`) or resumed (`Some(false)`), given
+    /// the unfinished records; `None` while nothing changes.
+    pub fn update(&mut self, in_flight: usize) -> Option<bool> {
+        if !self.paused && in_flight >= self.max_in_flight {
+            self.paused = true;
+            Some(true)
+        } else if self.paused && in_flight <= self.max_in_flight / 2 {
+            self.paused = false;
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+}
+
+/// What the consumer loop hands records to.
+pub(super) struct Reader {
+    pub mapper: Arc<Mapper>,
+    pub outcomes: Arc<Outcomes>,
+    /// Each lane's queue; a partition always goes to the same lane.
+    pub lanes: Vec<mpsc::UnboundedSender<Vec<Pending>>>,
+    /// `batch.max_bytes` less the request body's brackets: a larger event can never be sent.
+    pub max_event_bytes: usize,
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+}
+
+impl Reader {
+    /// Reads until `shutdown` fires, then pauses the partitions (fetching stops).
+    pub async fn run(self, source: &Source, shutdown: &CancellationToken) {
+        let mut commit_tick = tokio::time::interval(self.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recheck = tokio::time::interval(Duration::from_millis(200));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One stream for the loop's life (each `recv()` would register a waker slot anew).
+        let mut stream = source.stream();
+        let mut backpressure = Backpressure::new(self.max_in_flight);
+        let mut topics = Topics::default();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = commit_tick.tick() => {
+                    // Blocking, on purpose: this loop has its own thread (see `pipeline::run`).
+                    source.commit_finished();
+                    self.export_gauges();
+                    if backpressure.paused() {
+                        // Partitions assigned since the pause arrive unpaused.
+                        source.set_paused(true);
+                    }
+                }
+                // While no record arrives (paused, or idle), the pause check below still runs.
+                _ = recheck.tick() => {}
+                m = stream.next() => {
+                    // A burst: this record and whatever else is ready now, handed to the lanes
+                    // as one chunk each (a wake-up of the delivery side per burst, not per
+                    // record). Empty until used: most bursts are a record or two when traffic
+                    // is low.
+                    let mut chunks: Vec<Vec<Pending>> = self.lanes.iter().map(|_| Vec::new()).collect();
+                    let (mut next, mut taken) = (m, 1);
+                    let read_at = Instant::now();
+                    loop {
+                        match next {
+                            Some(Ok(msg)) => {
+                                let (topic, n) = topics.intern(msg.topic());
+                                let lane = (n + msg.partition().unsigned_abs() as usize) % chunks.len();
+                                self.handle(&msg, topic, &mut chunks[lane], read_at);
+                            }
+                            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                            None => break,
+                        }
+                        // Take another only to handle it: a record taken from the stream and not
+                        // handled would be skipped (its offset committed past).
+                        if taken == BURST {
+                            break;
+                        }
+                        match stream.next().now_or_never() {
+                            Some(m) => (next, taken) = (m, taken + 1),
+                            None => break,
+                        }
+                    }
+                    self.hand_over(chunks);
+                }
+            }
+            let in_flight = lock(self.outcomes.tracker()).in_flight();
+            match backpressure.update(in_flight) {
+                Some(true) => {
+                    source.set_paused(true);
+                    METRICS.paused.set(1);
+                    tracing::info!(
+                        in_flight,
+                        "too many unfinished records: partitions paused (still polling)"
+                    );
+                }
+                Some(false) => {
+                    source.set_paused(false);
+                    METRICS.paused.set(0);
+                    tracing::info!(in_flight, "partitions resumed");
+                }
+                None => {}
+            }
+        }
+        source.set_paused(true);
+    }
+
+    /// The tracker's gauges, refreshed at each commit tick.
+    fn export_gauges(&self) {
+        let (in_flight, oldest, gaps) = {
+            let t = lock(self.outcomes.tracker());
+            (t.in_flight(), t.oldest_unfinished(), t.gaps())
+        };
+        METRICS.offset_gaps.set(gaps as i64);
+        METRICS.in_flight.set(in_flight as i64);
+        METRICS
+            .oldest_age
+            .set(oldest.map_or(0.0, |o| o.elapsed().as_secs_f64()));
+    }
+
+    fn hand_over(&self, chunks: Vec<Vec<Pending>>) {
+        for (lane, chunk) in self.lanes.iter().zip(chunks) {
+            if !chunk.is_empty() && lane.send(chunk).is_err() {
+                tracing::error!("delivery loop has stopped; records left unfinished");
+            }
+        }
+    }
+
+    /// Takes one record to its outcome or into `out`, its lane's chunk.
+    fn handle(&self, msg: &BorrowedMessage<'_>, topic: Arc<str>, out: &mut Vec<Pending>, read_at: Instant) {
+        SOURCE_METRICS.consumed.inc();
+        let id = RecordId {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        let Some(epoch) = lock(self.outcomes.tracker()).begin(&id, read_at) else {
+            // Fetched before its partition was revoked: the new owner reads it.
+            tracing::warn!(topic = %id.topic, partition = id.partition, offset = id.offset,
+                "record of a partition not assigned to this process ignored");
+            return;
+        };
+        self.outcomes.counters().consumed.fetch_add(1, Ordering::Relaxed);
+        let held = Held {
+            record: Record::from_message(msg, id),
+            epoch,
+        };
+        let rec = &held.record;
+        let headers: Vec<(&str, &[u8])> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let src = SourceRecord {
+            topic: &rec.id.topic,
+            partition: rec.id.partition,
+            offset: rec.id.offset,
+            timestamp_ms: rec.timestamp_ms,
+            key: rec.key.as_deref(),
+            value: rec.value.as_deref(),
+            headers: &headers,
+        };
+        let why = match self.mapper.map(&src) {
+            MapOutcome::Event(event) => {
+                let mut json = Vec::with_capacity(256);
+                event.write_json(&mut json);
+                let (keys, timestamp) = (self.outcomes.deduper().keys_of(&event), event.timestamp);
+                drop(event);
+                drop(headers);
+                if json.len() <= self.max_event_bytes {
+                    out.push(Pending {
+                        held,
+                        keys,
+                        timestamp,
+                        json,
+                    });
+                    return;
+                }
+                Reason {
+                    stage: "validation",
+                    code: "too_large".into(),
+                    message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
+                    http_status: None,
+                }
+            }
+            MapOutcome::Filtered { reason } => {
+                tracing::debug!(record = %rec.id, %reason, "record filtered");
+                drop(headers);
+                self.outcomes.finish(&held, Outcome::Filtered);
+                return;
+            }
+            MapOutcome::Failed(err) => {
+                let field = err.field.as_deref().unwrap_or("-");
+                Reason {
+                    stage: err.stage.as_str(),
+                    code: err.reason.clone(),
+                    message: format!("record {}: field `{field}`: {}", rec.id, err.message),
+                    http_status: None,
+                }
+            }
+        };
+        self.outcomes.dead_letter(held, why, None);
+    }
+}
+
+/// The topics read so far: each name shared by its records, and its number (in order of first
+/// sight; it spreads topics over lanes).
+#[derive(Default)]
+struct Topics(Vec<Arc<str>>);
+
+impl Topics {
+    fn intern(&mut self, topic: &str) -> (Arc<str>, usize) {
+        if let Some(i) = self.0.iter().position(|t| &**t == topic) {
+            return (Arc::clone(&self.0[i]), i);
+        }
+        self.0.push(Arc::from(topic));
+        (Arc::clone(&self.0[self.0.len() - 1]), self.0.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backpressure;
+
+    #[test]
+    fn pauses_at_the_bound_and_resumes_at_half_of_it() {
+        let mut b = Backpressure::new(100);
+        assert_eq!(b.update(99), None);
+        assert_eq!(b.update(100), Some(true));
+        assert!(b.paused());
+        assert_eq!(b.update(300), None, "paused once");
+        assert_eq!(b.update(51), None, "still over half");
+        assert_eq!(b.update(50), Some(false));
+        assert!(!b.paused());
+        assert_eq!(b.update(50), None);
+    }
+}

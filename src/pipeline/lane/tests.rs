@@ -1,0 +1,334 @@
+//! Unit tests of the lane: verdict routing, rejected events to dead letters, and how ids are let
+//! go when shutdown's deadline interrupts a delivery. Real pieces where they run in process (the
+//! memory deduper, the project's sandbox over HTTP on 127.0.0.1, the tracker); the dead-letter
+//! topic is replaced by a writer that records what it was given.
+
+use super::*;
+use crate::batch::{BatchConfig, Inbox};
+use crate::config::ApiConfig;
+use crate::dedupe::DedupeConfig;
+use crate::deliver::DeliveryConfig;
+use crate::dlq::WriteOnce;
+use crate::event::{BetResult, Event};
+use crate::offsets::{RecordId, Tracker};
+use crate::pipeline::outcome::Counters;
+use crate::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
+use crate::source::Record;
+use futures::future::BoxFuture;
+use std::sync::Mutex;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "dp_lane_test_key";
+const TOPIC: &str = "wallet";
+
+/// One dead letter as the lane asked for it.
+#[derive(Debug, Clone, PartialEq)]
+struct Written {
+    record: String,
+    stage: &'static str,
+    code: String,
+    http_status: Option<u16>,
+    dedupe_key: Option<String>,
+}
+
+/// The dead-letter seam: records each write and reports it written.
+#[derive(Default)]
+struct Recorded(Mutex<Vec<Written>>);
+
+impl WriteOnce for Recorded {
+    fn write_once<'a>(
+        &'a self,
+        rec: &'a Record,
+        why: &'a Reason,
+        dedupe_key: Option<&'a str>,
+        _cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, bool> {
+        lock(&self.0).push(Written {
+            record: rec.id.to_string(),
+            stage: why.stage,
+            code: why.code.clone(),
+            http_status: why.http_status,
+            dedupe_key: dedupe_key.map(str::to_string),
+        });
+        Box::pin(async { true })
+    }
+}
+
+struct World {
+    lane: Lane,
+    outcomes: Arc<Outcomes>,
+    tracker: Arc<Mutex<Tracker>>,
+    counters: Arc<Counters>,
+    written: Arc<Recorded>,
+    sandbox: SandboxHandle,
+    next_offset: i64,
+}
+
+async fn world() -> World {
+    let sandbox = sandbox::start(SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys: vec![KEY.into()],
+        rate_limit: 0,
+        ..SandboxArgs::default()
+    })
+    .await
+    .expect("sandbox starts");
+    let api: ApiConfig = serde_json::from_value(serde_json::json!({
+        "base_url": sandbox.url(),
+        "key": KEY,
+        "request_timeout": "2s",
+        "connect_timeout": "1s",
+    }))
+    .expect("api config");
+    let delivery = DeliveryConfig {
+        rate_limit: 1000,
+        rate_window: Duration::from_secs(1),
+        retry_backoff_initial: Duration::from_millis(20),
+        retry_backoff_max: Duration::from_millis(100),
+        auth_retry_interval: Duration::from_millis(100),
+        ..DeliveryConfig::default()
+    };
+    let deliverer = Arc::new(Deliverer::new(&api, &delivery).expect("deliverer"));
+    let deduper = Arc::new(Deduper::new(&DedupeConfig::default()).await.expect("memory deduper"));
+    let tracker = Arc::new(Mutex::new(Tracker::new()));
+    lock(&tracker).assign(TOPIC, 0);
+    let counters = Arc::new(Counters::default());
+    let written = Arc::new(Recorded::default());
+    let outcomes = Arc::new(Outcomes::new(
+        Arc::clone(&tracker),
+        Arc::clone(&counters),
+        Arc::clone(&written) as Arc<dyn WriteOnce>,
+        Arc::clone(&deduper),
+    ));
+    let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let lane = Lane {
+        batcher: Batcher::new(Inbox::new(rx), BatchConfig::default()),
+        deliverer,
+        deduper,
+        outcomes: Arc::clone(&outcomes),
+        unit: TimestampUnit::Seconds,
+    };
+    World {
+        lane,
+        outcomes,
+        tracker,
+        counters,
+        written,
+        sandbox,
+        next_offset: 0,
+    }
+}
+
+/// A valid event (a deposit needs `click_id` and `ip_address`, API-CONTRACT.md point 2).
+fn event<'a>(name: &'a str, tx: &'a str) -> Event<'a> {
+    Event {
+        client_user_id: "u1".into(),
+        click_id: Some("clk-1".into()),
+        ip_address: Some("203.0.113.1".into()),
+        event_name: name.into(),
+        timestamp: 1_702_963_200,
+        transaction_id: Some(tx.into()),
+        amount: Some(5.0),
+        currency: Some("USD".into()),
+        ..Event::default()
+    }
+}
+
+impl World {
+    /// `events` as the consumer hands them over: each begun in the tracker at the next offset of
+    /// partition 0.
+    fn pending(&mut self, events: &[Event<'_>]) -> Vec<Pending> {
+        events
+            .iter()
+            .map(|e| {
+                let id = RecordId {
+                    topic: TOPIC.into(),
+                    partition: 0,
+                    offset: self.next_offset,
+                };
+                self.next_offset += 1;
+                let epoch = lock(&self.tracker).begin(&id, Instant::now()).expect("assigned");
+                let mut json = Vec::new();
+                e.write_json(&mut json);
+                Pending {
+                    held: Held {
+                        record: Record {
+                            id,
+                            timestamp_ms: None,
+                            key: None,
+                            value: None,
+                            headers: Vec::new(),
+                        },
+                        epoch,
+                    },
+                    keys: self.lane.deduper.keys_of(e),
+                    timestamp: e.timestamp,
+                    json,
+                }
+            })
+            .collect()
+    }
+
+    /// Processes a batch and waits for its dead letters.
+    async fn process(&mut self, events: &[Event<'_>]) {
+        let batch = self.pending(events);
+        self.lane.process(batch).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        assert!(self.outcomes.drain_dead_letters(deadline).await);
+    }
+
+    fn accepted_ids(&self) -> Vec<String> {
+        self.sandbox
+            .events()
+            .iter()
+            .map(|e| e["transaction_id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn in_flight(&self) -> usize {
+        lock(&self.tracker).in_flight()
+    }
+}
+
+#[tokio::test]
+async fn each_verdict_goes_its_own_way() {
+    let mut w = world().await;
+    w.process(&[event("deposit", "a-0")]).await;
+    let bet = Event {
+        bet_result: Some(BetResult::Win),
+        bet_result_amount: Some(1.0),
+        ..event("bet", "bet-1")
+    };
+    let win_of_same_bet = Event {
+        parent_transaction_id: Some("bet-1".into()),
+        ..event("win", "win-1")
+    };
+    w.process(&[
+        event("deposit", "a-0"), // delivered before: a duplicate from the store
+        event("deposit", "a-1"),
+        event("deposit", "a-1"), // the same id again in the batch
+        bet,
+        win_of_same_bet, // the bet's result a second time: a double count
+    ])
+    .await;
+    assert_eq!(w.accepted_ids(), ["a-0", "a-1", "bet-1"], "each id sent once, in order");
+    assert_eq!(w.count(&w.counters.delivered), 3);
+    assert_eq!(w.count(&w.counters.duplicate), 2);
+    assert_eq!(w.count(&w.counters.dead_lettered), 1);
+    assert_eq!(
+        *lock(&w.written.0),
+        [Written {
+            record: "wallet/0/5".into(),
+            stage: "dedupe",
+            code: "double_count".into(),
+            http_status: None,
+            dedupe_key: None,
+        }]
+    );
+    assert_eq!(w.in_flight(), 0, "every record finished");
+    assert_eq!(lock(&w.tracker).committable(TOPIC, 0), Some(6));
+}
+
+#[tokio::test]
+async fn a_rejected_event_is_dead_lettered_and_its_id_let_go() {
+    let mut w = world().await;
+    let no_amount = Event {
+        amount: None,
+        ..event("deposit", "b-1")
+    };
+    w.process(&[event("deposit", "b-0"), no_amount, event("deposit", "b-2")])
+        .await;
+    assert_eq!(w.accepted_ids(), ["b-0", "b-2"]);
+    let written = lock(&w.written.0).clone();
+    assert_eq!(written.len(), 1);
+    assert_eq!(
+        (
+            written[0].record.as_str(),
+            written[0].stage,
+            written[0].code.as_str(),
+            written[0].http_status
+        ),
+        ("wallet/0/1", "api", "rejected", Some(400))
+    );
+    assert_eq!(w.count(&w.counters.delivered), 2);
+    assert_eq!(w.count(&w.counters.dead_lettered), 1);
+    assert_eq!(w.in_flight(), 0);
+    // The rejected id was not recorded: the corrected event goes through.
+    w.process(&[event("deposit", "b-1")]).await;
+    assert_eq!(w.accepted_ids(), ["b-0", "b-2", "b-1"]);
+}
+
+#[tokio::test]
+async fn records_of_a_revoked_partition_are_left_to_the_new_owner() {
+    let mut w = world().await;
+    let batch = w.pending(&[event("deposit", "c-0")]);
+    lock(&w.tracker).revoke(TOPIC, 0);
+    w.lane.process(batch).await;
+    assert!(w.accepted_ids().is_empty(), "nothing sent for the old owner");
+    assert_eq!(w.counters.finished(), 0);
+}
+
+/// Sends `events` against faults that never let a request through, fires shutdown's deadline
+/// after a few tries, and returns how the lane let the ids go.
+async fn interrupted(faults: Faults, id: &str) -> (World, Unsent) {
+    let mut w = world().await;
+    w.sandbox.set_faults(faults).unwrap();
+    let to_send = w.pending(&[event("deposit", id)]);
+    let keys: Vec<&EventKeys> = to_send.iter().map(|p| &p.keys).collect();
+    assert_eq!(w.lane.deduper.check(&keys).await.unwrap(), [Verdict::Send]);
+    let abandon = w.outcomes.abandon_token().clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        abandon.cancel();
+    });
+    let unsent = match w.lane.send(to_send).await {
+        Err(u) => u,
+        Ok(_) => panic!("no request could succeed"),
+    };
+    (w, unsent)
+}
+
+#[tokio::test]
+async fn a_request_that_may_have_been_counted_leaves_its_ids_abandoned() {
+    let (w, unsent) = interrupted(
+        Faults {
+            fault_500: 1.0,
+            ..Faults::default()
+        },
+        "d-0",
+    )
+    .await;
+    assert_eq!(unsent, Unsent { how: LetGo::Abandon });
+    assert!(w.accepted_ids().is_empty());
+    assert_eq!(
+        w.counters.finished(),
+        0,
+        "nothing finished: read again by the next owner"
+    );
+    // Held no longer: a later check does not wait for this batch.
+    let keys = w.lane.deduper.keys_of(&event("deposit", "d-0"));
+    let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
+    assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
+}
+
+#[tokio::test]
+async fn requests_refused_before_counting_leave_their_ids_released() {
+    let (w, unsent) = interrupted(
+        Faults {
+            fault_429: 1.0,
+            ..Faults::default()
+        },
+        "e-0",
+    )
+    .await;
+    assert_eq!(unsent, Unsent { how: LetGo::Release });
+    assert!(w.accepted_ids().is_empty());
+    let keys = w.lane.deduper.keys_of(&event("deposit", "e-0"));
+    let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
+    assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
+}

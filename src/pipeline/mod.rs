@@ -1,0 +1,212 @@
+//! Wiring the stages together: source → mapping → batch → dedupe → deliver → outcome → commit,
+//! and graceful shutdown.
+//!
+//! Two sides. The *consumer loop* (`consumer`, on a thread and runtime of its own) reads records,
+//! maps them, finishes filtered ones at once, dead-letters mapping failures, hands events to the
+//! lanes, commits the finished prefix every `commit_interval`, and pauses its partitions while
+//! too many records are unfinished. Each *lane* (`lane`, `delivery.concurrency` of them) cuts
+//! batches and takes each through dedupe and delivery, one batch at a time, which keeps
+//! per-partition order in what reaches the API. Every record read ends in exactly one outcome
+//! (`outcome`): delivered, duplicate, filtered or dead-lettered; only then does its offset
+//! become committable.
+
+mod consumer;
+mod lane;
+mod outcome;
+
+pub use outcome::{Counters, Outcome};
+
+use crate::batch::{Batcher, Inbox};
+use crate::config::Config;
+use crate::dedupe::Deduper;
+use crate::deliver::Deliverer;
+use crate::dlq::{DeadLetterWriter, DeadLetters};
+use crate::mapping::Mapper;
+use crate::offsets::Tracker;
+use crate::source::{self, lock};
+use consumer::Reader;
+use lane::Lane;
+use outcome::Outcomes;
+use std::sync::{Arc, LazyLock, Mutex};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Metrics {
+    build_info: prometheus::IntGaugeVec,
+    shutdowns: prometheus::IntCounterVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    build_info: prometheus::register_int_gauge_vec!(
+        "datapulse_bridge_build_info",
+        "Build information (always 1).",
+        &["version"]
+    )
+    .expect("metric registers once"),
+    shutdowns: prometheus::register_int_counter_vec!(
+        "datapulse_bridge_shutdowns_total",
+        "Graceful shutdowns, by how in-flight work ended (drained, abandoned).",
+        &["result"]
+    )
+    .expect("metric registers once"),
+});
+
+/// Runs the bridge until `shutdown` fires; then stops fetching, finishes or abandons in-flight
+/// work within `shutdown.deadline`, commits, and leaves the group. `counters` receive the
+/// running totals (the demo and tests read them).
+///
+/// Errors: an invalid mapping, or a client (HTTP, Kafka, Redis) that cannot be created.
+pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counters>) -> anyhow::Result<()> {
+    METRICS
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    outcome::register_metrics();
+    consumer::register_metrics();
+    crate::telemetry::set_ready(
+        "assignment",
+        false,
+        "waiting for the consumer group to assign partitions",
+    );
+    let mapper = Arc::new(
+        Mapper::compile(&cfg.mapping, &cfg.api.contract())
+            .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.0.join("; ")))?,
+    );
+    let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery)?);
+    // Readiness needs the API to have accepted the key once; the probe spends one request.
+    let probe = Arc::clone(&deliverer);
+    tokio::spawn(async move {
+        match probe.probe().await {
+            crate::deliver::KeyCheck::Accepted => tracing::info!("the API accepted the key"),
+            other => {
+                tracing::error!(result = ?other, "the API did not accept the key at start-up; delivery will halt until it does")
+            }
+        }
+    });
+    let deduper = Arc::new(Deduper::new(&cfg.dedupe).await?);
+    let tracker = Arc::new(Mutex::new(Tracker::new()));
+    let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
+    let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?;
+    tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
+        api = %cfg.api.base_url, dead_letter_topic = %dlq.topic(), "bridge started");
+    let writer = DeadLetterWriter {
+        dlq,
+        deduper: Arc::clone(&deduper),
+    };
+    let outcomes = Arc::new(Outcomes::new(
+        Arc::clone(&tracker),
+        counters,
+        Arc::new(writer),
+        Arc::clone(&deduper),
+    ));
+
+    let delivery = start_lanes(&cfg, &deliverer, &deduper, &outcomes);
+    let reader = Reader {
+        mapper,
+        outcomes: Arc::clone(&outcomes),
+        lanes: delivery.queues,
+        max_event_bytes: cfg.batch.max_bytes.saturating_sub(2),
+        max_in_flight: cfg.kafka.max_in_flight_records,
+        commit_interval: cfg.kafka.commit_interval,
+    };
+    // The consumer loop gets a thread and a runtime of its own: librdkafka's blocking calls
+    // (the synchronous commits, the revoke commit inside the rebalance callback) then never stall
+    // a worker of the delivery side. A stalled worker once held the woken delivery task in its
+    // un-stealable LIFO slot until reqwest's timeout fired on an answered request, which was then
+    // sent again (found by tests/broker_faults.rs on a scale-up under load).
+    let consumer_thread = {
+        let (source, shutdown) = (Arc::clone(&source), shutdown.clone());
+        std::thread::Builder::new().name("consumer".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(reader.run(&source, &shutdown)),
+                Err(e) => tracing::error!(error = %e, "cannot start the consumer's runtime"),
+            }
+        })?
+    };
+    let _ = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+    shut_down(&cfg, source, &outcomes, delivery.lanes).await;
+    Ok(())
+}
+
+/// The lanes' queues (a partition always goes to the same lane) and the task running them all.
+struct Delivery {
+    queues: Vec<mpsc::UnboundedSender<Vec<lane::Pending>>>,
+    lanes: tokio::task::JoinHandle<Vec<Result<(), tokio::task::JoinError>>>,
+}
+
+/// Starts one lane per `delivery.concurrency`: a partition's events leave in order, while the
+/// lanes' requests are in flight together.
+fn start_lanes(cfg: &Config, deliverer: &Arc<Deliverer>, deduper: &Arc<Deduper>, outcomes: &Arc<Outcomes>) -> Delivery {
+    let mut queues = Vec::new();
+    let mut lanes = Vec::new();
+    for _ in 0..cfg.delivery.concurrency.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        queues.push(tx);
+        let lane = Lane {
+            batcher: Batcher::new(Inbox::new(rx), cfg.batch.clone()),
+            deliverer: Arc::clone(deliverer),
+            deduper: Arc::clone(deduper),
+            outcomes: Arc::clone(outcomes),
+            unit: cfg.api.timestamp_unit,
+        };
+        lanes.push(tokio::spawn(lane.run()));
+    }
+    Delivery {
+        queues,
+        lanes: tokio::spawn(futures::future::join_all(lanes)),
+    }
+}
+
+/// Fetching has stopped: lets queued and in-flight work finish until `shutdown.deadline`, then
+/// abandons the rest, commits the finished prefix and leaves the group.
+async fn shut_down(
+    cfg: &Config,
+    source: Arc<source::Source>,
+    outcomes: &Outcomes,
+    mut lanes: tokio::task::JoinHandle<Vec<Result<(), tokio::task::JoinError>>>,
+) {
+    let tracker = outcomes.tracker();
+    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(tracker).in_flight(), "shutting down: finishing in-flight work");
+    let deadline = tokio::time::Instant::now() + cfg.shutdown.deadline;
+    let drained = tokio::select! {
+        _ = &mut lanes => true,
+        _ = tokio::time::sleep_until(deadline) => false,
+    };
+    let dead_letters_drained = outcomes.drain_dead_letters(deadline).await;
+    outcomes.abandon_token().cancel();
+    if !drained {
+        let _ = lanes.await;
+    }
+    let abandoned = lock(tracker).in_flight();
+    let result = if drained && dead_letters_drained && abandoned == 0 {
+        "drained"
+    } else {
+        "abandoned"
+    };
+    METRICS.shutdowns.with_label_values(&[result]).inc();
+    let _ = tokio::task::spawn_blocking(move || {
+        source.commit_finished();
+        tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
+        source.leave();
+        drop(source);
+    })
+    .await;
+}
+
+/// Installs SIGTERM/SIGINT handlers that fire `token`.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,253 @@
+//! The one place a record's outcome is recorded and counted (invariant 1).
+//!
+//! Every record read is [`Held`] (with the epoch of the assignment it was read under) until it
+//! reaches exactly one [`Outcome`]: delivered, duplicate, filtered or dead-lettered. Finishing it
+//! moves the tracker (so its offset may be committed), the [`Counters`] and the
+//! `datapulse_bridge_records_finished_total` metric together, so `consumed = finished + in_flight`
+//! (+ abandoned) holds in the metrics. A record whose epoch ended meanwhile (revoked) is counted as
+//! abandoned instead: its new owner reads it again. Dead letters are written in the background and
+//! finished once the broker acknowledged them.
+
+use crate::dedupe::{Deduper, EventKeys};
+use crate::dlq::{Reason, WriteOnce};
+use crate::event::TimestampUnit;
+use crate::offsets::{Epoch, Tracker};
+use crate::source::{lock, Record};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The outcome a record finished with; the `&'static str` is its metric label (a duplicate's
+/// reason, a dead letter's stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Duplicate(&'static str),
+    Filtered,
+    DeadLettered(&'static str),
+}
+
+impl Outcome {
+    /// The `outcome` and `reason` labels of `datapulse_bridge_records_finished_total`.
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Outcome::Delivered => ["delivered", ""],
+            Outcome::Duplicate(r) => ["duplicate", r],
+            Outcome::Filtered => ["filtered", ""],
+            Outcome::DeadLettered(stage) => ["dead_lettered", stage],
+        }
+    }
+}
+
+/// Running totals of the pipeline, for the demo's progress display and for tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub consumed: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub filtered: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl Counters {
+    /// Records that reached an outcome.
+    pub fn finished(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+            + self.duplicate.load(Ordering::Relaxed)
+            + self.filtered.load(Ordering::Relaxed)
+            + self.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    fn of(&self, outcome: Outcome) -> &AtomicU64 {
+        match outcome {
+            Outcome::Delivered => &self.delivered,
+            Outcome::Duplicate(_) => &self.duplicate,
+            Outcome::Filtered => &self.filtered,
+            Outcome::DeadLettered(_) => &self.dead_lettered,
+        }
+    }
+}
+
+struct Metrics {
+    finished: prometheus::IntCounterVec,
+    abandoned: prometheus::IntCounter,
+    latency: prometheus::HistogramVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
+    finished: prometheus::register_int_counter_vec!(
+        "datapulse_bridge_records_finished_total",
+        "Records that reached their outcome (delivered, duplicate, filtered, dead_lettered), by reason.",
+        &["outcome", "reason"]
+    )
+    .expect("metric registers once"),
+    abandoned: prometheus::register_int_counter!(
+        "datapulse_bridge_records_abandoned_total",
+        "Records dropped unfinished because their partition was revoked or shutdown's deadline passed; they are read again."
+    )
+    .expect("metric registers once"),
+    latency: prometheus::register_histogram_vec!(
+        "datapulse_bridge_delivery_latency_seconds",
+        "Time from the event's own timestamp (from=event) or the record's Kafka timestamp (from=kafka) to the API's 2xx.",
+        &["from"],
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]
+    )
+    .expect("metric registers once"),
+}
+});
+
+/// Registers the outcome metrics (exported at zero from the start).
+pub(super) fn register_metrics() {
+    LazyLock::force(&METRICS);
+}
+
+/// A record the pipeline holds until its outcome, with the epoch it was read under.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub record: Record,
+    pub epoch: Epoch,
+}
+
+/// Records outcomes and writes dead letters; shared by the consumer loop and the lanes.
+pub(crate) struct Outcomes {
+    tracker: Arc<Mutex<Tracker>>,
+    counters: Arc<Counters>,
+    dead_letters: Arc<dyn WriteOnce>,
+    /// Dedupe, to settle the keys of an event dead-lettered in doubt.
+    deduper: Arc<Deduper>,
+    /// Fires when shutdown's deadline passed: in-flight work is abandoned.
+    abandon: CancellationToken,
+    dead_letter_tasks: Mutex<JoinSet<()>>,
+    /// The runtime of the delivery side, where dead-letter writes run (the consumer loop has a
+    /// thread and runtime of its own).
+    runtime: tokio::runtime::Handle,
+}
+
+impl Outcomes {
+    /// Must be called inside the delivery side's runtime.
+    pub fn new(
+        tracker: Arc<Mutex<Tracker>>,
+        counters: Arc<Counters>,
+        dead_letters: Arc<dyn WriteOnce>,
+        deduper: Arc<Deduper>,
+    ) -> Outcomes {
+        Outcomes {
+            tracker,
+            counters,
+            dead_letters,
+            deduper,
+            abandon: CancellationToken::new(),
+            dead_letter_tasks: Mutex::new(JoinSet::new()),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    pub fn tracker(&self) -> &Mutex<Tracker> {
+        &self.tracker
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn deduper(&self) -> &Deduper {
+        &self.deduper
+    }
+
+    /// Fires when shutdown's deadline passed.
+    pub fn abandon_token(&self) -> &CancellationToken {
+        &self.abandon
+    }
+
+    /// Records dropped unfinished (revoked, or shutdown's deadline): they are read again.
+    pub fn abandoned(&self, n: usize) {
+        METRICS.abandoned.inc_by(n as u64);
+    }
+
+    pub fn finish(&self, held: &Held, outcome: Outcome) {
+        self.finish_all([held], outcome);
+    }
+
+    /// Finishes records with one outcome: one lock of the tracker and one metric update for all.
+    pub fn finish_all<'r>(&self, records: impl IntoIterator<Item = &'r Held>, outcome: Outcome) {
+        let (mut counted, mut revoked) = (0u64, 0u64);
+        {
+            let mut tracker = lock(&self.tracker);
+            for h in records {
+                if tracker.finish(&h.record.id, h.epoch) {
+                    counted += 1;
+                } else {
+                    // The partition was revoked meanwhile: the new owner reads the record again.
+                    revoked += 1;
+                }
+            }
+        }
+        if revoked > 0 {
+            METRICS.abandoned.inc_by(revoked);
+        }
+        if counted == 0 {
+            return;
+        }
+        METRICS.finished.with_label_values(&outcome.labels()).inc_by(counted);
+        self.counters.of(outcome).fetch_add(counted, Ordering::Relaxed);
+    }
+
+    /// Finishes records the API answered 2xx for, observing their delivery latency: from the
+    /// event's own `timestamp` (in `unit`) and from the record's Kafka timestamp.
+    pub fn delivered(&self, records: &[(&Held, i64)], unit: TimestampUnit) {
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e6;
+        let from_event = METRICS.latency.with_label_values(&["event"]);
+        let from_kafka = METRICS.latency.with_label_values(&["kafka"]);
+        for (held, timestamp) in records {
+            let event_ms = match unit {
+                TimestampUnit::Seconds => *timestamp as f64 * 1000.0,
+                TimestampUnit::Milliseconds => *timestamp as f64,
+            };
+            from_event.observe(((now_ms - event_ms) / 1000.0).max(0.0));
+            if let Some(k) = held.record.timestamp_ms {
+                from_kafka.observe(((now_ms - k as f64) / 1000.0).max(0.0));
+            }
+        }
+        self.finish_all(records.iter().map(|(h, _)| *h), Outcome::Delivered);
+    }
+
+    /// Dead-letters a record in the background; it is finished once the dead letter is in the
+    /// topic. `doubt`: the keys of an event judged in doubt, held until its dead letter is
+    /// written (then the id stays in doubt; if the write did not happen it is released).
+    pub fn dead_letter(self: &Arc<Self>, held: Held, why: Reason, doubt: Option<EventKeys>) {
+        tracing::warn!(record = %held.record.id, stage = why.stage, reason = %why.code, error = %why.message,
+            "record dead-lettered");
+        let outcomes = Arc::clone(self);
+        let mut tasks = lock(&self.dead_letter_tasks);
+        while tasks.try_join_next().is_some() {}
+        let fut = async move {
+            let dedupe_key = doubt.as_ref().and_then(EventKeys::key);
+            let written = outcomes
+                .dead_letters
+                .write_once(&held.record, &why, dedupe_key, &outcomes.abandon)
+                .await;
+            if let Some(keys) = &doubt {
+                if written {
+                    outcomes.deduper.doubt_dead_lettered(&[keys]).await;
+                } else {
+                    outcomes.deduper.release(&[keys]).await;
+                }
+            }
+            if written {
+                outcomes.finish(&held, Outcome::DeadLettered(why.stage));
+            }
+        };
+        tasks.spawn_on(fut, &self.runtime);
+    }
+
+    /// Waits for the dead-letter writes under way until `deadline`; whether all ended.
+    pub async fn drain_dead_letters(&self, deadline: tokio::time::Instant) -> bool {
+        let mut tasks = std::mem::take(&mut *lock(&self.dead_letter_tasks));
+        tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok()
+    }
+}
