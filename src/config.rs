@@ -5,21 +5,19 @@
 //! `deliver`, …); this module composes them, loads them and reports errors with the key path and
 //! the file or variable the value came from.
 
-use crate::event::{ContractOptions, TimestampUnit};
+use crate::deliver::ApiConfig;
+use crate::source::{KafkaConfig, RESERVED_PROPERTIES};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use serde::{Deserialize, Serialize, Serializer};
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "DATAPULSE_BRIDGE_";
 /// The config file used when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "datapulse-bridge.toml";
-/// What secrets print as.
-pub const REDACTED: &str = "<redacted>";
 
 /// The whole configuration of `datapulse-bridge run`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -44,101 +42,6 @@ pub struct Config {
     pub mapping: Vec<crate::mapping::MappingConfig>,
 }
 
-/// `[kafka]`: the source consumer group.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `host:port[,host:port…]` of the brokers.
-    pub bootstrap_servers: String,
-    /// The consumer group all replicas join.
-    pub group_id: String,
-    /// Topics to consume (exclusive with `topic_pattern`).
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// A regular expression of topics to consume (exclusive with `topics`).
-    #[serde(default)]
-    pub topic_pattern: Option<String>,
-    /// Static group membership id (`group.instance.id`); the Helm chart sets it from the pod name.
-    #[serde(default)]
-    pub group_instance_id: Option<String>,
-    /// Records taken from Kafka and not yet finished, across all partitions, before the bridge
-    /// pauses its partitions. Bounds memory whatever the backlog.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight_records: usize,
-    /// How often finished offsets are committed.
-    #[serde(default = "default_commit_interval", with = "humantime_serde")]
-    pub commit_interval: Duration,
-    /// librdkafka properties passed through as given (SASL, SSL, timeouts…). Values of keys that
-    /// look secret are redacted when printed.
-    #[serde(default)]
-    pub properties: KafkaProperties,
-    /// A file of `key=value` lines (librdkafka properties, `#` comments) read at start-up and
-    /// applied over `properties`: mount a Secret here to keep SASL/SSL secrets out of the config.
-    /// Its values are never printed.
-    #[serde(default)]
-    pub properties_file: Option<PathBuf>,
-}
-
-fn default_max_in_flight() -> usize {
-    20_000
-}
-fn default_commit_interval() -> Duration {
-    Duration::from_secs(1)
-}
-
-/// `[api]`: the Server Events API.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiConfig {
-    /// Base URL, for example `https://datapulse-api.revosurge.com/`.
-    pub base_url: String,
-    /// The API key (prefer `key_file`).
-    #[serde(default)]
-    pub key: Option<Secret>,
-    /// A file holding the API key (a mounted Secret); re-read when the API answers 401.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Time limit of one request, connection included.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// Time limit to open a connection.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Unit of `timestamp` the API expects (contract decision 3).
-    #[serde(default)]
-    pub timestamp_unit: TimestampUnit,
-    /// Require click_id and ip_address on every event (contract decision 2).
-    #[serde(default)]
-    pub strict_click_ip: bool,
-}
-
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-impl ApiConfig {
-    pub fn contract(&self) -> ContractOptions {
-        ContractOptions {
-            timestamp_unit: self.timestamp_unit,
-            strict_click_ip: self.strict_click_ip,
-        }
-    }
-
-    /// The API key: `key`, or the trimmed content of `key_file`, read now.
-    pub fn read_key(&self) -> Result<Secret, String> {
-        match (&self.key, &self.key_file) {
-            (Some(k), _) => Ok(k.clone()),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|s| Secret(s.trim().to_string()))
-                .map_err(|e| format!("cannot read api.key_file {}: {e}", path.display())),
-            (None, None) => Err("neither api.key nor api.key_file is set".into()),
-        }
-    }
-}
-
 /// `[shutdown]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -158,157 +61,6 @@ impl Default for ShutdownConfig {
         ShutdownConfig {
             deadline: default_deadline(),
         }
-    }
-}
-
-/// A secret string: prints as `<redacted>` in Debug, Display and Serialize.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl<'de> Deserialize<'de> for Secret {
-    /// Accepts any scalar: figment reads environment variables by their look, so an all-digit
-    /// password arrives as a number.
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match PropertyValue::deserialize(d)? {
-            PropertyValue::String(s) => Ok(Secret(s)),
-            other => Ok(Secret(other.to_string())),
-        }
-    }
-}
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(REDACTED)
-    }
-}
-
-/// librdkafka pass-through properties. Values whose key names a secret are redacted in Debug and
-/// Serialize; [`KafkaProperties::iter`] gives the real values to the client.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct KafkaProperties(BTreeMap<String, PropertyValue>);
-
-/// A property value; TOML lets users write numbers and booleans unquoted.
-#[derive(Clone, Deserialize, Serialize, Debug)]
-#[serde(untagged)]
-pub enum PropertyValue {
-    String(String),
-    Int(i64),
-    Bool(bool),
-    Float(f64),
-}
-
-impl fmt::Display for PropertyValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PropertyValue::String(s) => f.write_str(s),
-            PropertyValue::Int(i) => write!(f, "{i}"),
-            PropertyValue::Bool(b) => write!(f, "{b}"),
-            PropertyValue::Float(x) => write!(f, "{x}"),
-        }
-    }
-}
-
-/// librdkafka properties the bridge sets itself (its guarantees depend on them).
-pub const RESERVED_PROPERTIES: &[&str] = &[
-    "enable.auto.offset.store",
-    "group.id",
-    "bootstrap.servers",
-    "enable.auto.commit",
-    "group.instance.id",
-];
-
-/// Whether a librdkafka property holds a secret.
-pub fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "jaas",
-        "ssl.key.pem",
-        "ssl_key",
-        "token",
-        "credentials",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
-}
-
-impl KafkaConfig {
-    /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
-    pub fn client_properties(&self) -> Result<Vec<(String, String)>, String> {
-        let mut out: Vec<(String, String)> = self.properties.iter().map(|(k, v)| (k.to_string(), v)).collect();
-        if let Some(path) = &self.properties_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read kafka.properties_file {}: {e}", path.display()))?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let Some((k, v)) = line.split_once('=') else {
-                    return Err(format!(
-                        "kafka.properties_file {} line {}: expected `key=value`",
-                        path.display(),
-                        n + 1
-                    ));
-                };
-                out.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl KafkaProperties {
-    pub fn iter(&self) -> impl Iterator<Item = (&str, String)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.to_string()))
-    }
-    pub fn insert(&mut self, k: &str, v: &str) {
-        self.0.insert(k.to_string(), PropertyValue::String(v.to_string()));
-    }
-    fn redacted(&self) -> BTreeMap<&str, PropertyValue> {
-        self.0
-            .iter()
-            .map(|(k, v)| {
-                let v = if is_secret_property(k) {
-                    PropertyValue::String(REDACTED.into())
-                } else {
-                    v.clone()
-                };
-                (k.as_str(), v)
-            })
-            .collect()
-    }
-}
-
-impl fmt::Debug for KafkaProperties {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.redacted().fmt(f)
-    }
-}
-
-impl Serialize for KafkaProperties {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.redacted().serialize(s)
     }
 }
 
@@ -462,7 +214,7 @@ impl Config {
             }
         }
         for reserved in RESERVED_PROPERTIES.iter().copied() {
-            if k.properties.0.contains_key(reserved) {
+            if k.properties.contains_key(reserved) {
                 err(
                     &format!("kafka.properties.{reserved}"),
                     "is managed by the bridge (commits happen only after delivery); remove it".into(),
@@ -506,6 +258,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::REDACTED;
     use std::io::Write;
 
     fn write(toml: &str) -> tempfile::NamedTempFile {

@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for the map of the code and its invariants.
 
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod dedupe;
 pub mod deliver;
@@ -13,5 +14,6 @@ pub mod mapping;
 pub mod offsets;
 pub mod pipeline;
 pub mod sandbox;
+pub mod settings;
 pub mod source;
 pub mod telemetry;

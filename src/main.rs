@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
-use datapulse_bridge::{config, demo, dlq, mapping, pipeline, sandbox, telemetry};
+use datapulse_bridge::cli::{self, config_path};
+use datapulse_bridge::{demo, dlq, pipeline, sandbox, telemetry};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,7 +33,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Dry-run the mapping over sample records (JSON lines); exits non-zero if any fails.
-    Map(mapping::MapArgs),
+    Map(cli::MapArgs),
     /// The whole pipeline on embedded components (mock Kafka, in-process sandbox), no setup.
     Demo(demo::DemoArgs),
     /// Inspect and replay dead letters.
@@ -42,21 +43,14 @@ enum Command {
     Sandbox(Box<sandbox::SandboxArgs>),
 }
 
-fn config_path(p: Option<PathBuf>) -> (PathBuf, bool) {
-    match p {
-        Some(p) => (p, true),
-        None => (PathBuf::from(config::DEFAULT_CONFIG_FILE), false),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => {
             let (path, explicit) = config_path(config);
-            match config::load(&path, explicit) {
-                Ok(loaded) => {
-                    print!("{}", loaded.config.to_redacted_toml());
+            match cli::load(&path, explicit) {
+                Ok(cfg) => {
+                    print!("{}", cfg.to_redacted_toml());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -67,14 +61,13 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => {
             let (path, explicit) = config_path(config);
-            let loaded = match config::load(&path, explicit) {
-                Ok(l) => l,
+            let cfg = match cli::load(&path, explicit) {
+                Ok(c) => c,
                 Err(e) => {
                     eprint!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
-            let cfg = loaded.config;
             telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level);
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let result = rt.block_on(async move {
@@ -97,7 +90,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Map(args) => mapping::run_map_command(args),
+        Command::Map(args) => cli::run_map_command(args),
         Command::Demo(args) => {
             telemetry::init_logging(telemetry::LogFormat::Text, "error");
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -111,7 +104,7 @@ fn main() -> ExitCode {
         }
         Command::Dlq(cmd) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(dlq::run_command(cmd)) {
+            match rt.block_on(cli::run_dlq_command(cmd)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

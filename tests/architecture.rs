@@ -153,3 +153,82 @@ fn no_stage_imports_the_pipeline() {
         );
     }
 }
+
+/// The top-level modules each top-level module's production code imports.
+fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (module, file) in source_modules() {
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let top = module.split("::").next().unwrap_or_default().to_string();
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        let imports: Vec<String> = crate_imports(production_code(&text))
+            .into_iter()
+            .filter(|m| *m != top)
+            .collect();
+        graph.entry(top).or_default().extend(imports);
+    }
+    graph
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one (depth-first search).
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|n| n == node) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph.keys().find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_modules_import_one_another_without_a_cycle() {
+    let graph = import_graph();
+    assert!(graph.len() >= 15, "read {} modules", graph.len());
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("import cycle between modules: {}", cycle.join(" -> "));
+    }
+}
+
+#[test]
+fn the_cycle_finder_finds_a_cycle() {
+    let edge = |a: &str, b: &[&str]| (a.to_string(), b.iter().map(|s| s.to_string()).collect());
+    let acyclic: BTreeMap<String, BTreeSet<String>> = [
+        edge("config", &["source"]),
+        edge("source", &["offsets"]),
+        edge("offsets", &[]),
+    ]
+    .into();
+    assert_eq!(find_cycle(&acyclic), None);
+    let cyclic: BTreeMap<String, BTreeSet<String>> = [
+        edge("config", &["source"]),
+        edge("source", &["settings", "config"]),
+        edge("settings", &[]),
+    ]
+    .into();
+    assert_eq!(
+        find_cycle(&cyclic),
+        Some(vec!["config".into(), "source".into(), "config".into()])
+    );
+}

@@ -4,9 +4,9 @@
 
 mod deliver_common;
 
-use datapulse_bridge::config::Secret;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, RateMode};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
+use datapulse_bridge::settings::Secret;
 use datapulse_bridge::telemetry;
 use deliver_common::*;
 use std::process::{Child, Command, Stdio};

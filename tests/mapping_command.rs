@@ -1,6 +1,6 @@
 //! `datapulse-bridge map` as partners run it in CI: its exit status and its use of `--topic`.
 
-use datapulse_bridge::mapping::{run_map, run_map_command, MapArgs};
+use datapulse_bridge::cli::{map as run_map, run_map_command, MapArgs};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

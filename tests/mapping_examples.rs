@@ -4,7 +4,8 @@
 //!
 //! `BLESS=1 cargo test --test mapping_examples` rewrites the expected files; review the diff.
 
-use datapulse_bridge::mapping::{run_map, MapArgs, Summary};
+use datapulse_bridge::cli::{map as run_map, MapArgs};
+use datapulse_bridge::mapping::Summary;
 use std::path::{Path, PathBuf};
 
 fn dir(name: &str) -> PathBuf {

@@ -1,7 +1,7 @@
 //! `[dedupe]`: the configuration section of deduplication. Every key has a default; see
 //! `docs/dedupe.md` for each key with an example.
 
-use crate::config::Secret;
+use crate::settings::Secret;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -15,7 +15,7 @@
 
 use super::metrics::METRICS;
 use super::{Cancelled, DeliveryConfig, RateMode};
-use crate::config::Secret;
+use crate::settings::Secret;
 use crate::telemetry;
 use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;

@@ -16,17 +16,19 @@
 //! See `docs/delivery.md`.
 
 mod budget;
+mod config;
 mod metrics;
 pub mod retry;
 
-use crate::config::{ApiConfig, Secret};
+pub use config::{ApiConfig, DeliveryConfig, RateMode, MAX_CONCURRENCY};
+
 use crate::event::Event;
+use crate::settings::Secret;
 use crate::telemetry;
 use budget::RateBudget;
 use bytes::Bytes;
 use metrics::{RetryGuard, METRICS};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -35,185 +37,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::oldest_retry_age;
-
-/// The most delivery lanes (`delivery.concurrency`).
-pub const MAX_CONCURRENCY: u32 = 32;
-
-/// `[delivery]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeliveryConfig {
-    /// Where the key's rate budget is kept: `local` (this process), `redis` (shared by all
-    /// replicas), `static_share` (this process, `rate_limit / replicas`).
-    #[serde(default)]
-    pub rate_mode: RateMode,
-    /// Requests the API allows per key in `rate_window` (the API's default: 60 per minute).
-    #[serde(default = "default_rate_limit")]
-    pub rate_limit: u32,
-    /// The window of `rate_limit`.
-    #[serde(default = "default_rate_window", with = "humantime_serde")]
-    pub rate_window: Duration,
-    /// Requests that may leave at once after a quiet spell. Any window still holds at most
-    /// `rate_limit` requests: a larger burst lowers the sustained rate to
-    /// `(rate_limit − rate_burst + 1) / rate_window`.
-    #[serde(default = "default_rate_burst")]
-    pub rate_burst: u32,
-    /// `static_share` only: how many replicas share the key.
-    #[serde(default)]
-    pub replicas: Option<u32>,
-    /// `redis` only: the Redis holding the shared budget, e.g. `redis://redis:6379/0`.
-    #[serde(default)]
-    pub redis_url: Option<Secret>,
-    /// `redis` only: prefix of the budget's Redis key.
-    #[serde(default = "default_redis_key_prefix")]
-    pub redis_key_prefix: String,
-    /// `redis` only: the budget's name in Redis. Default: a SHA-256 of the API key (the key itself
-    /// is never written to Redis). Set it when replicas must share a budget across key rotation.
-    #[serde(default)]
-    pub budget_name: Option<String>,
-    /// First backoff ceiling after a 5xx, timeout, connection error or a 429 without `Retry-After`.
-    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
-    pub retry_backoff_initial: Duration,
-    /// Largest backoff ceiling.
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
-    pub retry_backoff_max: Duration,
-    /// Retries of one request after which each further retry waits the full `retry_backoff_max`
-    /// and logs an error. Events are never dropped: unset (the default) keeps the jittered
-    /// backoff forever.
-    #[serde(default)]
-    pub max_retries: Option<u32>,
-    /// Interval between retries while the API refuses the key (401/403).
-    #[serde(default = "default_auth_retry_interval", with = "humantime_serde")]
-    pub auth_retry_interval: Duration,
-    /// Requests in flight at once. Each belongs to a delivery lane that owns a fixed share of the
-    /// partitions, so a partition's events still reach the API in order.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum RateMode {
-    #[default]
-    Local,
-    Redis,
-    StaticShare,
-}
-
-fn default_rate_limit() -> u32 {
-    60
-}
-fn default_rate_window() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_rate_burst() -> u32 {
-    1
-}
-fn default_redis_key_prefix() -> String {
-    "datapulse-bridge:rate:".into()
-}
-fn default_backoff_initial() -> Duration {
-    Duration::from_millis(200)
-}
-fn default_backoff_max() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_auth_retry_interval() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_concurrency() -> u32 {
-    1
-}
-
-impl Default for DeliveryConfig {
-    fn default() -> Self {
-        DeliveryConfig {
-            rate_mode: RateMode::Local,
-            rate_limit: default_rate_limit(),
-            rate_window: default_rate_window(),
-            rate_burst: default_rate_burst(),
-            replicas: None,
-            redis_url: None,
-            redis_key_prefix: default_redis_key_prefix(),
-            budget_name: None,
-            retry_backoff_initial: default_backoff_initial(),
-            retry_backoff_max: default_backoff_max(),
-            max_retries: None,
-            auth_retry_interval: default_auth_retry_interval(),
-            concurrency: default_concurrency(),
-        }
-    }
-}
-
-impl DeliveryConfig {
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
-        let mut errs = Vec::new();
-        let mut err = |key: &str, msg: String| {
-            let path = format!("delivery.{key}");
-            errs.push(format!("key `{path}` {}: {msg}", origin(&path)))
-        };
-        if self.rate_limit == 0 {
-            err("rate_limit", "must be at least 1".into());
-        }
-        if self.rate_window.is_zero() {
-            err("rate_window", "must be greater than zero".into());
-        }
-        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
-            err("concurrency", format!("must be between 1 and {MAX_CONCURRENCY}"));
-        }
-        if self.rate_burst == 0 || self.rate_burst > self.rate_limit.max(1) {
-            err(
-                "rate_burst",
-                format!("must be between 1 and rate_limit ({})", self.rate_limit),
-            );
-        }
-        match self.rate_mode {
-            RateMode::Redis => match &self.redis_url {
-                None => err("redis_url", "required when `delivery.rate_mode` is \"redis\"".into()),
-                Some(u) => {
-                    if let Err(e) = redis::Client::open(u.expose()) {
-                        err("redis_url", format!("not a Redis URL ({:?})", e.kind()));
-                    }
-                }
-            },
-            RateMode::StaticShare => match self.replicas {
-                None | Some(0) => err(
-                    "replicas",
-                    "set the number of replicas sharing the key when `delivery.rate_mode` is \"static_share\"".into(),
-                ),
-                Some(n) if self.rate_limit / n == 0 => err(
-                    "replicas",
-                    format!(
-                        "{n} replicas leave less than one request per window of the limit {}",
-                        self.rate_limit
-                    ),
-                ),
-                Some(n) if self.rate_burst > self.rate_limit / n => err(
-                    "rate_burst",
-                    format!("must not exceed each replica's share ({})", self.rate_limit / n),
-                ),
-                Some(_) => {}
-            },
-            RateMode::Local => {}
-        }
-        if self.budget_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-            err("budget_name", "must not be empty when set".into());
-        }
-        if self.retry_backoff_initial.is_zero() {
-            err("retry_backoff_initial", "must be greater than zero".into());
-        }
-        if self.retry_backoff_max < self.retry_backoff_initial {
-            err(
-                "retry_backoff_max",
-                "must not be smaller than `delivery.retry_backoff_initial`".into(),
-            );
-        }
-        if self.auth_retry_interval.is_zero() {
-            err("auth_retry_interval", "must be greater than zero".into());
-        }
-        errs
-    }
-}
 
 /// What happened to one event of a batch.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,9 @@
 //! The `dlq list` and `dlq replay` commands.
 
 use super::read::{parse_time, read_all, DeadLetter};
-use super::DeadLetters;
+use super::{DeadLetterConfig, DeadLetters};
+use crate::dedupe::{DedupeConfig, Deduper, StoreKind};
+use crate::source::KafkaConfig;
 use rdkafka::message::Header;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -55,17 +57,30 @@ impl DlqFilter {
     }
 }
 
-/// Runs a `dlq` command; returns the process exit code.
-pub async fn run_command(cmd: DlqCommand) -> anyhow::Result<()> {
-    let filter = match &cmd {
-        DlqCommand::List(f) => f,
-        DlqCommand::Replay { filter, .. } => filter,
-    };
-    let (path, explicit) = match &filter.config {
-        Some(p) => (p.clone(), true),
-        None => (std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_FILE), false),
-    };
-    let cfg = crate::config::load(&path, explicit)?.config;
+impl DlqCommand {
+    /// The dead letters the command concerns.
+    pub fn filter(&self) -> &DlqFilter {
+        match self {
+            DlqCommand::List(f) => f,
+            DlqCommand::Replay { filter, .. } => filter,
+        }
+    }
+}
+
+/// What a `dlq` command needs of the bridge's configuration.
+pub struct DlqSettings<'a> {
+    pub kafka: &'a KafkaConfig,
+    pub dead_letter: &'a DeadLetterConfig,
+    /// For letting ids in doubt go on replay (Redis store).
+    pub dedupe: &'a DedupeConfig,
+}
+
+/// Runs a `dlq` command, printing to stdout.
+///
+/// Errors: the dead-letter topic cannot be read, the producer or the dedupe store cannot be
+/// created, or a replayed record is not acknowledged.
+pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Result<()> {
+    let filter = cmd.filter();
     let topic = cfg.dead_letter.topic.clone();
     let kafka = cfg.kafka.clone();
     let all = tokio::task::spawn_blocking(move || read_all(&kafka, &topic)).await??;
@@ -90,13 +105,13 @@ pub async fn run_command(cmd: DlqCommand) -> anyhow::Result<()> {
             }
         }
         DlqCommand::Replay { dry_run, .. } => {
-            let dl = DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?;
+            let dl = DeadLetters::new(cfg.kafka, cfg.dead_letter)?;
             let cancel = CancellationToken::new();
             // An `in_doubt` dead letter's id stays a duplicate in the dedupe store until replayed:
             // replaying it says the operator found it missing in DataPulse.
             let in_doubt = chosen.iter().any(|d| d.dedupe_key.is_some());
             let deduper = match (in_doubt && !dry_run, cfg.dedupe.store) {
-                (true, crate::dedupe::StoreKind::Redis) => Some(crate::dedupe::Deduper::new(&cfg.dedupe).await?),
+                (true, StoreKind::Redis) => Some(Deduper::new(cfg.dedupe).await?),
                 _ => None,
             };
             for d in &chosen {

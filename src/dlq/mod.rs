@@ -15,12 +15,12 @@
 mod command;
 mod read;
 
-pub use command::{run_command, DlqCommand, DlqFilter};
+pub use command::{run_command, DlqCommand, DlqFilter, DlqSettings};
 pub use read::{contains, read_all, DeadLetter};
 
-use crate::config::KafkaConfig;
 use crate::dedupe::{DeadLetterClaim, Deduper};
 use crate::offsets::RecordId;
+use crate::source::KafkaConfig;
 use crate::source::Record;
 use futures::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};

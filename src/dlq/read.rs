@@ -2,8 +2,8 @@
 //! claim lapsed with its owner.
 
 use super::headers;
-use crate::config::KafkaConfig;
 use crate::offsets::RecordId;
+use crate::source::KafkaConfig;
 use crate::source::Record;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};

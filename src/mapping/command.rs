@@ -5,23 +5,6 @@
 use super::{MapOutcome, Mapper, SourceRecord};
 use serde_json::Value;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-/// Arguments of `datapulse-bridge map`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct MapArgs {
-    /// The bridge configuration file (its `[[mapping]]` tables are used).
-    #[arg(long, short)]
-    pub config: PathBuf,
-    /// The topic records are mapped as, unless a record names its own `topic`. Default: the
-    /// first of `kafka.topics`.
-    #[arg(long)]
-    pub topic: Option<String>,
-    /// Sample records, one a line: the record value as JSON, or an object
-    /// `{"key":..,"value":..,"headers":{..},"topic":..}`. Standard input when absent.
-    pub file: Option<PathBuf>,
-}
 
 /// Counts of what happened to the sample records.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -31,45 +14,17 @@ pub struct Summary {
     pub failed: usize,
 }
 
-/// Runs `map`: events on stdout, failures and filtered records on stderr.
-/// Exit status: 0 when every record mapped or was filtered, 1 when one failed, 2 when the
-/// configuration or the input cannot be read.
-pub fn run_map_command(args: MapArgs) -> ExitCode {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let result = match &args.file {
-        Some(path) => match std::fs::File::open(path) {
-            Ok(f) => run_map(
-                &args,
-                std::io::BufReader::new(f),
-                &mut stdout.lock(),
-                &mut stderr.lock(),
-            ),
-            Err(e) => Err(format!("cannot open {}: {e}", path.display())),
-        },
-        None => run_map(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
-    };
-    match result {
-        Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::FAILURE,
-        Err(e) => {
-            let _ = writeln!(stderr.lock(), "error: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// The body of [`run_map_command`], over any input and outputs.
+/// Maps each sample record of `input` (JSON lines) with `mapper`: the events to `out`, failures
+/// and filtered records to `err`. `default_topic`: the topic of records that name none.
+///
+/// Errors: the input cannot be read or the outputs written, or a record has no topic.
 pub fn run_map(
-    args: &MapArgs,
+    mapper: &Mapper,
+    default_topic: Option<String>,
     input: impl BufRead,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<Summary, String> {
-    let loaded = crate::config::load(&args.config, true).map_err(|e| e.to_string().trim_end().to_string())?;
-    let cfg = &loaded.config;
-    let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(|e| e.to_string())?;
-    let default_topic = args.topic.clone().or_else(|| cfg.kafka.topics.first().cloned());
     let io = |e: std::io::Error| format!("cannot write: {e}");
     let mut summary = Summary::default();
     let mut buf = Vec::new();

@@ -16,7 +16,7 @@ mod read;
 mod spec;
 mod value;
 
-pub use command::{run_map, run_map_command, MapArgs, Summary};
+pub use command::{run_map, Summary};
 pub use spec::{
     AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
     CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,

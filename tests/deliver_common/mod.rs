@@ -2,7 +2,7 @@
 //! 127.0.0.1, events, and Deliverer construction.
 #![allow(dead_code)]
 
-use datapulse_bridge::config::ApiConfig;
+use datapulse_bridge::deliver::ApiConfig;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig};
 use datapulse_bridge::event::Event;
 use datapulse_bridge::sandbox::{self, SandboxArgs, SandboxHandle};

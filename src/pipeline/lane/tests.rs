@@ -5,9 +5,8 @@
 
 use super::*;
 use crate::batch::{BatchConfig, Inbox};
-use crate::config::ApiConfig;
 use crate::dedupe::DedupeConfig;
-use crate::deliver::DeliveryConfig;
+use crate::deliver::{ApiConfig, DeliveryConfig};
 use crate::dlq::WriteOnce;
 use crate::event::{BetResult, Event};
 use crate::offsets::{RecordId, Tracker};

@@ -7,9 +7,11 @@
 //! committed synchronously inside the callback and their epoch ends, so work still in flight for
 //! them is never committed by this process (invariant 9).
 
-use crate::config::KafkaConfig;
+mod config;
+
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
+pub use config::{is_secret_property, KafkaConfig, KafkaProperties, RESERVED_PROPERTIES};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;

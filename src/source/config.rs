@@ -1,0 +1,142 @@
+//! `[kafka]`: the consumer group's settings and the librdkafka pass-through properties.
+
+use crate::settings::{PropertyValue, REDACTED};
+use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[kafka]`: the source consumer group.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]` of the brokers.
+    pub bootstrap_servers: String,
+    /// The consumer group all replicas join.
+    pub group_id: String,
+    /// Topics to consume (exclusive with `topic_pattern`).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regular expression of topics to consume (exclusive with `topics`).
+    #[serde(default)]
+    pub topic_pattern: Option<String>,
+    /// Static group membership id (`group.instance.id`); the Helm chart sets it from the pod name.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
+    /// Records taken from Kafka and not yet finished, across all partitions, before the bridge
+    /// pauses its partitions. Bounds memory whatever the backlog.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_records: usize,
+    /// How often finished offsets are committed.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// librdkafka properties passed through as given (SASL, SSL, timeouts…). Values of keys that
+    /// look secret are redacted when printed.
+    #[serde(default)]
+    pub properties: KafkaProperties,
+    /// A file of `key=value` lines (librdkafka properties, `#` comments) read at start-up and
+    /// applied over `properties`: mount a Secret here to keep SASL/SSL secrets out of the config.
+    /// Its values are never printed.
+    #[serde(default)]
+    pub properties_file: Option<PathBuf>,
+}
+
+fn default_max_in_flight() -> usize {
+    20_000
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// librdkafka pass-through properties. Values whose key names a secret are redacted in Debug and
+/// Serialize; [`KafkaProperties::iter`] gives the real values to the client.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(BTreeMap<String, PropertyValue>);
+
+/// librdkafka properties the bridge sets itself (its guarantees depend on them).
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "enable.auto.commit",
+    "group.instance.id",
+];
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "ssl.key.pem",
+        "ssl_key",
+        "token",
+        "credentials",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl KafkaConfig {
+    /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out: Vec<(String, String)> = self.properties.iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if let Some(path) = &self.properties_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read kafka.properties_file {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((k, v)) = line.split_once('=') else {
+                    return Err(format!(
+                        "kafka.properties_file {} line {}: expected `key=value`",
+                        path.display(),
+                        n + 1
+                    ));
+                };
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl KafkaProperties {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, String)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.to_string()))
+    }
+    /// Whether the user set `key` here (not in `properties_file`).
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+    fn redacted(&self) -> BTreeMap<&str, PropertyValue> {
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    PropertyValue::String(REDACTED.into())
+                } else {
+                    v.clone()
+                };
+                (k.as_str(), v)
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.redacted().fmt(f)
+    }
+}
+
+impl Serialize for KafkaProperties {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.redacted().serialize(s)
+    }
+}
