@@ -2,6 +2,7 @@
 //! DataPulse Server Events API, committing offsets only behind what reached an outcome.
 //! See `docs/ARCHITECTURE.md` for the map of the code and its invariants.
 
+pub mod backoff;
 pub mod batch;
 pub mod cli;
 pub mod config;

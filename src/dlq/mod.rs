@@ -18,11 +18,13 @@ mod read;
 pub use command::{run_command, DlqCommand, DlqFilter, DlqSettings};
 pub use read::{contains, read_all, DeadLetter};
 
+use crate::backoff::{until_ok, Backoff};
 use crate::dedupe::{DeadLetterClaim, Deduper};
 use crate::offsets::RecordId;
 use crate::source::KafkaConfig;
 use crate::source::Record;
 use futures::future::BoxFuture;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -159,31 +161,21 @@ impl DeadLetters {
     /// unfinished).
     pub async fn send(&self, rec: &Record, why: &Reason, dedupe_key: Option<&str>, cancel: &CancellationToken) -> bool {
         let meta = Meta::of(rec, why, dedupe_key);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let h = meta.headers(rec.original_headers(10));
-            let record = rec.to_record(&self.topic, h);
-            let sent = tokio::select! {
-                r = self.producer.send(record, Duration::from_secs(30)) => r,
-                _ = cancel.cancelled() => return false,
-            };
-            match sent {
-                Ok(_) => {
-                    DEAD_LETTERS.with_label_values(&[why.stage, why.code.as_str()]).inc();
-                    return true;
-                }
-                Err((e, _)) => {
-                    DEAD_LETTER_ERRORS.inc();
-                    tracing::error!(topic = %self.topic, source_topic = %rec.id.topic, partition = rec.id.partition,
-                        offset = rec.id.offset, error = %e, "dead-letter write failed; retrying (the record stays unfinished)");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = cancel.cancelled() => return false,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+        let write = || {
+            let record = rec.to_record(&self.topic, meta.headers(rec.original_headers(10)));
+            let sent = self.producer.send(record, Duration::from_secs(30));
+            async move { sent.await.map_err(|(e, _)| e) }
+        };
+        let written = until_ok(Backoff::DEAD_LETTER, Some(cancel), write, |e: &KafkaError, _| {
+            DEAD_LETTER_ERRORS.inc();
+            tracing::error!(topic = %self.topic, source_topic = %rec.id.topic, partition = rec.id.partition,
+                offset = rec.id.offset, error = %e, "dead-letter write failed; retrying (the record stays unfinished)");
+        })
+        .await;
+        if written.is_some() {
+            DEAD_LETTERS.with_label_values(&[why.stage, why.code.as_str()]).inc();
         }
+        written.is_some()
     }
 }
 

@@ -13,15 +13,15 @@
 //!    are recorded in the dedupe store (invariant 3) and only then finished.
 
 use super::outcome::{Held, Outcome, Outcomes};
+use crate::backoff::{until_ok, Backoff};
 use crate::batch::{Batcher, JsonLen};
-use crate::dedupe::{Deduper, EventKeys, LetGo, Verdict};
+use crate::dedupe::{Deduper, EventKeys, LetGo, StoreUnavailable, Verdict};
 use crate::deliver::{Deliverer, EventResult, Exposure, Interrupted};
 use crate::dlq::Reason;
 use crate::event::TimestampUnit;
 use crate::source::lock;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::Instrument;
 
 /// An event waiting for delivery, with the record it came from. The event itself is not kept
@@ -121,25 +121,15 @@ impl Lane {
     /// policy); `None` when shutdown's deadline passed first.
     async fn judge(&self, batch: &[Pending]) -> Option<Vec<Verdict>> {
         let keys: Vec<&EventKeys> = batch.iter().map(|p| &p.keys).collect();
-        let abandon = self.outcomes.abandon_token();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let checked = tokio::select! {
-                r = self.deduper.check(&keys) => r,
-                _ = abandon.cancelled() => return None,
-            };
-            match checked {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    tracing::warn!(error = %e.0, "dedupe store unavailable; delivery paused until it returns");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = abandon.cancelled() => return None,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        until_ok(
+            Backoff::STORE,
+            Some(self.outcomes.abandon_token()),
+            || self.deduper.check(&keys),
+            |e: &StoreUnavailable, _| {
+                tracing::warn!(error = %e.0, "dedupe store unavailable; delivery paused until it returns")
+            },
+        )
+        .await
     }
 
     /// Finishes or dead-letters what must not be sent; returns the events to send, in order.
@@ -245,17 +235,18 @@ impl Lane {
             return;
         }
         let keys: Vec<&EventKeys> = s.delivered.iter().map(|p| &p.keys).collect();
-        let mut backoff = Duration::from_millis(100);
-        while let Err(e) = self.deduper.delivered(&keys).await {
-            tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing");
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = self.outcomes.abandon_token().cancelled() => {
-                    self.outcomes.abandoned(s.delivered.len());
-                    return;
-                }
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        let recorded = until_ok(
+            Backoff::STORE,
+            Some(self.outcomes.abandon_token()),
+            || self.deduper.delivered(&keys),
+            |e: &StoreUnavailable, _| {
+                tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing")
+            },
+        )
+        .await;
+        if recorded.is_none() {
+            self.outcomes.abandoned(s.delivered.len());
+            return;
         }
         tracing::debug!("batch delivered");
         let delivered: Vec<(&Held, i64)> = s.delivered.iter().map(|p| (&p.held, p.timestamp)).collect();
@@ -288,12 +279,15 @@ struct SentMarks<'a> {
 
 impl Exposure for SentMarks<'_> {
     async fn exposed(&self) {
-        let mut backoff = Duration::from_millis(100);
-        while let Err(e) = self.deduper.mark_sent(&self.keys, true).await {
-            tracing::warn!(error = %e.0, "cannot mark ids as sent in the dedupe store; the request waits");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        until_ok(
+            Backoff::STORE,
+            None,
+            || self.deduper.mark_sent(&self.keys, true),
+            |e: &StoreUnavailable, _| {
+                tracing::warn!(error = %e.0, "cannot mark ids as sent in the dedupe store; the request waits")
+            },
+        )
+        .await;
     }
 
     async fn unexposed(&self) {

@@ -15,7 +15,7 @@ use crate::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
 use crate::source::Record;
 use futures::future::BoxFuture;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "dp_lane_test_key";
