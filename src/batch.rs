@@ -7,6 +7,7 @@
 //! linger bounds the latency. Nothing here knows Kafka or HTTP: the budget reaches the batcher as
 //! a future.
 
+use crate::settings::Invalid;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Duration;
@@ -48,19 +49,14 @@ impl Default for BatchConfig {
 }
 
 impl BatchConfig {
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+    /// What types alone cannot say about `[batch]`.
+    pub fn validate(&self) -> Vec<Invalid> {
         let mut errs = Vec::new();
         if self.max_events == 0 {
-            errs.push(format!(
-                "key `batch.max_events` {}: must be at least 1",
-                origin("batch.max_events")
-            ));
+            errs.push(Invalid::new("batch.max_events", "must be at least 1"));
         }
         if self.max_bytes < 1024 {
-            errs.push(format!(
-                "key `batch.max_bytes` {}: must be at least 1024",
-                origin("batch.max_bytes")
-            ));
+            errs.push(Invalid::new("batch.max_bytes", "must be at least 1024"));
         }
         errs
     }

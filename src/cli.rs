@@ -3,7 +3,7 @@
 
 use crate::config::{self, Config, ConfigError};
 use crate::dlq::{DlqCommand, DlqSettings};
-use crate::mapping::{run_map, Mapper, Summary};
+use crate::mapping::{run_map, MapRunError, Mapper, MappingErrors, Summary};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,7 +53,10 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
                 &mut stdout.lock(),
                 &mut stderr.lock(),
             ),
-            Err(e) => Err(format!("cannot open {}: {e}", path.display())),
+            Err(source) => Err(MapCommandError::Open {
+                path: path.clone(),
+                source,
+            }),
         },
         None => map(&args, std::io::stdin().lock(), &mut stdout.lock(), &mut stderr.lock()),
     };
@@ -67,15 +70,34 @@ pub fn run_map_command(args: MapArgs) -> ExitCode {
     }
 }
 
+/// Why `map` could not map its input.
+#[derive(Debug, thiserror::Error)]
+pub enum MapCommandError {
+    /// The configuration is invalid (its mappings included).
+    #[error("{}", .0.to_string().trim_end())]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Mapping(#[from] MappingErrors),
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Map(#[from] MapRunError),
+}
+
 /// The body of [`run_map_command`], over any input and outputs: loads `args.config`, compiles its
 /// mappings and maps every sample record of `input`.
 ///
 /// Errors: the configuration is invalid, or the input cannot be read (see [`run_map`]).
-pub fn map(args: &MapArgs, input: impl BufRead, out: &mut dyn Write, err: &mut dyn Write) -> Result<Summary, String> {
-    let cfg = load(&args.config, true).map_err(|e| e.to_string().trim_end().to_string())?;
-    let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(|e| e.to_string())?;
+pub fn map(
+    args: &MapArgs,
+    input: impl BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Summary, MapCommandError> {
+    let cfg = load(&args.config, true)?;
+    let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract())?;
     let default_topic = args.topic.clone().or_else(|| cfg.kafka.topics.first().cloned());
-    run_map(&mapper, default_topic, input, out, err)
+    Ok(run_map(&mapper, default_topic, input, out, err)?)
 }
 
 /// Runs a `dlq` command with the configuration its `--config` names.

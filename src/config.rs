@@ -6,12 +6,13 @@
 //! the file or variable the value came from.
 
 use crate::deliver::ApiConfig;
+use crate::settings::Invalid;
 use crate::source::{KafkaConfig, RESERVED_PROPERTIES};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Prefix of the environment variables that override the file.
@@ -64,17 +65,59 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// A configuration error: every problem found, each naming the key and where its value came from.
-#[derive(Debug)]
-pub struct ConfigError(pub Vec<String>);
+/// One problem of a configuration, naming where the value came from ("in FILE", "from
+/// environment variable X", "(not set)").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    /// A key's value is missing, of the wrong type or invalid.
+    #[error("key `{key}` {origin}: {problem}")]
+    Key {
+        key: String,
+        origin: String,
+        problem: String,
+    },
+    /// A `[[mapping]]` does not compile; `problem` names the mapping and the field.
+    #[error("{problem} {origin}")]
+    Mapping { problem: String, origin: String },
+}
+
+impl ConfigProblem {
+    /// The key the problem is about (`mapping` for the mappings).
+    pub fn key(&self) -> &str {
+        match self {
+            ConfigProblem::Key { key, .. } => key,
+            ConfigProblem::Mapping { .. } => "mapping",
+        }
+    }
+}
+
+/// A configuration that cannot be used; rendered as "invalid configuration:" and one line per
+/// problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--config` names a file that does not exist.
+    MissingFile { path: PathBuf },
+    /// Every problem found, each naming the key and where its value came from.
+    Invalid { problems: Vec<ConfigProblem> },
+}
+
+impl ConfigError {
+    /// The problems found (none for a missing file).
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::MissingFile { .. } => &[],
+            ConfigError::Invalid { problems } => problems,
+        }
+    }
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "invalid configuration:")?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
+        match self {
+            ConfigError::MissingFile { path } => writeln!(f, "  - config file {} does not exist", path.display()),
+            ConfigError::Invalid { problems } => problems.iter().try_for_each(|p| writeln!(f, "  - {p}")),
         }
-        Ok(())
     }
 }
 
@@ -112,10 +155,9 @@ fn source_of(md: &figment::Metadata) -> String {
 /// The figment of a file (which must exist when `explicit`) and the environment.
 pub fn figment(path: &Path, explicit: bool) -> Result<Figment, ConfigError> {
     if explicit && !path.exists() {
-        return Err(ConfigError(vec![format!(
-            "config file {} does not exist",
-            path.display()
-        )]));
+        return Err(ConfigError::MissingFile {
+            path: path.to_path_buf(),
+        });
     }
     Ok(Figment::new()
         .merge(Toml::file_exact(path))
@@ -127,31 +169,37 @@ pub fn figment(path: &Path, explicit: bool) -> Result<Figment, ConfigError> {
 pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
     let figment = figment(path, explicit)?;
     let config: Config = figment.extract().map_err(|e| {
-        ConfigError(
-            e.into_iter()
-                .map(|e| {
-                    let key = if e.path.is_empty() {
-                        "(top level)".to_string()
-                    } else {
-                        e.path.join(".")
-                    };
-                    let src = match &e.metadata {
-                        Some(md) => source_of(md),
-                        None if !path.exists() => format!("(no config file: {} does not exist)", path.display()),
-                        None => format!("in {}", path.display()),
-                    };
-                    format!("key `{key}` {src}: {}", e.kind)
-                })
-                .collect(),
-        )
+        let unknown_origin = || match path.exists() {
+            false => format!("(no config file: {} does not exist)", path.display()),
+            true => format!("in {}", path.display()),
+        };
+        extract_error(e, unknown_origin)
     })?;
     let loaded = Loaded { config, figment };
-    let errors = loaded.config.validate(&|k| loaded.origin(k));
-    if errors.is_empty() {
+    let problems = loaded.config.validate(&|k| loaded.origin(k));
+    if problems.is_empty() {
         Ok(loaded)
     } else {
-        Err(ConfigError(errors))
+        Err(ConfigError::Invalid { problems })
     }
+}
+
+/// figment's extraction errors as problems; `unknown_origin` names the origin of a value figment
+/// has no metadata for.
+fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> ConfigError {
+    let problems = e
+        .into_iter()
+        .map(|e| ConfigProblem::Key {
+            key: if e.path.is_empty() {
+                "(top level)".to_string()
+            } else {
+                e.path.join(".")
+            },
+            origin: e.metadata.as_ref().map_or_else(&unknown_origin, source_of),
+            problem: e.kind.to_string(),
+        })
+        .collect();
+    ConfigError::Invalid { problems }
 }
 
 /// Loads a configuration from TOML text (the demo and tests build theirs in code).
@@ -159,20 +207,21 @@ pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
     let figment = Figment::from(Toml::string(text));
     let config: Config = figment
         .extract()
-        .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
-    let errors = config.validate(&|k| origin(&figment, k));
-    if errors.is_empty() {
+        .map_err(|e| extract_error(e, || "in the configuration text".to_string()))?;
+    let problems = config.validate(&|k| origin(&figment, k));
+    if problems.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError(errors))
+        Err(ConfigError::Invalid { problems })
     }
 }
 
 impl Config {
-    /// Checks what types alone cannot say. `origin` names where a key came from.
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
-        let mut errs = Vec::new();
-        let mut err = |key: &str, msg: String| errs.push(format!("key `{key}` {}: {msg}", origin(key)));
+    /// Checks what types alone cannot say, in every section. `origin` names where a key came
+    /// from.
+    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<ConfigProblem> {
+        let mut invalid = Vec::new();
+        let mut err = |key: &str, msg: String| invalid.push(Invalid::new(key, msg));
         let k = &self.kafka;
         if k.bootstrap_servers.trim().is_empty() {
             err("kafka.bootstrap_servers", "must not be empty".into());
@@ -200,7 +249,7 @@ impl Config {
             err("kafka.max_in_flight_records", "must be at least 1".into());
         }
         match k.client_properties() {
-            Err(e) => err("kafka.properties_file", e),
+            Err(e) => err("kafka.properties_file", e.to_string()),
             Ok(props) => {
                 for (key, _) in props
                     .iter()
@@ -238,15 +287,26 @@ impl Config {
         if self.api.request_timeout.is_zero() {
             err("api.request_timeout", "must be greater than zero".into());
         }
-        errs.extend(self.batch.validate(origin));
-        errs.extend(self.delivery.validate(origin));
-        errs.extend(self.dedupe.validate(origin));
-        errs.extend(self.dead_letter.validate(origin));
-        errs.extend(self.telemetry.validate(origin));
+        invalid.extend(self.batch.validate());
+        invalid.extend(self.delivery.validate());
+        invalid.extend(self.dedupe.validate());
+        invalid.extend(self.dead_letter.validate());
+        invalid.extend(self.telemetry.validate());
+        let mut problems: Vec<ConfigProblem> = invalid
+            .into_iter()
+            .map(|Invalid { key, problem }| ConfigProblem::Key {
+                origin: origin(&key),
+                key,
+                problem,
+            })
+            .collect();
         if let Err(e) = crate::mapping::Mapper::compile(&self.mapping, &self.api.contract()) {
-            errs.extend(e.0.into_iter().map(|m| format!("{m} {}", origin("mapping"))));
+            problems.extend(e.problems().iter().map(|m| ConfigProblem::Mapping {
+                problem: m.clone(),
+                origin: origin("mapping"),
+            }));
         }
-        errs
+        problems
     }
 
     /// The resolved configuration as TOML with every secret redacted (for `check`).
@@ -308,23 +368,39 @@ key = "dp_test_key_123"
             "[kafka.properties]",
             &format!("properties_file = {:?}\n[kafka.properties]", bad.path()),
         ));
-        let e = load(f.path(), true).unwrap_err().to_string();
-        assert!(e.contains("kafka.properties_file") && e.contains("group.id"), "{e}");
+        let e = load(f.path(), true).unwrap_err();
+        assert!(
+            keyed(&e).any(|(key, _, problem)| key == "kafka.properties_file" && problem.contains("`group.id`")),
+            "{e}"
+        );
+    }
+
+    /// The `Key` problems of a configuration error: key, origin, problem.
+    fn keyed(e: &ConfigError) -> impl Iterator<Item = (&str, &str, &str)> {
+        e.problems().iter().filter_map(|p| match p {
+            ConfigProblem::Key { key, origin, problem } => Some((key.as_str(), origin.as_str(), problem.as_str())),
+            ConfigProblem::Mapping { .. } => None,
+        })
     }
 
     #[test]
     fn unknown_key_names_key_and_file() {
         let f = write(&format!("{MINIMAL}\n[batch]\nmax_event = 3\n"));
-        let e = load(f.path(), true).unwrap_err().to_string();
-        assert!(e.contains("max_event"), "{e}");
-        assert!(e.contains(&f.path().display().to_string()), "{e}");
+        let e = load(f.path(), true).unwrap_err();
+        let in_file = format!("in {}", f.path().display());
+        assert!(
+            keyed(&e).any(|(key, origin, problem)| key == "batch.max_event"
+                && origin == in_file
+                && problem.contains("unknown field")),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_value_names_key() {
         let f = write(&MINIMAL.replace("group_id = \"g\"", "group_id = 5"));
-        let e = load(f.path(), true).unwrap_err().to_string();
-        assert!(e.contains("kafka.group_id"), "{e}");
+        let e = load(f.path(), true).unwrap_err();
+        assert!(keyed(&e).any(|(key, _, _)| key == "kafka.group_id"), "{e}");
     }
 
     #[test]
@@ -334,10 +410,16 @@ key = "dp_test_key_123"
                 .replace("topics = [\"t\"]", "")
                 .replace("key = \"dp_test_key_123\"", ""),
         );
-        let e = load(f.path(), true).unwrap_err().to_string();
-        assert!(e.contains("kafka.topics"), "{e}");
-        assert!(e.contains("api.key"), "{e}");
-        let missing = load(Path::new("/nonexistent/x.toml"), true).unwrap_err().to_string();
-        assert!(missing.contains("does not exist"), "{missing}");
+        let e = load(f.path(), true).unwrap_err();
+        let keys: Vec<&str> = keyed(&e).map(|(key, _, _)| key).collect();
+        assert!(keys.contains(&"kafka.topics") && keys.contains(&"api.key"), "{e}");
+        let missing = load(Path::new("/nonexistent/x.toml"), true).unwrap_err();
+        assert_eq!(
+            missing,
+            ConfigError::MissingFile {
+                path: "/nonexistent/x.toml".into()
+            }
+        );
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
     }
 }

@@ -1,6 +1,6 @@
 //! What every configuration section shares, a leaf of the crate: [`Secret`], which prints as
-//! [`REDACTED`] everywhere it could be printed, and [`PropertyValue`], a scalar as TOML or the
-//! environment gives it.
+//! [`REDACTED`] everywhere it could be printed, [`PropertyValue`], a scalar as TOML or the
+//! environment gives it, and [`Invalid`], what a section's validation finds wrong.
 
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
@@ -64,6 +64,25 @@ impl fmt::Display for PropertyValue {
             PropertyValue::Int(i) => write!(f, "{i}"),
             PropertyValue::Bool(b) => write!(f, "{b}"),
             PropertyValue::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// What a section's `validate` finds wrong with one key; `config` adds where the value came from
+/// (`config::ConfigProblem`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The key's full path, e.g. `batch.max_events`.
+    pub key: String,
+    /// What is wrong and what to do, e.g. "must be at least 1".
+    pub problem: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
+        Invalid {
+            key: key.into(),
+            problem: problem.into(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! next to the code that updates them, named `datapulse_bridge_*`); `/metrics` gathers them all.
 //! Readiness is the conjunction of named conditions that modules set with [`set_ready`].
 
+use crate::settings::Invalid;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -47,20 +48,19 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+    /// What types alone cannot say about `[telemetry]`.
+    pub fn validate(&self) -> Vec<Invalid> {
         let mut errs = Vec::new();
         if self.listen.parse::<SocketAddr>().is_err() {
-            errs.push(format!(
-                "key `telemetry.listen` {}: `{}` is not an address such as 0.0.0.0:9090",
-                origin("telemetry.listen"),
-                self.listen
+            errs.push(Invalid::new(
+                "telemetry.listen",
+                format!("`{}` is not an address such as 0.0.0.0:9090", self.listen),
             ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            errs.push(format!(
-                "key `telemetry.log_level` {}: `{}` is not a log filter such as `info`",
-                origin("telemetry.log_level"),
-                self.log_level
+            errs.push(Invalid::new(
+                "telemetry.log_level",
+                format!("`{}` is not a log filter such as `info`", self.log_level),
             ));
         }
         errs

@@ -129,7 +129,7 @@ retry_backoff_max = "500ms"
         group = w.group,
         api = w.sandbox.url(),
     );
-    datapulse_bridge::config::from_toml_str(&text).unwrap_or_else(|e| panic!("config: {}", e.0.join("; ")))
+    datapulse_bridge::config::from_toml_str(&text).unwrap_or_else(|e| panic!("config: {e}"))
 }
 
 /// `[dedupe]` on a shared redis-server: what makes "nothing sent twice" hold across processes and

@@ -78,17 +78,26 @@ impl LetGo {
     }
 }
 
-/// The dedupe store is unreachable; under the `pause` policy the caller waits and retries.
-#[derive(Debug, Clone)]
-pub struct StoreUnavailable(pub String);
-
-impl std::fmt::Display for StoreUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dedupe store unavailable: {}", self.0)
-    }
+/// The dedupe store could not answer; under the `pause` policy the caller waits and retries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreUnavailable {
+    /// The store cannot be reached (the `on_store_unavailable` policy applies).
+    #[error("dedupe store unavailable: {reason}")]
+    Unreachable { reason: String },
+    /// Another replica kept an id in flight for longer than twice the lease (a stuck or
+    /// misconfigured replica): never sent without dedupe, whatever the policy.
+    #[error("dedupe store unavailable: {reason}")]
+    Contended { reason: String },
 }
 
-impl std::error::Error for StoreUnavailable {}
+impl StoreUnavailable {
+    /// What the store's client said, e.g. `redis: Connection refused`.
+    pub fn reason(&self) -> &str {
+        match self {
+            StoreUnavailable::Unreachable { reason } | StoreUnavailable::Contended { reason } => reason,
+        }
+    }
+}
 
 /// How often a check waiting for another batch's in-flight key looks again.
 const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
@@ -147,15 +156,6 @@ pub(crate) enum Lookup {
     InDoubt,
     /// (Redis) The key was in doubt and a record carrying it is dead-lettered already.
     Doubted,
-}
-
-/// Why a store call failed.
-pub(crate) enum StoreError {
-    /// The store cannot be reached (the `on_store_unavailable` policy applies).
-    Unreachable(String),
-    /// Another replica kept an id in flight for longer than twice the lease (a stuck or
-    /// misconfigured replica): never sent without dedupe, whatever the policy.
-    Contended(String),
 }
 
 /// The dedupe keys of one event, taken once when it is mapped ([`Deduper::keys_of`]) and kept with
@@ -333,7 +333,7 @@ impl Deduper {
         let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
         let lookups = match self.store_check(&probes).await {
             Ok(lookups) => lookups,
-            Err(StoreError::Unreachable(e)) if self.policy == OnStoreUnavailable::Deliver => {
+            Err(StoreUnavailable::Unreachable { reason: e }) if self.policy == OnStoreUnavailable::Deliver => {
                 METRICS
                     .unguarded
                     .with_label_values(&["check"])
@@ -346,9 +346,9 @@ impl Deduper {
                 );
                 vec![Lookup::Free; probes.len()]
             }
-            Err(StoreError::Unreachable(e) | StoreError::Contended(e)) => {
+            Err(e) => {
                 drop(held); // releases the holds
-                return Err(StoreUnavailable(e));
+                return Err(e);
             }
         };
         std::mem::forget(held);
@@ -497,7 +497,7 @@ impl Deduper {
         if let Err(e) = recorded {
             if self.policy == OnStoreUnavailable::Pause {
                 // Still in flight: the pipeline retries before it commits.
-                return Err(StoreUnavailable(e));
+                return Err(StoreUnavailable::Unreachable { reason: e });
             }
             METRICS
                 .unguarded
@@ -566,7 +566,9 @@ impl Deduper {
         let ids: Vec<&str> = keys.iter().filter_map(|k| k.key.as_deref()).collect();
         match r.mark_sent(&ids, exposed).await {
             Ok(()) => Ok(()),
-            Err(e) if self.policy == OnStoreUnavailable::Pause && exposed => Err(StoreUnavailable(e)),
+            Err(e) if self.policy == OnStoreUnavailable::Pause && exposed => {
+                Err(StoreUnavailable::Unreachable { reason: e })
+            }
             Err(e) => {
                 tracing::warn!(error = %e, events = ids.len(), exposed, "dedupe store unreachable: ids not marked as sent; a crash now may send them twice or leave them in doubt");
                 Ok(())
@@ -579,7 +581,10 @@ impl Deduper {
     pub async fn forget_doubt(&self, key: &str) -> Result<bool, StoreUnavailable> {
         match &self.store {
             Store::Memory(_) => Ok(false),
-            Store::Redis(r) => r.forget_doubt(key).await.map_err(StoreUnavailable),
+            Store::Redis(r) => r
+                .forget_doubt(key)
+                .await
+                .map_err(|reason| StoreUnavailable::Unreachable { reason }),
         }
     }
 
@@ -612,7 +617,7 @@ impl Deduper {
         EventKeys { key, guard }
     }
 
-    async fn store_check(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreError> {
+    async fn store_check(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreUnavailable> {
         if probes.is_empty() {
             return Ok(Vec::new());
         }
@@ -628,8 +633,8 @@ impl Deduper {
                 let res = r.claim(probes).await;
                 match &res {
                     Ok(_) => self.note_store(Ok(()), false),
-                    Err(StoreError::Unreachable(e)) => self.note_store(Err(e.clone()), false),
-                    Err(StoreError::Contended(_)) => {}
+                    Err(StoreUnavailable::Unreachable { reason }) => self.note_store(Err(reason.clone()), false),
+                    Err(StoreUnavailable::Contended { .. }) => {}
                 }
                 res
             }

@@ -15,7 +15,7 @@
 //! nothing in that round (holding nothing while waiting rules out deadlocks between replicas) and
 //! polls until the claim is resolved.
 
-use super::{DeadLetterClaim, LetGo, Local, Lookup, Probe, StoreError, METRICS};
+use super::{DeadLetterClaim, LetGo, Local, Lookup, Probe, StoreUnavailable, METRICS};
 use crate::dedupe::{DedupeConfig, InDoubt};
 use crate::offsets::RecordId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -338,7 +338,7 @@ impl RedisStore {
     }
 
     /// Looks up and claims every probe, waiting while another owner holds one of them.
-    pub(super) async fn claim(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreError> {
+    pub(super) async fn claim(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreUnavailable> {
         let mut decided: Vec<Option<Lookup>> = vec![None; probes.len()];
         // A claim lasts at most the lease unless its owner renews it; twice the lease means the
         // other owner is alive and stuck (or has a longer lease): give the batch back to the caller.
@@ -369,7 +369,9 @@ impl RedisStore {
             super::observe("check", start);
             let answers = res.map_err(|e| {
                 METRICS.errors.with_label_values(&["check"]).inc();
-                StoreError::Unreachable(format!("redis: {e}"))
+                StoreUnavailable::Unreachable {
+                    reason: format!("redis: {e}"),
+                }
             })?;
             let waiting = answers.iter().any(|a| a == "wait");
             for (&i, a) in open.iter().zip(&answers) {
@@ -396,11 +398,13 @@ impl RedisStore {
             }
             METRICS.waits.inc();
             if Instant::now() >= deadline {
-                return Err(StoreError::Contended(format!(
-                    "an id of this batch stayed claimed by another replica for over {:?} (twice dedupe.redis.lease); \
-                     is a replica stuck, or configured with a longer lease?",
-                    self.lease * 2
-                )));
+                return Err(StoreUnavailable::Contended {
+                    reason: format!(
+                        "an id of this batch stayed claimed by another replica for over {:?} (twice dedupe.redis.lease); \
+                         is a replica stuck, or configured with a longer lease?",
+                        self.lease * 2
+                    ),
+                });
             }
             tokio::time::sleep(self.poll).await;
         }

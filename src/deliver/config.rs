@@ -1,7 +1,7 @@
 //! `[api]` and `[delivery]`: where the Server Events API is and how requests go to it.
 
 use crate::event::{ContractOptions, TimestampUnit};
-use crate::settings::Secret;
+use crate::settings::{Invalid, Secret};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,15 +48,29 @@ impl ApiConfig {
     }
 
     /// The API key: `key`, or the trimmed content of `key_file`, read now.
-    pub fn read_key(&self) -> Result<Secret, String> {
+    ///
+    /// Errors: the file cannot be read, or neither key is set.
+    pub fn read_key(&self) -> Result<Secret, KeyError> {
         match (&self.key, &self.key_file) {
             (Some(k), _) => Ok(k.clone()),
             (None, Some(path)) => std::fs::read_to_string(path)
                 .map(|s| Secret(s.trim().to_string()))
-                .map_err(|e| format!("cannot read api.key_file {}: {e}", path.display())),
-            (None, None) => Err("neither api.key nor api.key_file is set".into()),
+                .map_err(|source| KeyError::Unreadable {
+                    path: path.clone(),
+                    source,
+                }),
+            (None, None) => Err(KeyError::Unset),
         }
     }
+}
+
+/// Why [`ApiConfig::read_key`] has no key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read api.key_file {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("neither api.key nor api.key_file is set")]
+    Unset,
 }
 
 /// The most delivery lanes (`delivery.concurrency`).
@@ -169,12 +183,10 @@ impl Default for DeliveryConfig {
 }
 
 impl DeliveryConfig {
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+    /// What types alone cannot say about `[delivery]`.
+    pub fn validate(&self) -> Vec<Invalid> {
         let mut errs = Vec::new();
-        let mut err = |key: &str, msg: String| {
-            let path = format!("delivery.{key}");
-            errs.push(format!("key `{path}` {}: {msg}", origin(&path)))
-        };
+        let mut err = |key: &str, msg: String| errs.push(Invalid::new(format!("delivery.{key}"), msg));
         if self.rate_limit == 0 {
             err("rate_limit", "must be at least 1".into());
         }

@@ -20,7 +20,7 @@ mod config;
 mod metrics;
 pub mod retry;
 
-pub use config::{ApiConfig, DeliveryConfig, RateMode, MAX_CONCURRENCY};
+pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY};
 
 use crate::event::Event;
 use crate::settings::Secret;
@@ -48,12 +48,14 @@ pub enum EventResult {
 }
 
 /// A wait was abandoned because shutdown's deadline passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("abandoned: shutdown's deadline passed")]
 pub struct Cancelled;
 
 /// A batch's delivery was abandoned because shutdown's deadline passed before every event had
 /// its result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("delivery interrupted by shutdown's deadline (a request may have been counted: {may_have_been_counted})")]
 pub struct Interrupted {
     /// A request of the batch may have been counted by the API (what the batch's [`Exposure`]
     /// was last told): the ids are in doubt for the next owner rather than free to be sent again.
@@ -193,7 +195,7 @@ impl Deliverer {
             .user_agent(concat!("datapulse-bridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let url = format!("{}/v2/s2s/batch", api.base_url.trim_end_matches('/'));
-        let key = api.read_key().map_err(anyhow::Error::msg)?;
+        let key = api.read_key()?;
         let credentials = credentials(cfg, &key)?;
         // Export the delivery metrics (at zero) before the first request.
         std::sync::LazyLock::force(&METRICS);

@@ -21,6 +21,7 @@ pub use read::{contains, read_all, DeadLetter};
 use crate::backoff::{until_ok, Backoff};
 use crate::dedupe::{DeadLetterClaim, Deduper};
 use crate::offsets::RecordId;
+use crate::settings::Invalid;
 use crate::source::KafkaConfig;
 use crate::source::Record;
 use futures::future::BoxFuture;
@@ -53,12 +54,10 @@ impl Default for DeadLetterConfig {
 }
 
 impl DeadLetterConfig {
-    pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<String> {
+    /// What types alone cannot say about `[dead_letter]`.
+    pub fn validate(&self) -> Vec<Invalid> {
         if self.topic.trim().is_empty() {
-            vec![format!(
-                "key `dead_letter.topic` {}: must not be empty",
-                origin("dead_letter.topic")
-            )]
+            vec![Invalid::new("dead_letter.topic", "must not be empty")]
         } else {
             Vec::new()
         }
@@ -120,7 +119,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     pub fn new(kafka: &KafkaConfig, cfg: &DeadLetterConfig) -> anyhow::Result<DeadLetters> {
         let mut c = ClientConfig::new();
-        for (k, v) in kafka.client_properties().map_err(anyhow::Error::msg)? {
+        for (k, v) in kafka.client_properties()? {
             if crate::source::is_producer_property(&k) {
                 c.set(k, v);
             }

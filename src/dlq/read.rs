@@ -46,7 +46,7 @@ pub fn contains(kafka: &KafkaConfig, topic: &str, id: &RecordId, since_ms: i64) 
 /// beginning when None, or when the broker cannot look offsets up by time) to the current end.
 fn read_since(kafka: &KafkaConfig, topic: &str, since_ms: Option<i64>) -> anyhow::Result<Vec<DeadLetter>> {
     let mut c = ClientConfig::new();
-    for (k, v) in kafka.client_properties().map_err(anyhow::Error::msg)? {
+    for (k, v) in kafka.client_properties()? {
         c.set(k, v);
     }
     let consumer: BaseConsumer = c

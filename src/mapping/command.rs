@@ -24,12 +24,12 @@ pub fn run_map(
     input: impl BufRead,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> Result<Summary, String> {
-    let io = |e: std::io::Error| format!("cannot write: {e}");
+) -> Result<Summary, MapRunError> {
+    let io = MapRunError::Write;
     let mut summary = Summary::default();
     let mut buf = Vec::new();
     for (i, line) in input.split(b'\n').enumerate() {
-        let line = line.map_err(|e| format!("cannot read the records: {e}"))?;
+        let line = line.map_err(MapRunError::Read)?;
         let line = line.strip_suffix(b"\r").unwrap_or(&line);
         let n = i + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -37,7 +37,7 @@ pub fn run_map(
         }
         let sample = Sample::parse(line);
         let Some(topic) = sample.topic.as_deref().or(default_topic.as_deref()) else {
-            return Err("no topic: pass --topic, set kafka.topics, or give each record a \"topic\"".into());
+            return Err(MapRunError::NoTopic { line: n });
         };
         let headers: Vec<(&str, &[u8])> = sample.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         let rec = SourceRecord {
@@ -86,6 +86,18 @@ pub fn run_map(
     )
     .map_err(io)?;
     Ok(summary)
+}
+
+/// Why [`run_map`] stopped before the end of its input.
+#[derive(Debug, thiserror::Error)]
+pub enum MapRunError {
+    #[error("cannot read the records: {0}")]
+    Read(std::io::Error),
+    #[error("cannot write: {0}")]
+    Write(std::io::Error),
+    /// The record on this line names no topic and there is no default.
+    #[error("no topic: pass --topic, set kafka.topics, or give each record a \"topic\"")]
+    NoTopic { line: usize },
 }
 
 /// One sample line as a record.

@@ -16,7 +16,7 @@ mod read;
 mod spec;
 mod value;
 
-pub use command::{run_map, Summary};
+pub use command::{run_map, MapRunError, Summary};
 pub use spec::{
     AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
     CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
@@ -116,11 +116,20 @@ impl MapOutcome<'_> {
 
 /// Errors in the mapping configuration, each naming the mapping and the field.
 #[derive(Debug)]
-pub struct MappingErrors(pub Vec<String>);
+pub struct MappingErrors {
+    problems: Vec<String>,
+}
+
+impl MappingErrors {
+    /// One sentence per problem, naming the mapping and the field.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+}
 
 impl fmt::Display for MappingErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
+        for (i, e) in self.problems.iter().enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
             }
@@ -318,7 +327,7 @@ impl Mapper {
                 contract: *contract,
             })
         } else {
-            Err(MappingErrors(errors))
+            Err(MappingErrors { problems: errors })
         }
     }
 

@@ -126,7 +126,7 @@ impl Lane {
             Some(self.outcomes.abandon_token()),
             || self.deduper.check(&keys),
             |e: &StoreUnavailable, _| {
-                tracing::warn!(error = %e.0, "dedupe store unavailable; delivery paused until it returns")
+                tracing::warn!(error = %e.reason(), "dedupe store unavailable; delivery paused until it returns")
             },
         )
         .await
@@ -240,7 +240,7 @@ impl Lane {
             Some(self.outcomes.abandon_token()),
             || self.deduper.delivered(&keys),
             |e: &StoreUnavailable, _| {
-                tracing::warn!(error = %e.0, "cannot record delivered ids in the dedupe store; retrying before committing")
+                tracing::warn!(error = %e.reason(), "cannot record delivered ids in the dedupe store; retrying before committing")
             },
         )
         .await;
@@ -284,7 +284,7 @@ impl Exposure for SentMarks<'_> {
             None,
             || self.deduper.mark_sent(&self.keys, true),
             |e: &StoreUnavailable, _| {
-                tracing::warn!(error = %e.0, "cannot mark ids as sent in the dedupe store; the request waits")
+                tracing::warn!(error = %e.reason(), "cannot mark ids as sent in the dedupe store; the request waits")
             },
         )
         .await;

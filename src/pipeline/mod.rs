@@ -70,7 +70,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     );
     let mapper = Arc::new(
         Mapper::compile(&cfg.mapping, &cfg.api.contract())
-            .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.0.join("; ")))?,
+            .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.problems().join("; ")))?,
     );
     let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery)?);
     // Readiness needs the API to have accepted the key once; the probe spends one request.

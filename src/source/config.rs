@@ -82,28 +82,40 @@ pub fn is_secret_property(key: &str) -> bool {
 
 impl KafkaConfig {
     /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
-    pub fn client_properties(&self) -> Result<Vec<(String, String)>, String> {
+    ///
+    /// Errors: the file cannot be read, or a line is not `key=value`.
+    pub fn client_properties(&self) -> Result<Vec<(String, String)>, PropertiesFileError> {
         let mut out: Vec<(String, String)> = self.properties.iter().map(|(k, v)| (k.to_string(), v)).collect();
         if let Some(path) = &self.properties_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read kafka.properties_file {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| PropertiesFileError::Unreadable {
+                path: path.clone(),
+                source,
+            })?;
             for (n, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
                 let Some((k, v)) = line.split_once('=') else {
-                    return Err(format!(
-                        "kafka.properties_file {} line {}: expected `key=value`",
-                        path.display(),
-                        n + 1
-                    ));
+                    return Err(PropertiesFileError::NotKeyValue {
+                        path: path.clone(),
+                        line: n + 1,
+                    });
                 };
                 out.push((k.trim().to_string(), v.trim().to_string()));
             }
         }
         Ok(out)
     }
+}
+
+/// Why `kafka.properties_file` cannot be used. Never holds a value from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PropertiesFileError {
+    #[error("cannot read kafka.properties_file {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("kafka.properties_file {} line {line}: expected `key=value`", path.display())]
+    NotKeyValue { path: PathBuf, line: usize },
 }
 
 impl KafkaProperties {

@@ -11,7 +11,7 @@ mod config;
 
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
-pub use config::{is_secret_property, KafkaConfig, KafkaProperties, RESERVED_PROPERTIES};
+pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
