@@ -69,12 +69,6 @@ pub trait JsonLen {
     fn json_len(&self) -> usize;
 }
 
-impl JsonLen for Vec<u8> {
-    fn json_len(&self) -> usize {
-        self.len()
-    }
-}
-
 /// A lane's end of the queue from the consumer: items arrive in chunks (one per consumer burst)
 /// and leave one at a time.
 pub struct Inbox<T> {
@@ -188,6 +182,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// The tests' events: their JSON's bytes.
+    impl JsonLen for Vec<u8> {
+        fn json_len(&self) -> usize {
+            self.len()
+        }
+    }
+
     fn batcher(
         max_events: usize,
         max_bytes: usize,
@@ -219,7 +220,11 @@ mod tests {
         assert_eq!(sizes(b.next(granted).await.unwrap()), [1, 2, 3]);
         assert_eq!(sizes(b.next(granted).await.unwrap()), [4, 5, 6]);
         drop(tx);
-        assert_eq!(sizes(b.next(granted).await.unwrap()), [7], "linger ends the last batch");
+        assert_eq!(
+            sizes(b.next(granted).await.unwrap()),
+            [7],
+            "the closed inbox ends the last batch"
+        );
         assert!(b.next(granted).await.is_none(), "closed and empty");
     }
 

@@ -54,11 +54,12 @@ impl std::str::FromStr for RecordId {
 /// The assignment a record was read under: a number this process gives each assignment of a
 /// partition to it, not Kafka's group generation (which also moves for partitions that are kept).
 /// A finish carrying an epoch that has ended (the partition was revoked since) is ignored.
-pub type Epoch = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch(u64);
 
 #[derive(Debug)]
 struct Part {
-    epoch: u64,
+    epoch: Epoch,
     assigned: bool,
     /// Unfinished offsets and when they were read.
     pending: BTreeMap<i64, Instant>,
@@ -85,7 +86,7 @@ impl Tracker {
     /// A partition was assigned to us: a new epoch starts with nothing pending.
     pub fn assign(&mut self, topic: &str, partition: i32) {
         self.next_epoch += 1;
-        let epoch = self.next_epoch;
+        let epoch = Epoch(self.next_epoch);
         let parts = self.topics.entry(topic.to_string()).or_default();
         if let Some(old) = parts.get(&partition) {
             self.in_flight -= old.pending.len();

@@ -80,17 +80,52 @@ fn production_code(text: &str) -> &str {
     &text[..text.find("#[cfg(test)]").unwrap_or(text.len())]
 }
 
-/// The top-level modules of the crate a piece of code names as `crate::name`.
+/// The top-level modules of the crate a piece of code names as `crate::name` or in a group
+/// `crate::{a::X, b}`.
 fn crate_imports(code: &str) -> BTreeSet<String> {
-    code.match_indices("crate::")
-        .map(|(i, _)| {
-            code[i + "crate::".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect::<String>()
-        })
-        .filter(|m| !m.is_empty())
-        .collect()
+    let ident = |s: &str| {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+    };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + "crate::".len()..];
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                // The group's top-level items: split at commas outside nested braces.
+                let (mut depth, mut start) = (0usize, 0usize);
+                for (j, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => {
+                            out.insert(ident(&group[start..j]));
+                            break;
+                        }
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            out.insert(ident(&group[start..j]));
+                            start = j + 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            None => {
+                out.insert(ident(rest));
+            }
+        }
+    }
+    out.remove("");
+    out
+}
+
+#[test]
+fn crate_imports_reads_paths_and_groups() {
+    let code = "use crate::event::Event;\nuse crate::{offsets::{Epoch, RecordId}, settings::Secret, batch};\n";
+    let found: Vec<String> = crate_imports(code).into_iter().collect();
+    assert_eq!(found, ["batch", "event", "offsets", "settings"]);
 }
 
 #[test]

@@ -140,6 +140,12 @@ async fn backlog_pauses_at_max_in_flight_and_delivers_everything_once() {
                 .ok()
         })
         .collect();
+    if std::env::var_os("DPB_TEST_RUST_LOG").is_none() {
+        assert!(
+            !at_pauses.is_empty(),
+            "no \"partitions paused\" line with its in_flight count in the bridge's log"
+        );
+    }
     let max_at_pause = at_pauses.iter().copied().fold(0.0, f64::max);
     eprintln!(
         "backpressure: max in flight sampled {} and at a pause {max_at_pause} (bound {BOUND}); {seen:?}; \

@@ -148,7 +148,7 @@ async fn timeouts_are_retried_until_delivered() {
 }
 
 #[tokio::test]
-async fn cancel_during_retries_returns_cancelled() {
+async fn cancel_during_retries_returns_interrupted() {
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
     sb.set_faults(Faults {
         fault_500: 1.0,

@@ -447,7 +447,7 @@ impl Deduper {
             Store::Memory(m) if m.dead_lettered(id) => DeadLetterClaim::Written,
             Store::Memory(_) => DeadLetterClaim::Mine,
             Store::Redis(r) => r.claim_dead_letter(id).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, record = %id, "dedupe store cannot claim the dead letter: it may be written twice");
+                tracing::warn!(error = %e, record = id.to_string().as_str(), "dedupe store cannot claim the dead letter: it may be written twice");
                 DeadLetterClaim::Mine
             }),
         };
@@ -470,7 +470,7 @@ impl Deduper {
             Store::Memory(m) => m.mark_dead_lettered(id),
             Store::Redis(r) => {
                 if let Err(e) = r.mark_dead_lettered(id).await {
-                    tracing::warn!(error = %e, record = %id, "cannot remember a dead letter: a re-read may write it twice");
+                    tracing::warn!(error = %e, record = id.to_string().as_str(), "cannot remember a dead letter: a re-read may write it twice");
                 }
             }
         }
@@ -539,7 +539,8 @@ impl Deduper {
         self.let_go(keys, LetGo::Doubt).await
     }
 
-    async fn let_go(&self, keys: &[&EventKeys], how: LetGo) {
+    /// Lets held events go as `how` says (see [`LetGo`]).
+    pub(crate) async fn let_go(&self, keys: &[&EventKeys], how: LetGo) {
         {
             let mut local = self.lock();
             for k in keys {

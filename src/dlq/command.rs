@@ -3,6 +3,7 @@
 use super::read::{parse_time, read_all, DeadLetter};
 use super::{DeadLetterConfig, DeadLetters};
 use crate::dedupe::{DedupeConfig, Deduper, StoreKind};
+use crate::offsets::RecordId;
 use crate::source::KafkaConfig;
 use rdkafka::message::Header;
 use std::time::Duration;
@@ -43,8 +44,12 @@ pub struct DlqFilter {
     #[arg(long, value_parser = parse_time)]
     pub until: Option<time::OffsetDateTime>,
     /// Only these source records, as `topic/partition/offset` (repeatable).
-    #[arg(long = "record")]
-    pub records: Vec<String>,
+    #[arg(long = "record", value_parser = parse_record_id)]
+    pub records: Vec<RecordId>,
+}
+
+fn parse_record_id(s: &str) -> Result<RecordId, String> {
+    s.parse()
 }
 
 impl DlqFilter {
@@ -53,7 +58,7 @@ impl DlqFilter {
             && self.stage.as_ref().is_none_or(|s| *s == d.stage)
             && self.since.is_none_or(|s| d.time.is_some_and(|t| t >= s))
             && self.until.is_none_or(|u| d.time.is_some_and(|t| t < u))
-            && (self.records.is_empty() || self.records.contains(&d.record.id.to_string()))
+            && (self.records.is_empty() || self.records.contains(&d.record.id))
     }
 }
 

@@ -144,7 +144,7 @@ impl DeadLetters {
         match read.map_err(anyhow::Error::from).and_then(|r| r) {
             Ok(found) => found,
             Err(e) => {
-                tracing::warn!(record = %id, error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
+                tracing::warn!(record = id.to_string().as_str(), error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
                 false
             }
         }

@@ -9,13 +9,13 @@
 
 use super::lane::Pending;
 use super::outcome::{Held, Outcome, Outcomes};
+use crate::dedupe::Deduper;
 use crate::dlq::Reason;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
-use crate::source::{lock, Record, RecordId, Source, METRICS as SOURCE_METRICS};
+use crate::source::{lock, Record, RecordId, Source};
 use futures::{FutureExt, StreamExt};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -100,6 +100,8 @@ impl Backpressure {
 /// What the consumer loop hands records to.
 pub(super) struct Reader {
     pub mapper: Arc<Mapper>,
+    /// Takes each event's dedupe keys once, when it is mapped.
+    pub deduper: Arc<Deduper>,
     pub outcomes: Arc<Outcomes>,
     /// Each lane's queue; a partition always goes to the same lane.
     pub lanes: Vec<mpsc::UnboundedSender<Vec<Pending>>>,
@@ -166,7 +168,7 @@ impl Reader {
                     self.hand_over(chunks);
                 }
             }
-            let in_flight = lock(self.outcomes.tracker()).in_flight();
+            let in_flight = self.outcomes.in_flight();
             match backpressure.update(in_flight) {
                 Some(true) => {
                     source.set_paused(true);
@@ -210,19 +212,17 @@ impl Reader {
 
     /// Takes one record to its outcome or into `out`, its lane's chunk.
     fn handle(&self, msg: &BorrowedMessage<'_>, topic: Arc<str>, out: &mut Vec<Pending>, read_at: Instant) {
-        SOURCE_METRICS.consumed.inc();
         let id = RecordId {
             topic,
             partition: msg.partition(),
             offset: msg.offset(),
         };
-        let Some(epoch) = lock(self.outcomes.tracker()).begin(&id, read_at) else {
+        let Some(epoch) = self.outcomes.begin(&id, read_at) else {
             // Fetched before its partition was revoked: the new owner reads it.
             tracing::warn!(topic = %id.topic, partition = id.partition, offset = id.offset,
                 "record of a partition not assigned to this process ignored");
             return;
         };
-        self.outcomes.counters().consumed.fetch_add(1, Ordering::Relaxed);
         let held = Held {
             record: Record::from_message(msg, id),
             epoch,
@@ -242,7 +242,7 @@ impl Reader {
             MapOutcome::Event(event) => {
                 let mut json = Vec::with_capacity(256);
                 event.write_json(&mut json);
-                let (keys, timestamp) = (self.outcomes.deduper().keys_of(&event), event.timestamp);
+                let (keys, timestamp) = (self.deduper.keys_of(&event), event.timestamp);
                 drop(event);
                 drop(headers);
                 if json.len() <= self.max_event_bytes {

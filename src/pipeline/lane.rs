@@ -188,12 +188,11 @@ impl Lane {
                 Ok(r) => r,
                 Err(Interrupted { may_have_been_counted }) => {
                     let how = if may_have_been_counted {
-                        self.deduper.abandon(&marks.keys).await;
                         LetGo::Abandon
                     } else {
-                        self.deduper.release(&marks.keys).await;
                         LetGo::Release
                     };
+                    self.deduper.let_go(&marks.keys, how).await;
                     return Err(Unsent { how });
                 }
             }

@@ -103,6 +103,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     let delivery = start_lanes(&cfg, &deliverer, &deduper, &outcomes);
     let reader = Reader {
         mapper,
+        deduper: Arc::clone(&deduper),
         outcomes: Arc::clone(&outcomes),
         lanes: delivery.queues,
         max_event_bytes: cfg.batch.max_bytes.saturating_sub(2),

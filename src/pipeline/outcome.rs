@@ -11,8 +11,8 @@
 use crate::dedupe::{Deduper, EventKeys};
 use crate::dlq::{Reason, WriteOnce};
 use crate::event::TimestampUnit;
-use crate::offsets::{Epoch, Tracker};
-use crate::source::{lock, Record};
+use crate::offsets::{Epoch, RecordId, Tracker};
+use crate::source::{lock, Record, METRICS as SOURCE_METRICS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use tokio::task::JoinSet;
@@ -153,8 +153,20 @@ impl Outcomes {
         &self.counters
     }
 
-    pub fn deduper(&self) -> &Deduper {
-        &self.deduper
+    /// Begins a record read from Kafka (counted consumed, unfinished in the tracker); the epoch
+    /// it is read under, or `None` for a partition not assigned to this process (fetched before a
+    /// revoke took effect: it is dropped unprocessed; `records_consumed_total` counts every record
+    /// read, the [`Counters`] only those begun).
+    pub fn begin(&self, id: &RecordId, read_at: std::time::Instant) -> Option<Epoch> {
+        SOURCE_METRICS.consumed.inc();
+        let epoch = lock(&self.tracker).begin(id, read_at)?;
+        self.counters.consumed.fetch_add(1, Ordering::Relaxed);
+        Some(epoch)
+    }
+
+    /// Records read and not finished.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.tracker).in_flight()
     }
 
     /// Fires when shutdown's deadline passed.

@@ -172,7 +172,10 @@ impl World {
     /// Processes a batch and waits for its dead letters.
     async fn process(&mut self, events: &[Event<'_>]) {
         let batch = self.pending(events);
-        self.lane.process(batch).await;
+        // A batch waiting for keys still held (a hold that leaked) must fail the test, not hang it.
+        tokio::time::timeout(Duration::from_secs(10), self.lane.process(batch))
+            .await
+            .expect("the batch reached its outcomes within 10 s");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         assert!(self.outcomes.drain_dead_letters(deadline).await);
     }
