@@ -105,10 +105,26 @@ static READY_GAUGE: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static READY: LazyLock<Mutex<BTreeMap<&'static str, Condition>>> = LazyLock::new(Default::default);
+/// A readiness condition: `/health/ready` answers 200 while every condition set holds. Each is
+/// set by the module that owns it; adding one is a variant here. Named in `/health/ready` by its
+/// snake_case name; declared in the order of those names (the order the conditions are listed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ready {
+    /// The API accepted the key (`deliver`).
+    ApiKey,
+    /// The consumer group assigned at least one partition (`source`, `pipeline`, `main`).
+    Assignment,
+    /// The dedupe store answers (`dedupe`).
+    DedupeStore,
+    /// The shared rate budget's Redis answers (`deliver::budget`).
+    RateBudget,
+}
 
-/// Sets a named readiness condition (for example `assignment`, `api_key`, `dedupe_store`).
-pub fn set_ready(name: &'static str, ok: bool, reason: impl Into<String>) {
+static READY: LazyLock<Mutex<BTreeMap<Ready, Condition>>> = LazyLock::new(Default::default);
+
+/// Sets a readiness condition with the reason an operator reads in `/health/ready`.
+pub fn set_ready(name: Ready, ok: bool, reason: impl Into<String>) {
     let mut m = READY.lock().unwrap_or_else(|p| p.into_inner());
     m.insert(
         name,
@@ -121,7 +137,7 @@ pub fn set_ready(name: &'static str, ok: bool, reason: impl Into<String>) {
 }
 
 /// Whether every condition holds (and at least one was set), with the conditions.
-pub fn readiness() -> (bool, BTreeMap<&'static str, Condition>) {
+pub fn readiness() -> (bool, BTreeMap<Ready, Condition>) {
     let m = READY.lock().unwrap_or_else(|p| p.into_inner()).clone();
     (!m.is_empty() && m.values().all(|c| c.ok), m)
 }

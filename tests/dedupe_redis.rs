@@ -187,7 +187,9 @@ fn metric(name: &str, label: Option<(&str, &str)>) -> f64 {
 
 fn ready_condition() -> (bool, String) {
     let (_, conds) = datapulse_bridge::telemetry::readiness();
-    let c = conds.get("dedupe_store").expect("dedupe_store condition set");
+    let c = conds
+        .get(&datapulse_bridge::telemetry::Ready::DedupeStore)
+        .expect("dedupe_store condition set");
     (c.ok, c.reason.clone())
 }
 

@@ -36,7 +36,9 @@ impl Logs {
 
 fn api_key_condition() -> Option<(bool, String)> {
     let (_, conditions) = telemetry::readiness();
-    conditions.get("api_key").map(|c| (c.ok, c.reason.clone()))
+    conditions
+        .get(&telemetry::Ready::ApiKey)
+        .map(|c| (c.ok, c.reason.clone()))
 }
 
 #[tokio::test]

@@ -82,7 +82,10 @@ fn shared(redis_url: &str, limit: u32, window: Duration) -> DeliveryConfig {
 }
 
 fn rate_budget_ready() -> Option<bool> {
-    telemetry::readiness().1.get("rate_budget").map(|c| c.ok)
+    telemetry::readiness()
+        .1
+        .get(&telemetry::Ready::RateBudget)
+        .map(|c| c.ok)
 }
 
 #[tokio::test]

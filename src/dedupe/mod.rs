@@ -17,6 +17,7 @@ pub use config::{DedupeConfig, InDoubt, OnStoreUnavailable, RedisConfig, StoreKi
 
 use crate::event::Event;
 use crate::offsets::RecordId;
+use crate::telemetry::Ready;
 use memory::MemoryStore;
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec, IntCounter, IntCounterVec,
@@ -103,7 +104,7 @@ impl StoreUnavailable {
 const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Readiness condition set by this module.
-const READY_CONDITION: &str = "dedupe_store";
+const READY_CONDITION: Ready = Ready::DedupeStore;
 
 /// The two ways a bet's result reaches the API (contract decision 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@
 use super::metrics::METRICS;
 use super::{Cancelled, DeliveryConfig, RateMode};
 use crate::settings::Secret;
-use crate::telemetry;
+use crate::telemetry::{self, Ready};
 use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -336,13 +336,13 @@ impl RedisBudget {
                 if old == HEALTH_DOWN {
                     tracing::info!("rate budget: Redis reachable again; delivery resumes");
                 }
-                telemetry::set_ready("rate_budget", true, "shared rate budget in Redis reachable");
+                telemetry::set_ready(Ready::RateBudget, true, "shared rate budget in Redis reachable");
             }
             Some(e) => {
                 // RedisError's Display names the failure, not the URL or its password.
                 tracing::warn!(error = %e, "rate budget: Redis unreachable; no request is sent until it answers");
                 telemetry::set_ready(
-                    "rate_budget",
+                    Ready::RateBudget,
                     false,
                     format!("Redis (shared rate budget) unreachable: {e}"),
                 );

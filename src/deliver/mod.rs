@@ -22,9 +22,8 @@ pub mod retry;
 
 pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY};
 
-use crate::event::Event;
 use crate::settings::Secret;
-use crate::telemetry;
+use crate::telemetry::{self, Ready};
 use budget::RateBudget;
 use bytes::Bytes;
 use metrics::{RetryGuard, METRICS};
@@ -97,14 +96,6 @@ pub trait Exposure: Sync {
     /// After a refusal that proves the request was not counted (401/403, 429, no connection),
     /// when no earlier request of the batch may have been counted either.
     fn unexposed(&self) -> impl std::future::Future<Output = ()> + Send;
-}
-
-/// No dedupe store to tell.
-pub struct Unobserved;
-
-impl Exposure for Unobserved {
-    async fn exposed(&self) {}
-    async fn unexposed(&self) {}
 }
 
 /// One batch on its way: its events, their results so far, and whether it is under retry.
@@ -211,32 +202,14 @@ impl Deliverer {
         })
     }
 
-    /// Delivers `events`, retrying until each has a final result or `cancel` fires. Results are
-    /// in the order of `events`, and events reach the API in that order.
+    /// Delivers `events`, each one JSON object as `Event::write_json` writes it (the pipeline
+    /// serialises each event once, to size batches), retrying until each has a final result or
+    /// `cancel` fires. Results are in the order of `events`, and events reach the API in that
+    /// order. `exposure` is told when the events may have reached the API (see [`Exposure`]).
     ///
     /// `Err(Interrupted)` gives no result: a request in flight may have been accepted, and during
     /// isolation of a 400 some parts may already be delivered. The caller must neither commit nor
     /// mark any of it as delivered; `may_have_been_counted` says whether its ids are in doubt.
-    pub async fn deliver(
-        &self,
-        events: &[Event<'_>],
-        cancel: &CancellationToken,
-    ) -> Result<Vec<EventResult>, Interrupted> {
-        let json: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| {
-                let mut out = Vec::with_capacity(256);
-                e.write_json(&mut out);
-                out
-            })
-            .collect();
-        let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-        self.deliver_json(&slices, cancel, &Unobserved).await
-    }
-
-    /// [`Deliverer::deliver`] for events already serialised (each one JSON object, as
-    /// `Event::write_json` writes it): the pipeline serialises each event once, to size batches.
-    /// `exposure` is told when the events may have reached the API (see [`Exposure`]).
     pub async fn deliver_json<E: Exposure>(
         &self,
         events: &[&[u8]],
@@ -567,7 +540,7 @@ impl Deliverer {
             if old == KEY_REFUSED {
                 tracing::info!("API accepted the key again; delivery resumes");
             }
-            telemetry::set_ready("api_key", true, "API accepted the key");
+            telemetry::set_ready(Ready::ApiKey, true, "API accepted the key");
             METRICS.auth_halted.set(0);
         }
     }
@@ -584,7 +557,7 @@ impl Deliverer {
                  fix the key (api.key_file is re-read before each retry)"
             );
         }
-        telemetry::set_ready("api_key", false, reason);
+        telemetry::set_ready(Ready::ApiKey, false, reason);
         METRICS.auth_halted.set(1);
     }
 

@@ -2,10 +2,35 @@
 //! (the component tests in `tests/deliver_*.rs` use the project's sandbox).
 
 use super::*;
+use crate::event::Event;
 use axum::body::Bytes as AxumBytes;
 use axum::http::StatusCode;
 use axum::routing::post;
 use std::sync::Mutex as StdMutex;
+
+/// No dedupe store to tell.
+struct NoStore;
+
+impl Exposure for NoStore {
+    async fn exposed(&self) {}
+    async fn unexposed(&self) {}
+}
+
+impl Deliverer {
+    /// [`Deliverer::deliver_json`] for events not serialised yet, telling no dedupe store.
+    async fn deliver(&self, events: &[Event<'_>], cancel: &CancellationToken) -> Result<Vec<EventResult>, Interrupted> {
+        let json: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| {
+                let mut out = Vec::new();
+                e.write_json(&mut out);
+                out
+            })
+            .collect();
+        let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+        self.deliver_json(&slices, cancel, &NoStore).await
+    }
+}
 
 /// Events whose `client_user_id` starts with "bad" are refused.
 #[derive(Clone, Copy, PartialEq)]

@@ -24,6 +24,7 @@ use crate::dlq::{DeadLetterWriter, DeadLetters};
 use crate::mapping::Mapper;
 use crate::offsets::Tracker;
 use crate::source::{self, lock};
+use crate::telemetry::Ready;
 use consumer::Reader;
 use lane::Lane;
 use outcome::Outcomes;
@@ -64,7 +65,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     outcome::register_metrics();
     consumer::register_metrics();
     crate::telemetry::set_ready(
-        "assignment",
+        Ready::Assignment,
         false,
         "waiting for the consumer group to assign partitions",
     );

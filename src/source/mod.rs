@@ -11,6 +11,7 @@ mod config;
 
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
+use crate::telemetry::Ready;
 pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -183,7 +184,7 @@ impl ConsumerContext for SourceContext {
                     }
                 }
                 if lock(&self.tracker).assigned().is_empty() {
-                    crate::telemetry::set_ready("assignment", false, "no partitions assigned");
+                    crate::telemetry::set_ready(Ready::Assignment, false, "no partitions assigned");
                 }
             }
             Rebalance::Assign(_) => {}
@@ -205,7 +206,7 @@ impl ConsumerContext for SourceContext {
             drop(tracker);
             tracing::info!(partitions = %describe(tpl), total, "partitions assigned");
             if total > 0 {
-                crate::telemetry::set_ready("assignment", true, format!("{total} partitions assigned"));
+                crate::telemetry::set_ready(Ready::Assignment, true, format!("{total} partitions assigned"));
             }
         }
     }

@@ -3,11 +3,13 @@
 #![allow(dead_code)]
 
 use datapulse_bridge::deliver::ApiConfig;
-use datapulse_bridge::deliver::{Deliverer, DeliveryConfig};
+use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, Exposure, Interrupted};
 use datapulse_bridge::event::Event;
 use datapulse_bridge::sandbox::{self, SandboxArgs, SandboxHandle};
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 pub const KEY: &str = "dp_test_key_123";
 
@@ -82,4 +84,42 @@ pub fn accepted_ids(sb: &SandboxHandle) -> Vec<String> {
         .iter()
         .map(|e| e["transaction_id"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// No dedupe store to tell.
+pub struct NoStore;
+
+impl Exposure for NoStore {
+    async fn exposed(&self) {}
+    async fn unexposed(&self) {}
+}
+
+/// `Deliverer::deliver_json` for events not serialised yet, telling no dedupe store.
+pub trait DeliverEvents {
+    fn deliver(
+        &self,
+        events: &[Event<'_>],
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<EventResult>, Interrupted>> + Send;
+}
+
+impl DeliverEvents for Deliverer {
+    fn deliver(
+        &self,
+        events: &[Event<'_>],
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Vec<EventResult>, Interrupted>> + Send {
+        let json: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| {
+                let mut out = Vec::new();
+                e.write_json(&mut out);
+                out
+            })
+            .collect();
+        async move {
+            let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+            self.deliver_json(&slices, cancel, &NoStore).await
+        }
+    }
 }
