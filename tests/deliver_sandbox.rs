@@ -348,14 +348,7 @@ async fn exposure_follows_what_the_api_may_have_counted() {
         };
         let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);
         let events = deposits("x", 5, &[]);
-        let json: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| {
-                let mut out = Vec::new();
-                e.write_json(&mut out);
-                out
-            })
-            .collect();
+        let json = json_of(&events);
         let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
         let told = Told::default();
         let r = d.deliver_json(&bodies, &CancellationToken::new(), &told).await.unwrap();

@@ -109,17 +109,22 @@ impl DeliverEvents for Deliverer {
         events: &[Event<'_>],
         cancel: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<EventResult>, Interrupted>> + Send {
-        let json: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| {
-                let mut out = Vec::new();
-                e.write_json(&mut out);
-                out
-            })
-            .collect();
+        let json = json_of(events);
         async move {
             let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
             self.deliver_json(&slices, cancel, &NoStore).await
         }
     }
+}
+
+/// Each event's JSON, as the pipeline serialises it for `Deliverer::deliver_json`.
+pub fn json_of(events: &[Event<'_>]) -> Vec<Vec<u8>> {
+    events
+        .iter()
+        .map(|e| {
+            let mut out = Vec::new();
+            e.write_json(&mut out);
+            out
+        })
+        .collect()
 }
