@@ -5,7 +5,8 @@
 //! the real `run` pipeline delivers them. A progress line shows the outcomes as they happen; the
 //! summary accounts for every record.
 
-use crate::pipeline::Counters;
+use crate::pipeline::Totals;
+use crate::telemetry::Telemetry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -15,8 +16,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -232,22 +231,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     produce(&bootstrap, &generated.records).await?;
 
     let cfg = crate::config::from_toml_str(&demo_config(&bootstrap, &api))?;
-    let counters = Arc::new(Counters::default());
+    let telemetry = Telemetry::new();
     let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(crate::pipeline::run(cfg, shutdown.clone(), Arc::clone(&counters)));
+    let pipeline = tokio::spawn(crate::pipeline::run(cfg, shutdown.clone(), telemetry.clone()));
     let total = generated.records.len() as u64;
     let deadline = Instant::now() + Duration::from_secs(50);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let c = &counters;
+        let c = Totals::read(&telemetry);
         print!(
-            "\r  consumed {:>6}  delivered {:>6}  duplicate {:>4}  filtered {:>4}  dead-lettered {:>4}  batches {:>3}",
-            c.consumed.load(Ordering::Relaxed),
-            c.delivered.load(Ordering::Relaxed),
-            c.duplicate.load(Ordering::Relaxed),
-            c.filtered.load(Ordering::Relaxed),
-            c.dead_lettered.load(Ordering::Relaxed),
-            c.batches.load(Ordering::Relaxed),
+            "\r  consumed {:>6}  delivered {:>6}  duplicate {:>4}  filtered {:>4}  dead-lettered {:>4}  requests {:>3}",
+            c.consumed,
+            c.delivered,
+            c.duplicate,
+            c.filtered,
+            c.dead_lettered,
+            sandbox.stats().requests,
         );
         use std::io::{IsTerminal, Write};
         if !std::io::stdout().is_terminal() {
@@ -263,14 +262,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     pipeline.await??;
 
     let stats = sandbox.stats();
-    let c = &counters;
-    let delivered = c.delivered.load(Ordering::Relaxed);
+    let c = Totals::read(&telemetry);
+    let delivered = c.delivered;
     println!("\nSummary ({:.1}s)", started.elapsed().as_secs_f64());
     println!("  records produced      {total}");
     println!("  delivered             {delivered}");
-    println!("  duplicates dropped    {}", c.duplicate.load(Ordering::Relaxed));
-    println!("  filtered (not events) {}", c.filtered.load(Ordering::Relaxed));
-    println!("  dead-lettered         {}", c.dead_lettered.load(Ordering::Relaxed));
+    println!("  duplicates dropped    {}", c.duplicate);
+    println!("  filtered (not events) {}", c.filtered);
+    println!("  dead-lettered         {}", c.dead_lettered);
     println!("  unaccounted           {}", total.saturating_sub(c.finished()));
     let requests = stats.requests;
     println!(
@@ -279,7 +278,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stats.accepted_events,
         stats.duplicate_transaction_ids.len()
     );
-    let reasons = dead_letter_reasons(&bootstrap, c.dead_lettered.load(Ordering::Relaxed) as usize);
+    let reasons = dead_letter_reasons(&bootstrap, c.dead_lettered as usize);
     println!("  dead letters on topic {DLQ_TOPIC}, by reason:");
     for ((stage, reason), n) in reasons {
         println!("    {n:>4}  {stage}: {reason}");

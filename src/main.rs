@@ -71,16 +71,17 @@ fn main() -> ExitCode {
             telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level);
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let result = rt.block_on(async move {
-                telemetry::set_ready(
+                let telemetry = telemetry::Telemetry::new();
+                telemetry.set_ready(
                     telemetry::Ready::Assignment,
                     false,
                     "starting: the pipeline is not running yet",
                 );
-                let addr = telemetry::serve(&cfg.telemetry.listen).await?;
+                let addr = telemetry.serve(&cfg.telemetry.listen).await?;
                 tracing::info!(%addr, "operations server listening (/metrics, /health/live, /health/ready)");
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 pipeline::cancel_on_signals(shutdown.clone());
-                pipeline::run(cfg, shutdown, Default::default()).await
+                pipeline::run(cfg, shutdown, telemetry).await
             });
             match result {
                 Ok(()) => {

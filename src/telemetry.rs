@@ -1,8 +1,9 @@
 //! Operations surface: Prometheus metrics, the health endpoints and logging.
 //!
-//! Every module registers its own metrics in the process-wide default registry (a `LazyLock`
-//! next to the code that updates them, named `datapulse_bridge_*`); `/metrics` gathers them all.
-//! Readiness is the conjunction of named conditions that modules set with [`set_ready`].
+//! One [`Telemetry`] value per bridge, built at start and passed in: its Prometheus registry holds
+//! every metric (each module declares its own [`Family`] next to the code that updates it, named
+//! `datapulse_bridge_*`), and readiness is the conjunction of the [`Ready`] conditions modules set
+//! with [`Telemetry::set_ready`].
 
 use crate::settings::Invalid;
 use axum::extract::State;
@@ -10,10 +11,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use prometheus::{IntGauge, Registry};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -97,14 +100,6 @@ pub struct Condition {
     pub reason: String,
 }
 
-static READY_GAUGE: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    prometheus::register_int_gauge!(
-        "datapulse_bridge_ready",
-        "1 when every readiness condition holds (see /health/ready), else 0."
-    )
-    .expect("metric registers once")
-});
-
 /// A readiness condition: `/health/ready` answers 200 while every condition set holds. Each is
 /// set by the module that owns it; adding one is a variant here. Named in `/health/ready` by its
 /// snake_case name; declared in the order of those names (the order the conditions are listed).
@@ -121,71 +116,157 @@ pub enum Ready {
     RateBudget,
 }
 
-static READY: LazyLock<Mutex<BTreeMap<Ready, Condition>>> = LazyLock::new(Default::default);
-
-/// Sets a readiness condition with the reason an operator reads in `/health/ready`.
-pub fn set_ready(name: Ready, ok: bool, reason: impl Into<String>) {
-    let mut m = READY.lock().unwrap_or_else(|p| p.into_inner());
-    m.insert(
-        name,
-        Condition {
-            ok,
-            reason: reason.into(),
-        },
-    );
-    READY_GAUGE.set(i64::from(m.values().all(|c| c.ok)));
+/// A module's metrics: registered in a [`Telemetry`]'s registry the first time the module asks
+/// for them ([`Telemetry::metrics`]), then shared by every user of that telemetry.
+pub trait Family: Any + Send + Sync {
+    /// Creates the family's metrics and registers them in `registry`.
+    ///
+    /// Errors: a name already registered or not a valid Prometheus name (a programming error).
+    fn register(registry: &Registry) -> prometheus::Result<Self>
+    where
+        Self: Sized;
 }
 
-/// Whether every condition holds (and at least one was set), with the conditions.
-pub fn readiness() -> (bool, BTreeMap<Ready, Condition>) {
-    let m = READY.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    (!m.is_empty() && m.values().all(|c| c.ok), m)
+/// The process's telemetry: one Prometheus registry (everything `/metrics` exports) and the
+/// readiness conditions (`/health/ready`). Built once at start and passed to every stage, so two
+/// bridges in one process (tests) never share a counter or a condition. Clones share the value.
+#[derive(Clone)]
+pub struct Telemetry(Arc<Shared>);
+
+struct Shared {
+    registry: Registry,
+    ready_gauge: IntGauge,
+    conditions: Mutex<BTreeMap<Ready, Condition>>,
+    families: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
-/// The Prometheus text exposition of every registered metric.
-pub fn render_metrics() -> String {
-    use prometheus::Encoder;
-    let mut buf = Vec::new();
-    let enc = prometheus::TextEncoder::new();
-    let _ = enc.encode(&prometheus::gather(), &mut buf);
-    String::from_utf8(buf).unwrap_or_default()
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::new()
+    }
 }
 
-async fn metrics_handler() -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], render_metrics())
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("conditions", &self.readiness().1)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// An empty registry with `datapulse_bridge_ready` (0 until a condition is set).
+    pub fn new() -> Telemetry {
+        let registry = Registry::new();
+        let ready_gauge = prometheus::register_int_gauge_with_registry!(
+            "datapulse_bridge_ready",
+            "1 when every readiness condition holds (see /health/ready), else 0.",
+            registry
+        )
+        .expect("a fresh registry takes the readiness gauge");
+        Telemetry(Arc::new(Shared {
+            registry,
+            ready_gauge,
+            conditions: Mutex::default(),
+            families: Mutex::default(),
+        }))
+    }
+
+    /// The registry `/metrics` exports.
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+
+    /// `F`'s metrics, registered on the first call (so they are exported at zero from then on).
+    ///
+    /// Panics if `F::register` fails: two families declaring one metric name, a programming error
+    /// that every test catches.
+    pub fn metrics<F: Family>(&self) -> Arc<F> {
+        let mut families = lock(&self.0.families);
+        let entry = families.entry(TypeId::of::<F>()).or_insert_with(|| {
+            let family = F::register(&self.0.registry)
+                .unwrap_or_else(|e| panic!("metrics of {} register: {e}", std::any::type_name::<F>()));
+            Arc::new(family)
+        });
+        Arc::clone(entry)
+            .downcast::<F>()
+            .unwrap_or_else(|_| unreachable!("families are keyed by their type"))
+    }
+
+    /// Sets a readiness condition with the reason an operator reads in `/health/ready`.
+    pub fn set_ready(&self, name: Ready, ok: bool, reason: impl Into<String>) {
+        let mut m = lock(&self.0.conditions);
+        m.insert(
+            name,
+            Condition {
+                ok,
+                reason: reason.into(),
+            },
+        );
+        self.0.ready_gauge.set(i64::from(m.values().all(|c| c.ok)));
+    }
+
+    /// Whether every condition holds (and at least one was set), with the conditions.
+    pub fn readiness(&self) -> (bool, BTreeMap<Ready, Condition>) {
+        let m = lock(&self.0.conditions).clone();
+        (!m.is_empty() && m.values().all(|c| c.ok), m)
+    }
+
+    /// One condition, if it was set.
+    pub fn condition(&self, name: Ready) -> Option<Condition> {
+        lock(&self.0.conditions).get(&name).cloned()
+    }
+
+    /// The Prometheus text exposition of every metric registered here.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        let _ = enc.encode(&self.0.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The operations router: `/metrics`, `/health/live`, `/health/ready`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/health/live", get(live))
+            .route("/health/ready", get(ready))
+            .with_state(self.clone())
+    }
+
+    /// Binds the operations server and serves it in the background; returns the bound address.
+    pub async fn serve(&self, listen: &str) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let router = self.router();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "operations server stopped");
+            }
+        });
+        Ok(addr)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn metrics_handler(State(t): State<Telemetry>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], t.render())
 }
 
 async fn live() -> impl IntoResponse {
     Json(serde_json::json!({"status": "live"}))
 }
 
-async fn ready(State(()): State<()>) -> impl IntoResponse {
-    let (ok, conditions) = readiness();
+async fn ready(State(t): State<Telemetry>) -> impl IntoResponse {
+    let (ok, conditions) = t.readiness();
     let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(serde_json::json!({"ready": ok, "conditions": conditions})))
-}
-
-/// The operations router: `/metrics`, `/health/live`, `/health/ready`.
-pub fn router() -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .with_state(())
-}
-
-/// Binds the operations server and serves it in the background; returns the bound address.
-pub async fn serve(listen: &str) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router()).await {
-            tracing::error!(error = %e, "operations server stopped");
-        }
-    });
-    Ok(addr)
 }

@@ -6,7 +6,7 @@
 //! dead-lettered with its reason, the group's committed offsets at the end of every partition.
 //!
 //! The pipeline registers its metrics in the global registry, so tests in this binary share them:
-//! assertions use the sandbox's record and each run's own `Counters`.
+//! assertions use the sandbox's record and each run's own telemetry (`Totals`).
 
 // rdkafka's `send_result` hands the record back in its error by design.
 #![allow(clippy::result_large_err)]
@@ -15,8 +15,9 @@ mod chaos_support;
 mod common;
 
 use chaos_support::*;
-use datapulse_bridge::pipeline::{self, Counters};
+use datapulse_bridge::pipeline::{self, Totals};
 use datapulse_bridge::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
+use datapulse_bridge::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer};
@@ -24,8 +25,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -139,23 +139,28 @@ fn redis_dedupe(redis: &common::Redis, prefix: &str) -> String {
 }
 
 struct Running {
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), pipeline::StartError>>,
     stop: CancellationToken,
-    counters: Arc<Counters>,
+    telemetry: Telemetry,
 }
 
 fn start(cfg: datapulse_bridge::config::Config) -> Running {
     let stop = CancellationToken::new();
-    let counters = Arc::new(Counters::default());
-    let task = tokio::spawn(pipeline::run(cfg, stop.clone(), Arc::clone(&counters)));
-    Running { task, stop, counters }
+    let telemetry = Telemetry::new();
+    let task = tokio::spawn(pipeline::run(cfg, stop.clone(), telemetry.clone()));
+    Running { task, stop, telemetry }
 }
 
 impl Running {
-    async fn stop(self) -> Arc<Counters> {
+    /// This run's outcome totals so far.
+    fn totals(&self) -> Totals {
+        Totals::read(&self.telemetry)
+    }
+
+    async fn stop(self) -> Totals {
         self.stop.cancel();
         self.task.await.expect("pipeline task").expect("pipeline run");
-        self.counters
+        Totals::read(&self.telemetry)
     }
 }
 
@@ -230,7 +235,7 @@ fn accepted(w: &World) -> HashMap<String, u32> {
 }
 
 /// The accounting; panics with every problem found.
-fn verify(w: &World, name: &str, counters: &[&Counters]) {
+fn verify(w: &World, name: &str, counters: &[Totals]) {
     let dead = tokio::task::block_in_place(|| {
         read_dead_letters(
             &w.bootstrap,
@@ -242,8 +247,8 @@ fn verify(w: &World, name: &str, counters: &[&Counters]) {
     });
     // No process is killed with a request in flight here: every repeat is a failure.
     let acc = account(&w.ledger, &accepted(w), &dead);
-    let delivered: u64 = counters.iter().map(|c| c.delivered.load(Ordering::Relaxed)).sum();
-    let consumed: u64 = counters.iter().map(|c| c.consumed.load(Ordering::Relaxed)).sum();
+    let delivered: u64 = counters.iter().map(|c| c.delivered).sum();
+    let consumed: u64 = counters.iter().map(|c| c.consumed).sum();
     println!(
         "{name}: produced {}; consumed {consumed} (re-reads included), delivered {delivered}; {} dead letters, \
          {} invalid records dead-lettered more than once (re-read), e.g. {:?}; sandbox statuses {:?}",
@@ -288,7 +293,7 @@ async fn fetch_errors_lose_nothing() {
     produce(&mut w, 600).await;
     let run = start(config(&w, ""));
     wait_for(Duration::from_secs(30), "first deliveries", || {
-        run.counters.delivered.load(Ordering::Relaxed) > 100
+        run.totals().delivered > 100
     })
     .await;
     w.cluster.request_errors(
@@ -306,7 +311,7 @@ async fn fetch_errors_lose_nothing() {
     produce(&mut w, 600).await;
     wait_committed_at_end(&w, Duration::from_secs(60)).await;
     let c = run.stop().await;
-    verify(&w, "fetch", &[&c]);
+    verify(&w, "fetch", &[c]);
 }
 
 /// Offset commits fail (coordinator moving, rebalance in progress, timeouts, a fenced generation):
@@ -318,7 +323,7 @@ async fn offset_commit_errors_delay_commits_only() {
     produce(&mut w, 600).await;
     let run = start(config(&w, ""));
     wait_for(Duration::from_secs(30), "first deliveries", || {
-        run.counters.delivered.load(Ordering::Relaxed) > 100
+        run.totals().delivered > 100
     })
     .await;
     w.cluster.request_errors(
@@ -337,7 +342,7 @@ async fn offset_commit_errors_delay_commits_only() {
     produce(&mut w, 600).await;
     wait_committed_at_end(&w, Duration::from_secs(60)).await;
     let c = run.stop().await;
-    verify(&w, "commit", &[&c]);
+    verify(&w, "commit", &[c]);
 }
 
 /// The group falls apart while batches are stuck at a failing API: heartbeats answer
@@ -356,7 +361,7 @@ async fn heartbeat_and_join_errors_during_an_outage() {
     produce(&mut w, 500).await;
     let run = start(config(&w, &extra));
     wait_for(Duration::from_secs(30), "first deliveries", || {
-        run.counters.delivered.load(Ordering::Relaxed) > 100
+        run.totals().delivered > 100
     })
     .await;
     w.sandbox
@@ -402,13 +407,13 @@ async fn heartbeat_and_join_errors_during_an_outage() {
         "group: the first pipeline stopped; committed {:?} of {:?}; it counted {} deliveries",
         tokio::task::block_in_place(|| committed(&w)),
         w.ledger.ends(),
-        first.delivered.load(Ordering::Relaxed)
+        first.delivered
     );
     w.sandbox.set_faults(Faults::default()).unwrap();
     let run = start(config(&w, &extra));
     wait_committed_at_end(&w, Duration::from_secs(60)).await;
     let second = run.stop().await;
-    verify(&w, "group", &[&first, &second]);
+    verify(&w, "group", &[first, second]);
 }
 
 /// The broker goes down for longer than the session timeout while records are in flight (the
@@ -419,7 +424,7 @@ async fn broker_down_and_up_loses_nothing() {
     produce(&mut w, 600).await;
     let run = start(config(&w, ""));
     wait_for(Duration::from_secs(30), "first deliveries", || {
-        run.counters.delivered.load(Ordering::Relaxed) > 100
+        run.totals().delivered > 100
     })
     .await;
     produce(&mut w, 600).await;
@@ -429,7 +434,7 @@ async fn broker_down_and_up_loses_nothing() {
     produce(&mut w, 300).await;
     wait_committed_at_end(&w, Duration::from_secs(90)).await;
     let c = run.stop().await;
-    verify(&w, "down", &[&c]);
+    verify(&w, "down", &[c]);
 }
 
 /// Scale-up under load, the Redpanda Connect loss case: a second process joins the group while the
@@ -451,13 +456,13 @@ async fn scale_up_and_down_under_load_with_redis() {
     produce(&mut w, 800).await;
     let a = start(config(&w, &extra));
     wait_for(Duration::from_secs(30), "first deliveries", || {
-        a.counters.delivered.load(Ordering::Relaxed) > 50
+        a.totals().delivered > 50
     })
     .await;
     let b = start(config(&w, &extra));
     // Records keep coming while the group rebalances, until the newcomer has delivered some.
     let since = Instant::now();
-    while b.counters.delivered.load(Ordering::Relaxed) == 0 {
+    while b.totals().delivered == 0 {
         assert!(
             since.elapsed() < Duration::from_secs(40),
             "the second process never delivered"
@@ -470,5 +475,5 @@ async fn scale_up_and_down_under_load_with_redis() {
     w.sandbox.set_faults(Faults::default()).unwrap();
     wait_committed_at_end(&w, Duration::from_secs(90)).await;
     let second = b.stop().await;
-    verify(&w, "scale", &[&first, &second]);
+    verify(&w, "scale", &[first, second]);
 }

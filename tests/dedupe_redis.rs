@@ -2,21 +2,20 @@
 //! replicas racing on the same ids, a crashed replica, Redis going away and coming back, the
 //! `deliver` policy, the bet-result guard across replicas, and round trips per batch.
 //!
-//! Tests run one at a time (`SERIAL`): readiness and metrics are process-wide.
+//! Each test has its own telemetry (metrics and readiness), shared by the replicas it plays.
 
 use datapulse_bridge::dedupe::{
     DeadLetterClaim, DedupeConfig, Deduper, EventKeys, InDoubt, OnStoreUnavailable, RedisConfig, StoreKind,
     StoreUnavailable, Verdict,
 };
 use datapulse_bridge::event::{BetResult, Event};
+use datapulse_bridge::telemetry::{Ready, Telemetry};
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const LEASE: Duration = Duration::from_secs(3);
 
@@ -118,18 +117,16 @@ fn config(url: String, policy: OnStoreUnavailable) -> DedupeConfig {
     cfg
 }
 
-/// One test's world: the lock that runs the tests one at a time, its own redis-server, and a
-/// config for it.
-async fn world(policy: OnStoreUnavailable) -> (tokio::sync::MutexGuard<'static, ()>, RedisServer, DedupeConfig) {
-    let serial = SERIAL.lock().await;
+/// One test's world: its telemetry, its own redis-server, and a config for it.
+async fn world(policy: OnStoreUnavailable) -> (Telemetry, RedisServer, DedupeConfig) {
     let server = RedisServer::start();
     let cfg = config(server.url(), policy);
-    (serial, server, cfg)
+    (Telemetry::new(), server, cfg)
 }
 
-/// A replica: one process's deduper.
-async fn deduper(cfg: &DedupeConfig) -> Deduper {
-    Deduper::new(cfg).await.unwrap()
+/// A replica: one process's deduper (its metrics summed with the test's other replicas').
+async fn deduper(cfg: &DedupeConfig, t: &Telemetry) -> Deduper {
+    Deduper::new(cfg, t).await.unwrap()
 }
 
 fn deposit(tx: &str) -> Event<'static> {
@@ -172,8 +169,9 @@ fn refs(keys: &[EventKeys]) -> Vec<&EventKeys> {
     keys.iter().collect()
 }
 
-fn metric(name: &str, label: Option<(&str, &str)>) -> f64 {
-    prometheus::gather()
+fn metric(t: &Telemetry, name: &str, label: Option<(&str, &str)>) -> f64 {
+    t.registry()
+        .gather()
         .iter()
         .filter(|f| f.name() == name)
         .flat_map(|f| f.get_metric().iter())
@@ -185,11 +183,8 @@ fn metric(name: &str, label: Option<(&str, &str)>) -> f64 {
         .sum()
 }
 
-fn ready_condition() -> (bool, String) {
-    let (_, conds) = datapulse_bridge::telemetry::readiness();
-    let c = conds
-        .get(&datapulse_bridge::telemetry::Ready::DedupeStore)
-        .expect("dedupe_store condition set");
+fn ready_condition(t: &Telemetry) -> (bool, String) {
+    let c = t.condition(Ready::DedupeStore).expect("dedupe_store condition set");
     (c.ok, c.reason.clone())
 }
 
@@ -220,8 +215,8 @@ async fn replica(d: Deduper, batches: Vec<Vec<Event<'static>>>, sent: Sent) -> D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_racing_on_the_same_ids_send_each_once() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     let ids: Vec<String> = (0..600).map(|i| format!("tx_{i}")).collect();
     // Both replicas see every id (the same transaction published on two partitions), in batches
     // of 50: one in the same order as the other (contending on every batch), then in the
@@ -231,7 +226,7 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
         all.chunks(50).map(<[Event]>::to_vec).collect()
     };
     let sent: Sent = Arc::default();
-    let waits_before = metric("datapulse_bridge_dedupe_claim_waits_total", None);
+    let waits_before = metric(&t, "datapulse_bridge_dedupe_claim_waits_total", None);
     let (half_a, half_b) = ids.split_at(300);
     let ha = tokio::spawn(replica(a, batches(&mut half_a.iter().chain(half_b)), sent.clone()));
     let hb = tokio::spawn(replica(
@@ -240,7 +235,7 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
         sent.clone(),
     ));
     let (a, b) = (ha.await.unwrap(), hb.await.unwrap());
-    let waits = metric("datapulse_bridge_dedupe_claim_waits_total", None) - waits_before;
+    let waits = metric(&t, "datapulse_bridge_dedupe_claim_waits_total", None) - waits_before;
     eprintln!("claim waits during the race: {waits}");
     let sent = sent.lock().unwrap().clone();
     assert_eq!(sent.len(), ids.len(), "every id sent");
@@ -256,11 +251,11 @@ async fn two_replicas_racing_on_the_same_ids_send_each_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_again() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let a = deduper(&cfg).await;
-    let b = deduper(&cfg).await;
-    let c = deduper(&cfg).await;
-    let in_doubt_before = metric("datapulse_bridge_dedupe_in_doubt_total", None);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = deduper(&cfg, &t).await;
+    let b = deduper(&cfg, &t).await;
+    let c = deduper(&cfg, &t).await;
+    let in_doubt_before = metric(&t, "datapulse_bridge_dedupe_in_doubt_total", None);
     let batch = vec![deposit("T1"), deposit("T2")];
     let ka = keys(&a, &batch);
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
@@ -295,7 +290,7 @@ async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_agai
         vec![Verdict::Duplicate { reason: "in_doubt" }; 2]
     );
     assert_eq!(
-        metric("datapulse_bridge_dedupe_in_doubt_total", None) - in_doubt_before,
+        metric(&t, "datapulse_bridge_dedupe_in_doubt_total", None) - in_doubt_before,
         2.0
     );
     // `dlq replay` of T1's dead letter (the operator found it missing): T1 is sent again, T2 not.
@@ -307,8 +302,8 @@ async fn a_crashed_replicas_ids_are_in_doubt_after_the_lease_and_never_sent_agai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     let batch = vec![deposit("D1")];
     let ka = keys(&a, &batch);
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
@@ -327,15 +322,15 @@ async fn an_id_in_doubt_whose_dead_letter_was_not_written_stays_in_doubt() {
     ));
     // b dies holding it in doubt: the next one finds it in doubt too, after the lease.
     drop(b);
-    let c = deduper(&cfg).await;
+    let c = deduper(&cfg, &t).await;
     let v = c.check(&refs(&keys(&c, &batch))).await.unwrap();
     assert!(matches!(v[..], [Verdict::InDoubt { .. }]), "{v:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
-    let (_serial, server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     // N1: claimed, then killed while waiting for the rate budget (no request left).
     // N2: its request left and was refused (a 429, a 401): the mark is taken back.
     let batch = vec![deposit("N1"), deposit("N2")];
@@ -355,8 +350,8 @@ async fn ids_that_surely_did_not_reach_the_api_are_not_in_doubt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     // Shutdown's deadline passes while a's request is out (A1), and before b's has left (A2).
     let (ka, kb) = (keys(&a, &[deposit("A1")]), keys(&b, &[deposit("A2")]));
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
@@ -365,7 +360,7 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
     assert_eq!(b.check(&refs(&kb)).await.unwrap(), vec![Verdict::Send]);
     b.release(&refs(&kb)).await;
     // The next owner needs no lease to know: A1 may have been counted, A2 was not.
-    let c = deduper(&cfg).await;
+    let c = deduper(&cfg, &t).await;
     let start = Instant::now();
     let v = c
         .check(&refs(&keys(&c, &[deposit("A1"), deposit("A2")])))
@@ -377,10 +372,10 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
-    let (_serial, _server, mut cfg) = world(OnStoreUnavailable::Pause).await;
+    let (t, _server, mut cfg) = world(OnStoreUnavailable::Pause).await;
     cfg.redis.in_doubt = InDoubt::Resend;
-    let a = deduper(&cfg).await;
-    let b = deduper(&cfg).await;
+    let a = deduper(&cfg, &t).await;
+    let b = deduper(&cfg, &t).await;
     let batch = vec![deposit("R1"), deposit("R2")];
     let ka = keys(&a, &batch);
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send, Verdict::Send]);
@@ -391,13 +386,13 @@ async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
     assert_eq!(v, vec![Verdict::Send, Verdict::Send]);
     assert!(claimed_at.elapsed() >= LEASE - Duration::from_millis(200));
     b.delivered(&refs(&keys(&b, &batch))).await.unwrap();
-    assert!(metric("datapulse_bridge_dedupe_claim_waits_total", None) >= 1.0);
+    assert!(metric(&t, "datapulse_bridge_dedupe_claim_waits_total", None) >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_claimed_across_replicas() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     // The old and the new owner of a partition both dead-letter tx/0/7: only the first claim
     // writes; the other waits and finds it written.
     assert_eq!(
@@ -456,9 +451,9 @@ async fn a_dead_letter_is_claimed_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_replica_keeps_its_claim_past_the_lease() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let a = Arc::new(deduper(&cfg).await);
-    let b = deduper(&cfg).await;
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = Arc::new(deduper(&cfg, &t).await);
+    let b = deduper(&cfg, &t).await;
     let batch = vec![deposit("SLOW")];
     assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // The API is slow (429s, retries): delivery takes longer than the lease.
@@ -479,9 +474,9 @@ async fn a_live_replica_keeps_its_claim_past_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Deliver).await;
-    let a = deduper(&cfg).await;
-    let b = deduper(&cfg).await;
+    let (t, _server, cfg) = world(OnStoreUnavailable::Deliver).await;
+    let a = deduper(&cfg, &t).await;
+    let b = deduper(&cfg, &t).await;
     let stuck = vec![deposit("STUCK")];
     assert_eq!(a.check(&refs(&keys(&a, &stuck))).await.unwrap(), vec![Verdict::Send]);
     // a is alive (renewing) but never finishes: b neither sends nor finishes the event, and gives
@@ -501,9 +496,9 @@ async fn a_claim_held_past_twice_the_lease_gives_the_batch_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_check_leaves_nothing_held() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let a = deduper(&cfg).await;
-    let b = deduper(&cfg).await;
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let a = deduper(&cfg, &t).await;
+    let b = deduper(&cfg, &t).await;
     let batch = vec![deposit("C1")];
     assert_eq!(a.check(&refs(&keys(&a, &batch))).await.unwrap(), vec![Verdict::Send]);
     // b waits for a's claim; its caller gives up (the check future is dropped).
@@ -516,9 +511,9 @@ async fn a_cancelled_check_leaves_nothing_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
-    let _serial = SERIAL.lock().await;
+    let t = Telemetry::new();
     let mut server = RedisServer::start_persistent();
-    let d = Deduper::new(&config(server.url(), OnStoreUnavailable::Pause))
+    let d = Deduper::new(&config(server.url(), OnStoreUnavailable::Pause), &t)
         .await
         .unwrap();
     let ids = |r: std::ops::Range<u32>| r.map(|i| deposit(&format!("P{i}"))).collect::<Vec<_>>();
@@ -539,16 +534,16 @@ async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
     d.delivered(&refs(&keys(&d, &b1))).await.unwrap();
     let v2 = d.check(&refs(&keys(&d, &b2))).await.unwrap();
     send(&b2, &v2);
-    assert!(ready_condition().0);
+    assert!(ready_condition(&t).0);
 
     server.kill();
     // The API accepted b2, but recording it fails: the pipeline must not commit, and retries.
     assert!(d.delivered(&refs(&keys(&d, &b2))).await.is_err());
-    let (ok, reason) = ready_condition();
+    let (ok, reason) = ready_condition(&t);
     assert!(!ok && reason.contains("redis unreachable"), "{reason}");
     let err = d.check(&refs(&keys(&d, &b3))).await.unwrap_err();
     assert!(matches!(err, StoreUnavailable::Unreachable { .. }), "{err}");
-    assert!(metric("datapulse_bridge_dedupe_store_errors_total", Some(("op", "check"))) >= 1.0);
+    assert!(metric(&t, "datapulse_bridge_dedupe_store_errors_total", Some(("op", "check"))) >= 1.0);
 
     server.restart();
     let start = Instant::now();
@@ -556,7 +551,7 @@ async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
         assert!(start.elapsed() < Duration::from_secs(20), "no recovery after restart");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(ready_condition().0, "{}", ready_condition().1);
+    assert!(ready_condition(&t).0, "{}", ready_condition(&t).1);
     let v3 = d.check(&refs(&keys(&d, &b3))).await.unwrap();
     send(&b3, &v3);
     d.delivered(&refs(&keys(&d, &b3))).await.unwrap();
@@ -574,12 +569,18 @@ async fn redis_down_under_pause_fails_and_recovers_without_loss_or_repeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliver_policy_sends_without_store_counted_and_visible() {
-    let _serial = SERIAL.lock().await;
+    let t = Telemetry::new();
     // Nothing listens on this port.
     let url = format!("redis://127.0.0.1:{}/0", free_port());
-    let d = Deduper::new(&config(url, OnStoreUnavailable::Deliver)).await.unwrap();
-    let before_check = metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "check")));
-    let before_delivered = metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "delivered")));
+    let d = Deduper::new(&config(url, OnStoreUnavailable::Deliver), &t)
+        .await
+        .unwrap();
+    let before_check = metric(&t, "datapulse_bridge_dedupe_unguarded_total", Some(("stage", "check")));
+    let before_delivered = metric(
+        &t,
+        "datapulse_bridge_dedupe_unguarded_total",
+        Some(("stage", "delivered")),
+    );
     let batch = vec![deposit("D1"), deposit("D2"), deposit("D1")];
     let v = d.check(&refs(&keys(&d, &batch))).await.unwrap();
     // In-process dedupe still works without the store.
@@ -588,22 +589,26 @@ async fn deliver_policy_sends_without_store_counted_and_visible() {
         vec![Verdict::Send, Verdict::Send, Verdict::Duplicate { reason: "in_batch" }]
     );
     assert_eq!(
-        metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "check"))) - before_check,
+        metric(&t, "datapulse_bridge_dedupe_unguarded_total", Some(("stage", "check"))) - before_check,
         2.0
     );
-    let (ok, reason) = ready_condition();
+    let (ok, reason) = ready_condition(&t);
     assert!(ok && reason.contains("WITHOUT dedupe"), "{reason}");
     d.delivered(&refs(&keys(&d, &batch[..2]))).await.unwrap();
     assert_eq!(
-        metric("datapulse_bridge_dedupe_unguarded_total", Some(("stage", "delivered"))) - before_delivered,
+        metric(
+            &t,
+            "datapulse_bridge_dedupe_unguarded_total",
+            Some(("stage", "delivered"))
+        ) - before_delivered,
         2.0
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_works_across_replicas_in_both_orders_and_in_flight() {
-    let (_serial, _server, cfg) = world(OnStoreUnavailable::Pause).await;
-    let (a, b) = (deduper(&cfg).await, deduper(&cfg).await);
+    let (t, _server, cfg) = world(OnStoreUnavailable::Pause).await;
+    let (a, b) = (deduper(&cfg, &t).await, deduper(&cfg, &t).await);
     let double = |v: &Verdict, bet: &str| matches!(v, Verdict::DoubleCount { reason } if reason.contains(bet));
 
     // Embedded result delivered by a, then a standalone win for the same bet at b.
@@ -651,9 +656,9 @@ fn commandstats(conn: &mut redis::Connection) -> HashMap<String, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_batch_operation_and_only_ids_are_written() {
-    let _serial = SERIAL.lock().await;
+    let t = Telemetry::new();
     let server = RedisServer::start();
-    let d = Deduper::new(&config(server.url(), OnStoreUnavailable::Pause))
+    let d = Deduper::new(&config(server.url(), OnStoreUnavailable::Pause), &t)
         .await
         .unwrap();
     // Warm up: loads the scripts (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA).

@@ -1,12 +1,11 @@
 //! The halt on a refused key (invariant 5), against the sandbox over HTTP: 401 until the key
 //! file is fixed means no Rejected result, readiness false, an error logged once, and recovery
-//! without a restart. In its own test binary because readiness and the retry-age gauge are
-//! process-wide.
+//! without a restart.
 
 mod deliver_common;
 
-use datapulse_bridge::deliver::{oldest_retry_age, EventResult, KeyCheck};
-use datapulse_bridge::telemetry;
+use datapulse_bridge::deliver::{EventResult, KeyCheck};
+use datapulse_bridge::telemetry::{Ready, Telemetry};
 use deliver_common::*;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -34,11 +33,8 @@ impl Logs {
     }
 }
 
-fn api_key_condition() -> Option<(bool, String)> {
-    let (_, conditions) = telemetry::readiness();
-    conditions
-        .get(&telemetry::Ready::ApiKey)
-        .map(|c| (c.ok, c.reason.clone()))
+fn api_key_condition(t: &Telemetry) -> Option<(bool, String)> {
+    t.condition(Ready::ApiKey).map(|c| (c.ok, c.reason))
 }
 
 #[tokio::test]
@@ -55,11 +51,12 @@ async fn refused_key_halts_without_rejecting_and_recovers_when_the_key_file_is_f
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, format!("{WRONG_KEY}\n")).unwrap();
-    let d = Arc::new(deliverer(&api_with_key_file(&sb.url(), &key_file), &delivery()));
+    let t = Telemetry::new();
+    let d = Arc::new(deliverer_in(&api_with_key_file(&sb.url(), &key_file), &delivery(), &t));
 
     // The start-up probe spends one request and reports the refusal.
     assert_eq!(d.probe().await, KeyCheck::Refused { status: 401 });
-    assert_eq!(api_key_condition().map(|c| c.0), Some(false));
+    assert_eq!(api_key_condition(&t).map(|c| c.0), Some(false));
 
     let cancel = CancellationToken::new();
     let started = Instant::now();
@@ -74,10 +71,10 @@ async fn refused_key_halts_without_rejecting_and_recovers_when_the_key_file_is_f
     let refused = stats.by_status.get(&401).copied().unwrap_or(0);
     // 800 ms at one retry per 200 ms: the retries are slow, not a hot loop.
     assert!((3..=7).contains(&refused), "{refused} requests answered 401");
-    let (ok, reason) = api_key_condition().unwrap();
+    let (ok, reason) = api_key_condition(&t).unwrap();
     assert!(!ok);
     assert_eq!(reason, "API answered 401: key refused");
-    let age = oldest_retry_age();
+    let age = d.oldest_retry_age();
     assert!(age >= Duration::from_millis(500), "oldest retry age {age:?}");
 
     // The Secret is rotated: the next retry re-reads the file and goes through.
@@ -94,15 +91,15 @@ async fn refused_key_halts_without_rejecting_and_recovers_when_the_key_file_is_f
     );
     assert!(started.elapsed() >= Duration::from_millis(800));
     assert_eq!(sb.stats().accepted_events, 10);
-    assert_eq!(api_key_condition().map(|c| c.0), Some(true));
-    assert_eq!(oldest_retry_age(), Duration::ZERO);
+    assert_eq!(api_key_condition(&t).map(|c| c.0), Some(true));
+    assert_eq!(d.oldest_retry_age(), Duration::ZERO);
     assert_eq!(d.probe().await, KeyCheck::Accepted);
 
     // The error is logged once per outage; neither key appears in logs or metrics.
     let text = logs.text();
     assert_eq!(text.matches("API refused the key").count(), 1, "{text}");
     assert!(text.contains("API accepted the key again"), "{text}");
-    let metrics = telemetry::render_metrics();
+    let metrics = t.render();
     for secret in [KEY, WRONG_KEY] {
         assert!(!text.contains(secret), "a key in the logs");
         assert!(!metrics.contains(secret), "a key in the metrics");

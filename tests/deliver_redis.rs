@@ -7,15 +7,12 @@ mod deliver_common;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, RateMode};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
 use datapulse_bridge::settings::Secret;
-use datapulse_bridge::telemetry;
+use datapulse_bridge::telemetry::{Ready, Telemetry};
 use deliver_common::*;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 struct Redis {
     child: Child,
@@ -81,22 +78,22 @@ fn shared(redis_url: &str, limit: u32, window: Duration) -> DeliveryConfig {
     }
 }
 
-fn rate_budget_ready() -> Option<bool> {
-    telemetry::readiness()
-        .1
-        .get(&telemetry::Ready::RateBudget)
-        .map(|c| c.ok)
+fn rate_budget_ready(t: &Telemetry) -> Option<bool> {
+    t.condition(Ready::RateBudget).map(|c| c.ok)
 }
 
 #[tokio::test]
 async fn three_replicas_share_one_budget_and_never_meet_a_429() {
-    let _serial = SERIAL.lock().await;
     let redis = Redis::start_on(free_port());
     let window = Duration::from_secs(2);
     let sb = sandbox(20, window, |_| {}).await;
     let cfg = shared(&redis.url(), 20, window);
     let api = api(&sb.url(), Duration::from_secs(2));
-    let replicas: Vec<Arc<Deliverer>> = (0..3).map(|_| Arc::new(deliverer(&api, &cfg))).collect();
+    let telemetry: Vec<Telemetry> = (0..3).map(|_| Telemetry::new()).collect();
+    let replicas: Vec<Arc<Deliverer>> = telemetry
+        .iter()
+        .map(|t| Arc::new(deliverer_in(&api, &cfg, t)))
+        .collect();
     let cancel = CancellationToken::new();
     let per_replica = 20;
     let start = Instant::now();
@@ -131,7 +128,9 @@ async fn three_replicas_share_one_budget_and_never_meet_a_429() {
     assert!(stats.duplicate_transaction_ids.is_empty());
     // 60 requests evenly spaced at 2 s / 20 = 100 ms: at least 59 intervals, several windows.
     assert!(took >= Duration::from_millis(5_800), "faster than the limit: {took:?}");
-    assert_eq!(rate_budget_ready(), Some(true));
+    for t in &telemetry {
+        assert_eq!(rate_budget_ready(t), Some(true));
+    }
 
     // Redis holds the budget under a hash, never the key itself.
     let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
@@ -145,7 +144,6 @@ async fn three_replicas_share_one_budget_and_never_meet_a_429() {
 
 #[tokio::test]
 async fn a_429_on_one_replica_pauses_the_others() {
-    let _serial = SERIAL.lock().await;
     let redis = Redis::start_on(free_port());
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
     sb.set_faults(Faults {
@@ -178,12 +176,13 @@ async fn a_429_on_one_replica_pauses_the_others() {
 
 #[tokio::test]
 async fn unreachable_redis_holds_delivery_and_readiness_until_it_answers() {
-    let _serial = SERIAL.lock().await;
     let port = free_port();
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
-    let d = Arc::new(deliverer(
+    let t = Telemetry::new();
+    let d = Arc::new(deliverer_in(
         &api(&sb.url(), Duration::from_secs(2)),
         &shared(&url(port), 60, Duration::from_secs(1)),
+        &t,
     ));
     let cancel = CancellationToken::new();
     let task = {
@@ -197,7 +196,7 @@ async fn unreachable_redis_holds_delivery_and_readiness_until_it_answers() {
         0,
         "a request left without a unit of the shared budget"
     );
-    assert_eq!(rate_budget_ready(), Some(false));
+    assert_eq!(rate_budget_ready(&t), Some(false));
     let _redis = Redis::start_on(port);
     let r = tokio::time::timeout(Duration::from_secs(10), task)
         .await
@@ -205,5 +204,5 @@ async fn unreachable_redis_holds_delivery_and_readiness_until_it_answers() {
         .unwrap()
         .unwrap();
     assert!(r.iter().all(|x| *x == EventResult::Delivered));
-    assert_eq!(rate_budget_ready(), Some(true));
+    assert_eq!(rate_budget_ready(&t), Some(true));
 }

@@ -17,17 +17,16 @@ pub use config::{DedupeConfig, InDoubt, OnStoreUnavailable, RedisConfig, StoreKi
 
 use crate::event::Event;
 use crate::offsets::RecordId;
-use crate::telemetry::Ready;
+use crate::telemetry::{Family, Ready, Telemetry};
 use memory::MemoryStore;
-use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, HistogramVec, IntCounter, IntCounterVec,
-};
+use prometheus::Registry;
+use prometheus::{HistogramVec, IntCounter, IntCounterVec};
 use redis_store::RedisStore;
 use std::borrow::Cow;
 // hashbrown's default hasher (not SipHash): the in-flight holds are touched for every event.
 use hashbrown::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// The verdict on one event before it is sent.
@@ -262,16 +261,31 @@ pub struct Deduper {
     local: Arc<Mutex<Local>>,
     /// Whether the last store call worked; readiness changes only on a transition.
     store_ok: AtomicBool,
+    telemetry: Telemetry,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a [`Deduper`] cannot be built. The URL itself is never repeated: it may hold a password.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("key `dedupe.redis.url` is not a usable Redis URL: {0}")]
+    RedisUrl(#[source] redis::RedisError),
+    #[error("cannot set up the Redis connection: {0}")]
+    Connection(#[source] redis::RedisError),
 }
 
 impl Deduper {
     /// Builds the deduper. With Redis the connection is made lazily: an unreachable Redis at start
     /// is reported through readiness (and the policy), not as a start-up failure.
-    pub async fn new(cfg: &DedupeConfig) -> anyhow::Result<Deduper> {
+    /// Its metrics and the `dedupe_store` readiness condition go to `telemetry`.
+    ///
+    /// Errors: `dedupe.redis.url` unusable (not a URL, or a client cannot be set up for it).
+    pub async fn new(cfg: &DedupeConfig, telemetry: &Telemetry) -> Result<Deduper, SetupError> {
         let local = Arc::new(Mutex::new(Local::default()));
+        let metrics = telemetry.metrics::<Metrics>();
         let store = match cfg.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new(cfg.max_entries, cfg.ttl)),
-            StoreKind::Redis => Store::Redis(RedisStore::new(cfg, Arc::downgrade(&local))?),
+            StoreKind::Redis => Store::Redis(RedisStore::new(cfg, Arc::downgrade(&local), Arc::clone(&metrics))?),
         };
         let d = Deduper {
             key: cfg.key.clone(),
@@ -281,9 +295,11 @@ impl Deduper {
             store,
             local,
             store_ok: AtomicBool::new(true),
+            telemetry: telemetry.clone(),
+            metrics,
         };
         match &d.store {
-            Store::Memory(_) => crate::telemetry::set_ready(READY_CONDITION, true, "memory store"),
+            Store::Memory(_) => d.telemetry.set_ready(READY_CONDITION, true, "memory store"),
             Store::Redis(r) => {
                 let ping = r.ping().await;
                 d.note_store(ping.as_ref().map(|_| ()).map_err(Clone::clone), true);
@@ -311,7 +327,7 @@ impl Deduper {
         // delivered (then the store answers) or given up (then this one is sent). Nothing of this
         // batch is held while it waits, so two batches never wait on each other.
         while !self.take_holds(keys, &mut verdicts, &mut pending) {
-            METRICS.waits.inc();
+            self.metrics.waits.inc();
             tokio::time::sleep(LOCAL_WAIT).await;
         }
 
@@ -335,7 +351,7 @@ impl Deduper {
         let lookups = match self.store_check(&probes).await {
             Ok(lookups) => lookups,
             Err(StoreUnavailable::Unreachable { reason: e }) if self.policy == OnStoreUnavailable::Deliver => {
-                METRICS
+                self.metrics
                     .unguarded
                     .with_label_values(&["check"])
                     .inc_by(probes.len() as u64);
@@ -393,9 +409,9 @@ impl Deduper {
         for v in &verdicts {
             match v {
                 Verdict::Send => {}
-                Verdict::Duplicate { reason } => METRICS.duplicates.with_label_values(&[reason]).inc(),
-                Verdict::DoubleCount { .. } => METRICS.double_counts.inc(),
-                Verdict::InDoubt { .. } => METRICS.in_doubt.inc(),
+                Verdict::Duplicate { reason } => self.metrics.duplicates.with_label_values(&[reason]).inc(),
+                Verdict::DoubleCount { .. } => self.metrics.double_counts.inc(),
+                Verdict::InDoubt { .. } => self.metrics.in_doubt.inc(),
             }
         }
         Ok(verdicts)
@@ -486,7 +502,7 @@ impl Deduper {
             Store::Memory(m) => {
                 let start = Instant::now();
                 m.record(&probes);
-                observe("delivered", start);
+                self.metrics.observe("delivered", start);
                 Ok(())
             }
             Store::Redis(r) => {
@@ -500,7 +516,7 @@ impl Deduper {
                 // Still in flight: the pipeline retries before it commits.
                 return Err(StoreUnavailable::Unreachable { reason: e });
             }
-            METRICS
+            self.metrics
                 .unguarded
                 .with_label_values(&["delivered"])
                 .inc_by(probes.len() as u64);
@@ -626,9 +642,9 @@ impl Deduper {
         match &self.store {
             Store::Memory(m) => {
                 let start = Instant::now();
-                METRICS.lookups.inc_by(probes.len() as u64);
+                self.metrics.lookups.inc_by(probes.len() as u64);
                 let res = m.lookup(probes);
-                observe("check", start);
+                self.metrics.observe("check", start);
                 Ok(res)
             }
             Store::Redis(r) => {
@@ -655,17 +671,17 @@ impl Deduper {
                 if !force {
                     tracing::info!("dedupe: redis reachable again");
                 }
-                crate::telemetry::set_ready(READY_CONDITION, true, "redis store reachable")
+                self.telemetry.set_ready(READY_CONDITION, true, "redis store reachable")
             }
             Err(e) => {
                 tracing::warn!(error = %e, policy = ?self.policy, "dedupe: redis unreachable");
                 match self.policy {
-                    OnStoreUnavailable::Pause => crate::telemetry::set_ready(
+                    OnStoreUnavailable::Pause => self.telemetry.set_ready(
                         READY_CONDITION,
                         false,
                         format!("redis unreachable, delivery paused (on_store_unavailable = \"pause\"): {e}"),
                     ),
-                    OnStoreUnavailable::Deliver => crate::telemetry::set_ready(
+                    OnStoreUnavailable::Deliver => self.telemetry.set_ready(
                         READY_CONDITION,
                         true,
                         format!(
@@ -771,69 +787,73 @@ pub(crate) struct Metrics {
     in_doubt: IntCounter,
 }
 
-pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
-    duplicates: register_int_counter_vec!(
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+    duplicates: prometheus::register_int_counter_vec_with_registry!(
         "datapulse_bridge_dedupe_duplicates_total",
         "Events dropped as duplicates, by reason (in_batch, store).",
-        &["reason"]
-    )
-    .expect("metric registers once"),
-    double_counts: register_int_counter!(
+        &["reason"],
+        r
+    )?,
+    double_counts: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_dedupe_double_counts_total",
-        "Events dead-lettered because their bet's result was already reported in the other pattern."
-    )
-    .expect("metric registers once"),
-    lookups: register_int_counter!(
+        "Events dead-lettered because their bet's result was already reported in the other pattern.",
+        r
+    )?,
+    lookups: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_dedupe_store_lookups_total",
-        "Events looked up in the dedupe store."
-    )
-    .expect("metric registers once"),
-    latency: register_histogram_vec!(
+        "Events looked up in the dedupe store.",
+        r
+    )?,
+    latency: prometheus::register_histogram_vec_with_registry!(
         "datapulse_bridge_dedupe_store_seconds",
         "Latency of one dedupe store operation (one Redis round trip), by operation.",
         &["op"],
-        vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
-    )
-    .expect("metric registers once"),
-    errors: register_int_counter_vec!(
+        vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+        r
+    )?,
+    errors: prometheus::register_int_counter_vec_with_registry!(
         "datapulse_bridge_dedupe_store_errors_total",
         "Failed dedupe store operations, by operation.",
-        &["op"]
-    )
-    .expect("metric registers once"),
-    unguarded: register_int_counter_vec!(
+        &["op"],
+        r
+    )?,
+    unguarded: prometheus::register_int_counter_vec_with_registry!(
         "datapulse_bridge_dedupe_unguarded_total",
         "Events passed without the store under on_store_unavailable = \"deliver\": sent without lookup \
          (stage=check) or delivered without being recorded (stage=delivered).",
-        &["stage"]
-    )
-    .expect("metric registers once"),
-    waits: register_int_counter!(
+        &["stage"],
+        r
+    )?,
+    waits: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_dedupe_claim_waits_total",
-        "Times a check waited for an id in flight elsewhere: in another delivery lane of this process, or (Redis) in another replica."
-    )
-    .expect("metric registers once"),
-    claims_lost: register_int_counter!(
+        "Times a check waited for an id in flight elsewhere: in another delivery lane of this process, or (Redis) in another replica.",
+        r
+    )?,
+    claims_lost: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_dedupe_claims_lost_total",
         "In-flight claims found taken by another replica (its lease expired while this one held the id): \
-         the id may have been sent twice."
-    )
-    .expect("metric registers once"),
-    in_doubt: register_int_counter!(
+         the id may have been sent twice.",
+        r
+    )?,
+    in_doubt: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_dedupe_in_doubt_total",
         "Events whose id was in flight in a process that died before recording the API's answer \
-         (dedupe.redis.in_doubt = \"dead-letter\"): dead-lettered as in_doubt, never sent twice."
-    )
-    .expect("metric registers once"),
+         (dedupe.redis.in_doubt = \"dead-letter\"): dead-lettered as in_doubt, never sent twice.",
+        r
+    )?,
+        })
+    }
 }
-});
 
-fn observe(op: &str, start: Instant) {
-    METRICS
-        .latency
-        .with_label_values(&[op])
-        .observe(start.elapsed().as_secs_f64());
+impl Metrics {
+    /// Observes one store operation's latency.
+    fn observe(&self, op: &str, start: Instant) {
+        self.latency
+            .with_label_values(&[op])
+            .observe(start.elapsed().as_secs_f64());
+    }
 }
 
 #[cfg(test)]

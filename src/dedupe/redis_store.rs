@@ -15,12 +15,12 @@
 //! nothing in that round (holding nothing while waiting rules out deadlocks between replicas) and
 //! polls until the claim is resolved.
 
-use super::{DeadLetterClaim, LetGo, Local, Lookup, Probe, StoreUnavailable, METRICS};
+use super::{DeadLetterClaim, LetGo, Local, Lookup, Metrics, Probe, SetupError, StoreUnavailable};
 use crate::dedupe::{DedupeConfig, InDoubt};
 use crate::offsets::RecordId;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
@@ -217,6 +217,7 @@ pub(super) struct RedisStore {
     claim_dead: Script,
     sent: Script,
     renewer: JoinHandle<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for RedisStore {
@@ -227,13 +228,13 @@ impl Drop for RedisStore {
 }
 
 impl RedisStore {
-    pub(super) fn new(cfg: &DedupeConfig, local: Weak<Mutex<Local>>) -> anyhow::Result<RedisStore> {
+    pub(super) fn new(
+        cfg: &DedupeConfig,
+        local: Weak<Mutex<Local>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisStore, SetupError> {
         let r = &cfg.redis;
-        let info = r
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| anyhow::anyhow!("key `dedupe.redis.url`: `{}` is not a Redis URL: {e}", r.url))?;
+        let info = r.url.as_str().into_connection_info().map_err(SetupError::RedisUrl)?;
         let mut settings = info.redis_settings().clone();
         if let Some(user) = &r.username {
             settings = settings.set_username(user);
@@ -241,15 +242,13 @@ impl RedisStore {
         if let Some(pw) = &r.password {
             settings = settings.set_password(pw.expose());
         }
-        let client = Client::open(info.set_redis_settings(settings))
-            .map_err(|e| anyhow::anyhow!("key `dedupe.redis.url`: cannot use `{}`: {e}", r.url))?;
+        let client = Client::open(info.set_redis_settings(settings)).map_err(SetupError::RedisUrl)?;
         let mgr_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(r.timeout))
             .set_response_timeout(Some(r.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr_cfg)
-            .map_err(|e| anyhow::anyhow!("cannot set up the Redis connection: {e}"))?;
+        let conn = ConnectionManager::new_lazy_with_config(client, mgr_cfg).map_err(SetupError::Connection)?;
         let owner = format!(
             "{}:{}:{:016x}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
@@ -262,6 +261,7 @@ impl RedisStore {
             owner.clone(),
             r.lease,
             local,
+            Arc::clone(&metrics),
         ));
         Ok(RedisStore {
             conn,
@@ -277,6 +277,7 @@ impl RedisStore {
             claim_dead: Script::new(CLAIM_DEAD_LUA),
             sent: Script::new(SENT_LUA),
             renewer,
+            metrics,
         })
     }
 
@@ -362,13 +363,13 @@ impl RedisStore {
                     .key(self.k("sent", key))
                     .arg(spec(p));
             }
-            METRICS.lookups.inc_by(open.len() as u64);
+            self.metrics.lookups.inc_by(open.len() as u64);
             let start = Instant::now();
             let mut conn = self.conn.clone();
             let res: Result<Vec<String>, _> = inv.invoke_async(&mut conn).await;
-            super::observe("check", start);
+            self.metrics.observe("check", start);
             let answers = res.map_err(|e| {
-                METRICS.errors.with_label_values(&["check"]).inc();
+                self.metrics.errors.with_label_values(&["check"]).inc();
                 StoreUnavailable::Unreachable {
                     reason: format!("redis: {e}"),
                 }
@@ -396,7 +397,7 @@ impl RedisStore {
             if !waiting {
                 return Ok(decided.into_iter().map(|d| d.unwrap_or(Lookup::Free)).collect());
             }
-            METRICS.waits.inc();
+            self.metrics.waits.inc();
             if Instant::now() >= deadline {
                 return Err(StoreUnavailable::Contended {
                     reason: format!(
@@ -430,13 +431,13 @@ impl RedisStore {
         let start = Instant::now();
         let mut conn = self.conn.clone();
         let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
-        super::observe("delivered", start);
+        self.metrics.observe("delivered", start);
         let lost = res.map_err(|e| {
-            METRICS.errors.with_label_values(&["delivered"]).inc();
+            self.metrics.errors.with_label_values(&["delivered"]).inc();
             format!("redis: {e}")
         })?;
         if lost > 0 {
-            METRICS.claims_lost.inc_by(lost);
+            self.metrics.claims_lost.inc_by(lost);
             tracing::error!(
                 claims = lost,
                 "dedupe: delivered ids whose claim another replica had taken (this one held them past its lease): \
@@ -465,9 +466,9 @@ impl RedisStore {
         let start = Instant::now();
         let mut conn = self.conn.clone();
         let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
-        super::observe("release", start);
+        self.metrics.observe("release", start);
         res.map(|_| ()).map_err(|e| {
-            METRICS.errors.with_label_values(&["release"]).inc();
+            self.metrics.errors.with_label_values(&["release"]).inc();
             format!("redis: {e}")
         })
     }
@@ -487,9 +488,9 @@ impl RedisStore {
         let start = Instant::now();
         let mut conn = self.conn.clone();
         let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
-        super::observe("sent", start);
+        self.metrics.observe("sent", start);
         res.map(|_| ()).map_err(|e| {
-            METRICS.errors.with_label_values(&["sent"]).inc();
+            self.metrics.errors.with_label_values(&["sent"]).inc();
             format!("redis: {e}")
         })
     }
@@ -539,6 +540,7 @@ async fn renew_loop(
     owner: String,
     lease: Duration,
     local: Weak<Mutex<Local>>,
+    metrics: Arc<Metrics>,
 ) {
     let script = Script::new(RENEW_LUA);
     let mut tick = tokio::time::interval(lease / 3);
@@ -571,7 +573,7 @@ async fn renew_loop(
                     .key(key(prefix, "done", k))
                     .key(key(prefix, "sent", k));
             }
-            renew(&mut inv, conn.clone()).await;
+            renew(&mut inv, conn.clone(), &metrics).await;
         }
         for chunk in bets.chunks(RENEW_CHUNK) {
             let mut inv = script.prepare_invoke();
@@ -579,19 +581,19 @@ async fn renew_loop(
             for k in chunk {
                 inv.key(k);
             }
-            renew(&mut inv, conn.clone()).await;
+            renew(&mut inv, conn.clone(), &metrics).await;
         }
     }
 }
 
-async fn renew(inv: &mut redis::ScriptInvocation<'_>, mut conn: ConnectionManager) {
+async fn renew(inv: &mut redis::ScriptInvocation<'_>, mut conn: ConnectionManager, metrics: &Metrics) {
     let start = Instant::now();
     let res: Result<u64, _> = inv.invoke_async(&mut conn).await;
-    super::observe("renew", start);
+    metrics.observe("renew", start);
     match res {
         Ok(0) => {}
         Ok(lost) => {
-            METRICS.claims_lost.inc_by(lost);
+            metrics.claims_lost.inc_by(lost);
             tracing::error!(
                 claims = lost,
                 "dedupe: in-flight ids were claimed by another replica after this one's lease lapsed \
@@ -599,7 +601,7 @@ async fn renew(inv: &mut redis::ScriptInvocation<'_>, mut conn: ConnectionManage
             );
         }
         Err(e) => {
-            METRICS.errors.with_label_values(&["renew"]).inc();
+            metrics.errors.with_label_values(&["renew"]).inc();
             tracing::warn!(error = %e, "dedupe: cannot renew in-flight claims");
         }
     }

@@ -39,7 +39,7 @@ fn win_for<'a>(tx: &'a str, parent: &'a str) -> Event<'a> {
 }
 
 async fn deduper(cfg: DedupeConfig) -> Deduper {
-    Deduper::new(&cfg).await.unwrap()
+    Deduper::new(&cfg, &crate::telemetry::Telemetry::new()).await.unwrap()
 }
 
 fn keys(d: &Deduper, events: &[Event<'_>]) -> Vec<EventKeys> {

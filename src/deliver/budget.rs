@@ -13,10 +13,10 @@
 //! pause ends, and in `redis` mode moves the shared budget's next-allowed time forward so that the
 //! other replicas pause too.
 
-use super::metrics::METRICS;
+use super::metrics::Metrics;
 use super::{Cancelled, DeliveryConfig, RateMode};
 use crate::settings::Secret;
-use crate::telemetry::{self, Ready};
+use crate::telemetry::{Ready, Telemetry};
 use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -25,7 +25,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ pub struct RateBudget {
     paused_until: Mutex<Option<Instant>>,
     /// Requests drawn in advance by [`RateBudget::reserve`] and not yet used.
     prepaid: std::sync::atomic::AtomicU32,
+    metrics: Arc<Metrics>,
 }
 
 enum Store {
@@ -72,7 +73,9 @@ pub fn budget_id(cfg: &DeliveryConfig, key: &Secret) -> String {
 }
 
 impl RateBudget {
-    pub fn new(cfg: &DeliveryConfig) -> anyhow::Result<RateBudget> {
+    /// Its metrics and (`redis` mode) the `rate_budget` readiness condition go to `telemetry`.
+    pub fn new(cfg: &DeliveryConfig, telemetry: &Telemetry) -> Result<RateBudget, BudgetError> {
+        let metrics = telemetry.metrics::<Metrics>();
         let store = match cfg.rate_mode {
             RateMode::Local => Store::Local(limiter(cfg.rate_limit, cfg.rate_window, cfg.rate_burst)?),
             RateMode::StaticShare => {
@@ -80,12 +83,9 @@ impl RateBudget {
                 Store::Local(limiter(cfg.rate_limit / replicas, cfg.rate_window, cfg.rate_burst)?)
             }
             RateMode::Redis => {
-                let url = cfg.redis_url.as_ref().ok_or_else(|| {
-                    anyhow::anyhow!("delivery.redis_url is required when delivery.rate_mode = \"redis\"")
-                })?;
+                let url = cfg.redis_url.as_ref().ok_or(BudgetError::RedisUrlMissing)?;
                 // The URL may hold a password: say what is wrong without echoing it.
-                let client = redis::Client::open(url.expose())
-                    .map_err(|e| anyhow::anyhow!("delivery.redis_url is not a usable Redis URL ({:?})", e.kind()))?;
+                let client = redis::Client::open(url.expose()).map_err(|e| BudgetError::RedisUrl { kind: e.kind() })?;
                 let (interval, burst) = gcra(cfg.rate_limit, cfg.rate_window, cfg.rate_burst);
                 Store::Redis(RedisBudget {
                     client,
@@ -93,6 +93,8 @@ impl RateBudget {
                     interval_us: interval.as_micros().max(1) as u64,
                     tolerance_us: (interval.as_micros() * u128::from(burst - 1)) as u64,
                     health: AtomicU8::new(HEALTH_UNKNOWN),
+                    telemetry: telemetry.clone(),
+                    metrics: Arc::clone(&metrics),
                 })
             }
         };
@@ -100,6 +102,7 @@ impl RateBudget {
             store,
             paused_until: Mutex::new(None),
             prepaid: Default::default(),
+            metrics,
         })
     }
 
@@ -108,7 +111,7 @@ impl RateBudget {
     pub async fn acquire(&self, id: &str, cancel: &CancellationToken) -> Result<(), Cancelled> {
         let started = Instant::now();
         let result = self.acquire_inner(id, cancel).await;
-        METRICS.budget_wait.inc_by(started.elapsed().as_secs_f64());
+        self.metrics.budget_wait.inc_by(started.elapsed().as_secs_f64());
         result
     }
 
@@ -150,7 +153,7 @@ impl RateBudget {
                         s = l.until_ready() => s,
                         _ = cancel.cancelled() => return Err(Cancelled),
                     };
-                    METRICS
+                    self.metrics
                         .budget_remaining
                         .set(i64::from(snapshot.remaining_burst_capacity()));
                 }
@@ -185,11 +188,27 @@ impl RateBudget {
     }
 }
 
-fn limiter(limit: u32, window: Duration, burst: u32) -> anyhow::Result<Limiter> {
-    anyhow::ensure!(limit >= 1, "the rate limit share is below one request per window");
+/// Why a [`RateBudget`] cannot be built (each names the `[delivery]` key at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("delivery.redis_url is required when delivery.rate_mode = \"redis\"")]
+    RedisUrlMissing,
+    /// The URL may hold a password: only the kind of problem is said, never the URL.
+    #[error("delivery.redis_url is not a usable Redis URL ({kind:?})")]
+    RedisUrl { kind: redis::ErrorKind },
+    #[error("delivery.rate_limit divided among delivery.replicas is below one request per window")]
+    ShareBelowOne,
+    #[error("delivery.rate_window must be greater than zero")]
+    ZeroWindow,
+}
+
+fn limiter(limit: u32, window: Duration, burst: u32) -> Result<Limiter, BudgetError> {
+    if limit < 1 {
+        return Err(BudgetError::ShareBelowOne);
+    }
     let (interval, burst) = gcra(limit, window, burst);
     let quota = Quota::with_period(interval)
-        .ok_or_else(|| anyhow::anyhow!("delivery.rate_window must be greater than zero"))?
+        .ok_or(BudgetError::ZeroWindow)?
         .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
     Ok(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>())
 }
@@ -215,6 +234,8 @@ struct RedisBudget {
     interval_us: u64,
     tolerance_us: u64,
     health: AtomicU8,
+    telemetry: Telemetry,
+    metrics: Arc<Metrics>,
 }
 
 /// GCRA draw. KEYS[1] holds the theoretical arrival time (TAT, µs on the Redis clock). A request
@@ -290,7 +311,7 @@ impl RedisBudget {
                 Ok((granted, wait_us, remaining)) => {
                     self.set_health(None);
                     if granted == 1 {
-                        METRICS.budget_remaining.set(remaining);
+                        self.metrics.budget_remaining.set(remaining);
                         return Ok(());
                     }
                     Duration::from_micros(wait_us.max(1) as u64)
@@ -336,12 +357,13 @@ impl RedisBudget {
                 if old == HEALTH_DOWN {
                     tracing::info!("rate budget: Redis reachable again; delivery resumes");
                 }
-                telemetry::set_ready(Ready::RateBudget, true, "shared rate budget in Redis reachable");
+                self.telemetry
+                    .set_ready(Ready::RateBudget, true, "shared rate budget in Redis reachable");
             }
             Some(e) => {
                 // RedisError's Display names the failure, not the URL or its password.
                 tracing::warn!(error = %e, "rate budget: Redis unreachable; no request is sent until it answers");
-                telemetry::set_ready(
+                self.telemetry.set_ready(
                     Ready::RateBudget,
                     false,
                     format!("Redis (shared rate budget) unreachable: {e}"),
@@ -402,7 +424,7 @@ mod tests {
             rate_window: Duration::from_millis(500),
             ..DeliveryConfig::default()
         };
-        let b = RateBudget::new(&cfg).unwrap();
+        let b = RateBudget::new(&cfg, &Telemetry::new()).unwrap();
         let cancel = CancellationToken::new();
         let start = Instant::now();
         for _ in 0..6 {
@@ -420,7 +442,7 @@ mod tests {
             rate_window: Duration::from_millis(500),
             ..DeliveryConfig::default()
         };
-        let b = RateBudget::new(&cfg).unwrap();
+        let b = RateBudget::new(&cfg, &Telemetry::new()).unwrap();
         let cancel = CancellationToken::new();
         b.reserve("x", &cancel).await.unwrap();
         b.reserve("x", &cancel).await.unwrap(); // already holds one: draws nothing more
@@ -446,7 +468,7 @@ mod tests {
             rate_window: Duration::from_secs(1),
             ..DeliveryConfig::default()
         };
-        let b = RateBudget::new(&cfg).unwrap();
+        let b = RateBudget::new(&cfg, &Telemetry::new()).unwrap();
         let cancel = CancellationToken::new();
         let start = Instant::now();
         for _ in 0..4 {
@@ -459,7 +481,7 @@ mod tests {
 
     #[tokio::test]
     async fn pause_holds_every_draw() {
-        let b = RateBudget::new(&DeliveryConfig::default()).unwrap();
+        let b = RateBudget::new(&DeliveryConfig::default(), &Telemetry::new()).unwrap();
         let cancel = CancellationToken::new();
         b.pause("x", Duration::from_millis(300)).await;
         let start = Instant::now();

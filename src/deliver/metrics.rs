@@ -1,16 +1,14 @@
-//! Delivery metrics, in the default Prometheus registry. Label values are bounded: endpoints are
+//! Delivery metrics (a [`Family`] of the bridge's telemetry). Label values are bounded: endpoints are
 //! fixed names, statuses are HTTP codes or `timeout`/`connect_error`/`io_error`, causes are a fixed
 //! set. Nothing here ever carries the API key.
 
+use crate::telemetry::Family;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{
-    register_counter, register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, Counter, Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-};
+use prometheus::{Counter, Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 pub struct Metrics {
@@ -23,83 +21,114 @@ pub struct Metrics {
     pub rejected: IntCounter,
     pub bisection_requests: IntCounter,
     pub auth_halted: IntGauge,
+    /// Batches under retry, for `datapulse_bridge_delivery_oldest_retry_age_seconds`.
+    retrying: Arc<Retrying>,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    // Registering the collector here keeps every delivery metric behind one LazyLock.
-    prometheus::register(Box::new(OldestRetryAge::new())).expect("register oldest retry age");
-    Metrics {
-        auth_halted: prometheus::register_int_gauge!(
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        let retrying = Arc::new(Retrying::default());
+        r.register(Box::new(OldestRetryAge::new(Arc::clone(&retrying))?))?;
+        Ok(Metrics {
+        retrying,
+        auth_halted: prometheus::register_int_gauge_with_registry!(
             "datapulse_bridge_auth_halted",
-            "1 while delivery is halted because the API refused the key (401/403), else 0."
-        )
-        .expect("register auth_halted"),
-        requests: register_int_counter_vec!(
+            "1 while delivery is halted because the API refused the key (401/403), else 0.",
+            r
+        )?,
+        requests: prometheus::register_int_counter_vec_with_registry!(
             "datapulse_bridge_api_requests_total",
             "Requests sent to the Server Events API, by endpoint and status (HTTP code, timeout, connect_error, io_error).",
-            &["endpoint", "status"]
-        )
-        .expect("register api_requests_total"),
-        latency: register_histogram_vec!(
+            &["endpoint", "status"],
+            r
+        )?,
+        latency: prometheus::register_histogram_vec_with_registry!(
             "datapulse_bridge_api_request_duration_seconds",
             "Time from sending a request to the API to its response (or failure).",
             &["endpoint"],
-            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-        )
-        .expect("register api_request_duration_seconds"),
-        events_per_request: register_histogram!(
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            r
+        )?,
+        events_per_request: prometheus::register_histogram_with_registry!(
             "datapulse_bridge_api_events_per_request",
             "Events carried by one request to the API.",
-            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]
-        )
-        .expect("register api_events_per_request"),
-        retries: register_int_counter_vec!(
+            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+            r
+        )?,
+        retries: prometheus::register_int_counter_vec_with_registry!(
             "datapulse_bridge_api_retries_total",
             "Requests repeated after a retriable answer, by cause (429, 5xx, timeout, connect, 401, 403).",
-            &["cause"]
-        )
-        .expect("register api_retries_total"),
-        budget_wait: register_counter!(
+            &["cause"],
+            r
+        )?,
+        budget_wait: prometheus::register_counter_with_registry!(
             "datapulse_bridge_rate_budget_wait_seconds_total",
-            "Time requests spent waiting for the key's rate budget (including 429 pauses)."
-        )
-        .expect("register rate_budget_wait_seconds_total"),
-        budget_remaining: register_int_gauge!(
+            "Time requests spent waiting for the key's rate budget (including 429 pauses).",
+            r
+        )?,
+        budget_remaining: prometheus::register_int_gauge_with_registry!(
             "datapulse_bridge_rate_budget_remaining",
-            "Requests the key's budget allowed at once after the last draw (best effort)."
-        )
-        .expect("register rate_budget_remaining"),
-        rejected: register_int_counter!(
+            "Requests the key's budget allowed at once after the last draw (best effort).",
+            r
+        )?,
+        rejected: prometheus::register_int_counter_with_registry!(
             "datapulse_bridge_delivery_events_rejected_total",
-            "Events the API rejected permanently (400), isolated from their batch."
-        )
-        .expect("register delivery_events_rejected_total"),
-        bisection_requests: register_int_counter!(
+            "Events the API rejected permanently (400), isolated from their batch.",
+            r
+        )?,
+        bisection_requests: prometheus::register_int_counter_with_registry!(
             "datapulse_bridge_delivery_bisection_requests_total",
-            "Requests sent to isolate bad events of a batch answered 400 without indexes."
-        )
-        .expect("register delivery_bisection_requests_total"),
+            "Requests sent to isolate bad events of a batch answered 400 without indexes.",
+            r
+        )?,
+        })
     }
-});
+}
 
 /// Batches that have met a retriable failure, by id, with the time their delivery started.
-static RETRYING: LazyLock<Mutex<HashMap<u64, Instant>>> = LazyLock::new(Default::default);
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+#[derive(Default)]
+struct Retrying {
+    started: Mutex<HashMap<u64, Instant>>,
+    next_id: AtomicU64,
+}
+
+impl Retrying {
+    fn oldest(&self) -> Option<Instant> {
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .min()
+            .copied()
+    }
+}
 
 /// Registers a batch as under retry until dropped (also when its delivery is cancelled).
-pub struct RetryGuard(u64);
+pub struct RetryGuard {
+    id: u64,
+    retrying: Arc<Retrying>,
+}
 
 impl RetryGuard {
-    pub fn new(started: Instant) -> RetryGuard {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        RETRYING.lock().unwrap_or_else(|p| p.into_inner()).insert(id, started);
-        RetryGuard(id)
+    pub fn new(metrics: &Metrics, started: Instant) -> RetryGuard {
+        let retrying = Arc::clone(&metrics.retrying);
+        let id = retrying.next_id.fetch_add(1, Ordering::Relaxed);
+        retrying
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, started);
+        RetryGuard { id, retrying }
     }
 }
 
 impl Drop for RetryGuard {
     fn drop(&mut self) {
-        RETRYING.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+        self.retrying
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -107,6 +136,7 @@ impl Drop for RetryGuard {
 /// batch waits between retries (a plain gauge would only move when a retry happens).
 struct OldestRetryAge {
     desc: Desc,
+    retrying: Arc<Retrying>,
 }
 
 const OLDEST_NAME: &str = "datapulse_bridge_delivery_oldest_retry_age_seconds";
@@ -114,9 +144,9 @@ const OLDEST_HELP: &str =
     "Age of the oldest batch under retry (since its delivery started); 0 when nothing is being retried.";
 
 impl OldestRetryAge {
-    fn new() -> OldestRetryAge {
-        let desc = Desc::new(OLDEST_NAME.into(), OLDEST_HELP.into(), vec![], HashMap::new()).expect("valid desc");
-        OldestRetryAge { desc }
+    fn new(retrying: Arc<Retrying>) -> prometheus::Result<OldestRetryAge> {
+        let desc = Desc::new(OLDEST_NAME.into(), OLDEST_HELP.into(), vec![], HashMap::new())?;
+        Ok(OldestRetryAge { desc, retrying })
     }
 }
 
@@ -126,13 +156,7 @@ impl Collector for OldestRetryAge {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let oldest = RETRYING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .min()
-            .copied();
-        let age = oldest.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let age = self.retrying.oldest().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
         match Gauge::with_opts(Opts::new(OLDEST_NAME, OLDEST_HELP)) {
             Ok(g) => {
                 g.set(age);
@@ -143,13 +167,9 @@ impl Collector for OldestRetryAge {
     }
 }
 
-/// The age the gauge would show now (for tests and logs).
-pub fn oldest_retry_age() -> std::time::Duration {
-    RETRYING
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .min()
-        .map(|t| t.elapsed())
-        .unwrap_or_default()
+impl Metrics {
+    /// The age the gauge would show now (for tests and logs).
+    pub fn oldest_retry_age(&self) -> std::time::Duration {
+        self.retrying.oldest().map(|t| t.elapsed()).unwrap_or_default()
+    }
 }

@@ -23,10 +23,11 @@ pub mod retry;
 pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY};
 
 use crate::settings::Secret;
-use crate::telemetry::{self, Ready};
+use crate::telemetry::{Ready, Telemetry};
+pub use budget::BudgetError;
 use budget::RateBudget;
 use bytes::Bytes;
-use metrics::{RetryGuard, METRICS};
+use metrics::{Metrics, RetryGuard};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -34,8 +35,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-pub use metrics::oldest_retry_age;
 
 /// What happened to one event of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +83,50 @@ enum Answer {
     BadRequest(String),
     AuthRefused(u16),
     TooManyRequests(Option<Duration>),
-    Retriable { cause: &'static str, detail: String },
+    Retriable { cause: Cause, detail: String },
+}
+
+/// Why a request is tried again: the `cause` label of `datapulse_bridge_api_retries_total` and
+/// of the retry logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// 401 or 403: the key was refused (invariant 5).
+    Status401,
+    Status403,
+    /// 429: the key's rate limit (contract: honour `Retry-After`).
+    Status429,
+    /// Any other status outside 2xx/400: the API may have counted the batch.
+    Status5xx,
+    /// No answer within `api.request_timeout`: the API may have counted the batch.
+    Timeout,
+    /// The connection was refused or could not be made: nothing reached the API.
+    Connect,
+    /// The connection broke after the request may have left.
+    Io,
+}
+
+impl Cause {
+    /// The metric label and log value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Status401 => "401",
+            Cause::Status403 => "403",
+            Cause::Status429 => "429",
+            Cause::Status5xx => "5xx",
+            Cause::Timeout => "timeout",
+            Cause::Connect => "connect",
+            Cause::Io => "io",
+        }
+    }
+
+    /// A refused key's cause.
+    fn of_auth(status: u16) -> Cause {
+        if status == 403 {
+            Cause::Status403
+        } else {
+            Cause::Status401
+        }
+    }
 }
 
 /// Told when the batch's events may have reached the API and when they surely have not: with the
@@ -113,6 +155,7 @@ struct Batch<'a, E> {
     /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
     retry_guard: Option<RetryGuard>,
     results: Vec<Option<EventResult>>,
+    metrics: &'a Metrics,
 }
 
 impl<E: Exposure> Batch<'_, E> {
@@ -140,14 +183,30 @@ impl<E: Exposure> Batch<'_, E> {
     }
 
     fn reject(&mut self, i: usize, body: String) {
-        METRICS.rejected.inc();
+        self.metrics.rejected.inc();
         self.results[i] = Some(EventResult::Rejected { status: 400, body });
     }
 
     fn under_retry(&mut self) {
         let started = self.started;
-        self.retry_guard.get_or_insert_with(|| RetryGuard::new(started));
+        let metrics = self.metrics;
+        self.retry_guard
+            .get_or_insert_with(|| RetryGuard::new(metrics, started));
     }
+}
+
+/// Why a [`Deliverer`] cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// RFC 9110 §5.5: a field value is visible ASCII, spaces and tabs.
+    #[error("the API key contains characters that cannot be sent in an HTTP header")]
+    KeyNotAHeader,
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// The key and the name of its budget, replaced together when `api.key_file` changes.
@@ -176,10 +235,17 @@ pub struct Deliverer {
     key_state: AtomicU8,
     /// Consecutive 429s of the key, for the backoff of a 429 without `Retry-After`.
     throttle_streak: AtomicU32,
+    telemetry: Telemetry,
+    metrics: Arc<Metrics>,
 }
 
 impl Deliverer {
-    pub fn new(api: &ApiConfig, cfg: &DeliveryConfig) -> anyhow::Result<Deliverer> {
+    /// The HTTP client, key and rate budget of one API; its metrics and the `api_key` readiness
+    /// condition go to `telemetry`.
+    ///
+    /// Errors: no readable key, a key that is not a header value, the HTTP client (its TLS
+    /// roots), the rate budget's settings.
+    pub fn new(api: &ApiConfig, cfg: &DeliveryConfig, telemetry: &Telemetry) -> Result<Deliverer, SetupError> {
         let client = reqwest::Client::builder()
             .timeout(api.request_timeout)
             .connect_timeout(api.connect_timeout)
@@ -188,17 +254,17 @@ impl Deliverer {
         let url = format!("{}/v2/s2s/batch", api.base_url.trim_end_matches('/'));
         let key = api.read_key()?;
         let credentials = credentials(cfg, &key)?;
-        // Export the delivery metrics (at zero) before the first request.
-        std::sync::LazyLock::force(&METRICS);
         Ok(Deliverer {
             client,
             url,
             key_file: if api.key.is_some() { None } else { api.key_file.clone() },
             credentials: RwLock::new(Arc::new(credentials)),
-            budget: RateBudget::new(cfg)?,
+            budget: RateBudget::new(cfg, telemetry)?,
             cfg: cfg.clone(),
             key_state: AtomicU8::new(KEY_UNKNOWN),
             throttle_streak: Default::default(),
+            telemetry: telemetry.clone(),
+            metrics: telemetry.metrics(),
         })
     }
 
@@ -225,6 +291,7 @@ impl Deliverer {
             started: Instant::now(),
             retry_guard: None,
             results: vec![None; events.len()],
+            metrics: &self.metrics,
         };
         match self.deliver_batch(&mut b).await {
             // The loop ends only when every event has its result.
@@ -294,7 +361,7 @@ impl Deliverer {
                 let body = match confirmed {
                     Some(body) => body,
                     None => {
-                        METRICS.bisection_requests.inc();
+                        self.metrics.bisection_requests.inc();
                         match self.send(b, suspect).await? {
                             Final::Accepted => {
                                 b.delivered(suspect);
@@ -312,7 +379,7 @@ impl Deliverer {
                 return Ok(());
             }
             let (first, second) = suspect.split_at(suspect.len() / 2);
-            METRICS.bisection_requests.inc();
+            self.metrics.bisection_requests.inc();
             match self.send(b, first).await? {
                 Final::Accepted => {
                     b.delivered(first);
@@ -353,9 +420,11 @@ impl Deliverer {
                 _ = cancel.cancelled() => return Err(Cancelled),
             };
             match &answer {
-                Answer::AuthRefused(_) | Answer::TooManyRequests(_) | Answer::Retriable { cause: "connect", .. } => {
-                    b.refused().await
-                }
+                Answer::AuthRefused(_)
+                | Answer::TooManyRequests(_)
+                | Answer::Retriable {
+                    cause: Cause::Connect, ..
+                } => b.refused().await,
                 Answer::Retriable { .. } => b.uncertain = true,
                 Answer::Success | Answer::BadRequest(_) => {}
             }
@@ -372,11 +441,14 @@ impl Deliverer {
                 }
                 Answer::AuthRefused(status) => {
                     auth_attempt += 1;
-                    METRICS.retries.with_label_values(&[status_cause(status)]).inc();
+                    self.metrics
+                        .retries
+                        .with_label_values(&[Cause::of_auth(status).label()])
+                        .inc();
                     b.under_retry();
                     self.key_refused(status);
                     tracing::debug!(
-                        cause = status_cause(status),
+                        cause = Cause::of_auth(status).label(),
                         attempt = auth_attempt,
                         events = idx.len(),
                         "key refused; retrying after delivery.auth_retry_interval"
@@ -387,14 +459,17 @@ impl Deliverer {
                 }
                 Answer::TooManyRequests(retry_after) => {
                     throttled_attempt += 1;
-                    METRICS.retries.with_label_values(&["429"]).inc();
+                    self.metrics
+                        .retries
+                        .with_label_values(&[Cause::Status429.label()])
+                        .inc();
                     b.under_retry();
                     let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
                     let pause = retry_after.unwrap_or_else(|| {
                         retry::backoff(streak, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max)
                     });
                     tracing::warn!(
-                        cause = "429",
+                        cause = Cause::Status429.label(),
                         retry_after = retry_after.map(|d| d.as_secs_f64()),
                         pause_s = pause.as_secs_f64(),
                         attempt = throttled_attempt,
@@ -408,7 +483,8 @@ impl Deliverer {
                 }
                 Answer::Retriable { cause, detail } => {
                     attempt += 1;
-                    METRICS.retries.with_label_values(&[cause]).inc();
+                    let cause = cause.label();
+                    self.metrics.retries.with_label_values(&[cause]).inc();
                     b.under_retry();
                     match self.cfg.max_retries {
                         Some(max) if attempt > max => {
@@ -442,7 +518,7 @@ impl Deliverer {
     /// One POST, classified; records the request metrics.
     async fn post(&self, creds: &Credentials, body: Bytes, n_events: usize) -> Answer {
         if n_events > 0 {
-            METRICS.events_per_request.observe(n_events as f64);
+            self.metrics.events_per_request.observe(n_events as f64);
         }
         let started = Instant::now();
         let result = self
@@ -457,8 +533,12 @@ impl Deliverer {
             Err(e) => {
                 let answer = transport_error(&e);
                 let label = match &answer {
-                    Answer::Retriable { cause: "timeout", .. } => "timeout",
-                    Answer::Retriable { cause: "connect", .. } => "connect_error",
+                    Answer::Retriable {
+                        cause: Cause::Timeout, ..
+                    } => "timeout",
+                    Answer::Retriable {
+                        cause: Cause::Connect, ..
+                    } => "connect_error",
                     _ => "io_error",
                 };
                 (answer, label.to_string())
@@ -479,18 +559,18 @@ impl Deliverer {
                             .and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
                     ),
                     _ => Answer::Retriable {
-                        cause: "5xx",
+                        cause: Cause::Status5xx,
                         detail: format!("HTTP {status}"),
                     },
                 };
                 (answer, status.as_str().to_string())
             }
         };
-        METRICS
+        self.metrics
             .requests
             .with_label_values(&[ENDPOINT_BATCH, &status_label])
             .inc();
-        METRICS
+        self.metrics
             .latency
             .with_label_values(&[ENDPOINT_BATCH])
             .observe(started.elapsed().as_secs_f64());
@@ -534,14 +614,20 @@ impl Deliverer {
         self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// How long the oldest batch under retry has been under way (`Duration::ZERO` when none):
+    /// what `datapulse_bridge_delivery_oldest_retry_age_seconds` shows now.
+    pub fn oldest_retry_age(&self) -> std::time::Duration {
+        self.metrics.oldest_retry_age()
+    }
+
     fn key_accepted(&self) {
         let old = self.key_state.swap(KEY_ACCEPTED, Ordering::Relaxed);
         if old != KEY_ACCEPTED {
             if old == KEY_REFUSED {
                 tracing::info!("API accepted the key again; delivery resumes");
             }
-            telemetry::set_ready(Ready::ApiKey, true, "API accepted the key");
-            METRICS.auth_halted.set(0);
+            self.telemetry.set_ready(Ready::ApiKey, true, "API accepted the key");
+            self.metrics.auth_halted.set(0);
         }
     }
 
@@ -557,8 +643,8 @@ impl Deliverer {
                  fix the key (api.key_file is re-read before each retry)"
             );
         }
-        telemetry::set_ready(Ready::ApiKey, false, reason);
-        METRICS.auth_halted.set(1);
+        self.telemetry.set_ready(Ready::ApiKey, false, reason);
+        self.metrics.auth_halted.set(1);
     }
 
     /// Re-reads `api.key_file` (a rotated Kubernetes Secret) before a retry after 401/403.
@@ -578,9 +664,8 @@ impl Deliverer {
     }
 }
 
-fn credentials(cfg: &DeliveryConfig, key: &Secret) -> anyhow::Result<Credentials> {
-    let mut header = HeaderValue::from_str(key.expose())
-        .map_err(|_| anyhow::anyhow!("the API key contains characters that cannot be sent in an HTTP header"))?;
+fn credentials(cfg: &DeliveryConfig, key: &Secret) -> Result<Credentials, SetupError> {
+    let mut header = HeaderValue::from_str(key.expose()).map_err(|_| SetupError::KeyNotAHeader)?;
     header.set_sensitive(true);
     Ok(Credentials {
         header,
@@ -602,23 +687,15 @@ fn request_body(events: &[&[u8]], idx: &[usize]) -> Bytes {
     Bytes::from(body)
 }
 
-fn status_cause(status: u16) -> &'static str {
-    if status == 403 {
-        "403"
-    } else {
-        "401"
-    }
-}
-
 /// Timeouts, connection failures and other transport errors. reqwest's Display names the URL
 /// (not secret) and never the headers.
 fn transport_error(e: &reqwest::Error) -> Answer {
     let cause = if e.is_timeout() {
-        "timeout"
+        Cause::Timeout
     } else if e.is_connect() {
-        "connect"
+        Cause::Connect
     } else {
-        "io"
+        Cause::Io
     };
     // Report the cause chain: reqwest's top-level message alone ("error sending request") hides it.
     let mut detail = e.to_string();

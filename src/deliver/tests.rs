@@ -97,7 +97,7 @@ fn deliverer(base_url: &str) -> Deliverer {
         rate_window: Duration::from_secs(1),
         ..DeliveryConfig::default()
     };
-    Deliverer::new(&api, &cfg).unwrap()
+    Deliverer::new(&api, &cfg, &crate::telemetry::Telemetry::new()).unwrap()
 }
 
 fn batch(n: usize, bad: &[usize]) -> Vec<Event<'static>> {

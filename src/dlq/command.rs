@@ -5,6 +5,7 @@ use super::{DeadLetterConfig, DeadLetters};
 use crate::dedupe::{DedupeConfig, Deduper, StoreKind};
 use crate::offsets::RecordId;
 use crate::source::KafkaConfig;
+use crate::telemetry::Telemetry;
 use rdkafka::message::Header;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -110,13 +111,15 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
             }
         }
         DlqCommand::Replay { dry_run, .. } => {
-            let dl = DeadLetters::new(cfg.kafka, cfg.dead_letter)?;
+            // A command's metrics are not exported: a telemetry of its own, dropped at the end.
+            let telemetry = Telemetry::new();
+            let dl = DeadLetters::new(cfg.kafka, cfg.dead_letter, &telemetry)?;
             let cancel = CancellationToken::new();
             // An `in_doubt` dead letter's id stays a duplicate in the dedupe store until replayed:
             // replaying it says the operator found it missing in DataPulse.
             let in_doubt = chosen.iter().any(|d| d.dedupe_key.is_some());
             let deduper = match (in_doubt && !dry_run, cfg.dedupe.store) {
-                (true, StoreKind::Redis) => Some(Deduper::new(cfg.dedupe).await?),
+                (true, StoreKind::Redis) => Some(Deduper::new(cfg.dedupe, &telemetry).await?),
                 _ => None,
             };
             for d in &chosen {

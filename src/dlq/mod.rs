@@ -16,21 +16,23 @@ mod command;
 mod read;
 
 pub use command::{run_command, DlqCommand, DlqFilter, DlqSettings};
-pub use read::{contains, read_all, DeadLetter};
+pub use read::{contains, read_all, DeadLetter, ReadError};
 
 use crate::backoff::{until_ok, Backoff};
 use crate::dedupe::{DeadLetterClaim, Deduper};
 use crate::offsets::RecordId;
 use crate::settings::Invalid;
-use crate::source::KafkaConfig;
 use crate::source::Record;
+use crate::source::{KafkaConfig, PropertiesFileError};
+use crate::telemetry::{Family, Telemetry};
 use futures::future::BoxFuture;
+use prometheus::Registry;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -90,22 +92,38 @@ pub mod headers {
     pub const DEDUPE_KEY: &str = "dp.dedupe_key";
 }
 
-static DEAD_LETTERS: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
-    prometheus::register_int_counter_vec!(
-        "datapulse_bridge_dead_letters_total",
-        "Dead-letter writes acknowledged by the broker, by stage and reason.",
-        &["stage", "reason"]
-    )
-    .expect("metric registers once")
-});
+/// The dead-letter metrics.
+struct Metrics {
+    written: prometheus::IntCounterVec,
+    write_errors: prometheus::IntCounter,
+}
 
-static DEAD_LETTER_ERRORS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
-    prometheus::register_int_counter!(
-        "datapulse_bridge_dead_letter_write_errors_total",
-        "Dead-letter writes that failed and were retried."
-    )
-    .expect("metric registers once")
-});
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+            written: prometheus::register_int_counter_vec_with_registry!(
+                "datapulse_bridge_dead_letters_total",
+                "Dead-letter writes acknowledged by the broker, by stage and reason.",
+                &["stage", "reason"],
+                r
+            )?,
+            write_errors: prometheus::register_int_counter_with_registry!(
+                "datapulse_bridge_dead_letter_write_errors_total",
+                "Dead-letter writes that failed and were retried.",
+                r
+            )?,
+        })
+    }
+}
+
+/// Why the dead-letter producer cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Properties(#[from] PropertiesFileError),
+    #[error("cannot create the dead-letter producer: {0}")]
+    Producer(#[from] KafkaError),
+}
 
 /// The dead-letter producer.
 #[derive(Clone)]
@@ -114,10 +132,15 @@ pub struct DeadLetters {
     topic: String,
     /// For reading the topic back ([`DeadLetters::written_since`]).
     kafka: KafkaConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl DeadLetters {
-    pub fn new(kafka: &KafkaConfig, cfg: &DeadLetterConfig) -> anyhow::Result<DeadLetters> {
+    /// The idempotent producer of `cfg.topic`, with the consumer's client properties that apply to
+    /// a producer; its metrics go to `telemetry`.
+    ///
+    /// Errors: `kafka.properties_file` unreadable, or librdkafka refused the producer's settings.
+    pub fn new(kafka: &KafkaConfig, cfg: &DeadLetterConfig, telemetry: &Telemetry) -> Result<DeadLetters, SetupError> {
         let mut c = ClientConfig::new();
         for (k, v) in kafka.client_properties()? {
             if crate::source::is_producer_property(&k) {
@@ -133,6 +156,7 @@ impl DeadLetters {
             producer,
             topic: cfg.topic.clone(),
             kafka: kafka.clone(),
+            metrics: telemetry.metrics(),
         })
     }
 
@@ -141,7 +165,11 @@ impl DeadLetters {
     pub async fn written_since(&self, id: &RecordId, since_ms: i64) -> bool {
         let (kafka, topic, i) = (self.kafka.clone(), self.topic.clone(), id.clone());
         let read = tokio::task::spawn_blocking(move || contains(&kafka, &topic, &i, since_ms)).await;
-        match read.map_err(anyhow::Error::from).and_then(|r| r) {
+        // A task that panicked reads as "not found", like a topic that cannot be read.
+        let found = read
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(record = id.to_string().as_str(), error = %e, "cannot read the dead-letter topic back: the dead letter may be written twice");
@@ -166,13 +194,16 @@ impl DeadLetters {
             async move { sent.await.map_err(|(e, _)| e) }
         };
         let written = until_ok(Backoff::DEAD_LETTER, Some(cancel), write, |e: &KafkaError, _| {
-            DEAD_LETTER_ERRORS.inc();
+            self.metrics.write_errors.inc();
             tracing::error!(topic = %self.topic, source_topic = %rec.id.topic, partition = rec.id.partition,
                 offset = rec.id.offset, error = %e, "dead-letter write failed; retrying (the record stays unfinished)");
         })
         .await;
         if written.is_some() {
-            DEAD_LETTERS.with_label_values(&[why.stage, why.code.as_str()]).inc();
+            self.metrics
+                .written
+                .with_label_values(&[why.stage, why.code.as_str()])
+                .inc();
         }
         written.is_some()
     }

@@ -3,9 +3,10 @@
 
 use super::headers;
 use crate::offsets::RecordId;
-use crate::source::KafkaConfig;
 use crate::source::Record;
+use crate::source::{KafkaConfig, PropertiesFileError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientConfig, Message};
 use std::collections::{HashMap, HashSet};
@@ -27,15 +28,26 @@ pub struct DeadLetter {
     pub at: String,
 }
 
+/// Why the dead-letter topic cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Properties(#[from] PropertiesFileError),
+    #[error("cannot read the dead-letter topic: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("dead-letter topic `{topic}` does not exist or has no partitions")]
+    NoSuchTopic { topic: String },
+}
+
 /// Reads every dead letter on the topic (from the beginning to the current end).
-pub fn read_all(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<DeadLetter>> {
+pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Result<Vec<DeadLetter>, ReadError> {
     read_since(kafka, topic, None)
 }
 
 /// Whether the topic holds a dead letter of the record `id` written at or after `since_ms` (Unix ms, give or take a minute of clock skew). Asked when a
 /// dead-letter claim is taken over from a process that died holding it: the broker may have taken
 /// its write.
-pub fn contains(kafka: &KafkaConfig, topic: &str, id: &RecordId, since_ms: i64) -> anyhow::Result<bool> {
+pub fn contains(kafka: &KafkaConfig, topic: &str, id: &RecordId, since_ms: i64) -> Result<bool, ReadError> {
     let since = since_ms.saturating_sub(60_000).max(0);
     Ok(read_since(kafka, topic, Some(since))?
         .iter()
@@ -44,7 +56,7 @@ pub fn contains(kafka: &KafkaConfig, topic: &str, id: &RecordId, since_ms: i64) 
 
 /// Reads the dead letters on the topic from `since_ms` (by the records' timestamps; from the
 /// beginning when None, or when the broker cannot look offsets up by time) to the current end.
-fn read_since(kafka: &KafkaConfig, topic: &str, since_ms: Option<i64>) -> anyhow::Result<Vec<DeadLetter>> {
+fn read_since(kafka: &KafkaConfig, topic: &str, since_ms: Option<i64>) -> Result<Vec<DeadLetter>, ReadError> {
     let mut c = ClientConfig::new();
     for (k, v) in kafka.client_properties()? {
         c.set(k, v);
@@ -62,7 +74,7 @@ fn read_since(kafka: &KafkaConfig, topic: &str, since_ms: Option<i64>) -> anyhow
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        anyhow::bail!("dead-letter topic `{topic}` does not exist or has no partitions");
+        return Err(ReadError::NoSuchTopic { topic: topic.into() });
     }
     let mut tpl = rdkafka::TopicPartitionList::new();
     let mut ends = HashMap::new();
@@ -111,7 +123,7 @@ fn first_offsets_since(
     topic: &str,
     partitions: &[i32],
     since_ms: i64,
-) -> anyhow::Result<HashMap<i32, i64>> {
+) -> Result<HashMap<i32, i64>, KafkaError> {
     let mut q = rdkafka::TopicPartitionList::new();
     for &p in partitions {
         q.add_partition_offset(topic, p, rdkafka::Offset::Offset(since_ms))?;

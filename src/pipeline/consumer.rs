@@ -13,10 +13,12 @@ use crate::dedupe::Deduper;
 use crate::dlq::Reason;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
 use crate::source::{lock, Record, RecordId, Source};
+use crate::telemetry::Family;
 use futures::{FutureExt, StreamExt};
+use prometheus::Registry;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,41 +27,39 @@ use tokio_util::sync::CancellationToken;
 /// in-flight bound again. The bound can be passed by up to `BURST - 1` records.
 pub(crate) const BURST: usize = 256;
 
-struct Metrics {
+/// The consumer loop's gauges.
+pub(super) struct Metrics {
     in_flight: prometheus::IntGauge,
     oldest_age: prometheus::Gauge,
     paused: prometheus::IntGauge,
     offset_gaps: prometheus::IntGauge,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
-    in_flight: prometheus::register_int_gauge!(
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+    in_flight: prometheus::register_int_gauge_with_registry!(
         "datapulse_bridge_records_in_flight",
-        "Records read from Kafka that have no outcome yet."
-    )
-    .expect("metric registers once"),
-    oldest_age: prometheus::register_gauge!(
+        "Records read from Kafka that have no outcome yet.",
+        r
+    )?,
+    oldest_age: prometheus::register_gauge_with_registry!(
         "datapulse_bridge_oldest_unfinished_record_age_seconds",
-        "How long the oldest record without an outcome has been in the bridge (0 when none)."
-    )
-    .expect("metric registers once"),
-    paused: prometheus::register_int_gauge!(
+        "How long the oldest record without an outcome has been in the bridge (0 when none).",
+        r
+    )?,
+    paused: prometheus::register_int_gauge_with_registry!(
         "datapulse_bridge_consumer_paused",
-        "1 while the consumer's partitions are paused because too many records are unfinished."
-    )
-    .expect("metric registers once"),
-    offset_gaps: prometheus::register_int_gauge!(
+        "1 while the consumer's partitions are paused because too many records are unfinished.",
+        r
+    )?,
+    offset_gaps: prometheus::register_int_gauge_with_registry!(
         "datapulse_bridge_offset_gaps",
-        "Times a partition's next record skipped offsets (compaction and transaction markers do this; so does a broker that loses records)."
-    )
-    .expect("metric registers once"),
-}
-});
-
-/// Registers the consumer's metrics (exported at zero from the start).
-pub(super) fn register_metrics() {
-    LazyLock::force(&METRICS);
+        "Times a partition's next record skipped offsets (compaction and transaction markers do this; so does a broker that loses records).",
+        r
+    )?,
+        })
+    }
 }
 
 /// Pause on full (invariant 8): pause at `max_in_flight_records` unfinished records, resume at
@@ -109,6 +109,7 @@ pub(super) struct Reader {
     pub max_event_bytes: usize,
     pub max_in_flight: usize,
     pub commit_interval: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Reader {
@@ -172,7 +173,7 @@ impl Reader {
             match backpressure.update(in_flight) {
                 Some(true) => {
                     source.set_paused(true);
-                    METRICS.paused.set(1);
+                    self.metrics.paused.set(1);
                     tracing::info!(
                         in_flight,
                         "too many unfinished records: partitions paused (still polling)"
@@ -180,7 +181,7 @@ impl Reader {
                 }
                 Some(false) => {
                     source.set_paused(false);
-                    METRICS.paused.set(0);
+                    self.metrics.paused.set(0);
                     tracing::info!(in_flight, "partitions resumed");
                 }
                 None => {}
@@ -195,9 +196,9 @@ impl Reader {
             let t = lock(self.outcomes.tracker());
             (t.in_flight(), t.oldest_unfinished(), t.gaps())
         };
-        METRICS.offset_gaps.set(gaps as i64);
-        METRICS.in_flight.set(in_flight as i64);
-        METRICS
+        self.metrics.offset_gaps.set(gaps as i64);
+        self.metrics.in_flight.set(in_flight as i64);
+        self.metrics
             .oldest_age
             .set(oldest.map_or(0.0, |o| o.elapsed().as_secs_f64()));
     }

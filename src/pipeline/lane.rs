@@ -20,7 +20,6 @@ use crate::deliver::{Deliverer, EventResult, Exposure, Interrupted};
 use crate::dlq::Reason;
 use crate::event::TimestampUnit;
 use crate::source::lock;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument;
 
@@ -79,7 +78,7 @@ impl Lane {
                 self.outcomes.abandoned(batch.len());
                 continue;
             }
-            let id = self.outcomes.counters().batches.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = self.outcomes.next_batch();
             let span = tracing::info_span!("batch", id, size = batch.len(), partitions = %partitions_of(&batch),
                 delivered = tracing::field::Empty, duplicate = tracing::field::Empty, dead_lettered = tracing::field::Empty);
             self.process(batch).instrument(span).await;

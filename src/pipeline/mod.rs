@@ -14,66 +14,85 @@ mod consumer;
 mod lane;
 mod outcome;
 
-pub use outcome::{Counters, Outcome};
+pub use outcome::{Outcome, Totals};
 
 use crate::batch::{Batcher, Inbox};
 use crate::config::Config;
 use crate::dedupe::Deduper;
 use crate::deliver::Deliverer;
 use crate::dlq::{DeadLetterWriter, DeadLetters};
-use crate::mapping::Mapper;
+use crate::mapping::{Mapper, MappingErrors};
 use crate::offsets::Tracker;
 use crate::source::{self, lock};
-use crate::telemetry::Ready;
+use crate::telemetry::{Family, Ready, Telemetry};
 use consumer::Reader;
 use lane::Lane;
 use outcome::Outcomes;
-use std::sync::{Arc, LazyLock, Mutex};
+use prometheus::Registry;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// The pipeline's own metrics.
 struct Metrics {
     build_info: prometheus::IntGaugeVec,
     shutdowns: prometheus::IntCounterVec,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    build_info: prometheus::register_int_gauge_vec!(
-        "datapulse_bridge_build_info",
-        "Build information (always 1).",
-        &["version"]
-    )
-    .expect("metric registers once"),
-    shutdowns: prometheus::register_int_counter_vec!(
-        "datapulse_bridge_shutdowns_total",
-        "Graceful shutdowns, by how in-flight work ended (drained, abandoned).",
-        &["result"]
-    )
-    .expect("metric registers once"),
-});
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+            build_info: prometheus::register_int_gauge_vec_with_registry!(
+                "datapulse_bridge_build_info",
+                "Build information (always 1).",
+                &["version"],
+                r
+            )?,
+            shutdowns: prometheus::register_int_counter_vec_with_registry!(
+                "datapulse_bridge_shutdowns_total",
+                "Graceful shutdowns, by how in-flight work ended (drained, abandoned).",
+                &["result"],
+                r
+            )?,
+        })
+    }
+}
+
+/// Why [`run`] could not start the bridge (nothing was read: no offset moved).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid mapping: {}", .0.problems().join("; "))]
+    Mapping(#[source] MappingErrors),
+    #[error(transparent)]
+    Delivery(#[from] crate::deliver::SetupError),
+    #[error(transparent)]
+    Dedupe(#[from] crate::dedupe::SetupError),
+    #[error("cannot create the consumer: {0}")]
+    Consumer(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    DeadLetters(#[from] crate::dlq::SetupError),
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
 
 /// Runs the bridge until `shutdown` fires; then stops fetching, finishes or abandons in-flight
-/// work within `shutdown.deadline`, commits, and leaves the group. `counters` receive the
-/// running totals (the demo and tests read them).
+/// work within `shutdown.deadline`, commits, and leaves the group. Every metric and readiness
+/// condition goes to `telemetry` ([`Totals::read`] gives the running outcome totals).
 ///
 /// Errors: an invalid mapping, or a client (HTTP, Kafka, Redis) that cannot be created.
-pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counters>) -> anyhow::Result<()> {
-    METRICS
+pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry) -> Result<(), StartError> {
+    let metrics = telemetry.metrics::<Metrics>();
+    metrics
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    outcome::register_metrics();
-    consumer::register_metrics();
-    crate::telemetry::set_ready(
+    telemetry.set_ready(
         Ready::Assignment,
         false,
         "waiting for the consumer group to assign partitions",
     );
-    let mapper = Arc::new(
-        Mapper::compile(&cfg.mapping, &cfg.api.contract())
-            .map_err(|e| anyhow::anyhow!("invalid mapping: {}", e.problems().join("; ")))?,
-    );
-    let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery)?);
+    let mapper = Arc::new(Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(StartError::Mapping)?);
+    let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery, &telemetry)?);
     // Readiness needs the API to have accepted the key once; the probe spends one request.
     let probe = Arc::clone(&deliverer);
     tokio::spawn(async move {
@@ -84,10 +103,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
             }
         }
     });
-    let deduper = Arc::new(Deduper::new(&cfg.dedupe).await?);
+    let deduper = Arc::new(Deduper::new(&cfg.dedupe, &telemetry).await?);
     let tracker = Arc::new(Mutex::new(Tracker::new()));
-    let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker))?);
-    let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter)?;
+    let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker), &telemetry)?);
+    let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter, &telemetry)?;
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %dlq.topic(), "bridge started");
     let writer = DeadLetterWriter {
@@ -96,7 +115,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
     };
     let outcomes = Arc::new(Outcomes::new(
         Arc::clone(&tracker),
-        counters,
+        &telemetry,
         Arc::new(writer),
         Arc::clone(&deduper),
     ));
@@ -110,6 +129,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         max_event_bytes: cfg.batch.max_bytes.saturating_sub(2),
         max_in_flight: cfg.kafka.max_in_flight_records,
         commit_interval: cfg.kafka.commit_interval,
+        metrics: telemetry.metrics(),
     };
     // The consumer loop gets a thread and a runtime of its own: librdkafka's blocking calls
     // (the synchronous commits, the revoke commit inside the rebalance callback) then never stall
@@ -126,7 +146,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, counters: Arc<Counter
         })?
     };
     let _ = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
-    shut_down(&cfg, source, &outcomes, delivery.lanes).await;
+    shut_down(&cfg, source, &outcomes, delivery.lanes, &metrics).await;
     Ok(())
 }
 
@@ -166,6 +186,7 @@ async fn shut_down(
     source: Arc<source::Source>,
     outcomes: &Outcomes,
     mut lanes: tokio::task::JoinHandle<Vec<Result<(), tokio::task::JoinError>>>,
+    metrics: &Metrics,
 ) {
     let tracker = outcomes.tracker();
     tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(tracker).in_flight(), "shutting down: finishing in-flight work");
@@ -185,7 +206,7 @@ async fn shut_down(
     } else {
         "abandoned"
     };
-    METRICS.shutdowns.with_label_values(&[result]).inc();
+    metrics.shutdowns.with_label_values(&[result]).inc();
     let _ = tokio::task::spawn_blocking(move || {
         source.commit_finished();
         tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");

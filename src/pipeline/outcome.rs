@@ -2,7 +2,7 @@
 //!
 //! Every record read is [`Held`] (with the epoch of the assignment it was read under) until it
 //! reaches exactly one [`Outcome`]: delivered, duplicate, filtered or dead-lettered. Finishing it
-//! moves the tracker (so its offset may be committed), the [`Counters`] and the
+//! moves the tracker (so its offset may be committed) and the
 //! `datapulse_bridge_records_finished_total` metric together, so `consumed = finished + in_flight`
 //! (+ abandoned) holds in the metrics. A record whose epoch ended meanwhile (revoked) is counted as
 //! abandoned instead: its new owner reads it again. Dead letters are written in the background and
@@ -12,9 +12,11 @@ use crate::dedupe::{Deduper, EventKeys};
 use crate::dlq::{Reason, WriteOnce};
 use crate::event::TimestampUnit;
 use crate::offsets::{Epoch, RecordId, Tracker};
-use crate::source::{lock, Record, METRICS as SOURCE_METRICS};
+use crate::source::{lock, Metrics as SourceMetrics, Record};
+use crate::telemetry::{Family, Telemetry};
+use prometheus::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -40,68 +42,82 @@ impl Outcome {
     }
 }
 
-/// Running totals of the pipeline, for the demo's progress display and for tests.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub consumed: AtomicU64,
-    pub delivered: AtomicU64,
-    pub duplicate: AtomicU64,
-    pub filtered: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub batches: AtomicU64,
+/// Running totals of one bridge, read from its telemetry's metrics (the demo's progress line and
+/// tests read them): `consumed` is `datapulse_bridge_records_consumed_total` (every record read,
+/// re-reads included), the outcomes are `datapulse_bridge_records_finished_total` summed over
+/// reasons, `abandoned` is `datapulse_bridge_records_abandoned_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub consumed: u64,
+    pub delivered: u64,
+    pub duplicate: u64,
+    pub filtered: u64,
+    pub dead_lettered: u64,
+    pub abandoned: u64,
 }
 
-impl Counters {
+impl Totals {
+    /// The totals `telemetry` holds now.
+    pub fn read(telemetry: &Telemetry) -> Totals {
+        use prometheus::core::Collector;
+        let metrics = telemetry.metrics::<Metrics>();
+        let mut totals = Totals {
+            consumed: telemetry.metrics::<SourceMetrics>().consumed.get(),
+            abandoned: metrics.abandoned.get(),
+            ..Totals::default()
+        };
+        for family in metrics.finished.collect() {
+            for m in family.get_metric() {
+                let outcome = m.get_label().iter().find(|l| l.name() == "outcome").map(|l| l.value());
+                let slot = match outcome {
+                    Some("delivered") => &mut totals.delivered,
+                    Some("duplicate") => &mut totals.duplicate,
+                    Some("filtered") => &mut totals.filtered,
+                    Some("dead_lettered") => &mut totals.dead_lettered,
+                    _ => continue,
+                };
+                *slot += m.get_counter().get_value() as u64;
+            }
+        }
+        totals
+    }
+
     /// Records that reached an outcome.
     pub fn finished(&self) -> u64 {
-        self.delivered.load(Ordering::Relaxed)
-            + self.duplicate.load(Ordering::Relaxed)
-            + self.filtered.load(Ordering::Relaxed)
-            + self.dead_lettered.load(Ordering::Relaxed)
-    }
-
-    fn of(&self, outcome: Outcome) -> &AtomicU64 {
-        match outcome {
-            Outcome::Delivered => &self.delivered,
-            Outcome::Duplicate(_) => &self.duplicate,
-            Outcome::Filtered => &self.filtered,
-            Outcome::DeadLettered(_) => &self.dead_lettered,
-        }
+        self.delivered + self.duplicate + self.filtered + self.dead_lettered
     }
 }
 
-struct Metrics {
+/// The outcome metrics.
+pub(super) struct Metrics {
     finished: prometheus::IntCounterVec,
     abandoned: prometheus::IntCounter,
     latency: prometheus::HistogramVec,
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    Metrics {
-    finished: prometheus::register_int_counter_vec!(
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+    finished: prometheus::register_int_counter_vec_with_registry!(
         "datapulse_bridge_records_finished_total",
         "Records that reached their outcome (delivered, duplicate, filtered, dead_lettered), by reason.",
-        &["outcome", "reason"]
-    )
-    .expect("metric registers once"),
-    abandoned: prometheus::register_int_counter!(
+        &["outcome", "reason"],
+        r
+    )?,
+    abandoned: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_records_abandoned_total",
-        "Records dropped unfinished because their partition was revoked or shutdown's deadline passed; they are read again."
-    )
-    .expect("metric registers once"),
-    latency: prometheus::register_histogram_vec!(
+        "Records dropped unfinished because their partition was revoked or shutdown's deadline passed; they are read again.",
+        r
+    )?,
+    latency: prometheus::register_histogram_vec_with_registry!(
         "datapulse_bridge_delivery_latency_seconds",
         "Time from the event's own timestamp (from=event) or the record's Kafka timestamp (from=kafka) to the API's 2xx.",
         &["from"],
-        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]
-    )
-    .expect("metric registers once"),
-}
-});
-
-/// Registers the outcome metrics (exported at zero from the start).
-pub(super) fn register_metrics() {
-    LazyLock::force(&METRICS);
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0],
+        r
+    )?,
+        })
+    }
 }
 
 /// A record the pipeline holds until its outcome, with the epoch it was read under.
@@ -114,7 +130,10 @@ pub(crate) struct Held {
 /// Records outcomes and writes dead letters; shared by the consumer loop and the lanes.
 pub(crate) struct Outcomes {
     tracker: Arc<Mutex<Tracker>>,
-    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    source_metrics: Arc<SourceMetrics>,
+    /// Numbers the lanes' batches (for logs).
+    batches: AtomicU64,
     dead_letters: Arc<dyn WriteOnce>,
     /// Dedupe, to settle the keys of an event dead-lettered in doubt.
     deduper: Arc<Deduper>,
@@ -130,13 +149,15 @@ impl Outcomes {
     /// Must be called inside the delivery side's runtime.
     pub fn new(
         tracker: Arc<Mutex<Tracker>>,
-        counters: Arc<Counters>,
+        telemetry: &Telemetry,
         dead_letters: Arc<dyn WriteOnce>,
         deduper: Arc<Deduper>,
     ) -> Outcomes {
         Outcomes {
             tracker,
-            counters,
+            metrics: telemetry.metrics(),
+            source_metrics: telemetry.metrics(),
+            batches: AtomicU64::new(0),
             dead_letters,
             deduper,
             abandon: CancellationToken::new(),
@@ -149,19 +170,18 @@ impl Outcomes {
         &self.tracker
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.counters
+    /// The next batch's number (1, 2, …), for logs.
+    pub fn next_batch(&self) -> u64 {
+        self.batches.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Begins a record read from Kafka (counted consumed, unfinished in the tracker); the epoch
     /// it is read under, or `None` for a partition not assigned to this process (fetched before a
     /// revoke took effect: it is dropped unprocessed; `records_consumed_total` counts every record
-    /// read, the [`Counters`] only those begun).
+    /// read).
     pub fn begin(&self, id: &RecordId, read_at: std::time::Instant) -> Option<Epoch> {
-        SOURCE_METRICS.consumed.inc();
-        let epoch = lock(&self.tracker).begin(id, read_at)?;
-        self.counters.consumed.fetch_add(1, Ordering::Relaxed);
-        Some(epoch)
+        self.source_metrics.consumed.inc();
+        lock(&self.tracker).begin(id, read_at)
     }
 
     /// Records read and not finished.
@@ -176,7 +196,7 @@ impl Outcomes {
 
     /// Records dropped unfinished (revoked, or shutdown's deadline): they are read again.
     pub fn abandoned(&self, n: usize) {
-        METRICS.abandoned.inc_by(n as u64);
+        self.metrics.abandoned.inc_by(n as u64);
     }
 
     pub fn finish(&self, held: &Held, outcome: Outcome) {
@@ -198,21 +218,23 @@ impl Outcomes {
             }
         }
         if revoked > 0 {
-            METRICS.abandoned.inc_by(revoked);
+            self.metrics.abandoned.inc_by(revoked);
         }
         if counted == 0 {
             return;
         }
-        METRICS.finished.with_label_values(&outcome.labels()).inc_by(counted);
-        self.counters.of(outcome).fetch_add(counted, Ordering::Relaxed);
+        self.metrics
+            .finished
+            .with_label_values(&outcome.labels())
+            .inc_by(counted);
     }
 
     /// Finishes records the API answered 2xx for, observing their delivery latency: from the
     /// event's own `timestamp` (in `unit`) and from the record's Kafka timestamp.
     pub fn delivered(&self, records: &[(&Held, i64)], unit: TimestampUnit) {
         let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e6;
-        let from_event = METRICS.latency.with_label_values(&["event"]);
-        let from_kafka = METRICS.latency.with_label_values(&["kafka"]);
+        let from_event = self.metrics.latency.with_label_values(&["event"]);
+        let from_kafka = self.metrics.latency.with_label_values(&["kafka"]);
         for (held, timestamp) in records {
             let event_ms = match unit {
                 TimestampUnit::Seconds => *timestamp as f64 * 1000.0,

@@ -11,14 +11,16 @@ mod config;
 
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
-use crate::telemetry::Ready;
+use crate::telemetry::{Family, Ready, Telemetry};
 pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
+use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 /// A record as read from Kafka, owned, kept until its outcome (a dead letter needs the original).
 #[derive(Debug, Clone)]
@@ -82,46 +84,52 @@ pub(crate) struct Metrics {
     pub commit_errors: prometheus::IntCounter,
 }
 
-pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    consumed: prometheus::register_int_counter!(
+impl Family for Metrics {
+    fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+            consumed: prometheus::register_int_counter_with_registry!(
         "datapulse_bridge_records_consumed_total",
-        "Records read from Kafka (each reaches exactly one finished outcome or is re-read after a restart/rebalance)."
-    )
-    .expect("metric registers once"),
-    rebalances: prometheus::register_int_counter_vec!(
-        "datapulse_bridge_rebalances_total",
-        "Consumer group rebalance events, by kind (assign, revoke, error).",
-        &["kind"]
-    )
-    .expect("metric registers once"),
-    committed: prometheus::register_int_gauge_vec!(
-        "datapulse_bridge_partition_committed_offset",
-        "Last offset this process committed (the next offset to read), per partition.",
-        &["topic", "partition"]
-    )
-    .expect("metric registers once"),
-    high_watermark: prometheus::register_int_gauge_vec!(
-        "datapulse_bridge_partition_high_watermark",
-        "High watermark (end offset) of each assigned partition, from consumer statistics.",
-        &["topic", "partition"]
-    )
-    .expect("metric registers once"),
-    lag: prometheus::register_int_gauge_vec!(
-        "datapulse_bridge_partition_lag",
-        "High watermark minus committed offset, per assigned partition.",
-        &["topic", "partition"]
-    )
-    .expect("metric registers once"),
-    commit_errors: prometheus::register_int_counter!(
-        "datapulse_bridge_commit_errors_total",
-        "Offset commits that failed (retried at the next commit interval)."
-    )
-    .expect("metric registers once"),
-});
+        "Records read from Kafka (each reaches exactly one finished outcome or is re-read after a restart/rebalance).",
+        r
+    )?,
+            rebalances: prometheus::register_int_counter_vec_with_registry!(
+                "datapulse_bridge_rebalances_total",
+                "Consumer group rebalance events, by kind (assign, revoke, error).",
+                &["kind"],
+                r
+            )?,
+            committed: prometheus::register_int_gauge_vec_with_registry!(
+                "datapulse_bridge_partition_committed_offset",
+                "Last offset this process committed (the next offset to read), per partition.",
+                &["topic", "partition"],
+                r
+            )?,
+            high_watermark: prometheus::register_int_gauge_vec_with_registry!(
+                "datapulse_bridge_partition_high_watermark",
+                "High watermark (end offset) of each assigned partition, from consumer statistics.",
+                &["topic", "partition"],
+                r
+            )?,
+            lag: prometheus::register_int_gauge_vec_with_registry!(
+                "datapulse_bridge_partition_lag",
+                "High watermark minus committed offset, per assigned partition.",
+                &["topic", "partition"],
+                r
+            )?,
+            commit_errors: prometheus::register_int_counter_with_registry!(
+                "datapulse_bridge_commit_errors_total",
+                "Offset commits that failed (retried at the next commit interval).",
+                r
+            )?,
+        })
+    }
+}
 
 /// The consumer's context: keeps the tracker in step with the group's assignment.
 pub struct SourceContext {
     pub tracker: Arc<Mutex<Tracker>>,
+    telemetry: Telemetry,
+    metrics: Arc<Metrics>,
 }
 
 impl ClientContext for SourceContext {
@@ -139,11 +147,14 @@ impl ClientContext for SourceContext {
                 }
                 let part = partition.to_string();
                 let labels = [topic.as_str(), part.as_str()];
-                METRICS.high_watermark.with_label_values(&labels).set(p.hi_offset);
+                self.metrics.high_watermark.with_label_values(&labels).set(p.hi_offset);
                 if let Some(&c) = committed.get(&(topic.clone(), partition)) {
-                    METRICS.lag.with_label_values(&labels).set((p.hi_offset - c).max(0));
+                    self.metrics
+                        .lag
+                        .with_label_values(&labels)
+                        .set((p.hi_offset - c).max(0));
                 } else if p.committed_offset >= 0 {
-                    METRICS
+                    self.metrics
                         .lag
                         .with_label_values(&labels)
                         .set((p.hi_offset - p.committed_offset).max(0));
@@ -157,7 +168,7 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                METRICS.rebalances.with_label_values(&["revoke"]).inc();
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
                 let lost = consumer.assignment_lost();
                 let mut commit = TopicPartitionList::new();
                 {
@@ -169,27 +180,31 @@ impl ConsumerContext for SourceContext {
                             }
                         }
                         let part = e.partition().to_string();
-                        let _ = METRICS.lag.remove_label_values(&[e.topic(), part.as_str()]);
-                        let _ = METRICS.high_watermark.remove_label_values(&[e.topic(), part.as_str()]);
+                        let _ = self.metrics.lag.remove_label_values(&[e.topic(), part.as_str()]);
+                        let _ = self
+                            .metrics
+                            .high_watermark
+                            .remove_label_values(&[e.topic(), part.as_str()]);
                     }
                 }
                 tracing::info!(partitions = %describe(tpl), lost, "partitions revoked; unfinished work is abandoned to the next owner");
                 if commit.count() > 0 {
                     match consumer.commit(&commit, rdkafka::consumer::CommitMode::Sync) {
-                        Ok(()) => record_commits(&self.tracker, &commit),
+                        Ok(()) => record_commits(&self.tracker, &self.metrics, &commit),
                         Err(e) => {
-                            METRICS.commit_errors.inc();
+                            self.metrics.commit_errors.inc();
                             tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner re-reads from the previous commit");
                         }
                     }
                 }
                 if lock(&self.tracker).assigned().is_empty() {
-                    crate::telemetry::set_ready(Ready::Assignment, false, "no partitions assigned");
+                    self.telemetry
+                        .set_ready(Ready::Assignment, false, "no partitions assigned");
                 }
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
-                METRICS.rebalances.with_label_values(&["error"]).inc();
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
                 tracing::warn!(error = %e, "rebalance error");
             }
         }
@@ -197,7 +212,7 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            METRICS.rebalances.with_label_values(&["assign"]).inc();
+            self.metrics.rebalances.with_label_values(&["assign"]).inc();
             let mut tracker = lock(&self.tracker);
             for e in tpl.elements() {
                 tracker.assign(e.topic(), e.partition());
@@ -206,20 +221,21 @@ impl ConsumerContext for SourceContext {
             drop(tracker);
             tracing::info!(partitions = %describe(tpl), total, "partitions assigned");
             if total > 0 {
-                crate::telemetry::set_ready(Ready::Assignment, true, format!("{total} partitions assigned"));
+                self.telemetry
+                    .set_ready(Ready::Assignment, true, format!("{total} partitions assigned"));
             }
         }
     }
 }
 
 /// Notes offsets that were committed in the tracker and the committed-offset metric.
-fn record_commits(tracker: &Mutex<Tracker>, offsets: &TopicPartitionList) {
+fn record_commits(tracker: &Mutex<Tracker>, metrics: &Metrics, offsets: &TopicPartitionList) {
     let mut tracker = lock(tracker);
     for e in offsets.elements() {
         if let Offset::Offset(o) = e.offset() {
             tracker.committed(e.topic(), e.partition(), o);
             let part = e.partition().to_string();
-            METRICS.committed.with_label_values(&[e.topic(), part.as_str()]).set(o);
+            metrics.committed.with_label_values(&[e.topic(), part.as_str()]).set(o);
         }
     }
 }
@@ -264,9 +280,9 @@ impl Source {
             let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
         }
         match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => record_commits(&self.tracker, &tpl),
+            Ok(()) => record_commits(&self.tracker, self.consumer.context().metrics.as_ref(), &tpl),
             Err(e) => {
-                METRICS.commit_errors.inc();
+                self.consumer.context().metrics.commit_errors.inc();
                 tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
             }
         }
@@ -324,10 +340,15 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Creates the consumer and subscribes to the configured topics or pattern.
-pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>) -> anyhow::Result<Source> {
+/// Creates the consumer and subscribes to the configured topics or pattern; its metrics and the
+/// `assignment` readiness condition go to `telemetry`.
+///
+/// Errors: librdkafka refused the client settings or the subscription.
+pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Telemetry) -> Result<Source, KafkaError> {
     let consumer: StreamConsumer<SourceContext> = client_config(cfg).create_with_context(SourceContext {
         tracker: Arc::clone(&tracker),
+        telemetry: telemetry.clone(),
+        metrics: telemetry.metrics(),
     })?;
     match &cfg.topic_pattern {
         // librdkafka treats a subscription starting with `^` as a regular expression.

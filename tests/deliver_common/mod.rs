@@ -6,6 +6,7 @@ use datapulse_bridge::deliver::ApiConfig;
 use datapulse_bridge::deliver::{Deliverer, DeliveryConfig, EventResult, Exposure, Interrupted};
 use datapulse_bridge::event::Event;
 use datapulse_bridge::sandbox::{self, SandboxArgs, SandboxHandle};
+use datapulse_bridge::telemetry::Telemetry;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
@@ -57,8 +58,14 @@ pub fn delivery() -> DeliveryConfig {
     }
 }
 
+/// A deliverer with a telemetry of its own (a process of its own).
 pub fn deliverer(api: &ApiConfig, cfg: &DeliveryConfig) -> Deliverer {
-    Deliverer::new(api, cfg).expect("deliverer")
+    deliverer_in(api, cfg, &Telemetry::new())
+}
+
+/// A deliverer whose metrics and readiness go to `telemetry`.
+pub fn deliverer_in(api: &ApiConfig, cfg: &DeliveryConfig, telemetry: &Telemetry) -> Deliverer {
+    Deliverer::new(api, cfg, telemetry).expect("deliverer")
 }
 
 /// `n` valid deposits with transaction ids `{tag}-{i}`; the ones at `bad` lack `amount` (a 400).

@@ -10,9 +10,10 @@ use crate::deliver::{ApiConfig, DeliveryConfig};
 use crate::dlq::WriteOnce;
 use crate::event::{BetResult, Event};
 use crate::offsets::{RecordId, Tracker};
-use crate::pipeline::outcome::Counters;
+use crate::pipeline::outcome::Totals;
 use crate::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
 use crate::source::Record;
+use crate::telemetry::Telemetry;
 use futures::future::BoxFuture;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -58,7 +59,7 @@ struct World {
     lane: Lane,
     outcomes: Arc<Outcomes>,
     tracker: Arc<Mutex<Tracker>>,
-    counters: Arc<Counters>,
+    telemetry: Telemetry,
     written: Arc<Recorded>,
     sandbox: SandboxHandle,
     next_offset: i64,
@@ -88,15 +89,19 @@ async fn world() -> World {
         auth_retry_interval: Duration::from_millis(100),
         ..DeliveryConfig::default()
     };
-    let deliverer = Arc::new(Deliverer::new(&api, &delivery).expect("deliverer"));
-    let deduper = Arc::new(Deduper::new(&DedupeConfig::default()).await.expect("memory deduper"));
+    let telemetry = Telemetry::new();
+    let deliverer = Arc::new(Deliverer::new(&api, &delivery, &telemetry).expect("deliverer"));
+    let deduper = Arc::new(
+        Deduper::new(&DedupeConfig::default(), &telemetry)
+            .await
+            .expect("memory deduper"),
+    );
     let tracker = Arc::new(Mutex::new(Tracker::new()));
     lock(&tracker).assign(TOPIC, 0);
-    let counters = Arc::new(Counters::default());
     let written = Arc::new(Recorded::default());
     let outcomes = Arc::new(Outcomes::new(
         Arc::clone(&tracker),
-        Arc::clone(&counters),
+        &telemetry,
         Arc::clone(&written) as Arc<dyn WriteOnce>,
         Arc::clone(&deduper),
     ));
@@ -112,7 +117,7 @@ async fn world() -> World {
         lane,
         outcomes,
         tracker,
-        counters,
+        telemetry,
         written,
         sandbox,
         next_offset: 0,
@@ -188,8 +193,9 @@ impl World {
             .collect()
     }
 
-    fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
+    /// The outcome totals in this world's telemetry.
+    fn totals(&self) -> Totals {
+        Totals::read(&self.telemetry)
     }
 
     fn in_flight(&self) -> usize {
@@ -219,9 +225,9 @@ async fn each_verdict_goes_its_own_way() {
     ])
     .await;
     assert_eq!(w.accepted_ids(), ["a-0", "a-1", "bet-1"], "each id sent once, in order");
-    assert_eq!(w.count(&w.counters.delivered), 3);
-    assert_eq!(w.count(&w.counters.duplicate), 2);
-    assert_eq!(w.count(&w.counters.dead_lettered), 1);
+    assert_eq!(w.totals().delivered, 3);
+    assert_eq!(w.totals().duplicate, 2);
+    assert_eq!(w.totals().dead_lettered, 1);
     assert_eq!(
         *lock(&w.written.0),
         [Written {
@@ -257,8 +263,8 @@ async fn a_rejected_event_is_dead_lettered_and_its_id_let_go() {
         ),
         ("wallet/0/1", "api", "rejected", Some(400))
     );
-    assert_eq!(w.count(&w.counters.delivered), 2);
-    assert_eq!(w.count(&w.counters.dead_lettered), 1);
+    assert_eq!(w.totals().delivered, 2);
+    assert_eq!(w.totals().dead_lettered, 1);
     assert_eq!(w.in_flight(), 0);
     // The rejected id was not recorded: the corrected event goes through.
     w.process(&[event("deposit", "b-1")]).await;
@@ -272,7 +278,7 @@ async fn records_of_a_revoked_partition_are_left_to_the_new_owner() {
     lock(&w.tracker).revoke(TOPIC, 0);
     w.lane.process(batch).await;
     assert!(w.accepted_ids().is_empty(), "nothing sent for the old owner");
-    assert_eq!(w.counters.finished(), 0);
+    assert_eq!(w.totals().finished(), 0);
 }
 
 /// Sends `events` against faults that never let a request through, fires shutdown's deadline
@@ -308,7 +314,7 @@ async fn a_request_that_may_have_been_counted_leaves_its_ids_abandoned() {
     assert_eq!(unsent, Unsent { how: LetGo::Abandon });
     assert!(w.accepted_ids().is_empty());
     assert_eq!(
-        w.counters.finished(),
+        w.totals().finished(),
         0,
         "nothing finished: read again by the next owner"
     );
