@@ -109,8 +109,11 @@ impl<T> Inbox<T> {
 pub struct Batcher<T> {
     inbox: Inbox<T>,
     cfg: BatchConfig,
-    /// The item that did not fit the last batch's bytes: the first of the next.
-    carry: Option<T>,
+    /// Items to hand out before the inbox's, in order: the one that did not fit the last
+    /// batch's bytes, or those a lane put back ([`Batcher::put_back`]).
+    carry: std::collections::VecDeque<T>,
+    /// The batch [`Batcher::next`] is cutting.
+    building: Vec<T>,
 }
 
 impl<T: JsonLen> Batcher<T> {
@@ -118,7 +121,27 @@ impl<T: JsonLen> Batcher<T> {
         Batcher {
             inbox,
             cfg,
-            carry: None,
+            carry: std::collections::VecDeque::new(),
+            building: Vec::new(),
+        }
+    }
+
+    /// The limits batches are cut by.
+    pub fn config(&self) -> &BatchConfig {
+        &self.cfg
+    }
+
+    /// The next item if one is here already (never waits): for topping up a batch some of whose
+    /// items will not be sent.
+    pub fn try_next(&mut self) -> Option<T> {
+        self.carry.pop_front().or_else(|| self.inbox.try_recv())
+    }
+
+    /// Puts `items`, taken by [`Batcher::try_next`] and not used, back in front, in their order:
+    /// the next batch starts with them.
+    pub fn put_back(&mut self, items: Vec<T>) {
+        for item in items.into_iter().rev() {
+            self.carry.push_front(item);
         }
     }
 
@@ -131,15 +154,18 @@ impl<T: JsonLen> Batcher<T> {
     where
         F: Future<Output = Result<(), E>>,
     {
-        let first = match self.carry.take() {
-            Some(p) => p,
-            None => self.inbox.recv().await?,
-        };
+        // The batch being cut lives in `self.building`, so that a call cancelled mid-way (the
+        // lane stopping at shutdown) loses nothing: the next call, or `take_all`, finds it.
+        if self.building.is_empty() {
+            let first = match self.carry.pop_front() {
+                Some(p) => p,
+                None => self.inbox.recv().await?,
+            };
+            self.building.push(first);
+        }
         let cfg = &self.cfg;
         let linger_end = tokio::time::Instant::now() + cfg.linger;
-        let mut bytes = first.json_len() + 2;
-        let mut batch = Vec::with_capacity(cfg.max_events.min(1024));
-        batch.push(first);
+        let mut bytes = 1 + self.building.iter().map(|p| p.json_len() + 1).sum::<usize>();
         let mut lingered = false;
         let reserve = reserve();
         tokio::pin!(reserve);
@@ -147,8 +173,8 @@ impl<T: JsonLen> Batcher<T> {
         // One timer per batch (a timer made per event cost a wake-up of the timer driver each).
         let linger = tokio::time::sleep_until(linger_end);
         tokio::pin!(linger);
-        while batch.len() < cfg.max_events {
-            let next = match self.inbox.try_recv() {
+        while self.building.len() < cfg.max_events {
+            let next = match self.carry.pop_front().or_else(|| self.inbox.try_recv()) {
                 Some(p) => Some(p),
                 None => tokio::select! {
                     biased;
@@ -167,13 +193,24 @@ impl<T: JsonLen> Batcher<T> {
             };
             let Some(p) = next else { break };
             if bytes + p.json_len() + 1 > cfg.max_bytes {
-                self.carry = Some(p);
+                self.carry.push_front(p);
                 break;
             }
             bytes += p.json_len() + 1;
-            batch.push(p);
+            self.building.push(p);
         }
-        Some(batch)
+        Some(std::mem::take(&mut self.building))
+    }
+
+    /// Every item not handed out yet, in order, without waiting: a cancelled batch's, the ones
+    /// carried or put back, and those queued in the inbox (what a stopping lane never sent).
+    pub fn take_all(&mut self) -> Vec<T> {
+        let mut all = std::mem::take(&mut self.building);
+        all.extend(self.carry.drain(..));
+        while let Some(p) = self.inbox.try_recv() {
+            all.push(p);
+        }
+        all
     }
 }
 

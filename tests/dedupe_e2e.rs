@@ -86,7 +86,10 @@ async fn sigkill_and_restart_repeat_nothing() {
     let sandbox = Sandbox::start(&dir, &[]);
     let cfg = bridge_config(&broker, &sandbox.url, "g-dd-kill", "tx", &dedupe_toml(&redis));
     // The first process commits late, so that it dies with delivered records uncommitted.
-    let lazy = cfg.replace("commit_interval = \"500ms\"", "commit_interval = \"1h\"");
+    let lazy = cfg.replace(
+        "commit_interval = \"500ms\"",
+        "commit_interval = \"1h\"\ncommit_on_delivery = false",
+    );
     assert_ne!(lazy, cfg);
 
     // Phase 1: delivered, recorded in Redis, not committed; then SIGKILL.

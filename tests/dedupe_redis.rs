@@ -9,6 +9,7 @@ use datapulse_bridge::dedupe::{
     StoreUnavailable, Verdict,
 };
 use datapulse_bridge::event::{BetResult, Event};
+use datapulse_bridge::source::RecordId;
 use datapulse_bridge::telemetry::{Ready, Telemetry};
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -161,8 +162,20 @@ fn win_for(tx: &str, parent: &str) -> Event<'static> {
 }
 
 /// The dedupe keys of `events`, as the pipeline takes them when it maps each record.
+/// Each event is read from its own record (offsets 0, 1, … of `t/0`); keyed events' keys do not
+/// depend on it.
 fn keys(d: &Deduper, events: &[Event]) -> Vec<EventKeys> {
-    events.iter().map(|e| d.keys_of(e)).collect()
+    (0..)
+        .zip(events)
+        .map(|(offset, e)| {
+            let id = RecordId {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            };
+            d.keys_of(e, &id)
+        })
+        .collect()
 }
 
 fn refs(keys: &[EventKeys]) -> Vec<&EventKeys> {

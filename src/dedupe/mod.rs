@@ -330,7 +330,36 @@ impl Deduper {
             self.metrics.waits.inc();
             tokio::time::sleep(LOCAL_WAIT).await;
         }
+        self.look_up(keys, verdicts, pending).await
+    }
 
+    /// Whether `keys` meet a key or a bet this process holds in flight (where [`Deduper::check`]
+    /// would wait).
+    pub fn is_held(&self, keys: &EventKeys) -> bool {
+        self.lock().conflicts(keys)
+    }
+
+    /// [`Deduper::check`] for events that join a batch already judged (topping up a request whose
+    /// duplicates left room): `None`, holding nothing, when one of them is held in flight by this
+    /// process (the caller's own batch included), where `check` would wait; the caller keeps
+    /// them for its next batch.
+    pub async fn check_now(&self, keys: &[&EventKeys]) -> Option<Result<Vec<Verdict>, StoreUnavailable>> {
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; keys.len()];
+        let mut pending = Vec::new();
+        if !self.take_holds(keys, &mut verdicts, &mut pending) {
+            return None;
+        }
+        Some(self.look_up(keys, verdicts, pending).await)
+    }
+
+    /// The store's verdicts for the events of `pending` (held by [`Deduper::take_holds`]);
+    /// `verdicts` holds those already given.
+    async fn look_up(
+        &self,
+        keys: &[&EventKeys],
+        mut verdicts: Vec<Option<Verdict>>,
+        mut pending: Vec<usize>,
+    ) -> Result<Vec<Verdict>, StoreUnavailable> {
         // An event with neither a key nor a guarded bet has nothing to look up.
         pending.retain(|&i| {
             let lookup = !keys[i].is_empty();
@@ -606,8 +635,13 @@ impl Deduper {
         }
     }
 
-    /// The dedupe key and the guarded bet of an event.
-    pub fn keys_of(&self, e: &Event<'_>) -> EventKeys {
+    /// The dedupe key and the guarded bet of an event mapped from the record `id`.
+    ///
+    /// The key is the event's configured key (`dedupe.key`, or `dedupe.keys_by_event` for its
+    /// event name: by default its `transaction_id`); an event without one (a registration, a
+    /// login) is keyed by its record's coordinates instead, `topic/partition/offset`, which a
+    /// re-read record shares (after a crash, a restart or a rebalance): so it too is sent once.
+    pub fn keys_of(&self, e: &Event<'_>, id: &RecordId) -> EventKeys {
         let by_event = if self.keys_by_event.is_empty() {
             None
         } else {
@@ -623,6 +657,7 @@ impl Deduper {
                 collect_fields(e, &self.key, &mut parts).then(|| encode_key(&parts))
             }
         };
+        let key = key.or_else(|| Some(record_key(id)));
         let guard = if !self.guard {
             None
         } else if e.carries_bet_result() {
@@ -755,6 +790,19 @@ const MAX_RAW_KEY: usize = 128;
 
 /// The stored form of a key: a single short value as it is (a plain transaction id stays readable),
 /// anything else as a SHA-256 of its length-prefixed parts (unambiguous, bounded in size).
+/// The key of an event without one of its own: its record's coordinates, hashed under a domain
+/// of its own (a field key is its value alone, or the SHA-256 of values led by an event name;
+/// only a `dedupe.keys_by_event` entry named `\0record` could meet this one).
+fn record_key(id: &RecordId) -> String {
+    let (partition, offset) = (id.partition.to_string(), id.offset.to_string());
+    encode_key(&[
+        Cow::Borrowed("\0record"),
+        Cow::Borrowed(&*id.topic),
+        Cow::Owned(partition),
+        Cow::Owned(offset),
+    ])
+}
+
 fn encode_key(parts: &[Cow<'_, str>]) -> String {
     if let [one] = parts {
         if one.len() <= MAX_RAW_KEY && !one.starts_with("sha256:") {

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::event::BetResult;
+use crate::offsets::RecordId;
 use std::time::Duration;
 
 fn ev<'a>(name: &'a str, tx: Option<&'a str>) -> Event<'a> {
@@ -42,8 +43,24 @@ async fn deduper(cfg: DedupeConfig) -> Deduper {
     Deduper::new(&cfg, &crate::telemetry::Telemetry::new()).await.unwrap()
 }
 
+/// The keys of `events` as read from records at offsets 0, 1, … of partition `t/0`.
 fn keys(d: &Deduper, events: &[Event<'_>]) -> Vec<EventKeys> {
-    events.iter().map(|e| d.keys_of(e)).collect()
+    keys_at(d, events, 0)
+}
+
+/// The keys of `events` as read from records at offsets `first`, `first + 1`, … of `t/0`.
+fn keys_at(d: &Deduper, events: &[Event<'_>], first: i64) -> Vec<EventKeys> {
+    (first..)
+        .zip(events)
+        .map(|(offset, e)| {
+            let id = RecordId {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            };
+            d.keys_of(e, &id)
+        })
+        .collect()
 }
 
 async fn check(d: &Deduper, events: &[Event<'_>]) -> Vec<Verdict> {
@@ -123,16 +140,25 @@ async fn released_ids_can_be_sent_again_and_nothing_is_recorded_before_delivery(
 }
 
 #[tokio::test]
-async fn events_without_the_key_fields_are_not_deduplicated() {
+async fn events_without_a_key_are_deduplicated_by_their_record() {
     let d = deduper(DedupeConfig::default()).await;
     let login = ev("login", None);
+    // Two logins alike in every field are two records: both are sent.
     let batch = [login.clone(), login.clone()];
     assert_eq!(check(&d, &batch).await, vec![SEND, SEND]);
     delivered(&d, &batch).await;
-    assert_eq!(check(&d, &batch).await, vec![SEND, SEND]);
-    // An empty transaction id is no key either.
+    // The same records read again (a crash, a restart, a rebalance): duplicates.
+    assert_eq!(check(&d, &batch).await, vec![dup("store"), dup("store")]);
+    // The same event in later records (the user logged in again): sent.
+    let later = keys_at(&d, &batch, 2);
+    assert_eq!(
+        d.check(&later.iter().collect::<Vec<_>>()).await.unwrap(),
+        vec![SEND, SEND]
+    );
+    // An empty transaction id is no key either: the record is.
     let empty = [deposit(""), deposit("")];
-    assert_eq!(check(&d, &empty).await, vec![SEND, SEND]);
+    let at = keys_at(&d, &empty, 10);
+    assert_eq!(d.check(&at.iter().collect::<Vec<_>>()).await.unwrap(), vec![SEND, SEND]);
 }
 
 #[tokio::test]

@@ -291,17 +291,30 @@ impl Record {
 /// Writes a record's dead letter at most once, whoever reads the record (the seam the pipeline's
 /// tests replace).
 pub trait WriteOnce: Send + Sync {
-    /// Writes the dead letter of `rec` unless it was written already; true when it is in the
-    /// topic (by this call or an earlier one), false when `cancel` fired first (the record then
-    /// stays unfinished). `dedupe_key`: the key of an event dead-lettered in doubt (header
-    /// `dp.dedupe_key`).
+    /// Writes the dead letter of `rec` unless it was written already (by this process or another
+    /// replica, before a crash or a rebalance); [`Write::Cancelled`] when `cancel` fired first
+    /// (the record then stays unfinished). `dedupe_key`: the key of an event dead-lettered in
+    /// doubt (header `dp.dedupe_key`).
     fn write_once<'a>(
         &'a self,
         rec: &'a Record,
         why: &'a Reason,
         dedupe_key: Option<&'a str>,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, bool>;
+    ) -> BoxFuture<'a, Write>;
+}
+
+/// What [`WriteOnce::write_once`] did: each record's dead letter is in the topic once, and
+/// counted `dead_lettered` once across the group (the process that finds it written counts a
+/// duplicate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Written by this call: the broker acknowledged it.
+    Written,
+    /// Written before (the record was read again): not written twice.
+    AlreadyWritten,
+    /// Shutdown's deadline came first: not written.
+    Cancelled,
 }
 
 /// The dead-letter topic's writer: claim → look up a lapsed claim → send → remember, with the
@@ -318,27 +331,27 @@ impl WriteOnce for DeadLetterWriter {
         why: &'a Reason,
         dedupe_key: Option<&'a str>,
         cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, bool> {
+    ) -> BoxFuture<'a, Write> {
         Box::pin(async move {
             // Whoever claims the record first writes it; the others finish it as the dead letter
             // it already is.
             match self.deduper.claim_dead_letter(&rec.id).await {
                 DeadLetterClaim::Written => {
                     tracing::debug!(record = %rec.id, "already dead-lettered");
-                    true
+                    Write::AlreadyWritten
                 }
                 // Its last claimer died holding the claim, perhaps after the broker took the write.
                 DeadLetterClaim::Lapsed { since_ms } if self.dlq.written_since(&rec.id, since_ms).await => {
                     self.deduper.dead_lettered(&rec.id).await;
-                    true
+                    Write::AlreadyWritten
                 }
                 DeadLetterClaim::Mine | DeadLetterClaim::Lapsed { .. } => {
                     if self.dlq.send(rec, why, dedupe_key, cancel).await {
                         self.deduper.dead_lettered(&rec.id).await;
-                        true
+                        Write::Written
                     } else {
                         self.deduper.release_dead_letter(&rec.id);
-                        false
+                        Write::Cancelled
                     }
                 }
             }

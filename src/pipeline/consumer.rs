@@ -109,12 +109,16 @@ pub(super) struct Reader {
     pub max_event_bytes: usize,
     pub max_in_flight: usize,
     pub commit_interval: Duration,
+    /// `kafka.commit_on_delivery`.
+    pub commit_on_delivery: bool,
     pub metrics: Arc<Metrics>,
 }
 
 impl Reader {
-    /// Reads until `shutdown` fires, then pauses the partitions (fetching stops).
-    pub async fn run(self, source: &Source, shutdown: &CancellationToken) {
+    /// Reads until `shutdown` fires; then stops reading (pauses every partition, begins no record
+    /// fetched before the pause) and goes on committing what the lanes finish until `drained`
+    /// fires (the lanes ended: the drain is over).
+    pub async fn run(self, source: &Source, shutdown: &CancellationToken, drained: &CancellationToken) {
         let mut commit_tick = tokio::time::interval(self.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut recheck = tokio::time::interval(Duration::from_millis(200));
@@ -123,22 +127,37 @@ impl Reader {
         let mut stream = source.stream();
         let mut backpressure = Backpressure::new(self.max_in_flight);
         let mut topics = Topics::default();
+        let mut draining = false;
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = drained.cancelled() => break,
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    source.set_paused(true);
+                    tracing::info!("shutting down: reading stopped; commits go on while in-flight work ends");
+                    continue;
+                }
                 _ = commit_tick.tick() => {
                     // Blocking, on purpose: this loop has its own thread (see `pipeline::run`).
                     source.commit_finished();
                     self.export_gauges();
-                    if backpressure.paused() {
+                    if backpressure.paused() || draining {
                         // Partitions assigned since the pause arrive unpaused.
                         source.set_paused(true);
                     }
                 }
+                // A batch was delivered: commit now, without waiting for the broker's answer
+                // (issue: a crash re-reads what was delivered since the last commit).
+                _ = self.outcomes.commit_wanted(), if self.commit_on_delivery => source.commit_finished_async(),
                 // While no record arrives (paused, or idle), the pause check below still runs.
                 _ = recheck.tick() => {}
                 m = stream.next() => {
+                    if draining {
+                        // Fetched before the pause took effect: not begun, so the next owner
+                        // reads it.
+                        continue;
+                    }
                     // A burst: this record and whatever else is ready now, handed to the lanes
                     // as one chunk each (a wake-up of the delivery side per burst, not per
                     // record). Empty until used: most bursts are a record or two when traffic
@@ -168,6 +187,9 @@ impl Reader {
                     }
                     self.hand_over(chunks);
                 }
+            }
+            if draining {
+                continue;
             }
             let in_flight = self.outcomes.in_flight();
             match backpressure.update(in_flight) {
@@ -243,7 +265,7 @@ impl Reader {
             MapOutcome::Event(event) => {
                 let mut json = Vec::with_capacity(256);
                 event.write_json(&mut json);
-                let (keys, timestamp) = (self.deduper.keys_of(&event), event.timestamp);
+                let (keys, timestamp) = (self.deduper.keys_of(&event, &held.record.id), event.timestamp);
                 drop(event);
                 drop(headers);
                 if json.len() <= self.max_event_bytes {

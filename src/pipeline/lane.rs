@@ -21,6 +21,7 @@ use crate::dlq::Reason;
 use crate::event::TimestampUnit;
 use crate::source::lock;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// An event waiting for delivery, with the record it came from. The event itself is not kept
@@ -63,17 +64,25 @@ pub(crate) struct Lane {
     pub outcomes: Arc<Outcomes>,
     /// The unit of the events' `timestamp`, for the delivery latency.
     pub unit: TimestampUnit,
+    /// Shutdown: the batch under way is finished, nothing more is sent.
+    pub stop: CancellationToken,
 }
 
 impl Lane {
-    /// Runs until the consumer loop stopped and everything queued was handled.
+    /// Runs until shutdown (the batch under way finished), or until the consumer loop is gone
+    /// and everything queued was handled. What was never sent at shutdown (its ids never held) is
+    /// left to the next owner.
     pub async fn run(mut self) {
         let abandon = self.outcomes.abandon_token().clone();
+        let stop = self.stop.clone();
         loop {
             let deliverer = &self.deliverer;
-            let Some(batch) = self.batcher.next(|| deliverer.reserve(&abandon)).await else {
-                return;
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                b = self.batcher.next(|| deliverer.reserve(&abandon)) => b,
             };
+            let Some(batch) = next else { break };
             if abandon.is_cancelled() {
                 self.outcomes.abandoned(batch.len());
                 continue;
@@ -83,10 +92,18 @@ impl Lane {
                 delivered = tracing::field::Empty, duplicate = tracing::field::Empty, dead_lettered = tracing::field::Empty);
             self.process(batch).instrument(span).await;
         }
+        let never_sent = self.batcher.take_all();
+        if !never_sent.is_empty() {
+            tracing::info!(
+                records = never_sent.len(),
+                "shutting down: records never sent are left to the next owner"
+            );
+            self.outcomes.abandoned(never_sent.len());
+        }
     }
 
     /// Takes one batch through dedupe and delivery to an outcome for each record.
-    async fn process(&self, batch: Vec<Pending>) {
+    async fn process(&mut self, batch: Vec<Pending>) {
         let batch = self.drop_revoked(batch);
         if batch.is_empty() {
             return;
@@ -95,7 +112,23 @@ impl Lane {
             self.outcomes.abandoned(batch.len());
             return;
         };
-        let to_send = self.route(batch, verdicts);
+        let mut to_send = self.route(batch, verdicts);
+        if to_send.is_empty() {
+            return;
+        }
+        if !self.stop.is_cancelled() {
+            self.top_up(&mut to_send).await;
+        }
+        // The key's budget may hold the request back (at 60 requests a minute, up to a second):
+        // draw it now, then take out the records of partitions revoked meanwhile, so that what
+        // leaves belongs to this process when it leaves. At shutdown a request not yet out is
+        // not sent: its ids are released for the next owner.
+        if self.stop.is_cancelled() || self.deliverer.reserve(&self.stop).await.is_err() {
+            self.let_go(&to_send, LetGo::Release).await;
+            self.outcomes.abandoned(to_send.len());
+            return;
+        }
+        let to_send = self.drop_revoked_held(to_send).await;
         if to_send.is_empty() {
             return;
         }
@@ -103,6 +136,43 @@ impl Lane {
         match self.send(to_send).await {
             Ok(settlement) => self.settle(settlement).await,
             Err(Unsent { .. }) => self.outcomes.abandoned(count),
+        }
+    }
+
+    /// Fills the room that duplicates and dead letters left in a judged batch with events already
+    /// waiting, judged the same way, so that a request carries `batch.max_events` events when
+    /// there are that many to send (at the rate limit every request counts). Stops at an event
+    /// whose id or bet is in flight in this process (this batch included): it leads the next
+    /// batch, after this one's outcome.
+    async fn top_up(&mut self, to_send: &mut Vec<Pending>) {
+        let (max_events, max_bytes) = (self.batcher.config().max_events, self.batcher.config().max_bytes);
+        while to_send.len() < max_events {
+            let mut bytes = 2 + to_send.iter().map(|p| p.json.len() + 1).sum::<usize>();
+            let mut more = Vec::new();
+            while to_send.len() + more.len() < max_events {
+                let Some(p) = self.batcher.try_next() else { break };
+                if bytes + p.json.len() + 1 > max_bytes || self.deduper.is_held(&p.keys) {
+                    self.batcher.put_back(vec![p]);
+                    break;
+                }
+                bytes += p.json.len() + 1;
+                more.push(p);
+            }
+            let more = self.drop_revoked(more);
+            if more.is_empty() {
+                return;
+            }
+            let keys: Vec<&EventKeys> = more.iter().map(|p| &p.keys).collect();
+            let verdicts = match self.deduper.check_now(&keys).await {
+                Some(Ok(verdicts)) => verdicts,
+                // Held by another lane meanwhile, or the store is unavailable: the next batch.
+                _ => {
+                    self.batcher.put_back(more);
+                    return;
+                }
+            };
+            tracing::debug!(events = more.len(), "batch topped up");
+            to_send.extend(self.route(more, verdicts));
         }
     }
 
@@ -114,6 +184,31 @@ impl Lane {
             .partition(|p| tracker.is_current(&p.held.record.id, p.held.epoch));
         self.outcomes.abandoned(stale.len());
         keep
+    }
+
+    /// [`Lane::drop_revoked`] for events judged `Send`: their ids are released for the new owner.
+    async fn drop_revoked_held(&self, to_send: Vec<Pending>) -> Vec<Pending> {
+        let (keep, stale): (Vec<_>, Vec<_>) = {
+            let tracker = lock(self.outcomes.tracker());
+            to_send
+                .into_iter()
+                .partition(|p| tracker.is_current(&p.held.record.id, p.held.epoch))
+        };
+        if !stale.is_empty() {
+            tracing::info!(
+                records = stale.len(),
+                "records of revoked partitions taken out of the batch before sending"
+            );
+            self.let_go(&stale, LetGo::Release).await;
+            self.outcomes.abandoned(stale.len());
+        }
+        keep
+    }
+
+    /// Lets the held ids of `events` go (none of them was sent).
+    async fn let_go(&self, events: &[Pending], how: LetGo) {
+        let keys: Vec<&EventKeys> = events.iter().map(|p| &p.keys).collect();
+        self.deduper.let_go(&keys, how).await;
     }
 
     /// The dedupe verdicts of a batch, waiting while the store is unreachable (under the `pause`

@@ -120,7 +120,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
         Arc::clone(&deduper),
     ));
 
-    let delivery = start_lanes(&cfg, &deliverer, &deduper, &outcomes);
+    let delivery = start_lanes(&cfg, &deliverer, &deduper, &outcomes, &shutdown);
     let reader = Reader {
         mapper,
         deduper: Arc::clone(&deduper),
@@ -129,24 +129,46 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
         max_event_bytes: cfg.batch.max_bytes.saturating_sub(2),
         max_in_flight: cfg.kafka.max_in_flight_records,
         commit_interval: cfg.kafka.commit_interval,
+        commit_on_delivery: cfg.kafka.commit_on_delivery,
         metrics: telemetry.metrics(),
     };
+    // Fired when the drain is over: the consumer loop, which commits during the drain, ends.
+    let drained = CancellationToken::new();
     // The consumer loop gets a thread and a runtime of its own: librdkafka's blocking calls
     // (the synchronous commits, the revoke commit inside the rebalance callback) then never stall
     // a worker of the delivery side. A stalled worker once held the woken delivery task in its
     // un-stealable LIFO slot until reqwest's timeout fired on an answered request, which was then
     // sent again (found by tests/broker_faults.rs on a scale-up under load).
     let consumer_thread = {
-        let (source, shutdown) = (Arc::clone(&source), shutdown.clone());
+        let (source, shutdown, drained) = (Arc::clone(&source), shutdown.clone(), drained.clone());
         std::thread::Builder::new().name("consumer".into()).spawn(move || {
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(reader.run(&source, &shutdown)),
+                Ok(rt) => rt.block_on(reader.run(&source, &shutdown, &drained)),
                 Err(e) => tracing::error!(error = %e, "cannot start the consumer's runtime"),
             }
         })?
     };
-    let _ = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
-    shut_down(&cfg, source, &outcomes, delivery.lanes, &metrics).await;
+    let mut consumer = tokio::task::spawn_blocking(move || consumer_thread.join());
+    let consumer_ended = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = &mut consumer => true,
+    };
+    if consumer_ended {
+        tracing::error!("the consumer loop ended before shutdown; stopping");
+        shutdown.cancel();
+    }
+    shut_down(&cfg, &outcomes, delivery.lanes, &metrics).await;
+    drained.cancel();
+    if !consumer_ended {
+        let _ = consumer.await;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        source.commit_finished();
+        tracing::info!("committed; leaving the group");
+        source.leave();
+        drop(source);
+    })
+    .await;
     Ok(())
 }
 
@@ -158,7 +180,13 @@ struct Delivery {
 
 /// Starts one lane per `delivery.concurrency`: a partition's events leave in order, while the
 /// lanes' requests are in flight together.
-fn start_lanes(cfg: &Config, deliverer: &Arc<Deliverer>, deduper: &Arc<Deduper>, outcomes: &Arc<Outcomes>) -> Delivery {
+fn start_lanes(
+    cfg: &Config,
+    deliverer: &Arc<Deliverer>,
+    deduper: &Arc<Deduper>,
+    outcomes: &Arc<Outcomes>,
+    stop: &CancellationToken,
+) -> Delivery {
     let mut queues = Vec::new();
     let mut lanes = Vec::new();
     for _ in 0..cfg.delivery.concurrency.max(1) {
@@ -170,6 +198,7 @@ fn start_lanes(cfg: &Config, deliverer: &Arc<Deliverer>, deduper: &Arc<Deduper>,
             deduper: Arc::clone(deduper),
             outcomes: Arc::clone(outcomes),
             unit: cfg.api.timestamp_unit,
+            stop: stop.clone(),
         };
         lanes.push(tokio::spawn(lane.run()));
     }
@@ -179,17 +208,18 @@ fn start_lanes(cfg: &Config, deliverer: &Arc<Deliverer>, deduper: &Arc<Deduper>,
     }
 }
 
-/// Fetching has stopped: lets queued and in-flight work finish until `shutdown.deadline`, then
-/// abandons the rest, commits the finished prefix and leaves the group.
+/// Shutdown fired: reading has stopped (the consumer loop pauses every partition and goes on
+/// committing). Each lane finishes the batch it has under way (its request out, and that
+/// request's retries) and sends nothing more: what it never sent is left, its ids never held, to
+/// the next owner. At `shutdown.deadline` whatever is still under way is abandoned.
 async fn shut_down(
     cfg: &Config,
-    source: Arc<source::Source>,
     outcomes: &Outcomes,
     mut lanes: tokio::task::JoinHandle<Vec<Result<(), tokio::task::JoinError>>>,
     metrics: &Metrics,
 ) {
     let tracker = outcomes.tracker();
-    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(tracker).in_flight(), "shutting down: finishing in-flight work");
+    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(tracker).in_flight(), "shutting down: finishing the requests under way");
     let deadline = tokio::time::Instant::now() + cfg.shutdown.deadline;
     let drained = tokio::select! {
         _ = &mut lanes => true,
@@ -201,19 +231,17 @@ async fn shut_down(
         let _ = lanes.await;
     }
     let abandoned = lock(tracker).in_flight();
-    let result = if drained && dead_letters_drained && abandoned == 0 {
+    let result = if drained && dead_letters_drained {
         "drained"
     } else {
         "abandoned"
     };
     metrics.shutdowns.with_label_values(&[result]).inc();
-    let _ = tokio::task::spawn_blocking(move || {
-        source.commit_finished();
-        tracing::info!(result, abandoned, "in-flight work ended; committed; leaving the group");
-        source.leave();
-        drop(source);
-    })
-    .await;
+    tracing::info!(
+        result,
+        unfinished = abandoned,
+        "in-flight work ended; the unfinished records are read again by the next owner"
+    );
 }
 
 /// Installs SIGTERM/SIGINT handlers that fire `token`.

@@ -9,7 +9,7 @@
 //! finished once the broker acknowledged them.
 
 use crate::dedupe::{Deduper, EventKeys};
-use crate::dlq::{Reason, WriteOnce};
+use crate::dlq::{Reason, Write, WriteOnce};
 use crate::event::TimestampUnit;
 use crate::offsets::{Epoch, RecordId, Tracker};
 use crate::source::{lock, Metrics as SourceMetrics, Record};
@@ -134,6 +134,9 @@ pub(crate) struct Outcomes {
     source_metrics: Arc<SourceMetrics>,
     /// Numbers the lanes' batches (for logs).
     batches: AtomicU64,
+    /// Told when a batch was delivered: the consumer loop commits at once (the window a crash
+    /// re-reads is then one batch, not a `commit_interval`).
+    commit_wanted: tokio::sync::Notify,
     dead_letters: Arc<dyn WriteOnce>,
     /// Dedupe, to settle the keys of an event dead-lettered in doubt.
     deduper: Arc<Deduper>,
@@ -158,6 +161,7 @@ impl Outcomes {
             metrics: telemetry.metrics(),
             source_metrics: telemetry.metrics(),
             batches: AtomicU64::new(0),
+            commit_wanted: tokio::sync::Notify::new(),
             dead_letters,
             deduper,
             abandon: CancellationToken::new(),
@@ -168,6 +172,12 @@ impl Outcomes {
 
     pub fn tracker(&self) -> &Mutex<Tracker> {
         &self.tracker
+    }
+
+    /// Completes once a batch was delivered since the last call returned (deliveries meanwhile
+    /// are folded into one).
+    pub async fn commit_wanted(&self) {
+        self.commit_wanted.notified().await
     }
 
     /// The next batch's number (1, 2, …), for logs.
@@ -246,6 +256,7 @@ impl Outcomes {
             }
         }
         self.finish_all(records.iter().map(|(h, _)| *h), Outcome::Delivered);
+        self.commit_wanted.notify_one();
     }
 
     /// Dead-letters a record in the background; it is finished once the dead letter is in the
@@ -259,19 +270,23 @@ impl Outcomes {
         while tasks.try_join_next().is_some() {}
         let fut = async move {
             let dedupe_key = doubt.as_ref().and_then(EventKeys::key);
-            let written = outcomes
+            let write = outcomes
                 .dead_letters
                 .write_once(&held.record, &why, dedupe_key, &outcomes.abandon)
                 .await;
             if let Some(keys) = &doubt {
-                if written {
-                    outcomes.deduper.doubt_dead_lettered(&[keys]).await;
-                } else {
+                if write == Write::Cancelled {
                     outcomes.deduper.release(&[keys]).await;
+                } else {
+                    outcomes.deduper.doubt_dead_lettered(&[keys]).await;
                 }
             }
-            if written {
-                outcomes.finish(&held, Outcome::DeadLettered(why.stage));
+            match write {
+                Write::Written => outcomes.finish(&held, Outcome::DeadLettered(why.stage)),
+                // Read again after its dead letter was written (a crash, a rebalance): counted
+                // once across the group, by whoever wrote it.
+                Write::AlreadyWritten => outcomes.finish(&held, Outcome::Duplicate("dead_lettered")),
+                Write::Cancelled => {}
             }
         };
         tasks.spawn_on(fut, &self.runtime);

@@ -28,9 +28,15 @@ pub struct KafkaConfig {
     /// pauses its partitions. Bounds memory whatever the backlog.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_records: usize,
-    /// How often finished offsets are committed.
+    /// How often finished offsets are committed (synchronously), whatever else happens.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Also commit as soon as a batch was delivered (asynchronously): what a crash re-reads is
+    /// then the batches delivered within a commit's round trip, not within `commit_interval`.
+    /// Turn off only to spare the group coordinator a commit per request at very high request
+    /// rates; with the memory dedupe store a crash then repeats up to `commit_interval` of events.
+    #[serde(default = "default_true")]
+    pub commit_on_delivery: bool,
     /// librdkafka properties passed through as given (SASL, SSL, timeouts…). Values of keys that
     /// look secret are redacted when printed.
     #[serde(default)]
@@ -47,6 +53,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_commit_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_true() -> bool {
+    true
 }
 
 /// librdkafka pass-through properties. Values whose key names a secret are redacted in Debug and

@@ -210,6 +210,21 @@ impl ConsumerContext for SourceContext {
         }
     }
 
+    /// The broker's answer to a commit (librdkafka's `offset_commit_cb`, served by the consumer's
+    /// poll): asynchronous commits are recorded here; synchronous ones were recorded already
+    /// (recording twice is harmless: a partition's committed offset only moves forward).
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => record_commits(&self.tracker, &self.metrics, offsets),
+            // librdkafka reports an empty commit (nothing new to commit) as this error.
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.metrics.commit_errors.inc();
+                tracing::debug!(error = %e, "offset commit failed; retried at the next one");
+            }
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.metrics.rebalances.with_label_values(&["assign"]).inc();
@@ -271,14 +286,9 @@ impl Source {
     /// metrics know what is committed. A failed commit (REBALANCE_IN_PROGRESS and friends) is
     /// counted and tried again at the next call.
     pub fn commit_finished(&self) {
-        let todo = lock(&self.tracker).to_commit();
-        if todo.is_empty() {
+        let Some(tpl) = self.finished_prefix() else {
             return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (t, p, o) in &todo {
-            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-        }
+        };
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => record_commits(&self.tracker, self.consumer.context().metrics.as_ref(), &tpl),
             Err(e) => {
@@ -286,6 +296,33 @@ impl Source {
                 tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
             }
         }
+    }
+
+    /// Commits the finished prefix without waiting for the broker (`CommitMode::Async`): called
+    /// as soon as a batch was delivered, so a crash re-reads as little as possible. The answer
+    /// arrives in [`SourceContext::commit_callback`] (tracker and metrics); a failed commit is
+    /// counted there and the next commit carries the same offsets.
+    pub fn commit_finished_async(&self) {
+        let Some(tpl) = self.finished_prefix() else {
+            return;
+        };
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            self.consumer.context().metrics.commit_errors.inc();
+            tracing::debug!(error = %e, "offset commit not sent; retried at the next one");
+        }
+    }
+
+    /// The finished prefix of each assigned partition that advanced since its last commit.
+    fn finished_prefix(&self) -> Option<TopicPartitionList> {
+        let todo = lock(&self.tracker).to_commit();
+        if todo.is_empty() {
+            return None;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in &todo {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        Some(tpl)
     }
 
     /// Pauses (`true`) or resumes every partition assigned now; fetching stops, polling goes on,

@@ -7,7 +7,7 @@ use super::*;
 use crate::batch::{BatchConfig, Inbox};
 use crate::dedupe::DedupeConfig;
 use crate::deliver::{ApiConfig, DeliveryConfig};
-use crate::dlq::WriteOnce;
+use crate::dlq::{Write, WriteOnce};
 use crate::event::{BetResult, Event};
 use crate::offsets::{RecordId, Tracker};
 use crate::pipeline::outcome::Totals;
@@ -43,7 +43,7 @@ impl WriteOnce for Recorded {
         why: &'a Reason,
         dedupe_key: Option<&'a str>,
         _cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, bool> {
+    ) -> BoxFuture<'a, Write> {
         lock(&self.0).push(Written {
             record: rec.id.to_string(),
             stage: why.stage,
@@ -51,7 +51,7 @@ impl WriteOnce for Recorded {
             http_status: why.http_status,
             dedupe_key: dedupe_key.map(str::to_string),
         });
-        Box::pin(async { true })
+        Box::pin(async { Write::Written })
     }
 }
 
@@ -112,6 +112,7 @@ async fn world() -> World {
         deduper,
         outcomes: Arc::clone(&outcomes),
         unit: TimestampUnit::Seconds,
+        stop: CancellationToken::new(),
     };
     World {
         lane,
@@ -139,6 +140,15 @@ fn event<'a>(name: &'a str, tx: &'a str) -> Event<'a> {
     }
 }
 
+/// A record id no world hands over (a keyed event's key does not depend on its record).
+fn other_record() -> RecordId {
+    RecordId {
+        topic: TOPIC.into(),
+        partition: 1,
+        offset: 0,
+    }
+}
+
 impl World {
     /// `events` as the consumer hands them over: each begun in the tracker at the next offset of
     /// partition 0.
@@ -155,6 +165,7 @@ impl World {
                 let epoch = lock(&self.tracker).begin(&id, Instant::now()).expect("assigned");
                 let mut json = Vec::new();
                 e.write_json(&mut json);
+                let keys = self.lane.deduper.keys_of(e, &id);
                 Pending {
                     held: Held {
                         record: Record {
@@ -166,7 +177,7 @@ impl World {
                         },
                         epoch,
                     },
-                    keys: self.lane.deduper.keys_of(e),
+                    keys,
                     timestamp: e.timestamp,
                     json,
                 }
@@ -319,7 +330,7 @@ async fn a_request_that_may_have_been_counted_leaves_its_ids_abandoned() {
         "nothing finished: read again by the next owner"
     );
     // Held no longer: a later check does not wait for this batch.
-    let keys = w.lane.deduper.keys_of(&event("deposit", "d-0"));
+    let keys = w.lane.deduper.keys_of(&event("deposit", "d-0"), &other_record());
     let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
     assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
 }
@@ -336,7 +347,7 @@ async fn requests_refused_before_counting_leave_their_ids_released() {
     .await;
     assert_eq!(unsent, Unsent { how: LetGo::Release });
     assert!(w.accepted_ids().is_empty());
-    let keys = w.lane.deduper.keys_of(&event("deposit", "e-0"));
+    let keys = w.lane.deduper.keys_of(&event("deposit", "e-0"), &other_record());
     let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
     assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
 }
