@@ -326,6 +326,17 @@ fn compose_file_wires_the_system() {
             );
         }
     }
+    // The sandbox's admin endpoints (reset, faults, the record) want a token.
+    let token_pos = sandbox
+        .iter()
+        .position(|a| a == "--admin-token")
+        .expect("the sandbox runs with --admin-token");
+    assert!(
+        sandbox
+            .get(token_pos + 1)
+            .is_some_and(|t| !t.is_empty() && !t.starts_with("--")),
+        "--admin-token has no value: {sandbox:?}"
+    );
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
     assert_eq!(
         sandbox[key_pos + 1],
@@ -543,4 +554,32 @@ fn config_keys_named_in_docs_exist() {
         }
     }
     assert!(seen > 10, "the docs name only {seen} keys: did the pattern break?");
+}
+
+/// Every port compose publishes is bound to 127.0.0.1: the sandbox's admin endpoints and Grafana's
+/// anonymous Admin must not be reachable from the network (nor the bridge's or Prometheus' ports).
+#[test]
+fn compose_publishes_ports_on_loopback_only() {
+    let c = compose();
+    let mut published = BTreeSet::new();
+    for (name, svc) in c["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        for p in svc["ports"].as_sequence().into_iter().flatten() {
+            // Only the short syntax is used here; the long one would name host_ip instead.
+            let p = p
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: port {p:?} not in the short syntax"));
+            let parts: Vec<&str> = p.split(':').collect();
+            assert_eq!(
+                parts.len(),
+                3,
+                "{name} publishes {p} on every interface: write 127.0.0.1:HOST:CONTAINER"
+            );
+            assert_eq!(parts[0], "127.0.0.1", "{name} publishes {p}");
+            published.insert(name.to_string());
+        }
+    }
+    for name in ["sandbox", "grafana", "bridge", "prometheus"] {
+        assert!(published.contains(name), "{name} publishes no port: {published:?}");
+    }
 }
