@@ -524,6 +524,8 @@ fn config_keys_named_in_docs_exist() {
         "{}",
         r#"{"autoscaling":{"enabled":false},"rateBudget":{"mode":"static_share"}}"#,
         r#"{"kafka":{"topics":[],"topicPattern":"^wallet\\..*"}}"#,
+        // kafka.properties_file, dedupe.redis.username
+        r#"{"kafka":{"existingSecret":"kafka-client"},"redis":{"username":"bridge"}}"#,
     ] {
         let docs = helm_template(&["helm/datapulse-bridge/ci/production-values.yaml"], &[set]).unwrap();
         let cm = manifest(&docs, "ConfigMap")["data"]["datapulse-bridge.toml"]

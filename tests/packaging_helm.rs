@@ -56,9 +56,61 @@ fn pod_env(docs: &[Value], key: &tempfile::NamedTempFile) -> Vec<(String, String
     env
 }
 
+/// A librdkafka properties file as a Secret of the user's would hold it.
+const SAMPLE_PROPERTIES: &str =
+    "# mounted from a Secret\nsasl.username=datapulse-bridge\nsasl.password=s3cret-sample\n";
+
+/// The file a pod sees at `path`: the mounted Secret volume item whose mount path and item path
+/// make `path`, as (Secret name, item key).
+fn secret_file_at(docs: &[Value], path: &str) -> (String, String) {
+    let pod = &manifest(docs, "StatefulSet")["spec"]["template"]["spec"];
+    for m in container(docs)["volumeMounts"].as_sequence().unwrap() {
+        let dir = m["mountPath"].as_str().unwrap();
+        let Some(file) = path.strip_prefix(&format!("{dir}/")) else {
+            continue;
+        };
+        assert!(m["subPath"].is_null());
+        let vol = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap();
+        let item = vol["secret"]["items"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{path} is not in a Secret volume: {vol:?}"))
+            .iter()
+            .find(|i| i["path"] == file)
+            .unwrap_or_else(|| panic!("no item of {vol:?} at {path}"));
+        return (
+            vol["secret"]["secretName"].as_str().unwrap().to_string(),
+            item["key"].as_str().unwrap().to_string(),
+        );
+    }
+    panic!("nothing is mounted at {path}")
+}
+
+/// `datapulse-bridge check` on the ConfigMap's TOML with the pod's environment. Files that live in
+/// the pod are replaced by local ones: the API key, and the `kafka.properties_file` (the content of
+/// the chart's Secret when the chart renders it, otherwise SAMPLE_PROPERTIES).
 fn check_rendered(docs: &[Value]) -> Checked {
     let key = key_file();
-    let env = pod_env(docs, &key);
+    let mut env = pod_env(docs, &key);
+    let toml: toml::Value = toml::from_str(&config_toml(docs)).unwrap();
+    let mut props = tempfile::NamedTempFile::new().unwrap();
+    if let Some(path) = toml["kafka"].get("properties_file") {
+        let (secret, item) = secret_file_at(docs, path.as_str().unwrap());
+        let content = manifests(docs, "Secret")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == secret.as_str())
+            .map(|s| secret_item(s, &item))
+            .unwrap_or_else(|| SAMPLE_PROPERTIES.to_string());
+        std::io::Write::write_all(&mut props, content.as_bytes()).unwrap();
+        env.push((
+            "DATAPULSE_BRIDGE_KAFKA__PROPERTIES_FILE".into(),
+            props.path().display().to_string(),
+        ));
+    }
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     check(&config_toml(docs), &env)
 }
@@ -278,6 +330,41 @@ fn unsafe_combinations_are_refused() {
         (&[], r#"{"rateBudget":{"mode":"global"}}"#, "mode"),
         (&[], r#"{"batch":{"linger":"soon"}}"#, "linger"),
         (&[], r#"{"kafka":{"partitions":0}}"#, "partitions"),
+        // Secrets: one properties file, PEM only through kafka.tls, TLS given once and whole.
+        (
+            &[PRODUCTION],
+            r#"{"kafka":{"existingSecret":"kafka-client","properties":{"sasl.password":"pw"}}}"#,
+            "sasl.password",
+        ),
+        (
+            &[],
+            r#"{"kafka":{"properties":{"ssl.key.pem":"-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n"}}}"#,
+            "kafka.tls",
+        ),
+        (
+            &[],
+            r#"{"kafka":{"tls":{"existingSecret":"kafka-tls","ca":"-----BEGIN CERTIFICATE-----\n"}}}"#,
+            "kafka.tls",
+        ),
+        (
+            &[],
+            r#"{"kafka":{"tls":{"existingSecret":"kafka-tls","certKey":"tls.crt"}}}"#,
+            "keyKey",
+        ),
+        (
+            &[],
+            r#"{"kafka":{"tls":{"cert":"-----BEGIN CERTIFICATE-----\n"}}}"#,
+            "kafka.tls.key",
+        ),
+        (
+            &[],
+            r#"{"kafka":{"tls":{"existingSecret":"kafka-tls"},"properties":{"ssl.ca.location":"/etc/ssl/ca.pem"}}}"#,
+            "ssl.ca.location",
+        ),
+        (&[], r#"{"kafka":{"tls":{"ca":"not PEM"}}}"#, "ca"),
+        (&[PRODUCTION], r#"{"redis":{"username":"a@b"}}"#, "username"),
+        // `check` refuses rediss:// (the bridge is built without TLS to Redis): so does the chart.
+        (&[PRODUCTION], r#"{"redis":{"url":"rediss://r:6380/0"}}"#, "url"),
     ];
     for (files, set, needle) in cases {
         match helm_template(files, &[set]) {
@@ -347,6 +434,8 @@ fn manifests_are_valid_kubernetes_objects() {
         ),
         (&[PRODUCTION], "{}"),
         (&[PRODUCTION], r#"{"autoscaling":{"kind":"hpa"}}"#),
+        (&[PRODUCTION], SECRETS_INLINE),
+        (&[PRODUCTION], SECRETS_EXISTING),
     ];
     for (files, set) in variants {
         let text = helm_template_text(files, &[set]).unwrap();
@@ -369,5 +458,260 @@ fn manifests_are_valid_kubernetes_objects() {
             "values {set} over {files:?}: invalid objects:\n{report}"
         );
         assert!(!report.contains("ERROR"), "{report}");
+    }
+}
+
+/// Secret values given to the chart inline, each a sentinel that must end in a Secret only.
+const SECRETS_INLINE: &str = r#"{
+  "api": {"existingSecret": "", "key": "dp_sentinel_api_key"},
+  "kafka": {
+    "properties": {
+      "sasl.password": "sentinel-sasl-password",
+      "sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required password=\"sentinel-jaas\";",
+      "ssl.key.password": "sentinel-key-passphrase",
+      "sasl.oauthbearer.client.secret": "sentinel-oidc-secret"
+    },
+    "tls": {
+      "ca": "-----BEGIN CERTIFICATE-----\nsentinel-ca\n-----END CERTIFICATE-----\n",
+      "cert": "-----BEGIN CERTIFICATE-----\nsentinel-cert\n-----END CERTIFICATE-----\n",
+      "key": "-----BEGIN PRIVATE KEY-----\nsentinel-private-key\n-----END PRIVATE KEY-----\n"
+    }
+  },
+  "redis": {"username": "bridge", "url": "redis://redis.redis.svc:6380/2?protocol=resp3#primary"}
+}"#;
+
+/// The same secrets kept in the user's own Secrets.
+const SECRETS_EXISTING: &str = r#"{
+  "kafka": {
+    "existingSecret": "kafka-client",
+    "existingSecretPropertiesKey": "sasl.properties",
+    "tls": {"existingSecret": "kafka-client-tls", "caKey": "ca.crt", "certKey": "tls.crt", "keyKey": "tls.key"}
+  },
+  "redis": {"username": "bridge"}
+}"#;
+
+/// Secret material given inline lands in the chart's Secrets, mounted where the configuration
+/// reads it: SASL and other secret librdkafka properties as the `kafka.properties_file`, TLS as
+/// files behind `ssl.*.location`. `check` accepts the result and prints no secret.
+#[test]
+fn inline_kafka_secrets_render_into_secrets_mounted_as_files() {
+    let docs = helm_template(&[PRODUCTION], &[SECRETS_INLINE]).expect("renders");
+    let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+    let k = &toml["kafka"];
+
+    // The properties file: the chart's Secret, holding exactly the secret properties.
+    let path = k["properties_file"].as_str().expect("kafka.properties_file set");
+    let (secret, item) = secret_file_at(&docs, path);
+    assert_eq!(secret, "datapulse-bridge-kafka");
+    let secret = manifests(&docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "datapulse-bridge-kafka")
+        .expect("the chart creates the Kafka properties Secret");
+    let file = secret_item(secret, &item);
+    let mut lines: Vec<&str> = file.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required password=\"sentinel-jaas\";",
+            "sasl.oauthbearer.client.secret=sentinel-oidc-secret",
+            "sasl.password=sentinel-sasl-password",
+            "ssl.key.password=sentinel-key-passphrase",
+        ]
+    );
+    // The others stay in the ConfigMap, and none of the secret ones.
+    let props = k["properties"].as_table().unwrap();
+    assert_eq!(props["sasl.username"].as_str(), Some("datapulse-bridge"));
+    assert_eq!(props["security.protocol"].as_str(), Some("SASL_SSL"));
+    for key in [
+        "sasl.password",
+        "sasl.jaas.config",
+        "ssl.key.password",
+        "sasl.oauthbearer.client.secret",
+    ] {
+        assert!(!props.contains_key(key), "{key} in the ConfigMap");
+    }
+
+    // TLS: each location is the chart's TLS Secret's item of that name.
+    let tls = manifests(&docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "datapulse-bridge-kafka-tls")
+        .expect("the chart creates the TLS Secret");
+    for (prop, item, pem) in [
+        ("ssl.ca.location", "ca.crt", "sentinel-ca"),
+        ("ssl.certificate.location", "tls.crt", "sentinel-cert"),
+        ("ssl.key.location", "tls.key", "sentinel-private-key"),
+    ] {
+        let at = props[prop].as_str().unwrap_or_else(|| panic!("{prop} not set"));
+        assert_eq!(
+            secret_file_at(&docs, at),
+            ("datapulse-bridge-kafka-tls".to_string(), item.to_string())
+        );
+        assert!(secret_item(tls, item).contains(pem));
+    }
+
+    // A change to the chart's Secrets rolls the pods.
+    let annotations = &manifest(&docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"];
+    assert!(annotations["checksum/secret"].is_string());
+
+    let checked = check_rendered(&docs);
+    assert!(checked.ok, "check refused:\n{}", checked.stderr);
+    for sentinel in [
+        "sentinel-sasl-password",
+        "sentinel-jaas",
+        "sentinel-oidc",
+        "sentinel-key-passphrase",
+    ] {
+        assert!(!checked.stdout.contains(sentinel), "check printed {sentinel}");
+    }
+}
+
+/// SASL credentials and TLS material from the user's own Secrets: nothing secret rendered at all,
+/// the named items mounted where the configuration reads them.
+#[test]
+fn kafka_secrets_from_existing_secrets() {
+    let docs = helm_template(&[PRODUCTION], &[SECRETS_EXISTING]).expect("renders");
+    assert!(manifests(&docs, "Secret").is_empty(), "the chart creates no Secret");
+    let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+    let path = toml["kafka"]["properties_file"]
+        .as_str()
+        .expect("kafka.properties_file set");
+    assert_eq!(
+        secret_file_at(&docs, path),
+        ("kafka-client".to_string(), "sasl.properties".to_string())
+    );
+    let props = toml["kafka"]["properties"].as_table().unwrap();
+    for (prop, item) in [
+        ("ssl.ca.location", "ca.crt"),
+        ("ssl.certificate.location", "tls.crt"),
+        ("ssl.key.location", "tls.key"),
+    ] {
+        let at = props[prop].as_str().unwrap_or_else(|| panic!("{prop} not set"));
+        assert_eq!(
+            secret_file_at(&docs, at),
+            ("kafka-client-tls".to_string(), item.to_string())
+        );
+    }
+    // Secrets the chart does not render do not roll the pods (a restart reads them).
+    let annotations = &manifest(&docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"];
+    assert!(annotations["checksum/secret"].is_null());
+
+    // The bridge reads the mounted file (here SAMPLE_PROPERTIES) and never prints it.
+    let checked = check_rendered(&docs);
+    assert!(checked.ok, "check refused:\n{}", checked.stderr);
+    assert!(!checked.stdout.contains(SAMPLE_SECRET), "{}", checked.stdout);
+
+    // A CA alone (no client certificate): only ssl.ca.location.
+    let docs = helm_template(
+        &[],
+        &[r#"{"kafka":{"tls":{"existingSecret":"corp-ca","caKey":"bundle.pem"}}}"#],
+    )
+    .unwrap();
+    let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+    let props = toml["kafka"]["properties"].as_table().unwrap();
+    assert_eq!(
+        secret_file_at(&docs, props["ssl.ca.location"].as_str().unwrap()),
+        ("corp-ca".to_string(), "bundle.pem".to_string())
+    );
+    assert!(!props.contains_key("ssl.certificate.location") && !props.contains_key("ssl.key.location"));
+    assert!(toml["kafka"].get("properties_file").is_none());
+}
+
+/// A Redis ACL user and password reach both Redis users: the dedupe store as separate keys, the
+/// rate budget inside its URL, which keeps the path, query and fragment given in redis.url.
+#[test]
+fn redis_username_and_password_reach_the_dedupe_store_and_the_budget() {
+    let url = "redis://redis.redis.svc:6380/2?protocol=resp3#primary";
+    let set = format!(r#"{{"redis":{{"username":"bridge","url":"{url}"}}}}"#);
+    let docs = helm_template(&[PRODUCTION], &[&set]).unwrap();
+    let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+    assert_eq!(toml["dedupe"]["redis"]["username"].as_str(), Some("bridge"));
+    assert_eq!(toml["dedupe"]["redis"]["url"].as_str(), Some(url));
+    let key = key_file();
+    let env = pod_env(&docs, &key);
+    let budget = &env
+        .iter()
+        .find(|(k, _)| k == "DATAPULSE_BRIDGE_DELIVERY__REDIS_URL")
+        .unwrap()
+        .1;
+    assert_eq!(
+        budget,
+        "redis://bridge:s3cret-sample@redis.redis.svc:6380/2?protocol=resp3#primary"
+    );
+    assert!(env
+        .iter()
+        .any(|(k, v)| k == "DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD" && v == SAMPLE_SECRET));
+    let checked = check_rendered(&docs);
+    assert!(checked.ok, "check refused:\n{}", checked.stderr);
+    assert!(!checked.stdout.contains(SAMPLE_SECRET), "{}", checked.stdout);
+
+    // Without a password Secret: the user alone, in the ConfigMap's budget URL.
+    let set = format!(r#"{{"redis":{{"username":"bridge","url":"{url}","existingSecret":""}}}}"#);
+    let docs = helm_template(&[PRODUCTION], &[&set]).unwrap();
+    let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+    assert_eq!(
+        toml["delivery"]["redis_url"].as_str(),
+        Some("redis://bridge@redis.redis.svc:6380/2?protocol=resp3#primary")
+    );
+    let checked = check_rendered(&docs);
+    assert!(checked.ok, "check refused:\n{}", checked.stderr);
+}
+
+/// Whatever combination of secrets is given, no ConfigMap holds one, and each lands in a Secret
+/// (so none was silently dropped either).
+#[test]
+fn no_secret_value_in_any_configmap() {
+    let variants: &[(&[&str], &str, &[&str])] = &[
+        (
+            &[PRODUCTION],
+            SECRETS_INLINE,
+            &[
+                "dp_sentinel_api_key",
+                "sentinel-sasl-password",
+                "sentinel-jaas",
+                "sentinel-key-passphrase",
+                "sentinel-oidc-secret",
+                "sentinel-private-key",
+            ],
+        ),
+        (
+            &[],
+            r#"{"kafka":{"properties":{"sasl.password":"sentinel-only-sasl","sasl.username":"u","security.protocol":"SASL_PLAINTEXT","sasl.mechanism":"PLAIN"}}}"#,
+            &["sentinel-only-sasl"],
+        ),
+        (
+            &[],
+            r#"{"kafka":{"properties":{"ssl.keystore.password":"sentinel-keystore"},"tls":{"key":"-----BEGIN PRIVATE KEY-----\nsentinel-tls-key\n-----END PRIVATE KEY-----\n","cert":"-----BEGIN CERTIFICATE-----\nc\n-----END CERTIFICATE-----\n"}}}"#,
+            &["sentinel-keystore", "sentinel-tls-key"],
+        ),
+        (
+            &[],
+            r#"{"api":{"key":"dp_sentinel_trial"},"kafka":{"properties":{"sasl.oauthbearer.client.secret":"sentinel-client-secret","sasl.oauthbearer.token.endpoint.url":"https://idp.example/token"}}}"#,
+            &["dp_sentinel_trial", "sentinel-client-secret"],
+        ),
+    ];
+    for (files, set, sentinels) in variants {
+        let docs = helm_template(files, &[set]).unwrap_or_else(|e| panic!("{set}: {e}"));
+        let in_configmaps: String = manifests(&docs, "ConfigMap")
+            .iter()
+            .map(|c| serde_norway::to_string(c).unwrap())
+            .collect();
+        // Secrets decoded; every other object (the StatefulSet's env, annotations...) as rendered.
+        let mut in_secrets = String::new();
+        let mut elsewhere = String::new();
+        for d in &docs {
+            if d["kind"] == "Secret" {
+                for (k, _) in d["data"].as_mapping().unwrap() {
+                    in_secrets.push_str(&secret_item(d, k.as_str().unwrap()));
+                }
+            } else if d["kind"] != "ConfigMap" {
+                elsewhere.push_str(&serde_norway::to_string(d).unwrap());
+            }
+        }
+        for s in *sentinels {
+            assert!(!in_configmaps.contains(s), "{s} is in a ConfigMap ({set})");
+            assert!(!elsewhere.contains(s), "{s} is in a non-Secret object ({set})");
+            assert!(in_secrets.contains(s), "{s} went nowhere ({set})");
+        }
     }
 }
