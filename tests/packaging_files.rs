@@ -428,10 +428,19 @@ fn packaging_texts() -> Vec<(String, String)> {
         "docs/operations.md".to_string(),
         "docs/deployment.md".to_string(),
         "helm/datapulse-bridge/values.yaml".to_string(),
+        "helm/datapulse-bridge/README.md".to_string(),
     ];
-    for e in std::fs::read_dir(repo().join("helm/datapulse-bridge/templates")).unwrap() {
-        let p = e.unwrap().path();
-        files.push(p.strip_prefix(repo()).unwrap().display().to_string());
+    // The chart's templates, tests/ included.
+    let mut dirs = vec![repo().join("helm/datapulse-bridge/templates")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p.strip_prefix(repo()).unwrap().display().to_string());
+            }
+        }
     }
     files.into_iter().map(|f| (read(&f), f)).collect()
 }

@@ -255,11 +255,24 @@ fn autoscaling_is_capped_at_the_partition_count() {
     // Autoscaled: the StatefulSet leaves its replica count to the autoscaler.
     assert!(manifest(&docs, "StatefulSet")["spec"]["replicas"].is_null());
 
-    let hpa = helm_template(&[PRODUCTION], &[r#"{"autoscaling":{"kind":"hpa","maxReplicas":6}}"#]).unwrap();
+    // cooldownPeriod did nothing without scaling to zero (minReplicas >= 1): gone; the HPA's
+    // behavior is what tunes scale-down, for KEDA as for the plain HPA.
+    assert!(so["spec"]["cooldownPeriod"].is_null());
+    assert!(so["spec"]["advanced"].is_null(), "no behavior given, none rendered");
+    let behavior = r#"{"scaleDown":{"stabilizationWindowSeconds":600}}"#;
+    let set = format!(r#"{{"autoscaling":{{"behavior":{behavior}}}}}"#);
+    let keda = helm_template(&[PRODUCTION], &[&set]).unwrap();
+    let given: Value = serde_norway::from_str(behavior).unwrap();
     assert_eq!(
-        manifest(&hpa, "HorizontalPodAutoscaler")["spec"]["maxReplicas"].as_u64(),
-        Some(6)
+        manifest(&keda, "ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+        given
     );
+
+    let set = format!(r#"{{"autoscaling":{{"kind":"hpa","maxReplicas":6,"behavior":{behavior}}}}}"#);
+    let hpa = helm_template(&[PRODUCTION], &[&set]).unwrap();
+    let hpa = manifest(&hpa, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["maxReplicas"].as_u64(), Some(6));
+    assert_eq!(hpa["spec"]["behavior"], given);
 }
 
 #[test]
@@ -330,6 +343,11 @@ fn unsafe_combinations_are_refused() {
         (&[], r#"{"rateBudget":{"mode":"global"}}"#, "mode"),
         (&[], r#"{"batch":{"linger":"soon"}}"#, "linger"),
         (&[], r#"{"kafka":{"partitions":0}}"#, "partitions"),
+        // An API URL needs a host.
+        (&[], r#"{"api":{"baseUrl":"https://"}}"#, "baseUrl"),
+        (&[], r#"{"api":{"baseUrl":"http://"}}"#, "baseUrl"),
+        (&[], r#"{"api":{"baseUrl":"https:///v2"}}"#, "baseUrl"),
+        (&[], r#"{"api":{"baseUrl":"https://user:pw@api.example"}}"#, "baseUrl"),
         // Secrets: one properties file, PEM only through kafka.tls, TLS given once and whole.
         (
             &[PRODUCTION],
@@ -365,6 +383,12 @@ fn unsafe_combinations_are_refused() {
         (&[PRODUCTION], r#"{"redis":{"username":"a@b"}}"#, "username"),
         // `check` refuses rediss:// (the bridge is built without TLS to Redis): so does the chart.
         (&[PRODUCTION], r#"{"redis":{"url":"rediss://r:6380/0"}}"#, "url"),
+        // Removed in 0.2.0: it did nothing (KEDA applies it only when scaling to zero).
+        (
+            &[PRODUCTION],
+            r#"{"autoscaling":{"keda":{"cooldownPeriod":300}}}"#,
+            "cooldownPeriod",
+        ),
     ];
     for (files, set, needle) in cases {
         match helm_template(files, &[set]) {
@@ -433,9 +457,13 @@ fn manifests_are_valid_kubernetes_objects() {
             r#"{"api":{"key":"dp_trial_key"},"kafka":{"staticMembership":false}}"#,
         ),
         (&[PRODUCTION], "{}"),
-        (&[PRODUCTION], r#"{"autoscaling":{"kind":"hpa"}}"#),
+        (
+            &[PRODUCTION],
+            r#"{"autoscaling":{"kind":"hpa","behavior":{"scaleDown":{"stabilizationWindowSeconds":600,"policies":[{"type":"Pods","value":1,"periodSeconds":300}]}}}}"#,
+        ),
         (&[PRODUCTION], SECRETS_INLINE),
         (&[PRODUCTION], SECRETS_EXISTING),
+        (&[PRODUCTION], CONVENTIONS),
     ];
     for (files, set) in variants {
         let text = helm_template_text(files, &[set]).unwrap();
@@ -488,6 +516,17 @@ const SECRETS_EXISTING: &str = r#"{
     "tls": {"existingSecret": "kafka-client-tls", "caKey": "ca.crt", "certKey": "tls.crt", "keyKey": "tls.key"}
   },
   "redis": {"username": "bridge"}
+}"#;
+
+/// The chart's Kubernetes conventions, all set.
+const CONVENTIONS: &str = r#"{
+  "commonLabels": {"team": "payments", "app.kubernetes.io/name": "not-the-selector"},
+  "commonAnnotations": {"owner": "payments@example.com"},
+  "priorityClassName": "data-plane",
+  "service": {"annotations": {"service.example.com/scrape": "true"}},
+  "envFrom": [{"secretRef": {"name": "proxy-settings"}}, {"configMapRef": {"name": "bridge-extra"}}],
+  "extraVolumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca-bundle"}}],
+  "extraVolumeMounts": [{"name": "corp-ca", "mountPath": "/etc/ssl/corp", "readOnly": true}]
 }"#;
 
 /// Secret material given inline lands in the chart's Secrets, mounted where the configuration
@@ -714,4 +753,262 @@ fn no_secret_value_in_any_configmap() {
             assert!(in_secrets.contains(s), "{s} went nowhere ({set})");
         }
     }
+}
+
+/// commonLabels/commonAnnotations on every object, without touching the selector; priorityClassName,
+/// Service annotations, envFrom and extra volumes where Kubernetes reads them.
+#[test]
+fn kubernetes_conventions_render() {
+    let docs = helm_template(&[PRODUCTION], &[CONVENTIONS]).unwrap();
+    assert!(docs.len() >= 8, "{} objects", docs.len());
+    for d in &docs {
+        let what = format!(
+            "{} {}",
+            d["kind"].as_str().unwrap(),
+            d["metadata"]["name"].as_str().unwrap()
+        );
+        assert_eq!(d["metadata"]["labels"]["team"], "payments", "{what}");
+        assert_eq!(d["metadata"]["annotations"]["owner"], "payments@example.com", "{what}");
+        // The chart's own labels win: a commonLabel cannot rename the workload.
+        assert_ne!(
+            d["metadata"]["labels"]["app.kubernetes.io/name"], "not-the-selector",
+            "{what}"
+        );
+    }
+    let sts = manifest(&docs, "StatefulSet");
+    let pod = &sts["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["team"], "payments");
+    for (k, v) in sts["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            &pod["metadata"]["labels"][k], v,
+            "the pods keep the selector label {k:?}"
+        );
+    }
+    assert_eq!(pod["spec"]["priorityClassName"], "data-plane");
+    let svc = manifest(&docs, "Service");
+    assert_eq!(svc["metadata"]["annotations"]["service.example.com/scrape"], "true");
+    assert_eq!(svc["spec"]["selector"], sts["spec"]["selector"]["matchLabels"]);
+    let c = container(&docs);
+    assert_eq!(c["envFrom"][0]["secretRef"]["name"], "proxy-settings");
+    assert_eq!(c["envFrom"][1]["configMapRef"]["name"], "bridge-extra");
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "corp-ca")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/etc/ssl/corp");
+    let vol = pod["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "corp-ca")
+        .unwrap();
+    assert_eq!(vol["configMap"]["name"], "corp-ca-bundle");
+    // The chart's own mounts are still there.
+    for name in ["config", "api-key", "tmp"] {
+        assert!(c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == name));
+    }
+
+    // Defaults: no priority class, no stray annotations.
+    let docs = helm_template(&[], &[]).unwrap();
+    assert!(manifest(&docs, "StatefulSet")["spec"]["template"]["spec"]["priorityClassName"].is_null());
+    assert!(manifest(&docs, "ConfigMap")["metadata"]["annotations"].is_null());
+}
+
+/// The `helm test` hook: a Pod (hook annotation) that is no bridge to the Service, and whose
+/// script, run here with stand-ins for wget and sleep, asks each pod's /health/live on the ops
+/// port and fails when one does not answer.
+#[test]
+fn helm_test_hook_checks_each_pods_ops_port() {
+    fn hook(docs: &[Value]) -> &Value {
+        manifests(docs, "Pod")
+            .into_iter()
+            .find(|p| p["metadata"]["annotations"]["helm.sh/hook"] == "test")
+            .expect("a helm test Pod")
+    }
+    /// Runs the hook's script with a wget that logs its URL and answers `ok`; returns (success,
+    /// output, URLs asked).
+    fn run(pod: &Value, ok: bool) -> (bool, String, Vec<String>) {
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["command"][0], "/bin/sh");
+        let script = c["args"][0].as_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("urls");
+        let stub = |name: &str, body: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        };
+        stub(
+            "wget",
+            format!(
+                "for a; do url=$a; done; echo \"$url\" >> {}; exit {}",
+                log.display(),
+                if ok { 0 } else { 1 }
+            ),
+        );
+        stub("sleep", "exit 0".into());
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .output()
+            .unwrap();
+        let urls = std::fs::read_to_string(&log).unwrap_or_default();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            urls.lines().map(String::from).collect(),
+        )
+    }
+
+    let docs = helm_template(
+        &[PRODUCTION],
+        &[r#"{"autoscaling":{"enabled":false},"replicaCount":3,"telemetry":{"port":9191}}"#],
+    )
+    .unwrap();
+    let pod = hook(&docs);
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    // Not selected by the Service (nor the PDB, nor the ServiceMonitor: same selector).
+    let selector = manifest(&docs, "Service")["spec"]["selector"].as_mapping().unwrap();
+    assert!(
+        selector.iter().any(|(k, v)| &pod["metadata"]["labels"][k] != v),
+        "the test Pod carries the Service's selector labels"
+    );
+    let (ok, out, urls) = run(pod, true);
+    assert!(ok, "{out}");
+    assert_eq!(
+        urls,
+        (0..3)
+            .map(|i| format!("http://datapulse-bridge-{i}.datapulse-bridge.default.svc:9191/health/live"))
+            .collect::<Vec<_>>()
+    );
+    // A pod that never answers fails the test, after 12 tries.
+    let (ok, out, urls) = run(pod, false);
+    assert!(!ok && out.contains("FAIL"), "{out}");
+    assert_eq!(urls.len(), 12);
+
+    // Autoscaled: the pods that surely exist are minReplicas.
+    let docs = helm_template(&[PRODUCTION], &[]).unwrap();
+    let (ok, _, urls) = run(hook(&docs), true);
+    assert!(ok);
+    assert_eq!(urls.len(), 2, "{urls:?}");
+
+    // No pod, no test.
+    let docs = helm_template(&[], &[r#"{"replicaCount":0}"#]).unwrap();
+    assert!(manifests(&docs, "Pod").is_empty());
+}
+
+/// The alerts of files/alerts.yaml, each with a runbook_url under the configured base, and the
+/// scrape job the chart's ServiceMonitor produces.
+#[test]
+fn prometheus_rule_links_runbooks_and_watches_its_scrape_job() {
+    let file: Value = serde_norway::from_str(&read("helm/datapulse-bridge/files/alerts.yaml")).unwrap();
+    let base = "https://runbooks.example.com/datapulse-bridge/operations";
+    let set = format!(r#"{{"metrics":{{"prometheusRule":{{"runbookBaseUrl":"{base}"}}}},"nameOverride":"dpb"}}"#);
+    let docs = helm_template(&[PRODUCTION], &[&set]).unwrap();
+    let rule = manifest(&docs, "PrometheusRule");
+    let mut spec = rule["spec"].clone();
+    let mut n = 0;
+    for g in spec["groups"].as_sequence_mut().unwrap() {
+        for r in g["rules"].as_sequence_mut().unwrap() {
+            let name = r["alert"].as_str().unwrap().to_lowercase();
+            let a = r["annotations"].as_mapping_mut().unwrap();
+            let url = a.remove("runbook_url").expect("runbook_url");
+            assert_eq!(url.as_str().unwrap(), format!("{base}#{name}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 9);
+    // With nameOverride the ServiceMonitor's job (app.kubernetes.io/name) is "dpb", and the
+    // target-down rule follows it; otherwise the rules are the file's.
+    let sm = manifest(&docs, "ServiceMonitor");
+    assert_eq!(sm["spec"]["jobLabel"], "app.kubernetes.io/name");
+    assert_eq!(
+        manifest(&docs, "Service")["metadata"]["labels"]["app.kubernetes.io/name"],
+        "dpb"
+    );
+    let rendered = serde_norway::to_string(&spec).unwrap();
+    assert!(rendered.contains(r#"up{job="dpb"}"#), "{rendered}");
+    let back: Value =
+        serde_norway::from_str(&rendered.replace(r#"up{job="dpb"}"#, r#"up{job="datapulse-bridge"}"#)).unwrap();
+    assert_eq!(back, file);
+
+    // An empty base: no runbook_url.
+    let docs = helm_template(
+        &[PRODUCTION],
+        &[r#"{"metrics":{"prometheusRule":{"runbookBaseUrl":""}}}"#],
+    )
+    .unwrap();
+    assert!(!serde_norway::to_string(manifest(&docs, "PrometheusRule"))
+        .unwrap()
+        .contains("runbook_url"));
+}
+
+/// The chart's README documents every value of values.yaml, with its default: leaves of the
+/// values, walked along values.schema.json (a map the schema gives no fixed keys is one value).
+/// A default too long for a table cell is written `see values.yaml`.
+#[test]
+fn chart_readme_documents_every_value() {
+    fn walk(prefix: &str, v: &Value, schema: &serde_json::Value, out: &mut Vec<(String, Value)>) {
+        match v.as_mapping() {
+            Some(m) if !m.is_empty() && schema["properties"].is_object() => {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap();
+                    let p = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    assert!(schema["properties"][k].is_object(), "{p} is not in values.schema.json");
+                    walk(&p, v, &schema["properties"][k], out);
+                }
+            }
+            _ => out.push((prefix.to_string(), v.clone())),
+        }
+    }
+    let values: Value = serde_norway::from_str(&read("helm/datapulse-bridge/values.yaml")).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(&read("helm/datapulse-bridge/values.schema.json")).unwrap();
+    let mut leaves = Vec::new();
+    walk("", &values, &schema, &mut leaves);
+
+    let readme = read("helm/datapulse-bridge/README.md");
+    let row = regex::Regex::new(r"(?m)^\| `([A-Za-z0-9_.]+)` \| (`(.*)`|see values\.yaml) \| (.+) \|$").unwrap();
+    let mut documented = std::collections::BTreeMap::new();
+    for c in row.captures_iter(&readme) {
+        let default = c.get(3).map(|m| m.as_str().to_string());
+        assert!(c[4].trim().len() > 5, "{} has no description", &c[1]);
+        assert!(
+            documented.insert(c[1].to_string(), default).is_none(),
+            "{} documented twice",
+            &c[1]
+        );
+    }
+    for (path, value) in &leaves {
+        let doc = documented
+            .remove(path)
+            .unwrap_or_else(|| panic!("helm/datapulse-bridge/README.md does not document `{path}`"));
+        let json = serde_json::to_string(&serde_json::to_value(value).unwrap()).unwrap();
+        match doc {
+            Some(d) => assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&d).unwrap_or_else(|e| panic!("{path}: default {d}: {e}")),
+                serde_json::to_value(value).unwrap(),
+                "README's default of {path}"
+            ),
+            None => assert!(json.len() > 60, "{path}: write its default ({json}) in the README"),
+        }
+    }
+    assert!(
+        documented.is_empty(),
+        "README documents values that do not exist: {documented:?}"
+    );
+    assert!(
+        leaves.len() > 90,
+        "only {} values found: did the walk break?",
+        leaves.len()
+    );
 }

@@ -21,11 +21,23 @@ app.kubernetes.io/name: {{ include "datapulse-bridge.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Every object's labels: commonLabels, then the chart's own (which win on a clash). */}}
 {{- define "datapulse-bridge.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "datapulse-bridge.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- $own := dict "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_") "app.kubernetes.io/version" .Chart.AppVersion "app.kubernetes.io/managed-by" .Release.Service -}}
+{{- $own = merge $own (include "datapulse-bridge.selectorLabels" . | fromYaml) -}}
+{{- toYaml (merge $own (deepCopy (.Values.commonLabels | default dict))) -}}
+{{- end -}}
+
+{{/*
+An object's `annotations:` block: commonAnnotations merged with the object's own (given as "own",
+which win on a clash); nothing when both are empty. Call with (dict "ctx" $ "own" MAP).
+*/}}
+{{- define "datapulse-bridge.annotations" -}}
+{{- $all := merge (deepCopy (.own | default dict)) (deepCopy (.ctx.Values.commonAnnotations | default dict)) -}}
+{{- with $all -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
 {{- end -}}
 
 {{- define "datapulse-bridge.serviceAccountName" -}}
