@@ -211,7 +211,9 @@ fn alert_rules_parse_and_match_the_chart_copy() {
             let expr = r["expr"].as_str().unwrap();
             exprs.push(expr.to_string());
             let names = metric_names(expr);
-            assert!(!names.is_empty(), "{name} uses no bridge metric");
+            // The one alert on Prometheus' own `up` watches the bridge's scrape job.
+            let on_up = expr.contains(r#"up{job="datapulse-bridge"}"#);
+            assert!(!names.is_empty() || on_up, "{name} uses no bridge metric");
             for m in names {
                 assert!(METRICS.contains(&m.as_str()), "{name} uses unknown metric {m}");
             }
@@ -235,6 +237,7 @@ fn alert_rules_parse_and_match_the_chart_copy() {
         "DataPulseBridgeAuthHalted",
         "DataPulseBridgeDeadLetterRate",
         "DataPulseBridgeRateLimited",
+        "DataPulseBridgeTargetDown",
     ] {
         assert!(alerts.contains(needed), "missing alert {needed}");
     }
@@ -326,6 +329,17 @@ fn compose_file_wires_the_system() {
             );
         }
     }
+    // The sandbox's admin endpoints (reset, faults, the record) want a token.
+    let token_pos = sandbox
+        .iter()
+        .position(|a| a == "--admin-token")
+        .expect("the sandbox runs with --admin-token");
+    assert!(
+        sandbox
+            .get(token_pos + 1)
+            .is_some_and(|t| !t.is_empty() && !t.starts_with("--")),
+        "--admin-token has no value: {sandbox:?}"
+    );
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
     assert_eq!(
         sandbox[key_pos + 1],
@@ -414,10 +428,19 @@ fn packaging_texts() -> Vec<(String, String)> {
         "docs/operations.md".to_string(),
         "docs/deployment.md".to_string(),
         "helm/datapulse-bridge/values.yaml".to_string(),
+        "helm/datapulse-bridge/README.md".to_string(),
     ];
-    for e in std::fs::read_dir(repo().join("helm/datapulse-bridge/templates")).unwrap() {
-        let p = e.unwrap().path();
-        files.push(p.strip_prefix(repo()).unwrap().display().to_string());
+    // The chart's templates, tests/ included.
+    let mut dirs = vec![repo().join("helm/datapulse-bridge/templates")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p.strip_prefix(repo()).unwrap().display().to_string());
+            }
+        }
     }
     files.into_iter().map(|f| (read(&f), f)).collect()
 }
@@ -510,6 +533,8 @@ fn config_keys_named_in_docs_exist() {
         "{}",
         r#"{"autoscaling":{"enabled":false},"rateBudget":{"mode":"static_share"}}"#,
         r#"{"kafka":{"topics":[],"topicPattern":"^wallet\\..*"}}"#,
+        // kafka.properties_file, dedupe.redis.username
+        r#"{"kafka":{"existingSecret":"kafka-client"},"redis":{"username":"bridge"}}"#,
     ] {
         let docs = helm_template(&["helm/datapulse-bridge/ci/production-values.yaml"], &[set]).unwrap();
         let cm = manifest(&docs, "ConfigMap")["data"]["datapulse-bridge.toml"]
@@ -543,4 +568,32 @@ fn config_keys_named_in_docs_exist() {
         }
     }
     assert!(seen > 10, "the docs name only {seen} keys: did the pattern break?");
+}
+
+/// Every port compose publishes is bound to 127.0.0.1: the sandbox's admin endpoints and Grafana's
+/// anonymous Admin must not be reachable from the network (nor the bridge's or Prometheus' ports).
+#[test]
+fn compose_publishes_ports_on_loopback_only() {
+    let c = compose();
+    let mut published = BTreeSet::new();
+    for (name, svc) in c["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        for p in svc["ports"].as_sequence().into_iter().flatten() {
+            // Only the short syntax is used here; the long one would name host_ip instead.
+            let p = p
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: port {p:?} not in the short syntax"));
+            let parts: Vec<&str> = p.split(':').collect();
+            assert_eq!(
+                parts.len(),
+                3,
+                "{name} publishes {p} on every interface: write 127.0.0.1:HOST:CONTAINER"
+            );
+            assert_eq!(parts[0], "127.0.0.1", "{name} publishes {p}");
+            published.insert(name.to_string());
+        }
+    }
+    for name in ["sandbox", "grafana", "bridge", "prometheus"] {
+        assert!(published.contains(name), "{name} publishes no port: {published:?}");
+    }
 }

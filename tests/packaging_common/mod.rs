@@ -149,3 +149,37 @@ pub fn toml_paths(text: &str) -> BTreeSet<String> {
     walk("", &v, &mut out);
     out
 }
+
+/// Every rendered document of `kind`.
+pub fn manifests<'a>(docs: &'a [serde_norway::Value], kind: &str) -> Vec<&'a serde_norway::Value> {
+    docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
+}
+
+/// Decodes standard base64 (a Secret's `data`), padding optional.
+pub fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()) {
+        let v = ALPHABET
+            .iter()
+            .position(|a| *a == c)
+            .unwrap_or_else(|| panic!("{c:?} is not base64")) as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// A Secret's item, decoded.
+pub fn secret_item(secret: &serde_norway::Value, key: &str) -> String {
+    let b64 = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {:?} has no item {key}", secret["metadata"]["name"]));
+    String::from_utf8(base64_decode(b64)).unwrap()
+}

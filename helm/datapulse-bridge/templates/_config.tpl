@@ -17,10 +17,18 @@ topic_pattern = {{ $v.kafka.topicPattern | toJson }}
 {{- end }}
 max_in_flight_records = {{ int $v.kafka.maxInFlightRecords }}
 commit_interval = {{ $v.kafka.commitInterval | toJson }}
+{{- with include "datapulse-bridge.kafkaPropertiesSecret" . }}
+# Secret librdkafka properties (sasl.password, ...): a Secret mounted as a file, never this ConfigMap.
+properties_file = {{ printf "%s/%s" (include "datapulse-bridge.kafkaPropertiesDir" $) (include "datapulse-bridge.kafkaPropertiesKey" $) | toJson }}
+{{- end }}
 
 [kafka.properties]
-{{- range $k, $val := $v.kafka.properties }}
+{{- range $k, $val := (include "datapulse-bridge.kafkaPropertiesSplit" . | fromYaml).plain }}
 {{ $k | toJson }} = {{ if kindIs "string" $val }}{{ $val | toJson }}{{ else if kindIs "bool" $val }}{{ $val }}{{ else }}{{ int64 $val }}{{ end }}
+{{- end }}
+{{- $tlsDir := include "datapulse-bridge.kafkaTlsDir" . }}
+{{- range (include "datapulse-bridge.kafkaTlsItems" . | fromYamlArray) }}
+{{ get (dict "ca.crt" "ssl.ca.location" "tls.crt" "ssl.certificate.location" "tls.key" "ssl.key.location") .path | toJson }} = {{ printf "%s/%s" $tlsDir .path | toJson }}
 {{- end }}
 
 [api]
@@ -71,7 +79,7 @@ concurrency = {{ int ($v.batch.concurrency | default 1) }}
 replicas = {{ int $v.replicaCount }}
 {{- end }}
 {{- if and (eq $v.rateBudget.mode "redis") (not $v.redis.existingSecret) }}
-redis_url = {{ $v.redis.url | toJson }}
+redis_url = {{ include "datapulse-bridge.budgetRedisUrl" . | toJson }}
 {{- end }}
 {{- end -}}
 
@@ -87,13 +95,28 @@ on_store_unavailable = {{ $v.dedupe.onStoreUnavailable | toJson }}
 
 [dedupe.redis]
 url = {{ $v.redis.url | toJson }}
+{{- with $v.redis.username }}
+username = {{ . | toJson }}
+{{- end }}
 prefix = {{ $v.dedupe.prefix | toJson }}
 in_doubt = {{ $v.dedupe.inDoubt | toJson }}
 {{- end }}
 {{- end -}}
 
-{{/* The Redis URL with the password of redis.existingSecret, as a Kubernetes $(VAR) reference. */}}
-{{- define "datapulse-bridge.redisUrlWithPassword" -}}
-{{- $u := urlParse .Values.redis.url -}}
-{{- printf "%s://:$(DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD)@%s%s" $u.scheme $u.host $u.path -}}
+{{/*
+The rate budget's Redis URL: redis.url with the credentials the dedupe store gets as separate keys
+(redis.username; with redis.existingSecret the password, as a Kubernetes $(VAR) reference to the
+variable holding it). Everything after "scheme://" is kept as given: host, port, database path,
+query and fragment. redis.url holds no "@" (refused), so this is the only user info.
+*/}}
+{{- define "datapulse-bridge.budgetRedisUrl" -}}
+{{- $parts := splitn "://" 2 .Values.redis.url -}}
+{{- $user := .Values.redis.username | default "" -}}
+{{- $cred := "" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- $cred = printf "%s:$(DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD)@" $user -}}
+{{- else if $user -}}
+{{- $cred = printf "%s@" $user -}}
+{{- end -}}
+{{- printf "%s://%s%s" $parts._0 $cred $parts._1 -}}
 {{- end -}}

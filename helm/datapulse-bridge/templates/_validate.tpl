@@ -48,4 +48,34 @@ API key's rate limit. Included by the workload, so `helm install/upgrade/templat
 {{- fail (printf "kafka.properties.%s is managed by the bridge (commits happen only after delivery): remove it." $k) -}}
 {{- end -}}
 {{- end -}}
+{{- $secretProps := (include "datapulse-bridge.kafkaPropertiesSplit" . | fromYaml).secret -}}
+{{- if and $v.kafka.existingSecret $secretProps -}}
+{{- fail (printf "kafka.properties holds secret properties (%s) while kafka.existingSecret is set: the bridge reads one properties file, so put them in that Secret's %s and remove them from kafka.properties." (keys $secretProps | sortAlpha | join ", ") $v.kafka.existingSecretPropertiesKey) -}}
+{{- end -}}
+{{- range $k, $val := $secretProps -}}
+{{- if and (kindIs "string" $val) (or (contains "\n" $val) (contains "\r" $val)) -}}
+{{- fail (printf "kafka.properties.%s spans several lines, which the properties file cannot hold: give PEM material as files with kafka.tls (ca, cert, key, or an existing Secret)." $k) -}}
+{{- end -}}
+{{- end -}}
+{{- $t := $v.kafka.tls -}}
+{{- if and $t.existingSecret (or $t.ca $t.cert $t.key) -}}
+{{- fail "kafka.tls: set either existingSecret (with caKey, certKey, keyKey) or the inline ca, cert and key, not both." -}}
+{{- end -}}
+{{- if $t.existingSecret -}}
+{{- if ne (empty $t.certKey) (empty $t.keyKey) -}}
+{{- fail "kafka.tls.certKey and kafka.tls.keyKey go together (a client certificate needs its key): set both or neither." -}}
+{{- end -}}
+{{- if not (or $t.caKey $t.certKey) -}}
+{{- fail "kafka.tls.existingSecret is set but names no item: set kafka.tls.caKey and/or kafka.tls.certKey with kafka.tls.keyKey." -}}
+{{- end -}}
+{{- else if ne (empty $t.cert) (empty $t.key) -}}
+{{- fail "kafka.tls.cert and kafka.tls.key go together (a client certificate needs its key): set both or neither." -}}
+{{- end -}}
+{{- if include "datapulse-bridge.kafkaTlsSecret" . -}}
+{{- range $k, $_ := $v.kafka.properties -}}
+{{- if has $k (list "ssl.ca.location" "ssl.certificate.location" "ssl.key.location" "ssl.ca.pem" "ssl.certificate.pem" "ssl.key.pem") -}}
+{{- fail (printf "kafka.properties.%s conflicts with kafka.tls, which sets the CA, certificate and key locations: remove one of the two." $k) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
