@@ -115,8 +115,9 @@ impl AcceptedBatch {
 /// respect: the contract's fields come in a fixed order, `null` optional fields are dropped and
 /// numbers are normalised (`50.00` and `50` are one amount); custom properties keep the order they
 /// were parsed in, so they are sorted by name first when they are not already. (Parsed from a
-/// `serde_json::Map` they usually are.) A hash rather than the JSON bounds the memory at 16 bytes
-/// an event; two different events share one with probability about n²/2¹²⁹.
+/// `serde_json::Map` they usually are.) A hash rather than the JSON bounds the memory whatever an
+/// event's size: a 24-byte map entry (hash and first index) plus the table's slack; two different
+/// events share a hash with probability about n²/2¹²⁹.
 fn keyless_identity(event: &Event, json: &[u8]) -> u128 {
     if event.properties.windows(2).all(|w| w[0].0 <= w[1].0) {
         return xxh3_128(json);
