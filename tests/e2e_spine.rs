@@ -6,8 +6,9 @@ use std::time::Duration;
 
 const MIN: Duration = Duration::from_secs(60);
 
-/// 10,000 records over 4 partitions are all accepted exactly once, the group's committed offsets
-/// reach the end of every partition, and the metrics account for every record.
+/// 10,000 records over 4 partitions, a fifth of them keyless (registrations and logins, each with
+/// a unique click id), are all accepted exactly once, the group's committed offsets reach the end
+/// of every partition, and the metrics account for every record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_records_over_four_partitions_exactly_once() {
     let dir = workdir("spine-10k");
@@ -15,7 +16,7 @@ async fn ten_thousand_records_over_four_partitions_exactly_once() {
     broker.create_topic("tx", 4).await;
     broker.create_topic("tx.dlq", 1).await;
     let sandbox = Sandbox::start(&dir, &[]);
-    let records = deposits("d", 10_000, 4);
+    let records = mixed_events("d", 10_000, 4, 0.2);
     broker.produce("tx", &records).await;
     let ends = ends_of(&records, 4);
     let mut bridge = Bridge::start(&dir, "bridge", &bridge_config(&broker, &sandbox.url, "g-10k", "tx", ""));
@@ -29,10 +30,22 @@ async fn ten_thousand_records_over_four_partitions_exactly_once() {
     })
     .await;
 
-    let ids = accepted_ids(&sandbox).await;
-    assert_eq!(ids.len(), 10_000, "every transaction id accepted");
-    assert!(ids.values().all(|&n| n == 1), "no transaction id accepted twice");
+    let events = sandbox.events().await;
+    assert_each_accepted_once(&records, &events);
+    let keyless = events.iter().filter(|e| e.get("transaction_id").is_none()).count();
+    assert_eq!(keyless, 2_000, "a fifth of the stream is keyless");
     assert_eq!(sandbox.duplicate_ids().await.as_object().map_or(0, |m| m.len()), 0);
+    assert_eq!(sandbox.repeated_keyless_events().await, 0);
+    // The helper sees what it is for: a keyless event accepted twice and a deposit never accepted.
+    let mut tampered = events.clone();
+    let login = events.iter().find(|e| e["event_name"] == "login").unwrap().clone();
+    let lost = tampered.iter().position(|e| e["event_name"] == "deposit").unwrap();
+    let lost = tampered.remove(lost);
+    tampered.push(login.clone());
+    let report = ExactlyOnce::check(&records, &tampered);
+    assert_eq!(report.missing, vec![EventId::of_event(&lost)]);
+    assert_eq!(report.repeated, vec![(EventId::of_event(&login), 2)]);
+    assert!(report.unexpected.is_empty() && !report.is_clean());
 
     // The bridge's own accounting agrees with the sandbox's record.
     let m = bridge.metrics().await;

@@ -621,6 +621,68 @@ async fn stats_events_reset_and_duplicates_over_the_admin_api() {
     assert_eq!(admin_get(&h, "events").await.text, "[]");
 }
 
+/// Events without a transaction id accepted again, however their keys are ordered and whichever
+/// endpoint carried them, are counted in `/_sandbox/stats` with examples; distinct ones, keyed
+/// repeats and rejected requests are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_keyless_events_accepted_twice_are_counted_over_the_admin_api() {
+    let h = start(|_| {}).await;
+    let login = r#"{"client_user_id":"user_001","event_name":"login","timestamp":1702963200,
+        "click_id":"clk_1","ip_address":"203.0.113.1","campaign":"spring","user_agent":null}"#;
+    // The same login, its keys in another order, `null` left out, sent alone to /event.
+    let login_reordered = r#"{"campaign":"spring","ip_address":"203.0.113.1","click_id":"clk_1",
+        "timestamp":1702963200,"event_name":"login","client_user_id":"user_001"}"#;
+    let other_click = login.replace("clk_1", "clk_2");
+    let register = login.replace("\"login\"", "\"register\"");
+    let keyed = deposit().to_string();
+    let body = format!("[{login},{other_click},{register},{keyed}]");
+    assert_eq!(send(&h, "/v2/s2s/batch", Some(KEY), &body).await.status, 200);
+    assert_eq!(
+        h.stats().repeated_keyless_events,
+        0,
+        "distinct keyless events are no repeat"
+    );
+
+    let r = send(&h, "/v2/s2s/event", Some(KEY), login_reordered).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // A keyed repeat is a duplicate id, not a keyless repeat.
+    assert_eq!(send(&h, "/v2/s2s/event", Some(KEY), &keyed).await.status, 200);
+    // A rejected request records nothing, its repeat included.
+    let rejected = format!("[{login},{}]", set(deposit(), "amount", json!("5")));
+    assert_eq!(send(&h, "/v2/s2s/batch", Some(KEY), &rejected).await.status, 400);
+    // The login a third time and the registration again, in one batch.
+    let body = format!("[{login},{register}]");
+    assert_eq!(send(&h, "/v2/s2s/batch", Some(KEY), &body).await.status, 200);
+
+    let stats: Stats = serde_json::from_str(&admin_get(&h, "stats").await.text).unwrap();
+    assert_eq!(stats, h.stats());
+    assert_eq!(stats.accepted_events, 8);
+    assert_eq!(stats.repeated_keyless_events, 3, "{stats:?}");
+    assert_eq!(stats.duplicate_transaction_ids["tx_554433"], 2);
+    let places: Vec<(u64, u64)> = stats
+        .repeated_keyless_examples
+        .iter()
+        .map(|e| (e.index, e.first_index))
+        .collect();
+    assert_eq!(places, [(4, 0), (6, 0), (7, 2)]);
+    let log = h.events();
+    for ex in &stats.repeated_keyless_examples {
+        assert_eq!(ex.event, log[ex.index as usize], "the example is the logged event");
+        assert_eq!(log[ex.first_index as usize], log[ex.index as usize]);
+    }
+    assert_eq!(stats.repeated_keyless_examples[0].event["click_id"], "clk_1");
+    assert!(stats.repeated_keyless_examples[0].event.get("user_agent").is_none());
+
+    let reset = reqwest::Client::new()
+        .post(format!("{}/_sandbox/reset", h.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    assert_eq!(send(&h, "/v2/s2s/event", Some(KEY), login).await.status, 200);
+    assert_eq!(h.stats().repeated_keyless_events, 0, "reset forgets what was accepted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_token_guards_the_admin_prefix_and_partner_keys_do_not_open_it() {
     let h = start(|a| a.admin_token = Some("adm_secret".into())).await;

@@ -17,7 +17,7 @@ mod faults;
 mod record;
 
 pub use faults::{FaultStep, Faults};
-pub use record::{Stats, SuspiciousTimestamp, SuspiciousTimestamps};
+pub use record::{RepeatedKeylessEvent, Stats, SuspiciousTimestamp, SuspiciousTimestamps};
 
 use crate::event::{ContractOptions, TimestampUnit};
 use anyhow::Context as _;

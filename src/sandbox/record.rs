@@ -4,13 +4,18 @@
 use crate::event::{Event, TimestampUnit};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
+use xxhash_rust::xxh3::xxh3_128;
 
 /// How many suspicious timestamps are kept as examples (all are counted).
 const SUSPICIOUS_EXAMPLES: usize = 20;
+
+/// How many repeated keyless events are kept as examples (all are counted).
+const REPEATED_KEYLESS_EXAMPLES: usize = 20;
 
 /// The sandbox's counters, as `GET /_sandbox/stats` serialises them.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -30,19 +35,43 @@ pub struct Stats {
     /// Accepted timestamps that look like the other unit (milliseconds where seconds are
     /// configured, or the reverse).
     pub suspicious_timestamps: SuspiciousTimestamps,
+    /// Extra acceptances of events without a `transaction_id`: an event identical to one accepted
+    /// before (every field and custom property equal, in whatever order they were sent) counts one
+    /// each time it is accepted again. The API does not deduplicate, so for the bridge this must
+    /// stay 0.
+    pub repeated_keyless_events: u64,
+    /// The first few of those repeats.
+    pub repeated_keyless_examples: Vec<RepeatedKeylessEvent>,
 }
 
+/// An event without a `transaction_id` accepted again (an example in [`Stats`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepeatedKeylessEvent {
+    /// Where the repeat is in the accepted-event log.
+    pub index: u64,
+    /// Where the first acceptance of the identical event is in the log.
+    pub first_index: u64,
+    /// The event, as the sandbox recorded it.
+    pub event: serde_json::Value,
+}
+
+/// Accepted timestamps that look like the other unit (in [`Stats`]).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SuspiciousTimestamps {
+    /// How many were accepted.
     pub count: u64,
     /// The first few, with their position in the accepted-event log.
     pub examples: Vec<SuspiciousTimestamp>,
 }
 
+/// One suspicious timestamp (an example in [`SuspiciousTimestamps`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SuspiciousTimestamp {
+    /// Where the event is in the accepted-event log.
     pub index: u64,
+    /// Its `event_name`.
     pub event_name: String,
+    /// The timestamp as accepted.
     pub timestamp: i64,
 }
 
@@ -52,24 +81,52 @@ pub(crate) struct AcceptedBatch {
     bytes: Bytes,
     /// (start, end) of each event's JSON in `bytes`, newline excluded.
     spans: Vec<(u32, u32)>,
+    /// For each event without a `transaction_id`, the hash of its canonical form (see
+    /// [`keyless_identity`]); `None` for events with one (counted by id instead).
+    keyless: Vec<Option<u128>>,
 }
 
 impl AcceptedBatch {
     pub(crate) fn new(events: &[Event], size_hint: usize) -> AcceptedBatch {
         let mut buf = Vec::with_capacity(size_hint);
         let mut spans = Vec::with_capacity(events.len());
+        let mut keyless = Vec::with_capacity(events.len());
         for e in events {
-            let start = buf.len() as u32;
+            let start = buf.len();
             e.write_json(&mut buf);
-            spans.push((start, buf.len() as u32));
+            spans.push((start as u32, buf.len() as u32));
+            keyless.push(match e.transaction_id {
+                Some(_) => None,
+                None => Some(keyless_identity(e, &buf[start..])),
+            });
             buf.push(b'\n');
         }
         buf.shrink_to_fit();
         AcceptedBatch {
             bytes: Bytes::from(buf),
             spans,
+            keyless,
         }
     }
+}
+
+/// The identity of an event without a `transaction_id`: a 128-bit hash of its canonical JSON.
+/// The recorded form (`json`, from [`Event::write_json`]) is already canonical in all but one
+/// respect: the contract's fields come in a fixed order, `null` optional fields are dropped and
+/// numbers are normalised (`50.00` and `50` are one amount); custom properties keep the order they
+/// were parsed in, so they are sorted by name first when they are not already. (Parsed from a
+/// `serde_json::Map` they usually are.) A hash rather than the JSON bounds the memory whatever an
+/// event's size: a 24-byte map entry (hash and first index) plus the table's slack; two different
+/// events share a hash with probability about n²/2¹²⁹.
+fn keyless_identity(event: &Event, json: &[u8]) -> u128 {
+    if event.properties.windows(2).all(|w| w[0].0 <= w[1].0) {
+        return xxh3_128(json);
+    }
+    let mut sorted = event.clone();
+    sorted.properties.sort();
+    let mut canonical = Vec::with_capacity(json.len());
+    sorted.write_json(&mut canonical);
+    xxh3_128(&canonical)
 }
 
 /// Where event `i` of the log lives: chunk index and span in that chunk.
@@ -81,7 +138,7 @@ struct Slot {
 }
 
 /// The in-memory record. About 300 bytes an event: the compact JSON, a 12-byte slot and the
-/// transaction-id map entry.
+/// transaction-id map entry, or for an event without a transaction id the identity map entry.
 pub(crate) struct Record {
     unit: TimestampUnit,
     chunks: Vec<Bytes>,
@@ -89,6 +146,8 @@ pub(crate) struct Record {
     /// Transaction id → times accepted.
     seen_ids: HashMap<Box<str>, u64>,
     duplicates: HashMap<Box<str>, u64>,
+    /// Identity of each event without a transaction id accepted so far → its first log index.
+    seen_keyless: HashMap<u128, u64>,
     stats: Stats,
     file: Option<mpsc::Sender<Bytes>>,
 }
@@ -101,6 +160,7 @@ impl Record {
             slots: Vec::new(),
             seen_ids: HashMap::new(),
             duplicates: HashMap::new(),
+            seen_keyless: HashMap::new(),
             stats: Stats::default(),
             file,
         }
@@ -121,7 +181,7 @@ impl Record {
     /// Appends the accepted events (already validated) to the log, the counters and the file.
     pub(crate) fn accept(&mut self, events: &[Event], batch: AcceptedBatch) {
         let chunk = self.chunks.len() as u32;
-        for (e, &(start, end)) in events.iter().zip(&batch.spans) {
+        for ((e, &(start, end)), keyless) in events.iter().zip(&batch.spans).zip(&batch.keyless) {
             let index = self.slots.len() as u64;
             self.slots.push(Slot { chunk, start, end });
             if let Some(n) = self.stats.by_event_name.get_mut(e.event_name.as_ref()) {
@@ -142,6 +202,25 @@ impl Record {
                 };
                 if n > 1 {
                     self.duplicates.insert(id.as_ref().into(), n);
+                }
+            }
+            if let Some(identity) = keyless {
+                match self.seen_keyless.entry(*identity) {
+                    Entry::Vacant(v) => {
+                        v.insert(index);
+                    }
+                    Entry::Occupied(o) => {
+                        self.stats.repeated_keyless_events += 1;
+                        let examples = &mut self.stats.repeated_keyless_examples;
+                        if examples.len() < REPEATED_KEYLESS_EXAMPLES {
+                            examples.push(RepeatedKeylessEvent {
+                                index,
+                                first_index: *o.get(),
+                                event: serde_json::from_slice(&batch.bytes[start as usize..end as usize])
+                                    .expect("the sandbox's own JSON parses"),
+                            });
+                        }
+                    }
                 }
             }
             if self.unit.looks_like_other_unit(e.timestamp) {
@@ -285,5 +364,102 @@ mod tests {
         assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), s);
         r.reset();
         assert_eq!(r.stats(), Stats::default());
+    }
+
+    fn accept_each(r: &mut Record, events: &[Event]) {
+        r.accept(events, AcceptedBatch::new(events, 0));
+    }
+
+    #[test]
+    fn identical_keyless_events_accepted_again_are_counted_with_examples() {
+        let mut r = Record::new(TimestampUnit::Seconds, None);
+        let login = |click: &str| {
+            ev(
+                json!({"client_user_id":"u1","event_name":"login","timestamp":1702963200,
+                      "click_id":click,"ip_address":"203.0.113.7","campaign":"spring","src":"web"}),
+            )
+        };
+        let deposit = ev(
+            json!({"client_user_id":"u1","event_name":"deposit","timestamp":1702963200,
+                                "transaction_id":"t1","amount":5.0,"currency":"EUR"}),
+        );
+        // Distinct keyless events (one property apart) and a keyed event: no repeat.
+        accept_each(&mut r, &[login("c1"), login("c2"), deposit.clone()]);
+        assert_eq!(r.stats().repeated_keyless_events, 0);
+        // The first login again, its custom properties in the other order: a repeat of index 0.
+        let mut reordered = login("c1");
+        reordered.properties.reverse();
+        assert_ne!(reordered.properties, login("c1").properties);
+        accept_each(&mut r, &[reordered]);
+        // A keyed event again is a duplicate id, not a keyless repeat.
+        accept_each(&mut r, std::slice::from_ref(&deposit));
+        let s = r.stats();
+        assert_eq!(s.repeated_keyless_events, 1);
+        assert_eq!(s.duplicate_transaction_ids["t1"], 2);
+        assert_eq!(s.repeated_keyless_examples.len(), 1);
+        let ex = &s.repeated_keyless_examples[0];
+        assert_eq!((ex.index, ex.first_index), (3, 0));
+        assert_eq!(ex.event["click_id"], "c1");
+        assert_eq!(ex.event["campaign"], "spring");
+        // A third acceptance counts again (extra acceptances, not distinct events).
+        accept_each(&mut r, &[login("c1")]);
+        assert_eq!(r.stats().repeated_keyless_events, 2);
+        assert_eq!(r.stats().repeated_keyless_examples[1].first_index, 0);
+
+        // Every repeat is counted, the examples stop at REPEATED_KEYLESS_EXAMPLES.
+        let many: Vec<Event> = (0..30).map(|_| login("c2")).collect();
+        accept_each(&mut r, &many);
+        let s = r.stats();
+        assert_eq!(s.repeated_keyless_events, 32);
+        assert_eq!(s.repeated_keyless_examples.len(), REPEATED_KEYLESS_EXAMPLES);
+        assert_eq!(s.repeated_keyless_examples[2].first_index, 1);
+        assert_eq!(s.accepted_events, 36);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), s);
+
+        r.reset();
+        accept_each(&mut r, &[login("c1")]);
+        assert_eq!(
+            r.stats().repeated_keyless_events,
+            0,
+            "reset forgets the keyless identities"
+        );
+    }
+
+    #[test]
+    fn keyless_identity_is_the_whole_event_whatever_its_key_order() {
+        let base = json!({"client_user_id":"u1","event_name":"register","timestamp":1702963200,
+                          "click_id":"c1","ip_address":"203.0.113.7","a":"1","b":"2"});
+        let id = |v: &serde_json::Value| {
+            let e = ev(v.clone());
+            let mut buf = Vec::new();
+            e.write_json(&mut buf);
+            keyless_identity(&e, &buf)
+        };
+        let same = id(&base);
+        // Every field takes part: change any one and it is another event.
+        for (k, v) in [
+            ("client_user_id", json!("u2")),
+            ("event_name", json!("login")),
+            ("timestamp", json!(1702963201)),
+            ("click_id", json!("c2")),
+            ("ip_address", json!("203.0.113.8")),
+            ("a", json!("x")),
+            ("user_agent", json!("curl")),
+        ] {
+            let mut other = base.clone();
+            other[k] = v;
+            assert_ne!(id(&other), same, "{k} takes part in the identity");
+        }
+        // A null optional field is the field left out, as the API reads it.
+        let mut with_null = base.clone();
+        with_null["user_agent"] = serde_json::Value::Null;
+        assert_eq!(id(&with_null), same);
+        // Properties out of order (built by hand: a serde_json map hands them over sorted).
+        let mut e = ev(base.clone());
+        e.properties.swap(0, 1);
+        let mut buf = Vec::new();
+        e.write_json(&mut buf);
+        assert_eq!(keyless_identity(&e, &buf), same);
     }
 }

@@ -360,6 +360,14 @@ impl Sandbox {
     pub async fn duplicate_ids(&self) -> serde_json::Value {
         self.stats().await["duplicate_transaction_ids"].clone()
     }
+
+    /// How many times the sandbox accepted an event without a transaction id identical to one it
+    /// had accepted before (its own count, over the whole event).
+    pub async fn repeated_keyless_events(&self) -> u64 {
+        self.stats().await["repeated_keyless_events"]
+            .as_u64()
+            .expect("the sandbox's stats have repeated_keyless_events")
+    }
 }
 
 /// A bridge process (`datapulse-bridge run`).
@@ -432,7 +440,8 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-/// The mapping of the flat test records (`deposit`) on `topic`.
+/// The mapping of the flat test records ([`deposit`], and [`keyless`], whose absent `/tx`,
+/// `/amount` and `/ccy` leave those fields out of the event) on `topic`.
 pub fn flat_mapping(topic: &str) -> String {
     format!(
         r#"[[mapping]]
@@ -511,6 +520,166 @@ pub fn deposits(prefix: &str, n: usize, partitions: i32) -> Vec<(i32, String, St
             ((i as i32) % partitions, tx.clone(), deposit(&tx, i as u32))
         })
         .collect()
+}
+
+/// A valid flat keyless record (`event_name` `login` or `register`: no transaction id, amount or
+/// currency; the click id and IP address these two require). `click` should be unique in a test so
+/// that a repeat is visibly a repeat: the flat mapping passes `/click` through as `click_id`, and
+/// the sandbox compares whole events.
+pub fn keyless(event_name: &str, click: &str, user: u32) -> String {
+    serde_json::json!({
+        "user": format!("u{user}"), "type": event_name, "ts": 1_764_000_000 + i64::from(user % 1000),
+        "click": click, "ip": "203.0.113.7"
+    })
+    .to_string()
+}
+
+/// `n` records like a partner's stream, spread round-robin over `partitions` with keys
+/// `{prefix}-{i}`: deposits with transaction id `{prefix}-{i}`, and among them, evenly interleaved,
+/// a `keyless_share` (0 to 1) of keyless events, registrations and logins by turns, each with the
+/// unique click id `clk-{prefix}-{i}`. Pass them to [`assert_each_accepted_once`].
+pub fn mixed_events(prefix: &str, n: usize, partitions: i32, keyless_share: f64) -> Vec<(i32, String, String)> {
+    assert!(
+        (0.0..=1.0).contains(&keyless_share),
+        "keyless_share {keyless_share} is not in 0..=1"
+    );
+    let mut keyless_so_far = 0usize;
+    (0..n)
+        .map(|i| {
+            let key = format!("{prefix}-{i}");
+            // Record i is keyless when the running share crosses the next whole event.
+            let due = ((i + 1) as f64 * keyless_share).floor() as usize;
+            let value = if due > keyless_so_far {
+                keyless_so_far += 1;
+                let name = if keyless_so_far % 2 == 1 { "register" } else { "login" };
+                keyless(name, &format!("clk-{key}"), i as u32)
+            } else {
+                deposit(&key, i as u32)
+            };
+            ((i as i32) % partitions, key, value)
+        })
+        .collect()
+}
+
+/// What tells one expected event from every other: its transaction id, or for an event without
+/// one its event name and (unique in the test data) click id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventId {
+    /// An event with a `transaction_id`.
+    Tx(String),
+    /// An event without one.
+    Keyless { event_name: String, click_id: String },
+}
+
+impl EventId {
+    /// The identity of a flat test record's value (`/tx`, else `/type` and `/click`).
+    pub fn of_record(value: &str) -> EventId {
+        let v: serde_json::Value =
+            serde_json::from_str(value).unwrap_or_else(|e| panic!("test record is not JSON ({e}): {value}"));
+        Self::of(&v, "tx", "type", "click")
+    }
+
+    /// The identity of an event as the API received it.
+    pub fn of_event(event: &serde_json::Value) -> EventId {
+        Self::of(event, "transaction_id", "event_name", "click_id")
+    }
+
+    fn of(v: &serde_json::Value, tx: &str, name: &str, click: &str) -> EventId {
+        match v[tx].as_str() {
+            Some(t) => EventId::Tx(t.to_string()),
+            None => EventId::Keyless {
+                event_name: v[name].as_str().unwrap_or_default().to_string(),
+                click_id: v[click]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a keyless event without a click id cannot be told apart: {v}"))
+                    .to_string(),
+            },
+        }
+    }
+}
+
+/// How the accepted events compare with the produced records: every record accepted exactly once
+/// is the clean result.
+#[derive(Debug, Default)]
+pub struct ExactlyOnce {
+    /// Records produced (expected once each).
+    pub expected: usize,
+    /// Produced, never accepted.
+    pub missing: Vec<EventId>,
+    /// Accepted more than once, with how many times.
+    pub repeated: Vec<(EventId, u32)>,
+    /// Accepted, never produced (or produced under another identity), with how many times.
+    pub unexpected: Vec<(EventId, u32)>,
+}
+
+impl ExactlyOnce {
+    /// Compares the `(partition, key, value)` records that should each reach the API (flat test
+    /// records: see [`EventId::of_record`]) with the sandbox's event log (`Sandbox::events`).
+    pub fn check(records: &[(i32, String, String)], accepted: &[serde_json::Value]) -> ExactlyOnce {
+        use std::collections::BTreeMap;
+        let mut counts: BTreeMap<EventId, u32> = BTreeMap::new();
+        for e in accepted {
+            *counts.entry(EventId::of_event(e)).or_default() += 1;
+        }
+        let mut report = ExactlyOnce {
+            expected: records.len(),
+            ..ExactlyOnce::default()
+        };
+        let mut produced = std::collections::BTreeSet::new();
+        for (_, _, value) in records {
+            let id = EventId::of_record(value);
+            assert!(produced.insert(id.clone()), "test data: {id:?} is produced twice");
+            match counts.get(&id) {
+                None => report.missing.push(id),
+                Some(&n) if n > 1 => report.repeated.push((id, n)),
+                Some(_) => {}
+            }
+        }
+        report.unexpected = counts.into_iter().filter(|(id, _)| !produced.contains(id)).collect();
+        report
+    }
+
+    /// Whether every record was accepted exactly once and nothing else was.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.repeated.is_empty() && self.unexpected.is_empty()
+    }
+}
+
+impl std::fmt::Display for ExactlyOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 10;
+        let keyless =
+            |ids: &mut dyn Iterator<Item = &EventId>| ids.filter(|i| matches!(i, EventId::Keyless { .. })).count();
+        writeln!(f, "{} records expected once each:", self.expected)?;
+        writeln!(
+            f,
+            "  missing: {} ({} keyless), e.g. {:?}",
+            self.missing.len(),
+            keyless(&mut self.missing.iter()),
+            &self.missing[..self.missing.len().min(SHOWN)]
+        )?;
+        writeln!(
+            f,
+            "  accepted more than once: {} ({} keyless), e.g. {:?}",
+            self.repeated.len(),
+            keyless(&mut self.repeated.iter().map(|(i, _)| i)),
+            &self.repeated[..self.repeated.len().min(SHOWN)]
+        )?;
+        write!(
+            f,
+            "  accepted, never produced: {}, e.g. {:?}",
+            self.unexpected.len(),
+            &self.unexpected[..self.unexpected.len().min(SHOWN)]
+        )
+    }
+}
+
+/// Asserts that every record of `records` (with or without a transaction id) was accepted
+/// exactly once according to the sandbox's event log `accepted`, and nothing else was; the
+/// panic message lists the missing, repeated and unexpected events with examples.
+pub fn assert_each_accepted_once(records: &[(i32, String, String)], accepted: &[serde_json::Value]) {
+    let report = ExactlyOnce::check(records, accepted);
+    assert!(report.is_clean(), "{report}");
 }
 
 /// Produces `(partition, key, value)` records with `producer` and waits for every acknowledgement
