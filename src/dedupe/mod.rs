@@ -184,6 +184,28 @@ impl EventKeys {
     }
 }
 
+/// The keys and bets a caller holds already (its batch so far), for [`Deduper::check_now`].
+#[derive(Default)]
+struct Earlier<'a> {
+    keys: HashSet<&'a str>,
+    bets: HashMap<&'a str, [u32; 2]>,
+}
+
+impl<'a> Earlier<'a> {
+    fn of(held: &[&'a EventKeys]) -> Earlier<'a> {
+        let mut e = Earlier::default();
+        for k in held {
+            if let Some(key) = k.key.as_deref() {
+                e.keys.insert(key);
+            }
+            if let Some((bet, kind)) = &k.guard {
+                e.bets.entry(bet.as_str()).or_default()[kind.idx()] += 1;
+            }
+        }
+        e
+    }
+}
+
 /// What this process holds in flight: checked `Send`, neither delivered nor released yet.
 #[derive(Default)]
 pub(crate) struct Local {
@@ -199,11 +221,18 @@ pub(crate) struct Local {
 impl Local {
     /// Whether `k`'s key, or the other result of its bet, is held (by another batch: a batch
     /// holds nothing before its check passes this test).
-    fn conflicts(&self, k: &EventKeys) -> bool {
-        k.key.as_ref().is_some_and(|key| self.keys.contains_key(key))
-            || k.guard
-                .as_ref()
-                .is_some_and(|(bet, kind)| self.bets.get(bet).is_some_and(|c| c[kind.other().idx()] > 0))
+    /// Whether `k` meets a key or a bet held in flight other than by `earlier` (the caller's own
+    /// batch, whose holds count as earlier events of the same batch).
+    fn conflicts_beyond(&self, k: &EventKeys, earlier: &Earlier<'_>) -> bool {
+        k.key
+            .as_deref()
+            .is_some_and(|key| self.keys.contains_key(key) && !earlier.keys.contains(key))
+            || k.guard.as_ref().is_some_and(|(bet, kind)| {
+                let other = kind.other().idx();
+                let held = self.bets.get(bet).map_or(0, |c| c[other]);
+                let mine = earlier.bets.get(bet.as_str()).map_or(0, |c| c[other]);
+                held > mine
+            })
     }
 
     fn hold(&mut self, k: &EventKeys) {
@@ -326,27 +355,26 @@ impl Deduper {
         // other result of one of these bets, in flight. Its outcome decides: wait until it is
         // delivered (then the store answers) or given up (then this one is sent). Nothing of this
         // batch is held while it waits, so two batches never wait on each other.
-        while !self.take_holds(keys, &mut verdicts, &mut pending) {
+        while !self.take_holds(&Earlier::default(), keys, &mut verdicts, &mut pending) {
             self.metrics.waits.inc();
             tokio::time::sleep(LOCAL_WAIT).await;
         }
         self.look_up(keys, verdicts, pending).await
     }
 
-    /// Whether `keys` meet a key or a bet this process holds in flight (where [`Deduper::check`]
-    /// would wait).
-    pub fn is_held(&self, keys: &EventKeys) -> bool {
-        self.lock().conflicts(keys)
-    }
-
-    /// [`Deduper::check`] for events that join a batch already judged (topping up a request whose
-    /// duplicates left room): `None`, holding nothing, when one of them is held in flight by this
-    /// process (the caller's own batch included), where `check` would wait; the caller keeps
-    /// them for its next batch.
-    pub async fn check_now(&self, keys: &[&EventKeys]) -> Option<Result<Vec<Verdict>, StoreUnavailable>> {
+    /// [`Deduper::check`] for events that join a batch already judged, `earlier` (topping up a
+    /// request whose duplicates left room): they are judged as later events of that batch (a
+    /// key of `earlier` again is `Duplicate "in_batch"`, the other result of one of its bets a
+    /// double count). `None`, holding nothing, when one of them is held in flight elsewhere in
+    /// this process, where `check` would wait; the caller keeps them for its next batch.
+    pub async fn check_now(
+        &self,
+        earlier: &[&EventKeys],
+        keys: &[&EventKeys],
+    ) -> Option<Result<Vec<Verdict>, StoreUnavailable>> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; keys.len()];
         let mut pending = Vec::new();
-        if !self.take_holds(keys, &mut verdicts, &mut pending) {
+        if !self.take_holds(&Earlier::of(earlier), keys, &mut verdicts, &mut pending) {
             return None;
         }
         Some(self.look_up(keys, verdicts, pending).await)
@@ -448,12 +476,19 @@ impl Deduper {
 
     /// Judges the batch against itself and holds the keys of what it sends; unless a key conflicts
     /// with another batch's holds: then it holds nothing and returns false.
-    fn take_holds(&self, keys: &[&EventKeys], verdicts: &mut [Option<Verdict>], pending: &mut Vec<usize>) -> bool {
+    fn take_holds(
+        &self,
+        earlier: &Earlier<'_>,
+        keys: &[&EventKeys],
+        verdicts: &mut [Option<Verdict>],
+        pending: &mut Vec<usize>,
+    ) -> bool {
         let mut local = self.lock();
-        if keys.iter().any(|k| local.conflicts(k)) {
+        if keys.iter().any(|k| local.conflicts_beyond(k, earlier)) {
             return false;
         }
-        let mut in_batch: HashSet<&str> = HashSet::with_capacity(keys.len());
+        let mut in_batch: HashSet<&str> = HashSet::with_capacity(keys.len() + earlier.keys.len());
+        in_batch.extend(earlier.keys.iter().copied());
         for (i, k) in keys.iter().enumerate() {
             if let Some(key) = k.key.as_deref() {
                 if in_batch.contains(key) {

@@ -140,10 +140,10 @@ impl Lane {
     }
 
     /// Fills the room that duplicates and dead letters left in a judged batch with events already
-    /// waiting, judged the same way, so that a request carries `batch.max_events` events when
-    /// there are that many to send (at the rate limit every request counts). Stops at an event
-    /// whose id or bet is in flight in this process (this batch included): it leads the next
-    /// batch, after this one's outcome.
+    /// waiting, judged as later events of the same batch, so that a request carries
+    /// `batch.max_events` events when there are that many to send (at the rate limit every
+    /// request counts). Stops when an event's id or bet is in flight in another lane: those lead
+    /// the next batch.
     async fn top_up(&mut self, to_send: &mut Vec<Pending>) {
         let (max_events, max_bytes) = (self.batcher.config().max_events, self.batcher.config().max_bytes);
         while to_send.len() < max_events {
@@ -151,7 +151,7 @@ impl Lane {
             let mut more = Vec::new();
             while to_send.len() + more.len() < max_events {
                 let Some(p) = self.batcher.try_next() else { break };
-                if bytes + p.json.len() + 1 > max_bytes || self.deduper.is_held(&p.keys) {
+                if bytes + p.json.len() + 1 > max_bytes {
                     self.batcher.put_back(vec![p]);
                     break;
                 }
@@ -163,7 +163,8 @@ impl Lane {
                 return;
             }
             let keys: Vec<&EventKeys> = more.iter().map(|p| &p.keys).collect();
-            let verdicts = match self.deduper.check_now(&keys).await {
+            let earlier: Vec<&EventKeys> = to_send.iter().map(|p| &p.keys).collect();
+            let verdicts = match self.deduper.check_now(&earlier, &keys).await {
                 Some(Ok(verdicts)) => verdicts,
                 // Held by another lane meanwhile, or the store is unavailable: the next batch.
                 _ => {

@@ -42,6 +42,10 @@ pub struct Stats {
     pub repeated_keyless_events: u64,
     /// The first few of those repeats.
     pub repeated_keyless_examples: Vec<RepeatedKeylessEvent>,
+    /// Accepted requests by how many events each carried (both endpoints): how full the
+    /// client's requests were.
+    #[serde(default)]
+    pub events_per_request: BTreeMap<u64, u64>,
 }
 
 /// An event without a `transaction_id` accepted again (an example in [`Stats`]).
@@ -236,6 +240,7 @@ impl Record {
             }
         }
         self.stats.accepted_events += events.len() as u64;
+        *self.stats.events_per_request.entry(events.len() as u64).or_default() += 1;
         if let Some(tx) = &self.file {
             // Sent under the lock so that the file has the log's order. The writer thread only
             // goes away when the file failed, and then it has said so.

@@ -63,9 +63,15 @@ struct World {
     written: Arc<Recorded>,
     sandbox: SandboxHandle,
     next_offset: i64,
+    /// The lane's inbox, as the consumer loop fills it.
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<Pending>>,
 }
 
 async fn world() -> World {
+    world_with(BatchConfig::default()).await
+}
+
+async fn world_with(batch: BatchConfig) -> World {
     let sandbox = sandbox::start(SandboxArgs {
         listen: "127.0.0.1:0".into(),
         api_keys: vec![KEY.into()],
@@ -105,9 +111,9 @@ async fn world() -> World {
         Arc::clone(&written) as Arc<dyn WriteOnce>,
         Arc::clone(&deduper),
     ));
-    let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
     let lane = Lane {
-        batcher: Batcher::new(Inbox::new(rx), BatchConfig::default()),
+        batcher: Batcher::new(Inbox::new(rx), batch),
         deliverer,
         deduper,
         outcomes: Arc::clone(&outcomes),
@@ -122,6 +128,7 @@ async fn world() -> World {
         written,
         sandbox,
         next_offset: 0,
+        queue,
     }
 }
 
@@ -183,6 +190,12 @@ impl World {
                 }
             })
             .collect()
+    }
+
+    /// Queues events in the lane's inbox, as the consumer loop hands them over.
+    fn queue(&mut self, events: &[Event<'_>]) {
+        let chunk = self.pending(events);
+        self.queue.send(chunk).expect("the lane's inbox is open");
     }
 
     /// Processes a batch and waits for its dead letters.
@@ -350,4 +363,64 @@ async fn requests_refused_before_counting_leave_their_ids_released() {
     let keys = w.lane.deduper.keys_of(&event("deposit", "e-0"), &other_record());
     let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
     assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
+}
+
+#[tokio::test]
+async fn a_batch_with_duplicates_is_topped_up_to_max_events_from_what_waits() {
+    let mut w = world_with(BatchConfig {
+        max_events: 4,
+        ..BatchConfig::default()
+    })
+    .await;
+    // Waiting behind the batch: a copy of an id in the batch, then new ids.
+    w.queue(&[
+        event("deposit", "x-1"),
+        event("deposit", "x-2"),
+        event("deposit", "x-3"),
+        event("deposit", "x-4"),
+    ]);
+    // Cut at four, of which two are copies: two events would leave.
+    w.process(&[
+        event("deposit", "x-0"),
+        event("deposit", "x-0"),
+        event("deposit", "x-1"),
+        event("deposit", "x-1"),
+    ])
+    .await;
+    assert_eq!(
+        w.accepted_ids(),
+        ["x-0", "x-1", "x-2", "x-3"],
+        "one full request, each id once, in order"
+    );
+    let stats = w.sandbox.stats();
+    assert_eq!(stats.events_per_request, [(4, 1)].into_iter().collect());
+    assert_eq!(w.totals().delivered, 4);
+    assert_eq!(
+        w.totals().duplicate,
+        3,
+        "two copies in the batch, one among those topping it up"
+    );
+    // x-4 (queued fourth, offset 3) did not fit: it leads the next batch.
+    assert_eq!(w.lane.batcher.try_next().map(|p| p.held.record.id.offset), Some(3));
+}
+
+#[tokio::test]
+async fn a_stopping_lane_finishes_nothing_it_never_sent() {
+    let mut w = world().await;
+    w.queue(&[event("deposit", "s-0"), event("deposit", "s-1")]);
+    w.lane.stop.cancel();
+    let World {
+        lane,
+        sandbox,
+        telemetry,
+        tracker,
+        ..
+    } = w;
+    tokio::time::timeout(Duration::from_secs(5), lane.run())
+        .await
+        .expect("a stopped lane returns at once");
+    assert_eq!(sandbox.stats().requests, 0, "nothing sent after shutdown");
+    let totals = Totals::read(&telemetry);
+    assert_eq!((totals.finished(), totals.abandoned), (0, 2), "left to the next owner");
+    assert_eq!(lock(&tracker).in_flight(), 2, "unfinished: not committed past");
 }
