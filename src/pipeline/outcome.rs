@@ -4,9 +4,9 @@
 //! reaches exactly one [`Outcome`]: delivered, duplicate, filtered or dead-lettered. Finishing it
 //! moves the tracker (so its offset may be committed) and the
 //! `datapulse_bridge_records_finished_total` metric together, so `consumed = finished + in_flight`
-//! (+ abandoned) holds in the metrics. A record whose epoch ended meanwhile (revoked) is counted as
-//! abandoned instead: its new owner reads it again. Dead letters are written in the background and
-//! finished once the broker acknowledged them.
+//! (+ abandoned) holds in the metrics. A record whose epoch ended meanwhile (revoked) is counted
+//! with the outcome it had, but its offset is left to the new owner, who reads it again. Dead
+//! letters are written in the background and finished once the broker acknowledged them.
 
 use crate::dedupe::{Deduper, EventKeys};
 use crate::dlq::{Reason, Write, WriteOnce};
@@ -214,21 +214,29 @@ impl Outcomes {
     }
 
     /// Finishes records with one outcome: one lock of the tracker and one metric update for all.
+    ///
+    /// The outcome is counted even for a record whose partition was revoked meanwhile: it
+    /// happened (the API accepted the event, the dead letter is in the topic), so the counts of
+    /// the group add up to what the API and the topic hold; only the offset is not this
+    /// process's to commit any more (the tracker ignores it), and the partition's new owner,
+    /// reading the record again, counts what it finds (a duplicate).
     pub fn finish_all<'r>(&self, records: impl IntoIterator<Item = &'r Held>, outcome: Outcome) {
         let (mut counted, mut revoked) = (0u64, 0u64);
         {
             let mut tracker = lock(&self.tracker);
             for h in records {
-                if tracker.finish(&h.record.id, h.epoch) {
-                    counted += 1;
-                } else {
-                    // The partition was revoked meanwhile: the new owner reads the record again.
+                counted += 1;
+                if !tracker.finish(&h.record.id, h.epoch) {
                     revoked += 1;
                 }
             }
         }
         if revoked > 0 {
-            self.metrics.abandoned.inc_by(revoked);
+            tracing::debug!(
+                records = revoked,
+                ?outcome,
+                "outcome of records whose partition was revoked meanwhile: not committed here"
+            );
         }
         if counted == 0 {
             return;
