@@ -227,8 +227,8 @@ async fn wait_committed_at_end(w: &World, timeout: Duration) {
 fn accepted(w: &World) -> HashMap<String, u32> {
     let mut m = HashMap::new();
     for e in w.sandbox.events() {
-        if let Some(tx) = e["transaction_id"].as_str() {
-            *m.entry(tx.to_string()).or_insert(0) += 1;
+        if let Some(id) = common::test_identity(&e) {
+            *m.entry(id.to_string()).or_insert(0) += 1;
         }
     }
     m

@@ -125,7 +125,12 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
     let redis = Redis::start(&dir);
     let limit = RATE_LIMIT.to_string();
     let sandbox = Sandbox::start(&dir, &["--rate-limit", &limit, "--rate-window", "1s"]);
-    let cfg = bridge_config(&broker, &sandbox.url, GROUP, TOPIC, &extra_toml(&redis));
+    // A low in-flight bound: back-pressure pauses and resumes all through the run.
+    let cfg = bridge_config(&broker, &sandbox.url, GROUP, TOPIC, &extra_toml(&redis)).replace(
+        "commit_interval = \"500ms\"",
+        "commit_interval = \"500ms\"\nmax_in_flight_records = 500",
+    );
+    assert!(cfg.contains("max_in_flight_records = 500"));
 
     // The producer: about 40 records a second for the whole chaos period, each acknowledged
     // before the next burst; the ledger says what each record must become.
@@ -290,7 +295,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
         .events()
         .await
         .iter()
-        .filter_map(|e| e["transaction_id"].as_str().map(str::to_string))
+        .filter_map(|e| test_identity(e).map(str::to_string))
         .collect();
     let acc = account(&ledger, &accepted, &dead);
     let order = order_problem(&ledger, &arrival);

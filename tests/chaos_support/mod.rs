@@ -71,14 +71,22 @@ impl Ledger {
         }
     }
 
-    /// Generates the next record (about 80% new valid, 10% duplicates, 10% invalid), records it in
-    /// the ledger and returns `(partition, key, value)`.
+    /// Generates the next record (about 65% new valid deposits, 15% new keyless events, 10%
+    /// duplicates of deposits, 10% invalid), records it in the ledger and returns
+    /// `(partition, key, value)`. A keyless event (a registration or a login, no `transaction_id`)
+    /// has its Kafka key as its unique click id: the ledger's id for it, as `accepted_ids` gives.
     pub fn next_record(&mut self) -> (i32, String, String) {
         let n = self.records.len() as u64;
         let roll = self.rng.random_range(0..100);
-        let rec = if roll < 10 && !self.valid.is_empty() {
-            let j = self.rng.random_range(0..self.valid.len());
-            let (tx, p, value) = self.valid[j].clone();
+        let keyed = |v: &(String, i32, String)| v.2.contains("\"tx\"");
+        let rec = if roll < 10 && self.valid.iter().any(keyed) {
+            // Copies are of deposits only: two records of one keyless event are two events.
+            let (tx, p, value) = loop {
+                let j = self.rng.random_range(0..self.valid.len());
+                if keyed(&self.valid[j]) {
+                    break self.valid[j].clone();
+                }
+            };
             let q = if self.partitions > 1 && self.rng.random_bool(0.5) {
                 (p + 1 + self.rng.random_range(0..self.partitions - 1)) % self.partitions
             } else {
@@ -111,6 +119,13 @@ impl Ledger {
                 }
             };
             self.invalid.insert(key.clone(), kind);
+            (p, key, value)
+        } else if roll < 35 {
+            let p = self.rng.random_range(0..self.partitions);
+            let key = format!("{}-k{n}", self.prefix);
+            let name = if n % 2 == 0 { "register" } else { "login" };
+            let value = crate::common::keyless(name, &key, n as u32);
+            self.valid.push((key.clone(), p, value.clone()));
             (p, key, value)
         } else {
             let p = self.rng.random_range(0..self.partitions);

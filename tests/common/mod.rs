@@ -726,15 +726,21 @@ pub fn redis_dedupe_toml(redis: &Redis, prefix: &str, lease: &str) -> String {
     )
 }
 
-/// Transaction ids the sandbox accepted, with how often.
+/// The identities of the events the sandbox accepted, with how often: the transaction id, or
+/// for an event without one its click id (unique per keyless event in the test data).
 pub async fn accepted_ids(sandbox: &Sandbox) -> std::collections::HashMap<String, u32> {
     let mut m = std::collections::HashMap::new();
     for e in sandbox.events().await {
-        if let Some(tx) = e["transaction_id"].as_str() {
-            *m.entry(tx.to_string()).or_insert(0) += 1;
+        if let Some(id) = test_identity(&e) {
+            *m.entry(id.to_string()).or_insert(0) += 1;
         }
     }
     m
+}
+
+/// An accepted event's identity in the test data: its transaction id, else its click id.
+pub fn test_identity(event: &serde_json::Value) -> Option<&str> {
+    event["transaction_id"].as_str().or_else(|| event["click_id"].as_str())
 }
 
 fn which(name: &str) -> PathBuf {
