@@ -77,11 +77,20 @@ fn main() -> ExitCode {
                     false,
                     "starting: the pipeline is not running yet",
                 );
-                let addr = telemetry.serve(&cfg.telemetry.listen).await?;
+                let addr = match telemetry.serve(&cfg.telemetry.listen).await {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        return Err(format!(
+                            "cannot serve the operations port on telemetry.listen = {}: {e}",
+                            cfg.telemetry.listen
+                        ))
+                    }
+                };
                 tracing::info!(%addr, "operations server listening (/metrics, /health/live, /health/ready)");
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 pipeline::cancel_on_signals(shutdown.clone());
-                pipeline::run(cfg, shutdown, telemetry).await
+                // `{:#}`-free: each error's Display already names its cause.
+                pipeline::run(cfg, shutdown, telemetry).await.map_err(|e| e.to_string())
             });
             match result {
                 Ok(()) => {
@@ -89,8 +98,8 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "bridge failed");
-                    eprintln!("error: {e:#}");
+                    tracing::error!(error = %e, "bridge failed");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -30,12 +30,17 @@ impl std::fmt::Display for RecordId {
     }
 }
 
+/// A text that is not a record's `topic/partition/offset` ([`RecordId`]'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a record's `topic/partition/offset`")]
+pub struct NotARecordId(pub String);
+
 impl std::str::FromStr for RecordId {
-    type Err = String;
+    type Err = NotARecordId;
 
     /// Reads `topic/partition/offset` (Kafka topic names hold no `/`).
-    fn from_str(s: &str) -> Result<RecordId, String> {
-        let bad = || format!("`{s}` is not a record's `topic/partition/offset`");
+    fn from_str(s: &str) -> Result<RecordId, NotARecordId> {
+        let bad = || NotARecordId(s.to_string());
         let mut parts = s.rsplitn(3, '/');
         let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
@@ -271,7 +276,7 @@ mod tests {
         assert_eq!(id("wallet.tx", 3, 42).to_string(), "wallet.tx/3/42");
         assert_eq!("wallet.tx/3/42".parse::<RecordId>(), Ok(id("wallet.tx", 3, 42)));
         for bad in ["", "t/1", "/1/2", "t/x/2", "t/1/y"] {
-            assert!(bad.parse::<RecordId>().is_err(), "{bad}");
+            assert_eq!(bad.parse::<RecordId>(), Err(NotARecordId(bad.to_string())), "{bad}");
         }
     }
 

@@ -5,8 +5,8 @@
 //! same accounting as the chaos suite: every valid id accepted exactly once, every invalid record
 //! dead-lettered with its reason, the group's committed offsets at the end of every partition.
 //!
-//! The pipeline registers its metrics in the global registry, so tests in this binary share them:
-//! assertions use the sandbox's record and each run's own telemetry (`Totals`).
+//! Each run has its own telemetry: assertions use the sandbox's record and each run's totals
+//! (`Totals`). The pipelines' logs share the process's one tracing subscriber (one file).
 
 // rdkafka's `send_result` hands the record back in its error by design.
 #![allow(clippy::result_large_err)]

@@ -1,6 +1,6 @@
 //! The shared rate budget in Redis: replicas sharing one key draw from one GCRA budget kept by a
 //! real `redis-server` (started by the test on a free port), against a sandbox with a scaled
-//! limit. The tests run one at a time: readiness is process-wide.
+//! limit. Each replica has its own telemetry, as each process would.
 
 mod deliver_common;
 

@@ -22,7 +22,6 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sha2::{Digest, Sha256};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,11 +61,11 @@ pub fn budget_id(cfg: &DeliveryConfig, key: &Secret) -> String {
     match &cfg.budget_name {
         Some(name) => format!("{}{name}", cfg.redis_key_prefix),
         None => {
-            let digest = Sha256::new()
-                .chain_update(b"datapulse-bridge rate budget\0")
-                .chain_update(key.expose().as_bytes())
-                .finalize();
-            let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"datapulse-bridge rate budget\0");
+            ctx.update(key.expose().as_bytes());
+            let digest = ctx.finish();
+            let hex: String = digest.as_ref().iter().take(16).map(|b| format!("{b:02x}")).collect();
             format!("{}key-{hex}", cfg.redis_key_prefix)
         }
     }

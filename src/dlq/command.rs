@@ -45,12 +45,8 @@ pub struct DlqFilter {
     #[arg(long, value_parser = parse_time)]
     pub until: Option<time::OffsetDateTime>,
     /// Only these source records, as `topic/partition/offset` (repeatable).
-    #[arg(long = "record", value_parser = parse_record_id)]
+    #[arg(long = "record")]
     pub records: Vec<RecordId>,
-}
-
-fn parse_record_id(s: &str) -> Result<RecordId, String> {
-    s.parse()
 }
 
 impl DlqFilter {
