@@ -116,6 +116,66 @@ pub enum Ready {
     RateBudget,
 }
 
+/// What a report to a [`Health`] changed: its owner logs once per change, not per report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The first report (nothing was known before).
+    First,
+    /// Up again after being down.
+    Recovered,
+    /// Down after being up (or first known down: see [`Change::First`]).
+    Failed,
+    /// As before.
+    Same,
+}
+
+/// The health behind one readiness condition (the API key, a Redis store): unknown until the
+/// first report, then up or down. Each report keeps the condition in step and says what changed,
+/// so that the module owning it logs once per outage and recovery.
+pub struct Health {
+    telemetry: Telemetry,
+    condition: Ready,
+    /// 0 unknown, 1 up, 2 down.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl Health {
+    pub fn new(telemetry: &Telemetry, condition: Ready) -> Health {
+        Health {
+            telemetry: telemetry.clone(),
+            condition,
+            state: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    /// It works: the condition holds with `reason` (set only when it changed: this is called
+    /// on every success).
+    pub fn up(&self, reason: impl Into<String>) -> Change {
+        let change = self.report(1);
+        if change != Change::Same {
+            self.telemetry.set_ready(self.condition, true, reason);
+        }
+        change
+    }
+
+    /// It fails: the condition is `ready` (false, unless a policy lets the bridge go on without
+    /// it) with `reason` (set on every report: the reason may change while down).
+    pub fn down(&self, ready: bool, reason: impl Into<String>) -> Change {
+        let change = self.report(2);
+        self.telemetry.set_ready(self.condition, ready, reason);
+        change
+    }
+
+    fn report(&self, new: u8) -> Change {
+        match self.state.swap(new, std::sync::atomic::Ordering::Relaxed) {
+            0 => Change::First,
+            old if old == new => Change::Same,
+            _ if new == 1 => Change::Recovered,
+            _ => Change::Failed,
+        }
+    }
+}
+
 /// A module's metrics: registered in a [`Telemetry`]'s registry the first time the module asks
 /// for them ([`Telemetry::metrics`]), then shared by every user of that telemetry.
 pub trait Family: Any + Send + Sync {

@@ -17,7 +17,7 @@ pub use config::{DedupeConfig, InDoubt, OnStoreUnavailable, RedisConfig, StoreKi
 
 use crate::event::Event;
 use crate::offsets::RecordId;
-use crate::telemetry::{Family, Ready, Telemetry};
+use crate::telemetry::{Change, Family, Health, Ready, Telemetry};
 use memory::MemoryStore;
 use prometheus::Registry;
 use prometheus::{HistogramVec, IntCounter, IntCounterVec};
@@ -25,7 +25,6 @@ use redis_store::RedisStore;
 use std::borrow::Cow;
 // hashbrown's default hasher (not SipHash): the in-flight holds are touched for every event.
 use hashbrown::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -101,9 +100,6 @@ impl StoreUnavailable {
 
 /// How often a check waiting for another batch's in-flight key looks again.
 const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Readiness condition set by this module.
-const READY_CONDITION: Ready = Ready::DedupeStore;
 
 /// The two ways a bet's result reaches the API (contract decision 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -288,9 +284,8 @@ pub struct Deduper {
     policy: OnStoreUnavailable,
     store: Store,
     local: Arc<Mutex<Local>>,
-    /// Whether the last store call worked; readiness changes only on a transition.
-    store_ok: AtomicBool,
-    telemetry: Telemetry,
+    /// Whether the store answers: readiness `dedupe_store`.
+    store_health: Health,
     metrics: Arc<Metrics>,
 }
 
@@ -323,15 +318,14 @@ impl Deduper {
             policy: cfg.on_store_unavailable,
             store,
             local,
-            store_ok: AtomicBool::new(true),
-            telemetry: telemetry.clone(),
+            store_health: Health::new(telemetry, Ready::DedupeStore),
             metrics,
         };
         match &d.store {
-            Store::Memory(_) => d.telemetry.set_ready(READY_CONDITION, true, "memory store"),
+            Store::Memory(_) => d.note_store(Ok(())),
             Store::Redis(r) => {
                 let ping = r.ping().await;
-                d.note_store(ping.as_ref().map(|_| ()).map_err(Clone::clone), true);
+                d.note_store(ping.as_ref().map(|_| ()).map_err(Clone::clone));
                 if let Err(e) = ping {
                     tracing::warn!(error = %e, "dedupe: redis is not reachable at start; will keep trying");
                 }
@@ -571,7 +565,7 @@ impl Deduper {
             }
             Store::Redis(r) => {
                 let res = r.record(&probes).await;
-                self.note_store(res.clone(), false);
+                self.note_store(res.clone());
                 res
             }
         };
@@ -720,8 +714,8 @@ impl Deduper {
             Store::Redis(r) => {
                 let res = r.claim(probes).await;
                 match &res {
-                    Ok(_) => self.note_store(Ok(()), false),
-                    Err(StoreUnavailable::Unreachable { reason }) => self.note_store(Err(reason.clone()), false),
+                    Ok(_) => self.note_store(Ok(())),
+                    Err(StoreUnavailable::Unreachable { reason }) => self.note_store(Err(reason.clone())),
                     Err(StoreUnavailable::Contended { .. }) => {}
                 }
                 res
@@ -729,35 +723,33 @@ impl Deduper {
         }
     }
 
-    /// Keeps the readiness condition in step with the store's health (on transitions only).
-    fn note_store(&self, res: Result<(), String>, force: bool) {
-        let ok = res.is_ok();
-        if !force && self.store_ok.swap(ok, Ordering::Relaxed) == ok {
-            return;
-        }
-        self.store_ok.store(ok, Ordering::Relaxed);
+    /// Keeps the readiness condition in step with the store's health; logs each change once.
+    fn note_store(&self, res: Result<(), String>) {
         match res {
             Ok(()) => {
-                if !force {
+                let reason = match &self.store {
+                    Store::Memory(_) => "memory store",
+                    Store::Redis(_) => "redis store reachable",
+                };
+                if self.store_health.up(reason) == Change::Recovered {
                     tracing::info!("dedupe: redis reachable again");
                 }
-                self.telemetry.set_ready(READY_CONDITION, true, "redis store reachable")
             }
             Err(e) => {
-                tracing::warn!(error = %e, policy = ?self.policy, "dedupe: redis unreachable");
-                match self.policy {
-                    OnStoreUnavailable::Pause => self.telemetry.set_ready(
-                        READY_CONDITION,
+                let (ready, reason) = match self.policy {
+                    OnStoreUnavailable::Pause => (
                         false,
                         format!("redis unreachable, delivery paused (on_store_unavailable = \"pause\"): {e}"),
                     ),
-                    OnStoreUnavailable::Deliver => self.telemetry.set_ready(
-                        READY_CONDITION,
+                    OnStoreUnavailable::Deliver => (
                         true,
                         format!(
                             "redis unreachable, delivering WITHOUT dedupe (on_store_unavailable = \"deliver\"): {e}"
                         ),
                     ),
+                };
+                if self.store_health.down(ready, reason) != Change::Same {
+                    tracing::warn!(error = %e, policy = ?self.policy, "dedupe: redis unreachable");
                 }
             }
         }

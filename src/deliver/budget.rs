@@ -16,14 +16,13 @@
 use super::metrics::Metrics;
 use super::{Cancelled, DeliveryConfig, RateMode};
 use crate::settings::Secret;
-use crate::telemetry::{Ready, Telemetry};
+use crate::telemetry::{Change, Health, Ready, Telemetry};
 use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -91,8 +90,7 @@ impl RateBudget {
                     conn: OnceLock::new(),
                     interval_us: interval.as_micros().max(1) as u64,
                     tolerance_us: (interval.as_micros() * u128::from(burst - 1)) as u64,
-                    health: AtomicU8::new(HEALTH_UNKNOWN),
-                    telemetry: telemetry.clone(),
+                    health: Health::new(telemetry, Ready::RateBudget),
                     metrics: Arc::clone(&metrics),
                 })
             }
@@ -219,10 +217,6 @@ async fn sleep_until(until: Instant, cancel: &CancellationToken) -> Result<(), C
     }
 }
 
-const HEALTH_UNKNOWN: u8 = 0;
-const HEALTH_OK: u8 = 1;
-const HEALTH_DOWN: u8 = 2;
-
 /// How long to wait before asking an unreachable Redis again. The budget is never bypassed: no
 /// request leaves without a unit drawn from Redis.
 const REDIS_RETRY: Duration = Duration::from_millis(500);
@@ -232,8 +226,8 @@ struct RedisBudget {
     conn: OnceLock<ConnectionManager>,
     interval_us: u64,
     tolerance_us: u64,
-    health: AtomicU8,
-    telemetry: Telemetry,
+    /// Whether Redis answers: readiness `rate_budget`.
+    health: Health,
     metrics: Arc<Metrics>,
 }
 
@@ -346,27 +340,18 @@ impl RedisBudget {
 
     /// Readiness `rate_budget` and one log line per change between reachable and unreachable.
     fn set_health(&self, err: Option<&redis::RedisError>) {
-        let new = if err.is_some() { HEALTH_DOWN } else { HEALTH_OK };
-        let old = self.health.swap(new, Ordering::Relaxed);
-        if old == new {
-            return;
-        }
         match err {
             None => {
-                if old == HEALTH_DOWN {
+                if self.health.up("shared rate budget in Redis reachable") == Change::Recovered {
                     tracing::info!("rate budget: Redis reachable again; delivery resumes");
                 }
-                self.telemetry
-                    .set_ready(Ready::RateBudget, true, "shared rate budget in Redis reachable");
             }
             Some(e) => {
                 // RedisError's Display names the failure, not the URL or its password.
-                tracing::warn!(error = %e, "rate budget: Redis unreachable; no request is sent until it answers");
-                self.telemetry.set_ready(
-                    Ready::RateBudget,
-                    false,
-                    format!("Redis (shared rate budget) unreachable: {e}"),
-                );
+                let reason = format!("Redis (shared rate budget) unreachable: {e}");
+                if self.health.down(false, reason) != Change::Same {
+                    tracing::warn!(error = %e, "rate budget: Redis unreachable; no request is sent until it answers");
+                }
             }
         }
     }

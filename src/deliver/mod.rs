@@ -23,14 +23,14 @@ pub mod retry;
 pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY};
 
 use crate::settings::Secret;
-use crate::telemetry::{Ready, Telemetry};
+use crate::telemetry::{Change, Health, Ready, Telemetry};
 pub use budget::BudgetError;
 use budget::RateBudget;
 use bytes::Bytes;
 use metrics::{Metrics, RetryGuard};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -219,10 +219,6 @@ const ENDPOINT_BATCH: &str = "batch";
 /// Most bytes of a 400 body kept (it goes into dead letters).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-const KEY_UNKNOWN: u8 = 0;
-const KEY_ACCEPTED: u8 = 1;
-const KEY_REFUSED: u8 = 2;
-
 /// Sends batches to the API. One per process and key; share it (`&self`) between tasks.
 /// Deliberately not `Debug`: it holds the key.
 pub struct Deliverer {
@@ -232,10 +228,10 @@ pub struct Deliverer {
     credentials: RwLock<Arc<Credentials>>,
     budget: RateBudget,
     cfg: DeliveryConfig,
-    key_state: AtomicU8,
+    /// Whether the API accepts the key: readiness `api_key`.
+    key: Health,
     /// Consecutive 429s of the key, for the backoff of a 429 without `Retry-After`.
     throttle_streak: AtomicU32,
-    telemetry: Telemetry,
     metrics: Arc<Metrics>,
 }
 
@@ -261,9 +257,8 @@ impl Deliverer {
             credentials: RwLock::new(Arc::new(credentials)),
             budget: RateBudget::new(cfg, telemetry)?,
             cfg: cfg.clone(),
-            key_state: AtomicU8::new(KEY_UNKNOWN),
+            key: Health::new(telemetry, Ready::ApiKey),
             throttle_streak: Default::default(),
-            telemetry: telemetry.clone(),
             metrics: telemetry.metrics(),
         })
     }
@@ -621,20 +616,18 @@ impl Deliverer {
     }
 
     fn key_accepted(&self) {
-        let old = self.key_state.swap(KEY_ACCEPTED, Ordering::Relaxed);
-        if old != KEY_ACCEPTED {
-            if old == KEY_REFUSED {
-                tracing::info!("API accepted the key again; delivery resumes");
-            }
-            self.telemetry.set_ready(Ready::ApiKey, true, "API accepted the key");
-            self.metrics.auth_halted.set(0);
+        match self.key.up("API accepted the key") {
+            Change::Same => return,
+            Change::Recovered => tracing::info!("API accepted the key again; delivery resumes"),
+            Change::First | Change::Failed => {}
         }
+        self.metrics.auth_halted.set(0);
     }
 
     /// The halt of invariant 5: logged once per outage, readiness false.
     fn key_refused(&self, status: u16) {
         let reason = format!("API answered {status}: key refused");
-        if self.key_state.swap(KEY_REFUSED, Ordering::Relaxed) != KEY_REFUSED {
+        if self.key.down(false, reason) != Change::Same {
             tracing::error!(
                 status,
                 retry_every_s = self.cfg.auth_retry_interval.as_secs_f64(),
@@ -643,7 +636,6 @@ impl Deliverer {
                  fix the key (api.key_file is re-read before each retry)"
             );
         }
-        self.telemetry.set_ready(Ready::ApiKey, false, reason);
         self.metrics.auth_halted.set(1);
     }
 
