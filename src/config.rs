@@ -7,7 +7,7 @@
 
 use crate::deliver::ApiConfig;
 use crate::settings::Invalid;
-use crate::source::{KafkaConfig, RESERVED_PROPERTIES};
+use crate::source::KafkaConfig;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -220,73 +220,8 @@ impl Config {
     /// Checks what types alone cannot say, in every section. `origin` names where a key came
     /// from.
     pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<ConfigProblem> {
-        let mut invalid = Vec::new();
-        let mut err = |key: &str, msg: String| invalid.push(Invalid::new(key, msg));
-        let k = &self.kafka;
-        if k.bootstrap_servers.trim().is_empty() {
-            err("kafka.bootstrap_servers", "must not be empty".into());
-        }
-        if k.group_id.trim().is_empty() {
-            err("kafka.group_id", "must not be empty".into());
-        }
-        match (k.topics.is_empty(), &k.topic_pattern) {
-            (true, None) => err(
-                "kafka.topics",
-                "set `kafka.topics` (a list) or `kafka.topic_pattern` (a regular expression)".into(),
-            ),
-            (false, Some(_)) => err(
-                "kafka.topic_pattern",
-                "set either `kafka.topics` or `kafka.topic_pattern`, not both".into(),
-            ),
-            (true, Some(p)) => {
-                if let Err(e) = regex::Regex::new(p) {
-                    err("kafka.topic_pattern", format!("not a valid regular expression: {e}"));
-                }
-            }
-            (false, None) => {}
-        }
-        if k.max_in_flight_records == 0 {
-            err("kafka.max_in_flight_records", "must be at least 1".into());
-        }
-        match k.client_properties() {
-            Err(e) => err("kafka.properties_file", e.to_string()),
-            Ok(props) => {
-                for (key, _) in props
-                    .iter()
-                    .filter(|(key, _)| RESERVED_PROPERTIES.contains(&key.as_str()))
-                {
-                    err(
-                        "kafka.properties_file",
-                        format!("sets `{key}`, which is managed by the bridge; remove it"),
-                    );
-                }
-            }
-        }
-        for reserved in RESERVED_PROPERTIES.iter().copied() {
-            if k.properties.contains_key(reserved) {
-                err(
-                    &format!("kafka.properties.{reserved}"),
-                    "is managed by the bridge (commits happen only after delivery); remove it".into(),
-                );
-            }
-        }
-        match reqwest::Url::parse(&self.api.base_url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            Ok(u) => err("api.base_url", format!("scheme `{}` is not http or https", u.scheme())),
-            Err(e) => err("api.base_url", format!("not a URL: {e}")),
-        }
-        match (&self.api.key, &self.api.key_file) {
-            (None, None) => err("api.key", "set `api.key_file` (recommended) or `api.key`".into()),
-            (Some(_), Some(_)) => err(
-                "api.key_file",
-                "set either `api.key` or `api.key_file`, not both".into(),
-            ),
-            (None, Some(p)) if !p.is_file() => err("api.key_file", format!("{} is not a readable file", p.display())),
-            _ => {}
-        }
-        if self.api.request_timeout.is_zero() {
-            err("api.request_timeout", "must be greater than zero".into());
-        }
+        let mut invalid = self.kafka.validate();
+        invalid.extend(self.api.validate());
         invalid.extend(self.batch.validate());
         invalid.extend(self.delivery.validate());
         invalid.extend(self.dedupe.validate());

@@ -40,6 +40,31 @@ fn default_connect_timeout() -> Duration {
 }
 
 impl ApiConfig {
+    /// What types alone cannot say about `[api]`: an http(s) URL, one of `key` and `key_file`
+    /// (a readable file), a request timeout above zero.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut invalid = Vec::new();
+        let mut err = |key: &str, msg: String| invalid.push(Invalid::new(key, msg));
+        match reqwest::Url::parse(&self.base_url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(u) => err("api.base_url", format!("scheme `{}` is not http or https", u.scheme())),
+            Err(e) => err("api.base_url", format!("not a URL: {e}")),
+        }
+        match (&self.key, &self.key_file) {
+            (None, None) => err("api.key", "set `api.key_file` (recommended) or `api.key`".into()),
+            (Some(_), Some(_)) => err(
+                "api.key_file",
+                "set either `api.key` or `api.key_file`, not both".into(),
+            ),
+            (None, Some(p)) if !p.is_file() => err("api.key_file", format!("{} is not a readable file", p.display())),
+            _ => {}
+        }
+        if self.request_timeout.is_zero() {
+            err("api.request_timeout", "must be greater than zero".into());
+        }
+        invalid
+    }
+
     pub fn contract(&self) -> ContractOptions {
         ContractOptions {
             timestamp_unit: self.timestamp_unit,

@@ -1,6 +1,6 @@
 //! `[kafka]`: the consumer group's settings and the librdkafka pass-through properties.
 
-use crate::settings::{PropertyValue, REDACTED};
+use crate::settings::{Invalid, PropertyValue, REDACTED};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -90,6 +90,63 @@ pub fn is_secret_property(key: &str) -> bool {
 }
 
 impl KafkaConfig {
+    /// What types alone cannot say about `[kafka]`: the servers, the group, topics or a pattern
+    /// (one of them), the in-flight bound, and no property the bridge's guarantees depend on
+    /// (`RESERVED_PROPERTIES`) in `properties` or `properties_file`.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut invalid = Vec::new();
+        let mut err = |key: &str, msg: String| invalid.push(Invalid::new(key, msg));
+        let k = self;
+        if k.bootstrap_servers.trim().is_empty() {
+            err("kafka.bootstrap_servers", "must not be empty".into());
+        }
+        if k.group_id.trim().is_empty() {
+            err("kafka.group_id", "must not be empty".into());
+        }
+        match (k.topics.is_empty(), &k.topic_pattern) {
+            (true, None) => err(
+                "kafka.topics",
+                "set `kafka.topics` (a list) or `kafka.topic_pattern` (a regular expression)".into(),
+            ),
+            (false, Some(_)) => err(
+                "kafka.topic_pattern",
+                "set either `kafka.topics` or `kafka.topic_pattern`, not both".into(),
+            ),
+            (true, Some(p)) => {
+                if let Err(e) = regex::Regex::new(p) {
+                    err("kafka.topic_pattern", format!("not a valid regular expression: {e}"));
+                }
+            }
+            (false, None) => {}
+        }
+        if k.max_in_flight_records == 0 {
+            err("kafka.max_in_flight_records", "must be at least 1".into());
+        }
+        match k.client_properties() {
+            Err(e) => err("kafka.properties_file", e.to_string()),
+            Ok(props) => {
+                for (key, _) in props
+                    .iter()
+                    .filter(|(key, _)| RESERVED_PROPERTIES.contains(&key.as_str()))
+                {
+                    err(
+                        "kafka.properties_file",
+                        format!("sets `{key}`, which is managed by the bridge; remove it"),
+                    );
+                }
+            }
+        }
+        for reserved in RESERVED_PROPERTIES.iter().copied() {
+            if k.properties.contains_key(reserved) {
+                err(
+                    &format!("kafka.properties.{reserved}"),
+                    "is managed by the bridge (commits happen only after delivery); remove it".into(),
+                );
+            }
+        }
+        invalid
+    }
+
     /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
     ///
     /// Errors: the file cannot be read, or a line is not `key=value`.
