@@ -287,6 +287,7 @@ impl Config {
         if self.api.request_timeout.is_zero() {
             err("api.request_timeout", "must be greater than zero".into());
         }
+        invalid.extend(self.kafka.validate());
         invalid.extend(self.batch.validate());
         invalid.extend(self.delivery.validate());
         invalid.extend(self.dedupe.validate());

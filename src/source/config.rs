@@ -1,6 +1,6 @@
 //! `[kafka]`: the consumer group's settings and the librdkafka pass-through properties.
 
-use crate::settings::{PropertyValue, REDACTED};
+use crate::settings::{Invalid, PropertyValue, REDACTED};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +31,12 @@ pub struct KafkaConfig {
     /// How often finished offsets are committed.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How long an assigned partition that the bridge has not paused may go without a record read
+    /// while the broker holds records beyond what was read, before it counts as stuck
+    /// (`datapulse_bridge_partitions_stuck`, the `partitions` readiness condition). Greater than
+    /// zero.
+    #[serde(default = "default_stuck_after", with = "humantime_serde")]
+    pub stuck_after: Duration,
     /// librdkafka properties passed through as given (SASL, SSL, timeouts…). Values of keys that
     /// look secret are redacted when printed.
     #[serde(default)]
@@ -47,6 +53,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_commit_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_stuck_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// librdkafka pass-through properties. Values whose key names a secret are redacted in Debug and
@@ -81,6 +90,22 @@ pub fn is_secret_property(key: &str) -> bool {
 }
 
 impl KafkaConfig {
+    /// The durations of `[kafka]` that must be greater than zero: `commit_interval` (a timer of
+    /// zero period cannot tick) and `stuck_after` (every partition would be stuck at once). The
+    /// other `[kafka]` rules are checked by `config`.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut errs = Vec::new();
+        for (key, d) in [
+            ("kafka.commit_interval", self.commit_interval),
+            ("kafka.stuck_after", self.stuck_after),
+        ] {
+            if d.is_zero() {
+                errs.push(Invalid::new(key, "must be greater than zero"));
+            }
+        }
+        errs
+    }
+
     /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
     ///
     /// Errors: the file cannot be read, or a line is not `key=value`.
@@ -150,5 +175,31 @@ impl fmt::Debug for KafkaProperties {
 impl Serialize for KafkaProperties {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.redacted().serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(extra: &str) -> KafkaConfig {
+        toml::from_str(&format!(
+            "bootstrap_servers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn stuck_after_defaults_to_a_minute_and_durations_must_be_greater_than_zero() {
+        let k = kafka("");
+        assert_eq!(k.stuck_after, Duration::from_secs(60));
+        assert!(k.validate().is_empty());
+        assert_eq!(kafka("stuck_after = \"90s\"").stuck_after, Duration::from_secs(90));
+        let keys: Vec<String> = kafka("stuck_after = \"0s\"\ncommit_interval = \"0ms\"")
+            .validate()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(keys, ["kafka.commit_interval", "kafka.stuck_after"]);
     }
 }

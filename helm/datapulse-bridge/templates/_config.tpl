@@ -17,6 +17,7 @@ topic_pattern = {{ $v.kafka.topicPattern | toJson }}
 {{- end }}
 max_in_flight_records = {{ int $v.kafka.maxInFlightRecords }}
 commit_interval = {{ $v.kafka.commitInterval | toJson }}
+stuck_after = {{ $v.kafka.stuckAfter | toJson }}
 
 [kafka.properties]
 {{- range $k, $val := $v.kafka.properties }}
