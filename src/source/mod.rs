@@ -21,7 +21,6 @@ pub mod watch;
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
 use crate::telemetry::{Family, Ready, Telemetry};
-use watch::Watch;
 pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
 use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -33,6 +32,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use watch::Watch;
 
 /// How often [`Source::watch`] asks the broker for the end offsets of the assigned partitions
 /// (one ListOffsets request per leader broker).
@@ -226,7 +226,11 @@ impl ConsumerContext for SourceContext {
             // 25). The bridge's state decides, for each partition as it arrives.
             let paused = self.paused.load(Ordering::SeqCst);
             if tpl.count() > 0 {
-                let r = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
+                let r = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, paused, partitions = %describe(tpl), "pause/resume of assigned partitions failed");
                 }
@@ -276,6 +280,8 @@ pub struct Source {
     reset_to_end: bool,
     /// When the broker was last asked for end offsets.
     asked_at: Mutex<Option<Instant>>,
+    /// The partitions found stuck at the last check (logged when the set changes).
+    stuck: Mutex<Vec<(String, i32)>>,
 }
 
 impl Source {
@@ -376,7 +382,10 @@ impl Source {
         for l in watch.lags(committed) {
             let part = l.partition.to_string();
             let labels = [l.topic.as_str(), part.as_str()];
-            ctx.metrics.high_watermark.with_label_values(&labels).set(l.high_watermark);
+            ctx.metrics
+                .high_watermark
+                .with_label_values(&labels)
+                .set(l.high_watermark);
             if let Some(lag) = l.lag {
                 ctx.metrics.lag.with_label_values(&labels).set(lag);
             }
@@ -385,15 +394,28 @@ impl Source {
         let stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
         drop(watch);
         ctx.metrics.stuck.set(stuck.len() as i64);
-        if stuck.is_empty() {
+        let names = stuck
+            .iter()
+            .map(|(t, p)| format!("{t}/{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut last = lock(&self.stuck);
+        if *last != stuck {
+            if stuck.is_empty() {
+                tracing::info!("no partition stuck any more");
+            } else {
+                tracing::warn!(partitions = %names, stuck_after = ?self.stuck_after, "partitions stuck: not paused by the bridge, records to read, none read");
+            }
+            *last = stuck;
+        }
+        drop(last);
+        if names.is_empty() {
             ctx.telemetry.set_ready(
                 Ready::Partitions,
                 true,
                 format!("none of {assigned} assigned partitions stuck"),
             );
         } else {
-            let names = stuck.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>().join(",");
-            tracing::warn!(partitions = %names, stuck_after = ?self.stuck_after, "partitions stuck: not paused by the bridge, records to read, none read");
             ctx.telemetry.set_ready(
                 Ready::Partitions,
                 false,
@@ -500,10 +522,7 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 /// Errors: librdkafka refused the client settings or the subscription.
 pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Telemetry) -> Result<Source, KafkaError> {
     let client = client_config(cfg);
-    let reset_to_end = matches!(
-        client.get("auto.offset.reset"),
-        Some("latest" | "largest" | "end")
-    );
+    let reset_to_end = matches!(client.get("auto.offset.reset"), Some("latest" | "largest" | "end"));
     let consumer: StreamConsumer<SourceContext> = client.create_with_context(SourceContext {
         tracker: Arc::clone(&tracker),
         telemetry: telemetry.clone(),
@@ -528,5 +547,6 @@ pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Te
         stuck_after: cfg.stuck_after,
         reset_to_end,
         asked_at: Mutex::new(None),
+        stuck: Mutex::default(),
     })
 }

@@ -113,7 +113,11 @@ impl Watch {
         let mut out: Vec<(String, i32)> = self
             .topics
             .iter()
-            .flat_map(|(t, m)| m.iter().filter(|(_, w)| w.start.is_none()).map(move |(&p, _)| (t.clone(), p)))
+            .flat_map(|(t, m)| {
+                m.iter()
+                    .filter(|(_, w)| w.start.is_none())
+                    .map(move |(&p, _)| (t.clone(), p))
+            })
             .collect();
         out.sort();
         out
@@ -135,7 +139,10 @@ impl Watch {
         let mut out = Vec::new();
         for (topic, parts) in &self.topics {
             for (&partition, w) in parts {
-                let position = [w.next, w.start, committed(topic, partition)].into_iter().flatten().max();
+                let position = [w.next, w.start, committed(topic, partition)]
+                    .into_iter()
+                    .flatten()
+                    .max();
                 let unread = matches!((w.high_watermark, position), (Some(hw), Some(pos)) if hw > pos);
                 if unread && now.saturating_duration_since(w.since) >= stuck_after {
                     out.push((topic.clone(), partition));
@@ -198,7 +205,9 @@ mod tests {
     fn a_partition_with_records_to_read_and_none_read_for_stuck_after_is_stuck() {
         let t0 = Instant::now();
         let w = one(t0);
-        assert!(w.stuck(t0 + AFTER - Duration::from_millis(1), AFTER, false, none).is_empty());
+        assert!(w
+            .stuck(t0 + AFTER - Duration::from_millis(1), AFTER, false, none)
+            .is_empty());
         assert_eq!(w.stuck(t0 + AFTER, AFTER, false, none), vec![("tx".to_string(), 0)]);
     }
 
@@ -206,7 +215,10 @@ mod tests {
     fn a_paused_bridge_has_no_stuck_partition_and_its_resume_restarts_the_clock() {
         let t0 = Instant::now();
         let mut w = one(t0);
-        assert!(w.stuck(t0 + 2 * AFTER, AFTER, true, none).is_empty(), "paused by the bridge");
+        assert!(
+            w.stuck(t0 + 2 * AFTER, AFTER, true, none).is_empty(),
+            "paused by the bridge"
+        );
         w.resumed(t0 + 2 * AFTER);
         assert!(w.stuck(t0 + 2 * AFTER + AFTER / 2, AFTER, false, none).is_empty());
         assert_eq!(w.stuck(t0 + 3 * AFTER, AFTER, false, none).len(), 1);
@@ -218,7 +230,11 @@ mod tests {
         let mut w = one(t0);
         w.read("tx", 0, 120, t0 + AFTER / 2);
         assert!(w.stuck(t0 + AFTER, AFTER, false, none).is_empty());
-        assert_eq!(w.stuck(t0 + AFTER / 2 + AFTER, AFTER, false, none).len(), 1, "still 29 to read");
+        assert_eq!(
+            w.stuck(t0 + AFTER / 2 + AFTER, AFTER, false, none).len(),
+            1,
+            "still 29 to read"
+        );
         // Every record read (149 is the last), none committed yet: a slow API, not a stuck partition.
         w.read("tx", 0, 149, t0 + AFTER);
         assert!(w.stuck(t0 + 10 * AFTER, AFTER, false, none).is_empty());
