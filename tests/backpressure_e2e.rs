@@ -20,12 +20,10 @@
 //! so a resume re-reads exactly what was dropped. rdkafka's `StreamConsumer` keeps no buffer of its
 //! own (each `next()` is one poll of that queue). So paused partitions add nothing while paused.
 //!
-//! The one way past the bound is a partition *assigned* while paused: it arrives unpaused, and
-//! the consumer loop pauses it only at the next commit tick, so for up to one `commit_interval` its
-//! records flow in unchecked (while `paused` is set, a burst's check decides only about resuming).
-//! In production that adds up to one `commit_interval` of reading from the new partitions. It
-//! needs a rebalance during the pause; this test has one bridge in the group, assigned once at
-//! start before anything is read, so it adds nothing here and the bound asserted is exactly
+//! A partition *assigned* while paused adds nothing either: the assign callback pauses it as it
+//! arrives (`source::Source::set_paused` is the bridge's one pause state; tested by
+//! `broker_faults::a_partition_assigned_while_paused_is_paused_at_once`). This test has one bridge
+//! in the group, assigned once at start, and the bound asserted is exactly
 //! `max_in_flight_records + 255` (555). Seen in runs: 512 at most, two full bursts (256, under
 //! 300, then 512).
 //!

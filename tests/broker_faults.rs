@@ -477,3 +477,206 @@ async fn scale_up_and_down_under_load_with_redis() {
     let second = b.stop().await;
     verify(&w, "scale", &[first, second]);
 }
+
+/// A gauge or counter of `telemetry` without labels, as exported (`None` while not registered).
+fn metric(telemetry: &Telemetry, name: &str) -> Option<f64> {
+    telemetry.render().lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn bridge_paused(run: &Running) -> Option<f64> {
+    metric(&run.telemetry, "datapulse_bridge_consumer_paused")
+}
+
+/// Another member of the group, a plain consumer on its own thread: it polls (so it keeps its
+/// membership and its partitions), commits nothing, and leaves when dropped. What it reads is
+/// thrown away: the bridge re-reads it from the bridge's commits once the partitions return.
+struct Member {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    assigned: std::sync::Arc<Mutex<Vec<i32>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Member {
+    fn join(w: &World) -> Member {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &w.bootstrap)
+            .set("group.id", &w.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("group member");
+        consumer.subscribe(&[TOPIC]).expect("subscribe");
+        let stop = Arc::new(AtomicBool::new(false));
+        let assigned = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (Arc::clone(&stop), Arc::clone(&assigned));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if let Ok(tpl) = consumer.assignment() {
+                    *a.lock().unwrap() = tpl.elements().iter().map(|e| e.partition()).collect();
+                }
+            }
+            consumer.unsubscribe();
+            // Serve the revoke of the leave before the client closes.
+            for _ in 0..10 {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+        });
+        Member {
+            stop,
+            assigned,
+            thread: Some(thread),
+        }
+    }
+
+    fn assigned(&self) -> Vec<i32> {
+        self.assigned.lock().unwrap().clone()
+    }
+
+    /// Leaves the group; returns once the client closed.
+    fn leave(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("group member thread");
+        }
+    }
+}
+
+/// The `assignment` readiness reason ("N partitions assigned").
+fn assignment(run: &Running) -> String {
+    use datapulse_bridge::telemetry::Ready;
+    run.telemetry
+        .condition(Ready::Assignment)
+        .map(|c| c.reason)
+        .unwrap_or_default()
+}
+
+/// Issue 25, item 2: librdkafka keeps a partition's pause across a revoke and a re-assignment.
+/// Bridge A pauses under back-pressure (the API fails, `max_in_flight_records` reached); bridge B
+/// joins and takes partitions while A is paused; the API recovers, A resumes what it holds, both
+/// finish their backlog; B stops and its partitions return to A, which is not paused and must
+/// resume them as they arrive. Live traffic after the return (less than A's bound, so no later
+/// pause and resume of A's whole assignment heals them) is delivered and committed within
+/// seconds; A's pause state says not paused and no partition is stuck. Without the resume on
+/// assignment, the returned partitions are never read again (their committed offsets stay put, and
+/// the stuck check names them after `stuck_after`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_revoked_and_assigned_back_is_read_again() {
+    use datapulse_bridge::telemetry::Ready;
+    let dir = common::workdir("broker-faults-pause-return");
+    let redis = common::Redis::start(&dir);
+    let mut w = world("pause-return", 16).await;
+    w.sandbox
+        .set_faults(Faults {
+            fault_500: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+    produce(&mut w, 1200).await;
+    // Two processes: the shared store keeps ids and dead letters once across them.
+    let mut cfg = config(&w, &redis_dedupe(&redis, "pause-return"));
+    cfg.kafka.max_in_flight_records = 300;
+    cfg.kafka.stuck_after = Duration::from_secs(3);
+    let a = start(cfg.clone());
+    wait_for(Duration::from_secs(30), "bridge A paused under back-pressure", || {
+        bridge_paused(&a) == Some(1.0)
+    })
+    .await;
+    cfg.kafka.max_in_flight_records = 20_000;
+    let b = start(cfg);
+    wait_for(
+        Duration::from_secs(30),
+        "bridge B took partitions from the paused A",
+        || assignment(&b) == "2 partitions assigned",
+    )
+    .await;
+    w.sandbox.set_faults(Faults::default()).unwrap();
+    wait_committed_at_end(&w, Duration::from_secs(60)).await;
+    assert_eq!(bridge_paused(&a), Some(0.0), "A's pause state before the return");
+    let second = b.stop().await;
+    let stopped = Instant::now();
+    wait_for(Duration::from_secs(30), "every partition back with A", || {
+        assignment(&a) == format!("{PARTITIONS} partitions assigned")
+    })
+    .await;
+    produce(&mut w, 200).await;
+    wait_committed_at_end(&w, Duration::from_secs(20)).await;
+    println!(
+        "pause-return: every partition committed at its end {:.1} s after B stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert_eq!(bridge_paused(&a), Some(0.0), "A's pause state");
+    // The check runs at commit ticks (200 ms): give it one after the last commit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = a
+        .telemetry
+        .condition(Ready::Partitions)
+        .expect("partitions condition set");
+    assert!(c.ok, "{}", c.reason);
+    let first = a.stop().await;
+    verify(&w, "pause-return", &[first, second]);
+}
+
+/// The other half of the rule: a partition assigned while the bridge is paused is paused as it
+/// arrives (before this, it was read until the next commit tick). A member holds every partition
+/// first; the bridge joins, takes some, pauses under back-pressure; the member leaves, its
+/// partitions (never paused in the bridge's client, with records to read) come to the paused
+/// bridge, which reads not one record of them until it resumes. A commit interval of 5 s makes
+/// the old behaviour's window wide enough to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_assigned_while_paused_is_paused_at_once() {
+    let mut w = world("pause-assign", 17).await;
+    w.sandbox
+        .set_faults(Faults {
+            fault_500: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+    produce(&mut w, 400).await;
+    let b = Member::join(&w);
+    wait_for(Duration::from_secs(30), "the member holds every partition", || {
+        b.assigned().len() == PARTITIONS as usize
+    })
+    .await;
+    let mut cfg = config(&w, "");
+    cfg.kafka.max_in_flight_records = 40;
+    cfg.kafka.commit_interval = Duration::from_secs(5);
+    let a = start(cfg);
+    wait_for(Duration::from_secs(30), "the bridge paused under back-pressure", || {
+        bridge_paused(&a) == Some(1.0)
+    })
+    .await;
+    let before = a.totals().consumed;
+    let held = b.assigned();
+    println!("pause-assign: the bridge paused having read {before}; the member holds {held:?}");
+    assert!(!held.is_empty() && held.len() < PARTITIONS as usize, "{held:?}");
+    tokio::task::block_in_place(|| b.leave());
+    wait_for(
+        Duration::from_secs(30),
+        "every partition with the paused bridge",
+        || assignment(&a) == format!("{PARTITIONS} partitions assigned"),
+    )
+    .await;
+    // Longer than a commit interval: the old code would have read the new partitions until its
+    // next tick re-paused them.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        a.totals().consumed,
+        before,
+        "records read from partitions assigned while the bridge was paused"
+    );
+    assert_eq!(bridge_paused(&a), Some(1.0), "the bridge's pause state");
+    w.sandbox.set_faults(Faults::default()).unwrap();
+    wait_committed_at_end(&w, Duration::from_secs(60)).await;
+    assert_eq!(bridge_paused(&a), Some(0.0), "the bridge's pause state");
+    let c = a.stop().await;
+    verify(&w, "pause-assign", &[c]);
+}

@@ -5,7 +5,10 @@
 //! and finished at once (filtered), dead-lettered (mapping or validation failure, or too large),
 //! or queued for its partition's lane. Every `commit_interval` the finished prefix is committed.
 //! While [`Backpressure`] says too many records are unfinished, the partitions are paused and the
-//! loop keeps polling, so the group membership survives any outage (invariants 4 and 8).
+//! loop keeps polling, so the group membership survives any outage (invariants 4 and 8). The
+//! decision is the source's pause state ([`Source::set_paused`]), which every partition assigned
+//! later follows too. At each commit tick the source also refreshes its partitions' end offsets
+//! and the stuck-partition check ([`Source::watch`]), fed with what each burst read.
 
 use super::lane::Pending;
 use super::outcome::{Held, Outcome, Outcomes};
@@ -50,7 +53,7 @@ impl Family for Metrics {
     )?,
     paused: prometheus::register_int_gauge_with_registry!(
         "datapulse_bridge_consumer_paused",
-        "1 while the consumer's partitions are paused because too many records are unfinished.",
+        "1 while the bridge pauses its partitions because too many records are unfinished (every partition assigned meanwhile is paused as it arrives).",
         r
     )?,
     offset_gaps: prometheus::register_int_gauge_with_registry!(
@@ -63,7 +66,8 @@ impl Family for Metrics {
 }
 
 /// Pause on full (invariant 8): pause at `max_in_flight_records` unfinished records, resume at
-/// half of it.
+/// half of it. What it decides is handed to [`Source::set_paused`], the one pause state of the
+/// bridge, which partitions assigned later follow as they arrive.
 #[derive(Debug)]
 pub(crate) struct Backpressure {
     max_in_flight: usize,
@@ -90,10 +94,6 @@ impl Backpressure {
         } else {
             None
         }
-    }
-
-    pub fn paused(&self) -> bool {
-        self.paused
     }
 }
 
@@ -141,11 +141,8 @@ impl Reader {
                 _ = commit_tick.tick() => {
                     // Blocking, on purpose: this loop has its own thread (see `pipeline::run`).
                     source.commit_finished();
-                    self.export_gauges();
-                    if backpressure.paused() || draining {
-                        // Partitions assigned since the pause arrive unpaused.
-                        source.set_paused(true);
-                    }
+                    source.watch(Instant::now());
+                    self.export_gauges(source);
                 }
                 // A batch was delivered: commit now, without waiting for the broker's answer
                 // (issue: a crash re-reads what was delivered since the last commit).
@@ -163,6 +160,9 @@ impl Reader {
                     // record). Empty until used: most bursts are a record or two when traffic
                     // is low.
                     let mut chunks: Vec<Vec<Pending>> = self.lanes.iter().map(|_| Vec::new()).collect();
+                    // The highest offset read of each partition in this burst (for the
+                    // stuck-partition check).
+                    let mut reads: Vec<(Arc<str>, i32, i64)> = Vec::new();
                     let (mut next, mut taken) = (m, 1);
                     let read_at = Instant::now();
                     loop {
@@ -170,6 +170,7 @@ impl Reader {
                             Some(Ok(msg)) => {
                                 let (topic, n) = topics.intern(msg.topic());
                                 let lane = (n + msg.partition().unsigned_abs() as usize) % chunks.len();
+                                note_read(&mut reads, &topic, msg.partition(), msg.offset());
                                 self.handle(&msg, topic, &mut chunks[lane], read_at);
                             }
                             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
@@ -186,6 +187,7 @@ impl Reader {
                         }
                     }
                     self.hand_over(chunks);
+                    source.read(reads.iter().map(|(t, p, o)| (&**t, *p, *o)), read_at);
                 }
             }
             if draining {
@@ -212,8 +214,9 @@ impl Reader {
         source.set_paused(true);
     }
 
-    /// The tracker's gauges, refreshed at each commit tick.
-    fn export_gauges(&self) {
+    /// The tracker's gauges and the pause state, refreshed at each commit tick.
+    fn export_gauges(&self, source: &Source) {
+        self.metrics.paused.set(i64::from(source.paused()));
         let (in_flight, oldest, gaps) = {
             let t = lock(self.outcomes.tracker());
             (t.in_flight(), t.oldest_unfinished(), t.gaps())
@@ -304,6 +307,18 @@ impl Reader {
     }
 }
 
+/// Notes `offset` of a partition as read in a burst's `reads` (one entry a partition, the highest
+/// offset). A burst holds a few partitions: a scan is cheaper than hashing.
+fn note_read(reads: &mut Vec<(Arc<str>, i32, i64)>, topic: &Arc<str>, partition: i32, offset: i64) {
+    match reads
+        .iter_mut()
+        .find(|(t, p, _)| *p == partition && Arc::ptr_eq(t, topic))
+    {
+        Some((_, _, o)) => *o = (*o).max(offset),
+        None => reads.push((Arc::clone(topic), partition, offset)),
+    }
+}
+
 /// The topics read so far: each name shared by its records, and its number (in order of first
 /// sight; it spreads topics over lanes).
 #[derive(Default)]
@@ -328,11 +343,9 @@ mod tests {
         let mut b = Backpressure::new(100);
         assert_eq!(b.update(99), None);
         assert_eq!(b.update(100), Some(true));
-        assert!(b.paused());
         assert_eq!(b.update(300), None, "paused once");
         assert_eq!(b.update(51), None, "still over half");
         assert_eq!(b.update(50), Some(false));
-        assert!(!b.paused());
         assert_eq!(b.update(50), None);
     }
 }

@@ -37,6 +37,12 @@ pub struct KafkaConfig {
     /// rates; with the memory dedupe store a crash then repeats up to `commit_interval` of events.
     #[serde(default = "default_true")]
     pub commit_on_delivery: bool,
+    /// How long an assigned partition that the bridge has not paused may go without a record read
+    /// while the broker holds records beyond what was read, before it counts as stuck
+    /// (`datapulse_bridge_partitions_stuck`, the `partitions` readiness condition). Greater than
+    /// zero.
+    #[serde(default = "default_stuck_after", with = "humantime_serde")]
+    pub stuck_after: Duration,
     /// librdkafka properties passed through as given (SASL, SSL, timeouts…). Values of keys that
     /// look secret are redacted when printed.
     #[serde(default)]
@@ -56,6 +62,9 @@ fn default_commit_interval() -> Duration {
 }
 fn default_true() -> bool {
     true
+}
+fn default_stuck_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// librdkafka pass-through properties. Values whose key names a secret are redacted in Debug and
@@ -91,7 +100,8 @@ pub fn is_secret_property(key: &str) -> bool {
 
 impl KafkaConfig {
     /// What types alone cannot say about `[kafka]`: the servers, the group, topics or a pattern
-    /// (one of them), the in-flight bound, and no property the bridge's guarantees depend on
+    /// (one of them), the in-flight bound, durations above zero (`commit_interval`: a timer of zero
+    /// period cannot tick; `stuck_after`: every partition would be stuck at once), and no property the bridge's guarantees depend on
     /// (`RESERVED_PROPERTIES`) in `properties` or `properties_file`.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut invalid = Vec::new();
@@ -142,6 +152,14 @@ impl KafkaConfig {
                     &format!("kafka.properties.{reserved}"),
                     "is managed by the bridge (commits happen only after delivery); remove it".into(),
                 );
+            }
+        }
+        for (key, d) in [
+            ("kafka.commit_interval", self.commit_interval),
+            ("kafka.stuck_after", self.stuck_after),
+        ] {
+            if d.is_zero() {
+                invalid.push(Invalid::new(key, "must be greater than zero"));
             }
         }
         invalid
@@ -216,5 +234,31 @@ impl fmt::Debug for KafkaProperties {
 impl Serialize for KafkaProperties {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.redacted().serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(extra: &str) -> KafkaConfig {
+        toml::from_str(&format!(
+            "bootstrap_servers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn stuck_after_defaults_to_a_minute_and_durations_must_be_greater_than_zero() {
+        let k = kafka("");
+        assert_eq!(k.stuck_after, Duration::from_secs(60));
+        assert!(k.validate().is_empty());
+        assert_eq!(kafka("stuck_after = \"90s\"").stuck_after, Duration::from_secs(90));
+        let keys: Vec<String> = kafka("stuck_after = \"0s\"\ncommit_interval = \"0ms\"")
+            .validate()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(keys, ["kafka.commit_interval", "kafka.stuck_after"]);
     }
 }

@@ -6,8 +6,17 @@
 //! tracker (`offsets`) computes. On a revoke the finished prefix of the revoked partitions is
 //! committed synchronously inside the callback and their epoch ends, so work still in flight for
 //! them is never committed by this process (invariant 9).
+//!
+//! The bridge's pause state is the truth on every assignment: librdkafka keeps a partition's
+//! pause across a revoke and a re-assignment, so each newly assigned partition is paused or resumed
+//! to match [`Source::set_paused`] at once, inside the assign callback (issue 25). Every assigned
+//! partition's progress is watched ([`watch`]): its end offset is asked from the broker (not taken
+//! from librdkafka's statistics, whose `hi_offset` only a Fetch response updates, so it freezes
+//! while a partition is paused and carries over a revoke), and a partition that should be read and
+//! is not turns readiness false.
 
 mod config;
+pub mod watch;
 
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
@@ -17,10 +26,19 @@ use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use watch::Watch;
+
+/// How often [`Source::watch`] asks the broker for the end offsets of the assigned partitions
+/// (one ListOffsets request per leader broker).
+const WATERMARK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long [`Source::watch`] waits for one answer of the broker (blocking the consumer loop).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A record as read from Kafka, owned, kept until its outcome (a dead letter needs the original).
 #[derive(Debug, Clone)]
@@ -82,6 +100,7 @@ pub(crate) struct Metrics {
     pub high_watermark: prometheus::IntGaugeVec,
     pub lag: prometheus::IntGaugeVec,
     pub commit_errors: prometheus::IntCounter,
+    pub stuck: prometheus::IntGauge,
 }
 
 impl Family for Metrics {
@@ -106,13 +125,13 @@ impl Family for Metrics {
             )?,
             high_watermark: prometheus::register_int_gauge_vec_with_registry!(
                 "datapulse_bridge_partition_high_watermark",
-                "High watermark (end offset) of each assigned partition, from consumer statistics.",
+                "High watermark (end offset) of each assigned partition, asked from the broker every 5 s.",
                 &["topic", "partition"],
                 r
             )?,
             lag: prometheus::register_int_gauge_vec_with_registry!(
                 "datapulse_bridge_partition_lag",
-                "High watermark minus committed offset, per assigned partition.",
+                "High watermark minus committed offset (this process's last commit, else the group's offset at assignment), per assigned partition.",
                 &["topic", "partition"],
                 r
             )?,
@@ -121,48 +140,27 @@ impl Family for Metrics {
                 "Offset commits that failed (retried at the next commit interval).",
                 r
             )?,
+            stuck: prometheus::register_int_gauge_with_registry!(
+                "datapulse_bridge_partitions_stuck",
+                "Assigned partitions not paused by the bridge, with records to read and none read for kafka.stuck_after.",
+                r
+            )?,
         })
     }
 }
 
-/// The consumer's context: keeps the tracker in step with the group's assignment.
+/// The consumer's context: keeps the tracker and the watch in step with the group's assignment,
+/// and applies the bridge's pause state to every partition assigned.
 pub struct SourceContext {
     pub tracker: Arc<Mutex<Tracker>>,
     telemetry: Telemetry,
     metrics: Arc<Metrics>,
+    /// The bridge's pause state, set by [`Source::set_paused`], read on every assignment.
+    paused: AtomicBool,
+    watch: Mutex<Watch>,
 }
 
-impl ClientContext for SourceContext {
-    fn stats(&self, stats: Statistics) {
-        let tracker = lock(&self.tracker);
-        let committed: std::collections::HashMap<(String, i32), i64> = tracker
-            .committed_offsets()
-            .into_iter()
-            .map(|(t, p, o)| ((t, p), o))
-            .collect();
-        for (topic, t) in &stats.topics {
-            for (&partition, p) in &t.partitions {
-                if partition < 0 || !p.desired {
-                    continue;
-                }
-                let part = partition.to_string();
-                let labels = [topic.as_str(), part.as_str()];
-                self.metrics.high_watermark.with_label_values(&labels).set(p.hi_offset);
-                if let Some(&c) = committed.get(&(topic.clone(), partition)) {
-                    self.metrics
-                        .lag
-                        .with_label_values(&labels)
-                        .set((p.hi_offset - c).max(0));
-                } else if p.committed_offset >= 0 {
-                    self.metrics
-                        .lag
-                        .with_label_values(&labels)
-                        .set((p.hi_offset - p.committed_offset).max(0));
-                }
-            }
-        }
-    }
-}
+impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -179,6 +177,7 @@ impl ConsumerContext for SourceContext {
                                 let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
                             }
                         }
+                        lock(&self.watch).revoke(e.topic(), e.partition());
                         let part = e.partition().to_string();
                         let _ = self.metrics.lag.remove_label_values(&[e.topic(), part.as_str()]);
                         let _ = self
@@ -225,16 +224,33 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.metrics.rebalances.with_label_values(&["assign"]).inc();
+            let now = Instant::now();
             let mut tracker = lock(&self.tracker);
+            let mut watch = lock(&self.watch);
             for e in tpl.elements() {
                 tracker.assign(e.topic(), e.partition());
+                watch.assign(e.topic(), e.partition(), now);
             }
             let total = tracker.assigned().len();
-            drop(tracker);
-            tracing::info!(partitions = %describe(tpl), total, "partitions assigned");
+            drop((tracker, watch));
+            // librdkafka keeps a partition's pause across a revoke and a re-assignment: a partition
+            // paused here before it moved away would come back paused and never be read (issue
+            // 25). The bridge's state decides, for each partition as it arrives.
+            let paused = self.paused.load(Ordering::SeqCst);
+            if tpl.count() > 0 {
+                let r = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, paused, partitions = %describe(tpl), "pause/resume of assigned partitions failed");
+                }
+            }
+            tracing::info!(partitions = %describe(tpl), total, paused, "partitions assigned");
             if total > 0 {
                 self.telemetry
                     .set_ready(Ready::Assignment, true, format!("{total} partitions assigned"));
@@ -272,6 +288,15 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Source {
     consumer: StreamConsumer<SourceContext>,
     tracker: Arc<Mutex<Tracker>>,
+    /// `kafka.stuck_after`.
+    stuck_after: Duration,
+    /// Whether a partition without a committed offset starts at the log's end
+    /// (`auto.offset.reset` = `latest`, `largest` or `end`) rather than its start.
+    reset_to_end: bool,
+    /// When the broker was last asked for end offsets.
+    asked_at: Mutex<Option<Instant>>,
+    /// The partitions found stuck at the last check (logged when the set changes).
+    stuck: Mutex<Vec<(String, i32)>>,
 }
 
 impl Source {
@@ -325,9 +350,16 @@ impl Source {
         Some(tpl)
     }
 
-    /// Pauses (`true`) or resumes every partition assigned now; fetching stops, polling goes on,
-    /// so the group membership survives. Partitions assigned later arrive unpaused.
+    /// Sets the bridge's pause state: pauses (`true`) or resumes every partition assigned now, and
+    /// every partition assigned later is paused or resumed to match as it arrives. Fetching stops,
+    /// polling goes on, so the group membership survives. A resume restarts the clock of the
+    /// stuck-partition check.
     pub fn set_paused(&self, pause: bool) {
+        let ctx = self.consumer.context();
+        ctx.paused.store(pause, Ordering::SeqCst);
+        if !pause {
+            lock(&ctx.watch).resumed(Instant::now());
+        }
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
@@ -341,6 +373,151 @@ impl Source {
         };
         if let Err(e) = r {
             tracing::debug!(error = %e, pause, "pause/resume failed");
+        }
+    }
+
+    /// The bridge's pause state (what [`Source::set_paused`] set last).
+    pub fn paused(&self) -> bool {
+        self.consumer.context().paused.load(Ordering::SeqCst)
+    }
+
+    /// Notes records read at `at`: `(topic, partition, offset)`, the highest offset of each
+    /// partition read in one burst (any offset of the burst is correct, the highest is exact).
+    pub fn read<'a>(&self, reads: impl IntoIterator<Item = (&'a str, i32, i64)>, at: Instant) {
+        let mut watch = lock(&self.consumer.context().watch);
+        for (topic, partition, offset) in reads {
+            watch.read(topic, partition, offset, at);
+        }
+    }
+
+    /// Refreshes what the bridge knows of its partitions (call it regularly; blocking, from the
+    /// consumer's own thread): every [`WATERMARK_INTERVAL`] asks the broker for the end offsets
+    /// of the assigned partitions (and where reading started, once per assignment); exports
+    /// `datapulse_bridge_partition_high_watermark`, `datapulse_bridge_partition_lag` and
+    /// `datapulse_bridge_partitions_stuck`, and sets the `partitions` readiness condition: false
+    /// while any partition is stuck (see [`watch`]), naming them.
+    pub fn watch(&self, now: Instant) {
+        let due = {
+            let mut asked = lock(&self.asked_at);
+            let due = asked.is_none_or(|a| now.saturating_duration_since(a) >= WATERMARK_INTERVAL);
+            if due {
+                *asked = Some(now);
+            }
+            due
+        };
+        if due {
+            self.ask_broker();
+        }
+        let ctx = self.consumer.context();
+        let committed: HashMap<(String, i32), i64> = lock(&self.tracker)
+            .committed_offsets()
+            .into_iter()
+            .map(|(t, p, o)| ((t, p), o))
+            .collect();
+        let committed = |t: &str, p: i32| committed.get(&(t.to_string(), p)).copied();
+        let watch = lock(&ctx.watch);
+        for l in watch.lags(committed) {
+            let part = l.partition.to_string();
+            let labels = [l.topic.as_str(), part.as_str()];
+            ctx.metrics
+                .high_watermark
+                .with_label_values(&labels)
+                .set(l.high_watermark);
+            if let Some(lag) = l.lag {
+                ctx.metrics.lag.with_label_values(&labels).set(lag);
+            }
+        }
+        let assigned = watch.partitions().len();
+        let stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
+        drop(watch);
+        ctx.metrics.stuck.set(stuck.len() as i64);
+        let names = stuck
+            .iter()
+            .map(|(t, p)| format!("{t}/{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut last = lock(&self.stuck);
+        if *last != stuck {
+            if stuck.is_empty() {
+                tracing::info!("no partition stuck any more");
+            } else {
+                tracing::warn!(partitions = %names, stuck_after = ?self.stuck_after, "partitions stuck: not paused by the bridge, records to read, none read");
+            }
+            *last = stuck;
+        }
+        drop(last);
+        if names.is_empty() {
+            ctx.telemetry.set_ready(
+                Ready::Partitions,
+                true,
+                format!("none of {assigned} assigned partitions stuck"),
+            );
+        } else {
+            ctx.telemetry.set_ready(
+                Ready::Partitions,
+                false,
+                format!(
+                    "stuck (not paused by the bridge, records to read, none read for {}): {names}",
+                    humantime::format_duration(self.stuck_after)
+                ),
+            );
+        }
+    }
+
+    /// Asks the broker for the end offsets of the assigned partitions (one ListOffsets request per
+    /// leader: `offsets_for_times` with the timestamp -1, "latest"), and, for partitions whose
+    /// starting position is not known yet, the group's committed offset (or, where the group has
+    /// none, the log's start or end as `auto.offset.reset` says). Partitions the broker did not
+    /// answer for keep what was known; the next call asks again.
+    fn ask_broker(&self) {
+        let watch = &self.consumer.context().watch;
+        let parts = lock(watch).partitions();
+        if parts.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &parts {
+            let _ = tpl.add_partition_offset(t, *p, Offset::End);
+        }
+        match self.consumer.offsets_for_times(tpl, BROKER_TIMEOUT) {
+            Ok(got) => {
+                let mut watch = lock(watch);
+                for e in got.elements() {
+                    if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
+                        watch.set_high_watermark(e.topic(), e.partition(), o);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "end offsets not known; asked again later"),
+        }
+        let missing = lock(watch).without_start();
+        if missing.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &missing {
+            tpl.add_partition(t, *p);
+        }
+        let got = match self.consumer.committed_offsets(tpl, BROKER_TIMEOUT) {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(error = %e, "committed offsets not known; asked again later");
+                return;
+            }
+        };
+        for e in got.elements() {
+            let start = match (e.error(), e.offset()) {
+                (Ok(()), Offset::Offset(o)) => Some(o),
+                (Ok(()), _) => self
+                    .consumer
+                    .fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT)
+                    .ok()
+                    .map(|(low, high)| if self.reset_to_end { high } else { low }),
+                (Err(_), _) => None,
+            };
+            if let Some(o) = start {
+                lock(watch).set_start(e.topic(), e.partition(), o);
+            }
         }
     }
 
@@ -358,7 +535,6 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("statistics.interval.ms", "5000")
         // Bounds librdkafka's prefetch memory (its default is 64 MiB per client).
         .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false");
@@ -382,10 +558,14 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 ///
 /// Errors: librdkafka refused the client settings or the subscription.
 pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Telemetry) -> Result<Source, KafkaError> {
-    let consumer: StreamConsumer<SourceContext> = client_config(cfg).create_with_context(SourceContext {
+    let client = client_config(cfg);
+    let reset_to_end = matches!(client.get("auto.offset.reset"), Some("latest" | "largest" | "end"));
+    let consumer: StreamConsumer<SourceContext> = client.create_with_context(SourceContext {
         tracker: Arc::clone(&tracker),
         telemetry: telemetry.clone(),
         metrics: telemetry.metrics(),
+        paused: AtomicBool::new(false),
+        watch: Mutex::default(),
     })?;
     match &cfg.topic_pattern {
         // librdkafka treats a subscription starting with `^` as a regular expression.
@@ -398,5 +578,12 @@ pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Te
             consumer.subscribe(&topics)?
         }
     }
-    Ok(Source { consumer, tracker })
+    Ok(Source {
+        consumer,
+        tracker,
+        stuck_after: cfg.stuck_after,
+        reset_to_end,
+        asked_at: Mutex::new(None),
+        stuck: Mutex::default(),
+    })
 }

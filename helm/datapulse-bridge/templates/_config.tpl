@@ -17,6 +17,7 @@ topic_pattern = {{ $v.kafka.topicPattern | toJson }}
 {{- end }}
 max_in_flight_records = {{ int $v.kafka.maxInFlightRecords }}
 commit_interval = {{ $v.kafka.commitInterval | toJson }}
+stuck_after = {{ $v.kafka.stuckAfter | toJson }}
 {{- with include "datapulse-bridge.kafkaPropertiesSecret" . }}
 # Secret librdkafka properties (sasl.password, ...): a Secret mounted as a file, never this ConfigMap.
 properties_file = {{ printf "%s/%s" (include "datapulse-bridge.kafkaPropertiesDir" $) (include "datapulse-bridge.kafkaPropertiesKey" $) | toJson }}
