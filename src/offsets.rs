@@ -230,6 +230,14 @@ impl Tracker {
             .min()
     }
 
+    /// Whether a partition is assigned now.
+    pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|m| m.get(&partition))
+            .is_some_and(|p| p.assigned)
+    }
+
     /// The partitions currently assigned.
     pub fn assigned(&self) -> Vec<(String, i32)> {
         let mut out = Vec::new();

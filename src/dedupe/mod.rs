@@ -353,7 +353,7 @@ impl Deduper {
             self.metrics.waits.inc();
             tokio::time::sleep(LOCAL_WAIT).await;
         }
-        self.look_up(keys, verdicts, pending).await
+        self.look_up(keys, verdicts, pending, true).await
     }
 
     /// [`Deduper::check`] for events that join a batch already judged, `earlier` (topping up a
@@ -371,7 +371,11 @@ impl Deduper {
         if !self.take_holds(&Earlier::of(earlier), keys, &mut verdicts, &mut pending) {
             return None;
         }
-        Some(self.look_up(keys, verdicts, pending).await)
+        match self.look_up(keys, verdicts, pending, false).await {
+            // Held by another replica: as if held here.
+            Err(StoreUnavailable::Contended { .. }) => None,
+            other => Some(other),
+        }
     }
 
     /// The store's verdicts for the events of `pending` (held by [`Deduper::take_holds`]);
@@ -381,6 +385,7 @@ impl Deduper {
         keys: &[&EventKeys],
         mut verdicts: Vec<Option<Verdict>>,
         mut pending: Vec<usize>,
+        patient: bool,
     ) -> Result<Vec<Verdict>, StoreUnavailable> {
         // An event with neither a key nor a guarded bet has nothing to look up.
         pending.retain(|&i| {
@@ -399,7 +404,7 @@ impl Deduper {
             pending: &pending,
         };
         let probes: Vec<Probe<'_>> = pending.iter().map(|&i| keys[i].probe()).collect();
-        let lookups = match self.store_check(&probes).await {
+        let lookups = match self.store_check(&probes, patient).await {
             Ok(lookups) => lookups,
             Err(StoreUnavailable::Unreachable { reason: e }) if self.policy == OnStoreUnavailable::Deliver => {
                 self.metrics
@@ -699,7 +704,9 @@ impl Deduper {
         EventKeys { key, guard }
     }
 
-    async fn store_check(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreUnavailable> {
+    /// `patient`: wait while another replica holds one of the keys (else answer `Contended` at
+    /// once, holding nothing).
+    async fn store_check(&self, probes: &[Probe<'_>], patient: bool) -> Result<Vec<Lookup>, StoreUnavailable> {
         if probes.is_empty() {
             return Ok(Vec::new());
         }
@@ -712,7 +719,7 @@ impl Deduper {
                 Ok(res)
             }
             Store::Redis(r) => {
-                let res = r.claim(probes).await;
+                let res = r.claim(probes, patient).await;
                 match &res {
                     Ok(_) => self.note_store(Ok(())),
                     Err(StoreUnavailable::Unreachable { reason }) => self.note_store(Err(reason.clone())),

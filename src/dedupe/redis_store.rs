@@ -338,8 +338,9 @@ impl RedisStore {
             .map_err(|e| format!("redis: {e}"))
     }
 
-    /// Looks up and claims every probe, waiting while another owner holds one of them.
-    pub(super) async fn claim(&self, probes: &[Probe<'_>]) -> Result<Vec<Lookup>, StoreUnavailable> {
+    /// Looks up and claims every probe, waiting while another owner holds one of them; not
+    /// `patient`: `Contended` at once instead (the script claims nothing while any key waits).
+    pub(super) async fn claim(&self, probes: &[Probe<'_>], patient: bool) -> Result<Vec<Lookup>, StoreUnavailable> {
         let mut decided: Vec<Option<Lookup>> = vec![None; probes.len()];
         // A claim lasts at most the lease unless its owner renews it; twice the lease means the
         // other owner is alive and stuck (or has a longer lease): give the batch back to the caller.
@@ -396,6 +397,11 @@ impl RedisStore {
             }
             if !waiting {
                 return Ok(decided.into_iter().map(|d| d.unwrap_or(Lookup::Free)).collect());
+            }
+            if !patient {
+                return Err(StoreUnavailable::Contended {
+                    reason: "an id is claimed by another replica".into(),
+                });
             }
             self.metrics.waits.inc();
             if Instant::now() >= deadline {

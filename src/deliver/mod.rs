@@ -145,6 +145,9 @@ struct Batch<'a, E> {
     /// Each event's JSON, serialised once by the caller.
     events: &'a [&'a [u8]],
     cancel: &'a CancellationToken,
+    /// Shutdown: ends the batch's waits (budget, backoff) while nothing of it may have been
+    /// counted; a batch whose request may have been counted goes on until `cancel`.
+    stop: Option<&'a CancellationToken>,
     exposure: &'a E,
     /// A request of the batch may have reached the API, as far as `exposure` was told.
     exposed: bool,
@@ -277,9 +280,24 @@ impl Deliverer {
         cancel: &CancellationToken,
         exposure: &E,
     ) -> Result<Vec<EventResult>, Interrupted> {
+        self.deliver_json_until(events, cancel, None, exposure).await
+    }
+
+    /// [`Deliverer::deliver_json`] that also gives up, with `Interrupted { may_have_been_counted:
+    /// false }`, when `stop` fires while the batch waits and nothing of it may have been counted
+    /// (before a retry after a 429, a 401/403 or a refused connection): at shutdown only a request
+    /// that may have been counted is seen through, until `cancel`.
+    pub async fn deliver_json_until<E: Exposure>(
+        &self,
+        events: &[&[u8]],
+        cancel: &CancellationToken,
+        stop: Option<&CancellationToken>,
+        exposure: &E,
+    ) -> Result<Vec<EventResult>, Interrupted> {
         let mut b = Batch {
             events,
             cancel,
+            stop,
             exposure,
             exposed: false,
             uncertain: false,
@@ -404,8 +422,16 @@ impl Deliverer {
         let mut auth_attempt: u32 = 0;
         let mut throttled_attempt: u32 = 0;
         loop {
+            // Shutdown ends the waits only while nothing of the batch may have been counted.
+            let stop = b.stop.filter(|_| !b.exposed);
+            if stop.is_some_and(CancellationToken::is_cancelled) {
+                return Err(Cancelled);
+            }
             let creds = self.current_credentials();
-            self.budget.acquire(&creds.budget_id, cancel).await?;
+            tokio::select! {
+                r = self.budget.acquire(&creds.budget_id, cancel) => r?,
+                () = stopped(stop) => return Err(Cancelled),
+            }
             tokio::select! {
                 () = b.before_request() => {}
                 _ = cancel.cancelled() => return Err(Cancelled),
@@ -448,7 +474,7 @@ impl Deliverer {
                         events = idx.len(),
                         "key refused; retrying after delivery.auth_retry_interval"
                     );
-                    sleep(self.cfg.auth_retry_interval, cancel).await?;
+                    sleep(self.cfg.auth_retry_interval, cancel, b.stop.filter(|_| !b.exposed)).await?;
                     self.reload_key();
                     continue;
                 }
@@ -506,7 +532,7 @@ impl Deliverer {
                     }
                 }
             };
-            sleep(delay, cancel).await?;
+            sleep(delay, cancel, b.stop.filter(|_| !b.exposed)).await?;
         }
     }
 
@@ -713,10 +739,20 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<String, reqwest::Err
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-async fn sleep(d: Duration, cancel: &CancellationToken) -> Result<(), Cancelled> {
+/// Sleeps `d` unless `cancel` (or `stop`, when given) fires first.
+async fn sleep(d: Duration, cancel: &CancellationToken, stop: Option<&CancellationToken>) -> Result<(), Cancelled> {
     tokio::select! {
         _ = tokio::time::sleep(d) => Ok(()),
         _ = cancel.cancelled() => Err(Cancelled),
+        () = stopped(stop) => Err(Cancelled),
+    }
+}
+
+/// Completes when `stop` fires; never without one.
+async fn stopped(stop: Option<&CancellationToken>) {
+    match stop {
+        Some(s) => s.cancelled().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -290,7 +290,10 @@ impl Outcomes {
                 }
             }
             match write {
-                Write::Written => outcomes.finish(&held, Outcome::DeadLettered(why.stage)),
+                Write::Written => {
+                    outcomes.finish(&held, Outcome::DeadLettered(why.stage));
+                    outcomes.commit_wanted.notify_one();
+                }
                 // Read again after its dead letter was written (a crash, a rebalance): counted
                 // once across the group, by whoever wrote it.
                 Write::AlreadyWritten => outcomes.finish(&held, Outcome::Duplicate("dead_lettered")),

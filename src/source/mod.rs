@@ -196,6 +196,12 @@ impl ConsumerContext for SourceContext {
                         }
                     }
                 }
+                // The partitions are another member's now: their committed offsets are not this
+                // process's to export (a late answer to an asynchronous commit is ignored too).
+                for e in tpl.elements() {
+                    let part = e.partition().to_string();
+                    let _ = self.metrics.committed.remove_label_values(&[e.topic(), part.as_str()]);
+                }
                 if lock(&self.tracker).assigned().is_empty() {
                     self.telemetry
                         .set_ready(Ready::Assignment, false, "no partitions assigned");
@@ -266,7 +272,15 @@ fn record_commits(tracker: &Mutex<Tracker>, metrics: &Metrics, offsets: &TopicPa
         if let Offset::Offset(o) = e.offset() {
             tracker.committed(e.topic(), e.partition(), o);
             let part = e.partition().to_string();
-            metrics.committed.with_label_values(&[e.topic(), part.as_str()]).set(o);
+            // Only forward, and only for partitions still assigned: an asynchronous commit's
+            // answer may come after a later commit's, or after the revoke.
+            if !tracker.is_assigned(e.topic(), e.partition()) {
+                continue;
+            }
+            let gauge = metrics.committed.with_label_values(&[e.topic(), part.as_str()]);
+            if o > gauge.get() {
+                gauge.set(o);
+            }
         }
     }
 }

@@ -143,7 +143,10 @@ impl Watch {
                     .into_iter()
                     .flatten()
                     .max();
-                let unread = matches!((w.high_watermark, position), (Some(hw), Some(pos)) if hw > pos);
+                // One offset beyond the position is not a record to read: a transaction's commit
+                // marker follows its last record and is never delivered (a transactional
+                // producer's idle partition would otherwise be stuck for good).
+                let unread = matches!((w.high_watermark, position), (Some(hw), Some(pos)) if hw > pos + 1);
                 if unread && now.saturating_duration_since(w.since) >= stuck_after {
                     out.push((topic.clone(), partition));
                 }

@@ -424,3 +424,38 @@ async fn a_stopping_lane_finishes_nothing_it_never_sent() {
     assert_eq!((totals.finished(), totals.abandoned), (0, 2), "left to the next owner");
     assert_eq!(lock(&tracker).in_flight(), 2, "unfinished: not committed past");
 }
+
+#[tokio::test]
+async fn shutdown_gives_up_retries_of_a_request_refused_before_counting() {
+    let mut w = world().await;
+    // Every request answered 429 (refused before the API counted anything): retried with backoff.
+    w.sandbox
+        .set_faults(Faults {
+            fault_429: 1.0,
+            ..Faults::default()
+        })
+        .unwrap();
+    let to_send = w.pending(&[event("deposit", "t-0")]);
+    let keys: Vec<&EventKeys> = to_send.iter().map(|p| &p.keys).collect();
+    assert_eq!(w.lane.deduper.check(&keys).await.unwrap(), [Verdict::Send]);
+    let stop = w.lane.stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    // Shutdown's deadline (the abandon token) never fires here: the stop alone ends the retries.
+    let unsent = match tokio::time::timeout(Duration::from_secs(5), w.lane.send(to_send)).await {
+        Ok(Err(u)) => u,
+        Ok(Ok(_)) => panic!("no request could succeed"),
+        Err(_) => panic!("the retries went on after shutdown"),
+    };
+    assert_eq!(
+        unsent,
+        Unsent { how: LetGo::Release },
+        "nothing was counted: the id is free"
+    );
+    assert!(!w.outcomes.abandon_token().is_cancelled());
+    let keys = w.lane.deduper.keys_of(&event("deposit", "t-0"), &other_record());
+    let verdict = tokio::time::timeout(Duration::from_secs(2), w.lane.deduper.check(&[&keys])).await;
+    assert_eq!(verdict.expect("not held").unwrap(), [Verdict::Send]);
+}
