@@ -37,6 +37,10 @@ use watch::Watch;
 /// How often [`Source::watch`] asks the broker for the end offsets of the assigned partitions
 /// (one ListOffsets request per leader broker).
 const WATERMARK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How soon [`Source::watch`] asks again while a partition's end offset is unknown (just
+/// assigned, or the broker did not answer for it).
+const ENDS_MISSING_RETRY: Duration = Duration::from_millis(500);
 /// How long [`Source::watch`] waits for one answer of the broker (blocking the consumer loop).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -411,9 +415,15 @@ impl Source {
     /// `datapulse_bridge_partitions_stuck`, and sets the `partitions` readiness condition: false
     /// while any partition is stuck (see [`watch`]), naming them.
     pub fn watch(&self, now: Instant) {
+        // A partition just assigned is asked for at the next tick (its lag is then exported
+        // within a commit interval of the assignment), the others every `WATERMARK_INTERVAL`.
+        let ends_missing = lock(&self.consumer.context().watch).ends_missing();
         let due = {
             let mut asked = lock(&self.asked_at);
-            let due = asked.is_none_or(|a| now.saturating_duration_since(a) >= WATERMARK_INTERVAL);
+            let due = asked.is_none_or(|a| {
+                let since = now.saturating_duration_since(a);
+                since >= WATERMARK_INTERVAL || (ends_missing && since >= ENDS_MISSING_RETRY)
+            });
             if due {
                 *asked = Some(now);
             }

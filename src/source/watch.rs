@@ -97,6 +97,14 @@ impl Watch {
         }
     }
 
+    /// Whether some partition's end offset is not known yet (just assigned).
+    pub fn ends_missing(&self) -> bool {
+        self.topics
+            .values()
+            .flat_map(|m| m.values())
+            .any(|w| w.high_watermark.is_none())
+    }
+
     /// The partitions watched, in order.
     pub fn partitions(&self) -> Vec<(String, i32)> {
         let mut out: Vec<(String, i32)> = self
