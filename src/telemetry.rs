@@ -11,12 +11,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use parking_lot::Mutex;
 use prometheus::{IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -245,7 +246,7 @@ impl Telemetry {
     /// Panics if `F::register` fails: two families declaring one metric name, a programming error
     /// that every test catches.
     pub fn metrics<F: Family>(&self) -> Arc<F> {
-        let mut families = lock(&self.0.families);
+        let mut families = self.0.families.lock();
         let entry = families.entry(TypeId::of::<F>()).or_insert_with(|| {
             let family = F::register(&self.0.registry)
                 .unwrap_or_else(|e| panic!("metrics of {} register: {e}", std::any::type_name::<F>()));
@@ -258,7 +259,7 @@ impl Telemetry {
 
     /// Sets a readiness condition with the reason an operator reads in `/health/ready`.
     pub fn set_ready(&self, name: Ready, ok: bool, reason: impl Into<String>) {
-        let mut m = lock(&self.0.conditions);
+        let mut m = self.0.conditions.lock();
         m.insert(
             name,
             Condition {
@@ -271,13 +272,13 @@ impl Telemetry {
 
     /// Whether every condition holds (and at least one was set), with the conditions.
     pub fn readiness(&self) -> (bool, BTreeMap<Ready, Condition>) {
-        let m = lock(&self.0.conditions).clone();
+        let m = self.0.conditions.lock().clone();
         (!m.is_empty() && m.values().all(|c| c.ok), m)
     }
 
     /// One condition, if it was set.
     pub fn condition(&self, name: Ready) -> Option<Condition> {
-        lock(&self.0.conditions).get(&name).cloned()
+        self.0.conditions.lock().get(&name).cloned()
     }
 
     /// The Prometheus text exposition of every metric registered here.
@@ -310,10 +311,6 @@ impl Telemetry {
         });
         Ok(addr)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn metrics_handler(State(t): State<Telemetry>) -> impl IntoResponse {

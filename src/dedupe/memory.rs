@@ -6,8 +6,8 @@
 use super::{Kind, Lookup, Probe};
 use crate::offsets::RecordId;
 use hashlink::LinkedHashMap;
+use parking_lot::Mutex;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A delivered key as this store keeps it: the seeded 128-bit XXH3 of its text. No copy of the
@@ -77,8 +77,8 @@ impl MemoryStore {
         xxhash_rust::xxh3::xxh3_128_with_seed(key.as_bytes(), self.seed)
     }
 
-    fn facts(&self) -> std::sync::MutexGuard<'_, Facts> {
-        self.facts.lock().unwrap_or_else(|p| p.into_inner())
+    fn facts(&self) -> parking_lot::MutexGuard<'_, Facts> {
+        self.facts.lock()
     }
 
     pub(super) fn lookup(&self, probes: &[Probe<'_>]) -> Vec<Lookup> {

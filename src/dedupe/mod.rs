@@ -25,7 +25,8 @@ use redis_store::RedisStore;
 use std::borrow::Cow;
 // hashbrown's default hasher (not SipHash): the in-flight holds are touched for every event.
 use hashbrown::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The verdict on one event before it is sent.
@@ -763,7 +764,7 @@ impl Deduper {
     }
 
     fn lock(&self) -> MutexGuard<'_, Local> {
-        self.local.lock().unwrap_or_else(|p| p.into_inner())
+        self.local.lock()
     }
 }
 

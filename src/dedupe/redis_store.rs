@@ -18,9 +18,10 @@
 use super::{DeadLetterClaim, LetGo, Local, Lookup, Metrics, Probe, SetupError, StoreUnavailable};
 use crate::dedupe::{DedupeConfig, InDoubt};
 use crate::offsets::RecordId;
+use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Script};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
@@ -556,7 +557,7 @@ async fn renew_loop(
         let Some(local) = local.upgrade() else { return };
         let prefix = prefix.as_str();
         let (keys, bets): (Vec<String>, Vec<String>) = {
-            let l = local.lock().unwrap_or_else(|p| p.into_inner());
+            let l = local.lock();
             let bets = l
                 .bets
                 .iter()

@@ -21,9 +21,10 @@ use governor::clock::DefaultClock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -165,7 +166,7 @@ impl RateBudget {
     }
 
     fn pause_end(&self) -> Option<Instant> {
-        let p = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        let p = *self.paused_until.lock();
         p.filter(|&until| until > Instant::now())
     }
 
@@ -174,7 +175,7 @@ impl RateBudget {
     pub async fn pause(&self, id: &str, pause: Duration) {
         let until = Instant::now() + pause;
         {
-            let mut p = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = self.paused_until.lock();
             if p.is_none_or(|old| old < until) {
                 *p = Some(until);
             }

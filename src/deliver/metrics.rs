@@ -3,12 +3,13 @@
 //! set. Nothing here ever carries the API key.
 
 use crate::telemetry::Family;
+use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::time::Instant;
 
 pub struct Metrics {
@@ -94,12 +95,7 @@ struct Retrying {
 
 impl Retrying {
     fn oldest(&self) -> Option<Instant> {
-        self.started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .min()
-            .copied()
+        self.started.lock().values().min().copied()
     }
 }
 
@@ -113,22 +109,14 @@ impl RetryGuard {
     pub fn new(metrics: &Metrics, started: Instant) -> RetryGuard {
         let retrying = Arc::clone(&metrics.retrying);
         let id = retrying.next_id.fetch_add(1, Ordering::Relaxed);
-        retrying
-            .started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, started);
+        retrying.started.lock().insert(id, started);
         RetryGuard { id, retrying }
     }
 }
 
 impl Drop for RetryGuard {
     fn drop(&mut self) {
-        self.retrying
-            .started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.retrying.started.lock().remove(&self.id);
     }
 }
 

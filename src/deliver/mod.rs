@@ -28,10 +28,11 @@ pub use budget::BudgetError;
 use budget::RateBudget;
 use bytes::Bytes;
 use metrics::{Metrics, RetryGuard};
+use parking_lot::RwLock;
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -632,7 +633,7 @@ impl Deliverer {
     }
 
     fn current_credentials(&self) -> Arc<Credentials> {
-        self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.credentials.read().clone()
     }
 
     /// How long the oldest batch under retry has been under way (`Duration::ZERO` when none):
@@ -676,7 +677,7 @@ impl Deliverer {
             }
         };
         match credentials(&self.cfg, &key) {
-            Ok(c) => *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c),
+            Ok(c) => *self.credentials.write() = Arc::new(c),
             Err(e) => tracing::warn!(key_file = %path.display(), error = %e, "keeping the current key"),
         }
     }

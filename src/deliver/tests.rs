@@ -6,7 +6,7 @@ use crate::event::Event;
 use axum::body::Bytes as AxumBytes;
 use axum::http::StatusCode;
 use axum::routing::post;
-use std::sync::Mutex as StdMutex;
+use parking_lot::Mutex as StdMutex;
 
 /// No dedupe store to tell.
 struct NoStore;
@@ -59,7 +59,7 @@ async fn fake(bodies: Bodies) -> (String, Arc<StdMutex<Seen>>) {
                     .iter()
                     .map(|e| e["client_user_id"].as_str().unwrap().to_string())
                     .collect();
-                let mut seen = s.lock().unwrap();
+                let mut seen = s.lock();
                 seen.requests += 1;
                 let bad: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].starts_with("bad")).collect();
                 if bad.is_empty() {
@@ -146,11 +146,11 @@ async fn bare_400_isolates_one_bad_event_in_log2_requests() {
     let bound = 9 + 2;
     let mut worst = 0;
     for bad in [0, 1, 137, 249, 250, 251, 377, 498, 499] {
-        *seen.lock().unwrap() = Seen::default();
+        *seen.lock() = Seen::default();
         let events = batch(500, &[bad]);
         let results = d.deliver(&events, &cancel).await.unwrap();
         check_results(&results, &[bad]);
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         check_order(&seen, 500, &[bad]);
         let extra = seen.requests - 1;
         assert!(extra <= bound, "bad event at {bad}: {extra} extra requests");
@@ -180,7 +180,7 @@ async fn bare_400_isolates_several_bad_events() {
     let bad = [3, 4, 100, 499];
     let results = d.deliver(&batch(500, &bad), &CancellationToken::new()).await.unwrap();
     check_results(&results, &bad);
-    check_order(&seen.lock().unwrap(), 500, &bad);
+    check_order(&seen.lock(), 500, &bad);
 }
 
 #[tokio::test]
@@ -188,10 +188,10 @@ async fn indexed_400_costs_exactly_one_extra_request() {
     let (url, seen) = fake(Bodies::Indexed).await;
     let d = deliverer(&url);
     for bad in [vec![7], vec![0, 250, 499]] {
-        *seen.lock().unwrap() = Seen::default();
+        *seen.lock() = Seen::default();
         let results = d.deliver(&batch(500, &bad), &CancellationToken::new()).await.unwrap();
         check_results(&results, &bad);
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         assert_eq!(seen.requests, 2, "bad {bad:?}");
         check_order(&seen, 500, &bad);
         // Each rejected event carries its own part of the body.
@@ -211,7 +211,7 @@ async fn all_bad_are_rejected_without_bisection_when_indexed() {
     let bad: Vec<usize> = (0..10).collect();
     let results = d.deliver(&batch(10, &bad), &CancellationToken::new()).await.unwrap();
     check_results(&results, &bad);
-    assert_eq!(seen.lock().unwrap().requests, 1);
+    assert_eq!(seen.lock().requests, 1);
 }
 
 #[test]

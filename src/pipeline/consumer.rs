@@ -15,7 +15,7 @@ use super::outcome::{Held, Outcome, Outcomes};
 use crate::dedupe::Deduper;
 use crate::dlq::Reason;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
-use crate::source::{lock, Record, RecordId, Source};
+use crate::source::{Record, RecordId, Source};
 use crate::telemetry::Family;
 use futures::{FutureExt, StreamExt};
 use prometheus::Registry;
@@ -241,7 +241,7 @@ impl Reader {
     fn export_gauges(&self, source: &Source) {
         self.metrics.paused.set(i64::from(source.paused()));
         let (in_flight, oldest, gaps) = {
-            let t = lock(self.outcomes.tracker());
+            let t = self.outcomes.tracker().lock();
             (t.in_flight(), t.oldest_unfinished(), t.gaps())
         };
         self.metrics.offset_gaps.set(gaps as i64);

@@ -19,7 +19,6 @@ use crate::dedupe::{Deduper, EventKeys, LetGo, StoreUnavailable, Verdict};
 use crate::deliver::{Deliverer, EventResult, Exposure, Interrupted};
 use crate::dlq::Reason;
 use crate::event::TimestampUnit;
-use crate::source::lock;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -179,7 +178,7 @@ impl Lane {
 
     /// Records of partitions revoked since they were read belong to the new owner now.
     fn drop_revoked(&self, batch: Vec<Pending>) -> Vec<Pending> {
-        let tracker = lock(self.outcomes.tracker());
+        let tracker = self.outcomes.tracker().lock();
         let (keep, stale): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|p| tracker.is_current(&p.held.record.id, p.held.epoch));
@@ -190,7 +189,7 @@ impl Lane {
     /// [`Lane::drop_revoked`] for events judged `Send`: their ids are released for the new owner.
     async fn drop_revoked_held(&self, to_send: Vec<Pending>) -> Vec<Pending> {
         let (keep, stale): (Vec<_>, Vec<_>) = {
-            let tracker = lock(self.outcomes.tracker());
+            let tracker = self.outcomes.tracker().lock();
             to_send
                 .into_iter()
                 .partition(|p| tracker.is_current(&p.held.record.id, p.held.epoch))

@@ -23,13 +23,14 @@ use crate::deliver::Deliverer;
 use crate::dlq::{DeadLetterWriter, DeadLetters};
 use crate::mapping::{Mapper, MappingErrors};
 use crate::offsets::Tracker;
-use crate::source::{self, lock};
+use crate::source;
 use crate::telemetry::{Family, Ready, Telemetry};
 use consumer::Reader;
 use lane::Lane;
 use outcome::Outcomes;
+use parking_lot::Mutex;
 use prometheus::Registry;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -219,7 +220,7 @@ async fn shut_down(
     metrics: &Metrics,
 ) {
     let tracker = outcomes.tracker();
-    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = lock(tracker).in_flight(), "shutting down: finishing the requests under way");
+    tracing::info!(deadline = ?cfg.shutdown.deadline, in_flight = tracker.lock().in_flight(), "shutting down: finishing the requests under way");
     let deadline = tokio::time::Instant::now() + cfg.shutdown.deadline;
     let drained = tokio::select! {
         _ = &mut lanes => true,
@@ -230,7 +231,7 @@ async fn shut_down(
     if !drained {
         let _ = lanes.await;
     }
-    let abandoned = lock(tracker).in_flight();
+    let abandoned = tracker.lock().in_flight();
     let result = if drained && dead_letters_drained {
         "drained"
     } else {

@@ -12,11 +12,12 @@ use crate::dedupe::{Deduper, EventKeys};
 use crate::dlq::{Reason, Write, WriteOnce};
 use crate::event::TimestampUnit;
 use crate::offsets::{Epoch, RecordId, Tracker};
-use crate::source::{lock, Metrics as SourceMetrics, Record};
+use crate::source::{Metrics as SourceMetrics, Record};
 use crate::telemetry::{Family, Telemetry};
+use parking_lot::Mutex;
 use prometheus::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -191,12 +192,12 @@ impl Outcomes {
     /// read).
     pub fn begin(&self, id: &RecordId, read_at: std::time::Instant) -> Option<Epoch> {
         self.source_metrics.consumed.inc();
-        lock(&self.tracker).begin(id, read_at)
+        self.tracker.lock().begin(id, read_at)
     }
 
     /// Records read and not finished.
     pub fn in_flight(&self) -> usize {
-        lock(&self.tracker).in_flight()
+        self.tracker.lock().in_flight()
     }
 
     /// Fires when shutdown's deadline passed.
@@ -223,7 +224,7 @@ impl Outcomes {
     pub fn finish_all<'r>(&self, records: impl IntoIterator<Item = &'r Held>, outcome: Outcome) {
         let (mut counted, mut revoked) = (0u64, 0u64);
         {
-            let mut tracker = lock(&self.tracker);
+            let mut tracker = self.tracker.lock();
             for h in records {
                 counted += 1;
                 if !tracker.finish(&h.record.id, h.epoch) {
@@ -274,7 +275,7 @@ impl Outcomes {
         tracing::warn!(record = %held.record.id, stage = why.stage, reason = %why.code, error = %why.message,
             "record dead-lettered");
         let outcomes = Arc::clone(self);
-        let mut tasks = lock(&self.dead_letter_tasks);
+        let mut tasks = self.dead_letter_tasks.lock();
         while tasks.try_join_next().is_some() {}
         let fut = async move {
             let dedupe_key = doubt.as_ref().and_then(EventKeys::key);
@@ -305,7 +306,7 @@ impl Outcomes {
 
     /// Waits for the dead-letter writes under way until `deadline`; whether all ended.
     pub async fn drain_dead_letters(&self, deadline: tokio::time::Instant) -> bool {
-        let mut tasks = std::mem::take(&mut *lock(&self.dead_letter_tasks));
+        let mut tasks = std::mem::take(&mut *self.dead_letter_tasks.lock());
         tokio::time::timeout_at(deadline, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_ok()

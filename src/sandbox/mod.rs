@@ -25,12 +25,13 @@ use axum::serve::ListenerExt as _;
 use clap::{Args, Parser};
 use faults::FaultState;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use parking_lot::{Mutex, MutexGuard};
 use record::Record;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -181,11 +182,11 @@ pub(crate) struct Shared {
 impl Shared {
     fn faults(&self) -> MutexGuard<'_, FaultState> {
         // A panic while holding these locks cannot leave them half-updated in a harmful way.
-        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+        self.faults.lock()
     }
 
     fn record(&self) -> MutexGuard<'_, Record> {
-        self.record.lock().unwrap_or_else(|p| p.into_inner())
+        self.record.lock()
     }
 
     /// The index of the key the request carries, if it is one of ours. Every key is compared,

@@ -22,6 +22,7 @@ use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
 use crate::telemetry::{Family, Ready, Telemetry};
 pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
+use parking_lot::Mutex;
 use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -30,7 +31,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use watch::Watch;
 
@@ -174,14 +175,14 @@ impl ConsumerContext for SourceContext {
                 let lost = consumer.assignment_lost();
                 let mut commit = TopicPartitionList::new();
                 {
-                    let mut tracker = lock(&self.tracker);
+                    let mut tracker = self.tracker.lock();
                     for e in tpl.elements() {
                         if let Some(o) = tracker.revoke(e.topic(), e.partition()) {
                             if !lost {
                                 let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
                             }
                         }
-                        lock(&self.watch).revoke(e.topic(), e.partition());
+                        self.watch.lock().revoke(e.topic(), e.partition());
                         let part = e.partition().to_string();
                         let _ = self.metrics.lag.remove_label_values(&[e.topic(), part.as_str()]);
                         let _ = self
@@ -206,7 +207,7 @@ impl ConsumerContext for SourceContext {
                     let part = e.partition().to_string();
                     let _ = self.metrics.committed.remove_label_values(&[e.topic(), part.as_str()]);
                 }
-                if lock(&self.tracker).assigned().is_empty() {
+                if self.tracker.lock().assigned().is_empty() {
                     self.telemetry
                         .set_ready(Ready::Assignment, false, "no partitions assigned");
                 }
@@ -238,8 +239,8 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Assign(tpl) = rebalance {
             self.metrics.rebalances.with_label_values(&["assign"]).inc();
             let now = Instant::now();
-            let mut tracker = lock(&self.tracker);
-            let mut watch = lock(&self.watch);
+            let mut tracker = self.tracker.lock();
+            let mut watch = self.watch.lock();
             for e in tpl.elements() {
                 tracker.assign(e.topic(), e.partition());
                 watch.assign(e.topic(), e.partition(), now);
@@ -271,7 +272,7 @@ impl ConsumerContext for SourceContext {
 
 /// Notes offsets that were committed in the tracker and the committed-offset metric.
 fn record_commits(tracker: &Mutex<Tracker>, metrics: &Metrics, offsets: &TopicPartitionList) {
-    let mut tracker = lock(tracker);
+    let mut tracker = tracker.lock();
     for e in offsets.elements() {
         if let Offset::Offset(o) = e.offset() {
             tracker.committed(e.topic(), e.partition(), o);
@@ -295,11 +296,6 @@ fn describe(tpl: &TopicPartitionList) -> String {
         .map(|e| format!("{}/{}", e.topic(), e.partition()))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Locks a mutex, recovering from poisoning (a panic elsewhere must not stop commits).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The consumer group member, with the tracker its rebalance callbacks keep in step.
@@ -357,7 +353,7 @@ impl Source {
 
     /// The finished prefix of each assigned partition that advanced since its last commit.
     fn finished_prefix(&self) -> Option<TopicPartitionList> {
-        let todo = lock(&self.tracker).to_commit();
+        let todo = self.tracker.lock().to_commit();
         if todo.is_empty() {
             return None;
         }
@@ -376,7 +372,7 @@ impl Source {
         let ctx = self.consumer.context();
         ctx.paused.store(pause, Ordering::SeqCst);
         if !pause {
-            lock(&ctx.watch).resumed(Instant::now());
+            ctx.watch.lock().resumed(Instant::now());
         }
         let Ok(assignment) = self.consumer.assignment() else {
             return;
@@ -402,7 +398,7 @@ impl Source {
     /// Notes records read at `at`: `(topic, partition, offset)`, the highest offset of each
     /// partition read in one burst (any offset of the burst is correct, the highest is exact).
     pub fn read<'a>(&self, reads: impl IntoIterator<Item = (&'a str, i32, i64)>, at: Instant) {
-        let mut watch = lock(&self.consumer.context().watch);
+        let mut watch = self.consumer.context().watch.lock();
         for (topic, partition, offset) in reads {
             watch.read(topic, partition, offset, at);
         }
@@ -417,9 +413,9 @@ impl Source {
     pub fn watch(&self, now: Instant) {
         // A partition just assigned is asked for at the next tick (its lag is then exported
         // within a commit interval of the assignment), the others every `WATERMARK_INTERVAL`.
-        let ends_missing = lock(&self.consumer.context().watch).ends_missing();
+        let ends_missing = self.consumer.context().watch.lock().ends_missing();
         let due = {
-            let mut asked = lock(&self.asked_at);
+            let mut asked = self.asked_at.lock();
             let due = asked.is_none_or(|a| {
                 let since = now.saturating_duration_since(a);
                 since >= WATERMARK_INTERVAL || (ends_missing && since >= ENDS_MISSING_RETRY)
@@ -433,13 +429,15 @@ impl Source {
             self.ask_broker();
         }
         let ctx = self.consumer.context();
-        let committed: HashMap<(String, i32), i64> = lock(&self.tracker)
+        let committed: HashMap<(String, i32), i64> = self
+            .tracker
+            .lock()
             .committed_offsets()
             .into_iter()
             .map(|(t, p, o)| ((t, p), o))
             .collect();
         let committed = |t: &str, p: i32| committed.get(&(t.to_string(), p)).copied();
-        let watch = lock(&ctx.watch);
+        let watch = ctx.watch.lock();
         for l in watch.lags(committed) {
             let part = l.partition.to_string();
             let labels = [l.topic.as_str(), part.as_str()];
@@ -460,7 +458,7 @@ impl Source {
             .map(|(t, p)| format!("{t}/{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut last = lock(&self.stuck);
+        let mut last = self.stuck.lock();
         if *last != stuck {
             if stuck.is_empty() {
                 tracing::info!("no partition stuck any more");
@@ -495,7 +493,7 @@ impl Source {
     /// answer for keep what was known; the next call asks again.
     fn ask_broker(&self) {
         let watch = &self.consumer.context().watch;
-        let parts = lock(watch).partitions();
+        let parts = watch.lock().partitions();
         if parts.is_empty() {
             return;
         }
@@ -505,7 +503,7 @@ impl Source {
         }
         match self.consumer.offsets_for_times(tpl, BROKER_TIMEOUT) {
             Ok(got) => {
-                let mut watch = lock(watch);
+                let mut watch = watch.lock();
                 for e in got.elements() {
                     if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
                         watch.set_high_watermark(e.topic(), e.partition(), o);
@@ -514,7 +512,7 @@ impl Source {
             }
             Err(e) => tracing::debug!(error = %e, "end offsets not known; asked again later"),
         }
-        let missing = lock(watch).without_start();
+        let missing = watch.lock().without_start();
         if missing.is_empty() {
             return;
         }
@@ -540,7 +538,7 @@ impl Source {
                 (Err(_), _) => None,
             };
             if let Some(o) = start {
-                lock(watch).set_start(e.topic(), e.partition(), o);
+                watch.lock().set_start(e.topic(), e.partition(), o);
             }
         }
     }

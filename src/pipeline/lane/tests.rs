@@ -15,7 +15,7 @@ use crate::sandbox::{self, Faults, SandboxArgs, SandboxHandle};
 use crate::source::Record;
 use crate::telemetry::Telemetry;
 use futures::future::BoxFuture;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +44,7 @@ impl WriteOnce for Recorded {
         dedupe_key: Option<&'a str>,
         _cancel: &'a CancellationToken,
     ) -> BoxFuture<'a, Write> {
-        lock(&self.0).push(Written {
+        self.0.lock().push(Written {
             record: rec.id.to_string(),
             stage: why.stage,
             code: why.code.clone(),
@@ -103,7 +103,7 @@ async fn world_with(batch: BatchConfig) -> World {
             .expect("memory deduper"),
     );
     let tracker = Arc::new(Mutex::new(Tracker::new()));
-    lock(&tracker).assign(TOPIC, 0);
+    tracker.lock().assign(TOPIC, 0);
     let written = Arc::new(Recorded::default());
     let outcomes = Arc::new(Outcomes::new(
         Arc::clone(&tracker),
@@ -169,7 +169,7 @@ impl World {
                     offset: self.next_offset,
                 };
                 self.next_offset += 1;
-                let epoch = lock(&self.tracker).begin(&id, Instant::now()).expect("assigned");
+                let epoch = self.tracker.lock().begin(&id, Instant::now()).expect("assigned");
                 let mut json = Vec::new();
                 e.write_json(&mut json);
                 let keys = self.lane.deduper.keys_of(e, &id);
@@ -223,7 +223,7 @@ impl World {
     }
 
     fn in_flight(&self) -> usize {
-        lock(&self.tracker).in_flight()
+        self.tracker.lock().in_flight()
     }
 }
 
@@ -253,7 +253,7 @@ async fn each_verdict_goes_its_own_way() {
     assert_eq!(w.totals().duplicate, 2);
     assert_eq!(w.totals().dead_lettered, 1);
     assert_eq!(
-        *lock(&w.written.0),
+        *w.written.0.lock(),
         [Written {
             record: "wallet/0/5".into(),
             stage: "dedupe",
@@ -263,7 +263,7 @@ async fn each_verdict_goes_its_own_way() {
         }]
     );
     assert_eq!(w.in_flight(), 0, "every record finished");
-    assert_eq!(lock(&w.tracker).committable(TOPIC, 0), Some(6));
+    assert_eq!(w.tracker.lock().committable(TOPIC, 0), Some(6));
 }
 
 #[tokio::test]
@@ -276,7 +276,7 @@ async fn a_rejected_event_is_dead_lettered_and_its_id_let_go() {
     w.process(&[event("deposit", "b-0"), no_amount, event("deposit", "b-2")])
         .await;
     assert_eq!(w.accepted_ids(), ["b-0", "b-2"]);
-    let written = lock(&w.written.0).clone();
+    let written = w.written.0.lock().clone();
     assert_eq!(written.len(), 1);
     assert_eq!(
         (
@@ -299,7 +299,7 @@ async fn a_rejected_event_is_dead_lettered_and_its_id_let_go() {
 async fn records_of_a_revoked_partition_are_left_to_the_new_owner() {
     let mut w = world().await;
     let batch = w.pending(&[event("deposit", "c-0")]);
-    lock(&w.tracker).revoke(TOPIC, 0);
+    w.tracker.lock().revoke(TOPIC, 0);
     w.lane.process(batch).await;
     assert!(w.accepted_ids().is_empty(), "nothing sent for the old owner");
     assert_eq!(w.totals().finished(), 0);
@@ -422,7 +422,7 @@ async fn a_stopping_lane_finishes_nothing_it_never_sent() {
     assert_eq!(sandbox.stats().requests, 0, "nothing sent after shutdown");
     let totals = Totals::read(&telemetry);
     assert_eq!((totals.finished(), totals.abandoned), (0, 2), "left to the next owner");
-    assert_eq!(lock(&tracker).in_flight(), 2, "unfinished: not committed past");
+    assert_eq!(tracker.lock().in_flight(), 2, "unfinished: not committed past");
 }
 
 #[tokio::test]
