@@ -1,6 +1,6 @@
 //! The one way the bridge retries an internal step until it succeeds (a dedupe store call, a
-//! sent mark, a dead-letter write): doubling delays from `initial` up to `max`, for ever, or until
-//! shutdown's deadline fires. Built on `backon`'s exponential backoff. (Requests to the API have a
+//! sent mark, a dead-letter write, a draw from the shared rate budget in Redis): doubling delays
+//! from `initial` up to `max`, for ever, or until shutdown's deadline fires. Built on `backon`'s exponential backoff. (Requests to the API have a
 //! policy of their own, with full jitter, `Retry-After` and the rate budget: `deliver`.)
 
 use backon::{ExponentialBuilder, Retryable};
@@ -20,6 +20,12 @@ impl Backoff {
     pub const STORE: Backoff = Backoff {
         initial: Duration::from_millis(100),
         max: Duration::from_secs(5),
+    };
+    /// Draws from the shared rate budget in Redis while Redis does not answer: 100 ms doubling to
+    /// 2 s (the key's requests all wait on it, so the cap is short).
+    pub const RATE_BUDGET: Backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
     };
     /// Dead-letter writes to the broker: 100 ms doubling to 10 s.
     pub const DEAD_LETTER: Backoff = Backoff {

@@ -15,6 +15,7 @@
 
 use super::metrics::Metrics;
 use super::{Cancelled, DeliveryConfig, RateMode};
+use crate::backoff::{self, Backoff};
 use crate::settings::Secret;
 use crate::telemetry::{Change, Health, Ready, Telemetry};
 use governor::clock::DefaultClock;
@@ -218,10 +219,6 @@ async fn sleep_until(until: Instant, cancel: &CancellationToken) -> Result<(), C
     }
 }
 
-/// How long to wait before asking an unreachable Redis again. The budget is never bypassed: no
-/// request leaves without a unit drawn from Redis.
-const REDIS_RETRY: Duration = Duration::from_millis(500);
-
 struct RedisBudget {
     client: redis::Client,
     conn: OnceLock<ConnectionManager>,
@@ -290,32 +287,27 @@ impl RedisBudget {
 
     async fn acquire(&self, id: &str, cancel: &CancellationToken) -> Result<(), Cancelled> {
         loop {
-            let result: redis::RedisResult<(i64, i64, i64)> = match self.conn() {
-                Ok(mut c) => {
+            // An unreachable Redis is asked again per `Backoff::RATE_BUDGET`; the budget is never
+            // bypassed: no request leaves without a unit drawn from Redis.
+            let (granted, wait_us, remaining) = backoff::until_ok(
+                Backoff::RATE_BUDGET,
+                Some(cancel),
+                || async {
+                    let mut c = self.conn()?;
                     let mut call = ACQUIRE.get().key(id);
                     call.arg(self.interval_us).arg(self.tolerance_us);
-                    tokio::select! {
-                        r = call.invoke_async(&mut c) => r,
-                        _ = cancel.cancelled() => return Err(Cancelled),
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            let wait = match result {
-                Ok((granted, wait_us, remaining)) => {
-                    self.set_health(None);
-                    if granted == 1 {
-                        self.metrics.budget_remaining.set(remaining);
-                        return Ok(());
-                    }
-                    Duration::from_micros(wait_us.max(1) as u64)
-                }
-                Err(e) => {
-                    self.set_health(Some(&e));
-                    REDIS_RETRY
-                }
-            };
-            sleep_until(Instant::now() + wait, cancel).await?;
+                    call.invoke_async::<(i64, i64, i64)>(&mut c).await
+                },
+                |e: &redis::RedisError, _| self.set_health(Some(e)),
+            )
+            .await
+            .ok_or(Cancelled)?;
+            self.set_health(None);
+            if granted == 1 {
+                self.metrics.budget_remaining.set(remaining);
+                return Ok(());
+            }
+            sleep_until(Instant::now() + Duration::from_micros(wait_us.max(1) as u64), cancel).await?;
         }
     }
 
