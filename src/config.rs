@@ -6,8 +6,9 @@
 //! the file or variable the value came from.
 
 use crate::deliver::ApiConfig;
-use crate::settings::Invalid;
+use crate::settings::{Invalid, Problem};
 use crate::source::KafkaConfig;
+use figment::error::Kind;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -74,11 +75,14 @@ pub enum ConfigProblem {
     Key {
         key: String,
         origin: String,
-        problem: String,
+        problem: Problem,
     },
     /// A `[[mapping]]` does not compile; `problem` names the mapping and the field.
     #[error("{problem} {origin}")]
-    Mapping { problem: String, origin: String },
+    Mapping {
+        problem: crate::mapping::MappingProblem,
+        origin: String,
+    },
 }
 
 impl ConfigProblem {
@@ -196,7 +200,11 @@ fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> Conf
                 e.path.join(".")
             },
             origin: e.metadata.as_ref().map_or_else(&unknown_origin, source_of),
-            problem: e.kind.to_string(),
+            problem: match &e.kind {
+                Kind::UnknownField(..) => Problem::UnknownKey(e.kind.to_string()),
+                Kind::MissingField(..) => Problem::Missing(e.kind.to_string()),
+                _ => Problem::WrongType(e.kind.to_string()),
+            },
         })
         .collect();
     ConfigError::Invalid { problems }
@@ -305,15 +313,19 @@ key = "dp_test_key_123"
         ));
         let e = load(f.path(), true).unwrap_err();
         assert!(
-            keyed(&e).any(|(key, _, problem)| key == "kafka.properties_file" && problem.contains("`group.id`")),
+            keyed(&e).any(|(key, _, problem)| key == "kafka.properties_file"
+                && *problem
+                    == Problem::Reserved {
+                        property: "group.id".into()
+                    }),
             "{e}"
         );
     }
 
     /// The `Key` problems of a configuration error: key, origin, problem.
-    fn keyed(e: &ConfigError) -> impl Iterator<Item = (&str, &str, &str)> {
+    fn keyed(e: &ConfigError) -> impl Iterator<Item = (&str, &str, &Problem)> {
         e.problems().iter().filter_map(|p| match p {
-            ConfigProblem::Key { key, origin, problem } => Some((key.as_str(), origin.as_str(), problem.as_str())),
+            ConfigProblem::Key { key, origin, problem } => Some((key.as_str(), origin.as_str(), problem)),
             ConfigProblem::Mapping { .. } => None,
         })
     }
@@ -326,7 +338,7 @@ key = "dp_test_key_123"
         assert!(
             keyed(&e).any(|(key, origin, problem)| key == "batch.max_event"
                 && origin == in_file
-                && problem.contains("unknown field")),
+                && matches!(problem, Problem::UnknownKey(_))),
             "{e}"
         );
     }

@@ -1,6 +1,7 @@
 //! What every configuration section shares, a leaf of the crate: [`Secret`], which prints as
 //! [`REDACTED`] everywhere it could be printed, [`PropertyValue`], a scalar as TOML or the
-//! environment gives it, and [`Invalid`], what a section's validation finds wrong.
+//! environment gives it, and [`Invalid`] with its [`Problem`], what a section's validation finds
+//! wrong.
 
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
@@ -74,15 +75,59 @@ impl fmt::Display for PropertyValue {
 pub struct Invalid {
     /// The key's full path, e.g. `batch.max_events`.
     pub key: String,
-    /// What is wrong and what to do, e.g. "must be at least 1".
-    pub problem: String,
+    /// What is wrong and what to do.
+    pub problem: Problem,
 }
 
 impl Invalid {
+    /// A key whose value breaks a rule the section states in `problem`, e.g. "must be at least 1".
     pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Invalid {
         Invalid {
             key: key.into(),
-            problem: problem.into(),
+            problem: Problem::Invalid(problem.into()),
         }
     }
+}
+
+impl From<String> for Problem {
+    /// A rule's sentence: [`Problem::Invalid`].
+    fn from(sentence: String) -> Problem {
+        Problem::Invalid(sentence)
+    }
+}
+
+impl From<&str> for Problem {
+    /// A rule's sentence: [`Problem::Invalid`].
+    fn from(sentence: &str) -> Problem {
+        Problem::Invalid(sentence.into())
+    }
+}
+
+/// What is wrong with one configuration key. The text of each is the sentence a user reads after
+/// "key `k` in FILE: ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// The key is not one the section has (figment's `UnknownField`; its sentence lists the
+    /// expected keys).
+    #[error("{0}")]
+    UnknownKey(String),
+    /// A required key is not set (figment's `MissingField`).
+    #[error("{0}")]
+    Missing(String),
+    /// The value has the wrong type or shape for the key (figment's other kinds).
+    #[error("{0}")]
+    WrongType(String),
+    /// The client property `property` is managed by the bridge (commits happen only after
+    /// delivery), set in `kafka.properties` or `kafka.properties_file`.
+    #[error("sets `{property}`, which is managed by the bridge (commits happen only after delivery); remove it")]
+    Reserved { property: String },
+    /// A URL holds a password: it belongs in the secret key `move_to` (or the environment
+    /// variable `env`), which is never printed.
+    #[error(
+        "holds a password: move it to `{move_to}` (or the environment variable {env}) so that it is never printed"
+    )]
+    SecretInUrl { move_to: String, env: String },
+    /// The value breaks a rule of its section; the sentence says which and what to do.
+    #[error("{0}")]
+    Invalid(String),
 }

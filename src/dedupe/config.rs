@@ -1,7 +1,7 @@
 //! `[dedupe]`: the configuration section of deduplication. Every key has a default; see
 //! `docs/dedupe.md` for each key with an example.
 
-use crate::settings::{Invalid, Secret};
+use crate::settings::{Invalid, Problem, Secret};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -168,7 +168,12 @@ impl DedupeConfig {
     /// What types alone cannot say about `[dedupe]`.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut errs = Vec::new();
-        let mut err = |key: &str, msg: String| errs.push(Invalid::new(key, msg));
+        let mut err = |key: &str, problem: Problem| {
+            errs.push(Invalid {
+                key: key.into(),
+                problem,
+            })
+        };
         check_fields("dedupe.key", &self.key, &mut err);
         for (name, fields) in &self.keys_by_event {
             let key = format!("dedupe.keys_by_event.{name}");
@@ -186,15 +191,18 @@ impl DedupeConfig {
         if self.store == StoreKind::Redis {
             let r = &self.redis;
             match redis::Client::open(r.url.as_str()) {
+                // Neither the URL nor the client's message about it is printed: either may hold
+                // the password.
                 Err(e) => err(
                     "dedupe.redis.url",
-                    format!("`{}` is not a Redis URL such as redis://127.0.0.1:6379/0 ({e})", r.url),
+                    format!("is not a Redis URL such as redis://127.0.0.1:6379/0 ({:?})", e.kind()).into(),
                 ),
                 Ok(c) if c.get_connection_info().redis_settings().password().is_some() => err(
                     "dedupe.redis.url",
-                    "holds a password: move it to `dedupe.redis.password` (or the environment variable \
-                     DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD) so that it is never printed"
-                        .into(),
+                    Problem::SecretInUrl {
+                        move_to: "dedupe.redis.password".into(),
+                        env: "DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD".into(),
+                    },
                 ),
                 Ok(_) => {}
             }
@@ -225,7 +233,7 @@ impl DedupeConfig {
     }
 }
 
-fn check_fields(key: &str, fields: &[String], err: &mut impl FnMut(&str, String)) {
+fn check_fields(key: &str, fields: &[String], err: &mut impl FnMut(&str, Problem)) {
     if fields.is_empty() {
         err(key, "must name at least one field".into());
     }
@@ -233,7 +241,7 @@ fn check_fields(key: &str, fields: &[String], err: &mut impl FnMut(&str, String)
         if f.is_empty() {
             err(key, "a field name must not be empty".into());
         } else if fields[..i].contains(f) {
-            err(key, format!("names `{f}` twice"));
+            err(key, format!("names `{f}` twice").into());
         }
     }
 }
@@ -275,11 +283,14 @@ mod tests {
         let e = errs("store = \"redis\"\n[redis]\nurl = \"redis://:hunter2@127.0.0.1:6379\"\nlease = \"1s\"");
         assert!(
             e.iter()
-                .any(|i| i.key == "dedupe.redis.url" && i.problem.contains("password")),
+                .any(|i| i.key == "dedupe.redis.url" && matches!(i.problem, Problem::SecretInUrl { .. })),
             "{e:?}"
         );
-        assert!(e.iter().all(|i| !i.problem.contains("hunter2")), "{e:?}");
+        assert!(e.iter().all(|i| !i.problem.to_string().contains("hunter2")), "{e:?}");
         assert!(names(&e, "dedupe.redis.lease"), "{e:?}");
+        let e = errs("store = \"redis\"\n[redis]\nurl = \"redis://:hunter2@127.0.0.1:notaport\"");
+        assert!(names(&e, "dedupe.redis.url"), "{e:?}");
+        assert!(!format!("{e:?}").contains("hunter2"), "{e:?}");
         let e = errs("store = \"redis\"\n[redis]\nurl = \"http://x\"");
         assert!(names(&e, "dedupe.redis.url"), "{e:?}");
         assert!(toml::from_str::<DedupeConfig>("stor = \"memory\"").is_err());

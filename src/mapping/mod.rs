@@ -117,12 +117,12 @@ impl MapOutcome<'_> {
 /// Errors in the mapping configuration, each naming the mapping and the field.
 #[derive(Debug)]
 pub struct MappingErrors {
-    problems: Vec<String>,
+    problems: Vec<MappingProblem>,
 }
 
 impl MappingErrors {
-    /// One sentence per problem, naming the mapping and the field.
-    pub fn problems(&self) -> &[String] {
+    /// Every problem found, in the order of the configuration.
+    pub fn problems(&self) -> &[MappingProblem] {
         &self.problems
     }
 }
@@ -133,9 +133,71 @@ impl fmt::Display for MappingErrors {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            f.write_str(e)?;
+            write!(f, "{e}")?;
         }
         Ok(())
+    }
+}
+
+/// One problem of one `[[mapping]]`: which mapping, where in it, the option at fault and what to
+/// do. Displays as `mapping[0] (topics bets), field `amount`: option `from`: …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{label}{at}{}: {message}", option.map(|o| format!(": option `{o}`")).unwrap_or_default())]
+pub struct MappingProblem {
+    /// The mapping's index in the `[[mapping]]` list, from 0.
+    pub mapping: usize,
+    /// The mapping as the user knows it: `mapping[0] (topics a, b)`.
+    pub label: String,
+    /// The part of the mapping at fault.
+    pub at: At,
+    /// The option at fault (`from`, `in`, `time_format`, …), when one is.
+    pub option: Option<&'static str>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The part of a `[[mapping]]` a [`MappingProblem`] is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum At {
+    /// The mapping as a whole (`topics`, `topic_pattern`).
+    Mapping,
+    /// An API field, by its name in the contract (`amount`, `event_name`).
+    Field(&'static str),
+    /// The `keep_when` condition at this index.
+    KeepWhen(usize),
+    /// The `skip_when` condition at this index.
+    SkipWhen(usize),
+    /// The `[[mapping.properties]]` entry at this index.
+    Properties(usize),
+}
+
+impl fmt::Display for At {
+    /// Empty for the whole mapping, else `, ` and the part (`, field `amount``, `, keep_when[0]`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            At::Mapping => Ok(()),
+            At::Field(name) => write!(f, ", field `{name}`"),
+            At::KeepWhen(i) => write!(f, ", keep_when[{i}]"),
+            At::SkipWhen(i) => write!(f, ", skip_when[{i}]"),
+            At::Properties(i) => write!(f, ", properties[{i}]"),
+        }
+    }
+}
+
+/// A problem found while compiling one mapping, before it is labelled with the mapping.
+struct Found {
+    at: At,
+    option: Option<&'static str>,
+    message: String,
+}
+
+impl Found {
+    fn new(at: At, option: Option<&'static str>, message: impl Into<String>) -> Found {
+        Found {
+            at,
+            option,
+            message: message.into(),
+        }
     }
 }
 
@@ -307,16 +369,24 @@ impl Mapper {
         let mut claimed: HashMap<&str, usize> = HashMap::new();
         for (i, cfg) in cfgs.iter().enumerate() {
             let label = mapping_label(i, cfg);
+            let mut errs = Vec::new();
             for t in &cfg.topics {
                 if let Some(first) = claimed.insert(t.as_str(), i) {
-                    errors.push(format!(
-                        "{label}: topic `{t}` is already mapped by mapping[{first}]; a topic has one mapping"
+                    errs.push(Found::new(
+                        At::Mapping,
+                        Some("topics"),
+                        format!("topic `{t}` is already mapped by mapping[{first}]; a topic has one mapping"),
                     ));
                 }
             }
-            let mut errs = Vec::new();
             let compiled = compile_one(cfg, &mut errs);
-            errors.extend(errs.into_iter().map(|e| format!("{label}, {e}")));
+            errors.extend(errs.into_iter().map(|f| MappingProblem {
+                mapping: i,
+                label: label.clone(),
+                at: f.at,
+                option: f.option,
+                message: f.message,
+            }));
             if let Some(c) = compiled {
                 mappings.push(c);
             }
@@ -867,16 +937,24 @@ struct Pending<T> {
     raw: Option<RawSource>,
 }
 
-fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> {
+fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
     let mut ptrs = Pointers::default();
     if cfg.topics.is_empty() && cfg.topic_pattern.is_none() {
-        errs.push("set `topics` (a list) or `topic_pattern` (a regular expression)".into());
+        errs.push(Found::new(
+            At::Mapping,
+            Some("topics"),
+            "set `topics` (a list) or `topic_pattern` (a regular expression)",
+        ));
     }
     let pattern = match &cfg.topic_pattern {
         Some(p) => match regex::Regex::new(&format!("^(?:{p})$")) {
             Ok(r) => Some(r),
             Err(e) => {
-                errs.push(format!("option `topic_pattern`: not a valid regular expression: {e}"));
+                errs.push(Found::new(
+                    At::Mapping,
+                    Some("topic_pattern"),
+                    format!("not a valid regular expression: {e}"),
+                ));
                 None
             }
         },
@@ -884,28 +962,29 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
     };
     for required in ["client_user_id", "event_name", "timestamp"] {
         if cfg.fields().iter().any(|(n, s)| *n == required && s.is_none()) {
-            errs.push(format!(
-                "field `{required}`: missing; every event needs `client_user_id`, `event_name` and `timestamp`"
+            errs.push(Found::new(
+                At::Field(required),
+                None,
+                "missing; every event needs `client_user_id`, `event_name` and `timestamp`",
             ));
         }
     }
 
-    let conds = |list: &[Condition], which: &str, ptrs: &mut Pointers, errs: &mut Vec<String>| {
+    let conds = |list: &[Condition], which: fn(usize) -> At, ptrs: &mut Pointers, errs: &mut Vec<Found>| {
         let mut out = Vec::new();
         for (i, c) in list.iter().enumerate() {
-            let at = format!("{which}[{i}]");
             let raw = match ptrs.source(&c.from) {
                 Ok(r) => r,
                 Err(e) => {
-                    errs.push(format!("{at}: option `from`: {e}"));
+                    errs.push(Found::new(which(i), Some("from"), e));
                     continue;
                 }
             };
             if c.one_of.is_empty() {
-                errs.push(format!("{at}: option `in`: list at least one value"));
+                errs.push(Found::new(which(i), Some("in"), "list at least one value"));
             }
             let one_of = text_set(&c.one_of, "each value of `in`").unwrap_or_else(|e| {
-                errs.push(format!("{at}: option `in`: {e}"));
+                errs.push(Found::new(which(i), Some("in"), e));
                 HashSet::new()
             });
             out.push(Pending {
@@ -920,8 +999,8 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
         }
         out
     };
-    let mut keep_when = conds(&cfg.keep_when, "keep_when", &mut ptrs, errs);
-    let mut skip_when = conds(&cfg.skip_when, "skip_when", &mut ptrs, errs);
+    let mut keep_when = conds(&cfg.keep_when, At::KeepWhen, &mut ptrs, errs);
+    let mut skip_when = conds(&cfg.skip_when, At::SkipWhen, &mut ptrs, errs);
 
     let mut fields = Vec::new();
     let ordered = {
@@ -932,9 +1011,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
     };
     for (name, spec) in ordered {
         let Some(spec) = spec else { continue };
-        let mut e = Vec::new();
-        let f = compile_field(name, &spec.options(), &mut ptrs, &mut e);
-        errs.extend(e.into_iter().map(|m| format!("field `{name}`: {m}")));
+        let f = compile_field(name, &spec.options(), &mut ptrs, errs);
         if let Some(f) = f {
             fields.push(f);
         }
@@ -942,29 +1019,39 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
 
     let mut props = Vec::new();
     for (i, p) in cfg.properties.iter().enumerate() {
-        let at = format!("properties[{i}]");
+        let at = || At::Properties(i);
         let from = p.from.clone().unwrap_or_default();
         let raw = match ptrs.pointer(&from) {
             Ok(r) => r,
             Err(e) => {
-                errs.push(format!("{at}: option `from`: {e}"));
+                errs.push(Found::new(at(), Some("from"), e));
                 continue;
             }
         };
         if p.fields.is_some() && p.remaining {
-            errs.push(format!(
-                "{at}: set either `fields` (copy these) or `remaining` (copy what no field reads), not both"
+            errs.push(Found::new(
+                at(),
+                Some("remaining"),
+                "set either `fields` (copy these) or `remaining` (copy what no field reads), not both",
             ));
         }
         let prefix = p.prefix.clone().unwrap_or_default();
         for (old, new) in &p.rename {
             if let Some(fields) = &p.fields {
                 if !fields.contains(old) {
-                    errs.push(format!("{at}: option `rename`: `{old}` is not one of `fields`"));
+                    errs.push(Found::new(
+                        at(),
+                        Some("rename"),
+                        format!("`{old}` is not one of `fields`"),
+                    ));
                 }
             }
             if new.is_empty() {
-                errs.push(format!("{at}: option `rename`: `{old}` is renamed to an empty name"));
+                errs.push(Found::new(
+                    at(),
+                    Some("rename"),
+                    format!("`{old}` is renamed to an empty name"),
+                ));
             }
         }
         let fixed: Vec<String> = match &p.fields {
@@ -976,8 +1063,10 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<String>) -> Option<Compiled> 
         };
         for n in fixed {
             if KNOWN_FIELDS.contains(&n.as_str()) {
-                errs.push(format!(
-                    "{at}: the custom property `{n}` is an API field name; add a `prefix` or a `rename`"
+                errs.push(Found::new(
+                    at(),
+                    None,
+                    format!("the custom property `{n}` is an API field name; add a `prefix` or a `rename`"),
                 ));
             }
         }
@@ -1072,10 +1161,10 @@ fn compile_field(
     name: &'static str,
     o: &FieldOptions,
     ptrs: &mut Pointers,
-    errs: &mut Vec<String>,
+    errs: &mut Vec<Found>,
 ) -> Option<Pending<Field>> {
     let kind = kind_of(name);
-    let mut err = |opt: &str, m: String| errs.push(format!("option `{opt}`: {m}"));
+    let mut err = |opt: &'static str, m: String| errs.push(Found::new(At::Field(name), Some(opt), m));
     let raw = match (&o.from, &o.constant, &o.expr) {
         (Some(_), Some(_), _) | (None, Some(_), Some(_)) => {
             err("const", "a constant takes no `from` or `expr`".into());

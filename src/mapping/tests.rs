@@ -400,78 +400,89 @@ ip_address = "/after/ip"
 
 #[test]
 fn compile_errors_name_the_mapping_and_the_field() {
+    let field = |name, option| (At::Field(name), Some(option));
     let cases = [
         (
             one_field("amount", r#"{ from = "player/id" }"#),
-            "field `amount`: option `from`",
+            field("amount", "from"),
         ),
         (
             one_field("game_type", r#"{ from = "/g", as = "number" }"#),
-            "field `game_type`: option `as`",
+            field("game_type", "as"),
         ),
         (
             one_field("game_type", r#"{ from = "/g", time = "seconds" }"#),
-            "field `game_type`: option `time`",
+            field("game_type", "time"),
         ),
         (
             one_field("game_type", r#"{ from = "/g", otherwise = "skip" }"#),
-            "option `otherwise`",
+            field("game_type", "otherwise"),
         ),
         (
             one_field("game_type", r#"{ from = "/g", expr = ".a +" }"#),
-            "option `expr`",
+            field("game_type", "expr"),
         ),
         (
             one_field("game_type", r#"{ from = "/g", const = "x" }"#),
-            "option `const`",
+            field("game_type", "const"),
         ),
-        (one_field("game_type", r#"{ trim = true }"#), "a field needs `from`"),
+        (one_field("game_type", r#"{ trim = true }"#), field("game_type", "from")),
         (
             one_field("timestamp", r#"{ from = "/t", time_format = "[nope]" }"#),
-            "option `time_format`",
+            field("timestamp", "time_format"),
         ),
         (
             one_field("amount", r#"{ from = "/a", sign_for = ["loss"] }"#),
-            "option `sign_for`",
+            field("amount", "sign_for"),
         ),
-        (one_field("game_type", r#"{ from = "header:" }"#), "header name"),
+        (
+            one_field("game_type", r#"{ from = "header:" }"#),
+            field("game_type", "from"),
+        ),
         (
             one_field("is_crypto", r#"{ from = "/c", in = ["BTC"], as = "boolean" }"#),
-            "option `in`",
+            field("is_crypto", "in"),
         ),
         (
             one_field("game_type", r#""/g""#) + "properties = { fields = [\"amount\"] }\n",
-            "properties[0]: the custom property `amount`",
+            (At::Properties(0), None),
+        ),
+        (
+            one_field("game_type", r#""/g""#) + "properties = { from = \"x\" }\n",
+            (At::Properties(0), Some("from")),
+        ),
+        (
+            one_field("game_type", r#""/g""#) + "keep_when = [{ from = \"/a\", in = [] }]\n",
+            (At::KeepWhen(0), Some("in")),
         ),
         (
             one_field("game_type", r#""/g""#) + "topic_pattern = \"(\"\n",
-            "option `topic_pattern`",
+            (At::Mapping, Some("topic_pattern")),
         ),
     ];
-    for (text, want) in cases {
-        let e = compile(&text)
-            .err()
-            .unwrap_or_else(|| panic!("compiled: {text}"))
-            .to_string();
-        assert!(e.contains("mapping[0] (topics t"), "{e}");
-        assert!(e.contains(want), "want {want:?} in {e}");
+    for (text, (at, option)) in cases {
+        let e = compile(&text).err().unwrap_or_else(|| panic!("compiled: {text}"));
+        let [p] = e.problems() else {
+            panic!("one problem in {e}")
+        };
+        assert_eq!((p.mapping, &p.at, p.option), (0, &at, option), "{text}: {e}");
+        assert!(p.label.starts_with("mapping[0] (topics t"), "{e}");
+        assert_eq!(p.to_string(), e.to_string());
     }
-    let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        missing.contains("field `event_name`: missing") && missing.contains("field `timestamp`"),
-        "{missing}"
+    let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n").unwrap_err();
+    let missing: Vec<_> = missing.problems().iter().map(|p| (&p.at, p.option)).collect();
+    assert_eq!(
+        missing,
+        [(&At::Field("event_name"), None), (&At::Field("timestamp"), None)]
     );
     let twice = format!(
         "{}{}",
         one_field("game_type", "\"/g\""),
         one_field("game_type", "\"/g\"")
     );
-    assert!(compile(&twice)
-        .unwrap_err()
-        .to_string()
-        .contains("already mapped by mapping[0]"));
+    let e = compile(&twice).unwrap_err();
+    let [p] = e.problems() else { panic!("{e}") };
+    assert_eq!((p.mapping, &p.at, p.option), (1, &At::Mapping, Some("topics")), "{e}");
 }
 
 #[test]

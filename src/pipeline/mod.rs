@@ -62,7 +62,7 @@ impl Family for Metrics {
 /// Why [`run`] could not start the bridge (nothing was read: no offset moved).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("invalid mapping: {}", .0.problems().join("; "))]
+    #[error("invalid mapping: {}", .0.problems().iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Mapping(#[source] MappingErrors),
     #[error(transparent)]
     Delivery(#[from] crate::deliver::SetupError),

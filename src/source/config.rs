@@ -1,6 +1,6 @@
 //! `[kafka]`: the consumer group's settings and the librdkafka pass-through properties.
 
-use crate::settings::{Invalid, PropertyValue, REDACTED};
+use crate::settings::{Invalid, Problem, PropertyValue, REDACTED};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -139,19 +139,21 @@ impl KafkaConfig {
                     .iter()
                     .filter(|(key, _)| RESERVED_PROPERTIES.contains(&key.as_str()))
                 {
-                    err(
-                        "kafka.properties_file",
-                        format!("sets `{key}`, which is managed by the bridge; remove it"),
-                    );
+                    invalid.push(Invalid {
+                        key: "kafka.properties_file".into(),
+                        problem: Problem::Reserved { property: key.clone() },
+                    });
                 }
             }
         }
         for reserved in RESERVED_PROPERTIES.iter().copied() {
             if k.properties.contains_key(reserved) {
-                err(
-                    &format!("kafka.properties.{reserved}"),
-                    "is managed by the bridge (commits happen only after delivery); remove it".into(),
-                );
+                invalid.push(Invalid {
+                    key: format!("kafka.properties.{reserved}"),
+                    problem: Problem::Reserved {
+                        property: reserved.into(),
+                    },
+                });
             }
         }
         for (key, d) in [
