@@ -2,7 +2,9 @@
 //! contract rule, request-level 400s, auth, rate limit, fault injection, the record and the admin
 //! endpoints.
 
-use datapulse_bridge::sandbox::{self, FaultStep, Faults, SandboxArgs, SandboxHandle, Stats};
+use datapulse_bridge::sandbox::{
+    self, FaultProblem, FaultStep, Faults, SandboxArgs, SandboxError, SandboxHandle, Stats,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -799,20 +801,28 @@ async fn start_refuses_unusable_settings() {
         ..SandboxArgs::default()
     })
     .await;
-    assert!(no_key.err().unwrap().to_string().contains("--api-key"));
+    assert!(matches!(no_key, Err(SandboxError::NoKey)), "{:?}", no_key.err());
     let mut bad_faults = SandboxArgs {
         listen: "127.0.0.1:0".into(),
         api_keys: vec![KEY.into()],
         ..SandboxArgs::default()
     };
     bad_faults.faults.fault_500 = 1.5;
-    let err = sandbox::start(bad_faults).await.err().unwrap().to_string();
-    assert!(err.contains("fault_500"), "{err}");
+    let err = sandbox::start(bad_faults).await.err().unwrap();
+    assert!(
+        matches!(&err, SandboxError::Faults(p) if p[..] == [FaultProblem::NotAProbability { name: "fault_500", value: 1.5 }]),
+        "{err}"
+    );
     let missing_file = sandbox::start(SandboxArgs {
         listen: "127.0.0.1:0".into(),
         api_keys_file: Some("/nonexistent/keys".into()),
         ..SandboxArgs::default()
     })
     .await;
-    assert!(missing_file.err().unwrap().to_string().contains("--api-keys-file"));
+    let err = missing_file.err().unwrap();
+    assert!(
+        matches!(&err, SandboxError::KeysFile { path, source }
+            if path.to_str() == Some("/nonexistent/keys") && source.kind() == std::io::ErrorKind::NotFound),
+        "{err}"
+    );
 }

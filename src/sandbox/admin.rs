@@ -1,7 +1,7 @@
 //! `/_sandbox/*`: fault settings, the record, and the OpenAPI document. Partner API keys give no
 //! access here; with `--admin-token` every endpoint requires header `X-Admin-Token`.
 
-use super::{ct_eq, Faults, Shared};
+use super::{ct_eq, joined, Faults, Shared};
 use axum::body::Bytes;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -55,7 +55,7 @@ async fn put_faults(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
     };
     let problems = faults.problems();
     if !problems.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "invalid_faults", &problems.join("; "));
+        return error(StatusCode::BAD_REQUEST, "invalid_faults", &joined(&problems));
     }
     let mut f = sh.faults();
     f.set(faults);

@@ -44,7 +44,7 @@ pub struct Faults {
 
 impl Faults {
     /// Problems with the settings, each naming the setting; empty when usable.
-    pub fn problems(&self) -> Vec<String> {
+    pub fn problems(&self) -> Vec<FaultProblem> {
         let mut out = Vec::new();
         let probs = [
             ("fault_500", self.fault_500),
@@ -54,16 +54,33 @@ impl Faults {
         ];
         for (name, p) in probs {
             if !(0.0..=1.0).contains(&p) {
-                out.push(format!("`{name}` must be a probability between 0 and 1, got {p}"));
+                out.push(FaultProblem::NotAProbability { name, value: p });
             }
         }
         let sum: f64 = probs.iter().map(|(_, p)| p).sum();
         if out.is_empty() && sum > 1.0 + 1e-9 {
-            out.push(format!("the fault probabilities add up to {sum}, more than 1"));
+            out.push(FaultProblem::SumAboveOne { sum });
         }
         out
     }
 }
+
+/// What is wrong with a fault setting (the sandbox's flags or `PUT /_sandbox/faults`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FaultProblem {
+    /// `name` (`fault_500`, …) is outside 0..=1.
+    #[error("`{name}` must be a probability between 0 and 1, got {value}")]
+    NotAProbability { name: &'static str, value: f64 },
+    /// The probabilities together exceed 1.
+    #[error("the fault probabilities add up to {sum}, more than 1")]
+    SumAboveOne { sum: f64 },
+}
+
+/// A step of `--fault-script` or `script` that is not one of ok, 400, 401, 429, 500, timeout
+/// (the text shown truncated).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown fault step `{0}`; use ok, 400, 401, 429, 500 or timeout")]
+pub struct UnknownFaultStep(pub String);
 
 /// One scripted outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,8 +108,8 @@ impl FaultStep {
 }
 
 impl FromStr for FaultStep {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFaultStep;
+    fn from_str(s: &str) -> Result<Self, UnknownFaultStep> {
         Ok(match s.trim() {
             "ok" => FaultStep::Ok,
             "400" => FaultStep::Status400,
@@ -100,12 +117,7 @@ impl FromStr for FaultStep {
             "429" => FaultStep::Status429,
             "500" => FaultStep::Status500,
             "timeout" => FaultStep::Timeout,
-            other => {
-                return Err(format!(
-                    "unknown fault step `{}`; use ok, 400, 401, 429, 500 or timeout",
-                    crate::event::truncate(other)
-                ))
-            }
+            other => return Err(UnknownFaultStep(crate::event::truncate(other).to_string())),
         })
     }
 }
@@ -246,7 +258,19 @@ mod tests {
             fault_429: 0.7,
             ..Faults::default()
         };
-        assert_eq!(bad.problems().len(), 1);
+        assert_eq!(bad.problems(), [FaultProblem::SumAboveOne { sum: 1.4 }]);
+        let bad = Faults {
+            fault_timeout: -0.1,
+            ..Faults::default()
+        };
+        assert_eq!(
+            bad.problems(),
+            [FaultProblem::NotAProbability {
+                name: "fault_timeout",
+                value: -0.1
+            }]
+        );
+        assert_eq!("502".parse::<FaultStep>(), Err(UnknownFaultStep("502".into())));
         assert!(serde_json::from_str::<Faults>(r#"{"script":["502"]}"#).is_err());
         assert!(serde_json::from_str::<Faults>(r#"{"fault_501":1}"#).is_err());
     }

@@ -16,11 +16,10 @@ mod api;
 mod faults;
 mod record;
 
-pub use faults::{FaultStep, Faults};
+pub use faults::{FaultProblem, FaultStep, Faults, UnknownFaultStep};
 pub use record::{RepeatedKeylessEvent, Stats, SuspiciousTimestamp, SuspiciousTimestamps};
 
 use crate::event::{ContractOptions, TimestampUnit};
-use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
 use clap::{Args, Parser};
 use faults::FaultState;
@@ -126,11 +125,13 @@ impl fmt::Debug for SandboxArgs {
 
 impl SandboxArgs {
     /// The accepted keys: --api-key values, then the lines of --api-keys-file.
-    fn load_keys(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+    fn load_keys(&self) -> Result<Vec<Vec<u8>>, SandboxError> {
         let mut keys: Vec<Vec<u8>> = self.api_keys.iter().map(|k| k.as_bytes().to_vec()).collect();
         if let Some(path) = &self.api_keys_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --api-keys-file {}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| SandboxError::KeysFile {
+                path: path.clone(),
+                source,
+            })?;
             keys.extend(
                 text.lines()
                     .map(str::trim)
@@ -139,24 +140,22 @@ impl SandboxArgs {
             );
         }
         if keys.iter().any(|k| k.is_empty()) {
-            anyhow::bail!("an empty --api-key is not a key");
+            return Err(SandboxError::EmptyKey);
         }
         if keys.is_empty() {
-            anyhow::bail!(
-                "no API key: give at least one --api-key (e.g. --api-key dp_test_key_123) or --api-keys-file"
-            );
+            return Err(SandboxError::NoKey);
         }
         Ok(keys)
     }
 
-    fn limiter(&self) -> anyhow::Result<Option<DefaultKeyedRateLimiter<usize>>> {
+    fn limiter(&self) -> Result<Option<DefaultKeyedRateLimiter<usize>>, SandboxError> {
         let Some(burst) = NonZeroU32::new(self.rate_limit) else {
             return Ok(None);
         };
         // GCRA with burst = limit: a full window's requests may come at once, the next one
         // waits for a cell to come back (one every window / limit).
         let quota = Quota::with_period(self.rate_window / self.rate_limit)
-            .context("--rate-window divided by --rate-limit must be longer than zero")?
+            .ok_or(SandboxError::RateWindow)?
             .allow_burst(burst);
         Ok(Some(RateLimiter::keyed(quota)))
     }
@@ -249,10 +248,10 @@ impl SandboxHandle {
     }
 
     /// Replaces the fault settings (and restarts the script).
-    pub fn set_faults(&self, faults: Faults) -> anyhow::Result<()> {
+    pub fn set_faults(&self, faults: Faults) -> Result<(), SandboxError> {
         let problems = faults.problems();
         if !problems.is_empty() {
-            anyhow::bail!("invalid faults: {}", problems.join("; "));
+            return Err(SandboxError::Faults(problems));
         }
         self.shared.faults().set(faults);
         Ok(())
@@ -265,16 +264,20 @@ impl SandboxHandle {
 
     /// Stops serving: in-flight requests finish (hanging ones answer 503), then the record file
     /// is flushed and closed.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), SandboxError> {
         self.shared.shutdown.cancel();
         if let Some(server) = self.server.take() {
-            server.await.context("the sandbox server task failed")??;
+            server
+                .await
+                .map_err(|_| SandboxError::Panicked("server"))?
+                .map_err(SandboxError::Serve)?;
         }
         self.shared.record().close_file();
         if let Some(writer) = self.writer.take() {
-            tokio::task::spawn_blocking(move || writer.join())
-                .await?
-                .map_err(|_| anyhow::anyhow!("the record writer panicked"))?;
+            let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                return Err(SandboxError::Panicked("record writer"));
+            }
         }
         Ok(())
     }
@@ -287,21 +290,58 @@ impl Drop for SandboxHandle {
     }
 }
 
+/// Why the sandbox cannot start, take fault settings or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot read --api-keys-file {}: {source}", path.display())]
+    KeysFile { path: PathBuf, source: std::io::Error },
+    #[error("an empty --api-key is not a key")]
+    EmptyKey,
+    #[error("no API key: give at least one --api-key (e.g. --api-key dp_test_key_123) or --api-keys-file")]
+    NoKey,
+    /// Fault flags or settings out of range, every problem found.
+    #[error("invalid faults: {}", joined(.0))]
+    Faults(Vec<FaultProblem>),
+    #[error("--max-batch-events and --max-body-bytes must be at least 1")]
+    ZeroLimit,
+    #[error("--rate-window divided by --rate-limit must be longer than zero")]
+    RateWindow,
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot open the record file {}: {source}", path.display())]
+    RecordFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the record file's writer thread: {0}")]
+    WriterThread(std::io::Error),
+    /// The server stopped with an I/O error.
+    #[error("the sandbox server failed: {0}")]
+    Serve(std::io::Error),
+    /// A task of the sandbox (`server`, `record writer`) panicked.
+    #[error("the sandbox's {0} panicked")]
+    Panicked(&'static str),
+}
+
+/// Fault problems as one line, `; ` between them.
+fn joined(problems: &[FaultProblem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
 /// Binds `--listen` and serves in the background.
-pub async fn start(args: SandboxArgs) -> anyhow::Result<SandboxHandle> {
+pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
     let keys = args.load_keys()?;
     let problems = args.faults.problems();
     if !problems.is_empty() {
-        anyhow::bail!("invalid fault flags: {}", problems.join("; "));
+        return Err(SandboxError::Faults(problems));
     }
     if args.max_batch_events == 0 || args.max_body_bytes == 0 {
-        anyhow::bail!("--max-batch-events and --max-body-bytes must be at least 1");
+        return Err(SandboxError::ZeroLimit);
     }
     let limiter = args.limiter()?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    let listen = |source| SandboxError::Listen {
+        addr: args.listen.clone(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
     let (file, writer) = match &args.record {
         Some(path) => {
             let (tx, handle) = record::spawn_file_writer(path)?;
@@ -352,7 +392,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let handle = start(args).await?;
     println!("sandbox listening on http://{}", handle.addr());
     wait_for_signal().await?;
-    handle.shutdown().await
+    Ok(handle.shutdown().await?)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

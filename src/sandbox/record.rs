@@ -1,6 +1,7 @@
 //! What the sandbox accepted: every accepted event (in order, compactly), the counters behind
 //! `GET /_sandbox/stats`, and the optional append-only JSONL file.
 
+use super::SandboxError;
 use crate::event::{Event, TimestampUnit};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -298,12 +299,17 @@ impl Record {
 /// Opens (appending) the record file and starts the thread that writes it, so that request
 /// handling never waits on the disk. The thread flushes whenever it has caught up and ends when
 /// the sender is dropped.
-pub(crate) fn spawn_file_writer(path: &Path) -> anyhow::Result<(mpsc::Sender<Bytes>, std::thread::JoinHandle<()>)> {
+pub(crate) fn spawn_file_writer(
+    path: &Path,
+) -> Result<(mpsc::Sender<Bytes>, std::thread::JoinHandle<()>), SandboxError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot open the record file {}: {e}", path.display()))?;
+        .map_err(|source| SandboxError::RecordFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let (tx, rx) = mpsc::channel::<Bytes>();
     let shown = path.display().to_string();
     let handle = std::thread::Builder::new()
@@ -329,7 +335,8 @@ pub(crate) fn spawn_file_writer(path: &Path) -> anyhow::Result<(mpsc::Sender<Byt
                     return;
                 }
             }
-        })?;
+        })
+        .map_err(SandboxError::WriterThread)?;
     Ok((tx, handle))
 }
 
