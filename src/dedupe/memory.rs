@@ -3,7 +3,7 @@
 //! It knows nothing of other processes and forgets everything on restart; `docs/dedupe.md` says
 //! exactly what can repeat because of that. In-flight holds live in the [`super::Deduper`] itself.
 
-use super::{Kind, Lookup, Probe};
+use super::{Lookup, Probe, ResultPattern};
 use crate::offsets::RecordId;
 use hashlink::LinkedHashMap;
 use parking_lot::Mutex;
@@ -43,7 +43,7 @@ impl Hasher for FingerprintHasher {
 /// only keep replayed ids longer; each id is delivered once.)
 struct Facts {
     done: LinkedHashMap<Fingerprint, Instant, BuildHasherDefault<FingerprintHasher>>,
-    results: LinkedHashMap<String, (Kind, Instant)>,
+    results: LinkedHashMap<String, (ResultPattern, Instant)>,
     /// Records (`topic/partition/offset`) already dead-lettered.
     dead: LinkedHashMap<RecordId, Instant>,
 }

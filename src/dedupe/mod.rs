@@ -37,12 +37,38 @@ pub enum Verdict {
     /// Already delivered or already on its way: a finished outcome, never sent. The reason is a
     /// bounded label (`in_batch`, `store`).
     Duplicate { reason: &'static str },
-    /// Sending it would make the API count a bet result twice: dead-letter it with this reason.
-    DoubleCount { reason: String },
-    /// (Redis) Its key was in flight in a process that died before recording the API's answer: it
-    /// may or may not have been counted. Held like `Send`; dead-letter it with reason `in_doubt`,
-    /// then [`Deduper::doubt_dead_lettered`] (or [`Deduper::release`] if that write did not happen).
-    InDoubt { reason: String },
+    /// Sending it would make the API count a bet result twice (contract decision 5): the result
+    /// of `bet` already reached the API the other way than `this`. Dead-letter it with reason
+    /// `double_count` and [`Verdict::reason`].
+    DoubleCount { bet: String, this: ResultPattern },
+    /// (Redis) Its dedupe key `key` was in flight in a process that died before recording the
+    /// API's answer: it may or may not have been counted. Held like `Send`; dead-letter it with
+    /// reason `in_doubt` and [`Verdict::reason`], then [`Deduper::doubt_dead_lettered`] (or
+    /// [`Deduper::release`] if that write did not happen).
+    InDoubt { key: String },
+}
+
+impl Verdict {
+    /// The sentence a dead letter carries for `DoubleCount` and `InDoubt` (values truncated);
+    /// `None` for the others.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Verdict::DoubleCount { bet, this } => {
+                let bet = crate::event::truncate(bet);
+                Some(match this {
+                    ResultPattern::Standalone => format!("double count: bet {bet} already carried its result"),
+                    ResultPattern::Embedded => format!("double count: bet {bet} already had a standalone win/loss"),
+                })
+            }
+            Verdict::InDoubt { key } => Some(format!(
+                "in doubt: {} was in flight in a bridge process that stopped before recording the API's \
+                 answer, so it may or may not have been counted; look it up in DataPulse and replay this \
+                 dead letter only if it is missing",
+                crate::event::truncate(key)
+            )),
+            Verdict::Send | Verdict::Duplicate { .. } => None,
+        }
+    }
 }
 
 /// The answer of [`Deduper::claim_dead_letter`].
@@ -104,31 +130,31 @@ const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The two ways a bet's result reaches the API (contract decision 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Kind {
+pub enum ResultPattern {
     /// Pattern A: a bet carrying `bet_result`.
     Embedded,
     /// Pattern B: a standalone win or loss naming the bet in `parent_transaction_id`.
     Standalone,
 }
 
-impl Kind {
+impl ResultPattern {
     fn idx(self) -> usize {
         match self {
-            Kind::Embedded => 0,
-            Kind::Standalone => 1,
+            ResultPattern::Embedded => 0,
+            ResultPattern::Standalone => 1,
         }
     }
-    fn other(self) -> Kind {
+    fn other(self) -> ResultPattern {
         match self {
-            Kind::Embedded => Kind::Standalone,
-            Kind::Standalone => Kind::Embedded,
+            ResultPattern::Embedded => ResultPattern::Standalone,
+            ResultPattern::Standalone => ResultPattern::Embedded,
         }
     }
     /// One letter, as stored in Redis.
     fn letter(self) -> &'static str {
         match self {
-            Kind::Embedded => "a",
-            Kind::Standalone => "b",
+            ResultPattern::Embedded => "a",
+            ResultPattern::Standalone => "b",
         }
     }
 }
@@ -137,7 +163,7 @@ impl Kind {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Probe<'a> {
     key: Option<&'a str>,
-    guard: Option<(&'a str, Kind)>,
+    guard: Option<(&'a str, ResultPattern)>,
 }
 
 /// A store's answer for one probe.
@@ -160,7 +186,7 @@ pub(crate) enum Lookup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventKeys {
     key: Option<String>,
-    guard: Option<(String, Kind)>,
+    guard: Option<(String, ResultPattern)>,
 }
 
 impl EventKeys {
@@ -209,7 +235,7 @@ pub(crate) struct Local {
     /// Held key → whether the store has it claimed for this process (Redis; renewed only then: a
     /// key whose check still waits for another replica is not this process's to renew).
     keys: HashMap<String, bool>,
-    /// Bet id → number of in-flight results per [`Kind`].
+    /// Bet id → number of in-flight results per [`ResultPattern`].
     bets: HashMap<String, [u32; 2]>,
     /// Records whose dead letter a task of this process is writing.
     dead: HashSet<RecordId>,
@@ -448,12 +474,7 @@ impl Deduper {
                         double_count(bet, *kind)
                     }
                     Lookup::InDoubt => Verdict::InDoubt {
-                        reason: format!(
-                            "in doubt: {} was in flight in a bridge process that stopped before recording the \
-                             API's answer, so it may or may not have been counted; look it up in DataPulse and \
-                             replay this dead letter only if it is missing",
-                            crate::event::truncate(keys[i].key.as_deref().unwrap_or(""))
-                        ),
+                        key: keys[i].key.as_deref().unwrap_or("").to_string(),
                     },
                     Lookup::Doubted => {
                         local.unhold(keys[i]);
@@ -696,9 +717,9 @@ impl Deduper {
         let guard = if !self.guard {
             None
         } else if e.carries_bet_result() {
-            nonempty(&e.transaction_id).map(|t| (t.to_string(), Kind::Embedded))
+            nonempty(&e.transaction_id).map(|t| (t.to_string(), ResultPattern::Embedded))
         } else if e.is_standalone_settlement() {
-            nonempty(&e.parent_transaction_id).map(|t| (t.to_string(), Kind::Standalone))
+            nonempty(&e.parent_transaction_id).map(|t| (t.to_string(), ResultPattern::Standalone))
         } else {
             None
         };
@@ -768,13 +789,11 @@ impl Deduper {
     }
 }
 
-fn double_count(bet: &str, kind: Kind) -> Verdict {
-    let bet = crate::event::truncate(bet);
-    let reason = match kind {
-        Kind::Standalone => format!("double count: bet {bet} already carried its result"),
-        Kind::Embedded => format!("double count: bet {bet} already had a standalone win/loss"),
-    };
-    Verdict::DoubleCount { reason }
+fn double_count(bet: &str, this: ResultPattern) -> Verdict {
+    Verdict::DoubleCount {
+        bet: bet.to_string(),
+        this,
+    }
 }
 
 fn nonempty<'a>(s: &'a Option<Cow<'_, str>>) -> Option<&'a str> {

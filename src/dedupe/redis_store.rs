@@ -562,7 +562,7 @@ async fn renew_loop(
                 .bets
                 .iter()
                 .flat_map(|(bet, counts)| {
-                    [super::Kind::Embedded, super::Kind::Standalone]
+                    [super::ResultPattern::Embedded, super::ResultPattern::Standalone]
                         .into_iter()
                         .filter(|k| counts[k.idx()] > 0)
                         .map(move |k| key(prefix, &format!("inflight:{}", k.letter()), bet))

@@ -271,7 +271,8 @@ async fn guard_standalone_after_embedded_is_a_double_count() {
         v,
         vec![
             Verdict::DoubleCount {
-                reason: "double count: bet B1 already carried its result".into()
+                bet: "B1".into(),
+                this: ResultPattern::Standalone
             },
             SEND
         ]
@@ -286,9 +287,23 @@ async fn guard_embedded_after_standalone_is_a_double_count() {
     assert_eq!(
         check(&d, &[bet_with_result("B1")]).await,
         vec![Verdict::DoubleCount {
-            reason: "double count: bet B1 already had a standalone win/loss".into()
+            bet: "B1".into(),
+            this: ResultPattern::Embedded
         }]
     );
+    // What the dead letter says, for both ways round and for a doubt.
+    let reason = |bet: &str, this| Verdict::DoubleCount { bet: bet.into(), this }.reason();
+    assert_eq!(
+        reason("B1", ResultPattern::Embedded).as_deref(),
+        Some("double count: bet B1 already had a standalone win/loss")
+    );
+    assert_eq!(
+        reason("B1", ResultPattern::Standalone).as_deref(),
+        Some("double count: bet B1 already carried its result")
+    );
+    let doubt = Verdict::InDoubt { key: "T1".into() }.reason().unwrap();
+    assert!(doubt.starts_with("in doubt: T1 was in flight"), "{doubt}");
+    assert_eq!(Verdict::Send.reason(), None);
     // A plain Pattern B bet with the same id is not a double count; neither is a second
     // standalone settlement of the same bet (not the guard's business).
     let plain_bet = ev("bet", Some("B1"));
@@ -311,12 +326,12 @@ async fn guard_in_batch_and_in_flight() {
     .await;
     assert_eq!(v[0], SEND);
     assert!(
-        matches!(&v[1], Verdict::DoubleCount { reason } if reason.contains("B1")),
+        matches!(&v[1], Verdict::DoubleCount { bet, .. } if bet == "B1"),
         "{v:?}"
     );
     assert_eq!(v[2], SEND);
     assert!(
-        matches!(&v[3], Verdict::DoubleCount { reason } if reason.contains("B2")),
+        matches!(&v[3], Verdict::DoubleCount { bet, .. } if bet == "B2"),
         "{v:?}"
     );
     // In flight in an earlier batch: the win waits for the bet's outcome. Released (the bet was

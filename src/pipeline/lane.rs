@@ -241,20 +241,20 @@ impl Lane {
                     tracing::debug!(record = %p.held.record.id, reason, "duplicate dropped");
                     self.outcomes.finish(&p.held, Outcome::Duplicate(reason));
                 }
-                Verdict::DoubleCount { reason } => {
+                v @ Verdict::DoubleCount { .. } => {
                     let why = Reason {
                         stage: "dedupe",
                         code: "double_count".into(),
-                        message: reason,
+                        message: v.reason().unwrap_or_default(),
                         http_status: None,
                     };
                     self.outcomes.dead_letter(p.held, why, None);
                 }
-                Verdict::InDoubt { reason } => {
+                v @ Verdict::InDoubt { .. } => {
                     let why = Reason {
                         stage: "dedupe",
                         code: "in_doubt".into(),
-                        message: format!("record {}: {reason}", p.held.record.id),
+                        message: format!("record {}: {}", p.held.record.id, v.reason().unwrap_or_default()),
                         http_status: None,
                     };
                     self.outcomes.dead_letter(p.held, why, Some(p.keys));
