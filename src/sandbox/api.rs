@@ -44,10 +44,29 @@ async fn ingest(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
 }
 
 async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> Response {
-    let (latency, auth_fail_all) = {
+    let (latency, auth_fail_all, body_limit, unavailable) = {
         let f = sh.faults();
-        (f.latency(), f.auth_fail_all())
+        (f.latency(), f.auth_fail_all(), f.body_limit(), f.unavailable_left())
     };
+    // A gateway in front of the API: its body limit and its maintenance answers come first.
+    if let Some(limit) = body_limit {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            sh.record().count_injected("413");
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "injected_fault",
+                format!("injected fault: a gateway refuses bodies over {limit} bytes"),
+            );
+        }
+    }
+    if let Some(left) = unavailable {
+        sh.record().count_injected("503");
+        return unavailable_503(sh, left);
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -87,6 +106,7 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
             )
         }
         FaultStep::Status401 => return unauthorized(),
+        FaultStep::Status404 => return not_found().await,
         FaultStep::Status429 => {
             return too_many_requests(
                 sh,
@@ -103,7 +123,39 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
             )
         }
         FaultStep::Timeout => return hang(sh).await,
+        FaultStep::Status504 => {
+            return json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "injected_fault",
+                "injected fault: a gateway timed out before the API handled the request".into(),
+            )
+        }
+        FaultStep::Status502 => {
+            let resp = process(sh, ep, headers, body).await;
+            if !resp.status().is_success() {
+                return resp;
+            }
+            return json_error(
+                StatusCode::BAD_GATEWAY,
+                "injected_fault",
+                "injected fault: the API handled the request and a gateway lost its answer".into(),
+            );
+        }
+        FaultStep::Slow => {
+            let resp = process(sh, ep, headers, body).await;
+            let wait = sh.faults().slow_answer();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = sh.shutdown.cancelled() => {}
+            }
+            return resp;
+        }
     }
+    process(sh, ep, headers, body).await
+}
+
+/// A request past the faults: content type, size caps, JSON, validation, and the record.
+async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> Response {
     if !is_json(headers) {
         return bad_request(
             sh,
@@ -260,6 +312,40 @@ async fn hang(sh: &Shared) -> Response {
             "the sandbox is shutting down".into(),
         ),
     }
+}
+
+/// `unavailable_for`: 503 with `Retry-After` (seconds, or a date with `retry_after_date`) for the
+/// time `left`, and a `Date` header, both on the sandbox's clock moved by `clock_offset_s`.
+fn unavailable_503(sh: &Shared, left: Duration) -> Response {
+    let (as_date, offset) = {
+        let f = sh.faults();
+        (f.retry_after_date(), f.clock_offset_s())
+    };
+    let secs = left.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
+    let now = std::time::SystemTime::now();
+    let clock = if offset >= 0 {
+        now + Duration::from_secs(offset.unsigned_abs())
+    } else {
+        now - Duration::from_secs(offset.unsigned_abs())
+    };
+    let mut resp = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "injected_fault",
+        format!("injected fault: unavailable for {secs} s more"),
+    );
+    let h = resp.headers_mut();
+    let date = httpdate::fmt_http_date(clock);
+    let retry_after = if as_date {
+        // Whole seconds of an HTTP date: round the end up so that it is never early.
+        httpdate::fmt_http_date(clock + Duration::from_secs(secs + 1))
+    } else {
+        secs.to_string()
+    };
+    if let (Ok(d), Ok(r)) = (HeaderValue::from_str(&date), HeaderValue::from_str(&retry_after)) {
+        h.insert(header::DATE, d);
+        h.insert(header::RETRY_AFTER, r);
+    }
+    resp
 }
 
 fn json_error(status: StatusCode, error: &str, message: String) -> Response {

@@ -25,6 +25,38 @@ pub struct Faults {
     /// Probability of a timeout: the request hangs (see --timeout-hang).
     #[arg(long = "fault-timeout", default_value_t = 0.0)]
     pub fault_timeout: f64,
+    /// Probability of a slow answer: the request is handled (a valid batch is counted), and the
+    /// answer waits --slow-answer (a client that gives up first cannot know it was counted).
+    #[arg(long = "fault-slow", default_value_t = 0.0)]
+    pub fault_slow: f64,
+    /// How long a slow answer waits after the request was handled; absent: 10 s.
+    #[arg(long = "slow-answer", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub slow_answer: Option<Duration>,
+    /// Probability of 502 from a gateway that lost the answer: the request is handled (a valid
+    /// batch is counted), then answered 502.
+    #[arg(long = "fault-502", default_value_t = 0.0)]
+    pub fault_502: f64,
+    /// Probability of 504 from a gateway that timed out: the request is not handled (nothing
+    /// counted), answered 504.
+    #[arg(long = "fault-504", default_value_t = 0.0)]
+    pub fault_504: f64,
+    /// A gateway's body limit in bytes: a request declaring a larger Content-Length is answered
+    /// 413 before the API sees it (no key check, no budget spent, nothing counted).
+    #[arg(long = "body-limit")]
+    pub body_limit: Option<usize>,
+    /// For this long from when the faults are set, every API request is answered 503 with
+    /// `Retry-After` (the time left, rounded up) and nothing else happens.
+    #[arg(long = "unavailable-for", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub unavailable_for: Option<Duration>,
+    /// Give the 503's `Retry-After` as an HTTP date instead of seconds.
+    #[arg(long = "retry-after-date")]
+    pub retry_after_date: bool,
+    /// Seconds added to the sandbox's clock in the `Date` header and the `Retry-After` date of a
+    /// 503 (a server clock off from the client's); negative for behind.
+    #[arg(long = "clock-offset-s", default_value_t = 0, allow_hyphen_values = true)]
+    pub clock_offset_s: i64,
     /// How long an injected timeout hangs before answering 504; absent: until the client gives up.
     #[arg(long = "timeout-hang", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -34,7 +66,7 @@ pub struct Faults {
     #[serde(with = "humantime_serde")]
     pub latency: Duration,
     /// Scripted outcomes consumed one per request before the probabilities apply, e.g.
-    /// `500,500,429,ok,timeout` (steps: ok, 400, 401, 429, 500, timeout).
+    /// `500,500,429,ok,timeout` (steps: ok, 400, 401, 404, 429, 500, 502, 504, timeout, slow).
     #[arg(long = "fault-script", value_delimiter = ',')]
     pub script: Vec<FaultStep>,
     /// Answer 401 to every API request, whatever the key.
@@ -51,6 +83,9 @@ impl Faults {
             ("fault_429", self.fault_429),
             ("fault_400", self.fault_400),
             ("fault_timeout", self.fault_timeout),
+            ("fault_slow", self.fault_slow),
+            ("fault_502", self.fault_502),
+            ("fault_504", self.fault_504),
         ];
         for (name, p) in probs {
             if !(0.0..=1.0).contains(&p) {
@@ -76,10 +111,10 @@ pub enum FaultProblem {
     SumAboveOne { sum: f64 },
 }
 
-/// A step of `--fault-script` or `script` that is not one of ok, 400, 401, 429, 500, timeout
-/// (the text shown truncated).
+/// A step of `--fault-script` or `script` that is not one of ok, 400, 401, 404, 429, 500, 502,
+/// 504, timeout, slow (the text shown truncated).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fault step `{0}`; use ok, 400, 401, 429, 500 or timeout")]
+#[error("unknown fault step `{0}`; use ok, 400, 401, 404, 429, 500, 502, 504, timeout or slow")]
 pub struct UnknownFaultStep(pub String);
 
 /// One scripted outcome.
@@ -89,9 +124,17 @@ pub enum FaultStep {
     Ok,
     Status400,
     Status401,
+    /// 404, as an ingress answers while the API is being deployed.
+    Status404,
     Status429,
     Status500,
+    /// Handled (a valid batch counted), then answered 502.
+    Status502,
+    /// Not handled, answered 504.
+    Status504,
     Timeout,
+    /// Handled (a valid batch counted), answered after `slow_answer`.
+    Slow,
 }
 
 impl FaultStep {
@@ -100,9 +143,13 @@ impl FaultStep {
             FaultStep::Ok => "ok",
             FaultStep::Status400 => "400",
             FaultStep::Status401 => "401",
+            FaultStep::Status404 => "404",
             FaultStep::Status429 => "429",
             FaultStep::Status500 => "500",
+            FaultStep::Status502 => "502",
+            FaultStep::Status504 => "504",
             FaultStep::Timeout => "timeout",
+            FaultStep::Slow => "slow",
         }
     }
 }
@@ -114,9 +161,13 @@ impl FromStr for FaultStep {
             "ok" => FaultStep::Ok,
             "400" => FaultStep::Status400,
             "401" => FaultStep::Status401,
+            "404" => FaultStep::Status404,
             "429" => FaultStep::Status429,
             "500" => FaultStep::Status500,
+            "502" => FaultStep::Status502,
+            "504" => FaultStep::Status504,
             "timeout" => FaultStep::Timeout,
+            "slow" => FaultStep::Slow,
             other => return Err(UnknownFaultStep(crate::event::truncate(other).to_string())),
         })
     }
@@ -148,15 +199,44 @@ impl<'de> Deserialize<'de> for FaultStep {
 }
 
 /// The live fault settings and how far the script has been consumed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FaultState {
     faults: Faults,
     script_pos: usize,
+    /// When the settings were set: `unavailable_for` counts from here.
+    since: std::time::Instant,
 }
 
 impl FaultState {
     pub(crate) fn new(faults: Faults) -> Self {
-        FaultState { faults, script_pos: 0 }
+        FaultState {
+            faults,
+            script_pos: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// How long the sandbox still answers 503 (`unavailable_for`), if it does now.
+    pub(crate) fn unavailable_left(&self) -> Option<Duration> {
+        let end = self.since + self.faults.unavailable_for?;
+        end.checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+    }
+
+    pub(crate) fn body_limit(&self) -> Option<usize> {
+        self.faults.body_limit
+    }
+
+    pub(crate) fn retry_after_date(&self) -> bool {
+        self.faults.retry_after_date
+    }
+
+    pub(crate) fn clock_offset_s(&self) -> i64 {
+        self.faults.clock_offset_s
+    }
+
+    pub(crate) fn slow_answer(&self) -> Duration {
+        self.faults.slow_answer.unwrap_or(Duration::from_secs(10))
     }
 
     /// The settings with only the unconsumed part of the script.
@@ -190,7 +270,7 @@ impl FaultState {
             return *step;
         }
         let f = &self.faults;
-        if f.fault_500 + f.fault_429 + f.fault_400 + f.fault_timeout <= 0.0 {
+        if f.fault_500 + f.fault_429 + f.fault_400 + f.fault_timeout + f.fault_slow + f.fault_502 + f.fault_504 <= 0.0 {
             return FaultStep::Ok;
         }
         let r = roll();
@@ -200,6 +280,9 @@ impl FaultState {
             (f.fault_429, FaultStep::Status429),
             (f.fault_400, FaultStep::Status400),
             (f.fault_timeout, FaultStep::Timeout),
+            (f.fault_slow, FaultStep::Slow),
+            (f.fault_502, FaultStep::Status502),
+            (f.fault_504, FaultStep::Status504),
         ] {
             edge += p;
             if r < edge {
@@ -270,8 +353,19 @@ mod tests {
                 value: -0.1
             }]
         );
-        assert_eq!("502".parse::<FaultStep>(), Err(UnknownFaultStep("502".into())));
-        assert!(serde_json::from_str::<Faults>(r#"{"script":["502"]}"#).is_err());
+        assert_eq!("503".parse::<FaultStep>(), Err(UnknownFaultStep("503".into())));
+        assert!(serde_json::from_str::<Faults>(r#"{"script":["503"]}"#).is_err());
+        let f: Faults = serde_json::from_str(
+            r#"{"script":["502","504","slow"],"slow_answer":"4s","body_limit":262144,"unavailable_for":"8s","retry_after_date":true,"clock_offset_s":-300}"#,
+        )
+        .unwrap();
+        assert_eq!(f.script, [FaultStep::Status502, FaultStep::Status504, FaultStep::Slow]);
+        assert_eq!(
+            (f.slow_answer, f.body_limit, f.clock_offset_s),
+            (Some(Duration::from_secs(4)), Some(262_144), -300)
+        );
+        assert!(FaultState::new(f).unavailable_left().is_some());
+        assert_eq!(FaultState::new(Faults::default()).unavailable_left(), None);
         assert!(serde_json::from_str::<Faults>(r#"{"fault_501":1}"#).is_err());
     }
 }

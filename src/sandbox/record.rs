@@ -23,13 +23,15 @@ const REPEATED_KEYLESS_EXAMPLES: usize = 20;
 pub struct Stats {
     /// Requests to the API endpoints (`/v2/s2s/event` and `/v2/s2s/batch`), whatever the outcome.
     pub requests: u64,
-    /// Events accepted (answered 200), across both endpoints.
+    /// Events accepted (counted), across both endpoints: answered 200, or handled by a `slow` or
+    /// `502` fault (counted, then answered late or 502).
     pub accepted_events: u64,
     /// Accepted events by `event_name`.
     pub by_event_name: BTreeMap<String, u64>,
     /// API responses by status code (a request hanging until the client gave up has none).
     pub by_status: BTreeMap<u16, u64>,
-    /// Injected faults by kind (`400`, `401`, `429`, `500`, `timeout`, `auth_fail_all`).
+    /// Injected faults by kind (`400`, `401`, `404`, `413`, `429`, `500`, `502`, `503`, `504`,
+    /// `timeout`, `slow`, `auth_fail_all`).
     pub injected_faults: BTreeMap<String, u64>,
     /// Transaction ids accepted more than once, with how many times each was accepted.
     pub duplicate_transaction_ids: BTreeMap<String, u64>,
