@@ -179,9 +179,10 @@ pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
         };
         extract_error(e, unknown_origin)
     })?;
-    let loaded = Loaded { config, figment };
+    let mut loaded = Loaded { config, figment };
     let problems = loaded.config.validate(&|k| loaded.origin(k));
     if problems.is_empty() {
+        loaded.config.resolve();
         Ok(loaded)
     } else {
         Err(ConfigError::Invalid { problems })
@@ -213,14 +214,34 @@ fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> Conf
 /// Loads a configuration from TOML text (the demo and tests build theirs in code).
 pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
     let figment = Figment::from(Toml::string(text));
-    let config: Config = figment
+    let mut config: Config = figment
         .extract()
         .map_err(|e| extract_error(e, || "in the configuration text".to_string()))?;
     let problems = config.validate(&|k| origin(&figment, k));
     if problems.is_empty() {
+        config.resolve();
         Ok(config)
     } else {
         Err(ConfigError::Invalid { problems })
+    }
+}
+
+/// `dedupe.redis.in_doubt` is the former name of `delivery.on_ambiguous`.
+impl From<crate::deliver::OnAmbiguous> for crate::dedupe::InDoubt {
+    fn from(on: crate::deliver::OnAmbiguous) -> Self {
+        match on {
+            crate::deliver::OnAmbiguous::InDoubt => crate::dedupe::InDoubt::DeadLetter,
+            crate::deliver::OnAmbiguous::Resend => crate::dedupe::InDoubt::Resend,
+        }
+    }
+}
+
+impl From<crate::dedupe::InDoubt> for crate::deliver::OnAmbiguous {
+    fn from(d: crate::dedupe::InDoubt) -> Self {
+        match d {
+            crate::dedupe::InDoubt::DeadLetter => crate::deliver::OnAmbiguous::InDoubt,
+            crate::dedupe::InDoubt::Resend => crate::deliver::OnAmbiguous::Resend,
+        }
     }
 }
 
@@ -235,6 +256,14 @@ impl Config {
         invalid.extend(self.dedupe.validate());
         invalid.extend(self.dead_letter.validate());
         invalid.extend(self.telemetry.validate());
+        if let (Some(alias), Some(on)) = (self.dedupe.redis.in_doubt, self.delivery.on_ambiguous) {
+            if crate::dedupe::InDoubt::from(on) != alias {
+                invalid.push(Invalid::new(
+                    "dedupe.redis.in_doubt",
+                    "is the former name of `delivery.on_ambiguous`, which says otherwise: remove it",
+                ));
+            }
+        }
         let mut problems: Vec<ConfigProblem> = invalid
             .into_iter()
             .map(|Invalid { key, problem }| ConfigProblem::Key {
@@ -250,6 +279,19 @@ impl Config {
             }));
         }
         problems
+    }
+
+    /// Settles aliases: `delivery.on_ambiguous` from its former name `dedupe.redis.in_doubt`
+    /// when only that is set (else its default), and the alias from it, so that every path (a
+    /// request answered ambiguously, ids in flight in a killed process) follows one value.
+    pub fn resolve(&mut self) {
+        let on = self
+            .delivery
+            .on_ambiguous
+            .or(self.dedupe.redis.in_doubt.map(Into::into))
+            .unwrap_or_default();
+        self.delivery.on_ambiguous = Some(on);
+        self.dedupe.redis.in_doubt = Some(on.into());
     }
 
     /// The resolved configuration as TOML with every secret redacted (for `check`).
@@ -282,6 +324,37 @@ topics = ["t"]
 base_url = "http://127.0.0.1:8080"
 key = "dp_test_key_123"
 "#;
+
+    /// `delivery.on_ambiguous` governs every path; `dedupe.redis.in_doubt`, its former name, still
+    /// sets it, and the two must agree when both are set.
+    #[test]
+    fn on_ambiguous_and_its_former_name() {
+        use crate::dedupe::InDoubt;
+        use crate::deliver::OnAmbiguous;
+        let with = |extra: &str| load(write(&format!("{MINIMAL}{extra}")).path(), true);
+        let c = with("").unwrap().config;
+        assert_eq!(c.delivery.on_ambiguous, Some(OnAmbiguous::InDoubt));
+        assert_eq!(c.dedupe.redis.in_doubt, Some(InDoubt::DeadLetter));
+        let c = with("[dedupe.redis]\nin_doubt = \"resend\"\n").unwrap().config;
+        assert_eq!(c.delivery.on_ambiguous, Some(OnAmbiguous::Resend));
+        assert_eq!(c.dedupe.redis.in_doubt, Some(InDoubt::Resend));
+        let c = with("[delivery]\non_ambiguous = \"resend\"\n").unwrap().config;
+        assert_eq!(c.dedupe.redis.in_doubt, Some(InDoubt::Resend));
+        let c = with("[delivery]\non_ambiguous = \"in-doubt\"\n[dedupe.redis]\nin_doubt = \"dead-letter\"\n").unwrap();
+        assert_eq!(c.config.delivery.on_ambiguous, Some(OnAmbiguous::InDoubt));
+        let Err(ConfigError::Invalid { problems }) =
+            with("[delivery]\non_ambiguous = \"resend\"\n[dedupe.redis]\nin_doubt = \"dead-letter\"\n")
+        else {
+            panic!("conflicting settings must fail at start");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| matches!(p, ConfigProblem::Key { key, origin, .. } if key == "dedupe.redis.in_doubt" && origin.starts_with("in "))),
+            "{problems:?}"
+        );
+        assert!(with("[delivery]\non_ambiguous = \"maybe\"\n").is_err());
+    }
 
     #[test]
     fn minimal_loads_and_redacts() {

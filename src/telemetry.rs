@@ -107,6 +107,9 @@ pub struct Condition {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ready {
+    /// The API's batch endpoint answers at the configured URL: not a 404, 405, 415, 3xx or other
+    /// 4xx (`deliver`; the reason names the status and the URL's path).
+    ApiEndpoint,
     /// The API accepted the key (`deliver`).
     ApiKey,
     /// The consumer group assigned at least one partition (`source`, `pipeline`, `main`).

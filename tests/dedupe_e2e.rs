@@ -105,8 +105,9 @@ async fn sigkill_and_restart_repeat_nothing() {
         "the first process committed everything; nothing to read again"
     );
 
-    // Phase 2: a new process reads them again and drops them all as delivered. Then the API fails
-    // while 500 more arrive: they are claimed and in flight when this process is killed too.
+    // Phase 2: a new process reads them again and drops them all as delivered. Then the API hangs
+    // (answers nothing within api.request_timeout, 5 s) while 500 more arrive: they are claimed
+    // and their request is out when this process is killed too.
     let mut b2 = Bridge::start(&dir, "b2", &cfg);
     let ends = vec![1_000, 1_000];
     wait_until(2 * MIN, "the records read again committed", || async {
@@ -117,27 +118,27 @@ async fn sigkill_and_restart_repeat_nothing() {
     assert_eq!(duplicates(&m2), (2_000 - committed_before) as f64, "{m2}");
     assert_eq!(sandbox.accepted().await, 2_000, "nothing sent again");
 
-    sandbox.set_faults(serde_json::json!({"fault_500": 1.0})).await;
+    sandbox.set_faults(serde_json::json!({"fault_timeout": 1.0})).await;
     broker.produce("tx", &deposits("b", 500, 2)).await;
     wait_until(MIN, "the new batch in flight", || async {
         metric_sum(&b2.metrics().await, "datapulse_bridge_records_in_flight", &[]) >= 500.0
     })
     .await;
-    // Checked (claimed in Redis) and failing at the API, retried with backoff.
+    // Checked (claimed in Redis, marked sent) and out at the API, unanswered.
     tokio::time::sleep(Duration::from_secs(2)).await;
     b2.proc.kill9();
     sandbox.set_faults(serde_json::json!({})).await;
 
     // Phase 3: the dead process's claims block the ids for up to the lease; then, since the API
-    // may have counted them (a 500 says nothing about that), they are in doubt: dead-lettered as
-    // `in_doubt`, none sent again.
+    // may have counted them (a request out without an answer), they are in doubt: dead-lettered
+    // as `in_doubt`, none sent again.
     let b3 = Bridge::start(&dir, "b3", &cfg);
     let ends = vec![1_250, 1_250];
     wait_until(2 * MIN, "committed at the end", || async {
         broker.committed("g-dd-kill", "tx", 2) == ends
     })
     .await;
-    // The batch that was failing at the API when b2 died is in doubt; records b2 had read but
+    // The batch that was out at the API when b2 died is in doubt; records b2 had read but
     // not yet sent are simply sent.
     let m3 = b3.metrics().await;
     assert!(

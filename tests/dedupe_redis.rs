@@ -388,7 +388,7 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_resend_sends_a_crashed_replicas_ids_again() {
     let (t, _server, mut cfg) = world(OnStoreUnavailable::Pause).await;
-    cfg.redis.in_doubt = InDoubt::Resend;
+    cfg.redis.in_doubt = Some(InDoubt::Resend);
     let a = deduper(&cfg, &t).await;
     let b = deduper(&cfg, &t).await;
     let batch = vec![deposit("R1"), deposit("R2")];

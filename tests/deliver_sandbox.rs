@@ -3,7 +3,7 @@
 
 mod deliver_common;
 
-use datapulse_bridge::deliver::{DeliveryConfig, EventResult};
+use datapulse_bridge::deliver::{DeliveryConfig, EventResult, OnAmbiguous};
 use datapulse_bridge::sandbox::{FaultStep, Faults};
 use deliver_common::*;
 use std::sync::Arc;
@@ -126,15 +126,167 @@ async fn a_500_burst_is_retried_until_delivered() {
     assert_eq!(stats.accepted_events, 50);
 }
 
+/// By default a request without an answer is in doubt: its events are never sent again.
 #[tokio::test]
-async fn timeouts_are_retried_until_delivered() {
+async fn a_timeout_leaves_the_request_in_doubt() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Slow],
+        slow_answer: Some(Duration::from_secs(2)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let d = deliverer(&api(&sb.url(), Duration::from_millis(300)), &delivery());
+    let r = d
+        .deliver(&deposits("t", 30, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        r.iter().all(|r| matches!(r, EventResult::InDoubt { status: None, .. })),
+        "{r:?}"
+    );
+    // The API counted the batch (the answer came too late): it was not sent again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = sb.stats();
+    assert_eq!((stats.requests, stats.accepted_events), (1, 30));
+}
+
+/// 502 (a gateway lost the answer) is ambiguous; 504 too; with `resend` they are sent again.
+#[tokio::test]
+async fn gateway_errors_are_in_doubt_or_resent() {
+    for step in [FaultStep::Status502, FaultStep::Status504] {
+        let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+        sb.set_faults(Faults {
+            script: vec![step],
+            ..Faults::default()
+        })
+        .unwrap();
+        let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery());
+        let r = d
+            .deliver(&deposits("g", 5, &[]), &CancellationToken::new())
+            .await
+            .unwrap();
+        let status = if step == FaultStep::Status502 { 502 } else { 504 };
+        assert!(
+            r.iter()
+                .all(|r| matches!(r, EventResult::InDoubt { status: Some(s), .. } if *s == status)),
+            "{r:?}"
+        );
+        assert_eq!(sb.stats().requests, 1);
+        // The 502 was counted, the 504 not: what an operator finds in DataPulse.
+        assert_eq!(sb.stats().accepted_events, if status == 502 { 5 } else { 0 });
+    }
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status504],
+        ..Faults::default()
+    })
+    .unwrap();
+    let resend = DeliveryConfig {
+        on_ambiguous: Some(OnAmbiguous::Resend),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &resend);
+    let r = d
+        .deliver(&deposits("g", 5, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(all_delivered(&r));
+    assert_eq!((sb.stats().requests, sb.stats().accepted_events), (2, 5));
+}
+
+/// A connection refused is not sent: retried until the API is there, never in doubt.
+#[tokio::test]
+async fn a_refused_connection_is_retried_not_in_doubt() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let d = deliverer(
+        &api(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2)),
+        &delivery(),
+    );
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.cancel();
+    });
+    let r = d.deliver(&deposits("n", 3, &[]), &cancel).await;
+    assert_eq!(
+        r,
+        Err(datapulse_bridge::deliver::Interrupted {
+            may_have_been_counted: false
+        })
+    );
+}
+
+/// A server that reads the whole request and closes the connection without an answer: the API
+/// may have counted it, so it is in doubt (not retried).
+#[tokio::test]
+async fn a_connection_closed_after_the_request_is_in_doubt() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let s = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = Vec::new();
+            // Read the head and the whole body (Content-Length), then close.
+            loop {
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            drop(sock);
+        }
+    });
+    let d = deliverer(&api(&url, Duration::from_secs(2)), &delivery());
+    let r = d
+        .deliver(&deposits("z", 4, &[]), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        r.iter().all(|r| matches!(r, EventResult::InDoubt { status: None, .. })),
+        "{r:?}"
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::Relaxed), 1, "not sent again");
+}
+
+/// Under `resend`, a request without an answer is sent again until delivered.
+#[tokio::test]
+async fn timeouts_are_retried_until_delivered_under_resend() {
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
     sb.set_faults(Faults {
         script: vec![FaultStep::Timeout, FaultStep::Timeout],
         ..Faults::default()
     })
     .unwrap();
-    let d = deliverer(&api(&sb.url(), Duration::from_millis(300)), &delivery());
+    let resend = DeliveryConfig {
+        on_ambiguous: Some(OnAmbiguous::Resend),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_millis(300)), &resend);
     let start = Instant::now();
     let r = d
         .deliver(&deposits("t", 30, &[]), &CancellationToken::new())
@@ -151,11 +303,15 @@ async fn timeouts_are_retried_until_delivered() {
 async fn cancel_during_retries_returns_interrupted() {
     let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
     sb.set_faults(Faults {
-        fault_500: 1.0,
+        fault_502: 1.0,
         ..Faults::default()
     })
     .unwrap();
-    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &delivery());
+    let resend = DeliveryConfig {
+        on_ambiguous: Some(OnAmbiguous::Resend),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &resend);
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     tokio::spawn(async move {
@@ -166,11 +322,11 @@ async fn cancel_during_retries_returns_interrupted() {
     assert_eq!(
         r.expect("returns soon after cancel"),
         Err(datapulse_bridge::deliver::Interrupted {
-            // Every try was answered 500: the API may have counted one.
+            // Every try was answered 502: the API may have counted one (it did).
             may_have_been_counted: true
         })
     );
-    assert_eq!(sb.stats().accepted_events, 0);
+    assert!(sb.stats().accepted_events > 0);
 }
 
 #[tokio::test]
@@ -233,22 +389,40 @@ async fn random_faults_lose_and_duplicate_nothing() {
         fault_429: 0.1,
         fault_timeout: 0.1,
         timeout_hang: Some(Duration::from_secs(5)),
+        fault_502: 0.05,
+        fault_504: 0.05,
         ..Faults::default()
     })
     .unwrap();
     let d = deliverer(&api(&sb.url(), Duration::from_millis(200)), &delivery());
+    // What the API counted, in order: every delivered event once, and the events of a request
+    // answered 502 (counted, then the answer lost) once; none of those in doubt sent again.
     let mut expected = Vec::new();
+    let mut in_doubt = 0;
     for b in 0..15 {
         let tag = format!("r{b}");
         let r = d
             .deliver(&deposits(&tag, 20, &[]), &CancellationToken::new())
             .await
             .unwrap();
-        assert!(all_delivered(&r));
-        expected.extend((0..20).map(|i| format!("{tag}-{i}")));
+        for (i, r) in r.iter().enumerate() {
+            match r {
+                EventResult::Delivered => expected.push(format!("{tag}-{i}")),
+                EventResult::InDoubt { status: Some(502), .. } => {
+                    in_doubt += 1;
+                    expected.push(format!("{tag}-{i}"));
+                }
+                EventResult::InDoubt { .. } => in_doubt += 1,
+                other => panic!("{other:?}"),
+            }
+        }
     }
     let stats = sb.stats();
-    assert_eq!(accepted_ids(&sb), expected, "{stats:?}");
+    let mut accepted = accepted_ids(&sb);
+    accepted.sort();
+    expected.sort();
+    assert_eq!(accepted, expected, "{stats:?}");
+    eprintln!("random faults: {in_doubt} events in doubt");
     eprintln!("random faults: {stats:?}");
 }
 
@@ -323,17 +497,21 @@ impl datapulse_bridge::deliver::Exposure for Told {
 }
 
 /// The dedupe store's `sent:` marks follow what the API may have counted: set before a request
-/// leaves, taken back after a refusal that proves nothing was counted (429, 401), kept once an
-/// answer leaves it open (a 500, a timeout) even if later requests are refused.
+/// leaves, taken back after a refusal that proves nothing was counted (429, 401, 500), kept once
+/// an answer leaves it open (a 502 under `resend`) even if later requests are refused.
 #[tokio::test]
 async fn exposure_follows_what_the_api_may_have_counted() {
-    let cases: [(Vec<FaultStep>, &[&str]); 3] = [
+    let cases: [(Vec<FaultStep>, &[&str]); 4] = [
         (vec![], &["exposed"]),
         (
             vec![FaultStep::Status429, FaultStep::Status401],
             &["exposed", "unexposed", "exposed", "unexposed", "exposed"],
         ),
-        (vec![FaultStep::Status500, FaultStep::Status429], &["exposed"]),
+        (
+            vec![FaultStep::Status500, FaultStep::Status429],
+            &["exposed", "unexposed", "exposed", "unexposed", "exposed"],
+        ),
+        (vec![FaultStep::Status504, FaultStep::Status429], &["exposed"]),
     ];
     for (script, expected) in cases {
         let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
@@ -344,6 +522,7 @@ async fn exposure_follows_what_the_api_may_have_counted() {
         .unwrap();
         let cfg = DeliveryConfig {
             auth_retry_interval: Duration::from_millis(50),
+            on_ambiguous: Some(OnAmbiguous::Resend),
             ..delivery()
         };
         let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &cfg);

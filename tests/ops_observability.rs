@@ -60,8 +60,11 @@ async fn full_run(name: &str, extra: &str, kafka_properties: &str) -> Run {
     broker.produce("tx", &records).await;
     let ends = ends_of(&records, 2);
     let group = format!("g-{name}");
+    // `resend`: the injected timeout (which the sandbox did not count) is retried, so that every
+    // retry cause has a sample; under the default it would leave its batch in doubt.
     let delivery =
-        "[delivery]\nrate_limit = 100000\nrate_window = \"1s\"\nrate_burst = 1000\nretry_backoff_max = \"1s\"\n";
+        "[delivery]\nrate_limit = 100000\nrate_window = \"1s\"\nrate_burst = 1000\nretry_backoff_max = \"1s\"\n\
+                    on_ambiguous = \"resend\"\n";
     let cfg = bridge_config(&broker, &sandbox.url, &group, "tx", &format!("{extra}\n{delivery}"))
         .replace(
             "\"statistics.interval.ms\" = 1000\n",

@@ -89,14 +89,15 @@ pub struct RedisConfig {
     /// Time limit of connecting and of one round trip.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// An id whose process died with it in flight (killed after sending, before recording the
-    /// API's answer) may or may not have reached the API: `dead-letter` (default) its record with
-    /// reason `in_doubt`, never sending it twice; or `resend` it, never leaving it out.
-    #[serde(default)]
-    pub in_doubt: InDoubt,
+    /// The former name of `delivery.on_ambiguous`, kept as an alias: `dead-letter` is
+    /// `in-doubt`, `resend` is `resend`. Set together with `delivery.on_ambiguous` they must
+    /// agree. After `Config::resolve` it holds the value in force (the Redis store reads it for
+    /// ids in flight in a process that was killed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<InDoubt>,
 }
 
-/// `dedupe.redis.in_doubt`.
+/// `dedupe.redis.in_doubt`, the former name of `delivery.on_ambiguous`.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum InDoubt {
@@ -159,7 +160,7 @@ impl Default for RedisConfig {
             lease: default_lease(),
             poll_interval: default_poll_interval(),
             timeout: default_timeout(),
-            in_doubt: InDoubt::default(),
+            in_doubt: None,
         }
     }
 }

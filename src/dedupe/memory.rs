@@ -46,6 +46,9 @@ struct Facts {
     results: LinkedHashMap<String, (ResultPattern, Instant)>,
     /// Records (`topic/partition/offset`) already dead-lettered.
     dead: LinkedHashMap<RecordId, Instant>,
+    /// Keys in doubt (a request carrying them may have been counted) whose record is
+    /// dead-lettered as `in_doubt`: later copies are duplicates of it for the ttl, as with Redis.
+    doubted: LinkedHashMap<Fingerprint, Instant, BuildHasherDefault<FingerprintHasher>>,
 }
 
 pub(super) struct MemoryStore {
@@ -66,6 +69,7 @@ impl MemoryStore {
                 done: LinkedHashMap::with_capacity_and_hasher(max_entries.min(1 << 20), Default::default()),
                 results: LinkedHashMap::new(),
                 dead: LinkedHashMap::new(),
+                doubted: LinkedHashMap::default(),
             }),
             seed: rand::random(),
             max_entries,
@@ -90,6 +94,9 @@ impl MemoryStore {
             .map(|p| {
                 if p.key.is_some_and(|k| facts.done.contains_key(&self.fingerprint(k))) {
                     return Lookup::Done;
+                }
+                if p.key.is_some_and(|k| facts.doubted.contains_key(&self.fingerprint(k))) {
+                    return Lookup::Doubted;
                 }
                 if let Some((bet, kind)) = p.guard {
                     if facts.results.get(bet).is_some_and(|(had, _)| *had != kind) {
@@ -118,6 +125,21 @@ impl MemoryStore {
         self.forget(&mut facts, now);
     }
 
+    /// Remembers `keys` as in doubt and dead-lettered (for the ttl, within the bound).
+    pub(super) fn doubt(&self, keys: &[&str]) {
+        let now = Instant::now();
+        let mut facts = self.facts();
+        for k in keys {
+            facts.doubted.replace(self.fingerprint(k), now);
+        }
+        self.forget(&mut facts, now);
+    }
+
+    /// Lets a key in doubt be sent again (its dead letter was replayed); whether it was in doubt.
+    pub(super) fn forget_doubt(&self, key: &str) -> bool {
+        self.facts().doubted.remove(&self.fingerprint(key)).is_some()
+    }
+
     pub(super) fn dead_lettered(&self, id: &RecordId) -> bool {
         let now = Instant::now();
         let mut facts = self.facts();
@@ -144,9 +166,16 @@ impl MemoryStore {
         while facts.dead.front().is_some_and(|(_, at)| expired(at)) {
             facts.dead.pop_front();
         }
-        // Dead letters are rare: they count towards the bound only by being dropped first.
+        while facts.doubted.front().is_some_and(|(_, at)| expired(at)) {
+            facts.doubted.pop_front();
+        }
+        // Dead letters and doubts are rare: they count towards the bound only by being dropped
+        // first.
         while facts.dead.len() > self.max_entries / 10 + 1 {
             facts.dead.pop_front();
+        }
+        while facts.doubted.len() > self.max_entries / 10 + 1 {
+            facts.doubted.pop_front();
         }
         while facts.done.len() + facts.results.len() > self.max_entries {
             let oldest_done = facts.done.front().map(|(_, at)| *at);

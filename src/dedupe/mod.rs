@@ -177,7 +177,7 @@ pub(crate) enum Lookup {
     Conflict,
     /// (Redis) The key's owner died in flight; now claimed by this process, to be dead-lettered.
     InDoubt,
-    /// (Redis) The key was in doubt and a record carrying it is dead-lettered already.
+    /// The key was in doubt and a record carrying it is dead-lettered already.
     Doubted,
 }
 
@@ -649,11 +649,18 @@ impl Deduper {
                 local.unhold(k);
             }
         }
-        if let Store::Redis(r) = &self.store {
-            let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
-            if let Err(e) = r.release(&probes, how).await {
-                tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
+        match &self.store {
+            Store::Redis(r) => {
+                let probes: Vec<Probe<'_>> = keys.iter().filter(|k| !k.is_empty()).map(|k| k.probe()).collect();
+                if let Err(e) = r.release(&probes, how).await {
+                    tracing::warn!(error = %e, events = probes.len(), "dedupe: cannot release claims; they expire after the lease");
+                }
             }
+            Store::Memory(m) if how == LetGo::Doubt => {
+                let ids: Vec<&str> = keys.iter().filter_map(|k| k.key.as_deref()).collect();
+                m.doubt(&ids);
+            }
+            Store::Memory(_) => {}
         }
     }
 
@@ -680,14 +687,26 @@ impl Deduper {
     }
 
     /// Lets a key in doubt be sent again: `dlq replay` of its `in_doubt` dead letter (the operator
-    /// found the event missing in DataPulse). Returns whether it was in doubt.
+    /// found the event missing in DataPulse). Returns whether it was in doubt. The memory store
+    /// lives in the bridge process: there the consumer calls this for a record carrying the
+    /// `dp.replayed_from` header of a replay ([`Deduper::replayed`]).
     pub async fn forget_doubt(&self, key: &str) -> Result<bool, StoreUnavailable> {
         match &self.store {
-            Store::Memory(_) => Ok(false),
+            Store::Memory(m) => Ok(m.forget_doubt(key)),
             Store::Redis(r) => r
                 .forget_doubt(key)
                 .await
                 .map_err(|reason| StoreUnavailable::Unreachable { reason }),
+        }
+    }
+
+    /// A record replayed from the dead-letter topic (`dp.replayed_from`) was read: with the memory
+    /// store its key is no longer in doubt (with Redis, `dlq replay` let it go already).
+    pub fn replayed(&self, keys: &EventKeys) {
+        if let (Store::Memory(m), Some(key)) = (&self.store, keys.key.as_deref()) {
+            if m.forget_doubt(key) {
+                tracing::info!(key, "a replayed record's id is no longer in doubt: it will be sent");
+            }
         }
     }
 

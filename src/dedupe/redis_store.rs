@@ -210,7 +210,8 @@ pub(super) struct RedisStore {
     lease: Duration,
     ttl: Duration,
     poll: Duration,
-    /// `dedupe.redis.in_doubt = "resend"`: an id whose owner died in flight is sent again.
+    /// `delivery.on_ambiguous = "resend"` (alias `dedupe.redis.in_doubt`): an id whose owner died
+    /// in flight is sent again.
     resend: bool,
     check: Script,
     delivered: Script,
@@ -271,7 +272,7 @@ impl RedisStore {
             lease: r.lease,
             ttl: cfg.ttl,
             poll: r.poll_interval,
-            resend: r.in_doubt == InDoubt::Resend,
+            resend: r.in_doubt == Some(InDoubt::Resend),
             check: Script::new(CHECK_LUA),
             delivered: Script::new(DELIVERED_LUA),
             release: Script::new(RELEASE_LUA),

@@ -98,6 +98,11 @@ pub enum KeyError {
     Unset,
 }
 
+/// How long an idle pooled connection to the API is kept: below the keep-alive of the usual
+/// servers and load balancers (60 s and more), so that a request rarely goes out on a connection
+/// the server is closing (which could not tell an unsent request from an unanswered one).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The most delivery lanes (`delivery.concurrency`).
 pub const MAX_CONCURRENCY: u32 = 32;
 
@@ -133,7 +138,8 @@ pub struct DeliveryConfig {
     /// is never written to Redis). Set it when replicas must share a budget across key rotation.
     #[serde(default)]
     pub budget_name: Option<String>,
-    /// First backoff ceiling after a 5xx, timeout, connection error or a 429 without `Retry-After`.
+    /// First backoff ceiling after a 408, a 500, a request not sent, or a 429/503 without
+    /// `Retry-After`; also the shortest wait after a `Retry-After` already past.
     #[serde(default = "default_backoff_initial", with = "humantime_serde")]
     pub retry_backoff_initial: Duration,
     /// Largest backoff ceiling.
@@ -151,6 +157,13 @@ pub struct DeliveryConfig {
     /// partitions, so a partition's events still reach the API in order.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
+    /// What becomes of the events of a request the API may have counted (502, 504, a timeout or a
+    /// closed connection after the request was written; and ids in flight in a process that was
+    /// killed): `in-doubt` (default: dead-lettered with reason `in_doubt`, never sent again
+    /// automatically) or `resend` (at-least-once). Unset: `dedupe.redis.in_doubt` if that is
+    /// set (its former name), else `in-doubt`; `Config::resolve` writes the value in.
+    #[serde(default)]
+    pub on_ambiguous: Option<super::OnAmbiguous>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
@@ -203,6 +216,7 @@ impl Default for DeliveryConfig {
             max_retries: None,
             auth_retry_interval: default_auth_retry_interval(),
             concurrency: default_concurrency(),
+            on_ambiguous: None,
         }
     }
 }

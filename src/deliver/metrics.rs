@@ -22,6 +22,11 @@ pub struct Metrics {
     pub rejected: IntCounter,
     pub bisection_requests: IntCounter,
     pub auth_halted: IntGauge,
+    pub endpoint_halted: IntGauge,
+    pub decisions: IntCounterVec,
+    pub in_doubt: IntCounter,
+    pub too_large: IntCounter,
+    pub body_limit: IntGauge,
     /// Batches under retry, for `datapulse_bridge_delivery_oldest_retry_age_seconds`.
     retrying: Arc<Retrying>,
 }
@@ -35,6 +40,33 @@ impl Family for Metrics {
         auth_halted: prometheus::register_int_gauge_with_registry!(
             "datapulse_bridge_auth_halted",
             "1 while delivery is halted because the API refused the key (401/403), else 0.",
+            r
+        )?,
+        endpoint_halted: prometheus::register_int_gauge_with_registry!(
+            "datapulse_bridge_api_endpoint_halted",
+            "1 while delivery is halted because the API answered 404, 405, 415, 3xx or another 4xx (check api.base_url), else 0.",
+            r
+        )?,
+        decisions: prometheus::register_int_counter_vec_with_registry!(
+            "datapulse_bridge_api_decisions_total",
+            "Answers of the API by what delivery decided (delivered, isolate, retry, pause_key, split, too_large, in_doubt, halt).",
+            &["decision"],
+            r
+        )?,
+        in_doubt: prometheus::register_int_counter_with_registry!(
+            "datapulse_bridge_delivery_events_in_doubt_total",
+            "Events of requests the API may have counted (502, 504, no answer after the request was written) under \
+             delivery.on_ambiguous = \"in-doubt\": dead-lettered as in_doubt, never sent again automatically.",
+            r
+        )?,
+        too_large: prometheus::register_int_counter_with_registry!(
+            "datapulse_bridge_delivery_events_too_large_total",
+            "Events refused as too large (413) in a request carrying them alone: dead-lettered as payload_too_large.",
+            r
+        )?,
+        body_limit: prometheus::register_int_gauge_with_registry!(
+            "datapulse_bridge_api_body_limit_bytes",
+            "The largest request body accepted since the first 413 of this process, to which requests are cut; 0 before any 413.",
             r
         )?,
         requests: prometheus::register_int_counter_vec_with_registry!(
@@ -58,7 +90,7 @@ impl Family for Metrics {
         )?,
         retries: prometheus::register_int_counter_vec_with_registry!(
             "datapulse_bridge_api_retries_total",
-            "Requests repeated after a retriable answer, by cause (429, 5xx, timeout, connect, 401, 403).",
+            "Requests repeated after an answer that was not final, by cause (401, 403, 408, 429, 4xx, 5xx, timeout, connect, io).",
             &["cause"],
             r
         )?,

@@ -1,37 +1,42 @@
 //! Delivery to the Server Events API: the HTTP client, the key's rate budget, classification of
 //! responses, retries, isolation of bad events, and the halt on a refused key.
 //!
-//! [`Deliverer::deliver`] takes one batch and returns one [`EventResult`] per event. Every request
-//! draws from the key's [`budget`] first. Answers (API-CONTRACT.md, Responses):
-//! - 2xx: the events of the request are delivered.
-//! - 400: the request holds bad events. When the body names them by index they are rejected and
-//!   the rest is sent again as one request; otherwise a binary search isolates one bad event at a
-//!   time (see [`Deliverer::isolate`]). Only an event the API answered 400 for alone, or that a
-//!   400 body named, is ever rejected.
-//! - 401/403: the key is refused: nothing is rejected, readiness `api_key` goes false, and the
-//!   same request is retried every `auth_retry_interval`, re-reading `api.key_file` first.
-//! - 429: the whole key pauses (`Retry-After`, or backoff), then the request is retried.
-//! - anything else, timeouts and connection errors: exponential backoff with full jitter, retried.
+//! [`Deliverer::deliver_json`] takes one batch and returns one [`EventResult`] per event. Every
+//! request draws from the key's [`budget`] first. What each answer leads to is decided by
+//! [`decide::decide`], a pure function of the answer and the attempt (the table of
+//! `docs/delivery.md`, API-CONTRACT.md "Responses"); this module only does what it decides:
+//! - delivered (2xx); isolate bad events (400, 422: body indexes or bisection, see
+//!   [`Deliverer::isolate`]); split a request refused as too large (413) and learn the body limit;
+//! - retry after a backoff (408, 500, nothing sent), or pause the whole key (429, 503);
+//! - in doubt (502, 504, no answer after the request was written): the events are never sent
+//!   again under `delivery.on_ambiguous = "in-doubt"` (the default);
+//! - halt (401/403: readiness `api_key`; 404, 405, 415, 3xx, other 4xx: readiness `api_endpoint`),
+//!   probing again every `auth_retry_interval`;
+//! - and a `Retry-After` on any answer makes the whole key wait at least that long.
 //!
 //! See `docs/delivery.md`.
 
 mod budget;
 mod config;
+pub mod decide;
 mod metrics;
 pub mod retry;
 
-pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY};
+pub use config::{ApiConfig, DeliveryConfig, KeyError, RateMode, MAX_CONCURRENCY, POOL_IDLE_TIMEOUT};
+pub use decide::OnAmbiguous;
 
 use crate::settings::Secret;
 use crate::telemetry::{Change, Health, Ready, Telemetry};
 pub use budget::BudgetError;
 use budget::RateBudget;
 use bytes::Bytes;
+use decide::{decide, Answer, Attempt, Decision, Halt, Plan, Policy};
 use metrics::{Metrics, RetryGuard};
 use parking_lot::RwLock;
-use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, CONTENT_TYPE, DATE, RETRY_AFTER};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -42,8 +47,15 @@ use tokio_util::sync::CancellationToken;
 pub enum EventResult {
     /// The API answered 2xx for a request that carried it.
     Delivered,
-    /// The API rejected it permanently (400); the status and body go to the dead letter.
+    /// The API rejected it permanently (400 or 422); the status and body go to the dead letter.
     Rejected { status: u16, body: String },
+    /// Refused for its size (413) in a request carrying it alone: dead-letter it with reason
+    /// `payload_too_large`; the body of the answer goes with it.
+    TooLarge { body: String },
+    /// A request carrying it got an ambiguous answer (502, 504: `status`; or none: `None`) and
+    /// `delivery.on_ambiguous = "in-doubt"`: the API may have counted it. Dead-letter it with
+    /// reason `in_doubt`, never send it again automatically. `detail` says what happened.
+    InDoubt { status: Option<u16>, detail: String },
 }
 
 /// A wait was abandoned because shutdown's deadline passed.
@@ -68,64 +80,58 @@ pub enum KeyCheck {
     Accepted,
     /// The API refused the key (401 or 403).
     Refused { status: u16 },
-    /// No answer about the key (429, 5xx, timeout, connection error): try again later.
+    /// No answer about the key (429, 5xx, a timeout, a connection error, a misconfigured URL):
+    /// try again later. `reason` says what happened (never the key).
     Unknown { reason: String },
 }
 
 /// The answer to one request that ends its retries.
 enum Final {
     Accepted,
-    BadRequest { body: String },
+    /// 400 or 422 (`status`).
+    BadRequest {
+        status: u16,
+        body: String,
+    },
+    /// 413: too large for something in front of the API.
+    TooLarge {
+        body: String,
+    },
+    /// Ambiguous under `on_ambiguous = "in-doubt"`.
+    InDoubt {
+        status: Option<u16>,
+        detail: String,
+    },
 }
 
-/// One HTTP exchange, classified.
-enum Answer {
-    Success,
-    BadRequest(String),
-    AuthRefused(u16),
-    TooManyRequests(Option<Duration>),
-    Retriable { cause: Cause, detail: String },
+/// One HTTP exchange: the answer for [`decide`], the `status` label of
+/// `datapulse_bridge_api_requests_total` (an HTTP code, `timeout`, `connect_error`, `io_error`),
+/// the body of a 400/413 and what went wrong, for logs and dead letters.
+struct Exchange {
+    answer: Answer,
+    label: String,
+    body: String,
+    detail: String,
 }
 
-/// Why a request is tried again: the `cause` label of `datapulse_bridge_api_retries_total` and
-/// of the retry logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// 401 or 403: the key was refused (invariant 5).
-    Status401,
-    Status403,
-    /// 429: the key's rate limit (contract: honour `Retry-After`).
-    Status429,
-    /// Any other status outside 2xx/400: the API may have counted the batch.
-    Status5xx,
-    /// No answer within `api.request_timeout`: the API may have counted the batch.
-    Timeout,
-    /// The connection was refused or could not be made: nothing reached the API.
-    Connect,
-    /// The connection broke after the request may have left.
-    Io,
-}
-
-impl Cause {
-    /// The metric label and log value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Cause::Status401 => "401",
-            Cause::Status403 => "403",
-            Cause::Status429 => "429",
-            Cause::Status5xx => "5xx",
-            Cause::Timeout => "timeout",
-            Cause::Connect => "connect",
-            Cause::Io => "io",
-        }
-    }
-
-    /// A refused key's cause.
-    fn of_auth(status: u16) -> Cause {
-        if status == 403 {
-            Cause::Status403
-        } else {
-            Cause::Status401
+impl Exchange {
+    /// The `cause` label of `datapulse_bridge_api_retries_total` and of the retry logs: `401`,
+    /// `403`, `408`, `429`, `4xx` (other 4xx and 3xx), `5xx`, `timeout`, `connect`, `io`.
+    fn cause(&self) -> &'static str {
+        match self.answer {
+            Answer::Status { status, .. } => match status {
+                401 => "401",
+                403 => "403",
+                408 => "408",
+                429 => "429",
+                500..=599 => "5xx",
+                _ => "4xx",
+            },
+            _ => match self.label.as_str() {
+                "timeout" => "timeout",
+                "connect_error" => "connect",
+                _ => "io",
+            },
         }
     }
 }
@@ -152,8 +158,9 @@ struct Batch<'a, E> {
     exposure: &'a E,
     /// A request of the batch may have reached the API, as far as `exposure` was told.
     exposed: bool,
-    /// A request of the batch ended so that it may have been counted (a 5xx, a timeout, a broken
-    /// connection): the batch stays exposed until it has its results.
+    /// A request of the batch ended so that it may have been counted (502, 504, no answer after it
+    /// was written; under `on_ambiguous = "resend"` it is then retried): the batch stays exposed
+    /// until it has its results.
     uncertain: bool,
     started: Instant,
     /// Set at the first retriable failure; feeds the oldest-under-retry gauge until dropped.
@@ -186,9 +193,24 @@ impl<E: Exposure> Batch<'_, E> {
         }
     }
 
-    fn reject(&mut self, i: usize, body: String) {
+    fn reject(&mut self, i: usize, status: u16, body: String) {
         self.metrics.rejected.inc();
-        self.results[i] = Some(EventResult::Rejected { status: 400, body });
+        self.results[i] = Some(EventResult::Rejected { status, body });
+    }
+
+    fn too_large(&mut self, i: usize, body: String) {
+        self.metrics.too_large.inc();
+        self.results[i] = Some(EventResult::TooLarge { body });
+    }
+
+    fn in_doubt(&mut self, idx: &[usize], status: Option<u16>, detail: &str) {
+        self.metrics.in_doubt.inc_by(idx.len() as u64);
+        for &i in idx {
+            self.results[i] = Some(EventResult::InDoubt {
+                status,
+                detail: detail.to_string(),
+            });
+        }
     }
 
     fn under_retry(&mut self) {
@@ -228,20 +250,31 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 pub struct Deliverer {
     client: reqwest::Client,
     url: String,
+    /// The path of `url`, for the `api_endpoint` readiness condition (the base URL may hold
+    /// credentials; its path does not).
+    url_path: String,
     key_file: Option<PathBuf>,
     credentials: RwLock<Arc<Credentials>>,
     budget: RateBudget,
     cfg: DeliveryConfig,
+    policy: Policy,
     /// Whether the API accepts the key: readiness `api_key`.
     key: Health,
-    /// Consecutive 429s of the key, for the backoff of a 429 without `Retry-After`.
+    /// Whether the URL is one the API answers at: readiness `api_endpoint`.
+    endpoint: Health,
+    /// Consecutive 429s and 503s of the key, for the pause of one without `Retry-After`.
     throttle_streak: AtomicU32,
+    /// The smallest body refused with 413 (0: none yet).
+    refused_body: AtomicUsize,
+    /// The largest body accepted since the first 413 (0: none yet): requests are cut to it
+    /// (before the first acceptance, to just below `refused_body`).
+    body_limit: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
 impl Deliverer {
-    /// The HTTP client, key and rate budget of one API; its metrics and the `api_key` readiness
-    /// condition go to `telemetry`.
+    /// The HTTP client, key and rate budget of one API; its metrics and the `api_key` and
+    /// `api_endpoint` readiness conditions go to `telemetry`.
     ///
     /// Errors: no readable key, a key that is not a header value, the HTTP client (its TLS
     /// roots), the rate budget's settings.
@@ -249,21 +282,58 @@ impl Deliverer {
         let client = reqwest::Client::builder()
             .timeout(api.request_timeout)
             .connect_timeout(api.connect_timeout)
+            // Below the keep-alive of the usual servers and load balancers (60 s and more), so
+            // that a request rarely meets a connection the server has just closed.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // A redirect would send the body where it was not configured to go: a 3xx halts.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("datapulse-bridge/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let url = format!("{}/v2/s2s/batch", api.base_url.trim_end_matches('/'));
+        let url_path = reqwest::Url::parse(&url)
+            .map(|u| u.path().to_string())
+            .unwrap_or_else(|_| "/v2/s2s/batch".into());
         let key = api.read_key()?;
         let credentials = credentials(cfg, &key)?;
+        let metrics: Arc<Metrics> = telemetry.metrics();
+        metrics.body_limit.set(0);
         Ok(Deliverer {
             client,
             url,
+            url_path,
             key_file: if api.key.is_some() { None } else { api.key_file.clone() },
             credentials: RwLock::new(Arc::new(credentials)),
             budget: RateBudget::new(cfg, telemetry)?,
             cfg: cfg.clone(),
+            policy: Policy {
+                backoff_initial: cfg.retry_backoff_initial,
+                backoff_max: cfg.retry_backoff_max,
+                max_retries: cfg.max_retries,
+                auth_retry_interval: cfg.auth_retry_interval,
+                on_ambiguous: cfg.on_ambiguous.unwrap_or_default(),
+            },
             key: Health::new(telemetry, Ready::ApiKey),
+            endpoint: Health::new(telemetry, Ready::ApiEndpoint),
             throttle_streak: Default::default(),
-            metrics: telemetry.metrics(),
+            refused_body: AtomicUsize::new(0),
+            body_limit: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// The largest request body (bytes) accepted since the first 413 of this process, to which
+    /// requests are cut; `None` before any body was accepted after a 413.
+    pub fn learned_body_limit(&self) -> Option<usize> {
+        Some(self.body_limit.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
+    /// The size requests are cut to: the learned limit, or just below the smallest body refused
+    /// before any was accepted since; `None` before any 413.
+    fn cut_limit(&self) -> Option<usize> {
+        self.learned_body_limit().or_else(|| {
+            Some(self.refused_body.load(Ordering::Relaxed))
+                .filter(|&n| n > 0)
+                .map(|n| n.saturating_sub(1).max(1))
         })
     }
 
@@ -320,31 +390,84 @@ impl Deliverer {
         }
     }
 
-    /// Sends the batch's events until each has a result: in order, one request for all that is
-    /// left after each 400 was isolated.
+    /// Sends the batch's events until each has a result, in order: as one request, or as
+    /// requests cut to the learned body limit; what is left of a request after a 400 was isolated
+    /// goes again as one request, the halves of one refused as too large (413) one after the
+    /// other.
     async fn deliver_batch<E: Exposure>(&self, b: &mut Batch<'_, E>) -> Result<(), Cancelled> {
-        let mut pending: Vec<usize> = (0..b.events.len()).collect();
-        while !pending.is_empty() {
-            let body = match self.send(b, &pending).await? {
-                Final::Accepted => {
-                    b.delivered(&pending);
-                    break;
+        let all: Vec<usize> = (0..b.events.len()).collect();
+        let mut queue: VecDeque<Vec<usize>> = self.cut(b.events, all).into();
+        while let Some(group) = queue.pop_front() {
+            match self.send(b, &group).await? {
+                Final::Accepted => b.delivered(&group),
+                Final::InDoubt { status, detail } => b.in_doubt(&group, status, &detail),
+                Final::TooLarge { body } => {
+                    if let [one] = group[..] {
+                        b.too_large(one, body);
+                    } else {
+                        let (first, second) = group.split_at(group.len() / 2);
+                        queue.push_front(second.to_vec());
+                        queue.push_front(first.to_vec());
+                    }
                 }
-                Final::BadRequest { body } => body,
-            };
-            if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), pending.len()) {
-                for (i, part) in bad {
-                    b.reject(pending[i], part);
+                Final::BadRequest { status, body } => {
+                    if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), group.len()) {
+                        for (i, part) in bad {
+                            b.reject(group[i], status, part);
+                        }
+                    } else if group.len() == 1 {
+                        b.reject(group[0], status, body);
+                    } else if let Some(split) = self.isolate(b, &group, status, body).await? {
+                        // A probe of the isolation was refused as too large: its halves go
+                        // first, then what is left.
+                        let rest: Vec<usize> = group
+                            .iter()
+                            .copied()
+                            .filter(|i| b.results[*i].is_none() && !split.contains(i))
+                            .collect();
+                        if !rest.is_empty() {
+                            queue.push_front(rest);
+                        }
+                        let (first, second) = split.split_at(split.len() / 2);
+                        if !second.is_empty() {
+                            queue.push_front(second.to_vec());
+                        }
+                        queue.push_front(first.to_vec());
+                        continue;
+                    }
+                    // What is left, in order, goes again as one request.
+                    let rest: Vec<usize> = group.into_iter().filter(|&i| b.results[i].is_none()).collect();
+                    if !rest.is_empty() {
+                        queue.push_front(rest);
+                    }
                 }
-            } else if pending.len() == 1 {
-                b.reject(pending[0], body);
-            } else {
-                self.isolate(b, &pending, body).await?;
             }
-            // What is left, in order, goes again as one request.
-            pending.retain(|&i| b.results[i].is_none());
         }
         Ok(())
+    }
+
+    /// `idx` in order, cut into requests whose bodies fit the learned body limit (an event larger
+    /// than the limit goes alone).
+    fn cut(&self, events: &[&[u8]], idx: Vec<usize>) -> Vec<Vec<usize>> {
+        let Some(limit) = self.cut_limit() else {
+            return vec![idx];
+        };
+        let mut out = Vec::new();
+        let mut cur: Vec<usize> = Vec::new();
+        let mut size = 2;
+        for i in idx {
+            let add = events[i].len() + usize::from(!cur.is_empty());
+            if !cur.is_empty() && size + add > limit {
+                out.push(std::mem::take(&mut cur));
+                size = 2;
+            }
+            size += events[i].len() + usize::from(!cur.is_empty());
+            cur.push(i);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
     }
 
     /// Waits until the key's budget allows one more request and draws it for the next request
@@ -358,30 +481,40 @@ impl Deliverer {
     /// search: the first half of the suspect range is sent; if accepted, the bad event is in the
     /// second half (not sent: inferred); if refused, the second half waits and the search goes on
     /// in the first. An event is rejected only after a request holding it alone was answered 400.
-    /// Events accepted on the way are marked delivered; the ones left (the halves that waited) are
-    /// sent by the caller as one request. For one bad event among n this costs at most
-    /// ⌈log2 n⌉ + 1 requests, and one more for the rest.
+    /// Events accepted on the way are marked delivered, a probe answered ambiguously in doubt;
+    /// the ones left (the halves that waited) are sent by the caller as one request. For one bad
+    /// event among n this costs at most ⌈log2 n⌉ + 1 requests, and one more for the rest.
+    /// `Some(probe)` when a probe was refused as too large (413): the caller splits it.
     async fn isolate<E: Exposure>(
         &self,
         b: &mut Batch<'_, E>,
         group: &[usize],
+        status: u16,
         group_body: String,
-    ) -> Result<(), Cancelled> {
+    ) -> Result<Option<Vec<usize>>, Cancelled> {
         let mut suspect = group;
         // Some(body): the suspect range itself was answered 400 with that body.
-        let mut confirmed = Some(group_body);
+        let mut confirmed = Some((status, group_body));
         loop {
             if suspect.len() == 1 {
-                let body = match confirmed {
-                    Some(body) => body,
+                let (status, body) = match confirmed {
+                    Some(c) => c,
                     None => {
                         self.metrics.bisection_requests.inc();
                         match self.send(b, suspect).await? {
                             Final::Accepted => {
                                 b.delivered(suspect);
-                                return Ok(());
+                                return Ok(None);
                             }
-                            Final::BadRequest { body } => body,
+                            Final::InDoubt { status, detail } => {
+                                b.in_doubt(suspect, status, &detail);
+                                return Ok(None);
+                            }
+                            Final::TooLarge { body } => {
+                                b.too_large(suspect[0], body);
+                                return Ok(None);
+                            }
+                            Final::BadRequest { status, body } => (status, body),
                         }
                     }
                 };
@@ -389,8 +522,8 @@ impl Deliverer {
                 let part = retry::parse_bad_indexes(body.as_bytes(), 1)
                     .and_then(|mut m| m.remove(&0))
                     .unwrap_or(body);
-                b.reject(suspect[0], part);
-                return Ok(());
+                b.reject(suspect[0], status, part);
+                return Ok(None);
             }
             let (first, second) = suspect.split_at(suspect.len() / 2);
             self.metrics.bisection_requests.inc();
@@ -400,28 +533,34 @@ impl Deliverer {
                     suspect = second;
                     confirmed = None;
                 }
-                Final::BadRequest { body } => {
+                Final::InDoubt { status, detail } => {
+                    // Whether the bad event was in it is unknown: the search goes on in the
+                    // second half, and the rest is sent by the caller.
+                    b.in_doubt(first, status, &detail);
+                    suspect = second;
+                    confirmed = None;
+                }
+                Final::TooLarge { .. } => return Ok(Some(first.to_vec())),
+                Final::BadRequest { status, body } => {
                     if let Some(bad) = retry::parse_bad_indexes(body.as_bytes(), first.len()) {
                         for (i, part) in bad {
-                            b.reject(first[i], part);
+                            b.reject(first[i], status, part);
                         }
-                        return Ok(());
+                        return Ok(None);
                     }
                     suspect = first;
-                    confirmed = Some(body);
+                    confirmed = Some((status, body));
                 }
             }
         }
     }
 
-    /// Sends the events `idx` of `events` as one request until the API gives a final answer (2xx
-    /// or 400), spending budget on every try.
+    /// Sends the events `idx` of `events` as one request until [`decide`] gives a final answer,
+    /// spending budget on every try; does what each [`Plan`] says in between.
     async fn send<E: Exposure>(&self, b: &mut Batch<'_, E>, idx: &[usize]) -> Result<Final, Cancelled> {
         let body = request_body(b.events, idx);
         let cancel = b.cancel;
-        let mut attempt: u32 = 0;
-        let mut auth_attempt: u32 = 0;
-        let mut throttled_attempt: u32 = 0;
+        let mut retries: u32 = 0;
         loop {
             // Shutdown ends the waits only while nothing of the batch may have been counted.
             let stop = b.stop.filter(|_| !b.exposed);
@@ -437,108 +576,149 @@ impl Deliverer {
                 () = b.before_request() => {}
                 _ = cancel.cancelled() => return Err(Cancelled),
             }
-            let answer = tokio::select! {
-                a = self.post(&creds, body.clone(), idx.len()) => a,
+            let x = tokio::select! {
+                x = self.post(&creds, body.clone(), idx.len()) => x,
                 _ = cancel.cancelled() => return Err(Cancelled),
             };
-            match &answer {
-                Answer::AuthRefused(_)
-                | Answer::TooManyRequests(_)
-                | Answer::Retriable {
-                    cause: Cause::Connect, ..
-                } => b.refused().await,
-                Answer::Retriable { .. } => b.uncertain = true,
-                Answer::Success | Answer::BadRequest(_) => {}
+            let attempt = Attempt {
+                retries,
+                key_throttled: self.throttle_streak.load(Ordering::Relaxed),
+                events: idx.len(),
+                jitter: rand::random::<f64>(),
+            };
+            let Plan { decision, key_wait } = decide(x.answer, &attempt, &self.policy);
+            self.metrics
+                .decisions
+                .with_label_values(&[decision_label(&decision)])
+                .inc();
+            if let Some(wait) = key_wait {
+                tracing::info!(status = %x.label, wait_s = wait.as_secs_f64(), "the API answered with Retry-After; every request of the key waits");
+                self.budget.pause(&creds.budget_id, wait).await;
             }
-            let delay = match answer {
-                Answer::Success => {
-                    self.key_accepted();
-                    self.throttle_streak.store(0, Ordering::Relaxed);
+            if x.answer.ambiguous() {
+                b.uncertain = true;
+            } else if !matches!(decision, Decision::Done | Decision::Isolate) {
+                b.refused().await;
+            }
+            let status = match x.answer {
+                Answer::Status { status, .. } => Some(status),
+                _ => None,
+            };
+            let delay = match decision {
+                Decision::Done => {
+                    self.answered(&x);
+                    if self.refused_body.load(Ordering::Relaxed) > 0 {
+                        let before = self.body_limit.fetch_max(body.len(), Ordering::Relaxed);
+                        if body.len() > before {
+                            self.metrics.body_limit.set(body.len() as i64);
+                        }
+                    }
                     return Ok(Final::Accepted);
                 }
-                Answer::BadRequest(body) => {
-                    self.key_accepted();
-                    self.throttle_streak.store(0, Ordering::Relaxed);
-                    return Ok(Final::BadRequest { body });
-                }
-                Answer::AuthRefused(status) => {
-                    auth_attempt += 1;
-                    self.metrics
-                        .retries
-                        .with_label_values(&[Cause::of_auth(status).label()])
-                        .inc();
-                    b.under_retry();
-                    self.key_refused(status);
-                    tracing::debug!(
-                        cause = Cause::of_auth(status).label(),
-                        attempt = auth_attempt,
-                        events = idx.len(),
-                        "key refused; retrying after delivery.auth_retry_interval"
-                    );
-                    sleep(self.cfg.auth_retry_interval, cancel, b.stop.filter(|_| !b.exposed)).await?;
-                    self.reload_key();
-                    continue;
-                }
-                Answer::TooManyRequests(retry_after) => {
-                    throttled_attempt += 1;
-                    self.metrics
-                        .retries
-                        .with_label_values(&[Cause::Status429.label()])
-                        .inc();
-                    b.under_retry();
-                    let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
-                    let pause = retry_after.unwrap_or_else(|| {
-                        retry::backoff(streak, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max)
+                Decision::Isolate => {
+                    self.answered(&x);
+                    return Ok(Final::BadRequest {
+                        status: status.unwrap_or(400),
+                        body: x.body,
                     });
+                }
+                Decision::Split | Decision::TooLarge => {
+                    self.answered(&x);
+                    self.too_large(body.len(), idx.len());
+                    return Ok(Final::TooLarge { body: x.body });
+                }
+                Decision::InDoubt => {
                     tracing::warn!(
-                        cause = Cause::Status429.label(),
-                        retry_after = retry_after.map(|d| d.as_secs_f64()),
+                        status = %x.label, detail = %x.detail, events = idx.len(),
+                        "the API may have counted this request (delivery.on_ambiguous = \"in-doubt\"): \
+                         its events are dead-lettered as in_doubt, never sent again automatically"
+                    );
+                    return Ok(Final::InDoubt {
+                        status,
+                        detail: x.detail,
+                    });
+                }
+                Decision::Retry { after } => {
+                    retries += 1;
+                    self.retried(b, &x);
+                    if self.cfg.max_retries.is_some_and(|max| retries > max) {
+                        tracing::error!(
+                            cause = x.cause(), detail = %x.detail, attempt = retries, events = idx.len(),
+                            delay_s = after.as_secs_f64(),
+                            "API request failed after delivery.max_retries; still retrying (events are never dropped)"
+                        );
+                    } else {
+                        tracing::warn!(
+                            cause = x.cause(), detail = %x.detail, attempt = retries, events = idx.len(),
+                            delay_s = after.as_secs_f64(), "API request failed; retrying"
+                        );
+                    }
+                    after
+                }
+                Decision::PauseKey { pause } => {
+                    let streak = self.throttle_streak.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.retried(b, &x);
+                    tracing::warn!(
+                        cause = x.cause(),
                         pause_s = pause.as_secs_f64(),
-                        attempt = throttled_attempt,
-                        consecutive_429_of_key = streak,
+                        consecutive_of_key = streak,
                         events = idx.len(),
-                        "API rate limit hit; pausing every request of the key"
+                        "the API asks the key to slow down; pausing every request of the key"
                     );
                     // The pause itself is waited out in the next draw from the budget.
                     self.budget.pause(&creds.budget_id, pause).await;
                     continue;
                 }
-                Answer::Retriable { cause, detail } => {
-                    attempt += 1;
-                    let cause = cause.label();
-                    self.metrics.retries.with_label_values(&[cause]).inc();
-                    b.under_retry();
-                    match self.cfg.max_retries {
-                        Some(max) if attempt > max => {
-                            let delay = self.cfg.retry_backoff_max;
-                            tracing::error!(
-                                cause, detail, attempt, events = idx.len(), delay_s = delay.as_secs_f64(),
-                                "API request failed after delivery.max_retries; still retrying (events are never dropped)"
-                            );
-                            delay
-                        }
-                        _ => {
-                            let delay =
-                                retry::backoff(attempt, self.cfg.retry_backoff_initial, self.cfg.retry_backoff_max);
-                            tracing::warn!(
-                                cause,
-                                detail,
-                                attempt,
-                                events = idx.len(),
-                                delay_s = delay.as_secs_f64(),
-                                "API request failed; retrying"
-                            );
-                            delay
-                        }
+                Decision::Halt { why, probe_after } => {
+                    self.retried(b, &x);
+                    self.halted(why);
+                    sleep(probe_after, cancel, b.stop.filter(|_| !b.exposed)).await?;
+                    if matches!(why, Halt::KeyRefused { .. }) {
+                        self.reload_key();
                     }
+                    continue;
                 }
             };
             sleep(delay, cancel, b.stop.filter(|_| !b.exposed)).await?;
         }
     }
 
-    /// One POST, classified; records the request metrics.
-    async fn post(&self, creds: &Credentials, body: Bytes, n_events: usize) -> Answer {
+    /// A request was retried: counted by cause, and the batch is under retry.
+    fn retried<E: Exposure>(&self, b: &mut Batch<'_, E>, x: &Exchange) {
+        self.metrics.retries.with_label_values(&[x.cause()]).inc();
+        b.under_retry();
+    }
+
+    /// The API answered as an API does (2xx, 400, 413): the key and the endpoint are right.
+    fn answered(&self, x: &Exchange) {
+        self.key_accepted();
+        self.endpoint_found();
+        if !matches!(x.answer, Answer::Status { status: 413, .. }) {
+            self.throttle_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A 413 for a body of `len` bytes: from now on requests are cut to the largest body
+    /// accepted since (until one is, to just below this one). A learned limit at least this large
+    /// (the limit in front of the API went down) is learned again.
+    fn too_large(&self, len: usize, events: usize) {
+        let refused = self.refused_body.load(Ordering::Relaxed);
+        if refused == 0 || len < refused {
+            self.refused_body.store(len, Ordering::Relaxed);
+        }
+        if self.body_limit.load(Ordering::Relaxed) >= len {
+            self.body_limit.store(0, Ordering::Relaxed);
+            self.metrics.body_limit.set(0);
+        }
+        tracing::warn!(
+            body_bytes = len,
+            events,
+            "the API (or a proxy in front of it) refused the request as too large (413); splitting it"
+        );
+    }
+
+    /// One POST; records the request metrics.
+    async fn post(&self, creds: &Credentials, body: Bytes, n_events: usize) -> Exchange {
         if n_events > 0 {
             self.metrics.events_per_request.observe(n_events as f64);
         }
@@ -551,58 +731,42 @@ impl Deliverer {
             .body(body)
             .send()
             .await;
-        let (answer, status_label) = match result {
-            Err(e) => {
-                let answer = transport_error(&e);
-                let label = match &answer {
-                    Answer::Retriable {
-                        cause: Cause::Timeout, ..
-                    } => "timeout",
-                    Answer::Retriable {
-                        cause: Cause::Connect, ..
-                    } => "connect_error",
-                    _ => "io_error",
-                };
-                (answer, label.to_string())
-            }
+        let x = match result {
+            Err(e) => transport_error(&e),
             Ok(resp) => {
-                let status = resp.status();
-                let answer = match status.as_u16() {
-                    200..=299 => Answer::Success,
-                    400 => match read_capped(resp).await {
-                        Ok(b) => Answer::BadRequest(b),
-                        Err(e) => transport_error(&e),
-                    },
-                    401 | 403 => Answer::AuthRefused(status.as_u16()),
-                    429 => Answer::TooManyRequests(
-                        resp.headers()
-                            .get(RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
-                    ),
-                    _ => Answer::Retriable {
-                        cause: Cause::Status5xx,
-                        detail: format!("HTTP {status}"),
-                    },
+                let status = resp.status().as_u16();
+                let header = |name| resp.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+                let retry_after =
+                    header(RETRY_AFTER).and_then(|v| retry::retry_after_of(v, header(DATE), SystemTime::now()));
+                let body = if matches!(status, 400 | 413 | 422) {
+                    // An unreadable body leaves the bad events to bisection.
+                    read_capped(resp).await.unwrap_or_default()
+                } else {
+                    String::new()
                 };
-                (answer, status.as_str().to_string())
+                Exchange {
+                    answer: Answer::Status { status, retry_after },
+                    label: status.to_string(),
+                    body,
+                    detail: format!("HTTP {status}"),
+                }
             }
         };
         self.metrics
             .requests
-            .with_label_values(&[ENDPOINT_BATCH, &status_label])
+            .with_label_values(&[ENDPOINT_BATCH, &x.label])
             .inc();
         self.metrics
             .latency
             .with_label_values(&[ENDPOINT_BATCH])
             .observe(started.elapsed().as_secs_f64());
-        answer
+        x
     }
 
     /// Checks the key without sending events: POSTs `[]` to the batch endpoint (the API checks
     /// the key first: 401/403 means refused; 2xx or 400 means accepted). Spends one request of
     /// the budget, and waits for it like any request (drop the future to give up). Sets readiness
-    /// `api_key` when the answer says something about the key.
+    /// `api_key` (and `api_endpoint`) when the answer says something about them.
     pub async fn probe(&self) -> KeyCheck {
         let never = CancellationToken::new();
         let creds = self.current_credentials();
@@ -611,24 +775,40 @@ impl Deliverer {
                 reason: "cancelled".into(),
             };
         }
-        match self.post(&creds, Bytes::from_static(b"[]"), 0).await {
-            Answer::Success | Answer::BadRequest(_) => {
-                self.key_accepted();
+        let x = self.post(&creds, Bytes::from_static(b"[]"), 0).await;
+        let attempt = Attempt {
+            retries: 0,
+            key_throttled: 0,
+            events: 0,
+            jitter: 1.0,
+        };
+        let plan = decide(x.answer, &attempt, &self.policy);
+        if let Some(wait) = plan.key_wait {
+            self.budget.pause(&creds.budget_id, wait).await;
+        }
+        match plan.decision {
+            Decision::Done | Decision::Isolate => {
+                self.answered(&x);
                 KeyCheck::Accepted
             }
-            Answer::AuthRefused(status) => {
-                self.key_refused(status);
+            Decision::Halt {
+                why: Halt::KeyRefused { status },
+                ..
+            } => {
+                self.halted(Halt::KeyRefused { status });
                 KeyCheck::Refused { status }
             }
-            Answer::TooManyRequests(retry_after) => {
-                if let Some(p) = retry_after {
-                    self.budget.pause(&creds.budget_id, p).await;
-                }
-                KeyCheck::Unknown {
-                    reason: "API answered 429 (rate limit)".into(),
-                }
+            Decision::Halt { why, .. } => {
+                self.halted(why);
+                KeyCheck::Unknown { reason: x.detail }
             }
-            Answer::Retriable { detail, .. } => KeyCheck::Unknown { reason: detail },
+            Decision::PauseKey { pause } => {
+                self.budget.pause(&creds.budget_id, pause).await;
+                KeyCheck::Unknown { reason: x.detail }
+            }
+            Decision::Split | Decision::TooLarge | Decision::InDoubt | Decision::Retry { .. } => {
+                KeyCheck::Unknown { reason: x.detail }
+            }
         }
     }
 
@@ -649,6 +829,43 @@ impl Deliverer {
             Change::First | Change::Failed => {}
         }
         self.metrics.auth_halted.set(0);
+    }
+
+    fn endpoint_found(&self) {
+        match self.endpoint.up("the API answers at the configured URL") {
+            Change::Same => return,
+            Change::Recovered => tracing::info!("the API answers at the configured URL again; delivery resumes"),
+            Change::First | Change::Failed => {}
+        }
+        self.metrics.endpoint_halted.set(0);
+    }
+
+    /// Delivery halts (invariant 5): logged once per outage, readiness false.
+    fn halted(&self, why: Halt) {
+        match why {
+            Halt::KeyRefused { status } => self.key_refused(status),
+            Halt::Misconfigured { status } => self.misconfigured(status),
+        }
+    }
+
+    /// A 404, 405, 415, 3xx or other 4xx: the URL is wrong (or an ingress answers for a deploy).
+    /// The reason names the status and the URL's path, never the key.
+    fn misconfigured(&self, status: u16) {
+        let reason = format!(
+            "API answered {status} to POST {}: check api.base_url (delivery halted, probing every {})",
+            self.url_path,
+            humantime::format_duration(self.cfg.auth_retry_interval)
+        );
+        if self.endpoint.down(false, reason) != Change::Same {
+            tracing::error!(
+                status,
+                path = %self.url_path,
+                retry_every_s = self.cfg.auth_retry_interval.as_secs_f64(),
+                "the API does not answer at the configured URL: delivery halted (nothing is dead-lettered \
+                 or committed); check api.base_url"
+            );
+        }
+        self.metrics.endpoint_halted.set(1);
     }
 
     /// The halt of invariant 5: logged once per outage, readiness false.
@@ -706,25 +923,54 @@ fn request_body(events: &[&[u8]], idx: &[usize]) -> Bytes {
     Bytes::from(body)
 }
 
-/// Timeouts, connection failures and other transport errors. reqwest's Display names the URL
-/// (not secret) and never the headers.
-fn transport_error(e: &reqwest::Error) -> Answer {
-    let cause = if e.is_timeout() {
-        Cause::Timeout
-    } else if e.is_connect() {
-        Cause::Connect
-    } else {
-        Cause::Io
-    };
+/// Timeouts, connection failures and other transport errors, as an [`Exchange`]. Not sent: a
+/// connection that could not be made (refused, DNS, TLS, connect timeout) and an error while
+/// writing the request (hyper's "error writing a body to connection", which also covers the
+/// head: a reused connection the server had closed) or a request dropped before it was written.
+/// Anything else (the timeout, a connection closed or reset while waiting for the answer) came
+/// after the request was written: no answer. reqwest's Display names the URL (not secret) and
+/// never the headers.
+fn transport_error(e: &reqwest::Error) -> Exchange {
     // Report the cause chain: reqwest's top-level message alone ("error sending request") hides it.
     let mut detail = e.to_string();
+    let mut not_written = false;
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
+        let text = s.to_string();
+        not_written |= text.starts_with("error writing a body to connection") || text == "operation was canceled";
         detail.push_str(": ");
-        detail.push_str(&s.to_string());
+        detail.push_str(&text);
         source = s.source();
     }
-    Answer::Retriable { cause, detail }
+    let (answer, label) = if e.is_connect() {
+        (Answer::NotSent, "connect_error")
+    } else if e.is_timeout() {
+        (Answer::NoAnswer, "timeout")
+    } else if not_written {
+        (Answer::NotSent, "io_error")
+    } else {
+        (Answer::NoAnswer, "io_error")
+    };
+    Exchange {
+        answer,
+        label: label.to_string(),
+        body: String::new(),
+        detail,
+    }
+}
+
+/// The `decision` label of `datapulse_bridge_api_decisions_total`.
+fn decision_label(d: &Decision) -> &'static str {
+    match d {
+        Decision::Done => "delivered",
+        Decision::Isolate => "isolate",
+        Decision::Retry { .. } => "retry",
+        Decision::PauseKey { .. } => "pause_key",
+        Decision::Split => "split",
+        Decision::TooLarge => "too_large",
+        Decision::InDoubt => "in_doubt",
+        Decision::Halt { .. } => "halt",
+    }
 }
 
 /// The body of a response, at most [`MAX_ERROR_BODY`] bytes (lossy UTF-8).

@@ -24,6 +24,17 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
+/// The wait a `Retry-After` value asks for (RFC 9110 §10.2.3), judging an HTTP date against the
+/// answer's own `Date` header (RFC 9110 §6.6.1) when it has a valid one, else against `now`: a
+/// client clock off by minutes neither hammers nor waits long. A date already past is
+/// `Duration::ZERO` (the decision waits the shortest backoff then). `None` when unparsable.
+pub fn retry_after_of(value: &str, date: Option<&str>, now: SystemTime) -> Option<Duration> {
+    let reference = date
+        .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
+        .unwrap_or(now);
+    parse_retry_after(value, reference)
+}
+
 /// Exponential backoff with full jitter: a uniform draw from `[0, min(max, initial × 2^(attempt-1))]`
 /// for `attempt` ≥ 1. Full jitter spreads replicas that failed together so they do not retry
 /// together.
@@ -112,6 +123,34 @@ mod tests {
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
             Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn retry_after_date_is_judged_against_the_answers_date() {
+        // The client's clock is 10 minutes ahead of the server's.
+        let server = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let client = server + Duration::from_secs(600);
+        let date = Some("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            retry_after_of("Sun, 06 Nov 1994 08:49:45 GMT", date, client),
+            Some(Duration::from_secs(8))
+        );
+        // Without (or with a garbled) Date: the client's clock.
+        assert_eq!(
+            retry_after_of("Sun, 06 Nov 1994 08:49:45 GMT", None, client),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after_of("Sun, 06 Nov 1994 08:49:45 GMT", Some("yesterday"), server),
+            Some(Duration::from_secs(8))
+        );
+        // Seconds do not depend on any clock; the cap stays.
+        assert_eq!(retry_after_of("8", date, client), Some(Duration::from_secs(8)));
+        assert_eq!(retry_after_of("86400", date, client), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            retry_after_of("Mon, 07 Nov 1994 08:49:37 GMT", date, client),
+            Some(MAX_RETRY_AFTER)
         );
     }
 

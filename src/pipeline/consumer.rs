@@ -292,6 +292,9 @@ impl Reader {
                 let mut json = Vec::with_capacity(256);
                 event.write_json(&mut json);
                 let (keys, timestamp) = (self.deduper.keys_of(&event, &held.record.id), event.timestamp);
+                if headers.iter().any(|(k, _)| *k == "dp.replayed_from") {
+                    self.deduper.replayed(&keys);
+                }
                 drop(event);
                 drop(headers);
                 if json.len() <= self.max_event_bytes {

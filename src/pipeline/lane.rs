@@ -9,8 +9,10 @@
 //! 3. **send**: `Deliverer::deliver_json` until each event has a result, with the ids' `sent:`
 //!    marks kept by [`SentMarks`]; at shutdown's deadline the ids are let go as *abandoned* when a
 //!    request may have been counted (the next owner finds them in doubt), else *released*;
-//! 4. **settle** ([`Settlement`]): the rejected are released and dead-lettered, the delivered ids
-//!    are recorded in the dedupe store (invariant 3) and only then finished.
+//! 4. **settle** ([`Settlement`]): the rejected and the too large are released and dead-lettered,
+//!    those in doubt (an ambiguous answer) dead-lettered as `in_doubt` and their ids remembered as
+//!    doubted (`Deduper::doubt_dead_lettered`), the delivered ids recorded in the dedupe store
+//!    (invariant 3) and only then finished.
 
 use super::outcome::{Held, Outcome, Outcomes};
 use crate::backoff::{until_ok, Backoff};
@@ -47,6 +49,11 @@ struct Settlement {
     delivered: Vec<Pending>,
     /// With the status and body of the API's answer.
     rejected: Vec<(Pending, u16, String)>,
+    /// Refused for their size alone (413), with the body of the answer.
+    too_large: Vec<(Pending, String)>,
+    /// In a request the API may have counted, with its status (502, 504; none without an answer)
+    /// and what happened.
+    in_doubt: Vec<(Pending, Option<u16>, String)>,
 }
 
 /// A batch whose delivery ended without results (shutdown's deadline): how its ids are let go.
@@ -294,11 +301,15 @@ impl Lane {
         let mut settlement = Settlement {
             delivered: Vec::with_capacity(to_send.len()),
             rejected: Vec::new(),
+            too_large: Vec::new(),
+            in_doubt: Vec::new(),
         };
         for (p, r) in to_send.into_iter().zip(results) {
             match r {
                 EventResult::Delivered => settlement.delivered.push(p),
                 EventResult::Rejected { status, body } => settlement.rejected.push((p, status, body)),
+                EventResult::TooLarge { body } => settlement.too_large.push((p, body)),
+                EventResult::InDoubt { status, detail } => settlement.in_doubt.push((p, status, detail)),
             }
         }
         Ok(settlement)
@@ -307,9 +318,49 @@ impl Lane {
     /// Dead-letters the rejected events and finishes the delivered ones once their ids are
     /// recorded (invariant 3: after the 2xx, before the offsets become committable).
     async fn settle(&self, s: Settlement) {
-        if !s.rejected.is_empty() {
-            let keys: Vec<&EventKeys> = s.rejected.iter().map(|(p, _, _)| &p.keys).collect();
+        if !s.rejected.is_empty() || !s.too_large.is_empty() {
+            let keys: Vec<&EventKeys> = s
+                .rejected
+                .iter()
+                .map(|(p, _, _)| &p.keys)
+                .chain(s.too_large.iter().map(|(p, _)| &p.keys))
+                .collect();
             self.deduper.release(&keys).await;
+        }
+        for (p, body) in s.too_large {
+            let why = Reason {
+                stage: "api",
+                code: "payload_too_large".into(),
+                message: format!(
+                    "record {}: the API (or a proxy in front of it) answered 413 to a request carrying this \
+                     event alone: {}",
+                    p.held.record.id,
+                    crate::event::truncate(&body)
+                ),
+                http_status: Some(413),
+            };
+            self.outcomes.dead_letter(p.held, why, None);
+        }
+        for (p, status, detail) in s.in_doubt {
+            let answer = match status {
+                Some(s) => format!("the API answered {s}"),
+                None => "no answer came after the request was written".to_string(),
+            };
+            let why = Reason {
+                stage: "api",
+                code: "in_doubt".into(),
+                message: format!(
+                    "record {}: in doubt: {answer} ({}), so the API may or may not have counted it \
+                     (delivery.on_ambiguous = \"in-doubt\"); look it up in DataPulse and replay this dead \
+                     letter only if it is missing",
+                    p.held.record.id,
+                    crate::event::truncate(&detail)
+                ),
+                http_status: status,
+            };
+            // Held until the dead letter is written, then remembered as doubted: later copies
+            // are duplicates, until `dlq replay` lets the id go.
+            self.outcomes.dead_letter(p.held, why, Some(p.keys));
         }
         for (p, status, body) in s.rejected {
             let why = Reason {

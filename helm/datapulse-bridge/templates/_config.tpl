@@ -76,6 +76,7 @@ rate_limit = {{ int $v.rateBudget.limit }}
 rate_window = {{ $v.rateBudget.window | toJson }}
 rate_burst = {{ int $v.rateBudget.burst }}
 concurrency = {{ int ($v.batch.concurrency | default 1) }}
+on_ambiguous = {{ $v.api.onAmbiguous | default "in-doubt" | toJson }}
 {{- if eq $v.rateBudget.mode "static_share" }}
 replicas = {{ int $v.replicaCount }}
 {{- end }}
@@ -100,7 +101,9 @@ url = {{ $v.redis.url | toJson }}
 username = {{ . | toJson }}
 {{- end }}
 prefix = {{ $v.dedupe.prefix | toJson }}
-in_doubt = {{ $v.dedupe.inDoubt | toJson }}
+{{- with $v.dedupe.inDoubt }}
+in_doubt = {{ . | toJson }}
+{{- end }}
 {{- end }}
 {{- end -}}
 

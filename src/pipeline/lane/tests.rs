@@ -295,6 +295,44 @@ async fn a_rejected_event_is_dead_lettered_and_its_id_let_go() {
     assert_eq!(w.accepted_ids(), ["b-0", "b-2", "b-1"]);
 }
 
+/// An ambiguous answer (502: the API counted the batch, a gateway lost the answer): the events
+/// are dead-lettered as `in_doubt` with their dedupe key, never sent again, and the memory store
+/// remembers them as doubted: a later copy is a duplicate, until a replayed record lets it go.
+#[tokio::test]
+async fn events_of_an_ambiguous_answer_are_in_doubt_and_later_copies_duplicates() {
+    let mut w = world().await;
+    w.sandbox
+        .set_faults(Faults {
+            script: vec![crate::sandbox::FaultStep::Status502],
+            ..Faults::default()
+        })
+        .unwrap();
+    w.process(&[event("deposit", "g-0"), event("deposit", "g-1")]).await;
+    assert_eq!(
+        w.accepted_ids(),
+        ["g-0", "g-1"],
+        "counted once by the API, never resent"
+    );
+    let written = w.written.0.lock().clone();
+    assert_eq!(written.len(), 2);
+    for (d, key) in written.iter().zip(["g-0", "g-1"]) {
+        assert_eq!(
+            (d.stage, d.code.as_str(), d.http_status, d.dedupe_key.as_deref()),
+            ("api", "in_doubt", Some(502), Some(key))
+        );
+    }
+    assert_eq!((w.totals().delivered, w.totals().dead_lettered), (0, 2));
+    w.process(&[event("deposit", "g-0")]).await;
+    assert_eq!(w.totals().duplicate, 1, "a copy of an id in doubt is a duplicate");
+    assert_eq!(w.accepted_ids(), ["g-0", "g-1"]);
+    // `dlq replay`: the bridge reads the replayed record and forgets the doubt.
+    let keys = w.lane.deduper.keys_of(&event("deposit", "g-1"), &other_record());
+    w.lane.deduper.replayed(&keys);
+    w.process(&[event("deposit", "g-1")]).await;
+    assert_eq!(w.accepted_ids(), ["g-0", "g-1", "g-1"], "sent again once replayed");
+    assert_eq!(w.in_flight(), 0);
+}
+
 #[tokio::test]
 async fn records_of_a_revoked_partition_are_left_to_the_new_owner() {
     let mut w = world().await;
@@ -327,9 +365,10 @@ async fn interrupted(faults: Faults, id: &str) -> (World, Unsent) {
 
 #[tokio::test]
 async fn a_request_that_may_have_been_counted_leaves_its_ids_abandoned() {
+    // The request hangs until the client gives up (2 s): it is out when the deadline fires.
     let (w, unsent) = interrupted(
         Faults {
-            fault_500: 1.0,
+            fault_timeout: 1.0,
             ..Faults::default()
         },
         "d-0",
