@@ -1,10 +1,12 @@
 //! Chaos (issue 9): for `DPB_CHAOS_SECS` (default 90) a producer writes valid records, duplicates
 //! of earlier ones (some on another partition) and invalid records, while bridge processes sharing
 //! a Redis dedupe store are SIGKILLed, restarted, scaled between 1 and 3 and stopped gracefully at
-//! seeded random moments, and the sandbox answers 429s, 500s, timeouts and 401s. Then the faults
-//! stop, one bridge finishes the backlog, and the ledger is checked against the sandbox's record and
-//! the dead-letter topic: every valid id accepted exactly once (or, in flight in a killed process,
-//! dead-lettered once as `in_doubt` and accepted at most once: never twice), every invalid record
+//! seeded random moments, and the sandbox answers 429s, 500s, timeouts, slow answers past the
+//! client's timeout, 502s, 504s and 401s. Then the faults stop, one bridge finishes the backlog,
+//! and the ledger is checked against the sandbox's record and the dead-letter topic: every valid id
+//! accepted exactly once (or, in flight in a killed process or answered ambiguously, dead-lettered
+//! once as `in_doubt` and accepted at most once: never twice; the operator step replays the ones
+//! the API does not have), every invalid record
 //! dead-lettered with its reason, the group's committed offsets at the end of every partition.
 //!
 //! `DPB_CHAOS_SEED` replays a run's schedule and records (the seed is printed);
@@ -71,6 +73,11 @@ fn fault_menu() -> Vec<serde_json::Value> {
         // Hangs until the bridge gives up (api.request_timeout = 5s).
         json!({"fault_timeout": 0.1}),
         json!({"fault_500": 0.1, "fault_429": 0.1, "fault_timeout": 0.05, "timeout_hang": "2s"}),
+        // Counted by the API, answered after the bridge gave up (api.request_timeout = 5s): in
+        // doubt, never sent again.
+        json!({"fault_slow": 0.15, "slow_answer": "7s"}),
+        // Gateway errors: a 502 after the API counted the batch, a 504 before it: both in doubt.
+        json!({"fault_502": 0.1, "fault_504": 0.1}),
         // The key is refused: delivery halts, nothing may be dead-lettered or committed past.
         json!({"auth_fail_all": true}),
     ]
@@ -325,7 +332,7 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
     );
     let reached = acc.in_doubt.iter().filter(|(_, accepted)| *accepted).count();
     println!(
-        "chaos: {} valid ids in doubt (in flight in a killed process), dead-lettered as in_doubt, none sent \
+        "chaos: {} valid ids in doubt (in flight in a killed process, or answered ambiguously), dead-lettered as in_doubt, none sent \
          again: {reached} of them had reached the API before the kill, {} had not: {:?}",
         acc.in_doubt.len(),
         acc.in_doubt.len() - reached,

@@ -238,8 +238,9 @@ pub struct Accounting {
     /// Records dead-lettered more than once: key → copies (a failure: the bridge claims dead
     /// letters by coordinates, and looks a lapsed claim up in the topic before writing again).
     pub repeated_dead_letters: BTreeMap<String, usize>,
-    /// Valid ids dead-lettered as `in_doubt` (in flight in a process that was killed), with whether
-    /// the API had accepted them (the request left before the kill) or not.
+    /// Valid ids dead-lettered as `in_doubt` (stage `dedupe`: in flight in a process that was
+    /// killed; stage `api`: a request answered ambiguously), with whether the API had accepted
+    /// them (the request was counted) or not.
     pub in_doubt: Vec<(String, bool)>,
 }
 
@@ -293,14 +294,20 @@ pub fn order_problem(ledger: &Ledger, accepted: &[String]) -> Option<String> {
     })
 }
 
-/// Every valid id is accepted exactly once, or (killed in flight) dead-lettered once as
-/// `in_doubt` and accepted at most once; no id is ever accepted twice.
+/// A dead letter of an id in doubt: stage `dedupe` (killed in flight) or `api` (an ambiguous
+/// answer), reason `in_doubt`.
+fn is_in_doubt(d: &DeadLetter) -> bool {
+    d.reason == "in_doubt" && (d.stage == "dedupe" || d.stage == "api")
+}
+
+/// Every valid id is accepted exactly once, or (killed in flight, or answered ambiguously)
+/// dead-lettered once as `in_doubt` and accepted at most once; no id is ever accepted twice.
 pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLetter]) -> Accounting {
     let mut a = Accounting::default();
     let mut lost = Vec::new();
     let mut twice = Vec::new();
     let mut doubts: HashMap<&str, usize> = HashMap::new();
-    for d in dead.iter().filter(|d| d.stage == "dedupe" && d.reason == "in_doubt") {
+    for d in dead.iter().filter(|d| is_in_doubt(d)) {
         *doubts.entry(d.key.as_str()).or_default() += 1;
     }
     for (tx, _, _) in &ledger.valid {
@@ -383,7 +390,7 @@ pub fn account(ledger: &Ledger, accepted: &HashMap<String, u32>, dead: &[DeadLet
     let stray: Vec<String> = dead
         .iter()
         .filter(|d| {
-            let in_doubt = d.stage == "dedupe" && d.reason == "in_doubt" && valid.contains(d.key.as_str());
+            let in_doubt = is_in_doubt(d) && valid.contains(d.key.as_str());
             !ledger.invalid.contains_key(&d.key) && !in_doubt
         })
         .take(20)
