@@ -206,3 +206,46 @@ async fn unreachable_redis_holds_delivery_and_readiness_until_it_answers() {
     assert!(r.iter().all(|x| *x == EventResult::Delivered));
     assert_eq!(rate_budget_ready(&t), Some(true));
 }
+
+/// A 503 with `Retry-After` (issue 18, scenario 3) pauses the key for every replica sharing its
+/// budget: after replica a met the 503, replica b sends nothing until the window ends, and both
+/// deliver within a couple of seconds after it.
+#[tokio::test]
+async fn a_503_with_retry_after_on_one_replica_holds_the_others() {
+    let redis = Redis::start_on(free_port());
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    let cfg = shared(&redis.url(), 1000, Duration::from_secs(1));
+    let api = api(&sb.url(), Duration::from_secs(2));
+    let a = Arc::new(deliverer(&api, &cfg));
+    let b = deliverer(&api, &cfg);
+    let t0 = Instant::now();
+    sb.set_faults(Faults {
+        unavailable_for: Some(Duration::from_secs(3)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let task = {
+        let c = cancel.clone();
+        tokio::spawn(async move { a.deliver(&deposits("a", 5, &[]), &c).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rb = b.deliver(&deposits("b", 5, &[]), &cancel).await.unwrap();
+    let b_done = t0.elapsed();
+    let ra = task.await.unwrap().unwrap();
+    assert!(ra.iter().chain(&rb).all(|x| *x == EventResult::Delivered));
+    let stats = sb.stats();
+    assert_eq!(
+        stats.by_status.get(&503),
+        Some(&1),
+        "only the request that met the window was answered 503: {stats:?}"
+    );
+    assert!(
+        b_done >= Duration::from_secs(3),
+        "replica b sent inside the window: {b_done:?}"
+    );
+    assert!(
+        b_done <= Duration::from_millis(5_500),
+        "replica b waited too long: {b_done:?}"
+    );
+}

@@ -826,3 +826,71 @@ async fn start_refuses_unusable_settings() {
         "{err}"
     );
 }
+
+/// The faults of issue 18, as a client sees them over HTTP: a gateway's body limit (413 before the
+/// key is checked, nothing counted), a 503 window with `Retry-After` in both forms and a `Date` on
+/// the sandbox's offset clock, a 502 that counted the batch, a 504 that did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_faults_413_503_502_504() {
+    let h = start(|_| {}).await;
+    h.set_faults(Faults {
+        body_limit: Some(64),
+        ..Faults::default()
+    })
+    .unwrap();
+    let big = json!([deposit()]).to_string();
+    assert!(big.len() > 64);
+    let r = send(&h, "/v2/s2s/batch", None, &big).await;
+    assert_eq!(r.status, 413, "before the key is checked: {}", r.text);
+    assert_eq!(h.stats().accepted_events, 0);
+
+    h.set_faults(Faults {
+        unavailable_for: Some(Duration::from_secs(30)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let r = batch(&h, &json!([deposit()])).await;
+    assert_eq!(r.status, 503);
+    let secs: u64 = r.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((29..=30).contains(&secs), "{secs}");
+    h.set_faults(Faults {
+        unavailable_for: Some(Duration::from_secs(30)),
+        retry_after_date: true,
+        clock_offset_s: -600,
+        ..Faults::default()
+    })
+    .unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v2/s2s/batch", h.url()))
+        .header("x-api-key", KEY)
+        .json(&json!([deposit()]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let header = |n: &str| httpdate::parse_http_date(resp.headers()[n].to_str().unwrap()).unwrap();
+    let (date, until) = (header("date"), header("retry-after"));
+    let wait = until.duration_since(date).unwrap();
+    assert!((30..=32).contains(&wait.as_secs()), "{wait:?} after the answer's Date");
+    let behind = std::time::SystemTime::now().duration_since(date).unwrap();
+    assert!(
+        (595..=605).contains(&behind.as_secs()),
+        "the Date is 10 minutes behind: {behind:?}"
+    );
+    assert_eq!(h.stats().accepted_events, 0);
+
+    h.set_faults(Faults {
+        script: vec![FaultStep::Status502, FaultStep::Status504],
+        ..Faults::default()
+    })
+    .unwrap();
+    assert_eq!(batch(&h, &json!([deposit()])).await.status, 502);
+    assert_eq!(h.stats().accepted_events, 1, "a 502 after the API counted the batch");
+    assert_eq!(
+        batch(&h, &json!([set(deposit(), "transaction_id", json!("t-504"))]))
+            .await
+            .status,
+        504
+    );
+    assert_eq!(h.stats().accepted_events, 1, "a 504 before it");
+}
