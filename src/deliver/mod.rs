@@ -417,22 +417,19 @@ impl Deliverer {
                         }
                     } else if group.len() == 1 {
                         b.reject(group[0], status, body);
-                    } else if let Some(split) = self.isolate(b, &group, status, body).await? {
-                        // A probe of the isolation was refused as too large: its halves go
-                        // first, then what is left.
+                    } else if let Some(probe) = self.isolate(b, &group, status, body).await? {
+                        // A probe of the isolation was refused as too large: it goes again on
+                        // its own first (split, or dead-lettered alone, by the 413 rows), then
+                        // what is left. Nothing before it is unresolved: order is kept.
                         let rest: Vec<usize> = group
                             .iter()
                             .copied()
-                            .filter(|i| b.results[*i].is_none() && !split.contains(i))
+                            .filter(|i| b.results[*i].is_none() && !probe.contains(i))
                             .collect();
                         if !rest.is_empty() {
                             queue.push_front(rest);
                         }
-                        let (first, second) = split.split_at(split.len() / 2);
-                        if !second.is_empty() {
-                            queue.push_front(second.to_vec());
-                        }
-                        queue.push_front(first.to_vec());
+                        queue.push_front(probe);
                         continue;
                     }
                     // What is left, in order, goes again as one request.
@@ -484,7 +481,8 @@ impl Deliverer {
     /// Events accepted on the way are marked delivered, a probe answered ambiguously in doubt;
     /// the ones left (the halves that waited) are sent by the caller as one request. For one bad
     /// event among n this costs at most ⌈log2 n⌉ + 1 requests, and one more for the rest.
-    /// `Some(probe)` when a probe was refused as too large (413): the caller splits it.
+    /// `Some(probe)` when a probe was refused as too large (413): the caller sends it again on
+    /// its own (to be split), then the rest.
     async fn isolate<E: Exposure>(
         &self,
         b: &mut Batch<'_, E>,
@@ -591,7 +589,8 @@ impl Deliverer {
                 .decisions
                 .with_label_values(&[decision_label(&decision)])
                 .inc();
-            if let Some(wait) = key_wait {
+            // A 429's or 503's pause is the Retry-After itself, taken below.
+            if let Some(wait) = key_wait.filter(|_| !matches!(decision, Decision::PauseKey { .. })) {
                 tracing::info!(status = %x.label, wait_s = wait.as_secs_f64(), "the API answered with Retry-After; every request of the key waits");
                 self.budget.pause(&creds.budget_id, wait).await;
             }
