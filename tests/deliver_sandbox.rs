@@ -535,3 +535,43 @@ async fn exposure_follows_what_the_api_may_have_counted() {
         assert_eq!(*told.0.lock().unwrap(), expected, "script {script:?}");
     }
 }
+
+/// A base URL with a wrong path: the start-up probe says so (not "key refused"), readiness
+/// `api_endpoint` names the status and the URL's path but never the key, and a delivery halts
+/// (nothing rejected) until cancelled.
+#[tokio::test]
+async fn a_wrong_path_halts_with_its_own_condition() {
+    use datapulse_bridge::deliver::KeyCheck;
+    use datapulse_bridge::telemetry::{Ready, Telemetry};
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    let t = Telemetry::new();
+    let d = deliverer_in(
+        &api(&format!("{}/wrong", sb.url()), Duration::from_secs(2)),
+        &delivery(),
+        &t,
+    );
+    assert_eq!(d.probe().await, KeyCheck::WrongUrl { status: 404 });
+    let c = t.condition(Ready::ApiEndpoint).expect("api_endpoint set");
+    assert!(!c.ok);
+    assert!(
+        c.reason.contains("404") && c.reason.contains("/wrong/v2/s2s/batch"),
+        "{}",
+        c.reason
+    );
+    assert!(!c.reason.contains(KEY));
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c2.cancel();
+    });
+    let r = d.deliver(&deposits("w", 3, &[]), &cancel).await;
+    assert_eq!(
+        r,
+        Err(datapulse_bridge::deliver::Interrupted {
+            may_have_been_counted: false
+        }),
+        "halted, nothing rejected, nothing counted"
+    );
+    assert!(!t.readiness().0);
+}

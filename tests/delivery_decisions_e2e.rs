@@ -358,7 +358,9 @@ async fn a_wrong_path_halts_delivery_and_nothing_moves() {
     assert_eq!(metric_sum(&m, "datapulse_bridge_api_endpoint_halted", &[]), 1.0);
     assert!(broker.committed("g-d404", "tx", 2).iter().all(|&c| c <= 0));
     assert!(broker.read_all("tx.dlq", 1, Duration::from_secs(3)).is_empty());
-    assert!(!bridge.proc.log_text().contains(API_KEY));
+    let log = bridge.proc.log_text();
+    assert!(!log.contains(API_KEY));
+    assert!(log.contains("does not answer at the configured URL"), "{log}");
 
     bridge.proc.terminate(Duration::from_secs(20));
     let fixed = bridge_config(&broker, &sandbox.url, "g-d404", "tx", FAST);

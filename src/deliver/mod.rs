@@ -80,6 +80,9 @@ pub enum KeyCheck {
     Accepted,
     /// The API refused the key (401 or 403).
     Refused { status: u16 },
+    /// The URL is not the API's (404, 405, 415, 3xx, another 4xx: `status`): readiness
+    /// `api_endpoint` says so; the key is unknown.
+    WrongUrl { status: u16 },
     /// No answer about the key (429, 5xx, a timeout, a connection error, a misconfigured URL):
     /// try again later. `reason` says what happened (never the key).
     Unknown { reason: String },
@@ -797,9 +800,12 @@ impl Deliverer {
                 self.halted(Halt::KeyRefused { status });
                 KeyCheck::Refused { status }
             }
-            Decision::Halt { why, .. } => {
-                self.halted(why);
-                KeyCheck::Unknown { reason: x.detail }
+            Decision::Halt {
+                why: Halt::Misconfigured { status },
+                ..
+            } => {
+                self.halted(Halt::Misconfigured { status });
+                KeyCheck::WrongUrl { status }
             }
             Decision::PauseKey { pause } => {
                 self.budget.pause(&creds.budget_id, pause).await;

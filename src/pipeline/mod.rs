@@ -99,6 +99,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
     tokio::spawn(async move {
         match probe.probe().await {
             crate::deliver::KeyCheck::Accepted => tracing::info!("the API accepted the key"),
+            crate::deliver::KeyCheck::WrongUrl { status } => tracing::error!(
+                status,
+                "the API does not answer at the configured URL (check api.base_url); delivery will halt until it does"
+            ),
             other => {
                 tracing::error!(result = ?other, "the API did not accept the key at start-up; delivery will halt until it does")
             }
