@@ -21,11 +21,11 @@ impl Backoff {
         initial: Duration::from_millis(100),
         max: Duration::from_secs(5),
     };
-    /// Draws from the shared rate budget in Redis while Redis does not answer: 100 ms doubling to
-    /// 2 s (the key's requests all wait on it, so the cap is short).
+    /// Draws from the shared rate budget in Redis while Redis does not answer: every 500 ms, not
+    /// doubling (the key's requests all wait on it; a draw is one small script).
     pub const RATE_BUDGET: Backoff = Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(2),
+        initial: Duration::from_millis(500),
+        max: Duration::from_millis(500),
     };
     /// Dead-letter writes to the broker: 100 ms doubling to 10 s.
     pub const DEAD_LETTER: Backoff = Backoff {

@@ -12,7 +12,6 @@ use figment::error::Kind;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -78,30 +77,22 @@ pub enum ConfigProblem {
         problem: Problem,
     },
     /// A `[[mapping]]` does not compile; `problem` names the mapping and the field.
-    #[error("{problem} {origin}")]
+    #[error("key `mapping` {origin}: {problem}")]
     Mapping {
         problem: crate::mapping::MappingProblem,
         origin: String,
     },
 }
 
-impl ConfigProblem {
-    /// The key the problem is about (`mapping` for the mappings).
-    pub fn key(&self) -> &str {
-        match self {
-            ConfigProblem::Key { key, .. } => key,
-            ConfigProblem::Mapping { .. } => "mapping",
-        }
-    }
-}
-
 /// A configuration that cannot be used; rendered as "invalid configuration:" and one line per
 /// problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// `--config` names a file that does not exist.
+    #[error("invalid configuration:\n  - config file {} does not exist\n", path.display())]
     MissingFile { path: PathBuf },
     /// Every problem found, each naming the key and where its value came from.
+    #[error("invalid configuration:\n{}", problems.iter().map(|p| format!("  - {p}\n")).collect::<String>())]
     Invalid { problems: Vec<ConfigProblem> },
 }
 
@@ -114,18 +105,6 @@ impl ConfigError {
         }
     }
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration:")?;
-        match self {
-            ConfigError::MissingFile { path } => writeln!(f, "  - config file {} does not exist", path.display()),
-            ConfigError::Invalid { problems } => problems.iter().try_for_each(|p| writeln!(f, "  - {p}")),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Where a configuration was loaded from, to name the origin of a key in errors.
 #[derive(Debug)]
@@ -440,6 +419,5 @@ key = "dp_test_key_123"
                 path: "/nonexistent/x.toml".into()
             }
         );
-        assert!(missing.to_string().contains("does not exist"), "{missing}");
     }
 }

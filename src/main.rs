@@ -72,11 +72,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let result = rt.block_on(async move {
                 let telemetry = telemetry::Telemetry::new();
-                telemetry.set_ready(
-                    telemetry::Ready::Assignment,
-                    false,
-                    "starting: the pipeline is not running yet",
-                );
+                datapulse_bridge::source::awaiting_assignment(&telemetry, "starting: the pipeline is not running yet");
                 let addr = match telemetry.serve(&cfg.telemetry.listen).await {
                     Ok(addr) => addr,
                     Err(e) => {

@@ -33,7 +33,14 @@ impl std::fmt::Display for RecordId {
 /// A text that is not a record's `topic/partition/offset` ([`RecordId`]'s `FromStr`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a record's `topic/partition/offset`")]
-pub struct NotARecordId(pub String);
+pub struct NotARecordId(String);
+
+impl NotARecordId {
+    /// The text that is not a record id.
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+}
 
 impl std::str::FromStr for RecordId {
     type Err = NotARecordId;

@@ -129,11 +129,21 @@ fn strip_comments_and_literals(text: &str) -> String {
                 i = j + 1 + hashes;
             }
             '"' => {
+                let start = i + 1;
                 i += 1;
                 while i < c.len() && c[i] != '"' {
                     i += if c[i] == '\\' { 2 } else { 1 };
                 }
-                out.push_str("\"\"");
+                // A path in an attribute (`#[serde(with = "crate::x")]`) is a dependency: kept.
+                let content: String = c[start..i.min(c.len())].iter().collect();
+                let is_path = content
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+                if is_path && (content.starts_with("crate::") || content.starts_with("super::")) {
+                    out.push_str(&content);
+                } else {
+                    out.push_str("\"\"");
+                }
                 i += 1;
             }
             // A char literal ('x', '\n', '{'), not a lifetime ('a).
@@ -202,7 +212,7 @@ fn crate_imports_of(module: &str, code: &str) -> BTreeSet<String> {
             .replace("::\n", "::");
     }
     assert!(
-        !code.contains("crate as "),
+        !code.contains("crate as ") && !code.contains("extern crate self"),
         "`{module}` aliases `crate`: the import checks cannot follow the alias"
     );
     // `super::` climbing to the crate root becomes `crate::`.
@@ -223,6 +233,14 @@ fn crate_imports(code: &str) -> BTreeSet<String> {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect::<String>()
     };
+    // A glob from the crate root would hide which modules it reaches.
+    let named = |s: &str| {
+        assert!(
+            !s.trim_start().starts_with('*'),
+            "a glob import from `crate`: name the modules"
+        );
+        ident(s)
+    };
     let mut out = BTreeSet::new();
     for (i, _) in code.match_indices("crate::") {
         let rest = &code[i + "crate::".len()..];
@@ -234,12 +252,12 @@ fn crate_imports(code: &str) -> BTreeSet<String> {
                     match c {
                         '{' => depth += 1,
                         '}' if depth == 0 => {
-                            out.insert(ident(&group[start..j]));
+                            out.insert(named(&group[start..j]));
                             break;
                         }
                         '}' => depth -= 1,
                         ',' if depth == 0 => {
-                            out.insert(ident(&group[start..j]));
+                            out.insert(named(&group[start..j]));
                             start = j + 1;
                         }
                         _ => {}
@@ -247,7 +265,7 @@ fn crate_imports(code: &str) -> BTreeSet<String> {
                 }
             }
             None => {
-                out.insert(ident(rest));
+                out.insert(named(rest));
             }
         }
     }
@@ -283,6 +301,17 @@ fn super_paths_out_of_the_top_level_module_count_as_crate_paths() {
     let grouped = "use crate::{ // the composed configuration\n config::Config, };";
     let found: Vec<String> = crate_imports_of("dlq", &production_code(grouped)).into_iter().collect();
     assert_eq!(found, ["config"]);
+}
+
+#[test]
+fn paths_in_attribute_strings_count_and_globs_and_aliases_are_refused() {
+    let code = "#[serde(with = \"crate::settings::x\", rename = \"crate\")]\nstruct S;\n";
+    let found: Vec<String> = crate_imports_of("m", &production_code(code)).into_iter().collect();
+    assert_eq!(found, ["settings"]);
+    for bad in ["use crate::*;", "use crate::{*, a::B};", "extern crate self as me;"] {
+        let caught = std::panic::catch_unwind(|| crate_imports_of("m", &production_code(bad)));
+        assert!(caught.is_err(), "{bad} passed");
+    }
 }
 
 #[test]
@@ -408,6 +437,55 @@ fn the_modules_import_one_another_without_a_cycle() {
     assert!(graph.len() >= 15, "read {} modules", graph.len());
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle between modules: {}", cycle.join(" -> "));
+    }
+}
+
+/// For each top-level module with several files, the imports among its child files (`super::x`
+/// and `crate::top::x` naming a sibling). A child using its parent (`mod.rs`) and the parent
+/// declaring its children is the module tree, not a cycle between modules.
+fn sibling_graphs() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let modules = source_modules();
+    let mut out: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (module, file) in &modules {
+        let parts: Vec<&str> = module.split("::").collect();
+        if parts.len() < 2 || file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let (top, child) = (parts[0], parts[1]);
+        let siblings: BTreeSet<&str> = modules
+            .keys()
+            .filter_map(|m| m.strip_prefix(&format!("{top}::")))
+            .map(|rest| rest.split("::").next().unwrap_or_default())
+            .filter(|s| *s != child && *s != "tests")
+            .collect();
+        let text = std::fs::read_to_string(file).expect("readable source");
+        // Paths to the parent become `crate::` (and real crate paths something else), so that
+        // the reader of `crate::` paths and groups names the siblings.
+        let code = production_code(&text)
+            .replace(&format!("crate::{top}::"), "super::")
+            .replace("crate::", "root::")
+            .replace(&"super::".repeat(parts.len() - 1), "crate::");
+        let named: BTreeSet<String> = crate_imports(&code)
+            .into_iter()
+            .filter(|n| siblings.contains(n.as_str()))
+            .collect();
+        out.entry(top.to_string())
+            .or_default()
+            .entry(child.to_string())
+            .or_default()
+            .extend(named);
+    }
+    out
+}
+
+#[test]
+fn the_files_of_a_module_import_one_another_without_a_cycle() {
+    let graphs = sibling_graphs();
+    assert!(graphs.len() >= 6, "read {} modules with several files", graphs.len());
+    for (top, graph) in &graphs {
+        if let Some(cycle) = find_cycle(graph) {
+            panic!("import cycle between the files of `{top}`: {}", cycle.join(" -> "));
+        }
     }
 }
 

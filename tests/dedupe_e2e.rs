@@ -221,7 +221,7 @@ async fn redis_outage_pauses_delivery_without_loss_or_duplicates() {
     broker.produce("tx", &replays).await;
     wait_until(MIN, "readiness names the store", || async {
         let (status, body) = bridge.ready().await;
-        status == 503 && body.to_string().contains("dedupe_store")
+        status == 503 && body["conditions"]["dedupe_store"]["ok"] == serde_json::json!(false)
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -5,7 +5,7 @@
 //! Each test has its own telemetry (metrics and readiness), shared by the replicas it plays.
 
 use datapulse_bridge::dedupe::{
-    DeadLetterClaim, DedupeConfig, Deduper, EventKeys, InDoubt, OnStoreUnavailable, RedisConfig, ResultPattern,
+    DeadLetterClaim, DedupeConfig, Deduper, EventKeys, InDoubt, LetGo, OnStoreUnavailable, RedisConfig, ResultPattern,
     StoreKind, StoreUnavailable, Verdict,
 };
 use datapulse_bridge::event::{BetResult, Event};
@@ -371,7 +371,7 @@ async fn a_batch_abandoned_with_a_request_out_is_in_doubt_at_once() {
     let (ka, kb) = (keys(&a, &[deposit("A1")]), keys(&b, &[deposit("A2")]));
     assert_eq!(a.check(&refs(&ka)).await.unwrap(), vec![Verdict::Send]);
     a.mark_sent(&refs(&ka), true).await.unwrap();
-    a.abandon(&refs(&ka)).await;
+    a.let_go(&refs(&ka), LetGo::Abandon).await;
     assert_eq!(b.check(&refs(&kb)).await.unwrap(), vec![Verdict::Send]);
     b.release(&refs(&kb)).await;
     // The next owner needs no lease to know: A1 may have been counted, A2 was not.

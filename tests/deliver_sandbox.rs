@@ -530,7 +530,10 @@ async fn exposure_follows_what_the_api_may_have_counted() {
         let json = json_of(&events);
         let bodies: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
         let told = Told::default();
-        let r = d.deliver_json(&bodies, &CancellationToken::new(), &told).await.unwrap();
+        let r = d
+            .deliver_json(&bodies, &CancellationToken::new(), None, &told)
+            .await
+            .unwrap();
         assert!(all_delivered(&r));
         assert_eq!(*told.0.lock().unwrap(), expected, "script {script:?}");
     }

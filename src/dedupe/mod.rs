@@ -85,7 +85,7 @@ pub enum DeadLetterClaim {
 
 /// How held events are let go, as the Redis release script's mode says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LetGo {
+pub enum LetGo {
     /// Not delivered and surely not counted: claims and `sent:` marks go.
     Release,
     /// May have been counted (a request was out at shutdown's deadline): claims go, marks stay.
@@ -319,7 +319,8 @@ pub struct Deduper {
 /// Why a [`Deduper`] cannot be built. The URL itself is never repeated: it may hold a password.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("key `dedupe.redis.url` is not a usable Redis URL: {0}")]
+    /// Only the kind of problem is said: the client's message may hold the URL and its password.
+    #[error("dedupe.redis.url is not a usable Redis URL ({:?})", .0.kind())]
     RedisUrl(#[source] redis::RedisError),
     #[error("cannot set up the Redis connection: {0}")]
     Connection(#[source] redis::RedisError),
@@ -626,13 +627,6 @@ impl Deduper {
         self.let_go(keys, LetGo::Release).await
     }
 
-    /// Gives up events judged `Send` whose request may have reached the API (shutdown's deadline
-    /// passed with it out): the claims go, the `sent:` marks stay (Redis), so that the next owner
-    /// finds the ids in doubt instead of sending them again.
-    pub async fn abandon(&self, keys: &[&EventKeys]) {
-        self.let_go(keys, LetGo::Abandon).await
-    }
-
     /// Ends the hold of an event judged `InDoubt` once its dead letter is written: later copies of
     /// its key are `Duplicate "in_doubt"` (for the ttl), until `dlq replay` lets it go
     /// ([`Deduper::forget_doubt`]). If the store cannot record it, a later copy is judged in doubt
@@ -642,7 +636,7 @@ impl Deduper {
     }
 
     /// Lets held events go as `how` says (see [`LetGo`]).
-    pub(crate) async fn let_go(&self, keys: &[&EventKeys], how: LetGo) {
+    pub async fn let_go(&self, keys: &[&EventKeys], how: LetGo) {
         {
             let mut local = self.lock();
             for k in keys {

@@ -348,20 +348,12 @@ impl Deliverer {
     /// `Err(Interrupted)` gives no result: a request in flight may have been accepted, and during
     /// isolation of a 400 some parts may already be delivered. The caller must neither commit nor
     /// mark any of it as delivered; `may_have_been_counted` says whether its ids are in doubt.
+    ///
+    /// It also gives up, with `Interrupted { may_have_been_counted: false }`, when `stop` fires
+    /// while the batch waits and nothing of it may have been counted (before a retry after a 429,
+    /// a 401/403 or a refused connection): at shutdown only a request that may have been counted
+    /// is seen through, until `cancel`.
     pub async fn deliver_json<E: Exposure>(
-        &self,
-        events: &[&[u8]],
-        cancel: &CancellationToken,
-        exposure: &E,
-    ) -> Result<Vec<EventResult>, Interrupted> {
-        self.deliver_json_until(events, cancel, None, exposure).await
-    }
-
-    /// [`Deliverer::deliver_json`] that also gives up, with `Interrupted { may_have_been_counted:
-    /// false }`, when `stop` fires while the batch waits and nothing of it may have been counted
-    /// (before a retry after a 429, a 401/403 or a refused connection): at shutdown only a request
-    /// that may have been counted is seen through, until `cancel`.
-    pub async fn deliver_json_until<E: Exposure>(
         &self,
         events: &[&[u8]],
         cancel: &CancellationToken,

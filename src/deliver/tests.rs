@@ -28,7 +28,7 @@ impl Deliverer {
             })
             .collect();
         let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-        self.deliver_json(&slices, cancel, &NoStore).await
+        self.deliver_json(&slices, cancel, None, &NoStore).await
     }
 }
 

@@ -407,6 +407,7 @@ impl Mapper {
     }
 
     /// Whether some mapping applies to `topic`.
+    #[cfg(test)]
     pub fn handles(&self, topic: &str) -> bool {
         self.find(topic).is_some()
     }

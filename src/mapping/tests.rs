@@ -469,7 +469,25 @@ fn compile_errors_name_the_mapping_and_the_field() {
         assert!(p.label.starts_with("mapping[0] (topics t"), "{e}");
         assert_eq!(p.to_string(), e.to_string());
     }
+    // What each says, where two problems share a place.
+    let message = |text: String| compile(&text).unwrap_err().problems()[0].message.clone();
+    assert_eq!(
+        message(one_field("game_type", r#"{ trim = true }"#)),
+        "a field needs `from`, `const` or `expr`"
+    );
+    assert_eq!(
+        message(one_field("game_type", r#"{ from = "header:" }"#)),
+        "`header:` needs a header name, for example `header:client-ip`"
+    );
+    assert_eq!(
+        message(one_field("game_type", r#""/g""#) + "properties = { fields = [\"amount\"] }\n"),
+        "the custom property `amount` is an API field name; add a `prefix` or a `rename`"
+    );
     let missing = compile("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\n").unwrap_err();
+    assert!(missing
+        .problems()
+        .iter()
+        .all(|p| p.message == "missing; every event needs `client_user_id`, `event_name` and `timestamp`"));
     let missing: Vec<_> = missing.problems().iter().map(|p| (&p.at, p.option)).collect();
     assert_eq!(
         missing,
@@ -483,25 +501,37 @@ fn compile_errors_name_the_mapping_and_the_field() {
     let e = compile(&twice).unwrap_err();
     let [p] = e.problems() else { panic!("{e}") };
     assert_eq!((p.mapping, &p.at, p.option), (1, &At::Mapping, Some("topics")), "{e}");
+    assert_eq!(
+        p.message,
+        "topic `t` is already mapped by mapping[0]; a topic has one mapping"
+    );
 }
 
 #[test]
 fn unknown_targets_and_options_are_rejected_by_name() {
-    let unknown_field = toml::from_str::<Doc>(&one_field("amout", "\"/a\""))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(unknown_field.contains("amout"), "{unknown_field}");
-    let unknown_option = toml::from_str::<Doc>(&one_field("amount", "{ form = \"/a\" }"))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(unknown_option.contains("form"), "{unknown_option}");
-    let bad_value = toml::from_str::<Doc>(&one_field("amount", "{ from = \"/a\", sign = \"flip\" }"))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(bad_value.contains("flip"), "{bad_value}");
+    use figment::error::Kind;
+    use figment::providers::Format as _;
+    // figment, as configuration is loaded: each error names the key and what it found.
+    let error = |text: String| {
+        let e = figment::Figment::from(figment::providers::Toml::string(&text))
+            .extract::<Doc>()
+            .err()
+            .unwrap();
+        assert_eq!(e.count(), 1, "{e}");
+        (e.path.join("."), e.kind)
+    };
+    assert!(matches!(
+        error(one_field("amout", "\"/a\"")),
+        (key, Kind::UnknownField(name, _)) if key == "mapping.0.amout" && name == "amout"
+    ));
+    assert!(matches!(
+        error(one_field("amount", "{ form = \"/a\" }")),
+        (key, Kind::UnknownField(name, _)) if key == "mapping.0.amount.form" && name == "form"
+    ));
+    assert!(matches!(
+        error(one_field("amount", "{ from = \"/a\", sign = \"flip\" }")),
+        (key, Kind::UnknownVariant(value, _)) if key == "mapping.0.amount.sign" && value == "flip"
+    ));
 }
 
 #[test]

@@ -283,7 +283,7 @@ impl Lane {
             };
             match self
                 .deliverer
-                .deliver_json_until(&bodies, self.outcomes.abandon_token(), Some(&self.stop), &marks)
+                .deliver_json(&bodies, self.outcomes.abandon_token(), Some(&self.stop), &marks)
                 .await
             {
                 Ok(r) => r,

@@ -24,7 +24,7 @@ use crate::dlq::{DeadLetterWriter, DeadLetters};
 use crate::mapping::{Mapper, MappingErrors};
 use crate::offsets::Tracker;
 use crate::source;
-use crate::telemetry::{Family, Ready, Telemetry};
+use crate::telemetry::{Family, Telemetry};
 use consumer::Reader;
 use lane::Lane;
 use outcome::Outcomes;
@@ -87,11 +87,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    telemetry.set_ready(
-        Ready::Assignment,
-        false,
-        "waiting for the consumer group to assign partitions",
-    );
+    source::awaiting_assignment(&telemetry, "waiting for the consumer group to assign partitions");
     let mapper = Arc::new(Mapper::compile(&cfg.mapping, &cfg.api.contract()).map_err(StartError::Mapping)?);
     let deliverer = Arc::new(Deliverer::new(&cfg.api, &cfg.delivery, &telemetry)?);
     // Readiness needs the API to have accepted the key once; the probe spends one request.

@@ -115,7 +115,14 @@ pub enum FaultProblem {
 /// 504, timeout, slow (the text shown truncated).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown fault step `{0}`; use ok, 400, 401, 404, 429, 500, 502, 504, timeout or slow")]
-pub struct UnknownFaultStep(pub String);
+pub struct UnknownFaultStep(String);
+
+impl UnknownFaultStep {
+    /// The step as given (truncated).
+    pub fn step(&self) -> &str {
+        &self.0
+    }
+}
 
 /// One scripted outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

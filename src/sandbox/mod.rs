@@ -20,6 +20,7 @@ pub use faults::{FaultProblem, FaultStep, Faults, UnknownFaultStep};
 pub use record::{RepeatedKeylessEvent, Stats, SuspiciousTimestamp, SuspiciousTimestamps};
 
 use crate::event::{ContractOptions, TimestampUnit};
+use crate::settings::REDACTED;
 use axum::serve::ListenerExt as _;
 use clap::{Args, Parser};
 use faults::FaultState;
@@ -106,7 +107,7 @@ impl fmt::Debug for SandboxArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SandboxArgs")
             .field("listen", &self.listen)
-            .field("api_keys", &format_args!("[{} redacted]", self.api_keys.len()))
+            .field("api_keys", &vec![REDACTED; self.api_keys.len()])
             .field("api_keys_file", &self.api_keys_file)
             .field("rate_limit", &self.rate_limit)
             .field("rate_window", &self.rate_window)
@@ -117,7 +118,7 @@ impl fmt::Debug for SandboxArgs {
             .field("timestamp_unit", &self.timestamp_unit)
             .field("strict_click_ip", &self.strict_click_ip)
             .field("record", &self.record)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "redacted"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
             .field("faults", &self.faults)
             .finish()
     }

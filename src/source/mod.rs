@@ -298,6 +298,13 @@ fn describe(tpl: &TopicPartitionList) -> String {
         .join(",")
 }
 
+/// Sets readiness `assignment` false with `reason` before a consumer exists (start-up): the
+/// condition is this module's, which sets it true when partitions are assigned and false when the
+/// last is revoked.
+pub fn awaiting_assignment(telemetry: &Telemetry, reason: &str) {
+    telemetry.set_ready(Ready::Assignment, false, reason);
+}
+
 /// The consumer group member, with the tracker its rebalance callbacks keep in step.
 pub struct Source {
     consumer: StreamConsumer<SourceContext>,

@@ -119,7 +119,7 @@ impl DeliverEvents for Deliverer {
         let json = json_of(events);
         async move {
             let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-            self.deliver_json(&slices, cancel, &NoStore).await
+            self.deliver_json(&slices, cancel, None, &NoStore).await
         }
     }
 }
