@@ -43,6 +43,22 @@ enum Command {
     Sandbox(Box<sandbox::SandboxArgs>),
 }
 
+/// Panic messages may quote a value (an `expect` on a dependency's error): each is scrubbed of the
+/// configured secrets before the default hook prints it.
+fn scrub_panics(scrubber: datapulse_bridge::settings::Scrubber) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("<unnamed>").to_string();
+        eprintln!("thread '{thread}' panicked{at}:\n{}", scrubber.scrub(&message));
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -68,10 +84,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level);
+            let scrubber = cfg.scrubber();
+            scrub_panics(scrubber.clone());
+            telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level, scrubber.clone());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let telemetry = telemetry::Telemetry::with_scrubber(scrubber.clone());
             let result = rt.block_on(async move {
-                let telemetry = telemetry::Telemetry::new();
                 datapulse_bridge::source::awaiting_assignment(&telemetry, "starting: the pipeline is not running yet");
                 let addr = match telemetry.serve(&cfg.telemetry.listen).await {
                     Ok(addr) => addr,
@@ -95,14 +113,14 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "bridge failed");
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", scrubber.scrub(&e));
                     ExitCode::FAILURE
                 }
             }
         }
         Command::Map(args) => cli::run_map_command(args),
         Command::Demo(args) => {
-            telemetry::init_logging(telemetry::LogFormat::Text, "error");
+            telemetry::init_logging(telemetry::LogFormat::Text, "error", Default::default());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(demo::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
