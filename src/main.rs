@@ -43,22 +43,6 @@ enum Command {
     Sandbox(Box<sandbox::SandboxArgs>),
 }
 
-/// Panic messages may quote a value (an `expect` on a dependency's error): each is scrubbed of the
-/// configured secrets before the default hook prints it.
-fn scrub_panics(scrubber: datapulse_bridge::settings::Scrubber) {
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
-        let thread = std::thread::current().name().unwrap_or("<unnamed>").to_string();
-        eprintln!("thread '{thread}' panicked{at}:\n{}", scrubber.scrub(&message));
-    }));
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -85,7 +69,7 @@ fn main() -> ExitCode {
                 }
             };
             let scrubber = cfg.scrubber();
-            scrub_panics(scrubber.clone());
+            telemetry::scrub_panics(scrubber.clone(), std::io::stderr);
             telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level, scrubber.clone());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             let telemetry = telemetry::Telemetry::with_scrubber(scrubber.clone());

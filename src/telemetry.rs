@@ -16,6 +16,7 @@ use prometheus::{IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -92,6 +93,23 @@ pub fn init_logging(format: LogFormat, level: &str, scrubber: Scrubber) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
+}
+
+/// Makes every panic message print scrubbed of `scrubber`'s values (a panic may quote a
+/// dependency's error, which may quote a secret): thread, location and message, to the writer
+/// `out` makes (standard error in the bridge). Replaces the process's panic hook.
+pub fn scrub_panics<W: std::io::Write>(scrubber: Scrubber, out: impl Fn() -> W + Send + Sync + 'static) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("<unnamed>").to_string();
+        let _ = writeln!(out(), "thread '{thread}' panicked{at}:\n{}", scrubber.scrub(&message));
+    }));
 }
 
 /// Standard error with every configured secret value scrubbed from what is written: the log
@@ -362,4 +380,40 @@ async fn ready(State(t): State<Telemetry>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(serde_json::json!({"ready": ok, "conditions": conditions})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_scrubbed() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let printed = Shared::default();
+        let out = printed.clone();
+        scrub_panics(Scrubber::new(["panic-secret-31".to_string()]), move || out.clone());
+        let caught = std::thread::Builder::new()
+            .name("forced".into())
+            .spawn(|| panic!("a dependency said: bad password panic-secret-31"))
+            .unwrap()
+            .join();
+        let _ = std::panic::take_hook();
+        assert!(caught.is_err());
+        let text = String::from_utf8(printed.0.lock().clone()).unwrap();
+        assert!(text.contains("thread 'forced' panicked at"), "{text}");
+        assert!(
+            text.contains("bad password <redacted>") && !text.contains("panic-secret-31"),
+            "{text}"
+        );
+    }
 }

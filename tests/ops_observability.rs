@@ -436,8 +436,10 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     // every value of the properties file is scrubbed all the same.
     const FILE_RACK: &str = "file-rack-6a2b";
     const ENV_KEY: &str = "1.50-env-key";
+    // The rate budget's Redis URL holds the right password; the dedupe store's is wrong.
+    const BUDGET_PW: &str = "budget-pw-1c4d";
     let planted = [
-        TYPO, FILE_TYPO, SASL, OIDC, REDIS_PW, KEY, FILE_VALUE, FILE_RACK, ENV_KEY,
+        TYPO, FILE_TYPO, SASL, OIDC, REDIS_PW, KEY, FILE_VALUE, FILE_RACK, ENV_KEY, BUDGET_PW,
     ];
     let clean = |what: &str, text: &str| {
         for p in planted {
@@ -456,21 +458,25 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
         format!("sasl.username={FILE_VALUE}\nclient.rack={FILE_RACK}\n"),
     )
     .unwrap();
-    let closed_port = free_port();
-    let extra = format!(
-        "[telemetry]\nlog_format = \"json\"\n[dedupe]\nstore = \"redis\"\non_store_unavailable = \"deliver\"\n\
-         [dedupe.redis]\nurl = \"redis://127.0.0.1:{closed_port}/0\"\npassword = \"{REDIS_PW}\"\n"
-    );
-    let base = bridge_config(&broker, &sandbox.url, "g-planted", "tx", &extra)
-        .replace(API_KEY, KEY)
-        .replace(
-            "[kafka.properties]",
-            &format!(
-                "properties_file = {props_file:?}\n[kafka.properties]\n\"debug\" = \"all\"\n\
-                 \"security.protocol\" = \"plaintext\"\n\"sasl.password\" = \"{SASL}\"\n\
-                 \"sasl.oauthbearer.config\" = \"clientSecret={OIDC}\""
-            ),
+    let redis_port = free_port();
+    let _redis = Redis::start_with(&dir, redis_port, &["--requirepass", BUDGET_PW]);
+    let config = |delivery: &str| {
+        let extra = format!(
+            "[telemetry]\nlog_format = \"json\"\n[dedupe]\nstore = \"redis\"\non_store_unavailable = \"deliver\"\n\
+             [dedupe.redis]\nurl = \"redis://127.0.0.1:{redis_port}/0\"\npassword = \"{REDIS_PW}\"\n{delivery}"
         );
+        bridge_config(&broker, &sandbox.url, "g-planted", "tx", &extra)
+            .replace(API_KEY, KEY)
+            .replace(
+                "[kafka.properties]",
+                &format!(
+                    "properties_file = {props_file:?}\n[kafka.properties]\n\"debug\" = \"all\"\n\
+                     \"security.protocol\" = \"plaintext\"\n\"sasl.password\" = \"{SASL}\"\n\
+                     \"sasl.oauthbearer.config\" = \"clientSecret={OIDC}\""
+                ),
+            )
+    };
+    let base = config("");
 
     // A refused property, in the TOML and in the properties file: every command stops at start,
     // naming the property, never its value.
@@ -499,8 +505,13 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     }
 
     // A run at trace with librdkafka's debug log, a refused API key and an unanswering Redis.
-    let bridge = Bridge::start_with_env(&dir, "planted", &base, &[("RUST_LOG", "trace")]);
-    let records = deposits("p", 20, 1);
+    let run = config(&format!(
+        "[delivery]\nrate_mode = \"redis\"\nredis_url = \"redis://:{BUDGET_PW}@127.0.0.1:{redis_port}/0\"\n\
+         rate_limit = 100000\nrate_window = \"1s\"\nrate_burst = 1000\n"
+    ));
+    let bridge = Bridge::start_with_env(&dir, "planted", &run, &[("RUST_LOG", "trace")]);
+    let mut records = deposits("p", 20, 1);
+    records.push((0, "not-json".into(), "{oops".into()));
     broker.produce("tx", &records).await;
     wait_until(MIN, "the API refused the key", || async {
         by_status(&sandbox.stats().await, 401) >= 1
@@ -516,6 +527,10 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     let (ok, check) = command(&["check"], &bridge.config);
     assert!(ok, "{check}");
     assert!(check.contains("<redacted>"), "{check}");
+    wait_until(MIN, "the bad record dead-lettered", || async {
+        bridge.dlq(&["list"]).1.contains("not_json")
+    })
+    .await;
     let (_, dlq) = bridge.dlq(&["list"]);
     wait_until(MIN, "a trace log with librdkafka's debug lines", || async {
         let log = bridge.proc.log_text();
@@ -536,6 +551,15 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     ] {
         clean(what, text);
     }
+    // A broker that does not answer: the log of a bridge that cannot reach it.
+    let unreachable = base.replace(&broker.bootstrap, &format!("127.0.0.1:{}", free_port()));
+    let lost = Bridge::start_with_env(&dir, "unreachable", &unreachable, &[("RUST_LOG", "trace")]);
+    wait_until(MIN, "the bridge says the broker is unreachable", || async {
+        lost.proc.log_text().contains("Connection refused")
+    })
+    .await;
+    clean("log with the broker unreachable", &lost.proc.log_text());
+
     // The environment's text is the key, verbatim, and still never printed.
     let env_run = dir.join("env.toml");
     std::fs::write(&env_run, base.replace(&format!("key = \"{KEY}\"\n"), "")).unwrap();

@@ -270,6 +270,11 @@ impl Redis {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Redis {
+        Redis::start_with(dir, port, &[])
+    }
+
+    /// [`Redis::start_on`] with more `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Redis {
         let mut cmd = Command::new(which("redis-server"));
         cmd.args([
             "--port",
@@ -281,6 +286,7 @@ impl Redis {
             "--bind",
             "127.0.0.1",
         ]);
+        cmd.args(extra);
         let proc = Proc::spawn(cmd, dir.join(format!("redis-{port}.log")));
         wait_port(port, Duration::from_secs(10), "redis-server");
         Redis { proc, port }
