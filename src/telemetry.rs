@@ -16,7 +16,6 @@ use prometheus::{IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
