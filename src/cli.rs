@@ -111,5 +111,9 @@ pub async fn run_dlq_command(cmd: DlqCommand) -> anyhow::Result<()> {
         dead_letter: &cfg.dead_letter,
         dedupe: &cfg.dedupe,
     };
-    crate::dlq::run_command(cmd, settings).await
+    // The errors quote librdkafka and Redis, whose messages may carry a configured secret.
+    let scrubber = cfg.scrubber();
+    crate::dlq::run_command(cmd, settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", scrubber.scrub(&format!("{e:#}"))))
 }

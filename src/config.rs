@@ -6,7 +6,8 @@
 //! the file or variable the value came from.
 
 use crate::deliver::ApiConfig;
-use crate::settings::{Invalid, Problem};
+use crate::settings::{Invalid, Problem, Scrubber};
+use crate::source::is_secret_property;
 use crate::source::KafkaConfig;
 use figment::error::Kind;
 use figment::providers::{Env, Format, Toml};
@@ -144,14 +145,16 @@ pub fn figment(path: &Path, explicit: bool) -> Result<Figment, ConfigError> {
     }
     Ok(Figment::new()
         .merge(Toml::file_exact(path))
-        .merge(Env::prefixed(ENV_PREFIX).split("__")))
+        .merge(RawEnv(Env::prefixed(ENV_PREFIX).split("__"))))
 }
 
 /// Loads and validates the configuration. `explicit` says `--config` was given (then the file must
 /// exist); otherwise a missing default file is allowed and the environment may supply everything.
 pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
     let figment = figment(path, explicit)?;
-    let config: Config = figment.extract().map_err(|e| {
+    // Lossy: a number or boolean key takes the environment's text ("50", "true"); every other key
+    // keeps it verbatim (see `RawEnv`).
+    let config: Config = figment.extract_lossy().map_err(|e| {
         let unknown_origin = || match path.exists() {
             false => format!("(no config file: {} does not exist)", path.display()),
             true => format!("in {}", path.display()),
@@ -190,6 +193,45 @@ fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> Conf
     ConfigError::Invalid { problems }
 }
 
+/// figment's environment provider with every value kept as the text the environment holds.
+/// figment's own `Env` parses values (`1.50` became the number 1.5, `0012` became 12, a value
+/// starting with `[` or `{` a list or a map), which changes secrets and names on the way. Numbers
+/// and booleans still load (`load` extracts lossily); list-valued keys parse their text
+/// (`settings::list_or_text`).
+struct RawEnv(Env);
+
+impl figment::Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        for (key, value) in self.0.iter() {
+            // `kafka.properties.sasl.mechanism` after the split: a dictionary per segment but the
+            // last. A key that runs into a value (`a=1` and `a.b=2`) keeps the later one.
+            let segments: Vec<&str> = key.as_str().split('.').filter(|s| !s.is_empty()).collect();
+            let Some((last, parents)) = segments.split_last() else {
+                continue;
+            };
+            let mut dict = &mut root;
+            for p in parents {
+                let entry = dict.entry(p.to_string()).or_insert_with(|| Value::from(Dict::new()));
+                if entry.as_dict().is_none() {
+                    *entry = Value::from(Dict::new());
+                }
+                dict = match entry {
+                    Value::Dict(_, d) => d,
+                    _ => unreachable!("made a dictionary above"),
+                };
+            }
+            dict.insert(last.to_string(), Value::from(value));
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
 /// Loads a configuration from TOML text (the demo and tests build theirs in code).
 pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
     let figment = Figment::from(Toml::string(text));
@@ -225,6 +267,35 @@ impl From<crate::dedupe::InDoubt> for crate::deliver::OnAmbiguous {
 }
 
 impl Config {
+    /// Every secret value this configuration holds, for scrubbing text from elsewhere: the API key
+    /// (from `api.key` or `api.key_file`), the Redis passwords (in `dedupe.redis.password` or a
+    /// URL), librdkafka's sensitive properties and every value of `kafka.properties_file`.
+    pub fn scrubber(&self) -> Scrubber {
+        let mut secrets: Vec<String> = Vec::new();
+        if let Ok(k) = self.api.read_key() {
+            secrets.push(k.expose().to_string());
+        }
+        if let Some(p) = &self.dedupe.redis.password {
+            secrets.push(p.expose().to_string());
+        }
+        for url in [
+            Some(self.dedupe.redis.url.as_str()),
+            self.delivery.redis_url.as_ref().map(|u| u.expose()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            secrets.extend(url_password(url));
+        }
+        for (k, v) in self.kafka.properties.iter() {
+            if is_secret_property(k) {
+                secrets.push(v);
+            }
+        }
+        secrets.extend(self.kafka.properties_file_values());
+        Scrubber::new(secrets)
+    }
+
     /// Checks what types alone cannot say, in every section. `origin` names where a key came
     /// from.
     pub fn validate(&self, origin: &dyn Fn(&str) -> String) -> Vec<ConfigProblem> {
@@ -279,10 +350,22 @@ impl Config {
     }
 }
 
+/// The password of a `redis://user:password@host` URL, if it has one: as written
+/// (percent-encoded) and decoded, since either may be printed.
+fn url_password(url: &str) -> Vec<String> {
+    let Some(password) = url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_string)) else {
+        return Vec::new();
+    };
+    let decoded = percent_encoding::percent_decode_str(&password)
+        .decode_utf8_lossy()
+        .into_owned();
+    vec![password, decoded]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::REDACTED;
+    use crate::settings::{Secret, REDACTED};
     use std::io::Write;
 
     fn write(toml: &str) -> tempfile::NamedTempFile {
@@ -418,6 +501,63 @@ key = "dp_test_key_123"
             ConfigError::MissingFile {
                 path: "/nonexistent/x.toml".into()
             }
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
+    fn environment_values_arrive_verbatim() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[kafka]\nbootstrap_servers = \"b:9092\"\n[api]\nbase_url = \"http://x\"\n",
+            )?;
+            jail.set_env("DATAPULSE_BRIDGE_API__KEY", "1.50");
+            jail.set_env("DATAPULSE_BRIDGE_KAFKA__GROUP_ID", "0012");
+            jail.set_env("DATAPULSE_BRIDGE_KAFKA__TOPICS", "[bets, wins]");
+            jail.set_env("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "{not-a-map");
+            jail.set_env("DATAPULSE_BRIDGE_DEDUPE__KEY", "transaction_id");
+            jail.set_env("DATAPULSE_BRIDGE_BATCH__MAX_EVENTS", "50");
+            jail.set_env("DATAPULSE_BRIDGE_KAFKA__COMMIT_ON_DELIVERY", "false");
+            let c = load(Path::new("c.toml"), true).map_err(|e| e.to_string())?.config;
+            assert_eq!(c.api.key.as_ref().map(Secret::expose), Some("1.50"));
+            assert_eq!(c.kafka.group_id, "0012");
+            assert_eq!(c.kafka.topics, ["bets", "wins"]);
+            assert_eq!(c.dedupe.redis.password.as_ref().map(Secret::expose), Some("{not-a-map"));
+            assert_eq!(c.dedupe.key, ["transaction_id"]);
+            assert_eq!(c.batch.max_events, 50);
+            assert!(!c.kafka.commit_on_delivery);
+            // What the environment gives is scrubbed as given.
+            assert_eq!(
+                c.scrubber().scrub("key 1.50 pw {not-a-map"),
+                "key <redacted> pw <redacted>"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_scrubber_holds_every_configured_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let props = dir.path().join("p.properties");
+        std::fs::write(&props, "sasl.username=file-user-1\n").unwrap();
+        let text = MINIMAL.replace(
+            "[kafka.properties]",
+            &format!("properties_file = {props:?}\n[kafka.properties]\n\"sasl.oauthbearer.config\" = \"clientSecret=oidc-9\""),
+        ) + "[delivery]\nrate_mode = \"redis\"\nredis_url = \"redis://:budget%40pw@127.0.0.1:6379/0\"\n";
+        let c = from_toml_str(&text).unwrap();
+        let scrubbed = c
+            .scrubber()
+            .scrub("hunter2 dp_test_key_123 file-user-1 clientSecret=oidc-9 budget%40pw budget@pw 50");
+        assert_eq!(
+            scrubbed,
+            "<redacted> <redacted> <redacted> <redacted> <redacted> <redacted> 50"
+        );
+        assert!(
+            c.to_redacted_toml()
+                .contains("\"sasl.oauthbearer.config\" = \"<redacted>\""),
+            "{}",
+            c.to_redacted_toml()
         );
     }
 }

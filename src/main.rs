@@ -68,10 +68,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level);
+            let scrubber = cfg.scrubber();
+            telemetry::scrub_panics(scrubber.clone(), std::io::stderr);
+            telemetry::init_logging(cfg.telemetry.log_format, &cfg.telemetry.log_level, scrubber.clone());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let telemetry = telemetry::Telemetry::with_scrubber(scrubber.clone());
             let result = rt.block_on(async move {
-                let telemetry = telemetry::Telemetry::new();
                 datapulse_bridge::source::awaiting_assignment(&telemetry, "starting: the pipeline is not running yet");
                 let addr = match telemetry.serve(&cfg.telemetry.listen).await {
                     Ok(addr) => addr,
@@ -95,14 +97,14 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "bridge failed");
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", scrubber.scrub(&e));
                     ExitCode::FAILURE
                 }
             }
         }
         Command::Map(args) => cli::run_map_command(args),
         Command::Demo(args) => {
-            telemetry::init_logging(telemetry::LogFormat::Text, "error");
+            telemetry::init_logging(telemetry::LogFormat::Text, "error", Default::default());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(demo::run(args)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@
 //! `datapulse_bridge_*`), and readiness is the conjunction of the [`Ready`] conditions modules set
 //! with [`Telemetry::set_ready`].
 
-use crate::settings::Invalid;
+use crate::settings::{Invalid, Scrubber};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -80,18 +80,60 @@ pub enum LogFormat {
 }
 
 /// Installs the global tracing subscriber (once; later calls are ignored).
-pub fn init_logging(format: LogFormat, level: &str) {
+pub fn init_logging(format: LogFormat, level: &str, scrubber: Scrubber) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(ScrubbedStderr(scrubber))
         .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
+}
+
+/// Makes every panic message print scrubbed of `scrubber`'s values (a panic may quote a
+/// dependency's error, which may quote a secret): thread, location and message, to the writer
+/// `out` makes (standard error in the bridge). Replaces the process's panic hook.
+pub fn scrub_panics<W: std::io::Write>(scrubber: Scrubber, out: impl Fn() -> W + Send + Sync + 'static) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("<unnamed>").to_string();
+        let _ = writeln!(out(), "thread '{thread}' panicked{at}:\n{}", scrubber.scrub(&message));
+    }));
+}
+
+/// Standard error with every configured secret value scrubbed from what is written: the log
+/// carries dependencies' messages (librdkafka's log lines arrive through the `log` bridge, Redis
+/// and HTTP errors as fields), which may quote a secret. tracing's formatter writes each event with
+/// one `write_all`, so a value is never split between two writes.
+#[derive(Clone)]
+struct ScrubbedStderr(Scrubber);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ScrubbedStderr {
+    type Writer = ScrubbedStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl std::io::Write for ScrubbedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(self.0.scrub(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// One readiness condition.
@@ -201,6 +243,8 @@ pub trait Family: Any + Send + Sync {
 pub struct Telemetry(Arc<Shared>);
 
 struct Shared {
+    /// Applied to every readiness reason (they quote dependencies' errors).
+    scrubber: Scrubber,
     registry: Registry,
     ready_gauge: IntGauge,
     conditions: Mutex<BTreeMap<Ready, Condition>>,
@@ -224,6 +268,11 @@ impl std::fmt::Debug for Telemetry {
 impl Telemetry {
     /// An empty registry with `datapulse_bridge_ready` (0 until a condition is set).
     pub fn new() -> Telemetry {
+        Telemetry::with_scrubber(Scrubber::default())
+    }
+
+    /// [`Telemetry::new`] whose readiness reasons never show a value of `scrubber`.
+    pub fn with_scrubber(scrubber: Scrubber) -> Telemetry {
         let registry = Registry::new();
         let ready_gauge = prometheus::register_int_gauge_with_registry!(
             "datapulse_bridge_ready",
@@ -232,6 +281,7 @@ impl Telemetry {
         )
         .expect("a fresh registry takes the readiness gauge");
         Telemetry(Arc::new(Shared {
+            scrubber,
             registry,
             ready_gauge,
             conditions: Mutex::default(),
@@ -267,7 +317,7 @@ impl Telemetry {
             name,
             Condition {
                 ok,
-                reason: reason.into(),
+                reason: self.0.scrubber.scrub(&reason.into()).into_owned(),
             },
         );
         self.0.ready_gauge.set(i64::from(m.values().all(|c| c.ok)));
@@ -332,4 +382,40 @@ async fn ready(State(t): State<Telemetry>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(serde_json::json!({"ready": ok, "conditions": conditions})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_are_scrubbed() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let printed = Shared::default();
+        let out = printed.clone();
+        scrub_panics(Scrubber::new(["panic-secret-31".to_string()]), move || out.clone());
+        let caught = std::thread::Builder::new()
+            .name("forced".into())
+            .spawn(|| panic!("a dependency said: bad password panic-secret-31"))
+            .unwrap()
+            .join();
+        let _ = std::panic::take_hook();
+        assert!(caught.is_err());
+        let text = String::from_utf8(printed.0.lock().clone()).unwrap();
+        assert!(text.contains("thread 'forced' panicked at"), "{text}");
+        assert!(
+            text.contains("bad password <redacted>") && !text.contains("panic-secret-31"),
+            "{text}"
+        );
+    }
 }

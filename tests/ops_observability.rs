@@ -420,3 +420,163 @@ fn family_of<'a>(name: &'a str, exported: &std::collections::HashSet<String>) ->
     }
     name
 }
+
+/// Distinct secrets planted in every place one can be given (TOML, the environment, a properties
+/// file, a Redis password), then every error path this test can drive (a refused property in the
+/// TOML and in the file, `check`, `run`, `dlq list`, librdkafka `debug = "all"` at trace, a key the
+/// API refuses, a Redis that does not answer): no output holds any of them (stderr, the JSON log,
+/// `/metrics`, readiness).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_secrets_reach_no_output_on_any_error_path() {
+    const TYPO: &str = "typo-pw-2f7a";
+    const FILE_TYPO: &str = "file-typo-pw-90c1";
+    const SASL: &str = "sasl-pw-4b1e";
+    const OIDC: &str = "oidc-secret-c3d2";
+    const REDIS_PW: &str = "redis-pw-e5f6";
+    const KEY: &str = "dp_planted_key_a7b8";
+    const FILE_VALUE: &str = "file-user-0d9e";
+    // Not a secret property, so librdkafka prints it (its `conf` debug dumps the configuration):
+    // every value of the properties file is scrubbed all the same.
+    const FILE_RACK: &str = "file-rack-6a2b";
+    const ENV_KEY: &str = "1.50-env-key";
+    // The rate budget's Redis URL holds the right password; the dedupe store's is wrong.
+    const BUDGET_PW: &str = "budget-pw-1c4d";
+    let planted = [
+        TYPO, FILE_TYPO, SASL, OIDC, REDIS_PW, KEY, FILE_VALUE, FILE_RACK, ENV_KEY, BUDGET_PW,
+    ];
+    let clean = |what: &str, text: &str| {
+        for p in planted {
+            assert!(!text.contains(p), "`{p}` appears in the {what}:\n{text}");
+        }
+    };
+
+    let dir = workdir("obs-planted");
+    let broker = Broker::start(&dir);
+    broker.create_topic("tx", 1).await;
+    broker.create_topic("tx.dlq", 1).await;
+    let sandbox = Sandbox::start(&dir, &[]);
+    let props_file = dir.join("client.properties");
+    std::fs::write(
+        &props_file,
+        format!("sasl.username={FILE_VALUE}\nclient.rack={FILE_RACK}\n"),
+    )
+    .unwrap();
+    let redis_port = free_port();
+    let _redis = Redis::start_with(&dir, redis_port, &["--requirepass", BUDGET_PW]);
+    let config = |delivery: &str| {
+        let extra = format!(
+            "[telemetry]\nlog_format = \"json\"\n[dedupe]\nstore = \"redis\"\non_store_unavailable = \"deliver\"\n\
+             [dedupe.redis]\nurl = \"redis://127.0.0.1:{redis_port}/0\"\npassword = \"{REDIS_PW}\"\n{delivery}"
+        );
+        bridge_config(&broker, &sandbox.url, "g-planted", "tx", &extra)
+            .replace(API_KEY, KEY)
+            .replace(
+                "[kafka.properties]",
+                &format!(
+                    "properties_file = {props_file:?}\n[kafka.properties]\n\"debug\" = \"all\"\n\
+                     \"security.protocol\" = \"plaintext\"\n\"sasl.password\" = \"{SASL}\"\n\
+                     \"sasl.oauthbearer.config\" = \"clientSecret={OIDC}\""
+                ),
+            )
+    };
+    let base = config("");
+
+    // A refused property, in the TOML and in the properties file: every command stops at start,
+    // naming the property, never its value.
+    let typo = base.replace(
+        "\"debug\" = \"all\"",
+        &format!("\"debug\" = \"all\"\n\"sasl.pasword\" = \"{TYPO}\""),
+    );
+    let typo_file = dir.join("typo.properties");
+    std::fs::write(&typo_file, format!("sasl.passwrd={FILE_TYPO}\n")).unwrap();
+    let file_typo = base.replace(&format!("{props_file:?}"), &format!("{typo_file:?}"));
+    for (name, text, property) in [
+        ("typo", &typo, "sasl.pasword"),
+        ("file-typo", &file_typo, "sasl.passwrd"),
+    ] {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for args in [&["check"][..], &["run"], &["dlq", "list"]] {
+            let (ok, out) = command(args, &path);
+            assert!(!ok, "{args:?} with {name} succeeded: {out}");
+            assert!(
+                out.contains(&format!("`{property}`")),
+                "{args:?} names the property: {out}"
+            );
+            clean(&format!("output of {args:?} ({name})"), &out);
+        }
+    }
+
+    // A run at trace with librdkafka's debug log, a refused API key and an unanswering Redis.
+    let run = config(&format!(
+        "[delivery]\nrate_mode = \"redis\"\nredis_url = \"redis://:{BUDGET_PW}@127.0.0.1:{redis_port}/0\"\n\
+         rate_limit = 100000\nrate_window = \"1s\"\nrate_burst = 1000\n"
+    ));
+    let bridge = Bridge::start_with_env(&dir, "planted", &run, &[("RUST_LOG", "trace")]);
+    let mut records = deposits("p", 20, 1);
+    records.push((0, "not-json".into(), "{oops".into()));
+    broker.produce("tx", &records).await;
+    wait_until(MIN, "the API refused the key", || async {
+        by_status(&sandbox.stats().await, 401) >= 1
+    })
+    .await;
+    wait_until(MIN, "readiness names the key and the store", || async {
+        let (status, body) = bridge.ready().await;
+        status == 503 && body["conditions"]["api_key"]["ok"] == json!(false)
+    })
+    .await;
+    let (_, ready) = bridge.ready().await;
+    let metrics = bridge.metrics().await;
+    let (ok, check) = command(&["check"], &bridge.config);
+    assert!(ok, "{check}");
+    assert!(check.contains("<redacted>"), "{check}");
+    wait_until(MIN, "the bad record dead-lettered", || async {
+        bridge.dlq(&["list"]).1.contains("not_json")
+    })
+    .await;
+    let (_, dlq) = bridge.dlq(&["list"]);
+    wait_until(MIN, "a trace log with librdkafka's debug lines", || async {
+        let log = bridge.proc.log_text();
+        log.lines().count() > 100 && log.contains("\"target\":\"librdkafka\"")
+    })
+    .await;
+    let log = bridge.proc.log_text();
+    assert!(
+        log.contains("client.rack = <redacted>"),
+        "librdkafka printed the file's value, scrubbed"
+    );
+    for (what, text) in [
+        ("log", log.as_str()),
+        ("metrics", metrics.as_str()),
+        ("readiness", &ready.to_string()),
+        ("check", check.as_str()),
+        ("dlq list", dlq.as_str()),
+    ] {
+        clean(what, text);
+    }
+    // A broker that does not answer: the log of a bridge that cannot reach it.
+    let unreachable = base.replace(&broker.bootstrap, &format!("127.0.0.1:{}", free_port()));
+    let lost = Bridge::start_with_env(&dir, "unreachable", &unreachable, &[("RUST_LOG", "trace")]);
+    wait_until(MIN, "the bridge says the broker is unreachable", || async {
+        lost.proc.log_text().contains("Connection refused")
+    })
+    .await;
+    clean("log with the broker unreachable", &lost.proc.log_text());
+
+    // The environment's text is the key, verbatim, and still never printed.
+    let env_run = dir.join("env.toml");
+    std::fs::write(&env_run, base.replace(&format!("key = \"{KEY}\"\n"), "")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&env_run)
+        .env("DATAPULSE_BRIDGE_API__KEY", ENV_KEY)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    clean("check with the key from the environment", &text);
+}

@@ -471,7 +471,11 @@ fn env_vars_named_exist() {
     let key = key_file();
     let key_path = key.path().display().to_string();
     for (var, sample) in KNOWN_ENV.iter().filter(|(k, _)| named.contains(*k)) {
-        let mut env = vec![("DATAPULSE_BRIDGE_API__KEY_FILE", key_path.as_str())];
+        // The key comes from a file, unless the variable is the key itself (not both).
+        let mut env = match *var {
+            "DATAPULSE_BRIDGE_API__KEY" => vec![],
+            _ => vec![("DATAPULSE_BRIDGE_API__KEY_FILE", key_path.as_str())],
+        };
         if *var != "DATAPULSE_BRIDGE_API__KEY_FILE" {
             env.push((var, sample));
         }

@@ -17,7 +17,7 @@ pub struct DedupeConfig {
     /// The fields whose values together form the dedupe key of an event (API field names or custom
     /// property names). Default `["transaction_id"]`; `["event_name", "transaction_id"]` keeps the
     /// same id apart across event names. An event lacking any of these fields is not deduplicated.
-    #[serde(default = "default_key")]
+    #[serde(default = "default_key", deserialize_with = "crate::settings::list_or_text")]
     pub key: Vec<String>,
     /// Per event name, the fields that form its key instead of `key`, for events without a
     /// transaction id (for example `register = ["client_user_id"]`). The event name is always part

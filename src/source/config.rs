@@ -1,6 +1,6 @@
 //! `[kafka]`: the consumer group's settings and the librdkafka pass-through properties.
 
-use crate::settings::{Invalid, Problem, PropertyValue, REDACTED};
+use crate::settings::{Invalid, Problem, PropertyValue, Scrubber, REDACTED};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,8 +15,8 @@ pub struct KafkaConfig {
     pub bootstrap_servers: String,
     /// The consumer group all replicas join.
     pub group_id: String,
-    /// Topics to consume (exclusive with `topic_pattern`).
-    #[serde(default)]
+    /// Topics to consume (exclusive with `topic_pattern`); from the environment `[a, b]` or `a`.
+    #[serde(default, deserialize_with = "crate::settings::list_or_text")]
     pub topics: Vec<String>,
     /// A regular expression of topics to consume (exclusive with `topics`).
     #[serde(default)]
@@ -82,9 +82,33 @@ pub const RESERVED_PROPERTIES: &[&str] = &[
     "group.instance.id",
 ];
 
-/// Whether a librdkafka property holds a secret.
+/// The properties librdkafka itself marks sensitive (`_RK_SENSITIVE` in `rdkafka_conf.c` of the
+/// vendored librdkafka; it has no public API for the flag). A test reads that file and fails when
+/// an upgrade adds one this list lacks.
+pub const LIBRDKAFKA_SENSITIVE: &[&str] = &[
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "sasl.password",
+    "sasl.username",
+    "ssl.ca.pem",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "ssl_key",
+];
+
+/// Whether a librdkafka property holds a secret: librdkafka's own list
+/// ([`LIBRDKAFKA_SENSITIVE`]), or a name that says so (`password`, `secret`, `token`, …, for
+/// properties of other clients and future ones).
 pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
+    if LIBRDKAFKA_SENSITIVE.contains(&k.as_str()) {
+        return true;
+    }
     [
         "password",
         "secret",
@@ -135,6 +159,17 @@ impl KafkaConfig {
         match k.client_properties() {
             Err(e) => err("kafka.properties_file", e.to_string()),
             Ok(props) => {
+                for (property, reason) in refused_properties(&props) {
+                    let key = if k.properties.contains_key(&property) {
+                        format!("kafka.properties.{property}")
+                    } else {
+                        "kafka.properties_file".to_string()
+                    };
+                    invalid.push(Invalid {
+                        key,
+                        problem: Problem::RefusedProperty { property, reason },
+                    });
+                }
                 for (key, _) in props
                     .iter()
                     .filter(|(key, _)| RESERVED_PROPERTIES.contains(&key.as_str()))
@@ -167,6 +202,18 @@ impl KafkaConfig {
         invalid
     }
 
+    /// The values `kafka.properties_file` sets (none when it cannot be read): all of them are
+    /// treated as secrets (the file exists to keep them out of the configuration).
+    pub fn properties_file_values(&self) -> Vec<String> {
+        if self.properties_file.is_none() {
+            return Vec::new();
+        }
+        let own = self.properties.0.len();
+        self.client_properties()
+            .map(|all| all.into_iter().skip(own).map(|(_, v)| v).collect())
+            .unwrap_or_default()
+    }
+
     /// Every librdkafka property to apply: `properties`, then the lines of `properties_file`.
     ///
     /// Errors: the file cannot be read, or a line is not `key=value`.
@@ -193,6 +240,36 @@ impl KafkaConfig {
         }
         Ok(out)
     }
+}
+
+/// Appended to librdkafka's refusal of a Java client's property (`sasl.jaas.config`, …).
+pub const JAVA_ONLY_HINT: &str = " (a Java client property: librdkafka has no JAAS; set `sasl.mechanism`, \
+                                  `sasl.username` and `sasl.password` instead)";
+
+/// The properties librdkafka refuses (an unknown name, a value it cannot take), checked the way
+/// the client will apply them (`rd_kafka_conf_set`, no connection), each named without its value:
+/// librdkafka's message quotes the value, so any value of `props` is scrubbed from it. A Java-only
+/// property gets a hint.
+fn refused_properties(props: &[(String, String)]) -> Vec<(String, String)> {
+    let scrub = Scrubber::new(props.iter().map(|(_, v)| v.clone()));
+    let mut out = Vec::new();
+    for (key, value) in props {
+        let mut one = rdkafka::ClientConfig::new();
+        one.set(key, value);
+        if let Err(e) = one.create_native_config() {
+            let reason = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) => scrub.scrub(desc).into_owned(),
+                other => scrub.scrub(&other.to_string()).into_owned(),
+            };
+            let hint = if key.starts_with("sasl.jaas") || key.starts_with("sasl.login.") {
+                JAVA_ONLY_HINT
+            } else {
+                ""
+            };
+            out.push((key.clone(), format!("{reason}{hint}")));
+        }
+    }
+    out
 }
 
 /// Why `kafka.properties_file` cannot be used. Never holds a value from the file.
@@ -262,5 +339,94 @@ mod tests {
             .map(|i| i.key)
             .collect();
         assert_eq!(keys, ["kafka.commit_interval", "kafka.stuck_after"]);
+    }
+
+    #[test]
+    fn refused_properties_are_named_without_their_value() {
+        let k = kafka(
+            "[properties]\n\"sasl.pasword\" = \"typo-pw-8c1f\"\n\"sasl.jaas.config\" = \"x required password=\\\"jaas-pw-77\\\";\"\n\"linger.ms\" = \"soon-3e9a\"\n\"session.timeout.ms\" = 6000\n",
+        );
+        let invalid = k.validate();
+        let refused: Vec<(&str, &str)> = invalid
+            .iter()
+            .filter_map(|i| match &i.problem {
+                Problem::RefusedProperty { property, .. } => Some((i.key.as_str(), property.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("kafka.properties.linger.ms", "linger.ms"),
+                ("kafka.properties.sasl.jaas.config", "sasl.jaas.config"),
+                ("kafka.properties.sasl.pasword", "sasl.pasword"),
+            ]
+        );
+        let shown = format!(
+            "{invalid:?} {}",
+            invalid.iter().map(|i| i.problem.to_string()).collect::<String>()
+        );
+        for secret in ["typo-pw-8c1f", "jaas-pw-77", "soon-3e9a"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(invalid.iter().any(|i| matches!(&i.problem,
+            Problem::RefusedProperty { property, reason } if property == "sasl.jaas.config" && reason.ends_with(JAVA_ONLY_HINT))));
+    }
+
+    #[test]
+    fn refused_properties_from_the_file_name_the_file_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.properties");
+        std::fs::write(&path, "sasl.passwrd=file-pw-51d0\nsasl.mechanism=PLAIN\n").unwrap();
+        let k = kafka(&format!("properties_file = {path:?}\n"));
+        assert_eq!(k.properties_file_values(), ["file-pw-51d0", "PLAIN"]);
+        let invalid = k.validate();
+        assert!(
+            matches!(&invalid[..], [Invalid { key, problem: Problem::RefusedProperty { property, .. } }]
+                if key == "kafka.properties_file" && property == "sasl.passwrd"),
+            "{invalid:?}"
+        );
+        assert!(!invalid[0].problem.to_string().contains("file-pw-51d0"));
+    }
+
+    #[test]
+    fn every_property_librdkafka_marks_sensitive_is_a_secret() {
+        // The vendored librdkafka's property table: every entry flagged `_RK_SENSITIVE`.
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["metadata", "--format-version", "1", "--locked"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo metadata runs");
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata is JSON");
+        let manifest = meta["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "rdkafka-sys")
+            .and_then(|p| p["manifest_path"].as_str())
+            .expect("rdkafka-sys is a dependency");
+        let conf = std::path::Path::new(manifest).with_file_name("librdkafka/src/rdkafka_conf.c");
+        let text = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("{}: {e}", conf.display()));
+        let mut flagged = Vec::new();
+        for (at, _) in text.match_indices("_RK_SENSITIVE") {
+            let rest = &text[at..];
+            // The property's name is the first string after the flag in its table entry.
+            if let Some(q) = rest.find('"') {
+                let name: String = rest[q + 1..].chars().take_while(|c| *c != '"').collect();
+                if rest[..q].contains(',') && !rest[..q].contains(';') {
+                    flagged.push(name);
+                }
+            }
+        }
+        assert!(flagged.len() >= 10, "read {flagged:?} from {}", conf.display());
+        for name in &flagged {
+            assert!(
+                LIBRDKAFKA_SENSITIVE.contains(&name.as_str()) && is_secret_property(name),
+                "librdkafka marks `{name}` sensitive: add it to LIBRDKAFKA_SENSITIVE"
+            );
+        }
+        assert!(is_secret_property("sasl.oauthbearer.config"));
+        assert!(is_secret_property("some.future.client.secret"));
+        assert!(!is_secret_property("bootstrap.servers"));
     }
 }

@@ -270,6 +270,11 @@ impl Redis {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> Redis {
+        Redis::start_with(dir, port, &[])
+    }
+
+    /// [`Redis::start_on`] with more `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Redis {
         let mut cmd = Command::new(which("redis-server"));
         cmd.args([
             "--port",
@@ -281,6 +286,7 @@ impl Redis {
             "--bind",
             "127.0.0.1",
         ]);
+        cmd.args(extra);
         let proc = Proc::spawn(cmd, dir.join(format!("redis-{port}.log")));
         wait_port(port, Duration::from_secs(10), "redis-server");
         Redis { proc, port }
@@ -379,6 +385,11 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn start(dir: &Path, name: &str, config_toml: &str) -> Bridge {
+        Bridge::start_with_env(dir, name, config_toml, &[])
+    }
+
+    /// [`Bridge::start`] with more environment variables (set last, so `RUST_LOG` can be given).
+    pub fn start_with_env(dir: &Path, name: &str, config_toml: &str, env: &[(&str, &str)]) -> Bridge {
         let ops_port = free_port();
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, config_toml).unwrap();
@@ -390,6 +401,7 @@ impl Bridge {
             std::env::var("DPB_TEST_RUST_LOG")
                 .unwrap_or_else(|_| "info,datapulse_bridge=debug,librdkafka=warn,rdkafka=warn".into()),
         );
+        cmd.envs(env.iter().copied());
         let log = dir.join(format!("{name}-{}.log", free_port()));
         let proc = Proc::spawn(cmd, log);
         wait_port(ops_port, Duration::from_secs(20), "bridge operations server");

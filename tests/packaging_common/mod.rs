@@ -113,6 +113,7 @@ pub const KNOWN_ENV: &[(&str, &str)] = &[
         "redis://:s3cret-sample@127.0.0.1:6379/0",
     ),
     ("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "s3cret-sample"),
+    ("DATAPULSE_BRIDGE_API__KEY", "s3cret-sample"),
 ];
 
 /// The sample secrets of [`KNOWN_ENV`]: `check` must never print them.

@@ -65,8 +65,11 @@ src/source/config.rs), so what it would redact when printing never lands in the 
 */}}
 {{- define "datapulse-bridge.isSecretProperty" -}}
 {{- $k := lower . -}}
+{{- $sensitive := list "sasl.oauthbearer.assertion.private.key.file" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem" "sasl.oauthbearer.client.secret" "sasl.oauthbearer.config" "sasl.password" "sasl.username" "ssl.ca.pem" "ssl.key.location" "ssl.key.password" "ssl.key.pem" "ssl.keystore.password" "ssl_key" -}}
+{{- if has $k $sensitive -}}true{{- else -}}
 {{- range list "password" "secret" "jaas" "ssl.key.pem" "ssl_key" "token" "credentials" -}}
 {{- if contains . $k -}}true{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
