@@ -122,9 +122,18 @@ impl Loaded {
 }
 
 fn origin(figment: &Figment, key: &str) -> String {
-    figment
-        .find_metadata(key)
-        .map_or_else(|| "(not set)".to_string(), source_of)
+    // A key under a table whose own keys hold dots (`kafka.properties.sasl.password`) is found
+    // by the nearest enclosing key figment knows.
+    let mut k = key;
+    loop {
+        if let Some(md) = figment.find_metadata(k) {
+            return source_of(md);
+        }
+        match k.rsplit_once('.') {
+            Some((parent, _)) => k = parent,
+            None => return "(not set)".to_string(),
+        }
+    }
 }
 
 /// "in FILE" or "from environment variable X": where a value came from.
@@ -138,20 +147,26 @@ fn source_of(md: &figment::Metadata) -> String {
 
 /// The figment of a file (which must exist when `explicit`) and the environment.
 pub fn figment(path: &Path, explicit: bool) -> Result<Figment, ConfigError> {
+    figment_with(path, explicit, RawEnv::from_process())
+}
+
+fn figment_with(path: &Path, explicit: bool, env: RawEnv) -> Result<Figment, ConfigError> {
     if explicit && !path.exists() {
         return Err(ConfigError::MissingFile {
             path: path.to_path_buf(),
         });
     }
-    Ok(Figment::new()
-        .merge(Toml::file_exact(path))
-        .merge(RawEnv(Env::prefixed(ENV_PREFIX).split("__"))))
+    Ok(Figment::new().merge(Toml::file_exact(path)).merge(env))
 }
 
 /// Loads and validates the configuration. `explicit` says `--config` was given (then the file must
 /// exist); otherwise a missing default file is allowed and the environment may supply everything.
 pub fn load(path: &Path, explicit: bool) -> Result<Loaded, ConfigError> {
-    let figment = figment(path, explicit)?;
+    load_with(path, explicit, RawEnv::from_process())
+}
+
+fn load_with(path: &Path, explicit: bool, env: RawEnv) -> Result<Loaded, ConfigError> {
+    let figment = figment_with(path, explicit, env)?;
     // Lossy: a number or boolean key takes the environment's text ("50", "true"); every other key
     // keeps it verbatim (see `RawEnv`).
     let config: Config = figment.extract_lossy().map_err(|e| {
@@ -186,6 +201,14 @@ fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> Conf
             problem: match &e.kind {
                 Kind::UnknownField(..) => Problem::UnknownKey(e.kind.to_string()),
                 Kind::MissingField(..) => Problem::Missing(e.kind.to_string()),
+                // figment quotes the value it found, which may be a secret (a password under the
+                // wrong key, an environment variable's text): only its kind is said.
+                Kind::InvalidType(found, expected) => {
+                    Problem::WrongType(format!("invalid type: found {}, expected {expected}", kind_of(found)))
+                }
+                Kind::InvalidValue(found, expected) => {
+                    Problem::WrongType(format!("invalid value: found {}, expected {expected}", kind_of(found)))
+                }
                 _ => Problem::WrongType(e.kind.to_string()),
             },
         })
@@ -193,25 +216,73 @@ fn extract_error(e: figment::Error, unknown_origin: impl Fn() -> String) -> Conf
     ConfigError::Invalid { problems }
 }
 
+/// The shortest value of `kafka.properties_file` scrubbed when its property's name does not say
+/// it is a secret: shorter ones (`PLAIN`, `1`, `true`) would garble every log line they occur in.
+const MIN_FILE_SECRET: usize = 8;
+
+/// What kind of value figment found, without the value.
+fn kind_of(found: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match found {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit | Actual::Option => "no value",
+        Actual::Seq => "a list",
+        Actual::Map => "a table",
+        _ => "another kind of value",
+    }
+}
+
 /// figment's environment provider with every value kept as the text the environment holds.
 /// figment's own `Env` parses values (`1.50` became the number 1.5, `0012` became 12, a value
 /// starting with `[` or `{` a list or a map), which changes secrets and names on the way. Numbers
 /// and booleans still load (`load` extracts lossily); list-valued keys parse their text
 /// (`settings::list_or_text`).
-struct RawEnv(Env);
+struct RawEnv {
+    /// Key paths (`kafka.group_id`) and their values.
+    vars: Vec<(String, String)>,
+}
+
+impl RawEnv {
+    /// The process's `DATAPULSE_BRIDGE_*` variables, keys mapped as figment's `Env` maps them
+    /// (prefix stripped, lowercased, `__` nests).
+    fn from_process() -> RawEnv {
+        let env = Env::prefixed(ENV_PREFIX).split("__");
+        RawEnv {
+            vars: env.iter().map(|(k, v)| (k.as_str().to_string(), v)).collect(),
+        }
+    }
+
+    /// Given variables (tests), mapped by the same rule.
+    #[cfg(test)]
+    fn from_vars<'a>(vars: impl IntoIterator<Item = (&'a str, &'a str)>) -> RawEnv {
+        RawEnv {
+            vars: vars
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let rest = k.strip_prefix(ENV_PREFIX)?;
+                    Some((rest.to_ascii_lowercase().replace("__", "."), v.to_string()))
+                })
+                .collect(),
+        }
+    }
+}
 
 impl figment::Provider for RawEnv {
     fn metadata(&self) -> figment::Metadata {
-        self.0.metadata()
+        Env::prefixed(ENV_PREFIX).split("__").metadata()
     }
 
     fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         use figment::value::{Dict, Value};
         let mut root = Dict::new();
-        for (key, value) in self.0.iter() {
+        for (key, value) in &self.vars {
             // `kafka.properties.sasl.mechanism` after the split: a dictionary per segment but the
             // last. A key that runs into a value (`a=1` and `a.b=2`) keeps the later one.
-            let segments: Vec<&str> = key.as_str().split('.').filter(|s| !s.is_empty()).collect();
+            let segments: Vec<&str> = key.split('.').filter(|s| !s.is_empty()).collect();
             let Some((last, parents)) = segments.split_last() else {
                 continue;
             };
@@ -226,7 +297,7 @@ impl figment::Provider for RawEnv {
                     _ => unreachable!("made a dictionary above"),
                 };
             }
-            dict.insert(last.to_string(), Value::from(value));
+            dict.insert(last.to_string(), Value::from(value.clone()));
         }
         Ok(figment::Profile::Default.collect(root))
     }
@@ -281,6 +352,7 @@ impl Config {
         for url in [
             Some(self.dedupe.redis.url.as_str()),
             self.delivery.redis_url.as_ref().map(|u| u.expose()),
+            Some(self.api.base_url.as_str()),
         ]
         .into_iter()
         .flatten()
@@ -292,7 +364,13 @@ impl Config {
                 secrets.push(v);
             }
         }
-        secrets.extend(self.kafka.properties_file_values());
+        // Every value of the file that holds a secret by its name, and every other value long
+        // enough not to garble the log when removed (`PLAIN`, `1` stay).
+        for (k, v) in self.kafka.properties_file_entries() {
+            if is_secret_property(&k) || v.len() >= MIN_FILE_SECRET {
+                secrets.push(v);
+            }
+        }
         Scrubber::new(secrets)
     }
 
@@ -505,35 +583,50 @@ key = "dp_test_key_123"
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
     fn environment_values_arrive_verbatim() {
-        figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "c.toml",
-                "[kafka]\nbootstrap_servers = \"b:9092\"\n[api]\nbase_url = \"http://x\"\n",
-            )?;
-            jail.set_env("DATAPULSE_BRIDGE_API__KEY", "1.50");
-            jail.set_env("DATAPULSE_BRIDGE_KAFKA__GROUP_ID", "0012");
-            jail.set_env("DATAPULSE_BRIDGE_KAFKA__TOPICS", "[bets, wins]");
-            jail.set_env("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "{not-a-map");
-            jail.set_env("DATAPULSE_BRIDGE_DEDUPE__KEY", "transaction_id");
-            jail.set_env("DATAPULSE_BRIDGE_BATCH__MAX_EVENTS", "50");
-            jail.set_env("DATAPULSE_BRIDGE_KAFKA__COMMIT_ON_DELIVERY", "false");
-            let c = load(Path::new("c.toml"), true).map_err(|e| e.to_string())?.config;
-            assert_eq!(c.api.key.as_ref().map(Secret::expose), Some("1.50"));
-            assert_eq!(c.kafka.group_id, "0012");
-            assert_eq!(c.kafka.topics, ["bets", "wins"]);
-            assert_eq!(c.dedupe.redis.password.as_ref().map(Secret::expose), Some("{not-a-map"));
-            assert_eq!(c.dedupe.key, ["transaction_id"]);
-            assert_eq!(c.batch.max_events, 50);
-            assert!(!c.kafka.commit_on_delivery);
-            // What the environment gives is scrubbed as given.
-            assert_eq!(
-                c.scrubber().scrub("key 1.50 pw {not-a-map"),
-                "key <redacted> pw <redacted>"
-            );
-            Ok(())
-        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbootstrap_servers = \"b:9092\"\n[api]\nbase_url = \"http://x\"\n",
+        )
+        .unwrap();
+        let env = RawEnv::from_vars([
+            ("DATAPULSE_BRIDGE_API__KEY", "1.50"),
+            ("DATAPULSE_BRIDGE_KAFKA__GROUP_ID", "0012"),
+            ("DATAPULSE_BRIDGE_KAFKA__TOPICS", "[bets, wins]"),
+            ("DATAPULSE_BRIDGE_DEDUPE__REDIS__PASSWORD", "{not-a-map"),
+            ("DATAPULSE_BRIDGE_DEDUPE__KEY", "transaction_id"),
+            ("DATAPULSE_BRIDGE_BATCH__MAX_EVENTS", "50"),
+            ("DATAPULSE_BRIDGE_KAFKA__COMMIT_ON_DELIVERY", "false"),
+            (
+                "DATAPULSE_BRIDGE_DEDUPE__KEYS_BY_EVENT__REGISTER",
+                "[client_user_id, event_name]",
+            ),
+            ("OTHER_PREFIX_API__KEY", "ignored"),
+        ]);
+        let c = load_with(&path, true, env).unwrap().config;
+        assert_eq!(c.api.key.as_ref().map(Secret::expose), Some("1.50"));
+        assert_eq!(c.kafka.group_id, "0012");
+        assert_eq!(c.kafka.topics, ["bets", "wins"]);
+        assert_eq!(c.dedupe.redis.password.as_ref().map(Secret::expose), Some("{not-a-map"));
+        assert_eq!(c.dedupe.key, ["transaction_id"]);
+        assert_eq!(c.batch.max_events, 50);
+        assert!(!c.kafka.commit_on_delivery);
+        assert_eq!(c.dedupe.keys_by_event["register"], ["client_user_id", "event_name"]);
+        // What the environment gives is scrubbed as given.
+        assert_eq!(
+            c.scrubber().scrub("key 1.50 pw {not-a-map"),
+            "key <redacted> pw <redacted>"
+        );
+        // And its origin is named.
+        let bad = RawEnv::from_vars([("DATAPULSE_BRIDGE_BATCH__MAX_EVENTS", "many")]);
+        let e = load_with(&path, true, bad).unwrap_err();
+        assert!(
+            matches!(&e.problems()[..], [ConfigProblem::Key { key, origin, problem: Problem::WrongType(_) }]
+                if key == "batch.max_events" && origin.contains("DATAPULSE_BRIDGE_")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -139,35 +139,69 @@ pub enum Problem {
 /// `kafka.properties_file`), to remove from text the bridge did not write itself: a dependency's
 /// error message, a librdkafka log line, a panic message. Each occurrence becomes [`REDACTED`].
 /// Cheap to clone (shared).
+///
+/// A value is also removed as the JSON log and `{:?}` write it (quotes and backslashes
+/// escaped), and by its parts: a value of several `key=value` words
+/// (`sasl.oauthbearer.config`) by each word and each word's value, since librdkafka quotes such
+/// pieces. Parts shorter than [`Scrubber::MIN_PART`] stay (they would garble every line).
+/// Matching is one leftmost-longest pass (aho-corasick), so a value never matches inside a
+/// `<redacted>` already written.
 #[derive(Clone, Default)]
-pub struct Scrubber(std::sync::Arc<[String]>);
+pub struct Scrubber(Option<std::sync::Arc<aho_corasick::AhoCorasick>>, usize);
 
 impl Scrubber {
-    /// A scrubber for `secrets`; empty values are ignored, and longer values are replaced first
-    /// (so a secret that contains another is removed whole).
+    /// The shortest part of a value (a word, a word's value) removed on its own.
+    pub const MIN_PART: usize = 6;
+
+    /// A scrubber for `secrets`; empty values are ignored.
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Scrubber {
-        let mut v: Vec<String> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
-        v.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-        v.dedup();
-        Scrubber(v.into())
+        let mut patterns: Vec<String> = Vec::new();
+        for s in secrets.into_iter().filter(|s| !s.is_empty()) {
+            let mut forms = vec![s.clone()];
+            for word in s.split_whitespace() {
+                forms.push(word.to_string());
+                if let Some((_, v)) = word.split_once('=') {
+                    forms.push(v.to_string());
+                }
+            }
+            forms.retain(|f| f == &s || f.len() >= Scrubber::MIN_PART);
+            for f in forms {
+                let json = serde_json::to_string(&f).unwrap_or_default();
+                let debug = format!("{f:?}");
+                patterns.push(json[1..json.len() - 1].to_string());
+                patterns.push(debug[1..debug.len() - 1].to_string());
+                patterns.push(f);
+            }
+        }
+        patterns.sort();
+        patterns.dedup();
+        patterns.retain(|p| !p.is_empty());
+        let n = patterns.len();
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .ok()
+            .filter(|_| n > 0)
+            .map(std::sync::Arc::new);
+        Scrubber(matcher, n)
     }
 
     /// `text` with every secret value replaced by [`REDACTED`]; borrowed when none occurs.
     pub fn scrub<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut out = std::borrow::Cow::Borrowed(text);
-        for s in self.0.iter() {
-            if out.contains(s.as_str()) {
-                out = std::borrow::Cow::Owned(out.replace(s.as_str(), REDACTED));
+        match &self.0 {
+            Some(m) if m.is_match(text) => {
+                let with: Vec<&str> = vec![REDACTED; m.patterns_len()];
+                std::borrow::Cow::Owned(m.replace_all(text, &with))
             }
+            _ => std::borrow::Cow::Borrowed(text),
         }
-        out
     }
 }
 
 impl fmt::Debug for Scrubber {
     /// How many values it removes, never the values.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Scrubber({} values)", self.0.len())
+        write!(f, "Scrubber({} patterns)", self.1)
     }
 }
 
@@ -198,6 +232,16 @@ pub fn list_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String
     })
 }
 
+/// A table of lists (`dedupe.keys_by_event`), each list as [`list_or_text`] reads it.
+pub fn map_of_lists<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    struct List(#[serde(deserialize_with = "list_or_text")] Vec<String>);
+    let m = std::collections::BTreeMap::<String, List>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, List(v))| (k, v)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,7 +251,28 @@ mod tests {
         let s = Scrubber::new(["pw".to_string(), "pw-long".to_string(), String::new()]);
         assert_eq!(s.scrub("a pw-long and pw"), "a <redacted> and <redacted>");
         assert!(matches!(s.scrub("clean"), std::borrow::Cow::Borrowed("clean")));
-        assert_eq!(format!("{s:?}"), "Scrubber(2 values)");
+        assert_eq!(format!("{s:?}"), "Scrubber(2 patterns)");
+        // A short value never matches inside a marker already written.
+        let s = Scrubber::new(["a".to_string(), "secret-a".to_string()]);
+        assert_eq!(s.scrub("secret-a and a"), "<redacted> <redacted>nd <redacted>");
+    }
+
+    #[test]
+    fn scrubber_removes_escaped_forms_and_pieces() {
+        let s = Scrubber::new([
+            r#"RACK"Q\Z-777"#.to_string(),
+            "principal=admin clientSecret=OIDC-SECRET-222 scope=x".to_string(),
+        ]);
+        // As the JSON log and `{:?}` escape it.
+        assert_eq!(s.scrub(r#"rack = RACK\"Q\\Z-777"#), "rack = <redacted>");
+        // librdkafka quoting a piece of a `key=value` list: the piece, and its value alone.
+        assert_eq!(
+            s.scrub("Unrecognized sasl.oauthbearer.config beginning at: clientSecret=OIDC-SECRET-222"),
+            "Unrecognized sasl.oauthbearer.config beginning at: <redacted>"
+        );
+        assert_eq!(s.scrub("token OIDC-SECRET-222"), "token <redacted>");
+        // Short pieces stay: `scope=x` and `x` would garble every line.
+        assert_eq!(s.scrub("scope x"), "scope x");
     }
 
     #[test]

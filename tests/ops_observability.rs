@@ -563,6 +563,30 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     .await;
     clean("log with the broker unreachable", &lost.proc.log_text());
 
+    // SASL OAUTHBEARER with an unsecured token: librdkafka quotes the piece of
+    // `sasl.oauthbearer.config` it cannot read (`clientSecret=…`) in an error.
+    let sasl = base
+        .replace(
+            "\"security.protocol\" = \"plaintext\"",
+            "\"security.protocol\" = \"sasl_plaintext\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\
+             \"enable.sasl.oauthbearer.unsecure.jwt\" = true",
+        )
+        .replace(
+            &format!("clientSecret={OIDC}"),
+            &format!("principal=admin clientSecret={OIDC}"),
+        );
+    let oauth = Bridge::start_with_env(&dir, "oauth", &sasl, &[("RUST_LOG", "trace")]);
+    wait_until(MIN, "librdkafka refuses the OAUTHBEARER configuration", || async {
+        oauth.proc.log_text().contains("Unrecognized sasl.oauthbearer.config")
+    })
+    .await;
+    let text = oauth.proc.log_text();
+    assert!(
+        text.contains("beginning at: <redacted>"),
+        "the piece quoted is scrubbed"
+    );
+    clean("log of the OAUTHBEARER run", &text);
+
     // The environment's text is the key, verbatim, and still never printed.
     let env_run = dir.join("env.toml");
     std::fs::write(&env_run, base.replace(&format!("key = \"{KEY}\"\n"), "")).unwrap();

@@ -495,9 +495,9 @@ const SECRETS_INLINE: &str = r#"{
   "kafka": {
     "properties": {
       "sasl.password": "sentinel-sasl-password",
-      "sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required password=\"sentinel-jaas\";",
+      "sasl.username": "sentinel-sasl-user",
       "ssl.key.password": "sentinel-key-passphrase",
-      "sasl.oauthbearer.client.secret": "sentinel-oidc-secret"
+      "sasl.oauthbearer.config": "principal=sentinel-oidc-config"
     },
     "tls": {
       "ca": "-----BEGIN CERTIFICATE-----\nsentinel-ca\n-----END CERTIFICATE-----\n",
@@ -552,21 +552,20 @@ fn inline_kafka_secrets_render_into_secrets_mounted_as_files() {
     assert_eq!(
         lines,
         [
-            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required password=\"sentinel-jaas\";",
-            "sasl.oauthbearer.client.secret=sentinel-oidc-secret",
+            "sasl.oauthbearer.config=principal=sentinel-oidc-config",
             "sasl.password=sentinel-sasl-password",
+            "sasl.username=sentinel-sasl-user",
             "ssl.key.password=sentinel-key-passphrase",
         ]
     );
     // The others stay in the ConfigMap, and none of the secret ones.
     let props = k["properties"].as_table().unwrap();
-    assert_eq!(props["sasl.username"].as_str(), Some("datapulse-bridge"));
     assert_eq!(props["security.protocol"].as_str(), Some("SASL_SSL"));
     for key in [
         "sasl.password",
-        "sasl.jaas.config",
+        "sasl.username",
         "ssl.key.password",
-        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.config",
     ] {
         assert!(!props.contains_key(key), "{key} in the ConfigMap");
     }
@@ -597,7 +596,7 @@ fn inline_kafka_secrets_render_into_secrets_mounted_as_files() {
     assert!(checked.ok, "check refused:\n{}", checked.stderr);
     for sentinel in [
         "sentinel-sasl-password",
-        "sentinel-jaas",
+        "sentinel-sasl-user",
         "sentinel-oidc",
         "sentinel-key-passphrase",
     ] {
@@ -707,9 +706,9 @@ fn no_secret_value_in_any_configmap() {
             &[
                 "dp_sentinel_api_key",
                 "sentinel-sasl-password",
-                "sentinel-jaas",
+                "sentinel-sasl-user",
                 "sentinel-key-passphrase",
-                "sentinel-oidc-secret",
+                "sentinel-oidc-config",
                 "sentinel-private-key",
             ],
         ),
@@ -1011,4 +1010,24 @@ fn chart_readme_documents_every_value() {
         "only {} values found: did the walk break?",
         leaves.len()
     );
+}
+
+/// The chart's copy of librdkafka's sensitive properties (`isSecretProperty` in `_helpers.tpl`)
+/// is the bridge's list (`source::LIBRDKAFKA_SENSITIVE`, itself checked against librdkafka's
+/// source), so what the bridge redacts never lands in a ConfigMap.
+#[test]
+fn the_charts_sensitive_properties_are_the_bridges() {
+    let helpers = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/datapulse-bridge/templates/_helpers.tpl"),
+    )
+    .unwrap();
+    let line = helpers
+        .lines()
+        .find(|l| l.contains("$sensitive := list"))
+        .expect("the chart lists librdkafka's sensitive properties");
+    let mut chart: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+    chart.sort_unstable();
+    let mut bridge = datapulse_bridge::source::LIBRDKAFKA_SENSITIVE.to_vec();
+    bridge.sort_unstable();
+    assert_eq!(chart, bridge);
 }

@@ -22,7 +22,7 @@ pub struct DedupeConfig {
     /// Per event name, the fields that form its key instead of `key`, for events without a
     /// transaction id (for example `register = ["client_user_id"]`). The event name is always part
     /// of such a key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::settings::map_of_lists")]
     pub keys_by_event: BTreeMap<String, Vec<String>>,
     /// How long a delivered key (and a delivered bet result) is remembered.
     #[serde(default = "default_ttl", with = "humantime_serde")]

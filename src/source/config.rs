@@ -202,15 +202,15 @@ impl KafkaConfig {
         invalid
     }
 
-    /// The values `kafka.properties_file` sets (none when it cannot be read): all of them are
-    /// treated as secrets (the file exists to keep them out of the configuration).
-    pub fn properties_file_values(&self) -> Vec<String> {
+    /// The properties `kafka.properties_file` sets, with their values (none when it cannot be
+    /// read).
+    pub fn properties_file_entries(&self) -> Vec<(String, String)> {
         if self.properties_file.is_none() {
             return Vec::new();
         }
         let own = self.properties.0.len();
         self.client_properties()
-            .map(|all| all.into_iter().skip(own).map(|(_, v)| v).collect())
+            .map(|all| all.into_iter().skip(own).collect())
             .unwrap_or_default()
     }
 
@@ -251,9 +251,10 @@ pub const JAVA_ONLY_HINT: &str = " (a Java client property: librdkafka has no JA
 /// librdkafka's message quotes the value, so any value of `props` is scrubbed from it. A Java-only
 /// property gets a hint.
 fn refused_properties(props: &[(String, String)]) -> Vec<(String, String)> {
-    let scrub = Scrubber::new(props.iter().map(|(_, v)| v.clone()));
     let mut out = Vec::new();
     for (key, value) in props {
+        // librdkafka's message quotes this property's value: that value goes.
+        let scrub = Scrubber::new([value.clone()]);
         let mut one = rdkafka::ClientConfig::new();
         one.set(key, value);
         if let Err(e) = one.create_native_config() {
@@ -379,7 +380,13 @@ mod tests {
         let path = dir.path().join("client.properties");
         std::fs::write(&path, "sasl.passwrd=file-pw-51d0\nsasl.mechanism=PLAIN\n").unwrap();
         let k = kafka(&format!("properties_file = {path:?}\n"));
-        assert_eq!(k.properties_file_values(), ["file-pw-51d0", "PLAIN"]);
+        assert_eq!(
+            k.properties_file_entries(),
+            [
+                ("sasl.passwrd".to_string(), "file-pw-51d0".to_string()),
+                ("sasl.mechanism".into(), "PLAIN".into())
+            ]
+        );
         let invalid = k.validate();
         assert!(
             matches!(&invalid[..], [Invalid { key, problem: Problem::RefusedProperty { property, .. } }]

@@ -21,7 +21,9 @@ pub mod watch;
 use crate::offsets::Tracker;
 pub use crate::offsets::{Epoch, RecordId};
 use crate::telemetry::{Family, Ready, Telemetry};
-pub use config::{is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, RESERVED_PROPERTIES};
+pub use config::{
+    is_secret_property, KafkaConfig, KafkaProperties, PropertiesFileError, LIBRDKAFKA_SENSITIVE, RESERVED_PROPERTIES,
+};
 use parking_lot::Mutex;
 use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
