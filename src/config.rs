@@ -623,7 +623,7 @@ key = "dp_test_key_123"
         let bad = RawEnv::from_vars([("DATAPULSE_BRIDGE_BATCH__MAX_EVENTS", "many")]);
         let e = load_with(&path, true, bad).unwrap_err();
         assert!(
-            matches!(&e.problems()[..], [ConfigProblem::Key { key, origin, problem: Problem::WrongType(_) }]
+            matches!(e.problems(), [ConfigProblem::Key { key, origin, problem: Problem::WrongType(_) }]
                 if key == "batch.max_events" && origin.contains("DATAPULSE_BRIDGE_")),
             "{e}"
         );
