@@ -195,6 +195,41 @@ async fn gateway_errors_are_in_doubt_or_resent() {
     assert_eq!((sb.stats().requests, sb.stats().accepted_events), (2, 5));
 }
 
+/// Ambiguous answers in a row pause the key, doubling with the streak: an outage behind a
+/// gateway (every answer a 502) dead-letters a few requests' events, not the stream. Any answer
+/// of the API ends the streak.
+#[tokio::test]
+async fn ambiguous_answers_in_a_row_pause_the_key() {
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    sb.set_faults(Faults {
+        script: vec![FaultStep::Status504; 4],
+        ..Faults::default()
+    })
+    .unwrap();
+    let slow = DeliveryConfig {
+        retry_backoff_initial: Duration::from_millis(400),
+        retry_backoff_max: Duration::from_secs(2),
+        ..delivery()
+    };
+    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &slow);
+    let mut at = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let r = d
+            .deliver(&deposits(&format!("s{i}"), 1, &[]), &CancellationToken::new())
+            .await
+            .unwrap();
+        at.push((started.elapsed(), matches!(r[0], EventResult::InDoubt { .. })));
+    }
+    let in_doubt: Vec<bool> = at.iter().map(|a| a.1).collect();
+    assert_eq!(in_doubt, [true, true, true, true, false], "{at:?}");
+    // The second request goes at once; the third waits the streak's pause (400 ms), the fourth
+    // 800 ms, the fifth 1.6 s: at least 2.8 s in all, where five requests take milliseconds.
+    assert!(at[1].0 < Duration::from_millis(300), "{at:?}");
+    assert!(at[4].0 >= Duration::from_millis(2_800), "{at:?}");
+    assert_eq!(sb.stats().requests, 5);
+}
+
 /// A connection refused is not sent: retried until the API is there, never in doubt.
 #[tokio::test]
 async fn a_refused_connection_is_retried_not_in_doubt() {

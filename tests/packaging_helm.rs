@@ -1031,3 +1031,21 @@ fn the_charts_sensitive_properties_are_the_bridges() {
     bridge.sort_unstable();
     assert_eq!(chart, bridge);
 }
+
+/// Values written for an earlier chart keep working: `dedupe.inDoubt` decides `on_ambiguous`
+/// (`resend` stays `resend`, `dead-letter` is `in-doubt`), and the bridge accepts the result.
+#[test]
+fn the_former_in_doubt_value_decides_on_ambiguous() {
+    for (former, now) in [("resend", "resend"), ("dead-letter", "in-doubt"), ("", "in-doubt")] {
+        let set = format!(r#"{{"dedupe":{{"inDoubt":"{former}"}}}}"#);
+        let docs = helm_template(&[], &[&set]).unwrap_or_else(|e| panic!("{set}: {e}"));
+        let toml: toml::Value = toml::from_str(&config_toml(&docs)).unwrap();
+        assert_eq!(toml["delivery"]["on_ambiguous"].as_str(), Some(now), "{set}");
+        assert!(
+            toml["dedupe"].get("redis").and_then(|r| r.get("in_doubt")).is_none(),
+            "{set}"
+        );
+        let checked = check_rendered(&docs);
+        assert!(checked.ok, "{set}: check refused:\n{}", checked.stderr);
+    }
+}

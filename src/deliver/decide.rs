@@ -112,7 +112,7 @@ impl Answer {
         match *self {
             Answer::NoAnswer => true,
             Answer::NotSent => false,
-            Answer::Status { status, .. } => matches!(status, 501 | 502 | 504 | 505..=599),
+            Answer::Status { status, .. } => matches!(status, 502 | 504 | 506..=599),
         }
     }
 }
@@ -155,9 +155,16 @@ pub fn decide(answer: Answer, attempt: &Attempt, policy: &Policy) -> Plan {
             },
             500 => Decision::Retry { after: backoff() },
             502 | 504 => ambiguous(),
+            // 501 Not Implemented, 505 HTTP Version Not Supported: the server does not do what
+            // the bridge asks (RFC 9110 §15.6.2, §15.6.6), so nothing was counted: a server that
+            // is not the API, like a wrong path.
+            501 | 505 => Decision::Halt {
+                why: Halt::Misconfigured { status },
+                probe_after: policy.auth_retry_interval,
+            },
             // A proxy's own 5xx (Cloudflare's 520-524, a 507…): whether the API counted the
             // request is unknown.
-            501..=599 => ambiguous(),
+            506..=599 => ambiguous(),
             // 3xx (redirects are not followed: a body is sent only where configured), 404, 405,
             // 415 and every other 4xx: a wrong base URL or path.
             _ => Decision::Halt {
@@ -367,6 +374,17 @@ mod tests {
                 pause: Duration::from_millis(200)
             }
         );
+    }
+
+    #[test]
+    fn row_501_505_are_a_server_that_is_not_the_api() {
+        for s in [501, 505] {
+            assert!(!status(s).ambiguous());
+            assert!(
+                matches!(decided(status(s)), Decision::Halt { why: Halt::Misconfigured { status }, .. } if status == s),
+                "{s}"
+            );
+        }
     }
 
     #[test]

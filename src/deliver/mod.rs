@@ -267,6 +267,10 @@ pub struct Deliverer {
     endpoint: Health,
     /// Consecutive 429s and 503s of the key, for the pause of one without `Retry-After`.
     throttle_streak: AtomicU32,
+    /// Consecutive ambiguous answers of the key (a gateway's 502s, timeouts): each pauses the
+    /// key a backoff that doubles with the streak, so an outage behind a gateway dead-letters a
+    /// few requests' events, not the stream (reset by any answer of the API).
+    ambiguous_streak: AtomicU32,
     /// The smallest body refused with 413 (0: none yet).
     refused_body: AtomicUsize,
     /// The largest body accepted since the first 413 (0: none yet): requests are cut to it
@@ -284,7 +288,13 @@ impl Deliverer {
     pub fn new(api: &ApiConfig, cfg: &DeliveryConfig, telemetry: &Telemetry) -> Result<Deliverer, SetupError> {
         let client = reqwest::Client::builder()
             .timeout(api.request_timeout)
-            .connect_timeout(api.connect_timeout)
+            // The connection is made (DNS, TCP, TLS) well within the request's timeout, so that a
+            // slow connect ends as "not sent" (retried) rather than as the request's timeout,
+            // which is ambiguous.
+            .connect_timeout(api.connect_timeout.min(api.request_timeout / 2))
+            // HTTP/1.1 only: an HTTP/2 stream refused or cut by GOAWAY would be one more way for
+            // a request not processed to look unanswered (ambiguous); the API needs nothing of h2.
+            .http1_only()
             // Below the keep-alive of the usual servers and load balancers (60 s and more), so
             // that a request rarely meets a connection the server has just closed.
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -318,6 +328,7 @@ impl Deliverer {
             key: Health::new(telemetry, Ready::ApiKey),
             endpoint: Health::new(telemetry, Ready::ApiEndpoint),
             throttle_streak: Default::default(),
+            ambiguous_streak: Default::default(),
             refused_body: AtomicUsize::new(0),
             body_limit: AtomicUsize::new(0),
             metrics,
@@ -616,12 +627,35 @@ impl Deliverer {
                         body: x.body,
                     });
                 }
-                Decision::Split | Decision::TooLarge => {
-                    self.answered(&x);
+                // A 413 comes from whatever is in front of the API: it says nothing of the key or
+                // the endpoint. Only a request of several events teaches a limit: a lone event too
+                // large says nothing of how large the others may be.
+                Decision::Split => {
                     self.too_large(body.len(), idx.len());
                     return Ok(Final::TooLarge { body: x.body });
                 }
+                Decision::TooLarge => {
+                    tracing::warn!(
+                        body_bytes = body.len(),
+                        "one event alone is refused as too large (413): dead-lettered as payload_too_large"
+                    );
+                    return Ok(Final::TooLarge { body: x.body });
+                }
                 Decision::InDoubt => {
+                    let streak = self.ambiguous_streak.fetch_add(1, Ordering::Relaxed) + 1;
+                    if streak > 1 {
+                        let pause = retry::backoff_ceiling(
+                            streak - 1,
+                            self.cfg.retry_backoff_initial,
+                            self.cfg.retry_backoff_max,
+                        );
+                        tracing::warn!(
+                            consecutive = streak,
+                            pause_s = pause.as_secs_f64(),
+                            "ambiguous answers in a row: pausing the key so that an outage is not dead-lettered whole"
+                        );
+                        self.budget.pause(&creds.budget_id, pause).await;
+                    }
                     tracing::warn!(
                         status = %x.label, detail = %x.detail, events = idx.len(),
                         "the API may have counted this request (delivery.on_ambiguous = \"in-doubt\"): \
@@ -683,10 +717,11 @@ impl Deliverer {
         b.under_retry();
     }
 
-    /// The API answered as an API does (2xx, 400, 413): the key and the endpoint are right.
+    /// The API answered as an API does (2xx, 400): the key and the endpoint are right.
     fn answered(&self, x: &Exchange) {
         self.key_accepted();
         self.endpoint_found();
+        self.ambiguous_streak.store(0, Ordering::Relaxed);
         if !matches!(x.answer, Answer::Status { status: 413, .. }) {
             self.throttle_streak.store(0, Ordering::Relaxed);
         }

@@ -76,7 +76,8 @@ rate_limit = {{ int $v.rateBudget.limit }}
 rate_window = {{ $v.rateBudget.window | toJson }}
 rate_burst = {{ int $v.rateBudget.burst }}
 concurrency = {{ int ($v.batch.concurrency | default 1) }}
-on_ambiguous = {{ $v.api.onAmbiguous | default "in-doubt" | toJson }}
+{{- $formerly := dict "dead-letter" "in-doubt" "resend" "resend" }}
+on_ambiguous = {{ $v.dedupe.inDoubt | get $formerly | default $v.api.onAmbiguous | default "in-doubt" | toJson }}
 {{- if eq $v.rateBudget.mode "static_share" }}
 replicas = {{ int $v.replicaCount }}
 {{- end }}
@@ -101,9 +102,7 @@ url = {{ $v.redis.url | toJson }}
 username = {{ . | toJson }}
 {{- end }}
 prefix = {{ $v.dedupe.prefix | toJson }}
-{{- with $v.dedupe.inDoubt }}
-in_doubt = {{ . | toJson }}
-{{- end }}
+{{- /* dedupe.inDoubt, the former name, is folded into on_ambiguous above. */ -}}
 {{- end }}
 {{- end -}}
 
