@@ -209,6 +209,9 @@ fn start_lanes(
     }
 }
 
+/// How long abandoned lanes may take to end after `shutdown.deadline` before they are dropped.
+const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Shutdown fired: reading has stopped (the consumer loop pauses every partition and goes on
 /// committing). Each lane finishes the batch it has under way (its request out, and that
 /// request's retries) and sends nothing more: what it never sent is left, its ids never held, to
@@ -229,7 +232,17 @@ async fn shut_down(
     let dead_letters_drained = outcomes.drain_dead_letters(deadline).await;
     outcomes.abandon_token().cancel();
     if !drained {
-        let _ = lanes.await;
+        // Abandoned work ends at once (every wait of a lane watches the abandon token); a lane
+        // that does not (a store or broker call that hangs) is dropped after a grace period, so
+        // that shutdown never outlives its deadline by more than that: what it held is not
+        // committed and is read again by the next owner.
+        if tokio::time::timeout(ABANDON_GRACE, &mut lanes).await.is_err() {
+            tracing::error!(
+                grace = ?ABANDON_GRACE,
+                "a delivery lane did not end after its work was abandoned; dropping it"
+            );
+            lanes.abort();
+        }
     }
     let abandoned = tracker.lock().in_flight();
     let result = if drained && dead_letters_drained {
