@@ -383,6 +383,10 @@ impl Mapper {
                 format!("the value is not UTF-8 text: {e}"),
             )
         })?;
+        // One leading byte order mark, as .NET's default UTF-8 writers put before the JSON: RFC 8259
+        // §8.1 lets a parser ignore it (and forbids a writer to add it), so reading past it changes
+        // no value.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // On the stack for the usual handful of pointers.
         let n = m.plan.slot_count();
         if n <= STACK_SLOTS {

@@ -647,3 +647,56 @@ fn mangled_records_never_panic() {
         }
     }
 }
+
+// Reader fidelity (issue 16): each kind's example from the issue, and two more of each.
+
+/// The body the API would receive for an event, as written (not re-read through a JSON tree,
+/// which would round numbers).
+fn event_text(o: &MapOutcome) -> String {
+    match o {
+        MapOutcome::Event(e) => {
+            let mut out = Vec::new();
+            e.write_json(&mut out);
+            String::from_utf8(out).unwrap()
+        }
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn with_bom(text: &str) -> Vec<u8> {
+    let mut v = b"\xEF\xBB\xBF".to_vec();
+    v.extend_from_slice(text.as_bytes());
+    v
+}
+
+#[test]
+fn one_leading_byte_order_mark_is_ignored() {
+    let m = mapper(WALLET);
+    // The issue's example: EF BB BF, then a valid object (.NET's default UTF-8 writer).
+    let plain = map_value(&m, wallet("").as_bytes());
+    let marked = map_value(&m, &with_bom(&wallet("")));
+    assert_eq!(event_text(&marked), event_text(&plain));
+    // A small record whose whole value is read (`properties` over the root): the mark is not
+    // part of the first key.
+    let root = mapper(
+        r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { remaining = true }
+"#,
+    );
+    let out = map_value(&root, &with_bom(r#"{"a":"1","u":"p-01"}"#));
+    assert_eq!(
+        event_text(&out),
+        r#"{"client_user_id":"p-01","event_name":"custom","timestamp":1702963200,"a":"1"}"#
+    );
+    // Only one mark, and only at the very start: a second one, or one after white space, is not
+    // JSON (RFC 8259 §8.1 allows ignoring the mark, not stray ones).
+    let mut twice = with_bom("");
+    twice.extend_from_slice(&with_bom(&wallet("")));
+    assert_eq!(failed(&map_value(&m, &twice)).reason, "not_json");
+    let late = format!(" \u{feff}{}", wallet(""));
+    assert_eq!(failed(&map_value(&m, late.as_bytes())).reason, "not_json");
+}
