@@ -450,6 +450,9 @@ impl Mapper {
         for p in &m.props {
             cx.properties(p, &mut event.properties)?;
         }
+        if let Some(name) = repeated_name(&event.properties) {
+            return Err(property_name_taken(name));
+        }
         if !has_timestamp {
             return Err(fail(
                 Stage::Validation,
@@ -573,6 +576,36 @@ fn is_known_field(name: &str) -> bool {
             | "bet_result_amount"
             | "parent_transaction_id"
     )
+}
+
+fn property_name_taken(name: &str) -> Stop {
+    fail(
+        Stage::Mapping,
+        Some(name),
+        "property_name",
+        format!(
+            "the custom property `{}` would collide with an API field or another property; \
+             add a `prefix`, a `rename` or an `except`",
+            truncate(name)
+        ),
+    )
+}
+
+/// The first custom property name (in sorted order) that appears twice, if any. Checked once after
+/// all properties are copied, in O(n log n): checking each new name against the list so far took
+/// 5.35 s for a 1 MB record of 70,000 properties (issue 16), with the consumer standing still. Up
+/// to 16 names the pairwise check is cheaper than sorting, and needs no allocation.
+fn repeated_name<'e>(props: &'e [(Cow<'_, str>, Cow<'_, str>)]) -> Option<&'e str> {
+    if props.len() <= 16 {
+        return props
+            .iter()
+            .enumerate()
+            .find(|(i, (n, _))| props[..*i].iter().any(|(m, _)| m == n))
+            .map(|(_, (n, _))| n.as_ref());
+    }
+    let mut names: Vec<&str> = props.iter().map(|(n, _)| n.as_ref()).collect();
+    names.sort_unstable();
+    names.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 fn too_long(name: &str, len: usize) -> Stop {
@@ -755,17 +788,8 @@ impl<'a> Cx<'_, 'a> {
             if text.len() > MAX_TEXT_BYTES {
                 return Err(too_long(&name, text.len()));
             }
-            if is_known_field(&name) || out.iter().any(|(n, _)| *n == name) {
-                return Err(fail(
-                    Stage::Mapping,
-                    Some(&name),
-                    "property_name",
-                    format!(
-                        "the custom property `{}` would collide with an API field or another property; \
-                         add a `prefix`, a `rename` or an `except`",
-                        truncate(&name)
-                    ),
-                ));
+            if is_known_field(&name) {
+                return Err(property_name_taken(&name));
             }
             out.push((name, text));
             Ok(())

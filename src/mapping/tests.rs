@@ -700,3 +700,67 @@ properties = { remaining = true }
     let late = format!(" \u{feff}{}", wallet(""));
     assert_eq!(failed(&map_value(&m, late.as_bytes())).reason, "not_json");
 }
+
+/// A record with `n` custom properties under `/props` (`k00000` = `v0`, …), about 16 bytes each.
+fn wide_record(n: usize) -> String {
+    let mut s = String::from(r#"{"u":"p-01","props":{"#);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(r#""k{i:05}":"v{i}""#));
+    }
+    s.push_str("}}");
+    s
+}
+
+const WIDE: &str = r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { from = "/props" }
+"#;
+
+#[test]
+fn wide_records_map_in_n_log_n() {
+    // The issue's example: about 1 MB, 70,000 custom properties. The name-collision check was
+    // quadratic (5.35 s in a release build); 2.45e9 string comparisons cannot finish in this
+    // bound even unoptimised, a sort-based check finishes in a fraction of it.
+    let m = mapper(WIDE);
+    let text = wide_record(70_000);
+    assert!(text.len() > 1_000_000, "{}", text.len());
+    let started = std::time::Instant::now();
+    let out = map_value(&m, text.as_bytes());
+    let took = started.elapsed();
+    let MapOutcome::Event(e) = &out else { panic!("{out:?}") };
+    assert_eq!(e.properties.len(), 70_000);
+    assert_eq!(e.properties[69_999], ("k69999".into(), "v69999".into()));
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+}
+
+#[test]
+fn colliding_property_names_are_still_named_in_wide_and_narrow_records() {
+    // Wide: two tables whose names meet once, among 20,000 (the sorted check's path).
+    let two = WIDE.replace(
+        r#"properties = { from = "/props" }"#,
+        r#"properties = [{ from = "/props" }, { from = "/more" }]"#,
+    );
+    let m = mapper(&two);
+    let text = wide_record(20_000).replace("}}", r#"},"more":{"x":"1","k12345":"again"}}"#);
+    let out = map_value(&m, text.as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("property_name", Some("k12345"))
+    );
+    // Narrow: a `rename` onto a copied name (the pairwise path).
+    let m = mapper(&WIDE.replace(
+        r#"properties = { from = "/props" }"#,
+        r#"properties = [{ from = "/props" }, { from = "/more", rename = { a = "k00001" } }]"#,
+    ));
+    let out = map_value(&m, wide_record(3).replace("}}", r#"},"more":{"a":"x"}}"#).as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("property_name", Some("k00001"))
+    );
+}
