@@ -3,6 +3,7 @@
 //!
 //! Each check panics only when a property breaks; the code under test must never panic.
 
+use datapulse_bridge::decimal::Decimal;
 use datapulse_bridge::event::{ContractOptions, Event, TimestampUnit};
 use datapulse_bridge::mapping::{MapOutcome, Mapper, SourceRecord};
 use serde_json::Value;
@@ -141,12 +142,23 @@ fn round_trip(event: &Event) -> Event<'static> {
     let back = Event::from_json(&obj)
         .unwrap_or_else(|v| panic!("serialised event does not parse back: {v:?}"))
         .into_owned();
-    let same_num = |a: Option<f64>, b: Option<f64>| match (a, b) {
+    // The body carries each amount's exact decimal text (issue 16)...
+    let body = String::from_utf8_lossy(&out);
+    for (k, d) in [("amount", &event.amount), ("bet_result_amount", &event.bet_result_amount)] {
+        if let Some(d) = d {
+            assert!(
+                body.contains(&format!("\"{k}\":{d}")),
+                "{k} {d} is not in the body as written: {body}"
+            );
+        }
+    }
+    // ...which serde_json, reading it back as a binary64, may move by the last bit.
+    let same_num = |a: &Option<Decimal>, b: &Option<Decimal>| match (a.as_ref().map(Decimal::to_f64), b.as_ref().map(Decimal::to_f64)) {
         (Some(a), Some(b)) => a == b || (a - b).abs() <= a.abs().max(b.abs()) * 4.0 * f64::EPSILON,
         (a, b) => a.is_none() && b.is_none(),
     };
     assert!(
-        same_num(event.amount, back.amount) && same_num(event.bet_result_amount, back.bet_result_amount),
+        same_num(&event.amount, &back.amount) && same_num(&event.bet_result_amount, &back.bet_result_amount),
         "numbers changed across serialisation: {event:?} became {back:?}"
     );
     fn exact<'a>(e: &Event<'a>) -> Event<'a> {

@@ -6,9 +6,13 @@
 //!
 //! Limits, as `serde_json`'s: a value that is built may nest [`MAX_DEPTH`] deep; a skipped value
 //! may nest without limit (it is skipped without recursion).
+//!
+//! Where it deliberately differs from `serde_json` (issue 16: no value changes on the way):
+//! numbers are kept as their text ([`Decimal`]), not rounded to a binary64 (a number that
+//! overflows one, `1e400`, is still refused where it is built).
 
 use super::value::Val;
-use serde_json::Number;
+use crate::decimal::Decimal;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -420,29 +424,22 @@ impl<'t> Scanner<'t> {
         Ok(real)
     }
 
-    /// A number, as `serde_json` reads it: an integer when it is one that fits 64 bits, otherwise
-    /// a finite float.
-    fn number(&mut self) -> Result<Number> {
+    /// A number, as its text (issue 16: numbers stay exact); refused when it overflows a
+    /// binary64 (`1e400`: the API reads numbers as binary64, and non-finite values stay
+    /// impossible).
+    fn number(&mut self) -> Result<Decimal<'t>> {
         let start = self.i;
         let real = self.number_end()?;
         let lit = &self.text[start..self.i];
-        if !real {
-            if lit.starts_with('-') {
-                // serde_json reads `-0` as the float -0.0.
-                if let Some(n) = lit.parse::<i64>().ok().filter(|n| *n != 0) {
-                    return Ok(n.into());
-                }
-            } else if let Ok(n) = lit.parse::<u64>() {
-                return Ok(n.into());
-            }
-        }
-        match lit.parse::<f64>().ok().and_then(Number::from_f64) {
-            Some(n) => Ok(n),
-            None => Err(JsonError {
+        // Only an exponent or more than 308 digits can overflow: the usual literal needs no
+        // float parse.
+        if (real || lit.len() > 308) && !lit.parse::<f64>().is_ok_and(f64::is_finite) {
+            return Err(JsonError {
                 what: "number out of range",
                 at: start,
-            }),
+            });
         }
+        Ok(Decimal::from_checked(Cow::Borrowed(lit)))
     }
 }
 
@@ -460,8 +457,7 @@ pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> Vec<(Cow<'t, str>,
     pairs
 }
 
-/// Parses a whole JSON text.
-#[cfg(test)]
+/// Parses a whole JSON text (an expression's result, and tests).
 pub fn parse(text: &str) -> Result<Val<'_>> {
     let mut s = Scanner::new(text);
     let v = s.value(0)?;
@@ -500,12 +496,17 @@ mod tests {
         }
     }
 
-    /// This reader and serde_json agree on `text`: both refuse it, or both read the same value.
+    /// This reader and serde_json agree on `text`: both refuse it, or both read the same value;
+    /// numbers are kept as text here (a deliberate divergence, module doc), so this reader's value,
+    /// written and read by serde_json, must equal serde_json's own reading.
     fn agrees(text: &str) {
         let ours = parse(text);
         let theirs = serde_json::from_str::<Value>(text);
         match (&ours, &theirs) {
-            (Ok(v), Ok(t)) => assert!(same(&v.to_json(), t), "{text:?}: {v:?} vs {t:?}"),
+            (Ok(v), Ok(t)) => {
+                let via_text: Value = serde_json::from_str(&v.to_string()).unwrap();
+                assert!(same(&via_text, t), "{text:?}: {v:?} vs {t:?}");
+            }
             (Err(_), Err(_)) => {}
             _ => panic!("{text:?}: ours {ours:?}, serde_json {theirs:?}"),
         }

@@ -529,7 +529,7 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
             *slot = Some(s);
         }
         Kind::Num => {
-            let Some(x) = v.as_f64() else {
+            let Val::Num(x) = v else {
                 return Err(wrong("a number", "; add `as = \"number\"` to convert a string"));
             };
             match f.target {
@@ -537,12 +537,7 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
                 _ => e.bet_result_amount = Some(x),
             }
         }
-        Kind::Time => {
-            let Some(x) = v.as_i64() else {
-                return Err(wrong("an integer", ""));
-            };
-            e.timestamp = x;
-        }
+        Kind::Time => unreachable!("`Cx::field` sets the timestamp itself"),
         Kind::Bool => {
             let Val::Bool(b) = v else {
                 return Err(wrong(
@@ -685,8 +680,7 @@ impl<'a> Cx<'_, 'a> {
         let mapping_err = |reason: &str, msg: String| fail(Stage::Mapping, Some(name), reason, msg);
         let mut v = self.read(&f.source, name)?;
         if let Some(e) = &f.expr {
-            let out = e.run(&v.to_json()).map_err(|m| mapping_err("expr", m))?;
-            v = out.map_or(Val::Null, Val::from_json);
+            v = e.run(&v).map_err(|m| mapping_err("expr", m))?.unwrap_or(Val::Null);
         }
         if v.is_null() {
             match &f.default {
@@ -731,12 +725,12 @@ impl<'a> Cx<'_, 'a> {
             v = Val::Bool(hit);
         }
         if f.kind == Kind::Time {
+            // Set here: an `i64` needs no trip through a value (`sign` does not apply to times).
             let reader = f.time.as_ref().unwrap_or(&TimeReader::Unit(TimeSource::Auto));
-            v = Val::from(
-                reader
-                    .read(&v, contract.timestamp_unit)
-                    .map_err(|m| mapping_err("time", m))?,
-            );
+            event.timestamp = reader
+                .read(&v, contract.timestamp_unit)
+                .map_err(|m| mapping_err("time", m))?;
+            return Ok(true);
         }
         if let Some((s, only_for)) = &f.sign {
             if only_for.is_empty() || only_for.iter().any(|n| *n == event.event_name) {

@@ -95,7 +95,7 @@ fn every_conversion() {
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "1e3"}), ok(json!(1000.0))),
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "12,50"}), Err("type")),
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "NaN"}), Err("type")),
-        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": "7"}), ok(json!(7.0))),
+        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": "7"}), ok(json!(7))),
         ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": 7.5}), Err("type")),
         ("amount", r#""/a""#, json!({"a": "7"}), Err("type")),
         ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": "Yes"}), ok(json!(true))),
@@ -139,11 +139,11 @@ fn every_conversion() {
         ("timestamp", r#""/ts""#, json!({"ts": true}), Err("time")),
         ("timestamp", r#""/ts""#, json!({}), Err("required")),
         // amount sign rules
-        ("amount", r#"{ from = "/a", sign = "negate" }"#, json!({"a": 5}), ok(json!(-5.0))),
+        ("amount", r#"{ from = "/a", sign = "negate" }"#, json!({"a": 5}), ok(json!(-5))),
         ("amount", r#"{ from = "/a", sign = "negative" }"#, json!({"a": -5.5}), ok(json!(-5.5))),
         ("amount", r#"{ from = "/a", sign = "positive" }"#, json!({"a": -5.5}), ok(json!(5.5))),
-        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["custom"] }"#, json!({"a": 2}), ok(json!(-2.0))),
-        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["loss"] }"#, json!({"a": 2}), ok(json!(2.0))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["custom"] }"#, json!({"a": 2}), ok(json!(-2))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["loss"] }"#, json!({"a": 2}), ok(json!(2))),
         ("amount", r#"{ from = "/a", as = "number", sign = "negate" }"#, json!({"a": "3.25"}), ok(json!(-3.25))),
         // currency and is_crypto
         ("currency", r#"{ from = "/c", case = "upper", trim = true }"#, json!({"c": " eur"}), ok(json!("EUR"))),
@@ -763,4 +763,76 @@ fn colliding_property_names_are_still_named_in_wide_and_narrow_records() {
         (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
         ("property_name", Some("k00001"))
     );
+}
+
+/// A mapping of a financial event whose transaction id, amount and properties are the record's.
+const BETS: &str = r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/player"
+event_name = { const = "bet" }
+timestamp = { const = 1702963200 }
+transaction_id = { from = "/round_id", as = "string" }
+amount = { from = "/stake", as = "number" }
+currency = { const = "EUR" }
+properties = { from = "/meta" }
+"#;
+
+#[test]
+fn numbers_converted_to_strings_keep_their_digits() {
+    let m = mapper(BETS);
+    let tx = |round: &str| {
+        let rec = format!(r#"{{"player":"p-01","round_id":{round},"stake":"5.00"}}"#);
+        match map_value(&m, rec.as_bytes()) {
+            MapOutcome::Event(e) => e.transaction_id.unwrap().into_owned(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // The issue's example: two bets, two ids (a binary64 made both 7.7012345678901235e+25, and
+    // dedupe then dropped the second).
+    assert_eq!(tx("77012345678901234567890123"), "77012345678901234567890123");
+    assert_eq!(tx("77012345678901234567890124"), "77012345678901234567890124");
+    assert_eq!(tx("904218376251884077"), "904218376251884077");
+    // More: a fraction and an exponent are written as the record wrote them.
+    assert_eq!(tx("12.50"), "12.50");
+    assert_eq!(tx("-1E+2"), "-1E+2");
+    // The same for custom properties, and for table keys (`in`, `table`): the record's text.
+    let out = map_value(
+        &m,
+        br#"{"player":"p-01","round_id":1,"stake":"5","meta":{"id":904218376251884077,"odds":2.50,"big":1e300}}"#,
+    );
+    assert!(
+        event_text(&out).ends_with(r#""big":"1e300","id":"904218376251884077","odds":"2.50"}"#),
+        "{}",
+        event_text(&out)
+    );
+    let m = mapper(&one_field("game_type", r#"{ from = "/g", table = { "1.50" = "exact", "1.5" = "rounded" } }"#));
+    assert!(event_text(&map_value(&m, br#"{"g":1.50}"#)).contains(r#""game_type":"exact""#));
+}
+
+#[test]
+fn amounts_are_exact_decimals() {
+    let m = mapper(BETS);
+    let amount = |stake: &str| {
+        let rec = format!(r#"{{"player":"p-01","round_id":1,"stake":{stake}}}"#);
+        let text = event_text(&map_value(&m, rec.as_bytes()));
+        let at = text.find(r#""amount":"#).unwrap() + 9;
+        text[at..text[at..].find(',').unwrap() + at].to_string()
+    };
+    // A number keeps its text; a decimal string is written as JSON number text, digits unchanged.
+    assert_eq!(amount("9007199254740993"), "9007199254740993");
+    assert_eq!(amount("50.00"), "50.00");
+    assert_eq!(amount(r#""50.00""#), "50.00");
+    assert_eq!(amount(r#"" +0012.5 ""#), "12.5");
+    assert_eq!(amount(r#""123456789012345678901234567890.01""#), "123456789012345678901234567890.01");
+    // Sign rules are exact: the minus sign moves, no digit does.
+    let neg = mapper(&BETS.replace(r#"as = "number" }"#, r#"as = "number", sign = "negative" }"#).replace(
+        r#"event_name = { const = "bet" }"#,
+        r#"event_name = { const = "loss" }
+parent_transaction_id = { const = "b-1" }"#,
+    ));
+    let out = map_value(&neg, br#"{"player":"p-01","round_id":1,"stake":"9007199254740993.10"}"#);
+    assert!(event_text(&out).contains(r#""amount":-9007199254740993.10,"#), "{}", event_text(&out));
+    // Non-finite stays impossible: `1e400` is not a number a binary64 holds.
+    assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"1e400"}"#)).reason, "type");
+    assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"NaN"}"#)).reason, "type");
 }
