@@ -7,14 +7,20 @@
 //! Limits, as `serde_json`'s: a value that is built may nest [`MAX_DEPTH`] deep; a skipped value
 //! may nest without limit (it is skipped without recursion).
 //!
-//! Where it deliberately differs from `serde_json` (issue 16: no value changes on the way):
-//! numbers are kept as their text ([`Decimal`]), not rounded to a binary64 (a number that
-//! overflows one, `1e400`, is still refused where it is built).
+//! Where it deliberately differs from `serde_json` (issue 16: a record means one thing, and no
+//! value changes on the way): numbers are kept as their text ([`Decimal`]), not rounded to a
+//! binary64 (a number that overflows one, `1e400`, is still refused where it is built); an object
+//! with a key twice is refused, in built and skipped parts alike, where `serde_json` keeps the
+//! last. (The mapping also ignores one leading byte order mark, before this reader sees the
+//! text.)
 
 use super::value::Val;
 use crate::decimal::Decimal;
 use std::borrow::Cow;
 use std::fmt;
+
+/// The `what` of a [`JsonError`] for an object with a key twice.
+pub const DUPLICATE_KEY: &str = "duplicate key in an object";
 
 /// How deep a built value may nest.
 pub const MAX_DEPTH: usize = 128;
@@ -42,15 +48,87 @@ pub struct Scanner<'t> {
     text: &'t str,
     b: &'t [u8],
     i: usize,
+    /// The keys of the objects being read without being built, innermost last: a hash of each
+    /// (unescaped) key and the offset just after it, to refuse a key seen twice in one object.
+    /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
+    keys: Vec<(u64, usize)>,
 }
+
+/// Objects with at most this many keys are checked for a repeated key pair by pair; larger ones
+/// are sorted by hash (O(n log n), issue 16: no input makes mapping slow).
+const PAIRWISE_KEYS: usize = 12;
 
 impl<'t> Scanner<'t> {
     pub fn new(text: &'t str) -> Scanner<'t> {
+        Scanner::with_keys(text, Vec::new())
+    }
+
+    /// A scanner that keeps its key list in `keys` (emptied first); [`Scanner::into_keys`] gives
+    /// it back for the next record.
+    pub fn with_keys(text: &'t str, mut keys: Vec<(u64, usize)>) -> Scanner<'t> {
+        keys.clear();
         Scanner {
             text,
             b: text.as_bytes(),
             i: 0,
+            keys,
         }
+    }
+
+    /// The key list's storage, for the next scanner.
+    pub fn into_keys(self) -> Vec<(u64, usize)> {
+        self.keys
+    }
+
+    /// Where the next key list of an object starts ([`Scanner::close_keys`] takes it back).
+    #[inline]
+    pub fn open_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Notes an object key just read (the scanner is after its `:`).
+    #[inline]
+    pub fn note_key(&mut self, k: &str) {
+        self.keys.push((xxhash_rust::xxh3::xxh3_64(k.as_bytes()), self.i));
+    }
+
+    /// At the end of an object whose keys were noted since `mark`: fails with "duplicate key"
+    /// (at the later one) when a key appears twice, and forgets the object's keys.
+    pub fn close_keys(&mut self, mark: usize) -> Result<()> {
+        let text = self.text;
+        let keys = &mut self.keys[mark..];
+        let mut repeated = None;
+        if keys.len() <= PAIRWISE_KEYS {
+            'outer: for j in 1..keys.len() {
+                for i in 0..j {
+                    if keys[i].0 == keys[j].0 && same_key(text, keys[i].1, keys[j].1) {
+                        repeated = Some(keys[j].1);
+                        break 'outer;
+                    }
+                }
+            }
+        } else {
+            keys.sort_unstable();
+            for w in keys.windows(2) {
+                if w[0].0 == w[1].0 && same_key(text, w[0].1, w[1].1) {
+                    repeated = Some(w[1].1);
+                    break;
+                }
+            }
+        }
+        self.keys.truncate(mark);
+        match repeated {
+            Some(at) => Err(JsonError {
+                what: DUPLICATE_KEY,
+                at: self.key_end(at),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The offset just after the closing quote of the key noted at `after`.
+    fn key_end(&self, after: usize) -> usize {
+        self.b[..after].iter().rposition(|&c| c == b'"').map_or(after, |q| q + 1)
     }
 
     pub fn err<T>(&self, what: &'static str) -> Result<T> {
@@ -121,7 +199,11 @@ impl<'t> Scanner<'t> {
                         }
                     }
                 }
-                Ok(Val::Obj(object(pairs)))
+                let start = self.i;
+                object(pairs).map(Val::Obj).map_err(|key| JsonError {
+                    what: DUPLICATE_KEY,
+                    at: self.repeated_key_end(start, &key),
+                })
             }
             Some(b'[') => {
                 if depth >= MAX_DEPTH {
@@ -187,8 +269,8 @@ impl<'t> Scanner<'t> {
 
     /// Skips a value, checking its syntax, without building it and without recursion.
     pub fn skip(&mut self) -> Result<()> {
-        // The open containers, innermost last: true for an object.
-        let mut open: Vec<bool> = Vec::new();
+        // The open containers, innermost last: for an object, where its keys start in `keys`.
+        let mut open: Vec<Option<usize>> = Vec::new();
         loop {
             // A value.
             match self.peek() {
@@ -196,7 +278,7 @@ impl<'t> Scanner<'t> {
                 Some(b'{') => {
                     self.i += 1;
                     if !self.eat(b'}') {
-                        open.push(true);
+                        open.push(Some(self.open_keys()));
                         self.skip_key()?;
                         continue;
                     }
@@ -204,7 +286,7 @@ impl<'t> Scanner<'t> {
                 Some(b'[') => {
                     self.i += 1;
                     if !self.eat(b']') {
-                        open.push(false);
+                        open.push(None);
                         continue;
                     }
                 }
@@ -219,26 +301,50 @@ impl<'t> Scanner<'t> {
             }
             // Closes what ends after it, until a `,` says another member follows.
             loop {
-                let Some(&is_object) = open.last() else {
+                let Some(&keys) = open.last() else {
                     return Ok(());
                 };
-                if self.next_member(if is_object { b'}' } else { b']' })? {
-                    if is_object {
+                if self.next_member(if keys.is_some() { b'}' } else { b']' })? {
+                    if keys.is_some() {
                         self.skip_key()?;
                     }
                     break;
+                }
+                if let Some(mark) = keys {
+                    self.close_keys(mark)?;
                 }
                 open.pop();
             }
         }
     }
 
+    /// A key of a skipped object, noted for the duplicate check.
     fn skip_key(&mut self) -> Result<()> {
-        if self.peek() != Some(b'"') {
-            return self.err("expected a string key");
+        let k = self.key()?;
+        self.note_key(&k);
+        Ok(())
+    }
+
+    /// The offset just after the second `key` of the object that starts at `start` (for the
+    /// error of a built object with a repeated key; the cold path re-reads the object's keys).
+    #[cold]
+    fn repeated_key_end(&self, start: usize, key: &str) -> usize {
+        let mut s = Scanner::new(self.text);
+        s.i = start + 1;
+        let mut seen = 0;
+        while s.peek() == Some(b'"') {
+            let Ok(k) = s.key() else { break };
+            if k == key {
+                seen += 1;
+                if seen == 2 {
+                    return s.key_end(s.i);
+                }
+            }
+            if s.skip().is_err() || !matches!(s.next_member(b'}'), Ok(true)) {
+                break;
+            }
         }
-        self.skip_string()?;
-        self.expect(b':', "expected `:` after an object key")
+        start
     }
 
     /// The end of the plain run of a string starting at `self.i`: the next quote, backslash or
@@ -443,18 +549,41 @@ impl<'t> Scanner<'t> {
     }
 }
 
-/// Object members as `serde_json::Map` keeps them: sorted by key, the last of equal keys winning.
-pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> Vec<(Cow<'t, str>, Val<'t>)> {
-    // Stable: equal keys stay in input order, and the kept entry takes the last value.
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    pairs.dedup_by(|later, kept| {
-        let same = later.0 == kept.0;
-        if same {
-            std::mem::swap(later, kept);
+/// Whether the keys noted at `a` and `b` (offsets after their `:`) are the same text once
+/// unescaped (a hash match is checked, never trusted).
+#[cold]
+fn same_key(text: &str, a: usize, b: usize) -> bool {
+    let key = |at: usize| {
+        let start = key_start(text.as_bytes(), at)?;
+        let mut s = Scanner::new(text);
+        s.i = start;
+        s.string().ok()
+    };
+    let first = key(a);
+    first.is_some() && first == key(b)
+}
+
+/// The opening quote of the key whose `:` ends just before `after`.
+fn key_start(b: &[u8], after: usize) -> Option<usize> {
+    // Back over the `:` and white space to the closing quote, then to the opening quote: a quote
+    // not escaped by an odd run of backslashes.
+    let mut j = b[..after].iter().rposition(|&c| c == b'"')?;
+    loop {
+        j = b[..j].iter().rposition(|&c| c == b'"')?;
+        let slashes = b[..j].iter().rev().take_while(|&&c| c == b'\\').count();
+        if slashes % 2 == 0 {
+            return Some(j);
         }
-        same
-    });
-    pairs
+    }
+}
+
+/// Object members sorted by key; `Err` with a key that appears twice.
+pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> std::result::Result<Vec<(Cow<'t, str>, Val<'t>)>, String> {
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    match pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+        Some(w) => Err(w[0].0.to_string()),
+        None => Ok(pairs),
+    }
 }
 
 /// Parses a whole JSON text (an expression's result, and tests).
@@ -463,6 +592,76 @@ pub fn parse(text: &str) -> Result<Val<'_>> {
     let v = s.value(0)?;
     s.end()?;
     Ok(v)
+}
+
+/// The JSON pointer (RFC 6901) of the value the reader was in at byte `at` of `text`: `/money/value`
+/// for an error inside that value, `/money` for one between its members, `""` for the top level.
+/// Computed only for an error, by a second walk over `text[..at]` (which the reader accepted).
+pub fn pointer_at(text: &str, at: usize) -> String {
+    // The open containers: (is an object, its current key or index as a pointer token).
+    let mut open: Vec<(bool, Option<String>)> = Vec::new();
+    let mut s = Scanner::new(text);
+    let end = at.min(text.len());
+    // In an object: the next string is a key.
+    let mut want_key = false;
+    while s.i < end {
+        let c = s.b[s.i];
+        match c {
+            b'{' => {
+                open.push((true, None));
+                want_key = true;
+                s.i += 1;
+            }
+            b'[' => {
+                open.push((false, Some("0".into())));
+                s.i += 1;
+            }
+            b'}' | b']' => {
+                open.pop();
+                want_key = false;
+                s.i += 1;
+            }
+            b',' => {
+                match open.last_mut() {
+                    Some((true, key)) => {
+                        *key = None;
+                        want_key = true;
+                    }
+                    Some((false, index)) => {
+                        let next = index.as_deref().and_then(|i| i.parse::<usize>().ok()).map_or(0, |i| i + 1);
+                        *index = Some(next.to_string());
+                    }
+                    None => {}
+                }
+                s.i += 1;
+            }
+            b'"' => {
+                let from = s.i;
+                match s.string() {
+                    Ok(k) if want_key => {
+                        if let Some((true, key)) = open.last_mut() {
+                            *key = Some(k.into_owned());
+                        }
+                        want_key = false;
+                    }
+                    Ok(_) => {}
+                    // The error is inside this string: a key being read is not named yet.
+                    Err(_) => break,
+                }
+                if s.i <= from {
+                    break;
+                }
+            }
+            _ => s.i += 1,
+        }
+    }
+    let mut out = String::new();
+    for (_, token) in &open {
+        let Some(t) = token else { break };
+        out.push('/');
+        out.push_str(&t.replace('~', "~0").replace('/', "~1"));
+    }
+    out
 }
 
 /// Checks a whole JSON text without building it.
@@ -497,8 +696,9 @@ mod tests {
     }
 
     /// This reader and serde_json agree on `text`: both refuse it, or both read the same value;
-    /// numbers are kept as text here (a deliberate divergence, module doc), so this reader's value,
-    /// written and read by serde_json, must equal serde_json's own reading.
+    /// except for the deliberate divergences (module doc): a key twice in an object is refused
+    /// here, kept last there; numbers are kept as text here (so this reader's value, written and
+    /// read by serde_json, must equal serde_json's own reading).
     fn agrees(text: &str) {
         let ours = parse(text);
         let theirs = serde_json::from_str::<Value>(text);
@@ -508,22 +708,23 @@ mod tests {
                 assert!(same(&via_text, t), "{text:?}: {v:?} vs {t:?}");
             }
             (Err(_), Err(_)) => {}
+            (Err(e), Ok(_)) if e.what == DUPLICATE_KEY => {}
             _ => panic!("{text:?}: ours {ours:?}, serde_json {theirs:?}"),
         }
-        // Skipping checks syntax only, as serde_json's `IgnoredAny` does (`1e400` passes).
+        // Skipping checks syntax, as serde_json's `IgnoredAny` does (`1e400` passes), and keys.
         let syntax = serde_json::from_str::<serde::de::IgnoredAny>(text);
-        assert_eq!(
-            check(text).is_ok(),
-            syntax.is_ok(),
-            "check({text:?}): {:?}",
-            syntax.err()
-        );
+        match check(text) {
+            // Refused for the key whatever serde_json says (it may refuse a later part).
+            Err(e) if e.what == DUPLICATE_KEY => {}
+            checked => assert_eq!(checked.is_ok(), syntax.is_ok(), "check({text:?}): {:?}", syntax.err()),
+        }
     }
 
     const SEEDS: &[&str] = &[
         r#"{"type":"DEPOSIT_COMPLETED","player":{"id":"p-77","clickId":"ck-9","ip":"198.51.100.7"},"ref":"W-1","money":{"value":"50.00","ccy":"usd"},"occurredAt":"2023-12-19T05:20:00Z","meta":{"channel":"ios","vip":"gold"}}"#,
         r#"[1, -0, 0.5, -2.5e-3, 1E+2, 18446744073709551615, 18446744073709551616, -9223372036854775808, -9223372036854775809, 1e308, 123456789012345678901234567890]"#,
-        r#"{"s":"a\"b\\c\/d\be\ff\ng\rh\ti\u00e9\ud83d\ude00 ü","e":"","n":null,"t":true,"f":false,"d":{"x":1,"x":2}}"#,
+        r#"{"s":"a\"b\\c\/d\be\ff\ng\rh\ti\u00e9\ud83d\ude00 ü","e":"","n":null,"t":true,"f":false,"d":{"x":1,"y":2}}"#,
+        r#"{"a":{"k":1,"\u006b":2},"b":[{"k":1},{"k":2,"j":[3]}],"a":2,"n":77012345678901234567890123}"#,
         "  [ {} , [] , [[]], {\"a\" : [ ] } ]  ",
         r#""just a string""#,
         "0",
@@ -533,7 +734,7 @@ mod tests {
     #[test]
     fn agrees_with_serde_json_on_valid_documents() {
         for s in SEEDS {
-            assert!(parse(s).is_ok(), "{s}");
+            assert!(parse(s).is_ok() || parse(s).unwrap_err().what == DUPLICATE_KEY, "{s}");
             agrees(s);
         }
     }

@@ -73,7 +73,9 @@ impl Stage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MapError {
     pub stage: Stage,
-    /// The target field concerned, when there is one.
+    /// Where: the target field concerned, when there is one; for a value the reader refused
+    /// (`not_json`, `duplicate_key`), the JSON pointer (RFC 6901) in the record value where it
+    /// stopped, such as `/money/value` (none at the top level).
     pub field: Option<String>,
     /// A short machine-readable reason (a contract rule code, `not_json`, `unknown_value`, …).
     pub reason: String,
@@ -416,14 +418,7 @@ impl Mapper {
                     "the value is JSON but not an object",
                 ))
             }
-            Err(e) => {
-                return Err(fail(
-                    Stage::Mapping,
-                    None,
-                    "not_json",
-                    format!("the value is not JSON: {e}"),
-                ))
-            }
+            Err(e) => return Err(not_json(rec, text, &e)),
         }
         let cx = Cx { rec, slots };
         for c in &m.keep_when {
@@ -468,6 +463,32 @@ impl Mapper {
         }
         Ok(())
     }
+}
+
+/// A value the reader refused (`not_json`, or `duplicate_key` for a key twice in an object),
+/// named by the JSON pointer (RFC 6901) where the reader was and the byte offset in the record
+/// value (issue 16: errors name where).
+#[cold]
+fn not_json(rec: &SourceRecord<'_>, text: &str, e: &json::JsonError) -> Stop {
+    let pointer = json::pointer_at(text, e.at);
+    // Offsets count from the start of the value, a skipped byte order mark included.
+    let at = e.at + rec.value.map_or(0, |v| v.len() - text.len());
+    let (reason, what) = if e.what == json::DUPLICATE_KEY {
+        ("duplicate_key", "a record with a key twice in one object has no single meaning")
+    } else {
+        ("not_json", "the value is not JSON")
+    };
+    let place = if pointer.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("at `{}`", truncate(&pointer))
+    };
+    fail(
+        Stage::Mapping,
+        (!pointer.is_empty()).then_some(pointer.as_str()),
+        reason,
+        format!("{what}: {} {place} (byte {at})", e.what),
+    )
 }
 
 /// Puts a converted value into its event field.

@@ -836,3 +836,71 @@ parent_transaction_id = { const = "b-1" }"#,
     assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"1e400"}"#)).reason, "type");
     assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"NaN"}"#)).reason, "type");
 }
+
+#[test]
+fn a_record_with_a_key_twice_is_refused_whatever_reads_it() {
+    // The issue's example: `/player/id` alone, and with `properties` over `/player`, give one
+    // verdict, naming the repeated key.
+    let record = br#"{"player":{"id":"acct-A"},"type":"deposit","player":{"tier":"gold"}}"#;
+    let alone = mapper(&one_field("client_user_id", r#""/player/id""#));
+    let with_props = mapper(&format!("{}properties = {{ from = \"/player\" }}\n", one_field("client_user_id", r#""/player/id""#)));
+    for m in [&alone, &with_props] {
+        let out = map_value(m, record);
+        let e = failed(&out);
+        assert_eq!((e.reason.as_str(), e.field.as_deref()), ("duplicate_key", Some("/player")), "{e}");
+        assert!(e.message.contains("duplicate key"), "{e}");
+    }
+    // More: a repeat inside a part no option reads (skipped, not built), and one written with an
+    // escape (`\u0069d` is `id`), among many keys (the sorted check).
+    let out = map_value(&alone, br#"{"player":{"id":"a"},"audit":{"x":[{"k":1,"k":2}]}}"#);
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("duplicate_key", Some("/audit/x/0/k"))
+    );
+    let mut wide = String::from(r#"{"player":{"id":"a"},"other":{"#);
+    for i in 0..1000 {
+        wide.push_str(&format!(r#""k{i}":{i},"#));
+    }
+    wide.push_str(r#""id":1,"\u0069d":2}}"#);
+    let out = map_value(&alone, wide.as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("duplicate_key", Some("/other/id"))
+    );
+    // Equal hashes are checked, not trusted: distinct keys in a wide object pass.
+    let mut distinct = String::from(r#"{"player":{"id":"a"},"other":{"#);
+    for i in 0..1000 {
+        distinct.push_str(&format!(r#""k{i}":{i},"#));
+    }
+    distinct.push_str(r#""id":1}}"#);
+    assert!(matches!(map_value(&alone, distinct.as_bytes()), MapOutcome::Event(_)));
+}
+
+#[test]
+fn json_errors_name_the_pointer_where_the_reader_was() {
+    let m = mapper(WALLET);
+    let deep = format!("/money/value{}", "/0".repeat(126));
+    let cases: [(&str, &str, &str); 5] = [
+        // (the `money.value` of the wallet record replaced by, the pointer, words of the message)
+        (r#""\ud800x""#, "/money/value", "surrogate"),
+        ("NaN", "/money/value", "expected a JSON value"),
+        ("1e400", "/money/value", "number out of range"),
+        // The innermost array the reader opened: 128 levels from the top (2 of them money.value).
+        (&"[".repeat(200), &deep, "nested too deeply"),
+        (r#"{"a":tru}"#, "/money/value/a", "expected a JSON value"),
+    ];
+    for (value, pointer, words) in cases {
+        let rec = wallet("").replace(r#""50.00""#, value);
+        let out = map_value(&m, rec.as_bytes());
+        let e = failed(&out);
+        assert_eq!((e.reason.as_str(), e.field.as_deref()), ("not_json", Some(pointer)), "{value}: {e}");
+        // Messages cut long pointers (64 bytes); `dp.field` carries the whole.
+        let shown = crate::event::truncate(pointer);
+        assert!(e.message.contains(&format!("at `{shown}`")) && e.message.contains(words), "{e}");
+    }
+    // At the top level the message says so, and names no field; offsets count a skipped mark.
+    let out = map_value(&m, &with_bom("{\"a\":1,}"));
+    let e = failed(&out);
+    assert_eq!(e.field, None, "{e}");
+    assert!(e.message.contains("at the top level (byte 10)"), "{e}");
+}

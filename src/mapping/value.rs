@@ -2,8 +2,8 @@
 //! no escape sequence (nearly always), and from the compiled mapping for constants and table
 //! values, so that reading, converting and moving a field into the event allocates nothing.
 //! Numbers are their JSON text ([`Decimal`]), so no digit changes between the record and the
-//! event. Objects keep `serde_json::Map`'s semantics (keys sorted, the last of duplicate keys
-//! wins).
+//! event. Objects are sorted by key; a record with a duplicate key is refused by the reader
+//! (`json`), so every object has unique keys.
 
 use crate::decimal::Decimal;
 use serde_json::Value;
