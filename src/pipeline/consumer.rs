@@ -305,6 +305,7 @@ impl Reader {
                 }
                 Reason {
                     stage: "validation",
+                    field: None,
                     code: "too_large".into(),
                     message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
                     http_status: None,
@@ -320,6 +321,7 @@ impl Reader {
                 let field = err.field.as_deref().unwrap_or("-");
                 Reason {
                     stage: err.stage.as_str(),
+                    field: err.field.clone(),
                     code: err.reason.clone(),
                     message: format!("record {}: field `{field}`: {}", rec.id, err.message),
                     http_status: None,

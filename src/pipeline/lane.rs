@@ -245,6 +245,7 @@ impl Lane {
                 Verdict::DoubleCount { reason } => {
                     let why = Reason {
                         stage: "dedupe",
+                        field: None,
                         code: "double_count".into(),
                         message: reason,
                         http_status: None,
@@ -254,6 +255,7 @@ impl Lane {
                 Verdict::InDoubt { reason } => {
                     let why = Reason {
                         stage: "dedupe",
+                        field: None,
                         code: "in_doubt".into(),
                         message: format!("record {}: {reason}", p.held.record.id),
                         http_status: None,
@@ -315,6 +317,7 @@ impl Lane {
         for (p, status, body) in s.rejected {
             let why = Reason {
                 stage: "api",
+                field: None,
                 code: "rejected".into(),
                 message: format!(
                     "record {}: the API answered {status}: {}",
