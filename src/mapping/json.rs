@@ -48,14 +48,14 @@ pub struct Scanner<'t> {
     text: &'t str,
     b: &'t [u8],
     i: usize,
-    /// The keys of the objects being read without being built, innermost last: a hash of each
-    /// (unescaped) key and the offset just after it, to refuse a key seen twice in one object.
+    /// The keys of the objects being read without being built, innermost last, as the byte
+    /// range of each key's text between its quotes: to refuse a key seen twice in one object.
     /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
-    keys: Vec<(u64, usize)>,
+    keys: Vec<(usize, usize)>,
 }
 
 /// Objects with at most this many keys are checked for a repeated key pair by pair; larger ones
-/// are sorted by hash (O(n log n), issue 16: no input makes mapping slow).
+/// are sorted (O(n log n), issue 16: no input makes mapping slow).
 const PAIRWISE_KEYS: usize = 12;
 
 impl<'t> Scanner<'t> {
@@ -65,7 +65,7 @@ impl<'t> Scanner<'t> {
 
     /// A scanner that keeps its key list in `keys` (emptied first); [`Scanner::into_keys`] gives
     /// it back for the next record.
-    pub fn with_keys(text: &'t str, mut keys: Vec<(u64, usize)>) -> Scanner<'t> {
+    pub fn with_keys(text: &'t str, mut keys: Vec<(usize, usize)>) -> Scanner<'t> {
         keys.clear();
         Scanner {
             text,
@@ -76,7 +76,7 @@ impl<'t> Scanner<'t> {
     }
 
     /// The key list's storage, for the next scanner.
-    pub fn into_keys(self) -> Vec<(u64, usize)> {
+    pub fn into_keys(self) -> Vec<(usize, usize)> {
         self.keys
     }
 
@@ -86,49 +86,52 @@ impl<'t> Scanner<'t> {
         self.keys.len()
     }
 
-    /// Notes an object key just read (the scanner is after its `:`).
+    /// An object key and its `:`, noted for the check of its object's keys
+    /// ([`Scanner::close_keys`]).
     #[inline]
-    pub fn note_key(&mut self, k: &str) {
-        self.keys.push((xxhash_rust::xxh3::xxh3_64(k.as_bytes()), self.i));
+    pub fn noted_key(&mut self) -> Result<Cow<'t, str>> {
+        let start = self.i + 1;
+        let k = self.key()?;
+        // `key` read the string and the `:`; the string's closing quote is the last before.
+        let end = self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start);
+        self.keys.push((start, end));
+        Ok(k)
     }
 
     /// At the end of an object whose keys were noted since `mark`: fails with "duplicate key"
-    /// (at the later one) when a key appears twice, and forgets the object's keys.
+    /// (just after the later one) when a key appears twice, and forgets the object's keys. Keys
+    /// are compared as written, and only a key with an escape is unescaped to compare (`"id"` and
+    /// `"\u0069d"` are the same key).
     pub fn close_keys(&mut self, mark: usize) -> Result<()> {
         let text = self.text;
+        let key = |r: &(usize, usize)| key_text(text, *r);
         let keys = &mut self.keys[mark..];
         let mut repeated = None;
         if keys.len() <= PAIRWISE_KEYS {
             'outer: for j in 1..keys.len() {
                 for i in 0..j {
-                    if keys[i].0 == keys[j].0 && same_key(text, keys[i].1, keys[j].1) {
+                    if same_key(text, keys[i], keys[j]) {
                         repeated = Some(keys[j].1);
                         break 'outer;
                     }
                 }
             }
         } else {
-            keys.sort_unstable();
-            for w in keys.windows(2) {
-                if w[0].0 == w[1].0 && same_key(text, w[0].1, w[1].1) {
-                    repeated = Some(w[1].1);
-                    break;
-                }
-            }
+            keys.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.0.cmp(&b.0)));
+            repeated = keys
+                .windows(2)
+                .find(|w| key(&w[0]) == key(&w[1]))
+                .map(|w| w[0].1.max(w[1].1));
         }
         self.keys.truncate(mark);
         match repeated {
-            Some(at) => Err(JsonError {
+            // Just after the later key's closing quote, so that its pointer names the key.
+            Some(end) => Err(JsonError {
                 what: DUPLICATE_KEY,
-                at: self.key_end(at),
+                at: end + 1,
             }),
             None => Ok(()),
         }
-    }
-
-    /// The offset just after the closing quote of the key noted at `after`.
-    fn key_end(&self, after: usize) -> usize {
-        self.b[..after].iter().rposition(|&c| c == b'"').map_or(after, |q| q + 1)
     }
 
     pub fn err<T>(&self, what: &'static str) -> Result<T> {
@@ -320,9 +323,7 @@ impl<'t> Scanner<'t> {
 
     /// A key of a skipped object, noted for the duplicate check.
     fn skip_key(&mut self) -> Result<()> {
-        let k = self.key()?;
-        self.note_key(&k);
-        Ok(())
+        self.noted_key().map(drop)
     }
 
     /// The offset just after the second `key` of the object that starts at `start` (for the
@@ -337,7 +338,8 @@ impl<'t> Scanner<'t> {
             if k == key {
                 seen += 1;
                 if seen == 2 {
-                    return s.key_end(s.i);
+                    // Just after the key's closing quote.
+                    return s.b[..s.i].iter().rposition(|&c| c == b'"').map_or(s.i, |q| q + 1);
                 }
             }
             if s.skip().is_err() || !matches!(s.next_member(b'}'), Ok(true)) {
@@ -549,32 +551,28 @@ impl<'t> Scanner<'t> {
     }
 }
 
-/// Whether the keys noted at `a` and `b` (offsets after their `:`) are the same text once
-/// unescaped (a hash match is checked, never trusted).
-#[cold]
-fn same_key(text: &str, a: usize, b: usize) -> bool {
-    let key = |at: usize| {
-        let start = key_start(text.as_bytes(), at)?;
-        let mut s = Scanner::new(text);
-        s.i = start;
-        s.string().ok()
-    };
-    let first = key(a);
-    first.is_some() && first == key(b)
+/// The text of a key noted as the byte range between its quotes: borrowed unless it has an
+/// escape.
+fn key_text(text: &str, (start, end): (usize, usize)) -> Cow<'_, str> {
+    let raw = &text[start..end];
+    if !raw.as_bytes().contains(&b'\\') {
+        return Cow::Borrowed(raw);
+    }
+    let mut s = Scanner::new(text);
+    s.i = start - 1;
+    // The reader read this key before: it unescapes.
+    s.string().unwrap_or(Cow::Borrowed(raw))
 }
 
-/// The opening quote of the key whose `:` ends just before `after`.
-fn key_start(b: &[u8], after: usize) -> Option<usize> {
-    // Back over the `:` and white space to the closing quote, then to the opening quote: a quote
-    // not escaped by an odd run of backslashes.
-    let mut j = b[..after].iter().rposition(|&c| c == b'"')?;
-    loop {
-        j = b[..j].iter().rposition(|&c| c == b'"')?;
-        let slashes = b[..j].iter().rev().take_while(|&&c| c == b'\\').count();
-        if slashes % 2 == 0 {
-            return Some(j);
-        }
+/// Whether two noted keys are the same text once unescaped; the raw comparison decides unless
+/// one has an escape.
+#[inline]
+fn same_key(text: &str, a: (usize, usize), b: (usize, usize)) -> bool {
+    let (x, y) = (&text.as_bytes()[a.0..a.1], &text.as_bytes()[b.0..b.1]);
+    if x == y {
+        return true;
     }
+    (x.contains(&b'\\') || y.contains(&b'\\')) && key_text(text, a) == key_text(text, b)
 }
 
 /// Object members sorted by key; `Err` with a key that appears twice.

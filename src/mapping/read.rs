@@ -159,7 +159,7 @@ impl Plan {
     pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, JsonError> {
         thread_local! {
             /// The reader's key list, kept per thread so that a record's read allocates nothing.
-            static KEYS: std::cell::Cell<Vec<(u64, usize)>> = const { std::cell::Cell::new(Vec::new()) };
+            static KEYS: std::cell::Cell<Vec<(usize, usize)>> = const { std::cell::Cell::new(Vec::new()) };
         }
         let mut s = Scanner::with_keys(text, KEYS.take());
         let read = self.node(&mut s, 0, 0, slots).and_then(|is_object| s.end().map(|()| is_object));
@@ -195,8 +195,7 @@ impl Plan {
                 }
                 let keys = s.open_keys();
                 loop {
-                    let k = s.key()?;
-                    s.note_key(&k);
+                    let k = s.noted_key()?;
                     match n.children.iter().find(|c| c.0 == *k) {
                         Some(c) => {
                             self.node(s, c.2, depth + 1, slots)?;
