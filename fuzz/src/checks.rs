@@ -27,6 +27,10 @@ key = "fuzz-key"
 [dead_letter]
 topic = "wallet.transactions.dlq"
 
+# Small, so that a record of a few long fields makes an event over it (`too_large`).
+[batch]
+max_bytes = 16384
+
 [[mapping]]
 topics = ["wallet.transactions"]
 client_user_id = "/player/id"
@@ -44,12 +48,104 @@ parent_transaction_id = "/parent"
 properties = { from = "/meta", fields = ["brand"] }
 "#;
 
-fn mapper() -> &'static Mapper {
-    static MAPPER: OnceLock<Mapper> = OnceLock::new();
+/// The compiled fuzz mapping and the largest event body `run` would deliver with its config.
+fn mapper_and_limit() -> &'static (Mapper, usize) {
+    static MAPPER: OnceLock<(Mapper, usize)> = OnceLock::new();
     MAPPER.get_or_init(|| {
         let cfg = datapulse_bridge::config::from_toml_str(CONFIG).expect("the fuzz config is valid");
-        Mapper::compile(&cfg.mapping, &cfg.api.contract()).expect("the fuzz mapping compiles")
+        let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract()).expect("the fuzz mapping compiles");
+        (mapper, datapulse_bridge::mapping::max_event_bytes(cfg.batch.max_bytes))
     })
+}
+
+fn mapper() -> &'static Mapper {
+    &mapper_and_limit().0
+}
+
+/// What `datapulse-bridge map` prints for one sample line: (stdout, stderr).
+fn map_command(line: &[u8]) -> (String, String) {
+    let (mapper, limit) = mapper_and_limit();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    datapulse_bridge::mapping::run_map(mapper, *limit, Some(TOPIC.into()), line, &mut out, &mut err)
+        .expect("map runs over bytes in memory");
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+/// `run`'s verdict on the input as a record value (`Mapper::map_for_delivery`, the fuzz config's
+/// limit): `event`, `filtered`, or the failure's reason.
+pub fn run_reason(data: &[u8]) -> String {
+    let (mapper, limit) = mapper_and_limit();
+    let rec = SourceRecord {
+        topic: TOPIC,
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: Some(data),
+        headers: &[],
+    };
+    match mapper.map_for_delivery(&rec, *limit, &mut Vec::new()) {
+        MapOutcome::Event(_) => "event".into(),
+        MapOutcome::Filtered { .. } => "filtered".into(),
+        MapOutcome::Failed(e) => e.reason,
+    }
+}
+
+/// `map` is `run` (issue 16, item 6): the input as a sample line of `datapulse-bridge map`, given
+/// as `value_base64` in an envelope, as the exact bytes of `value` when it is a JSON object or
+/// array, and raw when it is no envelope itself, gets the verdict `run`'s
+/// `Mapper::map_for_delivery` gives the same record: the same event body, or a failure with the
+/// same reason and field.
+pub fn check_map_is_run(data: &[u8]) {
+    use base64::Engine;
+    // One line, not blank, without the `\r` that `map` strips from a line's end.
+    if data.contains(&b'\n') || data.ends_with(b"\r") || data.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    let (mapper, limit) = mapper_and_limit();
+    let rec = SourceRecord {
+        topic: TOPIC,
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: Some(data),
+        headers: &[],
+    };
+    let mut body = Vec::new();
+    let want = match mapper.map_for_delivery(&rec, *limit, &mut body) {
+        MapOutcome::Event(_) => (format!("{}\n", String::from_utf8_lossy(&body)), String::new()),
+        MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
+        MapOutcome::Failed(e) => {
+            let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
+            let line = format!("line 1: failed at {}{field} ({}): {}\n", e.stage.as_str(), e.reason, e.message);
+            (String::new(), line)
+        }
+    };
+    let same = |line: &[u8], how: &str| {
+        let (out, err) = map_command(line);
+        // stderr ends with the count line.
+        let verdict = err.rsplit_once("records:").map_or(err.as_str(), |(head, _)| head);
+        let verdict = verdict.rsplit_once('\n').map_or("", |(head, _)| head);
+        let verdict = if verdict.is_empty() { String::new() } else { format!("{verdict}\n") };
+        assert_eq!((out.as_str(), verdict.as_str()), (want.0.as_str(), want.1.as_str()), "{how}: {}", String::from_utf8_lossy(line));
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+    same(format!(r#"{{"value_base64":"{b64}"}}"#).as_bytes(), "value_base64");
+    let text = std::str::from_utf8(data).ok();
+    let first = data.iter().find(|b| !b.is_ascii_whitespace());
+    if text.is_some() && matches!(first, Some(b'{' | b'[')) && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
+        let mut line = br#"{"value":"#.to_vec();
+        line.extend_from_slice(data);
+        line.push(b'}');
+        same(&line, "value");
+    }
+    if !text.is_some_and(|t| t.contains("\"value")) {
+        same(data, "raw");
+    }
 }
 
 /// Input bytes as a Kafka record through the fixed mapping: the whole input is the value (an
@@ -70,8 +166,10 @@ pub fn map_input(data: &[u8]) -> MapOutcome<'static> {
     mapper().map(&rec).into_owned()
 }
 
-/// [`map_input`], then: a mapped event is valid, and survives `write_json` and parsing back.
+/// [`map_input`], then: a mapped event is valid, and survives `write_json` and parsing back;
+/// and [`check_map_is_run`].
 pub fn check_mapping(data: &[u8]) {
+    check_map_is_run(data);
     match map_input(data) {
         MapOutcome::Event(event) => {
             // A mapped event is valid, and what is sent reads back as the same valid event.

@@ -52,6 +52,8 @@ pub struct Scanner<'t> {
     /// range of each key's text between its quotes: to refuse a key seen twice in one object.
     /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
     keys: Vec<(usize, usize)>,
+    /// False while [`Scanner::skip_syntax`] runs.
+    check_keys: bool,
 }
 
 /// Objects with at most this many keys are checked for a repeated key pair by pair; larger ones
@@ -72,7 +74,22 @@ impl<'t> Scanner<'t> {
             b: text.as_bytes(),
             i: 0,
             keys,
+            check_keys: true,
         }
+    }
+
+    /// The byte offset of the cursor.
+    pub fn offset(&self) -> usize {
+        self.i
+    }
+
+    /// Skips a value checking its syntax only (not its keys): for a value that is passed on as
+    /// bytes, to be read, keys checked, by the mapping.
+    pub fn skip_syntax(&mut self) -> Result<()> {
+        self.check_keys = false;
+        let skipped = self.skip();
+        self.check_keys = true;
+        skipped
     }
 
     /// The key list's storage, for the next scanner.
@@ -92,9 +109,11 @@ impl<'t> Scanner<'t> {
     pub fn noted_key(&mut self) -> Result<Cow<'t, str>> {
         let start = self.i + 1;
         let k = self.key()?;
-        // `key` read the string and the `:`; the string's closing quote is the last before.
-        let end = self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start);
-        self.keys.push((start, end));
+        if self.check_keys {
+            // `key` read the string and the `:`; the string's closing quote is the last before.
+            let end = self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start);
+            self.keys.push((start, end));
+        }
         Ok(k)
     }
 

@@ -39,6 +39,12 @@ const STACK_SLOTS: usize = 16;
 /// (`too_long`) rather than ship megabytes to the API.
 pub const MAX_TEXT_BYTES: usize = 8 * 1024;
 
+/// The largest event body that fits a request of `batch_max_bytes` (`batch.max_bytes`): the
+/// request is a JSON array, so its `[` and `]` take two bytes.
+pub fn max_event_bytes(batch_max_bytes: usize) -> usize {
+    batch_max_bytes.saturating_sub(2)
+}
+
 /// A Kafka record as the mapping sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct SourceRecord<'a> {
@@ -358,6 +364,38 @@ impl Mapper {
             Err(Stop::Filtered(reason)) => MapOutcome::Filtered { reason },
             Err(Stop::Failed(e)) => MapOutcome::Failed(*e),
         }
+    }
+
+    /// What `run` does with a record before it is delivered, and what `map` shows: maps it,
+    /// appends the event's request body (`Event::write_json`) to `body`, and refuses a body over
+    /// `max_event_bytes` (see [`max_event_bytes`]) with stage `validation`, reason `too_large`:
+    /// one event must fit one request. `map` and `run` call this one function, so the dry run
+    /// gives every verdict the service would (issue 16, item 6).
+    pub fn map_for_delivery<'a>(
+        &'a self,
+        rec: &SourceRecord<'a>,
+        max_event_bytes: usize,
+        body: &mut Vec<u8>,
+    ) -> MapOutcome<'a> {
+        let out = self.map(rec);
+        if let MapOutcome::Event(e) = &out {
+            let start = body.len();
+            e.write_json(body);
+            let len = body.len() - start;
+            if len > max_event_bytes {
+                body.truncate(start);
+                return MapOutcome::Failed(MapError {
+                    stage: Stage::Validation,
+                    field: None,
+                    reason: "too_large".into(),
+                    message: format!(
+                        "the event is {len} bytes, over the {max_event_bytes} bytes a request of batch.max_bytes \
+                         can carry"
+                    ),
+                });
+            }
+        }
+        out
     }
 
     fn map_inner<'a>(&'a self, rec: &SourceRecord<'a>, event: &mut Event<'a>) -> Result<(), Stop> {

@@ -287,29 +287,19 @@ impl Reader {
             value: rec.value.as_deref(),
             headers: &headers,
         };
-        let why = match self.mapper.map(&src) {
+        let mut json = Vec::with_capacity(256);
+        let why = match self.mapper.map_for_delivery(&src, self.max_event_bytes, &mut json) {
             MapOutcome::Event(event) => {
-                let mut json = Vec::with_capacity(256);
-                event.write_json(&mut json);
                 let (keys, timestamp) = (self.deduper.keys_of(&event, &held.record.id), event.timestamp);
                 drop(event);
                 drop(headers);
-                if json.len() <= self.max_event_bytes {
-                    out.push(Pending {
-                        held,
-                        keys,
-                        timestamp,
-                        json,
-                    });
-                    return;
-                }
-                Reason {
-                    stage: "validation",
-                    field: None,
-                    code: "too_large".into(),
-                    message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
-                    http_status: None,
-                }
+                out.push(Pending {
+                    held,
+                    keys,
+                    timestamp,
+                    json,
+                });
+                return;
             }
             MapOutcome::Filtered { reason } => {
                 tracing::debug!(record = %rec.id, %reason, "record filtered");
