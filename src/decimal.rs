@@ -144,7 +144,10 @@ impl<'a> Decimal<'a> {
     /// A decimal from text the caller knows to be JSON number text and finite (the JSON
     /// reader's number literals, `serde_json`'s writing of a number).
     pub(crate) fn from_checked(text: Cow<'a, str>) -> Decimal<'a> {
-        debug_assert!(Decimal::parse(&text).is_some(), "{text:?} is not finite JSON number text");
+        debug_assert!(
+            Decimal::parse(&text).is_some(),
+            "{text:?} is not finite JSON number text"
+        );
         Decimal(text)
     }
 
@@ -290,10 +293,20 @@ mod tests {
 
     #[test]
     fn json_number_text_is_kept_as_written() {
-        for ok in ["0", "-0", "50.00", "9007199254740993", "77012345678901234567890123", "1E+3", "-2.5e-3"] {
+        for ok in [
+            "0",
+            "-0",
+            "50.00",
+            "9007199254740993",
+            "77012345678901234567890123",
+            "1E+3",
+            "-2.5e-3",
+        ] {
             assert_eq!(Decimal::parse(ok).map(|d| d.to_string()).as_deref(), Some(ok));
         }
-        for bad in ["", "-", "01", "1.", ".5", "+1", "1e", "1e+", "NaN", "Infinity", "0x10", "1e400", " 1", "1 "] {
+        for bad in [
+            "", "-", "01", "1.", ".5", "+1", "1e", "1e+", "NaN", "Infinity", "0x10", "1e400", " 1", "1 ",
+        ] {
             assert!(Decimal::parse(bad).is_none(), "{bad}");
         }
         assert!(Decimal::parse(&"9".repeat(309)).is_none());
@@ -314,9 +327,15 @@ mod tests {
             ("+1.5e-2", "1.5e-2"),
             ("904218376251884077", "904218376251884077"),
         ] {
-            assert_eq!(Decimal::parse_lenient(from).map(|d| d.to_string()).as_deref(), Some(to), "{from}");
+            assert_eq!(
+                Decimal::parse_lenient(from).map(|d| d.to_string()).as_deref(),
+                Some(to),
+                "{from}"
+            );
         }
-        for bad in ["", " ", "+", ".", "-.", "e5", "NaN", "inf", "1,5", "1e400", "0x1", "--1", "1.2.3", "½"] {
+        for bad in [
+            "", " ", "+", ".", "-.", "e5", "NaN", "inf", "1,5", "1e400", "0x1", "--1", "1.2.3", "½",
+        ] {
             assert!(Decimal::parse_lenient(bad).is_none(), "{bad}");
         }
     }
@@ -343,7 +362,10 @@ mod tests {
         assert_eq!(int("1.5e1").as_deref(), Some("15"));
         assert_eq!(int("-0").as_deref(), Some("0"));
         assert_eq!(int("1500e-2").as_deref(), Some("15"));
-        assert_eq!(int("77012345678901234567890123").as_deref(), Some("77012345678901234567890123"));
+        assert_eq!(
+            int("77012345678901234567890123").as_deref(),
+            Some("77012345678901234567890123")
+        );
         assert_eq!(int("0.30000000000000000001e1"), None, "a binary64 would call it 3");
         assert_eq!(int("12.5"), None);
         assert_eq!(int("1e41"), None);

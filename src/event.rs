@@ -319,7 +319,9 @@ impl<'a> Event<'a> {
                     ));
                 }
                 // Exact on the decimal: a binary64 would call -1e-400 zero.
-                if (result == BetResult::Win && amount.is_negative()) || (result == BetResult::Loss && amount.is_positive()) {
+                if (result == BetResult::Win && amount.is_negative())
+                    || (result == BetResult::Loss && amount.is_positive())
+                {
                     v.push(Violation::new(
                         "bet_result_amount",
                         Rule::AmountSign,
@@ -796,7 +798,13 @@ mod tests {
 
     #[test]
     fn amounts_are_written_as_their_exact_text() {
-        for text in ["50.00", "9007199254740993", "-0.000000000000000000000000000001", "1E+3", "0"] {
+        for text in [
+            "50.00",
+            "9007199254740993",
+            "-0.000000000000000000000000000001",
+            "1E+3",
+            "0",
+        ] {
             let seed = deposit();
             let mut e = parse(&seed).unwrap();
             e.amount = Decimal::parse(text);
@@ -814,7 +822,11 @@ mod tests {
                           "currency": "EUR", "transaction_id": "l1", "parent_transaction_id": "b1"});
         let mut e = parse(&loss).unwrap();
         e.amount = Decimal::parse("1e-400");
-        let rules: Vec<_> = e.validate(&ContractOptions::default()).into_iter().map(|v| v.rule).collect();
+        let rules: Vec<_> = e
+            .validate(&ContractOptions::default())
+            .into_iter()
+            .map(|v| v.rule)
+            .collect();
         assert_eq!(rules, ["amount_sign"]);
         e.amount = Decimal::parse("-0.00");
         assert!(e.validate(&ContractOptions::default()).is_empty());

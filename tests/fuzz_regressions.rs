@@ -166,7 +166,10 @@ fn map_is_run_over_the_corpus() {
         // A key twice, a number past a binary64's digits, a byte order mark, broken JSON, a value
         // that is not UTF-8; and below, an event over the fuzz config's batch.max_bytes.
         inputs.push(text.replacen('{', r#"{"type":"deposit","#, 1).into_bytes());
-        inputs.push(text.replacen("\"ref\":", r#""ref":77012345678901234567890123,"x":"#, 1).into_bytes());
+        inputs.push(
+            text.replacen("\"ref\":", r#""ref":77012345678901234567890123,"x":"#, 1)
+                .into_bytes(),
+        );
         inputs.push([&b"\xEF\xBB\xBF"[..], text.as_bytes()].concat());
         inputs.push(text.as_bytes()[..text.len() / 2].to_vec());
         inputs.push([text.as_bytes(), b"\xff"].concat());

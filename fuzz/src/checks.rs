@@ -121,7 +121,12 @@ pub fn check_map_is_run(data: &[u8]) {
         MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
         MapOutcome::Failed(e) => {
             let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
-            let line = format!("line 1: failed at {}{field} ({}): {}\n", e.stage.as_str(), e.reason, e.message);
+            let line = format!(
+                "line 1: failed at {}{field} ({}): {}\n",
+                e.stage.as_str(),
+                e.reason,
+                e.message
+            );
             (String::new(), line)
         }
     };
@@ -130,14 +135,26 @@ pub fn check_map_is_run(data: &[u8]) {
         // stderr ends with the count line.
         let verdict = err.rsplit_once("records:").map_or(err.as_str(), |(head, _)| head);
         let verdict = verdict.rsplit_once('\n').map_or("", |(head, _)| head);
-        let verdict = if verdict.is_empty() { String::new() } else { format!("{verdict}\n") };
-        assert_eq!((out.as_str(), verdict.as_str()), (want.0.as_str(), want.1.as_str()), "{how}: {}", String::from_utf8_lossy(line));
+        let verdict = if verdict.is_empty() {
+            String::new()
+        } else {
+            format!("{verdict}\n")
+        };
+        assert_eq!(
+            (out.as_str(), verdict.as_str()),
+            (want.0.as_str(), want.1.as_str()),
+            "{how}: {}",
+            String::from_utf8_lossy(line)
+        );
     };
     let b64 = base64::engine::general_purpose::STANDARD.encode(data);
     same(format!(r#"{{"value_base64":"{b64}"}}"#).as_bytes(), "value_base64");
     let text = std::str::from_utf8(data).ok();
     let first = data.iter().find(|b| !b.is_ascii_whitespace());
-    if text.is_some() && matches!(first, Some(b'{' | b'[')) && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
+    if text.is_some()
+        && matches!(first, Some(b'{' | b'['))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+    {
         let mut line = br#"{"value":"#.to_vec();
         line.extend_from_slice(data);
         line.push(b'}');
@@ -242,7 +259,10 @@ fn round_trip(event: &Event) -> Event<'static> {
         .into_owned();
     // The body carries each amount's exact decimal text (issue 16)...
     let body = String::from_utf8_lossy(&out);
-    for (k, d) in [("amount", &event.amount), ("bet_result_amount", &event.bet_result_amount)] {
+    for (k, d) in [
+        ("amount", &event.amount),
+        ("bet_result_amount", &event.bet_result_amount),
+    ] {
         if let Some(d) = d {
             assert!(
                 body.contains(&format!("\"{k}\":{d}")),
@@ -251,7 +271,10 @@ fn round_trip(event: &Event) -> Event<'static> {
         }
     }
     // ...which serde_json, reading it back as a binary64, may move by the last bit.
-    let same_num = |a: &Option<Decimal>, b: &Option<Decimal>| match (a.as_ref().map(Decimal::to_f64), b.as_ref().map(Decimal::to_f64)) {
+    let same_num = |a: &Option<Decimal>, b: &Option<Decimal>| match (
+        a.as_ref().map(Decimal::to_f64),
+        b.as_ref().map(Decimal::to_f64),
+    ) {
         (Some(a), Some(b)) => a == b || (a - b).abs() <= a.abs().max(b.abs()) * 4.0 * f64::EPSILON,
         (a, b) => a.is_none() && b.is_none(),
     };

@@ -274,11 +274,20 @@ mod tests {
     #[test]
     fn values_that_are_not_json_and_lines_that_are_no_envelope() {
         // A string is the value's text; null a tombstone; value_base64 any bytes.
-        assert_eq!(Sample::parse(br#"{"value":"not {json"}"#).value.as_deref(), Some(&b"not {json"[..]));
-        assert_eq!(Sample::parse(br#"{"value":"{\"a\":1}"}"#).value.as_deref(), Some(&br#"{"a":1}"#[..]));
+        assert_eq!(
+            Sample::parse(br#"{"value":"not {json"}"#).value.as_deref(),
+            Some(&b"not {json"[..])
+        );
+        assert_eq!(
+            Sample::parse(br#"{"value":"{\"a\":1}"}"#).value.as_deref(),
+            Some(&br#"{"a":1}"#[..])
+        );
         let tombstone = Sample::parse(br#"{"value":null,"key":{"base64":"AAE="}}"#);
         assert_eq!((tombstone.value, tombstone.key), (None, Some(vec![0, 1])));
-        assert_eq!(Sample::parse(br#"{"value_base64":"/+4="}"#).value, Some(vec![0xff, 0xee]));
+        assert_eq!(
+            Sample::parse(br#"{"value_base64":"/+4="}"#).value,
+            Some(vec![0xff, 0xee])
+        );
         // Other JSON as a key or header is its bytes, as a Debezium key is.
         let debezium = Sample::parse(br#"{"value":{},"key":{"id":101},"headers":{"n":1.50}}"#);
         assert_eq!(debezium.key.as_deref(), Some(&br#"{"id":101}"#[..]));
@@ -294,7 +303,12 @@ mod tests {
             br#"{"value":{}} x"#,
             b"\xff{}",
         ] {
-            assert_eq!(Sample::parse(line).value.as_deref(), Some(line), "{}", String::from_utf8_lossy(line));
+            assert_eq!(
+                Sample::parse(line).value.as_deref(),
+                Some(line),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -323,7 +337,10 @@ properties = { from = "/p" }
         let summary = run_map(&mapper, limit, Some("t".into()), input.as_bytes(), &mut out, &mut err).unwrap();
         let err = String::from_utf8(err).unwrap();
         assert_eq!((summary.events, summary.failed), (1, 1), "{err}");
-        assert!(err.contains("line 1: failed at validation (too_large): the event is 18"), "{err}");
+        assert!(
+            err.contains("line 1: failed at validation (too_large): the event is 18"),
+            "{err}"
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"client_user_id\":\"p-2\",\"event_name\":\"custom\",\"timestamp\":1702963200}\n"

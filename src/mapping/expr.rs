@@ -4,11 +4,11 @@
 //! its first output back, so an expression costs microseconds: fine for the rare field, not for
 //! every field.
 
+use super::json;
+use super::value::Val;
 use jaq_core::data::JustLut;
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Native, Vars};
-use super::json;
-use super::value::Val;
 use jaq_json::Val as JVal;
 
 type Filter = jaq_core::compile::Filter<Native<JustLut<JVal>>>;
@@ -115,7 +115,8 @@ mod tests {
     fn run(e: &Expr, input: Value) -> Result<Option<Value>, String> {
         let text = input.to_string();
         let v = json::parse(&text).unwrap();
-        e.run(&v).map(|o| o.map(|v| serde_json::from_str(&v.to_string()).unwrap()))
+        e.run(&v)
+            .map(|o| o.map(|v| serde_json::from_str(&v.to_string()).unwrap()))
     }
 
     #[test]

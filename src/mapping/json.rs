@@ -595,7 +595,9 @@ fn same_key(text: &str, a: (usize, usize), b: (usize, usize)) -> bool {
 }
 
 /// Object members sorted by key; `Err` with a key that appears twice.
-pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> std::result::Result<Vec<(Cow<'t, str>, Val<'t>)>, String> {
+pub fn object<'t>(
+    mut pairs: Vec<(Cow<'t, str>, Val<'t>)>,
+) -> std::result::Result<Vec<(Cow<'t, str>, Val<'t>)>, String> {
     pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     match pairs.windows(2).find(|w| w[0].0 == w[1].0) {
         Some(w) => Err(w[0].0.to_string()),
@@ -645,7 +647,10 @@ pub fn pointer_at(text: &str, at: usize) -> String {
                         want_key = true;
                     }
                     Some((false, index)) => {
-                        let next = index.as_deref().and_then(|i| i.parse::<usize>().ok()).map_or(0, |i| i + 1);
+                        let next = index
+                            .as_deref()
+                            .and_then(|i| i.parse::<usize>().ok())
+                            .map_or(0, |i| i + 1);
                         *index = Some(next.to_string());
                     }
                     None => {}

@@ -512,7 +512,10 @@ fn not_json(rec: &SourceRecord<'_>, text: &str, e: &json::JsonError) -> Stop {
     // Offsets count from the start of the value, a skipped byte order mark included.
     let at = e.at + rec.value.map_or(0, |v| v.len() - text.len());
     let (reason, what) = if e.what == json::DUPLICATE_KEY {
-        ("duplicate_key", "a record with a key twice in one object has no single meaning")
+        (
+            "duplicate_key",
+            "a record with a key twice in one object has no single meaning",
+        )
     } else {
         ("not_json", "the value is not JSON")
     };

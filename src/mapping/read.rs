@@ -162,7 +162,9 @@ impl Plan {
             static KEYS: std::cell::Cell<Vec<(usize, usize)>> = const { std::cell::Cell::new(Vec::new()) };
         }
         let mut s = Scanner::with_keys(text, KEYS.take());
-        let read = self.node(&mut s, 0, 0, slots).and_then(|is_object| s.end().map(|()| is_object));
+        let read = self
+            .node(&mut s, 0, 0, slots)
+            .and_then(|is_object| s.end().map(|()| is_object));
         KEYS.set(s.into_keys());
         read
     }

@@ -805,7 +805,10 @@ fn numbers_converted_to_strings_keep_their_digits() {
         "{}",
         event_text(&out)
     );
-    let m = mapper(&one_field("game_type", r#"{ from = "/g", table = { "1.50" = "exact", "1.5" = "rounded" } }"#));
+    let m = mapper(&one_field(
+        "game_type",
+        r#"{ from = "/g", table = { "1.50" = "exact", "1.5" = "rounded" } }"#,
+    ));
     assert!(event_text(&map_value(&m, br#"{"g":1.50}"#)).contains(r#""game_type":"exact""#));
 }
 
@@ -823,18 +826,35 @@ fn amounts_are_exact_decimals() {
     assert_eq!(amount("50.00"), "50.00");
     assert_eq!(amount(r#""50.00""#), "50.00");
     assert_eq!(amount(r#"" +0012.5 ""#), "12.5");
-    assert_eq!(amount(r#""123456789012345678901234567890.01""#), "123456789012345678901234567890.01");
+    assert_eq!(
+        amount(r#""123456789012345678901234567890.01""#),
+        "123456789012345678901234567890.01"
+    );
     // Sign rules are exact: the minus sign moves, no digit does.
-    let neg = mapper(&BETS.replace(r#"as = "number" }"#, r#"as = "number", sign = "negative" }"#).replace(
-        r#"event_name = { const = "bet" }"#,
-        r#"event_name = { const = "loss" }
+    let neg = mapper(
+        &BETS
+            .replace(r#"as = "number" }"#, r#"as = "number", sign = "negative" }"#)
+            .replace(
+                r#"event_name = { const = "bet" }"#,
+                r#"event_name = { const = "loss" }
 parent_transaction_id = { const = "b-1" }"#,
-    ));
+            ),
+    );
     let out = map_value(&neg, br#"{"player":"p-01","round_id":1,"stake":"9007199254740993.10"}"#);
-    assert!(event_text(&out).contains(r#""amount":-9007199254740993.10,"#), "{}", event_text(&out));
+    assert!(
+        event_text(&out).contains(r#""amount":-9007199254740993.10,"#),
+        "{}",
+        event_text(&out)
+    );
     // Non-finite stays impossible: `1e400` is not a number a binary64 holds.
-    assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"1e400"}"#)).reason, "type");
-    assert_eq!(failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"NaN"}"#)).reason, "type");
+    assert_eq!(
+        failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"1e400"}"#)).reason,
+        "type"
+    );
+    assert_eq!(
+        failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"NaN"}"#)).reason,
+        "type"
+    );
 }
 
 #[test]
@@ -843,11 +863,18 @@ fn a_record_with_a_key_twice_is_refused_whatever_reads_it() {
     // verdict, naming the repeated key.
     let record = br#"{"player":{"id":"acct-A"},"type":"deposit","player":{"tier":"gold"}}"#;
     let alone = mapper(&one_field("client_user_id", r#""/player/id""#));
-    let with_props = mapper(&format!("{}properties = {{ from = \"/player\" }}\n", one_field("client_user_id", r#""/player/id""#)));
+    let with_props = mapper(&format!(
+        "{}properties = {{ from = \"/player\" }}\n",
+        one_field("client_user_id", r#""/player/id""#)
+    ));
     for m in [&alone, &with_props] {
         let out = map_value(m, record);
         let e = failed(&out);
-        assert_eq!((e.reason.as_str(), e.field.as_deref()), ("duplicate_key", Some("/player")), "{e}");
+        assert_eq!(
+            (e.reason.as_str(), e.field.as_deref()),
+            ("duplicate_key", Some("/player")),
+            "{e}"
+        );
         assert!(e.message.contains("duplicate key"), "{e}");
     }
     // More: a repeat inside a part no option reads (skipped, not built), and one written with an
@@ -893,10 +920,17 @@ fn json_errors_name_the_pointer_where_the_reader_was() {
         let rec = wallet("").replace(r#""50.00""#, value);
         let out = map_value(&m, rec.as_bytes());
         let e = failed(&out);
-        assert_eq!((e.reason.as_str(), e.field.as_deref()), ("not_json", Some(pointer)), "{value}: {e}");
+        assert_eq!(
+            (e.reason.as_str(), e.field.as_deref()),
+            ("not_json", Some(pointer)),
+            "{value}: {e}"
+        );
         // Messages cut long pointers (64 bytes); `dp.field` carries the whole.
         let shown = crate::event::truncate(pointer);
-        assert!(e.message.contains(&format!("at `{shown}`")) && e.message.contains(words), "{e}");
+        assert!(
+            e.message.contains(&format!("at `{shown}`")) && e.message.contains(words),
+            "{e}"
+        );
     }
     // At the top level the message says so, and names no field; offsets count a skipped mark.
     let out = map_value(&m, &with_bom("{\"a\":1,}"));

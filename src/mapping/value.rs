@@ -148,7 +148,8 @@ mod tests {
 
     #[test]
     fn borrows_plain_strings_and_keeps_number_text() {
-        let text = r#"{"b":"plain","a":"esc\"aped","n":[1,-2,2.50,77012345678901234567890123,true,null],"o":{"y":1,"x":{}}}"#;
+        let text =
+            r#"{"b":"plain","a":"esc\"aped","n":[1,-2,2.50,77012345678901234567890123,true,null],"o":{"y":1,"x":{}}}"#;
         let v = super::super::json::parse(text).unwrap();
         assert!(matches!(v.get("b"), Some(Val::Str(Cow::Borrowed("plain")))));
         assert!(matches!(v.get("a"), Some(Val::Str(Cow::Owned(_)))));
