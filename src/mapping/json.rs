@@ -51,7 +51,7 @@ pub struct Scanner<'t> {
     /// The keys of the objects being read without being built, innermost last, as the byte
     /// range of each key's text between its quotes: to refuse a key seen twice in one object.
     /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
-    keys: Vec<(usize, usize)>,
+    keys: Vec<NotedKey>,
     /// False while [`Scanner::skip_syntax`] runs.
     check_keys: bool,
 }
@@ -67,7 +67,7 @@ impl<'t> Scanner<'t> {
 
     /// A scanner that keeps its key list in `keys` (emptied first); [`Scanner::into_keys`] gives
     /// it back for the next record.
-    pub fn with_keys(text: &'t str, mut keys: Vec<(usize, usize)>) -> Scanner<'t> {
+    pub fn with_keys(text: &'t str, mut keys: Vec<NotedKey>) -> Scanner<'t> {
         keys.clear();
         Scanner {
             text,
@@ -93,7 +93,7 @@ impl<'t> Scanner<'t> {
     }
 
     /// The key list's storage, for the next scanner.
-    pub fn into_keys(self) -> Vec<(usize, usize)> {
+    pub fn into_keys(self) -> Vec<NotedKey> {
         self.keys
     }
 
@@ -105,14 +105,32 @@ impl<'t> Scanner<'t> {
 
     /// An object key and its `:`, noted for the check of its object's keys
     /// ([`Scanner::close_keys`]).
-    #[inline]
+    #[inline(always)] // as `key` was inlined into the reader's loop: called, they cost 6% more instructions a record
     pub fn noted_key(&mut self) -> Result<Cow<'t, str>> {
         let start = self.i + 1;
         let k = self.key()?;
         if self.check_keys {
-            // `key` read the string and the `:`; the string's closing quote is the last before.
-            let end = self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start);
-            self.keys.push((start, end));
+            let tag = key_tag(&k);
+            let noted = match &k {
+                // A key without an escape borrows its text: where it lies is where it points.
+                Cow::Borrowed(plain) => {
+                    let start = plain.as_ptr() as usize - self.text.as_ptr() as usize;
+                    NotedKey {
+                        start,
+                        end: start + plain.len(),
+                        tag,
+                        escaped: false,
+                    }
+                }
+                // `key` read the string and the `:`; the closing quote is the last before.
+                Cow::Owned(_) => NotedKey {
+                    start,
+                    end: self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start),
+                    tag,
+                    escaped: true,
+                },
+            };
+            self.keys.push(noted);
         }
         Ok(k)
     }
@@ -123,24 +141,24 @@ impl<'t> Scanner<'t> {
     /// `"\u0069d"` are the same key).
     pub fn close_keys(&mut self, mark: usize) -> Result<()> {
         let text = self.text;
-        let key = |r: &(usize, usize)| key_text(text, *r);
+        let key = |k: &NotedKey| key_text(text, k);
         let keys = &mut self.keys[mark..];
         let mut repeated = None;
         if keys.len() <= PAIRWISE_KEYS {
             'outer: for j in 1..keys.len() {
                 for i in 0..j {
-                    if same_key(text, keys[i], keys[j]) {
-                        repeated = Some(keys[j].1);
+                    if keys[i].tag == keys[j].tag && same_key(text, &keys[i], &keys[j]) {
+                        repeated = Some(keys[j].end);
                         break 'outer;
                     }
                 }
             }
         } else {
-            keys.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.0.cmp(&b.0)));
+            keys.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.start.cmp(&b.start)));
             repeated = keys
                 .windows(2)
                 .find(|w| key(&w[0]) == key(&w[1]))
-                .map(|w| w[0].1.max(w[1].1));
+                .map(|w| w[0].end.max(w[1].end));
         }
         self.keys.truncate(mark);
         match repeated {
@@ -253,7 +271,7 @@ impl<'t> Scanner<'t> {
     }
 
     /// An object key and its `:`.
-    #[inline]
+    #[inline(always)]
     pub fn key(&mut self) -> Result<Cow<'t, str>> {
         if self.peek() != Some(b'"') {
             return self.err("expected a string key");
@@ -570,15 +588,35 @@ impl<'t> Scanner<'t> {
     }
 }
 
-/// The text of a key noted as the byte range between its quotes: borrowed unless it has an
-/// escape.
-fn key_text(text: &str, (start, end): (usize, usize)) -> Cow<'_, str> {
-    let raw = &text[start..end];
-    if !raw.as_bytes().contains(&b'\\') {
+/// An object key the reader passed: the byte range of its text between its quotes, and whether
+/// that text has an escape (then it must be unescaped to be compared).
+#[derive(Debug, Clone, Copy)]
+pub struct NotedKey {
+    start: usize,
+    end: usize,
+    /// [`key_tag`] of the unescaped text: keys with different tags differ, so most pairs are
+    /// told apart without reading the text (profiled: comparing the text of every pair was most
+    /// of the check's cost).
+    tag: u32,
+    escaped: bool,
+}
+
+/// A cheap summary of a key's (unescaped) text: its length, first and last byte.
+#[inline]
+fn key_tag(k: &str) -> u32 {
+    let b = k.as_bytes();
+    let (first, last) = (b.first().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+    ((b.len() as u32) << 16) | (u32::from(first) << 8) | u32::from(last)
+}
+
+/// The text of a noted key: borrowed unless it has an escape.
+fn key_text<'t>(text: &'t str, k: &NotedKey) -> Cow<'t, str> {
+    let raw = &text[k.start..k.end];
+    if !k.escaped {
         return Cow::Borrowed(raw);
     }
     let mut s = Scanner::new(text);
-    s.i = start - 1;
+    s.i = k.start - 1;
     // The reader read this key before: it unescapes.
     s.string().unwrap_or(Cow::Borrowed(raw))
 }
@@ -586,12 +624,11 @@ fn key_text(text: &str, (start, end): (usize, usize)) -> Cow<'_, str> {
 /// Whether two noted keys are the same text once unescaped; the raw comparison decides unless
 /// one has an escape.
 #[inline]
-fn same_key(text: &str, a: (usize, usize), b: (usize, usize)) -> bool {
-    let (x, y) = (&text.as_bytes()[a.0..a.1], &text.as_bytes()[b.0..b.1]);
-    if x == y {
-        return true;
+fn same_key(text: &str, a: &NotedKey, b: &NotedKey) -> bool {
+    if !a.escaped && !b.escaped {
+        return text.as_bytes()[a.start..a.end] == text.as_bytes()[b.start..b.end];
     }
-    (x.contains(&b'\\') || y.contains(&b'\\')) && key_text(text, a) == key_text(text, b)
+    key_text(text, a) == key_text(text, b)
 }
 
 /// Object members sorted by key; `Err` with a key that appears twice.

@@ -159,7 +159,7 @@ impl Plan {
     pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, JsonError> {
         thread_local! {
             /// The reader's key list, kept per thread so that a record's read allocates nothing.
-            static KEYS: std::cell::Cell<Vec<(usize, usize)>> = const { std::cell::Cell::new(Vec::new()) };
+            static KEYS: std::cell::Cell<Vec<super::json::NotedKey>> = const { std::cell::Cell::new(Vec::new()) };
         }
         let mut s = Scanner::with_keys(text, KEYS.take());
         let read = self
