@@ -824,6 +824,8 @@ impl<'a> Cx<'_, 'a> {
                 format!("properties must come from an object, got {}", describe(&obj)),
             ));
         };
+        // Room for every property at once: a wide record grew the list by doubling, copying it.
+        out.reserve(p.fields.as_ref().map_or(map.len(), Vec::len));
         let mut copy = |k: Cow<'a, str>, v: Val<'a>| -> Result<(), Stop> {
             if !p.skip.is_empty() && p.skip.contains(&*k) {
                 return Ok(());
