@@ -74,9 +74,9 @@ fn map_command(line: &[u8]) -> (String, String) {
     )
 }
 
-/// `run`'s verdict on the input as a record value (`Mapper::map_for_delivery`, the fuzz config's
-/// limit): `event`, `filtered`, or the failure's reason.
-pub fn run_reason(data: &[u8]) -> String {
+/// The input as a record value through `run`'s path before delivery
+/// (`Mapper::map_for_delivery`, with the fuzz config's limit); the body goes to `body`.
+fn run_path<'a>(data: &'a [u8], body: &mut Vec<u8>) -> MapOutcome<'a> {
     let (mapper, limit) = mapper_and_limit();
     let rec = SourceRecord {
         topic: TOPIC,
@@ -87,7 +87,12 @@ pub fn run_reason(data: &[u8]) -> String {
         value: Some(data),
         headers: &[],
     };
-    match mapper.map_for_delivery(&rec, *limit, &mut Vec::new()) {
+    mapper.map_for_delivery(&rec, *limit, body)
+}
+
+/// `run`'s verdict on the input as a record value: `event`, `filtered`, or the failure's reason.
+pub fn run_reason(data: &[u8]) -> String {
+    match run_path(data, &mut Vec::new()) {
         MapOutcome::Event(_) => "event".into(),
         MapOutcome::Filtered { .. } => "filtered".into(),
         MapOutcome::Failed(e) => e.reason,
@@ -105,18 +110,8 @@ pub fn check_map_is_run(data: &[u8]) {
     if data.contains(&b'\n') || data.ends_with(b"\r") || data.iter().all(u8::is_ascii_whitespace) {
         return;
     }
-    let (mapper, limit) = mapper_and_limit();
-    let rec = SourceRecord {
-        topic: TOPIC,
-        partition: 0,
-        offset: 0,
-        timestamp_ms: None,
-        key: None,
-        value: Some(data),
-        headers: &[],
-    };
     let mut body = Vec::new();
-    let want = match mapper.map_for_delivery(&rec, *limit, &mut body) {
+    let want = match run_path(data, &mut body) {
         MapOutcome::Event(_) => (format!("{}\n", String::from_utf8_lossy(&body)), String::new()),
         MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
         MapOutcome::Failed(e) => {
