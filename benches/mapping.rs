@@ -58,6 +58,63 @@ fn bench(c: &mut Criterion) {
         b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&value)).unwrap())
     });
     g.finish();
+    wide(c);
+}
+
+/// A record of n custom properties (`{"u":"p-01","props":{"k00000":"v0",…}}`, about 16 bytes a
+/// property) mapped with `properties = { from = "/props" }`, for n = 1k, 10k, 100k: the cost per
+/// property must stay flat (issue 16: no input makes mapping slow; within 2× from 1k to 100k).
+fn wide(c: &mut Criterion) {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        mapping: Vec<datapulse_bridge::mapping::MappingConfig>,
+    }
+    let doc: Doc = toml::from_str(
+        r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { from = "/props" }
+"#,
+    )
+    .expect("wide mapping");
+    let mapper = Mapper::compile(&doc.mapping, &Default::default()).expect("wide mapping compiles");
+    let mut g = c.benchmark_group("wide_record");
+    g.sample_size(10);
+    for n in [1_000usize, 10_000, 100_000] {
+        let mut value = String::from(r#"{"u":"p-01","props":{"#);
+        for i in 0..n {
+            if i > 0 {
+                value.push(',');
+            }
+            value.push_str(&format!(r#""k{i:05}":"v{i}""#));
+        }
+        value.push_str("}}");
+        let rec = SourceRecord {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            value: Some(value.as_bytes()),
+            headers: &[],
+        };
+        assert!(matches!(mapper.map(&rec), MapOutcome::Event(ref e) if e.properties.len() == n));
+        g.throughput(Throughput::Elements(n as u64));
+        let mut out = Vec::with_capacity(value.len() * 2);
+        g.bench_function(format!("map_validate_serialise_{n}_properties"), |b| {
+            b.iter(|| {
+                out.clear();
+                match mapper.map(black_box(&rec)) {
+                    MapOutcome::Event(e) => e.write_json(&mut out),
+                    other => panic!("{other:?}"),
+                }
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -97,7 +97,8 @@ pub fn map(
     let cfg = load(&args.config, true)?;
     let mapper = Mapper::compile(&cfg.mapping, &cfg.api.contract())?;
     let default_topic = args.topic.clone().or_else(|| cfg.kafka.topics.first().cloned());
-    Ok(run_map(&mapper, default_topic, input, out, err)?)
+    let max_event_bytes = crate::mapping::max_event_bytes(cfg.batch.max_bytes);
+    Ok(run_map(&mapper, max_event_bytes, default_topic, input, out, err)?)
 }
 
 /// Runs a `dlq` command with the configuration its `--config` names.

@@ -5,6 +5,7 @@
 //! object into an [`Event`] with [`Event::from_json`] (which reports wrong types field by field);
 //! both then call [`Event::validate`].
 
+use crate::decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -78,11 +79,13 @@ pub struct Event<'a> {
     pub game_type: Option<Cow<'a, str>>,
     pub game_provider: Option<Cow<'a, str>>,
     pub transaction_id: Option<Cow<'a, str>>,
-    pub amount: Option<f64>,
+    /// An exact decimal (issue 16), written to the body as its text.
+    pub amount: Option<Decimal<'a>>,
     pub currency: Option<Cow<'a, str>>,
     pub is_crypto: Option<bool>,
     pub bet_result: Option<BetResult>,
-    pub bet_result_amount: Option<f64>,
+    /// An exact decimal, as `amount`.
+    pub bet_result_amount: Option<Decimal<'a>>,
     pub parent_transaction_id: Option<Cow<'a, str>>,
     pub properties: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
@@ -271,11 +274,6 @@ impl<'a> Event<'a> {
                 ));
             }
         }
-        if let Some(amount) = self.amount {
-            if !amount.is_finite() {
-                v.push(Violation::new("amount", Rule::Amount, "amount must be a finite number"));
-            }
-        }
         if let Some(ccy) = &self.currency {
             let crypto = self.is_crypto == Some(true);
             if crypto {
@@ -301,7 +299,7 @@ impl<'a> Event<'a> {
             }
         }
         // Pattern A: bet_result and bet_result_amount together, on bets only, sign by result.
-        match (self.bet_result, self.bet_result_amount) {
+        match (self.bet_result, &self.bet_result_amount) {
             (Some(_), None) => v.push(Violation::new(
                 "bet_result_amount",
                 Rule::BetResult,
@@ -320,13 +318,10 @@ impl<'a> Event<'a> {
                         format!("bet_result is only allowed on `bet` events, not `{name}`"),
                     ));
                 }
-                if !amount.is_finite() {
-                    v.push(Violation::new(
-                        "bet_result_amount",
-                        Rule::Amount,
-                        "bet_result_amount must be a finite number",
-                    ));
-                } else if (result == BetResult::Win && amount < 0.0) || (result == BetResult::Loss && amount > 0.0) {
+                // Exact on the decimal: a binary64 would call -1e-400 zero.
+                if (result == BetResult::Win && amount.is_negative())
+                    || (result == BetResult::Loss && amount.is_positive())
+                {
                     v.push(Violation::new(
                         "bet_result_amount",
                         Rule::AmountSign,
@@ -353,8 +348,8 @@ impl<'a> Event<'a> {
                     format!("a standalone `{name}` requires parent_transaction_id naming its bet"),
                 ));
             }
-            if let Some(amount) = self.amount.filter(|a| a.is_finite()) {
-                if (name == "win" && amount < 0.0) || (name == "loss" && amount > 0.0) {
+            if let Some(amount) = &self.amount {
+                if (name == "win" && amount.is_negative()) || (name == "loss" && amount.is_positive()) {
                     v.push(Violation::new(
                         "amount",
                         Rule::AmountSign,
@@ -488,9 +483,9 @@ impl<'a> Event<'a> {
                 write_str(out, v);
             }
         }
-        if let Some(a) = self.amount {
+        if let Some(a) = &self.amount {
             write_key(out, "amount");
-            write_num(out, a);
+            out.extend_from_slice(a.as_str().as_bytes());
         }
         if let Some(c) = &self.currency {
             write_key(out, "currency");
@@ -504,9 +499,9 @@ impl<'a> Event<'a> {
             write_key(out, "bet_result");
             write_str(out, r.as_str());
         }
-        if let Some(a) = self.bet_result_amount {
+        if let Some(a) = &self.bet_result_amount {
             write_key(out, "bet_result_amount");
-            write_num(out, a);
+            out.extend_from_slice(a.as_str().as_bytes());
         }
         if let Some(p) = &self.parent_transaction_id {
             write_key(out, "parent_transaction_id");
@@ -534,11 +529,11 @@ impl<'a> Event<'a> {
             game_type: self.game_type.map(own),
             game_provider: self.game_provider.map(own),
             transaction_id: self.transaction_id.map(own),
-            amount: self.amount,
+            amount: self.amount.map(Decimal::into_owned),
             currency: self.currency.map(own),
             is_crypto: self.is_crypto,
             bet_result: self.bet_result,
-            bet_result_amount: self.bet_result_amount,
+            bet_result_amount: self.bet_result_amount.map(Decimal::into_owned),
             parent_transaction_id: self.parent_transaction_id.map(own),
             properties: self.properties.into_iter().map(|(k, v)| (own(k), own(v))).collect(),
         }
@@ -570,22 +565,6 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// A finite number as `serde_json` writes it (`50.0`, `-1.5`, `1e-7`).
-fn write_num(out: &mut Vec<u8>, x: f64) {
-    // Whole amounts are the common case: written as an integer and `.0`, as serde_json would.
-    if x.fract() == 0.0 && x.abs() < 1e15 {
-        if x.is_sign_negative() && x == 0.0 {
-            out.push(b'-');
-        }
-        out.extend_from_slice(itoa::Buffer::new().format(x as i64).as_bytes());
-        out.extend_from_slice(b".0");
-        return;
-    }
-    // A non-finite number fails validation before any event is sent; `null` is what serde_json
-    // would write for it.
-    serde_json::to_writer(&mut *out, &x).expect("number serialisation is infallible");
-}
-
 fn want_str<'v>(k: &str, val: &'v Value, errs: &mut Vec<Violation>) -> Option<Cow<'v, str>> {
     match val {
         Value::String(s) => Some(Cow::Borrowed(s)),
@@ -607,10 +586,12 @@ fn want_opt_str<'v>(k: &str, val: &'v Value, errs: &mut Vec<Violation>) -> Optio
     want_str(k, val, errs)
 }
 
-fn want_opt_num(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<f64> {
+/// A number of the body as a [`Decimal`]: its text as `serde_json` read it (the sandbox's
+/// request parsing; a `serde_json::Number` is always finite).
+fn want_opt_num(k: &str, val: &Value, errs: &mut Vec<Violation>) -> Option<Decimal<'static>> {
     match val {
         Value::Null => None,
-        Value::Number(n) => n.as_f64(),
+        Value::Number(n) => Decimal::parse_owned(n.to_string()),
         other => {
             errs.push(Violation::new(
                 k,
@@ -816,26 +797,39 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_written_as_serde_json_writes_them() {
-        let mut values = vec![
-            0.0, -0.0, 1.0, -1.0, 50.0, 0.5, 12.34, -7.25, 1e-7, 123456.0, 1e15, 1e16, 1e300,
-        ];
-        values.extend([
-            999_999_999_999_999.0,
-            -999_999_999_999_999.0,
-            1e14 + 0.5,
-            f64::MAX,
-            f64::MIN_POSITIVE,
-        ]);
-        for x in values {
-            let mut ours = Vec::new();
-            write_num(&mut ours, x);
-            assert_eq!(
-                String::from_utf8(ours).unwrap(),
-                serde_json::to_string(&x).unwrap(),
-                "{x}"
-            );
+    fn amounts_are_written_as_their_exact_text() {
+        for text in [
+            "50.00",
+            "9007199254740993",
+            "-0.000000000000000000000000000001",
+            "1E+3",
+            "0",
+        ] {
+            let seed = deposit();
+            let mut e = parse(&seed).unwrap();
+            e.amount = Decimal::parse(text);
+            let mut out = Vec::new();
+            e.write_json(&mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.contains(&format!(",\"amount\":{text},")), "{out}");
         }
+    }
+
+    #[test]
+    fn sign_rules_are_exact() {
+        // A loss of 1e-400 is a positive amount: a binary64 would read it as 0 and let it pass.
+        let loss = json!({"client_user_id": "u", "event_name": "loss", "timestamp": 1702963200,
+                          "currency": "EUR", "transaction_id": "l1", "parent_transaction_id": "b1"});
+        let mut e = parse(&loss).unwrap();
+        e.amount = Decimal::parse("1e-400");
+        let rules: Vec<_> = e
+            .validate(&ContractOptions::default())
+            .into_iter()
+            .map(|v| v.rule)
+            .collect();
+        assert_eq!(rules, ["amount_sign"]);
+        e.amount = Decimal::parse("-0.00");
+        assert!(e.validate(&ContractOptions::default()).is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod decimal;
 pub mod dedupe;
 pub mod deliver;
 pub mod demo;

@@ -136,7 +136,7 @@ fn deposit(tx: &str) -> Event<'static> {
         event_name: "deposit".into(),
         timestamp: 1_702_963_200,
         transaction_id: Some(tx.to_string().into()),
-        amount: Some(50.0),
+        amount: datapulse_bridge::decimal::Decimal::parse("50.0"),
         currency: Some("USD".into()),
         click_id: Some("clk_1".into()),
         ip_address: Some("203.0.113.1".into()),
@@ -148,7 +148,7 @@ fn bet_with_result(tx: &str) -> Event<'static> {
     Event {
         event_name: "bet".into(),
         bet_result: Some(BetResult::Loss),
-        bet_result_amount: Some(-5.0),
+        bet_result_amount: Some((-5).into()),
         ..deposit(tx)
     }
 }

@@ -147,3 +147,46 @@ fn sandbox_bodies_of_every_shape() {
         checks::check_sandbox_body(body.as_bytes());
     }
 }
+
+/// `map` gives `run`'s verdict on every input of the fuzz corpus (the seeds, and the kinds of
+/// issue 16), whether the sample line is the raw value, an envelope with the value's exact bytes,
+/// or one with `value_base64` (`checks::check_map_is_run`, which the fuzz target runs too).
+#[test]
+fn map_is_run_over_the_corpus() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/mapping");
+    let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&seeds)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(inputs.len() >= 3, "{}", inputs.len());
+    let seeds = inputs.clone();
+    for seed in &seeds {
+        let text = String::from_utf8(seed.clone()).unwrap();
+        let text = text.trim_end();
+        // A key twice, a number past a binary64's digits, a byte order mark, broken JSON, a value
+        // that is not UTF-8; and below, an event over the fuzz config's batch.max_bytes.
+        inputs.push(text.replacen('{', r#"{"type":"deposit","#, 1).into_bytes());
+        inputs.push(
+            text.replacen("\"ref\":", r#""ref":77012345678901234567890123,"x":"#, 1)
+                .into_bytes(),
+        );
+        inputs.push([&b"\xEF\xBB\xBF"[..], text.as_bytes()].concat());
+        inputs.push(text.as_bytes()[..text.len() / 2].to_vec());
+        inputs.push([text.as_bytes(), b"\xff"].concat());
+    }
+    let mut big: serde_json::Value = serde_json::from_str(DEPOSIT).unwrap();
+    for (k, v) in [("ref", "r"), ("click", "c")] {
+        big[k] = "x".repeat(8000).replace('x', v).into();
+    }
+    big["meta"]["brand"] = "b".repeat(8000).into();
+    inputs.push(big.to_string().into_bytes());
+    inputs.push(DEPOSIT.replace('\n', " ").into_bytes());
+    for input in &inputs {
+        checks::check_map_is_run(input);
+    }
+    // The corpus reaches more than one verdict (events and refusals of several reasons).
+    let reasons: std::collections::BTreeSet<String> = inputs.iter().map(|i| checks::run_reason(i)).collect();
+    for reason in ["event", "duplicate_key", "not_json", "not_utf8", "too_large"] {
+        assert!(reasons.contains(reason), "{reason}: {reasons:?}");
+    }
+}

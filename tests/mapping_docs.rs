@@ -171,3 +171,58 @@ fn option_lists_match_the_config_types() {
     let all: Vec<&str> = MAPPING_KEYS.iter().chain(KNOWN_FIELDS).copied().collect();
     assert_eq!(keys(&mapping), sorted(&all));
 }
+
+/// The part of the doc from `## {name}` to the next `## ` heading.
+fn section(doc: &str, name: &str) -> String {
+    let heading = format!("\n## {name}\n");
+    let start = doc.find(&heading).unwrap_or_else(|| panic!("no section `## {name}`")) + heading.len();
+    let rest = &doc[start..];
+    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_string()
+}
+
+/// The first fenced block of `lang` in `text`.
+fn block(text: &str, lang: &str) -> String {
+    let open = format!("```{lang}\n");
+    let start = text.find(&open).unwrap_or_else(|| panic!("no ```{lang} block")) + open.len();
+    text[start..start + text[start..].find("```").unwrap()].to_string()
+}
+
+/// "How values are read" shows what `map` really prints for its example: exact numbers, the
+/// envelope, a record with a key twice refused naming where.
+#[test]
+fn how_values_are_read_is_what_map_prints() {
+    let part = section(&doc(), "How values are read");
+    let d: Doc = toml::from_str(&block(&part, "toml")).unwrap();
+    let mapper = Mapper::compile(&d.mapping, &ContractOptions::default()).unwrap();
+    let input = block(&part, "jsonl");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let limit = datapulse_bridge::mapping::max_event_bytes(1024 * 1024);
+    let summary =
+        datapulse_bridge::mapping::run_map(&mapper, limit, None, input.as_bytes(), &mut out, &mut err).unwrap();
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), block(&part, "json"), "{err}");
+    assert_eq!((summary.events, summary.failed), (2, 1), "{err}");
+    assert!(
+        err.contains("line 3: failed at mapping on field `/player` (duplicate_key)"),
+        "{err}"
+    );
+    for words in [
+        "Numbers are exact",
+        "byte order mark",
+        "key twice",
+        "Errors name where",
+        "`value_base64`",
+    ] {
+        assert!(part.contains(words), "{words}");
+    }
+}
+
+/// Every reason the reader and the delivery check give is in the list of reasons.
+#[test]
+fn reasons_of_issue_16_are_listed() {
+    let doc = doc();
+    let list = section(&doc, "What happens to a record");
+    for reason in ["`duplicate_key`", "`too_large`", "`not_json`", "`dp.field`"] {
+        assert!(list.contains(reason), "{reason}");
+    }
+}

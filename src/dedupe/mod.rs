@@ -840,8 +840,9 @@ fn field_value<'a>(e: &'a Event<'_>, field: &str) -> Option<Cow<'a, str>> {
         "transaction_id" => s(&e.transaction_id),
         "currency" => s(&e.currency),
         "parent_transaction_id" => s(&e.parent_transaction_id),
-        "amount" => e.amount.map(|a| Cow::Owned(a.to_string())),
-        "bet_result_amount" => e.bet_result_amount.map(|a| Cow::Owned(a.to_string())),
+        // The amount's decimal text as sent (`50.00`; before issue 16 a binary64's `50`).
+        "amount" => e.amount.as_ref().map(|a| Cow::Borrowed(a.as_str())),
+        "bet_result_amount" => e.bet_result_amount.as_ref().map(|a| Cow::Borrowed(a.as_str())),
         "is_crypto" => e.is_crypto.map(|b| Cow::Borrowed(if b { "true" } else { "false" })),
         "bet_result" => e.bet_result.map(|r| Cow::Borrowed(r.as_str())),
         other => e

@@ -12,7 +12,7 @@ fn ev<'a>(name: &'a str, tx: Option<&'a str>) -> Event<'a> {
         event_name: name.into(),
         timestamp: 1_702_963_200,
         transaction_id: tx.map(Into::into),
-        amount: Some(5.0),
+        amount: Some(5.into()),
         currency: Some("USD".into()),
         ..Event::default()
     }
@@ -26,7 +26,7 @@ fn deposit(tx: &str) -> Event<'_> {
 fn bet_with_result(tx: &str) -> Event<'_> {
     Event {
         bet_result: Some(BetResult::Win),
-        bet_result_amount: Some(1.0),
+        bet_result_amount: Some(1.into()),
         ..ev("bet", Some(tx))
     }
 }

@@ -71,6 +71,9 @@ impl DeadLetterConfig {
 pub struct Reason {
     /// `mapping`, `validation`, `dedupe` or `api`.
     pub stage: &'static str,
+    /// Where in the record or event (header `dp.field`): an API field name, a custom property
+    /// name, or for a value the reader refused the JSON pointer where it stopped (`/money/value`).
+    pub field: Option<String>,
     /// A bounded code: a contract rule, a mapping reason, `double_count`, `rejected`.
     pub code: String,
     /// A sentence naming the field and the problem.
@@ -83,6 +86,7 @@ pub mod headers {
     pub const STAGE: &str = "dp.stage";
     pub const REASON: &str = "dp.reason";
     pub const ERROR: &str = "dp.error";
+    pub const FIELD: &str = "dp.field";
     pub const HTTP_STATUS: &str = "dp.http_status";
     pub const SOURCE_TOPIC: &str = "dp.source.topic";
     pub const SOURCE_PARTITION: &str = "dp.source.partition";
@@ -248,6 +252,7 @@ impl<'a> Meta<'a> {
             (headers::VERSION, env!("CARGO_PKG_VERSION")),
         ];
         let optional = [
+            (headers::FIELD, self.why.field.as_deref()),
             (headers::HTTP_STATUS, self.status.as_deref()),
             (headers::DEDUPE_KEY, self.dedupe_key),
         ];
@@ -356,5 +361,48 @@ impl WriteOnce for DeadLetterWriter {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    fn header(h: &OwnedHeaders, name: &str) -> Option<String> {
+        h.iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// `dp.field` names where in the record a failure is (issue 16: errors name where), and is
+    /// left out when there is no such place.
+    #[test]
+    fn a_dead_letter_names_the_field_when_there_is_one() {
+        let mut why = Reason {
+            stage: "mapping",
+            field: Some("/money/value".into()),
+            code: "not_json".into(),
+            message: "record t/0/7: field `/money/value`: the value is not JSON".into(),
+            http_status: None,
+        };
+        let meta = |why: &Reason| {
+            Meta {
+                why,
+                topic: "t",
+                partition: "0".into(),
+                offset: "7".into(),
+                time: String::new(),
+                status: None,
+                dedupe_key: None,
+            }
+            .headers(OwnedHeaders::new())
+        };
+        let h = meta(&why);
+        assert_eq!(header(&h, headers::FIELD).as_deref(), Some("/money/value"));
+        assert_eq!(header(&h, headers::REASON).as_deref(), Some("not_json"));
+        why.field = None;
+        assert_eq!(header(&meta(&why), headers::FIELD), None);
     }
 }

@@ -2,8 +2,9 @@
 //! record, what the API would receive or why it would not. Exits non-zero when a record fails, so
 //! partners can run it in CI.
 
+use super::json::Scanner;
+use super::value::Val;
 use super::{MapOutcome, Mapper, SourceRecord};
-use serde_json::Value;
 use std::io::{BufRead, Write};
 
 /// Counts of what happened to the sample records.
@@ -14,12 +15,15 @@ pub struct Summary {
     pub failed: usize,
 }
 
-/// Maps each sample record of `input` (JSON lines) with `mapper`: the events to `out`, failures
-/// and filtered records to `err`. `default_topic`: the topic of records that name none.
+/// Maps each sample record of `input` (JSON lines) with `mapper`, through the same
+/// [`Mapper::map_for_delivery`] as `run` (with `max_event_bytes`, see
+/// [`super::max_event_bytes`]): the events to `out`, failures and filtered records to `err`.
+/// `default_topic`: the topic of records that name none.
 ///
 /// Errors: the input cannot be read or the outputs written, or a record has no topic.
 pub fn run_map(
     mapper: &Mapper,
+    max_event_bytes: usize,
     default_topic: Option<String>,
     input: impl BufRead,
     out: &mut dyn Write,
@@ -49,11 +53,10 @@ pub fn run_map(
             value: sample.value.as_deref(),
             headers: &headers,
         };
-        match mapper.map(&rec) {
-            MapOutcome::Event(e) => {
+        buf.clear();
+        match mapper.map_for_delivery(&rec, max_event_bytes, &mut buf) {
+            MapOutcome::Event(_) => {
                 summary.events += 1;
-                buf.clear();
-                e.write_json(&mut buf);
                 buf.push(b'\n');
                 out.write_all(&buf).map_err(io)?;
             }
@@ -101,7 +104,7 @@ pub enum MapRunError {
 }
 
 /// One sample line as a record.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Sample {
     topic: Option<String>,
     timestamp_ms: Option<i64>,
@@ -110,38 +113,237 @@ struct Sample {
     headers: Vec<(String, Vec<u8>)>,
 }
 
-const ENVELOPE_KEYS: &[&str] = &["key", "value", "headers", "topic", "timestamp"];
+const ENVELOPE_KEYS: &[&str] = &["key", "value", "value_base64", "headers", "topic", "timestamp"];
 
 impl Sample {
-    /// An object whose keys are all envelope keys and that has `value` is an envelope; any other
-    /// line, JSON or not, is the record value itself (so bad values can be tried too).
+    /// The envelope (`docs/mapping.md`, "How values are read"): a line that is a JSON object of
+    /// envelope keys, each at most once, with `value` or `value_base64`. Its `value` is the
+    /// record value: an object, array, number or boolean as its exact bytes in the line (never
+    /// re-serialised: a repeated key or a long number reaches the mapping as it would from
+    /// Kafka), a string as its text (for values that are not JSON), `null` for a tombstone;
+    /// `value_base64` gives any bytes. `key` and each header are a string, `null` (no key; a
+    /// header with an empty value, as Kafka delivers one without a value), `{"base64": ".."}`, or
+    /// other JSON as its exact bytes.
+    /// Any other line, JSON or not, is the record value itself, so bad values can be tried too.
     fn parse(line: &[u8]) -> Sample {
-        let raw = Sample {
+        Sample::envelope(line).unwrap_or_else(|| Sample {
             value: Some(line.to_vec()),
             ..Sample::default()
-        };
-        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(line) else {
-            return raw;
-        };
-        if !obj.contains_key("value") || !obj.keys().all(|k| ENVELOPE_KEYS.contains(&k.as_str())) {
-            return raw;
+        })
+    }
+
+    fn envelope(line: &[u8]) -> Option<Sample> {
+        let text = std::str::from_utf8(line).ok()?;
+        let mut s = Scanner::new(text);
+        if s.peek() != Some(b'{') {
+            return None;
         }
-        let bytes = |v: &Value| match v {
-            Value::String(s) => s.clone().into_bytes(),
-            other => other.to_string().into_bytes(),
-        };
-        Sample {
-            topic: obj.get("topic").and_then(Value::as_str).map(str::to_string),
-            timestamp_ms: obj.get("timestamp").and_then(Value::as_i64),
-            key: obj.get("key").filter(|k| !k.is_null()).map(bytes),
-            value: obj
-                .get("value")
-                .filter(|v| !v.is_null())
-                .map(|v| v.to_string().into_bytes()),
-            headers: match obj.get("headers") {
-                Some(Value::Object(h)) => h.iter().map(|(k, v)| (k.clone(), bytes(v))).collect(),
-                _ => Vec::new(),
-            },
+        s.bump();
+        let mut seen: Vec<String> = Vec::new();
+        let mut sample = Sample::default();
+        if !s.eat(b'}') {
+            loop {
+                let k = s.key().ok()?.into_owned();
+                if !ENVELOPE_KEYS.contains(&k.as_str()) || seen.contains(&k) {
+                    return None;
+                }
+                match k.as_str() {
+                    "value" => sample.value = exact_value(&mut s, text)?,
+                    "value_base64" => sample.value = Some(base64(&mut s)?),
+                    "key" => sample.key = bytes(&mut s, text)?,
+                    "topic" => match s.value(0).ok()? {
+                        Val::Str(t) => sample.topic = Some(t.into_owned()),
+                        Val::Null => {}
+                        _ => return None,
+                    },
+                    "timestamp" => match s.value(0).ok()? {
+                        Val::Num(n) => sample.timestamp_ms = Some(n.as_i64()?),
+                        Val::Null => {}
+                        _ => return None,
+                    },
+                    _ => sample.headers = headers(&mut s, text)?,
+                }
+                seen.push(k);
+                if !s.next_member(b'}').ok()? {
+                    break;
+                }
+            }
         }
+        s.end().ok()?;
+        let values = seen.iter().filter(|k| k.starts_with("value")).count();
+        (values == 1).then_some(sample)
+    }
+}
+
+/// The record value of an envelope's `value`: `Some(None)` for a tombstone, `None` when the line
+/// is not an envelope.
+fn exact_value(s: &mut Scanner<'_>, text: &str) -> Option<Option<Vec<u8>>> {
+    match s.peek()? {
+        b'"' => Some(Some(s.string().ok()?.into_owned().into_bytes())),
+        b'n' => s.skip().ok().map(|()| None),
+        _ => {
+            let start = s.offset();
+            s.skip_syntax().ok()?;
+            Some(Some(text.as_bytes()[start..s.offset()].to_vec()))
+        }
+    }
+}
+
+/// A key or header: a string (its text), `null` (`Some(None)`), `{"base64": ".."}` (the decoded
+/// bytes), or any other JSON (its exact bytes, as a Debezium JSON key); `None` when the line is
+/// not an envelope.
+fn bytes(s: &mut Scanner<'_>, text: &str) -> Option<Option<Vec<u8>>> {
+    match s.peek()? {
+        b'"' => Some(Some(s.string().ok()?.into_owned().into_bytes())),
+        b'n' => s.skip().ok().map(|()| None),
+        _ => {
+            let start = s.offset();
+            s.skip_syntax().ok()?;
+            let raw = &text[start..s.offset()];
+            Some(Some(base64_object(raw).unwrap_or_else(|| raw.as_bytes().to_vec())))
+        }
+    }
+}
+
+/// The bytes of `{"base64": ".."}`, when `raw` is that.
+fn base64_object(raw: &str) -> Option<Vec<u8>> {
+    let mut s = Scanner::new(raw);
+    s.expect(b'{', "").ok()?;
+    if s.key().ok()? != "base64" {
+        return None;
+    }
+    let decoded = base64(&mut s)?;
+    s.expect(b'}', "").ok()?;
+    s.end().ok()?;
+    Some(decoded)
+}
+
+fn base64(s: &mut Scanner<'_>) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let Val::Str(text) = s.value(0).ok()? else {
+        return None;
+    };
+    base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).ok()
+}
+
+/// An envelope's `headers`: an object of header names (a name may repeat, as in Kafka).
+fn headers(s: &mut Scanner<'_>, text: &str) -> Option<Vec<(String, Vec<u8>)>> {
+    s.expect(b'{', "").ok()?;
+    let mut out = Vec::new();
+    if s.eat(b'}') {
+        return Some(out);
+    }
+    loop {
+        let name = s.key().ok()?.into_owned();
+        out.push((name, bytes(s, text)?.unwrap_or_default()));
+        if !s.next_member(b'}').ok()? {
+            return Some(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ContractOptions;
+
+    #[test]
+    fn an_envelope_gives_its_value_exactly_and_its_headers_as_written() {
+        let line = br#"{"topic":"t","key":"k-1","value": {"a":1,"a":2,"n":77012345678901234567890123} ,"headers":{"h":"v","none":null,"bin":{"base64":"/w=="},"h":"again"},"timestamp":1702963200123}"#;
+        let s = Sample::parse(line);
+        assert_eq!(
+            s.value.as_deref(),
+            Some(&br#"{"a":1,"a":2,"n":77012345678901234567890123}"#[..]),
+            "the value's bytes, not a re-serialisation (which would merge `a` and round `n`)"
+        );
+        assert_eq!(
+            s.headers,
+            [
+                ("h".to_string(), b"v".to_vec()),
+                ("none".to_string(), Vec::new()),
+                ("bin".to_string(), vec![0xff]),
+                ("h".to_string(), b"again".to_vec())
+            ]
+        );
+        assert_eq!(
+            (s.topic.as_deref(), s.key.as_deref(), s.timestamp_ms),
+            (Some("t"), Some(&b"k-1"[..]), Some(1_702_963_200_123))
+        );
+    }
+
+    #[test]
+    fn values_that_are_not_json_and_lines_that_are_no_envelope() {
+        // A string is the value's text; null a tombstone; value_base64 any bytes.
+        assert_eq!(
+            Sample::parse(br#"{"value":"not {json"}"#).value.as_deref(),
+            Some(&b"not {json"[..])
+        );
+        assert_eq!(
+            Sample::parse(br#"{"value":"{\"a\":1}"}"#).value.as_deref(),
+            Some(&br#"{"a":1}"#[..])
+        );
+        let tombstone = Sample::parse(br#"{"value":null,"key":{"base64":"AAE="}}"#);
+        assert_eq!((tombstone.value, tombstone.key), (None, Some(vec![0, 1])));
+        assert_eq!(
+            Sample::parse(br#"{"value_base64":"/+4="}"#).value,
+            Some(vec![0xff, 0xee])
+        );
+        // Other JSON as a key or header is its bytes, as a Debezium key is.
+        let debezium = Sample::parse(br#"{"value":{},"key":{"id":101},"headers":{"n":1.50}}"#);
+        assert_eq!(debezium.key.as_deref(), Some(&br#"{"id":101}"#[..]));
+        assert_eq!(debezium.headers, [("n".to_string(), b"1.50".to_vec())]);
+        // Not envelopes, so the line itself is the value: another key, a key twice, both value
+        // forms, no value, headers that are not an object, trailing bytes.
+        for line in [
+            &br#"{"value":{},"other":1}"#[..],
+            br#"{"value":{},"value":{}}"#,
+            br#"{"value":{},"value_base64":""}"#,
+            br#"{"key":"k"}"#,
+            br#"{"value":{},"headers":[]}"#,
+            br#"{"value":{}} x"#,
+            b"\xff{}",
+        ] {
+            assert_eq!(
+                Sample::parse(line).value.as_deref(),
+                Some(line),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn map_refuses_an_event_too_large_for_a_request_as_run_does() {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            mapping: Vec<super::super::MappingConfig>,
+        }
+        let doc: Doc = toml::from_str(
+            r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { from = "/p" }
+"#,
+        )
+        .unwrap();
+        let mapper = Mapper::compile(&doc.mapping, &ContractOptions::default()).unwrap();
+        // An 18 KB event, and batch.max_bytes = 16 KiB: `run` dead-letters it, so `map` fails it.
+        let props: Vec<String> = (0..3).map(|i| format!(r#""p{i}":"{}""#, "x".repeat(6000))).collect();
+        let input = format!("{{\"u\":\"p-1\",\"p\":{{{}}}}}\n{{\"u\":\"p-2\"}}\n", props.join(","));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let limit = super::super::max_event_bytes(16 * 1024);
+        let summary = run_map(&mapper, limit, Some("t".into()), input.as_bytes(), &mut out, &mut err).unwrap();
+        let err = String::from_utf8(err).unwrap();
+        assert_eq!((summary.events, summary.failed), (1, 1), "{err}");
+        assert!(
+            err.contains("line 1: failed at validation (too_large): the event is 18"),
+            "{err}"
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"client_user_id\":\"p-2\",\"event_name\":\"custom\",\"timestamp\":1702963200}\n"
+        );
     }
 }

@@ -4,8 +4,8 @@
 
 use super::spec::{AsType, Case, Sign, TimeSource};
 use super::value::Val;
+use crate::decimal::Decimal;
 use crate::event::{truncate, TimestampUnit};
-use serde_json::Number;
 use std::borrow::Cow;
 use time::format_description::OwnedFormatItem;
 use time::{OffsetDateTime, PrimitiveDateTime};
@@ -23,11 +23,11 @@ pub fn describe(v: &Val) -> String {
 }
 
 /// The text of a scalar, as table keys and `in` lists compare it: strings as they are, numbers
-/// and booleans as JSON writes them.
+/// as the record wrote them (`1.50` is `"1.50"`), booleans as `true` and `false`.
 pub fn scalar_text<'v>(v: &'v Val) -> Option<Cow<'v, str>> {
     match v {
         Val::Str(s) => Some(Cow::Borrowed(s)),
-        Val::Num(n) => Some(n.to_string().into()),
+        Val::Num(n) => Some(Cow::Borrowed(n.as_str())),
         Val::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
         _ => None,
     }
@@ -65,38 +65,47 @@ pub fn case(v: Val<'_>, c: Case) -> Val<'_> {
     }))
 }
 
-fn finite<'a>(f: f64) -> Result<Val<'a>, String> {
-    Number::from_f64(f)
-        .map(Val::Num)
-        .ok_or_else(|| format!("{f} is not a finite number"))
+/// A decimal string as a number (`Decimal::parse_lenient`), borrowing it when it is JSON number
+/// text already.
+fn decimal_string(s: Cow<'_, str>) -> Option<Decimal<'_>> {
+    match s {
+        Cow::Borrowed(b) => Decimal::parse_lenient(b),
+        Cow::Owned(o) => Decimal::parse_lenient(&o).map(Decimal::into_owned),
+    }
 }
 
-/// Converts to the JSON type `to`.
+/// Converts to the JSON type `to`. Numbers are exact throughout (issue 16): a number as a string
+/// is its source text, a decimal string as a number keeps its digits, an integer is found without
+/// a float.
 pub fn as_type(v: Val<'_>, to: AsType) -> Result<Val<'_>, String> {
     match (to, v) {
         (AsType::String, Val::Str(s)) => Ok(Val::Str(s)),
-        (AsType::String, Val::Num(n)) => Ok(Val::Str(Cow::Owned(n.to_string()))),
+        (AsType::String, Val::Num(n)) => Ok(Val::Str(n.into_text())),
         (AsType::String, Val::Bool(b)) => Ok(Val::Str(Cow::Borrowed(if b { "true" } else { "false" }))),
         (AsType::Number, Val::Num(n)) => Ok(Val::Num(n)),
-        (AsType::Number, Val::Str(s)) => match s.trim().parse::<f64>() {
-            Ok(f) if s.trim().bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) => finite(f),
-            _ => Err(format!("{} is not a number", describe(&Val::Str(s)))),
+        (AsType::Number, Val::Str(s)) => match decimal_string(s.clone()) {
+            Some(d) => Ok(Val::Num(d)),
+            None => Err(format!("{} is not a number", describe(&Val::Str(s)))),
         },
-        (AsType::Integer, Val::Num(n)) => match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => Ok(Val::from(i)),
-            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Val::from(f as i64)),
-            _ => Err(format!("the number {n} is not an integer")),
-        },
-        (AsType::Integer, Val::Str(s)) => match s.trim().parse::<i64>() {
-            Ok(i) => Ok(Val::from(i)),
-            Err(_) => Err(format!("{} is not an integer", describe(&Val::Str(s)))),
+        (AsType::Integer, Val::Num(n)) => {
+            let text = n.to_string();
+            n.to_integer()
+                .map(Val::Num)
+                .ok_or_else(|| format!("the number {text} is not an integer"))
+        }
+        (AsType::Integer, Val::Str(s)) => match decimal_string(s.clone()).and_then(Decimal::to_integer) {
+            Some(d) => Ok(Val::Num(d)),
+            None => Err(format!("{} is not an integer", describe(&Val::Str(s)))),
         },
         (AsType::Boolean, Val::Bool(b)) => Ok(Val::Bool(b)),
-        (AsType::Boolean, Val::Num(n)) => match n.as_f64() {
-            Some(0.0) => Ok(Val::Bool(false)),
-            Some(1.0) => Ok(Val::Bool(true)),
-            _ => Err(format!("the number {n} is not a boolean (only 0 and 1 are)")),
-        },
+        (AsType::Boolean, Val::Num(n)) => {
+            let text = n.to_string();
+            match n.to_integer() {
+                Some(d) if d.is_zero() => Ok(Val::Bool(false)),
+                Some(d) if d.as_str() == "1" => Ok(Val::Bool(true)),
+                _ => Err(format!("the number {text} is not a boolean (only 0 and 1 are)")),
+            }
+        }
         (AsType::Boolean, Val::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "y" | "t" => Ok(Val::Bool(true)),
             "false" | "0" | "no" | "n" | "f" => Ok(Val::Bool(false)),
@@ -118,21 +127,18 @@ fn as_name(t: AsType) -> &'static str {
     }
 }
 
-/// Applies a sign rule to a number.
+/// Applies a sign rule to a number, exactly: the text's minus sign is added or removed (zero is
+/// written without one).
 pub fn sign(v: Val<'_>, s: Sign) -> Result<Val<'_>, String> {
-    let Some(f) = v.as_f64() else {
+    let Val::Num(n) = v else {
         return Err(format!("`sign` needs a number, got {}", describe(&v)));
     };
-    let f = match s {
-        Sign::Negate => -f,
-        Sign::Positive => f.abs(),
-        Sign::Negative => -f.abs(),
-    };
-    // Integers stay integers (the sign of an integer is integral).
-    if v.is_i64() {
-        return Ok(Val::from(f as i64));
-    }
-    finite(f)
+    Ok(Val::Num(match s {
+        Sign::Negate => n.negate(),
+        Sign::Positive => n.abs(),
+        Sign::Negative if n.is_zero() => n.abs(),
+        Sign::Negative => n.abs().negate(),
+    }))
 }
 
 /// How a time source is read.
@@ -227,7 +233,7 @@ fn integer(v: &Val) -> Option<i64> {
 
 fn number(v: &Val) -> Result<f64, String> {
     let f = match v {
-        Val::Num(n) => n.as_f64(),
+        Val::Num(n) => Some(n.to_f64()),
         Val::Str(s) if looks_numeric(s) => s.trim().parse().ok(),
         _ => None,
     };

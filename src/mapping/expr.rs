@@ -4,14 +4,14 @@
 //! its first output back, so an expression costs microseconds: fine for the rare field, not for
 //! every field.
 
+use super::json;
+use super::value::Val;
 use jaq_core::data::JustLut;
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Native, Vars};
-use jaq_json::Val;
-use serde::Deserialize;
-use serde_json::Value;
+use jaq_json::Val as JVal;
 
-type Filter = jaq_core::compile::Filter<Native<JustLut<Val>>>;
+type Filter = jaq_core::compile::Filter<Native<JustLut<JVal>>>;
 
 /// Native jq functions a mapping may not call, and the definitions built on them.
 const DENIED: &[&str] = &["env", "debug_empty", "stderr_empty"];
@@ -74,17 +74,24 @@ impl Expr {
 
     /// Runs the filter on `input` and returns its first output (`None` when it yields nothing or
     /// `null`), or the error it raised.
-    pub fn run(&self, input: &Value) -> Result<Option<Value>, String> {
-        let input = Val::deserialize(input).map_err(|e| format!("cannot pass the input to the expression: {e}"))?;
-        let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
+    ///
+    /// Values cross to jaq and back as JSON text, read by jaq-json's reader and by the mapping's
+    /// (`json`): both keep a number they cannot hold as an integer as its decimal text, so a number
+    /// the expression passes through keeps its digits (issue 16); one it computes with is a
+    /// binary64, as in jq.
+    pub fn run(&self, input: &Val<'_>) -> Result<Option<Val<'static>>, String> {
+        let input = jaq_json::read::parse_single(input.to_string().as_bytes())
+            .map_err(|e| format!("cannot pass the input to the expression: {e}"))?;
+        let ctx = Ctx::<JustLut<JVal>>::new(&self.filter.lut, Vars::new([]));
         let mut out = self.filter.id.run((ctx, input));
         match out.next() {
             None => Ok(None),
             Some(Ok(v)) => {
                 // jaq prints values as JSON; non-finite numbers print as `null`.
                 let text = v.to_string();
-                let v: Value = serde_json::from_str(&text)
-                    .map_err(|e| format!("the expression produced a value that is not JSON ({e})"))?;
+                let v = json::parse(&text)
+                    .map_err(|e| format!("the expression produced a value that is not JSON ({e})"))?
+                    .into_owned();
                 Ok(if v.is_null() { None } else { Some(v) })
             }
             Some(Err(exn)) => Err(match exn.get_err() {
@@ -103,7 +110,14 @@ fn truncate_owned(s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn run(e: &Expr, input: Value) -> Result<Option<Value>, String> {
+        let text = input.to_string();
+        let v = json::parse(&text).unwrap();
+        e.run(&v)
+            .map(|o| o.map(|v| serde_json::from_str(&v.to_string()).unwrap()))
+    }
 
     #[test]
     fn is_send_and_sync() {
@@ -114,23 +128,34 @@ mod tests {
     #[test]
     fn runs_and_reports() {
         let e = Expr::compile(r#".a + "-" + (.b | tostring)"#).unwrap();
-        assert_eq!(e.run(&json!({"a": "x", "b": 2})).unwrap(), Some(json!("x-2")));
-        assert!(e.run(&json!({"a": {}, "b": 2})).unwrap_err().contains("cannot"));
-        assert_eq!(Expr::compile("empty").unwrap().run(&json!(1)).unwrap(), None);
+        assert_eq!(run(&e, json!({"a": "x", "b": 2})).unwrap(), Some(json!("x-2")));
+        assert!(run(&e, json!({"a": {}, "b": 2})).unwrap_err().contains("cannot"));
+        assert_eq!(run(&Expr::compile("empty").unwrap(), json!(1)).unwrap(), None);
         assert!(Expr::compile(".a +").is_err());
         assert!(Expr::compile("nosuchfn(1)").unwrap_err().contains("nosuchfn"));
-        assert!(Expr::compile("halt").unwrap().run(&json!(1)).is_err());
+        assert!(run(&Expr::compile("halt").unwrap(), json!(1)).is_err());
         for denied in ["env", "$ENV", "env.HOME", "debug", "stderr", "debug(1)"] {
             let compiled = Expr::compile(denied);
             assert!(
-                compiled.is_err() || compiled.unwrap().run(&json!(1)).is_err(),
+                compiled.is_err() || run(&compiled.unwrap(), json!(1)).is_err(),
                 "`{denied}` must not run"
             );
         }
-        assert!(Expr::compile("error(\"boom\")")
-            .unwrap()
-            .run(&json!(1))
+        assert!(run(&Expr::compile("error(\"boom\")").unwrap(), json!(1))
             .unwrap_err()
             .contains("boom"));
+    }
+
+    #[test]
+    fn numbers_passed_through_keep_their_digits() {
+        let text = r#"{"id":77012345678901234567890123,"amt":50.00,"small":9007199254740993}"#;
+        let v = json::parse(text).unwrap();
+        let out = |code: &str| Expr::compile(code).unwrap().run(&v).unwrap().unwrap().to_string();
+        assert_eq!(out(".id"), "77012345678901234567890123");
+        assert_eq!(out(".amt"), "50.00");
+        assert_eq!(out(".small"), "9007199254740993");
+        assert_eq!(out("[.id, .small]"), "[77012345678901234567890123,9007199254740993]");
+        // Arithmetic is jq's: integers exact, fractions binary64.
+        assert_eq!(out(".small + 1"), "9007199254740994");
     }
 }

@@ -6,11 +6,21 @@
 //!
 //! Limits, as `serde_json`'s: a value that is built may nest [`MAX_DEPTH`] deep; a skipped value
 //! may nest without limit (it is skipped without recursion).
+//!
+//! Where it deliberately differs from `serde_json` (issue 16: a record means one thing, and no
+//! value changes on the way): numbers are kept as their text ([`Decimal`]), not rounded to a
+//! binary64 (a number that overflows one, `1e400`, is still refused where it is built); an object
+//! with a key twice is refused, in built and skipped parts alike, where `serde_json` keeps the
+//! last. (The mapping also ignores one leading byte order mark, before this reader sees the
+//! text.)
 
 use super::value::Val;
-use serde_json::Number;
+use crate::decimal::Decimal;
 use std::borrow::Cow;
 use std::fmt;
+
+/// The `what` of a [`JsonError`] for an object with a key twice.
+pub const DUPLICATE_KEY: &str = "duplicate key in an object";
 
 /// How deep a built value may nest.
 pub const MAX_DEPTH: usize = 128;
@@ -38,14 +48,126 @@ pub struct Scanner<'t> {
     text: &'t str,
     b: &'t [u8],
     i: usize,
+    /// The keys of the objects being read without being built, innermost last, as the byte
+    /// range of each key's text between its quotes: to refuse a key seen twice in one object.
+    /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
+    keys: Vec<NotedKey>,
+    /// False while [`Scanner::skip_syntax`] runs.
+    check_keys: bool,
 }
+
+/// Objects with at most this many keys are checked for a repeated key pair by pair; larger ones
+/// are sorted (O(n log n), issue 16: no input makes mapping slow).
+const PAIRWISE_KEYS: usize = 12;
 
 impl<'t> Scanner<'t> {
     pub fn new(text: &'t str) -> Scanner<'t> {
+        Scanner::with_keys(text, Vec::new())
+    }
+
+    /// A scanner that keeps its key list in `keys` (emptied first); [`Scanner::into_keys`] gives
+    /// it back for the next record.
+    pub fn with_keys(text: &'t str, mut keys: Vec<NotedKey>) -> Scanner<'t> {
+        keys.clear();
         Scanner {
             text,
             b: text.as_bytes(),
             i: 0,
+            keys,
+            check_keys: true,
+        }
+    }
+
+    /// The byte offset of the cursor.
+    pub fn offset(&self) -> usize {
+        self.i
+    }
+
+    /// Skips a value checking its syntax only (not its keys): for a value that is passed on as
+    /// bytes, to be read, keys checked, by the mapping.
+    pub fn skip_syntax(&mut self) -> Result<()> {
+        self.check_keys = false;
+        let skipped = self.skip();
+        self.check_keys = true;
+        skipped
+    }
+
+    /// The key list's storage, for the next scanner.
+    pub fn into_keys(self) -> Vec<NotedKey> {
+        self.keys
+    }
+
+    /// Where the next key list of an object starts ([`Scanner::close_keys`] takes it back).
+    #[inline]
+    pub fn open_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// An object key and its `:`, noted for the check of its object's keys
+    /// ([`Scanner::close_keys`]).
+    #[inline(always)] // as `key` was inlined into the reader's loop: called, they cost 6% more instructions a record
+    pub fn noted_key(&mut self) -> Result<Cow<'t, str>> {
+        let start = self.i + 1;
+        let k = self.key()?;
+        if self.check_keys {
+            let tag = key_tag(&k);
+            let noted = match &k {
+                // A key without an escape borrows its text: where it lies is where it points.
+                Cow::Borrowed(plain) => {
+                    let start = plain.as_ptr() as usize - self.text.as_ptr() as usize;
+                    NotedKey {
+                        start,
+                        end: start + plain.len(),
+                        tag,
+                        escaped: false,
+                    }
+                }
+                // `key` read the string and the `:`; the closing quote is the last before.
+                Cow::Owned(_) => NotedKey {
+                    start,
+                    end: self.b[..self.i].iter().rposition(|&c| c == b'"').unwrap_or(start),
+                    tag,
+                    escaped: true,
+                },
+            };
+            self.keys.push(noted);
+        }
+        Ok(k)
+    }
+
+    /// At the end of an object whose keys were noted since `mark`: fails with "duplicate key"
+    /// (just after the later one) when a key appears twice, and forgets the object's keys. Keys
+    /// are compared as written, and only a key with an escape is unescaped to compare (`"id"` and
+    /// `"\u0069d"` are the same key).
+    pub fn close_keys(&mut self, mark: usize) -> Result<()> {
+        let text = self.text;
+        let key = |k: &NotedKey| key_text(text, k);
+        let keys = &mut self.keys[mark..];
+        let mut repeated = None;
+        if keys.len() <= PAIRWISE_KEYS {
+            'outer: for j in 1..keys.len() {
+                for i in 0..j {
+                    if keys[i].tag == keys[j].tag && same_key(text, &keys[i], &keys[j]) {
+                        repeated = Some(keys[j].end);
+                        break 'outer;
+                    }
+                }
+            }
+        } else {
+            keys.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.start.cmp(&b.start)));
+            repeated = keys
+                .windows(2)
+                .find(|w| key(&w[0]) == key(&w[1]))
+                .map(|w| w[0].end.max(w[1].end));
+        }
+        self.keys.truncate(mark);
+        match repeated {
+            // Just after the later key's closing quote, so that its pointer names the key.
+            Some(end) => Err(JsonError {
+                what: DUPLICATE_KEY,
+                at: end + 1,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -117,7 +239,11 @@ impl<'t> Scanner<'t> {
                         }
                     }
                 }
-                Ok(Val::Obj(object(pairs)))
+                let start = self.i;
+                object(pairs).map(Val::Obj).map_err(|key| JsonError {
+                    what: DUPLICATE_KEY,
+                    at: self.repeated_key_end(start, &key),
+                })
             }
             Some(b'[') => {
                 if depth >= MAX_DEPTH {
@@ -145,7 +271,7 @@ impl<'t> Scanner<'t> {
     }
 
     /// An object key and its `:`.
-    #[inline]
+    #[inline(always)]
     pub fn key(&mut self) -> Result<Cow<'t, str>> {
         if self.peek() != Some(b'"') {
             return self.err("expected a string key");
@@ -183,8 +309,8 @@ impl<'t> Scanner<'t> {
 
     /// Skips a value, checking its syntax, without building it and without recursion.
     pub fn skip(&mut self) -> Result<()> {
-        // The open containers, innermost last: true for an object.
-        let mut open: Vec<bool> = Vec::new();
+        // The open containers, innermost last: for an object, where its keys start in `keys`.
+        let mut open: Vec<Option<usize>> = Vec::new();
         loop {
             // A value.
             match self.peek() {
@@ -192,7 +318,7 @@ impl<'t> Scanner<'t> {
                 Some(b'{') => {
                     self.i += 1;
                     if !self.eat(b'}') {
-                        open.push(true);
+                        open.push(Some(self.open_keys()));
                         self.skip_key()?;
                         continue;
                     }
@@ -200,7 +326,7 @@ impl<'t> Scanner<'t> {
                 Some(b'[') => {
                     self.i += 1;
                     if !self.eat(b']') {
-                        open.push(false);
+                        open.push(None);
                         continue;
                     }
                 }
@@ -215,26 +341,49 @@ impl<'t> Scanner<'t> {
             }
             // Closes what ends after it, until a `,` says another member follows.
             loop {
-                let Some(&is_object) = open.last() else {
+                let Some(&keys) = open.last() else {
                     return Ok(());
                 };
-                if self.next_member(if is_object { b'}' } else { b']' })? {
-                    if is_object {
+                if self.next_member(if keys.is_some() { b'}' } else { b']' })? {
+                    if keys.is_some() {
                         self.skip_key()?;
                     }
                     break;
+                }
+                if let Some(mark) = keys {
+                    self.close_keys(mark)?;
                 }
                 open.pop();
             }
         }
     }
 
+    /// A key of a skipped object, noted for the duplicate check.
     fn skip_key(&mut self) -> Result<()> {
-        if self.peek() != Some(b'"') {
-            return self.err("expected a string key");
+        self.noted_key().map(drop)
+    }
+
+    /// The offset just after the second `key` of the object that starts at `start` (for the
+    /// error of a built object with a repeated key; the cold path re-reads the object's keys).
+    #[cold]
+    fn repeated_key_end(&self, start: usize, key: &str) -> usize {
+        let mut s = Scanner::new(self.text);
+        s.i = start + 1;
+        let mut seen = 0;
+        while s.peek() == Some(b'"') {
+            let Ok(k) = s.key() else { break };
+            if k == key {
+                seen += 1;
+                if seen == 2 {
+                    // Just after the key's closing quote.
+                    return s.b[..s.i].iter().rposition(|&c| c == b'"').map_or(s.i, |q| q + 1);
+                }
+            }
+            if s.skip().is_err() || !matches!(s.next_member(b'}'), Ok(true)) {
+                break;
+            }
         }
-        self.skip_string()?;
-        self.expect(b':', "expected `:` after an object key")
+        start
     }
 
     /// The end of the plain run of a string starting at `self.i`: the next quote, backslash or
@@ -420,53 +569,158 @@ impl<'t> Scanner<'t> {
         Ok(real)
     }
 
-    /// A number, as `serde_json` reads it: an integer when it is one that fits 64 bits, otherwise
-    /// a finite float.
-    fn number(&mut self) -> Result<Number> {
+    /// A number, as its text (issue 16: numbers stay exact); refused when it overflows a
+    /// binary64 (`1e400`: the API reads numbers as binary64, and non-finite values stay
+    /// impossible).
+    fn number(&mut self) -> Result<Decimal<'t>> {
         let start = self.i;
         let real = self.number_end()?;
         let lit = &self.text[start..self.i];
-        if !real {
-            if lit.starts_with('-') {
-                // serde_json reads `-0` as the float -0.0.
-                if let Some(n) = lit.parse::<i64>().ok().filter(|n| *n != 0) {
-                    return Ok(n.into());
-                }
-            } else if let Ok(n) = lit.parse::<u64>() {
-                return Ok(n.into());
-            }
-        }
-        match lit.parse::<f64>().ok().and_then(Number::from_f64) {
-            Some(n) => Ok(n),
-            None => Err(JsonError {
+        // Only an exponent or more than 308 digits can overflow: the usual literal needs no
+        // float parse.
+        if (real || lit.len() > 308) && !lit.parse::<f64>().is_ok_and(f64::is_finite) {
+            return Err(JsonError {
                 what: "number out of range",
                 at: start,
-            }),
+            });
         }
+        Ok(Decimal::from_checked(Cow::Borrowed(lit)))
     }
 }
 
-/// Object members as `serde_json::Map` keeps them: sorted by key, the last of equal keys winning.
-pub fn object<'t>(mut pairs: Vec<(Cow<'t, str>, Val<'t>)>) -> Vec<(Cow<'t, str>, Val<'t>)> {
-    // Stable: equal keys stay in input order, and the kept entry takes the last value.
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    pairs.dedup_by(|later, kept| {
-        let same = later.0 == kept.0;
-        if same {
-            std::mem::swap(later, kept);
-        }
-        same
-    });
-    pairs
+/// An object key the reader passed: the byte range of its text between its quotes, and whether
+/// that text has an escape (then it must be unescaped to be compared).
+#[derive(Debug, Clone, Copy)]
+pub struct NotedKey {
+    start: usize,
+    end: usize,
+    /// [`key_tag`] of the unescaped text: keys with different tags differ, so most pairs are
+    /// told apart without reading the text (profiled: comparing the text of every pair was most
+    /// of the check's cost).
+    tag: u32,
+    escaped: bool,
 }
 
-/// Parses a whole JSON text.
-#[cfg(test)]
+/// A cheap summary of a key's (unescaped) text: its length, first and last byte.
+#[inline]
+fn key_tag(k: &str) -> u32 {
+    let b = k.as_bytes();
+    let (first, last) = (b.first().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+    ((b.len() as u32) << 16) | (u32::from(first) << 8) | u32::from(last)
+}
+
+/// The text of a noted key: borrowed unless it has an escape.
+fn key_text<'t>(text: &'t str, k: &NotedKey) -> Cow<'t, str> {
+    let raw = &text[k.start..k.end];
+    if !k.escaped {
+        return Cow::Borrowed(raw);
+    }
+    let mut s = Scanner::new(text);
+    s.i = k.start - 1;
+    // The reader read this key before: it unescapes.
+    s.string().unwrap_or(Cow::Borrowed(raw))
+}
+
+/// Whether two noted keys are the same text once unescaped; the raw comparison decides unless
+/// one has an escape.
+#[inline]
+fn same_key(text: &str, a: &NotedKey, b: &NotedKey) -> bool {
+    if !a.escaped && !b.escaped {
+        return text.as_bytes()[a.start..a.end] == text.as_bytes()[b.start..b.end];
+    }
+    key_text(text, a) == key_text(text, b)
+}
+
+/// Object members sorted by key; `Err` with a key that appears twice.
+pub fn object<'t>(
+    mut pairs: Vec<(Cow<'t, str>, Val<'t>)>,
+) -> std::result::Result<Vec<(Cow<'t, str>, Val<'t>)>, String> {
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    match pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+        Some(w) => Err(w[0].0.to_string()),
+        None => Ok(pairs),
+    }
+}
+
+/// Parses a whole JSON text (an expression's result, and tests).
 pub fn parse(text: &str) -> Result<Val<'_>> {
     let mut s = Scanner::new(text);
     let v = s.value(0)?;
     s.end()?;
     Ok(v)
+}
+
+/// The JSON pointer (RFC 6901) of the value the reader was in at byte `at` of `text`: `/money/value`
+/// for an error inside that value, `/money` for one between its members, `""` for the top level.
+/// Computed only for an error, by a second walk over `text[..at]` (which the reader accepted).
+pub fn pointer_at(text: &str, at: usize) -> String {
+    // The open containers: (is an object, its current key or index as a pointer token).
+    let mut open: Vec<(bool, Option<String>)> = Vec::new();
+    let mut s = Scanner::new(text);
+    let end = at.min(text.len());
+    // In an object: the next string is a key.
+    let mut want_key = false;
+    while s.i < end {
+        let c = s.b[s.i];
+        match c {
+            b'{' => {
+                open.push((true, None));
+                want_key = true;
+                s.i += 1;
+            }
+            b'[' => {
+                open.push((false, Some("0".into())));
+                s.i += 1;
+            }
+            b'}' | b']' => {
+                open.pop();
+                want_key = false;
+                s.i += 1;
+            }
+            b',' => {
+                match open.last_mut() {
+                    Some((true, key)) => {
+                        *key = None;
+                        want_key = true;
+                    }
+                    Some((false, index)) => {
+                        let next = index
+                            .as_deref()
+                            .and_then(|i| i.parse::<usize>().ok())
+                            .map_or(0, |i| i + 1);
+                        *index = Some(next.to_string());
+                    }
+                    None => {}
+                }
+                s.i += 1;
+            }
+            b'"' => {
+                let from = s.i;
+                match s.string() {
+                    Ok(k) if want_key => {
+                        if let Some((true, key)) = open.last_mut() {
+                            *key = Some(k.into_owned());
+                        }
+                        want_key = false;
+                    }
+                    Ok(_) => {}
+                    // The error is inside this string: a key being read is not named yet.
+                    Err(_) => break,
+                }
+                if s.i <= from {
+                    break;
+                }
+            }
+            _ => s.i += 1,
+        }
+    }
+    let mut out = String::new();
+    for (_, token) in &open {
+        let Some(t) = token else { break };
+        out.push('/');
+        out.push_str(&t.replace('~', "~0").replace('/', "~1"));
+    }
+    out
 }
 
 /// Checks a whole JSON text without building it.
@@ -500,29 +754,36 @@ mod tests {
         }
     }
 
-    /// This reader and serde_json agree on `text`: both refuse it, or both read the same value.
+    /// This reader and serde_json agree on `text`: both refuse it, or both read the same value;
+    /// except for the deliberate divergences (module doc): a key twice in an object is refused
+    /// here, kept last there; numbers are kept as text here (so this reader's value, written and
+    /// read by serde_json, must equal serde_json's own reading).
     fn agrees(text: &str) {
         let ours = parse(text);
         let theirs = serde_json::from_str::<Value>(text);
         match (&ours, &theirs) {
-            (Ok(v), Ok(t)) => assert!(same(&v.to_json(), t), "{text:?}: {v:?} vs {t:?}"),
+            (Ok(v), Ok(t)) => {
+                let via_text: Value = serde_json::from_str(&v.to_string()).unwrap();
+                assert!(same(&via_text, t), "{text:?}: {v:?} vs {t:?}");
+            }
             (Err(_), Err(_)) => {}
+            (Err(e), Ok(_)) if e.what == DUPLICATE_KEY => {}
             _ => panic!("{text:?}: ours {ours:?}, serde_json {theirs:?}"),
         }
-        // Skipping checks syntax only, as serde_json's `IgnoredAny` does (`1e400` passes).
+        // Skipping checks syntax, as serde_json's `IgnoredAny` does (`1e400` passes), and keys.
         let syntax = serde_json::from_str::<serde::de::IgnoredAny>(text);
-        assert_eq!(
-            check(text).is_ok(),
-            syntax.is_ok(),
-            "check({text:?}): {:?}",
-            syntax.err()
-        );
+        match check(text) {
+            // Refused for the key whatever serde_json says (it may refuse a later part).
+            Err(e) if e.what == DUPLICATE_KEY => {}
+            checked => assert_eq!(checked.is_ok(), syntax.is_ok(), "check({text:?}): {:?}", syntax.err()),
+        }
     }
 
     const SEEDS: &[&str] = &[
         r#"{"type":"DEPOSIT_COMPLETED","player":{"id":"p-77","clickId":"ck-9","ip":"198.51.100.7"},"ref":"W-1","money":{"value":"50.00","ccy":"usd"},"occurredAt":"2023-12-19T05:20:00Z","meta":{"channel":"ios","vip":"gold"}}"#,
         r#"[1, -0, 0.5, -2.5e-3, 1E+2, 18446744073709551615, 18446744073709551616, -9223372036854775808, -9223372036854775809, 1e308, 123456789012345678901234567890]"#,
-        r#"{"s":"a\"b\\c\/d\be\ff\ng\rh\ti\u00e9\ud83d\ude00 ü","e":"","n":null,"t":true,"f":false,"d":{"x":1,"x":2}}"#,
+        r#"{"s":"a\"b\\c\/d\be\ff\ng\rh\ti\u00e9\ud83d\ude00 ü","e":"","n":null,"t":true,"f":false,"d":{"x":1,"y":2}}"#,
+        r#"{"a":{"k":1,"\u006b":2},"b":[{"k":1},{"k":2,"j":[3]}],"a":2,"n":77012345678901234567890123}"#,
         "  [ {} , [] , [[]], {\"a\" : [ ] } ]  ",
         r#""just a string""#,
         "0",
@@ -532,7 +793,7 @@ mod tests {
     #[test]
     fn agrees_with_serde_json_on_valid_documents() {
         for s in SEEDS {
-            assert!(parse(s).is_ok(), "{s}");
+            assert!(parse(s).is_ok() || parse(s).unwrap_err().what == DUPLICATE_KEY, "{s}");
             agrees(s);
         }
     }

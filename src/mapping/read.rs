@@ -153,11 +153,20 @@ impl Plan {
     }
 
     /// Reads `text` (one JSON document) into `slots`. Returns whether the top level is an object.
+    ///
+    /// Errors: the text is not JSON (RFC 8259), a value that is built nests too deeply or holds a
+    /// number that overflows a binary64, or an object anywhere has a key twice (issue 16).
     pub fn read<'t>(&self, text: &'t str, slots: &mut [Option<Val<'t>>]) -> Result<bool, JsonError> {
-        let mut s = Scanner::new(text);
-        let is_object = self.node(&mut s, 0, 0, slots)?;
-        s.end()?;
-        Ok(is_object)
+        thread_local! {
+            /// The reader's key list, kept per thread so that a record's read allocates nothing.
+            static KEYS: std::cell::Cell<Vec<super::json::NotedKey>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut s = Scanner::with_keys(text, KEYS.take());
+        let read = self
+            .node(&mut s, 0, 0, slots)
+            .and_then(|is_object| s.end().map(|()| is_object));
+        KEYS.set(s.into_keys());
+        read
     }
 
     /// Reads the value at the scanner into `node`'s slot, or into its children's, skipping what
@@ -186,8 +195,9 @@ impl Plan {
                 if s.eat(b'}') {
                     return Ok(true);
                 }
+                let keys = s.open_keys();
                 loop {
-                    let k = s.key()?;
+                    let k = s.noted_key()?;
                     match n.children.iter().find(|c| c.0 == *k) {
                         Some(c) => {
                             self.node(s, c.2, depth + 1, slots)?;
@@ -195,6 +205,7 @@ impl Plan {
                         None => s.skip()?,
                     }
                     if !s.next_member(b'}')? {
+                        s.close_keys(keys)?;
                         return Ok(true);
                     }
                 }

@@ -95,7 +95,7 @@ fn every_conversion() {
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "1e3"}), ok(json!(1000.0))),
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "12,50"}), Err("type")),
         ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": "NaN"}), Err("type")),
-        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": "7"}), ok(json!(7.0))),
+        ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": "7"}), ok(json!(7))),
         ("amount", r#"{ from = "/a", as = "integer" }"#, json!({"a": 7.5}), Err("type")),
         ("amount", r#""/a""#, json!({"a": "7"}), Err("type")),
         ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": "Yes"}), ok(json!(true))),
@@ -139,11 +139,11 @@ fn every_conversion() {
         ("timestamp", r#""/ts""#, json!({"ts": true}), Err("time")),
         ("timestamp", r#""/ts""#, json!({}), Err("required")),
         // amount sign rules
-        ("amount", r#"{ from = "/a", sign = "negate" }"#, json!({"a": 5}), ok(json!(-5.0))),
+        ("amount", r#"{ from = "/a", sign = "negate" }"#, json!({"a": 5}), ok(json!(-5))),
         ("amount", r#"{ from = "/a", sign = "negative" }"#, json!({"a": -5.5}), ok(json!(-5.5))),
         ("amount", r#"{ from = "/a", sign = "positive" }"#, json!({"a": -5.5}), ok(json!(5.5))),
-        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["custom"] }"#, json!({"a": 2}), ok(json!(-2.0))),
-        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["loss"] }"#, json!({"a": 2}), ok(json!(2.0))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["custom"] }"#, json!({"a": 2}), ok(json!(-2))),
+        ("amount", r#"{ from = "/a", sign = "negative", sign_for = ["loss"] }"#, json!({"a": 2}), ok(json!(2))),
         ("amount", r#"{ from = "/a", as = "number", sign = "negate" }"#, json!({"a": "3.25"}), ok(json!(-3.25))),
         // currency and is_crypto
         ("currency", r#"{ from = "/c", case = "upper", trim = true }"#, json!({"c": " eur"}), ok(json!("EUR"))),
@@ -687,4 +687,295 @@ fn mangled_records_never_panic() {
             let _ = map_value(&m, &v);
         }
     }
+}
+
+// Reader fidelity (issue 16): each kind's example from the issue, and two more of each.
+
+/// The body the API would receive for an event, as written (not re-read through a JSON tree,
+/// which would round numbers).
+fn event_text(o: &MapOutcome) -> String {
+    match o {
+        MapOutcome::Event(e) => {
+            let mut out = Vec::new();
+            e.write_json(&mut out);
+            String::from_utf8(out).unwrap()
+        }
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn with_bom(text: &str) -> Vec<u8> {
+    let mut v = b"\xEF\xBB\xBF".to_vec();
+    v.extend_from_slice(text.as_bytes());
+    v
+}
+
+#[test]
+fn one_leading_byte_order_mark_is_ignored() {
+    let m = mapper(WALLET);
+    // The issue's example: EF BB BF, then a valid object (.NET's default UTF-8 writer).
+    let plain = map_value(&m, wallet("").as_bytes());
+    let marked = map_value(&m, &with_bom(&wallet("")));
+    assert_eq!(event_text(&marked), event_text(&plain));
+    // A small record whose whole value is read (`properties` over the root): the mark is not
+    // part of the first key.
+    let root = mapper(
+        r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { remaining = true }
+"#,
+    );
+    let out = map_value(&root, &with_bom(r#"{"a":"1","u":"p-01"}"#));
+    assert_eq!(
+        event_text(&out),
+        r#"{"client_user_id":"p-01","event_name":"custom","timestamp":1702963200,"a":"1"}"#
+    );
+    // Only one mark, and only at the very start: a second one, or one after white space, is not
+    // JSON (RFC 8259 §8.1 allows ignoring the mark, not stray ones).
+    let mut twice = with_bom("");
+    twice.extend_from_slice(&with_bom(&wallet("")));
+    assert_eq!(failed(&map_value(&m, &twice)).reason, "not_json");
+    let late = format!(" \u{feff}{}", wallet(""));
+    assert_eq!(failed(&map_value(&m, late.as_bytes())).reason, "not_json");
+}
+
+/// A record with `n` custom properties under `/props` (`k00000` = `v0`, …), about 16 bytes each.
+fn wide_record(n: usize) -> String {
+    let mut s = String::from(r#"{"u":"p-01","props":{"#);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(r#""k{i:05}":"v{i}""#));
+    }
+    s.push_str("}}");
+    s
+}
+
+const WIDE: &str = r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+properties = { from = "/props" }
+"#;
+
+#[test]
+fn wide_records_map_in_n_log_n() {
+    // The issue's example: about 1 MB, 70,000 custom properties. The name-collision check was
+    // quadratic (5.35 s in a release build); 2.45e9 string comparisons cannot finish in this
+    // bound even unoptimised, a sort-based check finishes in a fraction of it.
+    let m = mapper(WIDE);
+    let text = wide_record(70_000);
+    assert!(text.len() > 1_000_000, "{}", text.len());
+    let started = std::time::Instant::now();
+    let out = map_value(&m, text.as_bytes());
+    let took = started.elapsed();
+    let MapOutcome::Event(e) = &out else { panic!("{out:?}") };
+    assert_eq!(e.properties.len(), 70_000);
+    assert_eq!(e.properties[69_999], ("k69999".into(), "v69999".into()));
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+}
+
+#[test]
+fn colliding_property_names_are_still_named_in_wide_and_narrow_records() {
+    // Wide: two tables whose names meet once, among 20,000 (the sorted check's path).
+    let two = WIDE.replace(
+        r#"properties = { from = "/props" }"#,
+        r#"properties = [{ from = "/props" }, { from = "/more" }]"#,
+    );
+    let m = mapper(&two);
+    let text = wide_record(20_000).replace("}}", r#"},"more":{"x":"1","k12345":"again"}}"#);
+    let out = map_value(&m, text.as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("property_name", Some("k12345"))
+    );
+    // Narrow: a `rename` onto a copied name (the pairwise path).
+    let m = mapper(&WIDE.replace(
+        r#"properties = { from = "/props" }"#,
+        r#"properties = [{ from = "/props" }, { from = "/more", rename = { a = "k00001" } }]"#,
+    ));
+    let out = map_value(&m, wide_record(3).replace("}}", r#"},"more":{"a":"x"}}"#).as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("property_name", Some("k00001"))
+    );
+}
+
+/// A mapping of a financial event whose transaction id, amount and properties are the record's.
+const BETS: &str = r#"[[mapping]]
+topics = ["t"]
+client_user_id = "/player"
+event_name = { const = "bet" }
+timestamp = { const = 1702963200 }
+transaction_id = { from = "/round_id", as = "string" }
+amount = { from = "/stake", as = "number" }
+currency = { const = "EUR" }
+properties = { from = "/meta" }
+"#;
+
+#[test]
+fn numbers_converted_to_strings_keep_their_digits() {
+    let m = mapper(BETS);
+    let tx = |round: &str| {
+        let rec = format!(r#"{{"player":"p-01","round_id":{round},"stake":"5.00"}}"#);
+        match map_value(&m, rec.as_bytes()) {
+            MapOutcome::Event(e) => e.transaction_id.unwrap().into_owned(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // The issue's example: two bets, two ids (a binary64 made both 7.7012345678901235e+25, and
+    // dedupe then dropped the second).
+    assert_eq!(tx("77012345678901234567890123"), "77012345678901234567890123");
+    assert_eq!(tx("77012345678901234567890124"), "77012345678901234567890124");
+    assert_eq!(tx("904218376251884077"), "904218376251884077");
+    // More: a fraction and an exponent are written as the record wrote them.
+    assert_eq!(tx("12.50"), "12.50");
+    assert_eq!(tx("-1E+2"), "-1E+2");
+    // The same for custom properties, and for table keys (`in`, `table`): the record's text.
+    let out = map_value(
+        &m,
+        br#"{"player":"p-01","round_id":1,"stake":"5","meta":{"id":904218376251884077,"odds":2.50,"big":1e300}}"#,
+    );
+    assert!(
+        event_text(&out).ends_with(r#""big":"1e300","id":"904218376251884077","odds":"2.50"}"#),
+        "{}",
+        event_text(&out)
+    );
+    let m = mapper(&one_field(
+        "game_type",
+        r#"{ from = "/g", table = { "1.50" = "exact", "1.5" = "rounded" } }"#,
+    ));
+    assert!(event_text(&map_value(&m, br#"{"g":1.50}"#)).contains(r#""game_type":"exact""#));
+}
+
+#[test]
+fn amounts_are_exact_decimals() {
+    let m = mapper(BETS);
+    let amount = |stake: &str| {
+        let rec = format!(r#"{{"player":"p-01","round_id":1,"stake":{stake}}}"#);
+        let text = event_text(&map_value(&m, rec.as_bytes()));
+        let at = text.find(r#""amount":"#).unwrap() + 9;
+        text[at..text[at..].find(',').unwrap() + at].to_string()
+    };
+    // A number keeps its text; a decimal string is written as JSON number text, digits unchanged.
+    assert_eq!(amount("9007199254740993"), "9007199254740993");
+    assert_eq!(amount("50.00"), "50.00");
+    assert_eq!(amount(r#""50.00""#), "50.00");
+    assert_eq!(amount(r#"" +0012.5 ""#), "12.5");
+    assert_eq!(
+        amount(r#""123456789012345678901234567890.01""#),
+        "123456789012345678901234567890.01"
+    );
+    // Sign rules are exact: the minus sign moves, no digit does.
+    let neg = mapper(
+        &BETS
+            .replace(r#"as = "number" }"#, r#"as = "number", sign = "negative" }"#)
+            .replace(
+                r#"event_name = { const = "bet" }"#,
+                r#"event_name = { const = "loss" }
+parent_transaction_id = { const = "b-1" }"#,
+            ),
+    );
+    let out = map_value(&neg, br#"{"player":"p-01","round_id":1,"stake":"9007199254740993.10"}"#);
+    assert!(
+        event_text(&out).contains(r#""amount":-9007199254740993.10,"#),
+        "{}",
+        event_text(&out)
+    );
+    // Non-finite stays impossible: `1e400` is not a number a binary64 holds.
+    assert_eq!(
+        failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"1e400"}"#)).reason,
+        "type"
+    );
+    assert_eq!(
+        failed(&map_value(&m, br#"{"player":"p","round_id":1,"stake":"NaN"}"#)).reason,
+        "type"
+    );
+}
+
+#[test]
+fn a_record_with_a_key_twice_is_refused_whatever_reads_it() {
+    // The issue's example: `/player/id` alone, and with `properties` over `/player`, give one
+    // verdict, naming the repeated key.
+    let record = br#"{"player":{"id":"acct-A"},"type":"deposit","player":{"tier":"gold"}}"#;
+    let alone = mapper(&one_field("client_user_id", r#""/player/id""#));
+    let with_props = mapper(&format!(
+        "{}properties = {{ from = \"/player\" }}\n",
+        one_field("client_user_id", r#""/player/id""#)
+    ));
+    for m in [&alone, &with_props] {
+        let out = map_value(m, record);
+        let e = failed(&out);
+        assert_eq!(
+            (e.reason.as_str(), e.field.as_deref()),
+            ("duplicate_key", Some("/player")),
+            "{e}"
+        );
+        assert!(e.message.contains("duplicate key"), "{e}");
+    }
+    // More: a repeat inside a part no option reads (skipped, not built), and one written with an
+    // escape (`\u0069d` is `id`), among many keys (the sorted check).
+    let out = map_value(&alone, br#"{"player":{"id":"a"},"audit":{"x":[{"k":1,"k":2}]}}"#);
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("duplicate_key", Some("/audit/x/0/k"))
+    );
+    let mut wide = String::from(r#"{"player":{"id":"a"},"other":{"#);
+    for i in 0..1000 {
+        wide.push_str(&format!(r#""k{i}":{i},"#));
+    }
+    wide.push_str(r#""id":1,"\u0069d":2}}"#);
+    let out = map_value(&alone, wide.as_bytes());
+    assert_eq!(
+        (failed(&out).reason.as_str(), failed(&out).field.as_deref()),
+        ("duplicate_key", Some("/other/id"))
+    );
+    // Equal hashes are checked, not trusted: distinct keys in a wide object pass.
+    let mut distinct = String::from(r#"{"player":{"id":"a"},"other":{"#);
+    for i in 0..1000 {
+        distinct.push_str(&format!(r#""k{i}":{i},"#));
+    }
+    distinct.push_str(r#""id":1}}"#);
+    assert!(matches!(map_value(&alone, distinct.as_bytes()), MapOutcome::Event(_)));
+}
+
+#[test]
+fn json_errors_name_the_pointer_where_the_reader_was() {
+    let m = mapper(WALLET);
+    let deep = format!("/money/value{}", "/0".repeat(126));
+    let cases: [(&str, &str, &str); 5] = [
+        // (the `money.value` of the wallet record replaced by, the pointer, words of the message)
+        (r#""\ud800x""#, "/money/value", "surrogate"),
+        ("NaN", "/money/value", "expected a JSON value"),
+        ("1e400", "/money/value", "number out of range"),
+        // The innermost array the reader opened: 128 levels from the top (2 of them money.value).
+        (&"[".repeat(200), &deep, "nested too deeply"),
+        (r#"{"a":tru}"#, "/money/value/a", "expected a JSON value"),
+    ];
+    for (value, pointer, words) in cases {
+        let rec = wallet("").replace(r#""50.00""#, value);
+        let out = map_value(&m, rec.as_bytes());
+        let e = failed(&out);
+        assert_eq!(
+            (e.reason.as_str(), e.field.as_deref()),
+            ("not_json", Some(pointer)),
+            "{value}: {e}"
+        );
+        // Messages cut long pointers (64 bytes); `dp.field` carries the whole.
+        let shown = crate::event::truncate(pointer);
+        assert!(
+            e.message.contains(&format!("at `{shown}`")) && e.message.contains(words),
+            "{e}"
+        );
+    }
+    // At the top level the message says so, and names no field; offsets count a skipped mark.
+    let out = map_value(&m, &with_bom("{\"a\":1,}"));
+    let e = failed(&out);
+    assert_eq!(e.field, None, "{e}");
+    assert!(e.message.contains("at the top level (byte 10)"), "{e}");
 }

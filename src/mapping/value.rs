@@ -1,11 +1,12 @@
 //! The JSON values a mapping works on. Strings borrow from the record's text wherever they have
 //! no escape sequence (nearly always), and from the compiled mapping for constants and table
 //! values, so that reading, converting and moving a field into the event allocates nothing.
-//! Objects keep `serde_json::Map`'s semantics (keys sorted, the last of duplicate keys wins).
+//! Numbers are their JSON text ([`Decimal`]), so no digit changes between the record and the
+//! event. Objects are sorted by key; a record with a duplicate key is refused by the reader
+//! (`json`), so every object has unique keys.
 
-use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Serialize, Serializer};
-use serde_json::{Number, Value};
+use crate::decimal::Decimal;
+use serde_json::Value;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -19,7 +20,8 @@ use std::fmt;
 pub enum Val<'a> {
     Null,
     Bool(bool),
-    Num(Number),
+    /// A number as its JSON text, as the record wrote it (issue 16: numbers stay exact).
+    Num(Decimal<'a>),
     Str(Cow<'a, str>),
     Arr(Vec<Val<'a>>),
     /// Sorted by key, keys unique.
@@ -29,24 +31,6 @@ pub enum Val<'a> {
 impl<'a> Val<'a> {
     pub fn is_null(&self) -> bool {
         matches!(self, Val::Null)
-    }
-
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Val::Num(n) => n.as_f64(),
-            _ => None,
-        }
-    }
-
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Val::Num(n) => n.as_i64(),
-            _ => None,
-        }
-    }
-
-    pub fn is_i64(&self) -> bool {
-        matches!(self, Val::Num(n) if n.is_i64())
     }
 
     /// The member `key` of an object.
@@ -65,19 +49,35 @@ impl<'a> Val<'a> {
         match self {
             Val::Null => Val::Null,
             Val::Bool(b) => Val::Bool(*b),
-            Val::Num(n) => Val::Num(n.clone()),
+            Val::Num(n) => Val::Num(n.reborrow()),
             Val::Str(s) => Val::Str(Cow::Borrowed(s)),
             Val::Arr(a) => Val::Arr(a.iter().map(Val::reborrow).collect()),
             Val::Obj(m) => Val::Obj(m.iter().map(|(k, v)| (Cow::Borrowed(&**k), v.reborrow())).collect()),
         }
     }
 
-    /// Converts from `serde_json` (configuration values, an expression's result).
+    /// The same value, owning its text.
+    pub fn into_owned(self) -> Val<'static> {
+        match self {
+            Val::Null => Val::Null,
+            Val::Bool(b) => Val::Bool(b),
+            Val::Num(n) => Val::Num(n.into_owned()),
+            Val::Str(s) => Val::Str(Cow::Owned(s.into_owned())),
+            Val::Arr(a) => Val::Arr(a.into_iter().map(Val::into_owned).collect()),
+            Val::Obj(m) => Val::Obj(
+                m.into_iter()
+                    .map(|(k, v)| (Cow::Owned(k.into_owned()), v.into_owned()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Converts from `serde_json` (configuration values); a number keeps `serde_json`'s text of it.
     pub fn from_json(v: Value) -> Val<'static> {
         match v {
             Value::Null => Val::Null,
             Value::Bool(b) => Val::Bool(b),
-            Value::Number(n) => Val::Num(n),
+            Value::Number(n) => Val::Num(Decimal::from_checked(Cow::Owned(n.to_string()))),
             Value::String(s) => Val::Str(Cow::Owned(s)),
             Value::Array(a) => Val::Arr(a.into_iter().map(Val::from_json).collect()),
             // A `serde_json::Map` iterates in key order without duplicates: already sorted.
@@ -85,55 +85,59 @@ impl<'a> Val<'a> {
         }
     }
 
-    /// Converts to `serde_json` (an expression's input).
-    pub fn to_json(&self) -> Value {
+    /// Appends the value as compact JSON; numbers as their text, strings escaped as `serde_json`
+    /// escapes them, object members in the value's (sorted) order.
+    pub fn write_json(&self, out: &mut String) {
         match self {
-            Val::Null => Value::Null,
-            Val::Bool(b) => Value::Bool(*b),
-            Val::Num(n) => Value::Number(n.clone()),
-            Val::Str(s) => Value::String(s.to_string()),
-            Val::Arr(a) => Value::Array(a.iter().map(Val::to_json).collect()),
-            Val::Obj(m) => Value::Object(m.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect()),
+            Val::Null => out.push_str("null"),
+            Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Val::Num(n) => out.push_str(n.as_str()),
+            Val::Str(s) => write_str(out, s),
+            Val::Arr(a) => {
+                out.push('[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    v.write_json(out);
+                }
+                out.push(']');
+            }
+            Val::Obj(m) => {
+                out.push('{');
+                for (i, (k, v)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write_str(out, k);
+                    out.push(':');
+                    v.write_json(out);
+                }
+                out.push('}');
+            }
         }
     }
+}
+
+fn write_str(out: &mut String, s: &str) {
+    // Writing a string cannot fail, and serde_json writes valid UTF-8.
+    let mut buf = std::mem::take(out).into_bytes();
+    serde_json::to_writer(&mut buf, s).expect("string serialisation is infallible");
+    *out = String::from_utf8(buf).expect("serde_json writes UTF-8");
 }
 
 impl From<i64> for Val<'_> {
     fn from(i: i64) -> Self {
-        Val::Num(i.into())
+        Val::Num(Decimal::from(i))
     }
 }
 
-/// Writes the value as JSON.
+/// Writes the value as JSON ([`Val::write_json`]).
 impl fmt::Display for Val<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        let mut text = String::new();
+        self.write_json(&mut text);
         f.write_str(&text)
-    }
-}
-
-impl Serialize for Val<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Val::Null => s.serialize_unit(),
-            Val::Bool(b) => s.serialize_bool(*b),
-            Val::Num(n) => n.serialize(s),
-            Val::Str(t) => s.serialize_str(t),
-            Val::Arr(a) => {
-                let mut seq = s.serialize_seq(Some(a.len()))?;
-                for v in a {
-                    seq.serialize_element(v)?;
-                }
-                seq.end()
-            }
-            Val::Obj(m) => {
-                let mut map = s.serialize_map(Some(m.len()))?;
-                for (k, v) in m {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
     }
 }
 
@@ -143,21 +147,23 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn borrows_plain_strings_and_converts_both_ways() {
-        let text = r#"{"b":"plain","a":"esc\"aped","n":[1,-2,2.5,true,null],"b":"last","o":{"y":1,"x":{}}}"#;
+    fn borrows_plain_strings_and_keeps_number_text() {
+        let text =
+            r#"{"b":"plain","a":"esc\"aped","n":[1,-2,2.50,77012345678901234567890123,true,null],"o":{"y":1,"x":{}}}"#;
         let v = super::super::json::parse(text).unwrap();
-        let Val::Obj(pairs) = &v else { panic!("{v:?}") };
-        assert!(matches!(
-            pairs.iter().find(|p| p.0 == "b").unwrap().1,
-            Val::Str(Cow::Borrowed("last"))
-        ));
+        assert!(matches!(v.get("b"), Some(Val::Str(Cow::Borrowed("plain")))));
         assert!(matches!(v.get("a"), Some(Val::Str(Cow::Owned(_)))));
-        let full: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(v.to_json(), full);
-        assert_eq!(Val::from_json(full.clone()), v);
-        assert_eq!(v.to_string(), full.to_string());
+        // Written back with the numbers as they were, members in key order.
+        assert_eq!(
+            v.to_string(),
+            r#"{"a":"esc\"aped","b":"plain","n":[1,-2,2.50,77012345678901234567890123,true,null],"o":{"x":{},"y":1}}"#
+        );
         assert_eq!(v.reborrow(), v);
+        assert_eq!(v.clone().into_owned(), v);
         assert_eq!(v.get("o").and_then(|o| o.get("y")), Some(&Val::from(1)));
-        assert_eq!(Val::from_json(json!(1.5)).as_f64(), Some(1.5));
+        // Configuration values come through serde_json, numbers as it writes them.
+        let full: Value = serde_json::from_str(r#"{"x":1.5,"y":[2,"s"]}"#).unwrap();
+        assert_eq!(Val::from_json(full).to_string(), r#"{"x":1.5,"y":[2,"s"]}"#);
+        assert_eq!(Val::from_json(json!(1.5)), Val::Num(Decimal::parse("1.5").unwrap()));
     }
 }

@@ -287,31 +287,22 @@ impl Reader {
             value: rec.value.as_deref(),
             headers: &headers,
         };
-        let why = match self.mapper.map(&src) {
+        let mut json = Vec::with_capacity(256);
+        let why = match self.mapper.map_for_delivery(&src, self.max_event_bytes, &mut json) {
             MapOutcome::Event(event) => {
-                let mut json = Vec::with_capacity(256);
-                event.write_json(&mut json);
                 let (keys, timestamp) = (self.deduper.keys_of(&event, &held.record.id), event.timestamp);
                 if headers.iter().any(|(k, _)| *k == "dp.replayed_from") {
                     self.deduper.replayed(&keys);
                 }
                 drop(event);
                 drop(headers);
-                if json.len() <= self.max_event_bytes {
-                    out.push(Pending {
-                        held,
-                        keys,
-                        timestamp,
-                        json,
-                    });
-                    return;
-                }
-                Reason {
-                    stage: "validation",
-                    code: "too_large".into(),
-                    message: format!("the event is {} bytes, over batch.max_bytes", json.len()),
-                    http_status: None,
-                }
+                out.push(Pending {
+                    held,
+                    keys,
+                    timestamp,
+                    json,
+                });
+                return;
             }
             MapOutcome::Filtered { reason } => {
                 tracing::debug!(record = %rec.id, %reason, "record filtered");
@@ -323,6 +314,7 @@ impl Reader {
                 let field = err.field.as_deref().unwrap_or("-");
                 Reason {
                     stage: err.stage.as_str(),
+                    field: err.field.clone(),
                     code: err.reason.clone(),
                     message: format!("record {}: field `{field}`: {}", rec.id, err.message),
                     http_status: None,

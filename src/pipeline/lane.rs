@@ -251,6 +251,7 @@ impl Lane {
                 v @ Verdict::DoubleCount { .. } => {
                     let why = Reason {
                         stage: "dedupe",
+                        field: None,
                         code: "double_count".into(),
                         message: v.reason().unwrap_or_default(),
                         http_status: None,
@@ -260,6 +261,7 @@ impl Lane {
                 v @ Verdict::InDoubt { .. } => {
                     let why = Reason {
                         stage: "dedupe",
+                        field: None,
                         code: "in_doubt".into(),
                         message: format!("record {}: {}", p.held.record.id, v.reason().unwrap_or_default()),
                         http_status: None,
@@ -365,6 +367,7 @@ impl Lane {
         for (p, status, body) in s.rejected {
             let why = Reason {
                 stage: "api",
+                field: None,
                 code: "rejected".into(),
                 message: format!(
                     "record {}: the API answered {status}: {}",

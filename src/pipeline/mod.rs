@@ -127,7 +127,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
         deduper: Arc::clone(&deduper),
         outcomes: Arc::clone(&outcomes),
         lanes: delivery.queues,
-        max_event_bytes: cfg.batch.max_bytes.saturating_sub(2),
+        max_event_bytes: crate::mapping::max_event_bytes(cfg.batch.max_bytes),
         max_in_flight: cfg.kafka.max_in_flight_records,
         commit_interval: cfg.kafka.commit_interval,
         commit_on_delivery: cfg.kafka.commit_on_delivery,

@@ -78,7 +78,7 @@ pub fn deposits(tag: &str, n: usize, bad: &[usize]) -> Vec<Event<'static>> {
             click_id: Some(format!("clk-{i}").into()),
             ip_address: Some("203.0.113.1".into()),
             transaction_id: Some(format!("{tag}-{i}").into()),
-            amount: if bad.contains(&i) { None } else { Some(50.0) },
+            amount: if bad.contains(&i) { None } else { Some(50.into()) },
             currency: Some("USD".into()),
             ..Event::default()
         })

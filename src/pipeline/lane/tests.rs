@@ -141,7 +141,7 @@ fn event<'a>(name: &'a str, tx: &'a str) -> Event<'a> {
         event_name: name.into(),
         timestamp: 1_702_963_200,
         transaction_id: Some(tx.into()),
-        amount: Some(5.0),
+        amount: Some(5.into()),
         currency: Some("USD".into()),
         ..Event::default()
     }
@@ -233,7 +233,7 @@ async fn each_verdict_goes_its_own_way() {
     w.process(&[event("deposit", "a-0")]).await;
     let bet = Event {
         bet_result: Some(BetResult::Win),
-        bet_result_amount: Some(1.0),
+        bet_result_amount: Some(1.into()),
         ..event("bet", "bet-1")
     };
     let win_of_same_bet = Event {
