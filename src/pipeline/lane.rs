@@ -340,6 +340,7 @@ impl Lane {
                     crate::event::truncate(&body)
                 ),
                 http_status: Some(413),
+                field: None,
             };
             self.outcomes.dead_letter(p.held, why, None);
         }
@@ -359,6 +360,7 @@ impl Lane {
                     crate::event::truncate(&detail)
                 ),
                 http_status: status,
+                field: None,
             };
             // Held until the dead letter is written, then remembered as doubted: later copies
             // are duplicates, until `dlq replay` lets the id go.
