@@ -894,3 +894,26 @@ async fn gateway_faults_413_503_502_504() {
     );
     assert_eq!(h.stats().accepted_events, 1, "a 504 before it");
 }
+
+/// The sandbox keeps amounts as it received them (exact decimals): `50.00` reads back as `50.00`,
+/// a decimal longer than a double holds keeps every digit, through both endpoints and the event
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amounts_are_kept_as_received() {
+    let h = start(|_| {}).await;
+    let body = r#"[{"client_user_id":"u1","event_name":"deposit","transaction_id":"x1","timestamp":1702963200,"amount":50.00,"currency":"USD","click_id":"c1","ip_address":"203.0.113.1"},
+        {"client_user_id":"u1","event_name":"bet","transaction_id":"x2","timestamp":1702963200,"amount":9007199254740993.25,"currency":"USD","bet_result":"win","bet_result_amount":12.50}]"#;
+    let r = send(&h, "/v2/s2s/batch", Some(KEY), body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let one = r#"{"client_user_id":"u1","event_name":"withdraw","transaction_id":"x3","timestamp":1702963200,"amount":0.10,"currency":"EUR","click_id":"c1","ip_address":"203.0.113.1"}"#;
+    assert_eq!(send(&h, "/v2/s2s/event", Some(KEY), one).await.status, 200);
+    let log = admin_get(&h, "events").await.text;
+    for exact in [
+        r#""amount":50.00"#,
+        r#""amount":9007199254740993.25"#,
+        r#""bet_result_amount":12.50"#,
+        r#""amount":0.10"#,
+    ] {
+        assert!(log.contains(exact), "{exact} in {log}");
+    }
+}

@@ -212,13 +212,23 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
             return bad_request(sh, "not_an_array", msg, Vec::new());
         }
     };
+    // The amounts as the client wrote them: `Value` keeps a number only as an f64 or a 64-bit
+    // integer, so `50.00` would read back as `50.0` and a long decimal would round. Each item's
+    // raw text is read again for its two amount fields (API-CONTRACT: amounts are exact).
+    let raw_items: Vec<&serde_json::value::RawValue> = match ep {
+        Endpoint::Batch => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Endpoint::Event => serde_json::from_slice(&bytes).map(|r| vec![r]).unwrap_or_default(),
+    };
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     let mut bad_events = 0;
     for (index, item) in items.iter().enumerate() {
         let violations = match item {
             Value::Object(m) => match Event::from_json(m) {
-                Ok(e) => {
+                Ok(mut e) => {
+                    if let Some(raw) = raw_items.get(index) {
+                        exact_amounts(raw, &mut e);
+                    }
                     let v = e.validate(&sh.opts);
                     if v.is_empty() {
                         events.push(e);
@@ -382,4 +392,34 @@ fn bad_request(sh: &Shared, error: &str, message: String, errors: Vec<ItemError>
         json!({ "error": error, "message": message, "errors": errors })
     };
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+/// Replaces the event's amounts by the number text the item holds for them (when they are JSON
+/// numbers), so that the sandbox keeps what it received verbatim: `50.00` stays `50.00`.
+fn exact_amounts(raw: &serde_json::value::RawValue, e: &mut Event<'_>) {
+    #[derive(serde::Deserialize)]
+    struct Amounts<'a> {
+        #[serde(borrow, default)]
+        amount: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        bet_result_amount: Option<&'a serde_json::value::RawValue>,
+    }
+    let Ok(a) = serde_json::from_str::<Amounts<'_>>(raw.get()) else {
+        return;
+    };
+    let exact = |r: Option<&serde_json::value::RawValue>| {
+        r.map(|r| r.get().trim())
+            .filter(|t| t.starts_with(|c: char| c == '-' || c.is_ascii_digit()))
+            .and_then(|t| crate::decimal::Decimal::parse_owned(t.to_string()))
+    };
+    if e.amount.is_some() {
+        if let Some(d) = exact(a.amount) {
+            e.amount = Some(d);
+        }
+    }
+    if e.bet_result_amount.is_some() {
+        if let Some(d) = exact(a.bet_result_amount) {
+            e.bet_result_amount = Some(d);
+        }
+    }
 }
