@@ -127,6 +127,11 @@ impl<'a> Decimal<'a> {
         if int.is_empty() && frac.is_empty() {
             return None;
         }
+        // Only digits around the point: a second sign (`0-5`, `+-5`) is not a number, and
+        // dropping the leading zeros must never bring one to the front.
+        if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         let int = int.trim_start_matches('0');
         let mut out = String::with_capacity(t.len() + 2);
         if negative {
@@ -290,6 +295,23 @@ impl fmt::Display for Decimal<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_reading_never_moves_a_sign() {
+        for bad in [
+            "0-5", "00-12.50", "+-5", "+0-5", "0-1e3", "--5", "0+5", "-+5", "5-", "1.-5",
+        ] {
+            assert_eq!(Decimal::parse_lenient(bad), None, "{bad}");
+        }
+        assert_eq!(
+            Decimal::parse_lenient(" +0012.50 ").map(|d| d.as_str().to_string()),
+            Some("12.50".into())
+        );
+        assert_eq!(
+            Decimal::parse_lenient("-007").map(|d| d.as_str().to_string()),
+            Some("-7".into())
+        );
+    }
 
     #[test]
     fn json_number_text_is_kept_as_written() {

@@ -574,12 +574,25 @@ impl Mapper {
     }
 }
 
+/// The longest JSON pointer an error names (bytes); a longer one is cut and ends with `…`.
+const MAX_POINTER: usize = 1024;
+
 /// A value the reader refused (`not_json`, or `duplicate_key` for a key twice in an object),
 /// named by the JSON pointer (RFC 6901) where the reader was and the byte offset in the record
 /// value (issue 16: errors name where).
 #[cold]
 fn not_json(rec: &SourceRecord<'_>, text: &str, e: &json::JsonError) -> Stop {
-    let pointer = json::pointer_at(text, e.at);
+    let mut pointer = json::pointer_at(text, e.at);
+    // A pointer into a record nested thousands deep is as long as the record: it goes into the
+    // dead letter's headers, which must stay far below the broker's message size. Cut, marked.
+    if pointer.len() > MAX_POINTER {
+        let mut end = MAX_POINTER;
+        while !pointer.is_char_boundary(end) {
+            end -= 1;
+        }
+        pointer.truncate(end);
+        pointer.push('…');
+    }
     // Offsets count from the start of the value, a skipped byte order mark included.
     let at = e.at + rec.value.map_or(0, |v| v.len() - text.len());
     let (reason, what) = if e.what == json::DUPLICATE_KEY {

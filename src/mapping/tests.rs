@@ -979,3 +979,15 @@ fn json_errors_name_the_pointer_where_the_reader_was() {
     assert_eq!(e.field, None, "{e}");
     assert!(e.message.contains("at the top level (byte 10)"), "{e}");
 }
+
+#[test]
+fn a_pointer_into_a_deep_record_is_cut() {
+    let m = mapper(WALLET);
+    let deep = format!("{{\"x\":{}", "[".repeat(10_000));
+    let e = map_value(&m, deep.as_bytes());
+    let e = failed(&e);
+    let field = e.field.as_deref().unwrap_or_default();
+    assert!(field.len() <= 1024 + '…'.len_utf8() && field.ends_with('…'), "{field}");
+    assert!(field.starts_with("/x/0/0/"), "{field}");
+    assert!(e.message.len() < 1_000, "{}", e.message.len());
+}
