@@ -249,3 +249,39 @@ async fn a_503_with_retry_after_on_one_replica_holds_the_others() {
         "replica b waited too long: {b_done:?}"
     );
 }
+
+/// A replica that drew its next request's unit in advance (the batcher reserves while it fills a
+/// batch) does not spend it inside a pause another replica met afterwards: the 503's
+/// `Retry-After` holds it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_drawn_before_a_pause_is_not_spent_inside_it() {
+    let redis = Redis::start_on(free_port());
+    let sb = sandbox(0, Duration::from_secs(60), |_| {}).await;
+    let cfg = shared(&redis.url(), 1000, Duration::from_secs(1));
+    let api = api(&sb.url(), Duration::from_secs(2));
+    let (a, b) = (deliverer(&api, &cfg), deliverer(&api, &cfg));
+    let cancel = CancellationToken::new();
+    // b draws its next unit now, before any pause.
+    b.reserve(&cancel).await.unwrap();
+    sb.set_faults(Faults {
+        unavailable_for: Some(Duration::from_secs(3)),
+        ..Faults::default()
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    let a_task = tokio::spawn({
+        let c = cancel.clone();
+        async move { a.deliver(&deposits("a", 5, &[]), &c).await }
+    });
+    // a meets the 503 and pauses the key for every replica; then b sends with its old unit.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rb = b.deliver(&deposits("b", 5, &[]), &cancel).await.unwrap();
+    let b_done = t0.elapsed();
+    let ra = a_task.await.unwrap().unwrap();
+    assert!(ra.iter().chain(&rb).all(|x| *x == EventResult::Delivered));
+    assert_eq!(sb.stats().by_status.get(&503), Some(&1), "{:?}", sb.stats());
+    assert!(
+        b_done >= Duration::from_secs(3),
+        "b spent its unit inside the window: {b_done:?}"
+    );
+}

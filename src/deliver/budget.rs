@@ -128,6 +128,18 @@ impl RateBudget {
     }
 
     async fn acquire_inner(&self, id: &str, cancel: &CancellationToken) -> Result<(), Cancelled> {
+        // A unit drawn in advance was drawn before any pause another replica has set since: in
+        // `redis` mode it is given up while the shared pause lasts (spending less than the budget
+        // is always safe), and the draw below waits the pause out.
+        if let Store::Redis(r) = &self.store {
+            if self.prepaid.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                let left = r.pause_left(id).await;
+                if !left.is_zero() {
+                    self.prepaid.store(0, std::sync::atomic::Ordering::Release);
+                    sleep_until(Instant::now() + left, cancel).await?;
+                }
+            }
+        }
         let take_prepaid = |n: u32| n.checked_sub(1);
         if self.pause_end().is_none()
             && self
@@ -258,6 +270,10 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if resume > tat then
   redis.call('SET', KEYS[1], string.format('%.0f', resume), 'PX', math.ceil((resume - now) / 1000) + 1000)
 end
+local ms = math.ceil(tonumber(ARGV[1]) / 1000)
+if ms > 0 and redis.call('PTTL', KEYS[1] .. ':paused') < ms then
+  redis.call('SET', KEYS[1] .. ':paused', '1', 'PX', ms)
+end
 return 1
 "#;
 
@@ -309,6 +325,17 @@ impl RedisBudget {
             }
             sleep_until(Instant::now() + Duration::from_micros(wait_us.max(1) as u64), cancel).await?;
         }
+    }
+
+    /// How long the key is still paused by a 429/503 of any replica (`PAUSE_LUA` keeps a key
+    /// `<id>:paused` for the pause): a unit drawn before the pause is not spent inside it.
+    /// Zero when not paused or when Redis does not answer (the next draw then waits on Redis).
+    async fn pause_left(&self, id: &str) -> Duration {
+        let Ok(mut c) = self.conn() else {
+            return Duration::ZERO;
+        };
+        let ttl: redis::RedisResult<i64> = redis::cmd("PTTL").arg(format!("{id}:paused")).query_async(&mut c).await;
+        Duration::from_millis(ttl.ok().filter(|ms| *ms > 0).unwrap_or(0) as u64)
     }
 
     async fn pause(&self, id: &str, pause: Duration) {
