@@ -186,13 +186,20 @@ async fn gateway_errors_are_in_doubt_or_resent() {
         on_ambiguous: Some(OnAmbiguous::Resend),
         ..delivery()
     };
-    let d = deliverer(&api(&sb.url(), Duration::from_secs(2)), &resend);
+    let t = datapulse_bridge::telemetry::Telemetry::new();
+    let d = deliverer_in(&api(&sb.url(), Duration::from_secs(2)), &resend, &t);
     let r = d
         .deliver(&deposits("g", 5, &[]), &CancellationToken::new())
         .await
         .unwrap();
     assert!(all_delivered(&r));
     assert_eq!((sb.stats().requests, sb.stats().accepted_events), (2, 5));
+    // The resend of a gateway's answer is counted as its own class, apart from the API's 500s.
+    let metrics = t.render();
+    assert!(
+        metrics.contains("datapulse_bridge_api_retries_total{cause=\"ambiguous\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Ambiguous answers in a row pause the key, doubling with the streak: an outage behind a

@@ -121,6 +121,12 @@ impl Exchange {
     /// The `cause` label of `datapulse_bridge_api_retries_total` and of the retry logs: `401`,
     /// `403`, `408`, `429`, `4xx` (other 4xx and 3xx), `5xx`, `timeout`, `connect`, `io`.
     fn cause(&self) -> &'static str {
+        // A gateway's answer that may have been counted (502, 504, a proxy's own 5xx) is its own
+        // class, apart from the API's 500: under `on_ambiguous = "resend"` these retries are the
+        // at-least-once ones (as are `timeout` and `io`, no answer after the body was written).
+        if matches!(self.answer, Answer::Status { .. }) && self.answer.ambiguous() {
+            return "ambiguous";
+        }
         match self.answer {
             Answer::Status { status, .. } => match status {
                 401 => "401",
