@@ -56,11 +56,17 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > limit) {
             sh.record().count_injected("413");
-            return json_error(
+            let mut resp = json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "injected_fault",
                 format!("injected fault: a gateway refuses bodies over {limit} bytes"),
             );
+            // As nginx does: the body is not read, so the connection cannot carry another
+            // request; saying so keeps the client from reusing it (a request sent on it would
+            // meet a closed connection and look unanswered).
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         }
     }
     if let Some(left) = unavailable {
