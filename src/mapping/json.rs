@@ -9,7 +9,7 @@
 //!
 //! Where it deliberately differs from `serde_json` (issue 16: a record means one thing, and no
 //! value changes on the way): numbers are kept as their text ([`Decimal`]), not rounded to a
-//! binary64 (a number that overflows one, `1e400`, is still refused where it is built); an object
+//! binary64 (a number that overflows one, `1e400`, is still refused, built or skipped); an object
 //! with a key twice is refused, in built and skipped parts alike, where `serde_json` keeps the
 //! last. (The mapping also ignores one leading byte order mark, before this reader sees the
 //! text.)
@@ -331,7 +331,9 @@ impl<'t> Scanner<'t> {
                     }
                 }
                 Some(b'-' | b'0'..=b'9') => {
-                    self.number_end()?;
+                    // Refused as where it is built (`1e400`): a skipped part is held to the
+                    // same grammar, so a record is refused or read whatever the mapping reads.
+                    self.number()?;
                 }
                 Some(b't') => self.word(b"true")?,
                 Some(b'f') => self.word(b"false")?,
@@ -459,7 +461,7 @@ impl<'t> Scanner<'t> {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
                         Some(b'u') => {
                             self.i += 1;
-                            self.hex4()?;
+                            self.unicode_escape()?;
                         }
                         _ => return self.err("invalid escape in a string"),
                     }
@@ -483,25 +485,8 @@ impl<'t> Scanner<'t> {
             Some(b't') => '\t',
             Some(b'u') => {
                 self.i += 1;
-                let hi = self.hex4()?;
-                let c = match hi {
-                    0xD800..=0xDBFF => {
-                        if !self.b[self.i..].starts_with(b"\\u") {
-                            return self.err("lone leading surrogate in a \\u escape");
-                        }
-                        self.i += 2;
-                        let lo = self.hex4()?;
-                        if !(0xDC00..=0xDFFF).contains(&lo) {
-                            return self.err("lone leading surrogate in a \\u escape");
-                        }
-                        char::from_u32(0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00))
-                    }
-                    _ => char::from_u32(u32::from(hi)),
-                };
-                match c {
-                    Some(c) => s.push(c),
-                    None => return self.err("lone trailing surrogate in a \\u escape"),
-                }
+                let c = self.unicode_escape()?;
+                s.push(c);
                 return Ok(());
             }
             _ => return self.err("invalid escape in a string"),
@@ -509,6 +494,31 @@ impl<'t> Scanner<'t> {
         self.i += 1;
         s.push(c);
         Ok(())
+    }
+
+    /// A `\u` escape, after its `u`: one character, a surrogate pair joined into one. A
+    /// surrogate without its pair is refused, in built and skipped strings alike: such text is
+    /// not Unicode (RFC 8259 §8.2), and `serde_json` refuses it too.
+    fn unicode_escape(&mut self) -> Result<char> {
+        let hi = self.hex4()?;
+        let c = match hi {
+            0xD800..=0xDBFF => {
+                if !self.b[self.i..].starts_with(b"\\u") {
+                    return self.err("lone leading surrogate in a \\u escape");
+                }
+                self.i += 2;
+                let lo = self.hex4()?;
+                if !(0xDC00..=0xDFFF).contains(&lo) {
+                    return self.err("lone leading surrogate in a \\u escape");
+                }
+                char::from_u32(0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00))
+            }
+            _ => char::from_u32(u32::from(hi)),
+        };
+        match c {
+            Some(c) => Ok(c),
+            None => self.err("lone trailing surrogate in a \\u escape"),
+        }
     }
 
     fn hex4(&mut self) -> Result<u16> {
@@ -529,7 +539,7 @@ impl<'t> Scanner<'t> {
         Ok(n)
     }
 
-    /// Moves past a number's literal; returns whether it has a fraction or an exponent.
+    /// Moves past a number's literal; returns whether it has an exponent.
     fn number_end(&mut self) -> Result<bool> {
         let digits = |s: &mut Self| {
             let from = s.i;
@@ -548,14 +558,13 @@ impl<'t> Scanner<'t> {
             }
             _ => return self.err("invalid number"),
         }
-        let mut real = false;
         if self.b.get(self.i) == Some(&b'.') {
             self.i += 1;
             if !digits(self) {
                 return self.err("invalid number");
             }
-            real = true;
         }
+        let mut exponent = false;
         if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
             self.i += 1;
             if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
@@ -564,9 +573,9 @@ impl<'t> Scanner<'t> {
             if !digits(self) {
                 return self.err("invalid number");
             }
-            real = true;
+            exponent = true;
         }
-        Ok(real)
+        Ok(exponent)
     }
 
     /// A number, as its text (issue 16: numbers stay exact); refused when it overflows a
@@ -574,11 +583,11 @@ impl<'t> Scanner<'t> {
     /// impossible).
     fn number(&mut self) -> Result<Decimal<'t>> {
         let start = self.i;
-        let real = self.number_end()?;
+        let exponent = self.number_end()?;
         let lit = &self.text[start..self.i];
         // Only an exponent or more than 308 digits can overflow: the usual literal needs no
         // float parse.
-        if (real || lit.len() > 308) && !lit.parse::<f64>().is_ok_and(f64::is_finite) {
+        if (exponent || lit.len() > 308) && !lit.parse::<f64>().is_ok_and(f64::is_finite) {
             return Err(JsonError {
                 what: "number out of range",
                 at: start,
@@ -770,12 +779,13 @@ mod tests {
             (Err(e), Ok(_)) if e.what == DUPLICATE_KEY => {}
             _ => panic!("{text:?}: ours {ours:?}, serde_json {theirs:?}"),
         }
-        // Skipping checks syntax, as serde_json's `IgnoredAny` does (`1e400` passes), and keys.
-        let syntax = serde_json::from_str::<serde::de::IgnoredAny>(text);
+        // Skipping holds a value to what building it does: serde_json's reading of a whole
+        // value, not its laxer `IgnoredAny` (which passes `1e400` and a lone surrogate), so a
+        // record is refused or read whatever part of it a mapping reads.
         match check(text) {
             // Refused for the key whatever serde_json says (it may refuse a later part).
             Err(e) if e.what == DUPLICATE_KEY => {}
-            checked => assert_eq!(checked.is_ok(), syntax.is_ok(), "check({text:?}): {:?}", syntax.err()),
+            checked => assert_eq!(checked.is_ok(), theirs.is_ok(), "check({text:?}): {:?}", theirs.err()),
         }
     }
 
@@ -845,6 +855,25 @@ mod tests {
         ] {
             agrees(s);
         }
+    }
+
+    /// What building refuses, skipping refuses at the same byte: a number that overflows a
+    /// binary64 and a surrogate without its pair, wherever they are.
+    #[test]
+    fn skipped_parts_are_refused_as_built_ones() {
+        for (text, what, at) in [
+            (r#"{"a":1,"b":1e400}"#, "number out of range", 11),
+            (r#"{"a":1,"b":[-2E+999]}"#, "number out of range", 12),
+            (r#"{"a":"\ud800x"}"#, "lone leading surrogate in a \\u escape", 12),
+            (r#"{"a":{"k":"\udc00"}}"#, "lone trailing surrogate in a \\u escape", 17),
+            (r#"{"a":"\ud83d\u0041"}"#, "lone leading surrogate in a \\u escape", 18),
+        ] {
+            let built = parse(text).unwrap_err();
+            assert_eq!((built.what, built.at), (what, at), "built: {text}");
+            assert_eq!(check(text).unwrap_err(), built, "skipped: {text}");
+        }
+        // Tiny numbers are finite (zero as a binary64), and a joined pair is one character.
+        assert!(check(r#"{"a":1e-400,"b":"\ud83d\ude00"}"#).is_ok());
     }
 
     #[test]
