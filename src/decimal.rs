@@ -278,6 +278,52 @@ impl<'a> Decimal<'a> {
     fn is_negative_zero_text(&self) -> bool {
         self.0.starts_with('-') && self.is_zero()
     }
+
+    /// The number's value as a canonical text, equal for equal values however they are written:
+    /// `1.5`, `1.50`, `15e-1` and `0.15E1` all give `15e1`; `0`, `-0` and `0.00e7` give `0`.
+    /// Shape: the significant digits `d` (no leading or trailing zero) and the exponent `e` of
+    /// `0.d × 10^e`, with a `-` before a value below zero. For exact comparisons of numbers (a
+    /// `table` key, an `in` value: issue 16, how a producer writes a number decides no match),
+    /// never for writing. An exponent beyond ±10^30 (only a number that is zero as a binary64,
+    /// `1e-99999999999999999999999999999999`, can have one) is clamped there.
+    pub fn value_key(&self) -> String {
+        let p = self.parts();
+        let digits = || p.int.bytes().chain(p.frac.bytes());
+        let leading = digits().take_while(|&b| b == b'0').count();
+        let total = p.int.len() + p.frac.len();
+        if leading == total {
+            return "0".to_string();
+        }
+        let trailing = digits().rev().take_while(|&b| b == b'0').count();
+        const CLAMP: i128 = 1_000_000_000_000_000_000_000_000_000_000;
+        let exp = {
+            let (negative, magnitude) = match p.exp.as_bytes().first() {
+                Some(b'-') => (true, &p.exp[1..]),
+                Some(b'+') => (false, &p.exp[1..]),
+                _ => (false, p.exp),
+            };
+            let magnitude = magnitude.trim_start_matches('0');
+            let m = if magnitude.len() > 31 {
+                CLAMP
+            } else {
+                magnitude.parse::<i128>().unwrap_or(0).min(CLAMP)
+            };
+            if negative {
+                -m
+            } else {
+                m
+            }
+        };
+        let point = (exp + p.int.len() as i128 - leading as i128).clamp(-CLAMP, CLAMP);
+        let mut out = String::with_capacity(total - leading - trailing + 8);
+        if p.negative {
+            out.push('-');
+        }
+        out.extend(digits().skip(leading).take(total - leading - trailing).map(char::from));
+        out.push('e');
+        out.push_str(&point.to_string());
+        out
+    }
 }
 
 impl From<i64> for Decimal<'_> {
@@ -360,6 +406,40 @@ mod tests {
         ] {
             assert!(Decimal::parse_lenient(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn equal_values_have_one_key_however_written() {
+        let key = |t: &str| Decimal::parse(t).unwrap().value_key();
+        for same in [
+            &["1.5", "1.50", "15e-1", "0.15E1", "0.0015e+3", "150E-2"][..],
+            &["100", "1e2", "1.00E2", "10e1", "100.000"],
+            &["0", "-0", "0.00", "0e7", "-0.0E-3"],
+            &["-2.5", "-2.50", "-25e-1"],
+            &["9007199254740993", "9007199254740993.0", "9.007199254740993e15"],
+            &["0.000001", "1e-6", "10E-7"],
+        ] {
+            let keys: Vec<String> = same.iter().map(|t| key(t)).collect();
+            assert!(keys.iter().all(|k| *k == keys[0]), "{same:?}: {keys:?}");
+        }
+        assert_eq!(key("1.5"), "15e1");
+        assert_eq!(key("-0.025"), "-25e-1");
+        assert_eq!(key("0"), "0");
+        // Different values, different keys: the last digit, the sign, the scale.
+        for (a, b) in [
+            ("9007199254740993", "9007199254740992"),
+            ("1.5", "-1.5"),
+            ("1.5", "15"),
+            ("77012345678901234567890123", "77012345678901234567890124"),
+            ("1e-400", "2e-400"),
+        ] {
+            assert_ne!(key(a), key(b), "{a} vs {b}");
+        }
+        // An absurd exponent is clamped, not an overflow.
+        assert_eq!(
+            key("1e-99999999999999999999999999999999999"),
+            format!("1e-{}", "9".repeat(30))
+        );
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub fn run_map(
             continue;
         }
         let sample = Sample::parse(line);
+        if let Some(why) = &sample.not_envelope {
+            writeln!(
+                err,
+                "line {n}: note: read as the record value itself, not as an envelope: {why}"
+            )
+            .map_err(io)?;
+        }
         let Some(topic) = sample.topic.as_deref().or(default_topic.as_deref()) else {
             return Err(MapRunError::NoTopic { line: n });
         };
@@ -111,6 +118,9 @@ struct Sample {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
+    /// Why a line that looks like an envelope (an object with a `value` or `value_base64` key) is
+    /// not one: `map` says so rather than silently mapping the line as the record value.
+    not_envelope: Option<String>,
 }
 
 const ENVELOPE_KEYS: &[&str] = &["key", "value", "value_base64", "headers", "topic", "timestamp"];
@@ -128,6 +138,7 @@ impl Sample {
     fn parse(line: &[u8]) -> Sample {
         Sample::envelope(line).unwrap_or_else(|| Sample {
             value: Some(line.to_vec()),
+            not_envelope: near_envelope(line),
             ..Sample::default()
         })
     }
@@ -173,6 +184,51 @@ impl Sample {
         let values = seen.iter().filter(|k| k.starts_with("value")).count();
         (values == 1).then_some(sample)
     }
+}
+
+/// For a line [`Sample::envelope`] refused: why it is not an envelope, when it looks like one (a
+/// JSON object with a `value` or `value_base64` key; a record may have a field `value`, so such a
+/// line is still mapped as the record value, with this said).
+fn near_envelope(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut s = Scanner::new(text);
+    s.expect(b'{', "").ok()?;
+    let mut keys: Vec<String> = Vec::new();
+    if !s.eat(b'}') {
+        loop {
+            keys.push(s.key().ok()?.into_owned());
+            s.skip_syntax().ok()?;
+            if !s.next_member(b'}').ok()? {
+                break;
+            }
+        }
+    }
+    s.end().ok()?;
+    let has = |k: &str| keys.iter().any(|x| x == k);
+    if !has("value") && !has("value_base64") {
+        return None;
+    }
+    let unknown: Vec<String> = keys
+        .iter()
+        .filter(|k| !ENVELOPE_KEYS.contains(&k.as_str()))
+        .map(|k| format!("`{}`", crate::event::truncate(k)))
+        .collect();
+    let twice = ENVELOPE_KEYS
+        .iter()
+        .find(|e| keys.iter().filter(|k| k == e).count() > 1);
+    Some(if !unknown.is_empty() {
+        format!(
+            "{} not an envelope key (the keys: {})",
+            unknown.join(", ") + if unknown.len() == 1 { " is" } else { " are" },
+            ENVELOPE_KEYS.join(", ")
+        )
+    } else if let Some(k) = twice {
+        format!("the key `{k}` appears twice")
+    } else if has("value") && has("value_base64") {
+        "it has both `value` and `value_base64`".to_string()
+    } else {
+        "a key has a value of the wrong form (`key` and each header: a string, null or {\"base64\": \"…\"}; `headers`: an object; `topic`: a string; `timestamp`: integer milliseconds; `value_base64`: base64)".to_string()
+    })
 }
 
 /// The record value of an envelope's `value`: `Some(None)` for a tombstone, `None` when the line
@@ -310,6 +366,53 @@ mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+    }
+
+    #[test]
+    fn a_line_that_looks_like_an_envelope_but_is_not_says_why() {
+        let why = |line: &[u8]| Sample::parse(line).not_envelope;
+        assert_eq!(
+            why(br#"{"value":{"u":"p"},"header":{"h":"v"}}"#).as_deref(),
+            Some("`header` is not an envelope key (the keys: key, value, value_base64, headers, topic, timestamp)")
+        );
+        assert_eq!(
+            why(br#"{"value":{},"value":{}}"#).as_deref(),
+            Some("the key `value` appears twice")
+        );
+        assert_eq!(
+            why(br#"{"value":{},"value_base64":""}"#).as_deref(),
+            Some("it has both `value` and `value_base64`")
+        );
+        assert!(why(br#"{"value":{},"timestamp":"yesterday"}"#)
+            .unwrap()
+            .starts_with("a key has a value of the wrong form"));
+        // A record that is no envelope and does not look like one, and a real envelope: nothing.
+        assert_eq!(why(br#"{"u":"p","amount":5}"#), None);
+        assert_eq!(why(br#"{"value":{"u":"p"},"headers":{"h":"v"}}"#), None);
+        // `map` says it on the line, and still maps the line as the record value.
+        let mapper = Mapper::compile(
+            &toml::from_str::<Doc>("[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/value/u\"\nevent_name = { const = \"custom\" }\ntimestamp = { const = 1702963200 }\n")
+                .unwrap()
+                .mapping,
+            &ContractOptions::default(),
+        )
+        .unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let input = br#"{"value":{"u":"p-1"},"header":{"h":"v"}}"#;
+        let summary = run_map(&mapper, 1 << 20, Some("t".into()), &input[..], &mut out, &mut err).unwrap();
+        assert_eq!(summary.events, 1);
+        let err = String::from_utf8(err).unwrap();
+        assert!(
+            err.starts_with(
+                "line 1: note: read as the record value itself, not as an envelope: `header` is not an envelope key"
+            ),
+            "{err}"
+        );
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        mapping: Vec<super::super::MappingConfig>,
     }
 
     #[test]

@@ -22,8 +22,75 @@ pub fn describe(v: &Val) -> String {
     }
 }
 
-/// The text of a scalar, as table keys and `in` lists compare it: strings as they are, numbers
-/// as the record wrote them (`1.50` is `"1.50"`), booleans as `true` and `false`.
+/// The scalar values a record value is compared with: a `table`'s keys, an `in` list. A record
+/// string or boolean matches an entry of the same text (`true` matches `"true"`; a string
+/// `"1.50"` matches `"1.50"` only); a record *number* matches an entry of the same decimal value,
+/// written as a number or as a string, however either writes it (`1.50`, `1.5`, `"15e-1"`:
+/// issue 16, comparisons of numbers are exact, and how a producer writes a number decides no
+/// match). Sorted and binary searched: faster than hashing for the small tables mappings have.
+#[derive(Debug, Clone)]
+pub struct ScalarKeys<T> {
+    /// By the entry's text ([`scalar_text`]).
+    texts: Vec<(String, T)>,
+    /// Entries that are JSON number text, by [`Decimal::value_key`]: an index into `texts`.
+    numbers: Vec<(String, usize)>,
+}
+
+impl<T> ScalarKeys<T> {
+    /// The entries, each a key's text and what it maps to. `Err` names two keys that are one
+    /// number (`1` and `1.0`) and map to different things.
+    pub fn new(entries: impl IntoIterator<Item = (String, T)>) -> Result<ScalarKeys<T>, String>
+    where
+        T: PartialEq,
+    {
+        let mut texts: Vec<(String, T)> = entries.into_iter().collect();
+        texts.sort_by(|a, b| a.0.cmp(&b.0));
+        texts.dedup_by(|a, b| a.0 == b.0);
+        let mut numbers: Vec<(String, usize)> = texts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (k, _))| Decimal::parse(k).map(|d| (d.value_key(), i)))
+            .collect();
+        numbers.sort();
+        for w in numbers.windows(2) {
+            let ((ka, a), (kb, b)) = (&w[0], &w[1]);
+            if ka == kb && texts[*a].1 != texts[*b].1 {
+                return Err(format!(
+                    "`{}` and `{}` are the same number with different values",
+                    texts[*a].0, texts[*b].0
+                ));
+            }
+        }
+        numbers.dedup_by(|a, b| a.0 == b.0);
+        Ok(ScalarKeys { texts, numbers })
+    }
+
+    /// What `v` matches, if it is a scalar that matches an entry.
+    pub fn get(&self, v: &Val) -> Option<&T> {
+        let i = match v {
+            Val::Num(n) => {
+                let key = n.value_key();
+                let j = self.numbers.binary_search_by(|(k, _)| k.as_str().cmp(&key)).ok()?;
+                self.numbers[j].1
+            }
+            v => {
+                let text = scalar_text(v)?;
+                self.texts
+                    .binary_search_by(|(k, _)| k.as_str().cmp(text.as_ref()))
+                    .ok()?
+            }
+        };
+        Some(&self.texts[i].1)
+    }
+
+    /// Whether `v` matches an entry.
+    pub fn contains(&self, v: &Val) -> bool {
+        self.get(v).is_some()
+    }
+}
+
+/// The text of a scalar: strings as they are, numbers as the record wrote them (`1.50` is
+/// `"1.50"`), booleans as `true` and `false`.
 pub fn scalar_text<'v>(v: &'v Val) -> Option<Cow<'v, str>> {
     match v {
         Val::Str(s) => Some(Cow::Borrowed(s)),

@@ -23,7 +23,7 @@ pub use spec::{
 };
 
 use crate::event::{truncate, BetResult, ContractOptions, Event, KNOWN_FIELDS};
-use convert::{describe, scalar_text, TimeReader};
+use convert::{describe, scalar_text, ScalarKeys, TimeReader};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
 use serde_json::Value;
@@ -314,11 +314,10 @@ struct Field {
     default: Option<Val<'static>>,
     trim: bool,
     case: Option<Case>,
-    /// Sorted by key and binary searched: faster than hashing for the small tables mappings have.
-    table: Option<(Vec<(String, Val<'static>)>, Miss)>,
+    table: Option<(ScalarKeys<Val<'static>>, Miss)>,
     as_type: Option<AsType>,
     time: Option<TimeReader>,
-    one_of: Option<HashSet<String>>,
+    one_of: Option<ScalarKeys<()>>,
     sign: Option<(Sign, Vec<String>)>,
 }
 
@@ -328,7 +327,7 @@ struct Cond {
     from: String,
     values: String,
     source: Source,
-    one_of: HashSet<String>,
+    one_of: ScalarKeys<()>,
 }
 
 #[derive(Debug)]
@@ -491,7 +490,7 @@ impl Mapper {
                 Stage::Mapping,
                 None,
                 "not_utf8",
-                format!("the value is not UTF-8 text: {e}"),
+                format!("the value is not UTF-8 text: {e}{}", utf16_hint(raw)),
             )
         })?;
         // One leading byte order mark, as .NET's default UTF-8 writers put before the JSON: RFC 8259
@@ -574,6 +573,23 @@ impl Mapper {
     }
 }
 
+/// A hint for a value written in UTF-16 (a .NET or Java producer's `Encoding.Unicode` or
+/// `UTF_16`): it starts with a UTF-16 byte order mark (`FF FE`, `FE FF`), or one of its first two
+/// bytes is a zero, as an ASCII character in UTF-16 has. JSON exchanged between systems is UTF-8
+/// (RFC 8259 §8.1), and reading UTF-16 would guess at the producer's intent, so it is refused,
+/// saying what the value looks like.
+fn utf16_hint(raw: &[u8]) -> &'static str {
+    match raw {
+        [0xFF, 0xFE, ..] | [0xFE, 0xFF, ..] => {
+            " (the value starts with a UTF-16 byte order mark: the producer writes UTF-16; JSON between systems is UTF-8, RFC 8259 §8.1)"
+        }
+        [0, c, ..] | [c, 0, ..] if *c != 0 => {
+            " (the value looks like UTF-16, a zero byte beside each ASCII character: the producer writes UTF-16; JSON between systems is UTF-8, RFC 8259 §8.1)"
+        }
+        _ => "",
+    }
+}
+
 /// The longest JSON pointer an error names (bytes); a longer one is cut and ends with `…`.
 const MAX_POINTER: usize = 1024;
 
@@ -608,11 +624,12 @@ fn not_json(rec: &SourceRecord<'_>, text: &str, e: &json::JsonError) -> Stop {
     } else {
         format!("at `{}`", truncate(&pointer))
     };
+    let hint = rec.value.map_or("", utf16_hint);
     fail(
         Stage::Mapping,
         (!pointer.is_empty()).then_some(pointer.as_str()),
         reason,
-        format!("{what}: {} {place} (byte {at})", e.what),
+        format!("{what}: {} {place} (byte {at}){hint}", e.what),
     )
 }
 
@@ -819,7 +836,7 @@ impl<'a> Cx<'_, 'a> {
                 Some(&read).filter(|v| !v.is_null())
             }
         };
-        let holds = v.and_then(scalar_text).is_some_and(|t| c.one_of.contains(t.as_ref()));
+        let holds = v.is_some_and(|v| c.one_of.contains(v));
         Ok((holds, v.map_or("absent".to_string(), describe)))
     }
 
@@ -845,10 +862,7 @@ impl<'a> Cx<'_, 'a> {
             v = convert::case(v, c);
         }
         if let Some((table, miss)) = &f.table {
-            let hit = scalar_text(&v).and_then(|k| {
-                let i = table.binary_search_by(|(key, _)| key.as_str().cmp(k.as_ref())).ok()?;
-                Some(&table[i].1)
-            });
+            let hit = table.get(&v);
             v = match (hit, miss) {
                 (Some(to), _) => to.reborrow(),
                 (None, Miss::Keep) => v,
@@ -871,7 +885,7 @@ impl<'a> Cx<'_, 'a> {
             v = convert::as_type(v, t).map_err(|m| mapping_err("type", m))?;
         }
         if let Some(set) = &f.one_of {
-            let hit = scalar_text(&v).is_some_and(|t| set.contains(t.as_ref()));
+            let hit = set.contains(&v);
             v = Val::Bool(hit);
         }
         if f.kind == Kind::Time {
@@ -1016,21 +1030,49 @@ impl Pointers {
     }
 }
 
+/// A configured scalar (a constant, a default, a table's value, an `in` value). A number with a
+/// fraction or an exponent reaches the bridge as TOML read it, a binary64: one that needs 16 or
+/// more significant digits may not be the number written (`9007199254740993.0` is read as
+/// `9007199254740992`), so it is refused with a hint to write it as a string, which keeps its
+/// digits and matches a record's number of that value (issue 16: no value changes on the way).
 fn scalar(v: &Value, what: &str) -> Result<(), String> {
     match v {
+        Value::Number(n) if n.is_f64() => {
+            let text = n.to_string();
+            // The shortest text that reads back as the same binary64 (serde_json writes it so):
+            // its digits without leading and trailing zeros are the significant ones.
+            let mantissa: String = text
+                .split(['e', 'E'])
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            let significant = mantissa.trim_start_matches('0').trim_end_matches('0').len();
+            if significant >= 16 {
+                return Err(format!(
+                    "{what} {text} may not be the number written: TOML reads a number with a fraction or an exponent as a binary64, exact to 15 significant digits; write it as a string (\"…\") to keep every digit"
+                ));
+            }
+            Ok(())
+        }
         Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(()),
         _ => Err(format!("{what} must be a string, a number or a boolean")),
     }
 }
 
-fn text_set(values: &[Value], what: &str) -> Result<HashSet<String>, String> {
-    values
+fn text_set(values: &[Value], what: &str) -> Result<ScalarKeys<()>, String> {
+    let texts = values
         .iter()
         .map(|v| {
             scalar(v, what)?;
-            Ok(scalar_text(&Val::from_json(v.clone())).expect("scalar").into_owned())
+            Ok((
+                scalar_text(&Val::from_json(v.clone())).expect("scalar").into_owned(),
+                (),
+            ))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    ScalarKeys::new(texts)
 }
 
 /// A field, condition or properties table whose source still refers to a pointer index: slots
@@ -1089,7 +1131,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
             }
             let one_of = text_set(&c.one_of, "each value of `in`").unwrap_or_else(|e| {
                 errs.push(Found::new(which(i), Some("in"), e));
-                HashSet::new()
+                ScalarKeys::new([]).expect("no entries")
             });
             out.push(Pending {
                 item: Cond {
@@ -1328,11 +1370,14 @@ fn compile_field(
                 (Some(Otherwise::Skip), None) => Miss::Skip,
                 (Some(Otherwise::Keep), None) => Miss::Keep,
             };
-            // A BTreeMap iterates in key order: the Vec comes out sorted.
-            Some((
-                t.iter().map(|(k, v)| (k.clone(), Val::from_json(v.clone()))).collect(),
-                miss,
-            ))
+            let keys = ScalarKeys::new(t.iter().map(|(k, v)| (k.clone(), Val::from_json(v.clone()))));
+            match keys {
+                Ok(keys) => Some((keys, miss)),
+                Err(e) => {
+                    err("table", e);
+                    None
+                }
+            }
         }
         None => {
             if o.otherwise.is_some() {

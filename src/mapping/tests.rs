@@ -459,6 +459,24 @@ fn compile_errors_name_the_mapping_and_the_field() {
             one_field("game_type", r#""/g""#) + "topic_pattern = \"(\"\n",
             (At::Mapping, Some("topic_pattern")),
         ),
+        // Numbers TOML may have changed (issue 16): 16 or more significant digits in a float.
+        (
+            one_field("game_type", r#"{ from = "/g", table = { a = 9007199254740993.0 } }"#),
+            field("game_type", "table"),
+        ),
+        (
+            one_field("game_type", r#"{ from = "/g", default = 0.12345678901234567 }"#),
+            field("game_type", "default"),
+        ),
+        (
+            one_field("game_type", r#""/g""#) + "keep_when = [{ from = \"/a\", in = [1.0000000000000002] }]\n",
+            (At::KeepWhen(0), Some("in")),
+        ),
+        // Two keys that are one number and say different things.
+        (
+            one_field("game_type", r#"{ from = "/g", table = { "1" = "a", "1.0" = "b" } }"#),
+            field("game_type", "table"),
+        ),
     ];
     for (text, (at, option)) in cases {
         let e = compile(&text).err().unwrap_or_else(|| panic!("compiled: {text}"));
@@ -836,7 +854,7 @@ fn numbers_converted_to_strings_keep_their_digits() {
     // More: a fraction and an exponent are written as the record wrote them.
     assert_eq!(tx("12.50"), "12.50");
     assert_eq!(tx("-1E+2"), "-1E+2");
-    // The same for custom properties, and for table keys (`in`, `table`): the record's text.
+    // The same for custom properties; table keys (`in`, `table`) compare exact values.
     let out = map_value(
         &m,
         br#"{"player":"p-01","round_id":1,"stake":"5","meta":{"id":904218376251884077,"odds":2.50,"big":1e300}}"#,
@@ -848,9 +866,10 @@ fn numbers_converted_to_strings_keep_their_digits() {
     );
     let m = mapper(&one_field(
         "game_type",
-        r#"{ from = "/g", table = { "1.50" = "exact", "1.5" = "rounded" } }"#,
+        r#"{ from = "/g", table = { "9007199254740993" = "odd", "9007199254740992" = "even" } }"#,
     ));
-    assert!(event_text(&map_value(&m, br#"{"g":1.50}"#)).contains(r#""game_type":"exact""#));
+    assert!(event_text(&map_value(&m, br#"{"g":9007199254740993}"#)).contains(r#""game_type":"odd""#));
+    assert!(event_text(&map_value(&m, br#"{"g":9007199254740992.0}"#)).contains(r#""game_type":"even""#));
 }
 
 #[test]
@@ -990,4 +1009,96 @@ fn a_pointer_into_a_deep_record_is_cut() {
     assert!(field.len() <= 1024 + '…'.len_utf8() && field.ends_with('…'), "{field}");
     assert!(field.starts_with("/x/0/0/"), "{field}");
     assert!(e.message.len() < 1_000, "{}", e.message.len());
+}
+
+/// Issue 16: a number is compared by its decimal value, however the record or the configuration
+/// writes it; a string by its text.
+#[test]
+fn numbers_match_tables_and_conditions_by_value() {
+    let m = mapper(
+        r#"[[mapping]]
+topics = ["t"]
+keep_when = [{ from = "/status", in = [1.5, "200"] }]
+client_user_id = "/u"
+event_name = { from = "/kind", table = { "1" = "one", "2.50" = "two_and_a_half", "1e2" = "hundred" }, otherwise = "dead-letter" }
+timestamp = { const = 1702963200 }
+"#,
+    );
+    let name = |kind: &str, status: &str| {
+        let v = format!(r#"{{"u":"p-1","kind":{kind},"status":{status}}}"#);
+        match map_value(&m, v.as_bytes()) {
+            MapOutcome::Event(e) => e.event_name.to_string(),
+            MapOutcome::Filtered { .. } => "filtered".to_string(),
+            MapOutcome::Failed(e) => e.reason.to_string(),
+        }
+    };
+    // The table: the number 1 however written; 2.5 for the key "2.50"; 100 for "1e2".
+    for (kind, want) in [
+        ("1", "one"),
+        ("1.0", "one"),
+        ("1.000e0", "one"),
+        ("10E-1", "one"),
+        ("2.5", "two_and_a_half"),
+        ("25e-1", "two_and_a_half"),
+        ("100", "hundred"),
+        ("100.00", "hundred"),
+        // Strings are text: "1" is the key "1", "1.0" is no key, "2.5" is no key "2.50".
+        (r#""1""#, "one"),
+        (r#""1.0""#, "unknown_value"),
+        (r#""2.5""#, "unknown_value"),
+        // Close is not equal.
+        ("1.0000000000000001", "unknown_value"),
+        ("-1", "unknown_value"),
+    ] {
+        assert_eq!(name(kind, "1.5"), want, "kind {kind}");
+    }
+    // The condition: 1.5 (a TOML float) and "200" (a string) match numbers of those values.
+    for (status, want) in [
+        ("1.5", "one"),
+        ("1.50", "one"),
+        ("15e-1", "one"),
+        ("200", "one"),
+        ("2e2", "one"),
+        ("200.0", "one"),
+        (r#""200""#, "one"),
+        (r#""1.50""#, "filtered"),
+        ("1.51", "filtered"),
+        ("true", "filtered"),
+    ] {
+        assert_eq!(name("1", status), want, "status {status}");
+    }
+}
+
+/// Issue 16, kind 2: a value in UTF-16 is refused with a reason that says so.
+#[test]
+fn utf16_values_are_refused_saying_so() {
+    let m = mapper(WALLET);
+    let utf16 = |text: &str, le: bool, bom: bool| {
+        let mut out: Vec<u8> = if !bom {
+            vec![]
+        } else if le {
+            vec![0xFF, 0xFE]
+        } else {
+            vec![0xFE, 0xFF]
+        };
+        for u in text.encode_utf16() {
+            out.extend_from_slice(&if le { u.to_le_bytes() } else { u.to_be_bytes() });
+        }
+        out
+    };
+    let text = wallet("");
+    for (value, reason, says) in [
+        (utf16(&text, true, true), "not_utf8", "UTF-16 byte order mark"),
+        (utf16(&text, false, true), "not_utf8", "UTF-16 byte order mark"),
+        (utf16(&text, true, false), "not_json", "looks like UTF-16"),
+        (utf16(&text, false, false), "not_json", "looks like UTF-16"),
+    ] {
+        let out = map_value(&m, &value);
+        let e = failed(&out);
+        assert_eq!(e.reason, reason);
+        assert!(e.message.contains(says), "{}", e.message);
+    }
+    // A value that is UTF-8 gets no such hint, even when it is not JSON.
+    let e = map_value(&m, b"{\"a\":1,}");
+    assert!(!failed(&e).message.contains("UTF-16"), "{}", failed(&e).message);
 }
