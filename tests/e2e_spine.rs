@@ -48,6 +48,7 @@ async fn ten_thousand_records_over_four_partitions_exactly_once() {
     assert!(report.unexpected.is_empty() && !report.is_clean());
 
     // The bridge's own accounting agrees with the sandbox's record.
+    wait_committed_metric(&bridge, &ends).await;
     let m = bridge.metrics().await;
     let consumed = metric_sum(&m, "datapulse_bridge_records_consumed_total", &[]);
     let delivered = metric_sum(
@@ -60,14 +61,11 @@ async fn ten_thousand_records_over_four_partitions_exactly_once() {
     assert_eq!(consumed, 10_000.0, "{m}");
     assert_eq!(delivered, 10_000.0);
     assert_eq!(consumed, finished + in_flight);
-    for (p, end) in ends.iter().enumerate() {
-        let c = metric_sum(
-            &m,
-            "datapulse_bridge_partition_committed_offset",
-            &[&format!("partition=\"{p}\"")],
-        );
-        assert_eq!(c, *end as f64, "committed offset metric of partition {p}");
-    }
+    assert_eq!(
+        committed_metric(&m, &ends),
+        ends,
+        "committed offset metric per partition"
+    );
 
     let status = bridge
         .proc

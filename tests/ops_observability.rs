@@ -83,6 +83,7 @@ async fn full_run(name: &str, extra: &str, kafka_properties: &str) -> Run {
         o.in_flight == 0.0 && o.consumed == records.len() as f64
     })
     .await;
+    wait_committed_metric(&bridge, &ends).await;
     Run {
         metrics: bridge.metrics().await,
         log: bridge.proc.log_text(),
@@ -127,14 +128,11 @@ async fn metrics_account_for_every_record_and_agree_with_the_sandbox() {
         metric_sum(m, "datapulse_bridge_delivery_events_rejected_total", &[]),
         1.0
     );
-    for (p, end) in run.ends.iter().enumerate() {
-        let c = metric_sum(
-            m,
-            "datapulse_bridge_partition_committed_offset",
-            &[&format!("partition=\"{p}\"")],
-        );
-        assert_eq!(c, *end as f64, "committed offset metric of partition {p}");
-    }
+    assert_eq!(
+        committed_metric(m, &run.ends),
+        run.ends,
+        "committed offset metric per partition"
+    );
 
     // The sandbox's record and the bridge's counters tell the same story.
     let stats = &run.stats;
