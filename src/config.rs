@@ -145,6 +145,83 @@ fn source_of(md: &figment::Metadata) -> String {
     }
 }
 
+/// The floats of a TOML text that TOML's reading changes, each as a problem of its key (dotted,
+/// array items by index: `mapping.0.amount.default`). TOML reads a number with a fraction or an
+/// exponent as a binary64, so `9007199254740993.0`, `0.1000000000000000000001` and `1e-400`
+/// would reach the bridge as other numbers (issue 16: no value changes on the way); `12.50`
+/// is the value `12.5` and passes. The text's own spelling comes from `toml_edit`. A text that
+/// does not parse gives none (figment reports the syntax error).
+fn inexact_floats(text: &str, origin: &str) -> Vec<ConfigProblem> {
+    use toml_edit::{Item, Value};
+    type Found = Vec<(String, String, String)>;
+    fn value(v: &Value, key: String, out: &mut Found) {
+        match v {
+            Value::Float(f) => {
+                let Some(written) = f.as_repr().and_then(|r| r.as_raw().as_str()) else {
+                    return;
+                };
+                let written = written.replace('_', "");
+                // Rust's `Debug` of a binary64 is the shortest text that reads back as it.
+                let read = format!("{:?}", f.value());
+                let number =
+                    |t: &str| crate::decimal::Decimal::parse(t.strip_prefix('+').unwrap_or(t)).map(|d| d.value_key());
+                if number(&written).is_none() || number(&written) != number(&read) {
+                    out.push((key, written, read));
+                }
+            }
+            Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    value(v, format!("{key}.{i}"), out);
+                }
+            }
+            Value::InlineTable(t) => {
+                for (k, v) in t.iter() {
+                    value(v, format!("{key}.{k}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn item(i: &Item, key: String, out: &mut Found) {
+        let join = |k: &str| {
+            if key.is_empty() {
+                k.to_string()
+            } else {
+                format!("{key}.{k}")
+            }
+        };
+        match i {
+            Item::Value(v) => value(v, key, out),
+            Item::Table(t) => {
+                for (k, i) in t.iter() {
+                    item(i, join(k), out);
+                }
+            }
+            Item::ArrayOfTables(a) => {
+                for (n, t) in a.iter().enumerate() {
+                    for (k, i) in t.iter() {
+                        item(i, format!("{}.{k}", join(&n.to_string())), out);
+                    }
+                }
+            }
+            Item::None => {}
+        }
+    }
+    let Ok(doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    item(doc.as_item(), String::new(), &mut found);
+    found
+        .into_iter()
+        .map(|(key, written, read)| ConfigProblem::Key {
+            key,
+            origin: origin.to_string(),
+            problem: Problem::InexactNumber { written, read },
+        })
+        .collect()
+}
+
 /// The figment of a file (which must exist when `explicit`) and the environment.
 pub fn figment(path: &Path, explicit: bool) -> Result<Figment, ConfigError> {
     figment_with(path, explicit, RawEnv::from_process())
@@ -177,7 +254,11 @@ fn load_with(path: &Path, explicit: bool, env: RawEnv) -> Result<Loaded, ConfigE
         extract_error(e, unknown_origin)
     })?;
     let mut loaded = Loaded { config, figment };
-    let problems = loaded.config.validate(&|k| loaded.origin(k));
+    let mut problems = match std::fs::read_to_string(path) {
+        Ok(text) => inexact_floats(&text, &format!("in {}", path.display())),
+        Err(_) => Vec::new(),
+    };
+    problems.extend(loaded.config.validate(&|k| loaded.origin(k)));
     if problems.is_empty() {
         loaded.config.resolve();
         Ok(loaded)
@@ -309,7 +390,8 @@ pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
     let mut config: Config = figment
         .extract()
         .map_err(|e| extract_error(e, || "in the configuration text".to_string()))?;
-    let problems = config.validate(&|k| origin(&figment, k));
+    let mut problems = inexact_floats(text, "in the configuration text");
+    problems.extend(config.validate(&|k| origin(&figment, k)));
     if problems.is_empty() {
         config.resolve();
         Ok(config)
@@ -464,6 +546,54 @@ topics = ["t"]
 base_url = "http://127.0.0.1:8080"
 key = "dp_test_key_123"
 "#;
+
+    /// Issue 16: a float TOML reads as another number is refused naming its key; one it reads
+    /// as the same value (`12.50` is 12.5, `-0.0`, `1_000.5`) passes.
+    #[test]
+    fn floats_toml_would_change_are_refused_by_key() {
+        let mapping = r#"
+[[mapping]]
+topics = ["t"]
+client_user_id = "/u"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+game_type = { from = "/g", default = 9007199254740993.0 }
+is_crypto = { from = "/c", in = [1.0000000000000001, 1.5, 12.50, -0.0, 1_000.5] }
+game_provider = { from = "/p", default = 1e-400 }
+"#;
+        let e = from_toml_str(&format!("{MINIMAL}{mapping}")).unwrap_err();
+        let found: Vec<(&str, &Problem)> = e
+            .problems()
+            .iter()
+            .filter_map(|p| match p {
+                ConfigProblem::Key { key, problem, .. } => Some((key.as_str(), problem)),
+                ConfigProblem::Mapping { .. } => None,
+            })
+            .collect();
+        let inexact = |written: &str, read: &str| Problem::InexactNumber {
+            written: written.into(),
+            read: read.into(),
+        };
+        assert_eq!(
+            found,
+            [
+                (
+                    "mapping.0.game_type.default",
+                    &inexact("9007199254740993.0", "9007199254740992.0")
+                ),
+                ("mapping.0.is_crypto.in.0", &inexact("1.0000000000000001", "1.0")),
+                ("mapping.0.game_provider.default", &inexact("1e-400", "0.0")),
+            ]
+        );
+        assert!(from_toml_str(&format!(
+            "{MINIMAL}{}",
+            mapping
+                .replace("9007199254740993.0", "\"9007199254740993\"")
+                .replace("1.0000000000000001, ", "")
+                .replace("1e-400", "0.5")
+        ))
+        .is_ok());
+    }
 
     /// `delivery.on_ambiguous` governs every path; `dedupe.redis.in_doubt`, its former name, still
     /// sets it, and the two must agree when both are set.

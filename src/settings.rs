@@ -130,6 +130,14 @@ pub enum Problem {
         "holds a password: move it to `{move_to}` (or the environment variable {env}) so that it is never printed"
     )]
     SecretInUrl { move_to: String, env: String },
+    /// A number with a fraction or an exponent that TOML reads as another binary64
+    /// (`9007199254740993.0` as `9007199254740992.0`, `1e-400` as `0.0`): issue 16, no value
+    /// changes on the way. A string keeps every digit (and matches a record's number of that
+    /// value in a `table` or `in`).
+    #[error(
+        "`{written}` is read by TOML as the binary64 {read}, another number; write it as a string (\"{written}\") to keep every digit"
+    )]
+    InexactNumber { written: String, read: String },
     /// The value breaks a rule of its section; the sentence says which and what to do.
     #[error("{0}")]
     Invalid(String),

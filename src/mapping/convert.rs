@@ -89,6 +89,10 @@ impl<T> ScalarKeys<T> {
     }
 }
 
+/// What `as = "integer"` takes, for its refusals: [`Decimal::to_integer`]'s bound, which keeps
+/// an exponent from spelling a number of any length (`1e999999`); digits written out have none.
+const INTEGER_DIGITS: &str = "(written with an exponent or a fraction, an integer may have at most 40 digits)";
+
 /// The text of a scalar: strings as they are, numbers as the record wrote them (`1.50` is
 /// `"1.50"`), booleans as `true` and `false`.
 pub fn scalar_text<'v>(v: &'v Val) -> Option<Cow<'v, str>> {
@@ -158,11 +162,11 @@ pub fn as_type(v: Val<'_>, to: AsType) -> Result<Val<'_>, String> {
             let text = n.to_string();
             n.to_integer()
                 .map(Val::Num)
-                .ok_or_else(|| format!("the number {text} is not an integer"))
+                .ok_or_else(|| format!("the number {text} is not an integer {INTEGER_DIGITS}"))
         }
         (AsType::Integer, Val::Str(s)) => match decimal_string(s.clone()).and_then(Decimal::to_integer) {
             Some(d) => Ok(Val::Num(d)),
-            None => Err(format!("{} is not an integer", describe(&Val::Str(s)))),
+            None => Err(format!("{} is not an integer {INTEGER_DIGITS}", describe(&Val::Str(s)))),
         },
         (AsType::Boolean, Val::Bool(b)) => Ok(Val::Bool(b)),
         (AsType::Boolean, Val::Num(n)) => {

@@ -52,8 +52,9 @@ pub struct Scanner<'t> {
     /// range of each key's text between its quotes: to refuse a key seen twice in one object.
     /// Reused across records ([`Scanner::with_keys`]) so that reading allocates nothing.
     keys: Vec<NotedKey>,
-    /// False while [`Scanner::skip_syntax`] runs.
-    check_keys: bool,
+    /// False while [`Scanner::skip_syntax`] runs: keys, number ranges and surrogates are then
+    /// left to the reader of the bytes.
+    strict: bool,
 }
 
 /// Objects with at most this many keys are checked for a repeated key pair by pair; larger ones
@@ -74,7 +75,7 @@ impl<'t> Scanner<'t> {
             b: text.as_bytes(),
             i: 0,
             keys,
-            check_keys: true,
+            strict: true,
         }
     }
 
@@ -83,12 +84,14 @@ impl<'t> Scanner<'t> {
         self.i
     }
 
-    /// Skips a value checking its syntax only (not its keys): for a value that is passed on as
-    /// bytes, to be read, keys checked, by the mapping.
+    /// Skips a value checking its structure only (as serde's `IgnoredAny` does: not its keys,
+    /// not whether a number fits a binary64 or a `\u` escape pairs its surrogates): for a value
+    /// that is passed on as bytes (the `map` envelope's `value`), which the mapping then reads
+    /// and refuses as `run` would, naming where in the value.
     pub fn skip_syntax(&mut self) -> Result<()> {
-        self.check_keys = false;
+        self.strict = false;
         let skipped = self.skip();
-        self.check_keys = true;
+        self.strict = true;
         skipped
     }
 
@@ -109,7 +112,7 @@ impl<'t> Scanner<'t> {
     pub fn noted_key(&mut self) -> Result<Cow<'t, str>> {
         let start = self.i + 1;
         let k = self.key()?;
-        if self.check_keys {
+        if self.strict {
             let tag = key_tag(&k);
             let noted = match &k {
                 // A key without an escape borrows its text: where it lies is where it points.
@@ -228,6 +231,7 @@ impl<'t> Scanner<'t> {
                 if depth >= MAX_DEPTH {
                     return self.err("nested too deeply");
                 }
+                let start = self.i;
                 self.i += 1;
                 let mut pairs: Vec<(Cow<'t, str>, Val<'t>)> = Vec::new();
                 if !self.eat(b'}') {
@@ -239,7 +243,6 @@ impl<'t> Scanner<'t> {
                         }
                     }
                 }
-                let start = self.i;
                 object(pairs).map(Val::Obj).map_err(|key| JsonError {
                     what: DUPLICATE_KEY,
                     at: self.repeated_key_end(start, &key),
@@ -333,7 +336,11 @@ impl<'t> Scanner<'t> {
                 Some(b'-' | b'0'..=b'9') => {
                     // Refused as where it is built (`1e400`): a skipped part is held to the
                     // same grammar, so a record is refused or read whatever the mapping reads.
-                    self.number()?;
+                    if self.strict {
+                        self.number()?;
+                    } else {
+                        self.number_end()?;
+                    }
                 }
                 Some(b't') => self.word(b"true")?,
                 Some(b'f') => self.word(b"false")?,
@@ -461,7 +468,11 @@ impl<'t> Scanner<'t> {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
                         Some(b'u') => {
                             self.i += 1;
-                            self.unicode_escape()?;
+                            if self.strict {
+                                self.unicode_escape()?;
+                            } else {
+                                self.hex4()?;
+                            }
                         }
                         _ => return self.err("invalid escape in a string"),
                     }
@@ -867,6 +878,10 @@ mod tests {
             (r#"{"a":"\ud800x"}"#, "lone leading surrogate in a \\u escape", 12),
             (r#"{"a":{"k":"\udc00"}}"#, "lone trailing surrogate in a \\u escape", 17),
             (r#"{"a":"\ud83d\u0041"}"#, "lone leading surrogate in a \\u escape", 18),
+            // A key twice: just after the later key, built or skipped (a built object once
+            // named its end instead, so the pointer depended on what the mapping read).
+            (r#"{"a":1,"p":{"k":1,"\u006B":2}}"#, DUPLICATE_KEY, 26),
+            (r#"{"player":{"id":"A"},"x":1,"player":{}}"#, DUPLICATE_KEY, 35),
         ] {
             let built = parse(text).unwrap_err();
             assert_eq!((built.what, built.at), (what, at), "built: {text}");
@@ -874,6 +889,13 @@ mod tests {
         }
         // Tiny numbers are finite (zero as a binary64), and a joined pair is one character.
         assert!(check(r#"{"a":1e-400,"b":"\ud83d\ude00"}"#).is_ok());
+        // Passing bytes on (the `map` envelope's value) checks structure only, as `IgnoredAny`:
+        // the mapping reads them and refuses them as `run` does, naming where in the value.
+        for text in [r#"{"b":1e400}"#, r#"{"a":"\ud800x"}"#, r#"{"a":1,"a":2}"#] {
+            let mut s = Scanner::new(text);
+            assert_eq!(s.skip_syntax(), Ok(()), "{text}");
+            assert!(serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+        }
     }
 
     #[test]

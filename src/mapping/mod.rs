@@ -580,6 +580,9 @@ impl Mapper {
 /// saying what the value looks like.
 fn utf16_hint(raw: &[u8]) -> &'static str {
     match raw {
+        [0xFF, 0xFE, 0, 0, ..] | [0, 0, 0xFE, 0xFF, ..] => {
+            " (the value starts with a UTF-32 byte order mark: the producer writes UTF-32; JSON between systems is UTF-8, RFC 8259 §8.1)"
+        }
         [0xFF, 0xFE, ..] | [0xFE, 0xFF, ..] => {
             " (the value starts with a UTF-16 byte order mark: the producer writes UTF-16; JSON between systems is UTF-8, RFC 8259 §8.1)"
         }
@@ -695,6 +698,17 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
             let Val::Num(x) = v else {
                 return Err(wrong("a number", "; add `as = \"number\"` to convert a string"));
             };
+            // The API reads an amount as a binary64: a non-zero one below its smallest
+            // (`1e-400`) reads as zero, a value changed on the way (issue 16), and the sign rules
+            // would judge a number the API never sees. Zero, and 5e-324, pass.
+            if x.to_f64() == 0.0 && !x.is_zero() {
+                return Err(fail(
+                    Stage::Mapping,
+                    Some(name),
+                    "type",
+                    format!("the number {x} is too small for the API's binary64, which would read it as 0"),
+                ));
+            }
             match f.target {
                 Target::Amount => e.amount = Some(x),
                 _ => e.bet_result_amount = Some(x),
@@ -1030,32 +1044,10 @@ impl Pointers {
     }
 }
 
-/// A configured scalar (a constant, a default, a table's value, an `in` value). A number with a
-/// fraction or an exponent reaches the bridge as TOML read it, a binary64: one that needs 16 or
-/// more significant digits may not be the number written (`9007199254740993.0` is read as
-/// `9007199254740992`), so it is refused with a hint to write it as a string, which keeps its
-/// digits and matches a record's number of that value (issue 16: no value changes on the way).
+/// A configured scalar (a constant, a default, a table's value, an `in` value). A float TOML
+/// reads as another number is refused where the configuration is read (`config`, issue 16).
 fn scalar(v: &Value, what: &str) -> Result<(), String> {
     match v {
-        Value::Number(n) if n.is_f64() => {
-            let text = n.to_string();
-            // The shortest text that reads back as the same binary64 (serde_json writes it so):
-            // its digits without leading and trailing zeros are the significant ones.
-            let mantissa: String = text
-                .split(['e', 'E'])
-                .next()
-                .unwrap_or("")
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect();
-            let significant = mantissa.trim_start_matches('0').trim_end_matches('0').len();
-            if significant >= 16 {
-                return Err(format!(
-                    "{what} {text} may not be the number written: TOML reads a number with a fraction or an exponent as a binary64, exact to 15 significant digits; write it as a string (\"…\") to keep every digit"
-                ));
-            }
-            Ok(())
-        }
         Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(()),
         _ => Err(format!("{what} must be a string, a number or a boolean")),
     }
