@@ -184,6 +184,10 @@ fn map_is_run_over_the_corpus() {
     big["meta"]["brand"] = "b".repeat(8000).into();
     inputs.push(big.to_string().into_bytes());
     inputs.push(DEPOSIT.replace('\n', " ").into_bytes());
+    // Found by the fuzzer (8d220f8): white space around a value an envelope carries is no part
+    // of it, so `run`'s byte offsets are those of the bytes without it; and skipped parts refused.
+    inputs.push(b"\t[1e400]\t".to_vec());
+    inputs.push(br#" {"player":{"id":"p1"},"x":[1,"\ud800"]} "#.to_vec());
     for input in &inputs {
         checks::check_map_is_run(input);
     }

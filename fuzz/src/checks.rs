@@ -110,22 +110,26 @@ pub fn check_map_is_run(data: &[u8]) {
     if data.contains(&b'\n') || data.ends_with(b"\r") || data.iter().all(u8::is_ascii_whitespace) {
         return;
     }
-    let mut body = Vec::new();
-    let want = match run_path(data, &mut body) {
-        MapOutcome::Event(_) => (format!("{}\n", String::from_utf8_lossy(&body)), String::new()),
-        MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
-        MapOutcome::Failed(e) => {
-            let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
-            let line = format!(
-                "line 1: failed at {}{field} ({}): {}\n",
-                e.stage.as_str(),
-                e.reason,
-                e.message
-            );
-            (String::new(), line)
+    // What `run` gives a record of these bytes, as `map` prints it.
+    let want_for = |data: &[u8]| {
+        let mut body = Vec::new();
+        match run_path(data, &mut body) {
+            MapOutcome::Event(_) => (format!("{}\n", String::from_utf8_lossy(&body)), String::new()),
+            MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
+            MapOutcome::Failed(e) => {
+                let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
+                let line = format!(
+                    "line 1: failed at {}{field} ({}): {}\n",
+                    e.stage.as_str(),
+                    e.reason,
+                    e.message
+                );
+                (String::new(), line)
+            }
         }
     };
-    let same = |line: &[u8], how: &str| {
+    let want = want_for(data);
+    let same = |line: &[u8], how: &str, want: &(String, String)| {
         let (out, err) = map_command(line);
         // stderr ends with the count line.
         let verdict = err.rsplit_once("records:").map_or(err.as_str(), |(head, _)| head);
@@ -143,7 +147,11 @@ pub fn check_map_is_run(data: &[u8]) {
         );
     };
     let b64 = base64::engine::general_purpose::STANDARD.encode(data);
-    same(format!(r#"{{"value_base64":"{b64}"}}"#).as_bytes(), "value_base64");
+    same(
+        format!(r#"{{"value_base64":"{b64}"}}"#).as_bytes(),
+        "value_base64",
+        &want,
+    );
     let text = std::str::from_utf8(data).ok();
     let first = data.iter().find(|b| !b.is_ascii_whitespace());
     if text.is_some()
@@ -155,10 +163,12 @@ pub fn check_map_is_run(data: &[u8]) {
         let mut line = br#"{"value":"#.to_vec();
         line.extend_from_slice(data);
         line.push(b'}');
-        same(&line, "value");
+        // The envelope passes the value's bytes, not the white space around it (which is no
+        // part of a JSON value): `run` of those bytes, so byte offsets in errors agree.
+        same(&line, "value", &want_for(data.trim_ascii()));
     }
     if !text.is_some_and(|t| t.contains("\"value")) {
-        same(data, "raw");
+        same(data, "raw", &want);
     }
 }
 
