@@ -188,6 +188,7 @@ fn map_is_run_over_the_corpus() {
     // of it, so `run`'s byte offsets are those of the bytes without it; and skipped parts refused.
     inputs.push(b"\t[1e400]\t".to_vec());
     inputs.push(br#" {"player":{"id":"p1"},"x":[1,"\ud800"]} "#.to_vec());
+    inputs.push(br#"{"player":{"id":"p1"},"k\ud800r":{"id":"p1"}}"#.to_vec());
     for input in &inputs {
         checks::check_map_is_run(input);
     }
