@@ -275,6 +275,13 @@ impl<'a> Decimal<'a> {
         ))))
     }
 
+    /// Whether the number is not zero but a binary64 reads it as zero (`1e-400`). Only an exponent
+    /// or more than 320 characters can spell one, so the usual amount needs no float parse.
+    pub fn underflows(&self) -> bool {
+        let p = self.parts();
+        (!p.exp.is_empty() || self.0.len() > 320) && self.to_f64() == 0.0 && !self.is_zero()
+    }
+
     fn is_negative_zero_text(&self) -> bool {
         self.0.starts_with('-') && self.is_zero()
     }

@@ -588,17 +588,7 @@ async fn planted_secrets_reach_no_output_on_any_error_path() {
     // The environment's text is the key, verbatim, and still never printed.
     let env_run = dir.join("env.toml");
     std::fs::write(&env_run, base.replace(&format!("key = \"{KEY}\"\n"), "")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&env_run)
-        .env("DATAPULSE_BRIDGE_API__KEY", ENV_KEY)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = command_with_env(&["check"], &env_run, &[("DATAPULSE_BRIDGE_API__KEY", ENV_KEY)]);
+    assert!(ok, "{text}");
     clean("check with the key from the environment", &text);
 }

@@ -267,16 +267,18 @@ fn exact_value(s: &mut Scanner<'_>, text: &str) -> Option<Option<Vec<u8>>> {
 /// bytes), or any other JSON (its exact bytes, as a Debezium JSON key); `None` when the line is
 /// not an envelope.
 fn bytes(s: &mut Scanner<'_>, text: &str) -> Option<Option<Vec<u8>>> {
-    match s.peek()? {
-        b'"' => Some(Some(s.string().ok()?.into_owned().into_bytes())),
-        b'n' => s.skip().ok().map(|()| None),
-        _ => {
-            let start = s.offset();
-            s.skip_syntax().ok()?;
-            let raw = &text[start..s.offset()];
-            Some(Some(base64_object(raw).unwrap_or_else(|| raw.as_bytes().to_vec())))
+    let quoted = s.peek()? == b'"';
+    let raw = exact_value(s, text)?;
+    Some(raw.map(|raw| {
+        match std::str::from_utf8(&raw)
+            .ok()
+            .filter(|_| !quoted)
+            .and_then(base64_object)
+        {
+            Some(decoded) => decoded,
+            None => raw,
         }
-    }
+    }))
 }
 
 /// The bytes of `{"base64": ".."}`, when `raw` is that.
@@ -473,10 +475,6 @@ mod tests {
 
     #[test]
     fn map_refuses_an_event_too_large_for_a_request_as_run_does() {
-        #[derive(serde::Deserialize)]
-        struct Doc {
-            mapping: Vec<super::super::MappingConfig>,
-        }
         let doc: Doc = toml::from_str(
             r#"[[mapping]]
 topics = ["t"]

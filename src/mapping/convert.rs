@@ -68,6 +68,8 @@ impl<T> ScalarKeys<T> {
     /// What `v` matches, if it is a scalar that matches an entry.
     pub fn get(&self, v: &Val) -> Option<&T> {
         let i = match v {
+            // A table without number keys answers a record number without building its key.
+            Val::Num(_) if self.numbers.is_empty() => return None,
             Val::Num(n) => {
                 let key = n.value_key();
                 let j = self.numbers.binary_search_by(|(k, _)| k.as_str().cmp(&key)).ok()?;

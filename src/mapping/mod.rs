@@ -701,7 +701,7 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
             // The API reads an amount as a binary64: a non-zero one below its smallest
             // (`1e-400`) reads as zero, a value changed on the way (issue 16), and the sign rules
             // would judge a number the API never sees. Zero, and 5e-324, pass.
-            if x.to_f64() == 0.0 && !x.is_zero() {
+            if x.underflows() {
                 return Err(fail(
                     Stage::Mapping,
                     Some(name),

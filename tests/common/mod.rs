@@ -62,10 +62,16 @@ pub fn workdir(name: &str) -> PathBuf {
 /// Runs `datapulse-bridge <args> --config <config>` to its end: whether it succeeded, and its
 /// standard output followed by its standard error.
 pub fn command(args: &[&str], config: &Path) -> (bool, String) {
+    command_with_env(args, config, &[])
+}
+
+/// [`command`] with these environment variables set.
+pub fn command_with_env(args: &[&str], config: &Path, env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(BIN)
         .args(args)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = format!(
