@@ -90,6 +90,37 @@ async fn start_bridge(dir: &Path, name: String, cfg: &str) -> Bridge {
         .expect("bridge start")
 }
 
+/// What a stalled drain's last bridge says of itself, for the failure message (CI keeps only the
+/// test's output, not the logs): its readiness, its per-partition gauges and in-flight count, and
+/// the last 40 lines of its log that name a partition, a rebalance or a warning.
+async fn last_bridge_state(bridge: &Bridge) -> String {
+    let ready = match bridge.ready_body().await {
+        Some(body) => body.to_string(),
+        None => "(no answer on the ops port)".into(),
+    };
+    let metrics = bridge.metrics_text().await.unwrap_or_default();
+    let gauges: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("datapulse_bridge_partition")
+                || l.starts_with("datapulse_bridge_records_in_flight")
+                || l.starts_with("datapulse_bridge_partitions_stuck")
+        })
+        .collect();
+    let lines = log_lines(&bridge.proc.log);
+    let telling: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("partition") || l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    let tail = &telling[telling.len().saturating_sub(40)..];
+    format!(
+        "    ready: {ready}\n    {}\n    log ({}):\n      {}",
+        gauges.join("\n    "),
+        bridge.proc.log.display(),
+        tail.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n      ")
+    )
+}
+
 /// Counts of log lines over every bridge log in `dir`.
 fn count_in_logs(dir: &Path, needle: &str) -> usize {
     bridge_logs(dir)
@@ -256,11 +287,17 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
             if c != last {
                 (last, moved) = (c.clone(), Instant::now());
             }
-            // tansu 0.6 can leave the group formed with every partition unassigned: when the
-            // member it chose as leader dies between JoinGroup and SyncGroup, the others get an
-            // empty assignment and no new rebalance follows (Kafka would rebalance). The last
-            // bridge then reports `assignment` not ready; a graceful restart makes a new join.
-            if moved.elapsed() > Duration::from_secs(20) && nudges < 2 && bridges[0].unassigned().await {
+            // tansu 0.6 can leave the group formed with partitions nobody owns: when a member it
+            // chose as leader dies between JoinGroup and SyncGroup, the others get an empty
+            // assignment, and when the leader assigned partitions to members killed meanwhile,
+            // the survivor gets only its own share; no new rebalance follows when the dead
+            // members' sessions expire (Kafka would rebalance). The last bridge, alone in the
+            // group, then reports fewer than every partition in `assignment`; a graceful restart
+            // makes a new join. A bridge that owns every partition and stands still is not
+            // nudged: that is a stall of the bridge's own, and fails the run.
+            let owned = bridges[0].partitions_assigned().await;
+            if moved.elapsed() > Duration::from_secs(20) && nudges < 2 && owned.is_some_and(|n| n < PARTITIONS as usize)
+            {
                 let mut b = bridges.pop().unwrap();
                 peak_rss_kib = peak_rss_kib.max(b.proc.peak_rss_kib().unwrap_or(0));
                 let pid = b.proc.pid();
@@ -271,7 +308,10 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
                 nudges += 1;
                 note(
                     &mut events,
-                    format!("drain: pid {pid} had no partitions for 20 s (tansu's empty assignment): restarted it"),
+                    format!(
+                        "drain: pid {pid} had {} of {PARTITIONS} partitions for 20 s (tansu's partial assignment): restarted it",
+                        owned.unwrap_or(0)
+                    ),
                 );
                 moved = Instant::now();
                 deadline += Duration::from_secs(60);
@@ -419,7 +459,9 @@ async fn chaos_kills_rebalances_and_api_faults_lose_and_repeat_nothing() {
     }
     if let Err(c) = drained {
         problems.push(format!(
-            "committed offsets {c:?} did not reach the partition ends {ends:?} within 120 s of the drain"
+            "committed offsets {c:?} did not reach the partition ends {ends:?} within 120 s of the drain; \
+             the last bridge then said:\n{}",
+            last_bridge_state(&bridges[0]).await
         ));
     }
     for log in bridge_logs(&dir) {

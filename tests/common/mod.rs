@@ -424,12 +424,17 @@ impl Bridge {
     }
 
     /// Whether its readiness says no partitions are assigned (condition `assignment`).
-    pub async fn unassigned(&self) -> bool {
-        let Ok(r) = reqwest::get(format!("{}/health/ready", self.ops)).await else {
-            return false;
-        };
-        let body: serde_json::Value = r.json().await.unwrap_or_default();
-        body["conditions"]["assignment"]["ok"] == serde_json::json!(false)
+    /// How many partitions the consumer group assigned this bridge, from readiness condition
+    /// `assignment` ("no partitions assigned" or "N partitions assigned"); `None` when the ops port
+    /// does not answer or the condition says neither.
+    pub async fn partitions_assigned(&self) -> Option<usize> {
+        let r = reqwest::get(format!("{}/health/ready", self.ops)).await.ok()?;
+        let body: serde_json::Value = r.json().await.ok()?;
+        let condition = &body["conditions"]["assignment"];
+        if condition["ok"] == serde_json::json!(false) {
+            return Some(0);
+        }
+        condition["reason"].as_str()?.split(' ').next()?.parse().ok()
     }
 
     pub async fn metrics(&self) -> String {
@@ -439,6 +444,26 @@ impl Bridge {
             .text()
             .await
             .unwrap()
+    }
+
+    /// `/health/ready`'s body, or `None` when the ops port does not answer (a test's diagnostics).
+    pub async fn ready_body(&self) -> Option<serde_json::Value> {
+        reqwest::get(format!("{}/health/ready", self.ops))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
+    /// `/metrics`' text, or `None` when the ops port does not answer (a test's diagnostics).
+    pub async fn metrics_text(&self) -> Option<String> {
+        reqwest::get(format!("{}/metrics", self.ops))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
     }
 
     pub async fn ready(&self) -> (u16, serde_json::Value) {
