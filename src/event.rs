@@ -90,24 +90,111 @@ pub struct Event<'a> {
     pub properties: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
-/// The names of the fields the contract defines. Anything else is a custom property.
-pub const KNOWN_FIELDS: &[&str] = &[
-    "client_user_id",
-    "event_name",
-    "timestamp",
-    "click_id",
-    "ip_address",
-    "user_agent",
-    "game_type",
-    "game_provider",
-    "transaction_id",
-    "amount",
-    "currency",
-    "is_crypto",
-    "bet_result",
-    "bet_result_amount",
-    "parent_transaction_id",
-];
+/// The API's fields (section 1.1 of the seed document), in its order: the one table every list of
+/// them is made from (issue 17). `api_fields!(callback)` calls `callback!` with every row as
+/// `(Variant, name, Kind, required)`: the [`Field`] variant, the field's name as an identifier (its
+/// JSON key is `stringify!(name)`, and it is the name of the [`Event`] member and of the
+/// `[[mapping]]` key), its [`FieldKind`], and whether the contract requires it on every event
+/// (`true` for the three decision 0 names; the others are required only by rules that depend on
+/// the event).
+///
+/// Made from it: [`Field`] and its lookups, [`KNOWN_FIELDS`], [`Event::from_json`],
+/// [`Event::write_json`], [`Event::into_owned`], [`Event::text`], and the mapping's
+/// `MappingConfig` (one key per field). The [`Event`] struct names each member once more, and the
+/// compiler holds it to the table: `into_owned` builds it from the table's names alone.
+macro_rules! api_fields {
+    ($callback:ident) => {
+        $callback! {
+            (ClientUserId, client_user_id, Text, true),
+            (EventName, event_name, Text, true),
+            (Timestamp, timestamp, Time, true),
+            (ClickId, click_id, Text, false),
+            (IpAddress, ip_address, Text, false),
+            (UserAgent, user_agent, Text, false),
+            (GameType, game_type, Text, false),
+            (GameProvider, game_provider, Text, false),
+            (TransactionId, transaction_id, Text, false),
+            (Amount, amount, Decimal, false),
+            (Currency, currency, Text, false),
+            (IsCrypto, is_crypto, Bool, false),
+            (BetResult, bet_result, BetResult, false),
+            (BetResultAmount, bet_result_amount, Decimal, false),
+            (ParentTransactionId, parent_transaction_id, Text, false),
+        }
+    };
+}
+pub(crate) use api_fields;
+
+/// What an API field holds on the wire (section 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// A JSON string.
+    Text,
+    /// `timestamp`: a JSON integer in the configured unit (decision 3).
+    Time,
+    /// An amount: a JSON number, kept as exact decimal text (issue 16).
+    Decimal,
+    /// `is_crypto`: a JSON boolean.
+    Bool,
+    /// `bet_result`: `"win"` or `"loss"`.
+    BetResult,
+}
+
+macro_rules! field_enum {
+    ($(($variant:ident, $name:ident, $kind:ident, $required:literal)),* $(,)?) => {
+        /// One of the API's fields (section 1.1), made from [`api_fields!`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Field {
+            $($variant),*
+        }
+
+        impl Field {
+            /// Every field, in the seed document's order.
+            pub const ALL: [Field; [$(Field::$variant),*].len()] = [$(Field::$variant),*];
+
+            /// The field's JSON key (`"client_user_id"`, …).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Field::$variant => stringify!($name)),*
+                }
+            }
+
+            /// The field a JSON key names; `None` for any other key (a custom property).
+            pub fn from_name(name: &str) -> Option<Field> {
+                match name {
+                    $(stringify!($name) => Some(Field::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// What the field holds on the wire.
+            pub const fn kind(self) -> FieldKind {
+                match self {
+                    $(Field::$variant => FieldKind::$kind),*
+                }
+            }
+
+            /// Whether every event must carry it (decision 0: `client_user_id`, `event_name`,
+            /// `timestamp`); the others are required only by the rules of [`Event::validate`].
+            pub const fn always_required(self) -> bool {
+                match self {
+                    $(Field::$variant => $required),*
+                }
+            }
+        }
+
+        /// The names of the fields the contract defines, in the seed document's order. Anything
+        /// else is a custom property.
+        pub const KNOWN_FIELDS: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+api_fields!(field_enum);
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The events that carry money (decision 1).
 pub const FINANCIAL_EVENTS: &[&str] = &["deposit", "withdraw", "bet", "win", "loss"];
@@ -373,172 +460,249 @@ impl<'a> Event<'a> {
         }
         v
     }
+}
 
-    /// Reads an event from a JSON object as the API receives it, reporting each field of the wrong
-    /// type. Missing always-required fields are reported as [`Rule::Required`].
-    pub fn from_json(obj: &'a Map<String, Value>) -> Result<Event<'a>, Vec<Violation>> {
-        let mut errs = Vec::new();
-        let mut e = Event::default();
-        let mut seen_required = [false; 3];
-        for (k, val) in obj {
-            match k.as_str() {
-                "client_user_id" => {
-                    seen_required[0] = true;
-                    if let Some(s) = want_str(k, val, &mut errs) {
-                        e.client_user_id = s;
-                    }
-                }
-                "event_name" => {
-                    seen_required[1] = true;
-                    if let Some(s) = want_str(k, val, &mut errs) {
-                        e.event_name = s;
-                    }
-                }
-                "timestamp" => {
-                    seen_required[2] = true;
-                    match val.as_i64() {
-                        Some(t) => e.timestamp = t,
-                        None => errs.push(Violation::new(
-                            k,
-                            Rule::Type,
-                            format!("timestamp must be an integer, got {}", json_kind(val)),
-                        )),
-                    }
-                }
-                "click_id" => e.click_id = want_opt_str(k, val, &mut errs),
-                "ip_address" => e.ip_address = want_opt_str(k, val, &mut errs),
-                "user_agent" => e.user_agent = want_opt_str(k, val, &mut errs),
-                "game_type" => e.game_type = want_opt_str(k, val, &mut errs),
-                "game_provider" => e.game_provider = want_opt_str(k, val, &mut errs),
-                "transaction_id" => e.transaction_id = want_opt_str(k, val, &mut errs),
-                "currency" => e.currency = want_opt_str(k, val, &mut errs),
-                "parent_transaction_id" => e.parent_transaction_id = want_opt_str(k, val, &mut errs),
-                "amount" => e.amount = want_opt_num(k, val, &mut errs),
-                "bet_result_amount" => e.bet_result_amount = want_opt_num(k, val, &mut errs),
-                "is_crypto" => match val {
-                    Value::Null => {}
-                    Value::Bool(b) => e.is_crypto = Some(*b),
-                    other => errs.push(Violation::new(
-                        k,
-                        Rule::Type,
-                        format!("is_crypto must be a boolean, got {}", json_kind(other)),
-                    )),
-                },
-                "bet_result" => match val {
-                    Value::Null => {}
-                    Value::String(s) if s == "win" => e.bet_result = Some(BetResult::Win),
-                    Value::String(s) if s == "loss" => e.bet_result = Some(BetResult::Loss),
-                    other => errs.push(Violation::new(
-                        k,
-                        Rule::BetResult,
-                        format!("bet_result must be \"win\" or \"loss\", got {}", short_json(other)),
-                    )),
-                },
-                _ => match val {
-                    Value::String(s) => e.properties.push((Cow::Borrowed(k), Cow::Borrowed(s))),
-                    other => errs.push(Violation::new(
-                        k,
-                        Rule::PropertyType,
-                        format!(
-                            "custom property `{}` must be a string, got {}",
-                            truncate(k),
-                            json_kind(other)
-                        ),
-                    )),
-                },
-            }
-        }
-        for (i, field) in ["client_user_id", "event_name", "timestamp"].iter().enumerate() {
-            if !seen_required[i] {
-                errs.push(Violation::new(*field, Rule::Required, format!("{field} is required")));
-            }
-        }
-        if errs.is_empty() {
-            Ok(e)
-        } else {
-            Err(errs)
+/// How a member of [`Event`] is read from the API's JSON, written to it, shown as text and made
+/// owned: one implementation per member type, so that the rows of [`api_fields!`] need no code of
+/// their own.
+trait Slot<'a>: Sized {
+    /// The member's type with every borrow owned.
+    type Static;
+    /// Reads the member from `val` (the value of JSON key `k`) into `self`; a value of the wrong
+    /// type leaves `self` as it is and adds a violation naming `k`.
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>);
+    /// Appends `,"key":value`; nothing when the member is absent.
+    fn write(&self, key: &str, out: &mut Vec<u8>);
+    /// The value as text (dedupe keys, conditions); `None` when absent.
+    fn text(&self) -> Option<Cow<'_, str>>;
+    fn into_static(self) -> Self::Static;
+}
+
+/// A required text member (`client_user_id`, `event_name`).
+impl<'a> Slot<'a> for Cow<'a, str> {
+    type Static = Cow<'static, str>;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        if let Some(s) = want_str(k, val, errs) {
+            *self = s;
         }
     }
-
-    /// Serialises to the JSON the API receives, appending to `out`: the fields in the order of the
-    /// seed document, absent optional fields left out, then the custom properties.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"client_user_id\":");
-        write_str(out, &self.client_user_id);
-        out.extend_from_slice(b",\"event_name\":");
-        write_str(out, &self.event_name);
-        out.extend_from_slice(b",\"timestamp\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.timestamp).as_bytes());
-        let text = [
-            ("click_id", &self.click_id),
-            ("ip_address", &self.ip_address),
-            ("user_agent", &self.user_agent),
-            ("game_type", &self.game_type),
-            ("game_provider", &self.game_provider),
-            ("transaction_id", &self.transaction_id),
-        ];
-        for (k, v) in text {
-            if let Some(v) = v {
-                write_key(out, k);
-                write_str(out, v);
-            }
-        }
-        if let Some(a) = &self.amount {
-            write_key(out, "amount");
-            out.extend_from_slice(a.as_str().as_bytes());
-        }
-        if let Some(c) = &self.currency {
-            write_key(out, "currency");
-            write_str(out, c);
-        }
-        if let Some(b) = self.is_crypto {
-            write_key(out, "is_crypto");
-            out.extend_from_slice(if b { b"true" } else { b"false" });
-        }
-        if let Some(r) = self.bet_result {
-            write_key(out, "bet_result");
-            write_str(out, r.as_str());
-        }
-        if let Some(a) = &self.bet_result_amount {
-            write_key(out, "bet_result_amount");
-            out.extend_from_slice(a.as_str().as_bytes());
-        }
-        if let Some(p) = &self.parent_transaction_id {
-            write_key(out, "parent_transaction_id");
-            write_str(out, p);
-        }
-        for (k, v) in &self.properties {
-            out.push(b',');
-            write_str(out, k);
-            out.push(b':');
-            write_str(out, v);
-        }
-        out.push(b'}');
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        write_key(out, key);
+        write_str(out, self);
     }
-
-    /// The event with every field owned, for keeping it beyond its source.
-    pub fn into_owned(self) -> Event<'static> {
-        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
-        Event {
-            client_user_id: own(self.client_user_id),
-            event_name: own(self.event_name),
-            timestamp: self.timestamp,
-            click_id: self.click_id.map(own),
-            ip_address: self.ip_address.map(own),
-            user_agent: self.user_agent.map(own),
-            game_type: self.game_type.map(own),
-            game_provider: self.game_provider.map(own),
-            transaction_id: self.transaction_id.map(own),
-            amount: self.amount.map(Decimal::into_owned),
-            currency: self.currency.map(own),
-            is_crypto: self.is_crypto,
-            bet_result: self.bet_result,
-            bet_result_amount: self.bet_result_amount.map(Decimal::into_owned),
-            parent_transaction_id: self.parent_transaction_id.map(own),
-            properties: self.properties.into_iter().map(|(k, v)| (own(k), own(v))).collect(),
-        }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(self))
+    }
+    fn into_static(self) -> Cow<'static, str> {
+        Cow::Owned(self.into_owned())
     }
 }
+
+/// An optional text member; JSON `null` is absent.
+impl<'a> Slot<'a> for Option<Cow<'a, str>> {
+    type Static = Option<Cow<'static, str>>;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        *self = want_opt_str(k, val, errs);
+    }
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        if let Some(v) = self {
+            write_key(out, key);
+            write_str(out, v);
+        }
+    }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        self.as_deref().map(Cow::Borrowed)
+    }
+    fn into_static(self) -> Option<Cow<'static, str>> {
+        self.map(|c| Cow::Owned(c.into_owned()))
+    }
+}
+
+/// `timestamp`: a JSON integer (decision 3).
+impl<'a> Slot<'a> for i64 {
+    type Static = i64;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        match val.as_i64() {
+            Some(t) => *self = t,
+            None => errs.push(Violation::new(
+                k,
+                Rule::Type,
+                format!("{k} must be an integer, got {}", json_kind(val)),
+            )),
+        }
+    }
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        write_key(out, key);
+        out.extend_from_slice(itoa::Buffer::new().format(*self).as_bytes());
+    }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Owned(self.to_string()))
+    }
+    fn into_static(self) -> i64 {
+        self
+    }
+}
+
+/// An amount: an exact decimal (issue 16), written as its text (`50.00` stays `50.00`).
+impl<'a> Slot<'a> for Option<Decimal<'a>> {
+    type Static = Option<Decimal<'static>>;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        *self = want_opt_num(k, val, errs);
+    }
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        if let Some(a) = self {
+            write_key(out, key);
+            out.extend_from_slice(a.as_str().as_bytes());
+        }
+    }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        self.as_ref().map(|a| Cow::Borrowed(a.as_str()))
+    }
+    fn into_static(self) -> Option<Decimal<'static>> {
+        self.map(Decimal::into_owned)
+    }
+}
+
+/// `is_crypto`: a JSON boolean; `null` is absent.
+impl<'a> Slot<'a> for Option<bool> {
+    type Static = Option<bool>;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        match val {
+            Value::Null => {}
+            Value::Bool(b) => *self = Some(*b),
+            other => errs.push(Violation::new(
+                k,
+                Rule::Type,
+                format!("{k} must be a boolean, got {}", json_kind(other)),
+            )),
+        }
+    }
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        if let Some(b) = self {
+            write_key(out, key);
+            out.extend_from_slice(if *b { b"true" } else { b"false" });
+        }
+    }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        self.map(|b| Cow::Borrowed(if b { "true" } else { "false" }))
+    }
+    fn into_static(self) -> Option<bool> {
+        self
+    }
+}
+
+/// `bet_result`: `"win"` or `"loss"`; `null` is absent.
+impl<'a> Slot<'a> for Option<BetResult> {
+    type Static = Option<BetResult>;
+    fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>) {
+        match val {
+            Value::Null => {}
+            Value::String(s) if s == "win" => *self = Some(BetResult::Win),
+            Value::String(s) if s == "loss" => *self = Some(BetResult::Loss),
+            other => errs.push(Violation::new(
+                k,
+                Rule::BetResult,
+                format!("{k} must be \"win\" or \"loss\", got {}", short_json(other)),
+            )),
+        }
+    }
+    fn write(&self, key: &str, out: &mut Vec<u8>) {
+        if let Some(r) = self {
+            write_key(out, key);
+            write_str(out, r.as_str());
+        }
+    }
+    fn text(&self) -> Option<Cow<'_, str>> {
+        self.map(|r| Cow::Borrowed(r.as_str()))
+    }
+    fn into_static(self) -> Option<BetResult> {
+        self
+    }
+}
+
+macro_rules! event_io {
+    ($(($variant:ident, $name:ident, $kind:ident, $required:literal)),* $(,)?) => {
+        impl<'a> Event<'a> {
+            /// Reads an event from a JSON object as the API receives it, reporting each field of
+            /// the wrong type. Missing always-required fields are reported as [`Rule::Required`].
+            pub fn from_json(obj: &'a Map<String, Value>) -> Result<Event<'a>, Vec<Violation>> {
+                let mut errs = Vec::new();
+                let mut e = Event::default();
+                let mut seen = [false; Field::ALL.len()];
+                for (k, val) in obj {
+                    match k.as_str() {
+                        $(stringify!($name) => {
+                            seen[Field::$variant as usize] = true;
+                            Slot::read(&mut e.$name, k, val, &mut errs);
+                        })*
+                        _ => match val {
+                            Value::String(s) => e.properties.push((Cow::Borrowed(k), Cow::Borrowed(s))),
+                            other => errs.push(Violation::new(
+                                k,
+                                Rule::PropertyType,
+                                format!(
+                                    "custom property `{}` must be a string, got {}",
+                                    truncate(k),
+                                    json_kind(other)
+                                ),
+                            )),
+                        },
+                    }
+                }
+                for field in Field::ALL {
+                    if field.always_required() && !seen[field as usize] {
+                        errs.push(Violation::new(field.name(), Rule::Required, format!("{field} is required")));
+                    }
+                }
+                if errs.is_empty() {
+                    Ok(e)
+                } else {
+                    Err(errs)
+                }
+            }
+
+            /// Serialises to the JSON the API receives, appending to `out`: the fields in the
+            /// order of the seed document, absent optional fields left out, then the custom
+            /// properties.
+            pub fn write_json(&self, out: &mut Vec<u8>) {
+                let start = out.len();
+                $(Slot::write(&self.$name, stringify!($name), out);)*
+                // Each field was written after a comma; the first (`client_user_id`, always
+                // present) opens the object instead.
+                out[start] = b'{';
+                for (k, v) in &self.properties {
+                    out.push(b',');
+                    write_str(out, k);
+                    out.push(b':');
+                    write_str(out, v);
+                }
+                out.push(b'}');
+            }
+
+            /// The event with every field owned, for keeping it beyond its source.
+            pub fn into_owned(self) -> Event<'static> {
+                Event {
+                    $($name: Slot::into_static(self.$name),)*
+                    properties: self
+                        .properties
+                        .into_iter()
+                        .map(|(k, v)| (Cow::Owned(k.into_owned()), Cow::Owned(v.into_owned())))
+                        .collect(),
+                }
+            }
+
+            /// An API field's value as text: a string as it is, `timestamp` in decimal, an amount
+            /// as its exact decimal text (`50.00`), `true`/`false`, `win`/`loss`; `None` when the
+            /// field is absent.
+            pub fn text(&self, field: Field) -> Option<Cow<'_, str>> {
+                match field {
+                    $(Field::$variant => Slot::text(&self.$name)),*
+                }
+            }
+        }
+    };
+}
+api_fields!(event_io);
 
 /// `,"key":` for a constant key (no escaping needed).
 fn write_key(out: &mut Vec<u8>, k: &str) {
@@ -688,6 +852,125 @@ mod tests {
 
     fn parse(v: &Value) -> Result<Event<'_>, Vec<Violation>> {
         Event::from_json(v.as_object().unwrap())
+    }
+
+    /// The Event schema of docs/openapi.yaml: its property names in order, and its `required`.
+    fn openapi_event_schema() -> (Vec<String>, Vec<String>) {
+        let doc = include_str!("../docs/openapi.yaml");
+        let event = &doc[doc.find("\n    Event:\n").expect("an Event schema")..];
+        let required = event
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("required: ["))
+            .expect("the Event schema's required list")
+            .trim_end_matches(']')
+            .split(", ")
+            .map(String::from)
+            .collect();
+        let props = &event[event.find("      properties:\n").expect("its properties") + 18..];
+        let names = props
+            .lines()
+            .take_while(|l| l.starts_with("        ") || l.trim().is_empty())
+            .filter(|l| !l.starts_with("         ") && l.trim_end().len() > 8)
+            .map(|l| l.trim().split(':').next().unwrap().to_string())
+            .collect();
+        (names, required)
+    }
+
+    /// Issue 17, kind 5: the table of API fields is the API's list. A field added to the table
+    /// but not to the OpenAPI schema (or the other way round), or a change of order or of the
+    /// always-required set, fails here.
+    #[test]
+    fn the_field_table_is_the_openapi_schemas_list() {
+        let (names, required) = openapi_event_schema();
+        assert_eq!(names, KNOWN_FIELDS);
+        let table_required: Vec<&str> = Field::ALL
+            .iter()
+            .filter(|f| f.always_required())
+            .map(|f| f.name())
+            .collect();
+        assert_eq!(required, table_required);
+        for f in Field::ALL {
+            assert_eq!(Field::from_name(f.name()), Some(f));
+            assert_eq!(f.to_string(), f.name());
+        }
+        assert_eq!(Field::from_name("amount_usd"), None);
+        assert_eq!(Field::ALL.len(), 15);
+    }
+
+    /// Every field of the table goes through from_json, write_json, into_owned and text: an event
+    /// with all fifteen set reads back equal, its amounts' text as written, each field's text
+    /// as the API reads it.
+    #[test]
+    fn every_field_of_the_table_reads_writes_and_shows_its_value() {
+        let body = json!({
+            "client_user_id": "p-01", "event_name": "bet", "timestamp": 1767225600,
+            "click_id": "c-1", "ip_address": "203.0.113.7", "user_agent": "UA/1", "game_type": "slots",
+            "game_provider": "acme", "transaction_id": "t-1", "amount": 50.00, "currency": "EUR",
+            "is_crypto": false, "bet_result": "win", "bet_result_amount": 12.5,
+            "parent_transaction_id": "b-0", "campaign": "spring"
+        });
+        let e = parse(&body).unwrap();
+        let mut out = Vec::new();
+        e.write_json(&mut out);
+        // The table's order, which is the seed document's, then the custom property.
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            r#"{"client_user_id":"p-01","event_name":"bet","timestamp":1767225600,"click_id":"c-1","ip_address":"203.0.113.7","user_agent":"UA/1","game_type":"slots","game_provider":"acme","transaction_id":"t-1","amount":50.0,"currency":"EUR","is_crypto":false,"bet_result":"win","bet_result_amount":12.5,"parent_transaction_id":"b-0","campaign":"spring"}"#
+        );
+        let back: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parse(&back).unwrap(), e.clone().into_owned());
+        let texts: Vec<Option<String>> = Field::ALL.iter().map(|f| e.text(*f).map(|t| t.into_owned())).collect();
+        let want = [
+            "p-01",
+            "bet",
+            "1767225600",
+            "c-1",
+            "203.0.113.7",
+            "UA/1",
+            "slots",
+            "acme",
+            "t-1",
+            "50.0",
+            "EUR",
+            "false",
+            "win",
+            "12.5",
+            "b-0",
+        ];
+        assert_eq!(texts, want.map(|s| Some(s.to_string())));
+        // Absent optional fields are left out of the body and have no text.
+        let bare = json!({"client_user_id": "p-02", "event_name": "login", "timestamp": 1});
+        let e = parse(&bare).unwrap();
+        let mut out = Vec::new();
+        e.write_json(&mut out);
+        assert_eq!(out, br#"{"client_user_id":"p-02","event_name":"login","timestamp":1}"#);
+        assert_eq!(e.text(Field::Amount), None);
+        assert_eq!(e.text(Field::IsCrypto), None);
+    }
+
+    /// The table's wrong-type messages name the field, as the hand-written reader did.
+    #[test]
+    fn wrong_types_are_named_by_the_tables_field() {
+        let body = json!({"client_user_id": 7, "event_name": "bet", "timestamp": "soon",
+                          "is_crypto": "no", "bet_result": "draw", "amount": "5"});
+        let errs = parse(&body).unwrap_err();
+        // serde_json's map reads keys in sorted order.
+        let got: Vec<(String, &str)> = errs.iter().map(|v| (v.field.clone(), v.rule)).collect();
+        assert_eq!(
+            got,
+            [
+                ("amount".to_string(), "type"),
+                ("bet_result".to_string(), "bet_result"),
+                ("client_user_id".to_string(), "type"),
+                ("is_crypto".to_string(), "type"),
+                ("timestamp".to_string(), "type"),
+            ]
+        );
+        assert_eq!(errs[4].message, "timestamp must be an integer, got a string");
+        assert_eq!(errs[1].message, "bet_result must be \"win\" or \"loss\", got \"draw\"");
+        let missing = parse(&json!({"event_name": "x"})).unwrap_err();
+        let fields: Vec<&str> = missing.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["client_user_id", "timestamp"]);
     }
 
     fn rules(v: Value) -> Vec<&'static str> {

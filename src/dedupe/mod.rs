@@ -825,30 +825,15 @@ fn collect_fields<'a>(e: &'a Event<'_>, fields: &[String], parts: &mut Vec<Cow<'
     true
 }
 
-/// The value of an API field or a custom property, as text.
+/// The value of an API field (`Event::text`: an amount as its decimal text as sent, `50.00`) or a
+/// custom property, as text.
 fn field_value<'a>(e: &'a Event<'_>, field: &str) -> Option<Cow<'a, str>> {
-    let s = |o: &'a Option<Cow<'_, str>>| o.as_deref().map(Cow::Borrowed);
-    match field {
-        "client_user_id" => Some(Cow::Borrowed(e.client_user_id.as_ref())),
-        "event_name" => Some(Cow::Borrowed(e.event_name.as_ref())),
-        "timestamp" => Some(Cow::Owned(e.timestamp.to_string())),
-        "click_id" => s(&e.click_id),
-        "ip_address" => s(&e.ip_address),
-        "user_agent" => s(&e.user_agent),
-        "game_type" => s(&e.game_type),
-        "game_provider" => s(&e.game_provider),
-        "transaction_id" => s(&e.transaction_id),
-        "currency" => s(&e.currency),
-        "parent_transaction_id" => s(&e.parent_transaction_id),
-        // The amount's decimal text as sent (`50.00`; before issue 16 a binary64's `50`).
-        "amount" => e.amount.as_ref().map(|a| Cow::Borrowed(a.as_str())),
-        "bet_result_amount" => e.bet_result_amount.as_ref().map(|a| Cow::Borrowed(a.as_str())),
-        "is_crypto" => e.is_crypto.map(|b| Cow::Borrowed(if b { "true" } else { "false" })),
-        "bet_result" => e.bet_result.map(|r| Cow::Borrowed(r.as_str())),
-        other => e
+    match crate::event::Field::from_name(field) {
+        Some(api) => e.text(api),
+        None => e
             .properties
             .iter()
-            .find(|(k, _)| k == other)
+            .find(|(k, _)| k == field)
             .map(|(_, v)| Cow::Borrowed(v.as_ref())),
     }
 }

@@ -22,7 +22,7 @@ pub use spec::{
     CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
 };
 
-use crate::event::{truncate, BetResult, ContractOptions, Event, KNOWN_FIELDS};
+use crate::event::{truncate, BetResult, ContractOptions, Event, Field as ApiField, FieldKind, KNOWN_FIELDS};
 use convert::{describe, scalar_text, ScalarKeys, TimeReader};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
@@ -227,54 +227,13 @@ enum Kind {
     Bool,
 }
 
-/// An API field, resolved from its name once at compile time (matching names per record cost
-/// string comparisons on the hot path).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    ClientUserId,
-    EventName,
-    Timestamp,
-    ClickId,
-    IpAddress,
-    UserAgent,
-    GameType,
-    GameProvider,
-    TransactionId,
-    Amount,
-    Currency,
-    IsCrypto,
-    BetResult,
-    BetResultAmount,
-    ParentTransactionId,
-}
-
-fn target_of(field: &str) -> Target {
-    match field {
-        "client_user_id" => Target::ClientUserId,
-        "event_name" => Target::EventName,
-        "timestamp" => Target::Timestamp,
-        "click_id" => Target::ClickId,
-        "ip_address" => Target::IpAddress,
-        "user_agent" => Target::UserAgent,
-        "game_type" => Target::GameType,
-        "game_provider" => Target::GameProvider,
-        "transaction_id" => Target::TransactionId,
-        "amount" => Target::Amount,
-        "currency" => Target::Currency,
-        "is_crypto" => Target::IsCrypto,
-        "bet_result" => Target::BetResult,
-        "bet_result_amount" => Target::BetResultAmount,
-        "parent_transaction_id" => Target::ParentTransactionId,
-        other => unreachable!("`{other}` is not an API field; MappingConfig::fields names only API fields"),
-    }
-}
-
-fn kind_of(field: &str) -> Kind {
-    match field {
-        "timestamp" => Kind::Time,
-        "amount" | "bet_result_amount" => Kind::Num,
-        "is_crypto" => Kind::Bool,
-        _ => Kind::Str,
+/// How the mapping treats an API field's value: `bet_result` is read as text and translated.
+fn kind_of(field: ApiField) -> Kind {
+    match field.kind() {
+        FieldKind::Time => Kind::Time,
+        FieldKind::Decimal => Kind::Num,
+        FieldKind::Bool => Kind::Bool,
+        FieldKind::Text | FieldKind::BetResult => Kind::Str,
     }
 }
 
@@ -306,7 +265,7 @@ enum Miss {
 #[derive(Debug)]
 struct Field {
     name: &'static str,
-    target: Target,
+    target: ApiField,
     kind: Kind,
     /// An `expr` without `from` reads the whole value (the pointer `""`).
     source: Source,
@@ -656,15 +615,15 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
                 return Err(too_long(name, s.len()));
             }
             let slot = match f.target {
-                Target::ClientUserId => {
+                ApiField::ClientUserId => {
                     e.client_user_id = s;
                     return Ok(());
                 }
-                Target::EventName => {
+                ApiField::EventName => {
                     e.event_name = s;
                     return Ok(());
                 }
-                Target::BetResult => {
+                ApiField::BetResult => {
                     e.bet_result = match &*s {
                         "win" => Some(BetResult::Win),
                         "loss" => Some(BetResult::Loss),
@@ -682,14 +641,14 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
                     };
                     return Ok(());
                 }
-                Target::ClickId => &mut e.click_id,
-                Target::IpAddress => &mut e.ip_address,
-                Target::UserAgent => &mut e.user_agent,
-                Target::GameType => &mut e.game_type,
-                Target::GameProvider => &mut e.game_provider,
-                Target::TransactionId => &mut e.transaction_id,
-                Target::Currency => &mut e.currency,
-                Target::ParentTransactionId => &mut e.parent_transaction_id,
+                ApiField::ClickId => &mut e.click_id,
+                ApiField::IpAddress => &mut e.ip_address,
+                ApiField::UserAgent => &mut e.user_agent,
+                ApiField::GameType => &mut e.game_type,
+                ApiField::GameProvider => &mut e.game_provider,
+                ApiField::TransactionId => &mut e.transaction_id,
+                ApiField::Currency => &mut e.currency,
+                ApiField::ParentTransactionId => &mut e.parent_transaction_id,
                 other => unreachable!("{other:?} is not a string field"),
             };
             *slot = Some(s);
@@ -710,7 +669,7 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
                 ));
             }
             match f.target {
-                Target::Amount => e.amount = Some(x),
+                ApiField::Amount => e.amount = Some(x),
                 _ => e.bet_result_amount = Some(x),
             }
         }
@@ -728,26 +687,10 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
     Ok(())
 }
 
-/// `KNOWN_FIELDS.contains`, without fifteen string comparisons per custom property.
+/// Whether a custom property's name is an API field's (a `match` over the names, not fifteen
+/// string comparisons per property).
 fn is_known_field(name: &str) -> bool {
-    matches!(
-        name,
-        "client_user_id"
-            | "event_name"
-            | "timestamp"
-            | "click_id"
-            | "ip_address"
-            | "user_agent"
-            | "game_type"
-            | "game_provider"
-            | "transaction_id"
-            | "amount"
-            | "currency"
-            | "is_crypto"
-            | "bet_result"
-            | "bet_result_amount"
-            | "parent_transaction_id"
-    )
+    ApiField::from_name(name).is_some()
 }
 
 fn property_name_taken(name: &str) -> Stop {
@@ -1098,10 +1041,10 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
         },
         None => None,
     };
-    for required in ["client_user_id", "event_name", "timestamp"] {
-        if cfg.fields().iter().any(|(n, s)| *n == required && s.is_none()) {
+    for (field, spec) in cfg.fields() {
+        if field.always_required() && spec.is_none() {
             errs.push(Found::new(
-                At::Field(required),
+                At::Field(field.name()),
                 None,
                 "missing; every event needs `client_user_id`, `event_name` and `timestamp`",
             ));
@@ -1143,13 +1086,13 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
     let mut fields = Vec::new();
     let ordered = {
         let all = cfg.fields();
-        let mut v: Vec<_> = all.iter().filter(|(n, _)| *n == "event_name").cloned().collect();
-        v.extend(all.iter().filter(|(n, _)| *n != "event_name").cloned());
+        let mut v: Vec<_> = all.iter().filter(|(f, _)| *f == ApiField::EventName).cloned().collect();
+        v.extend(all.iter().filter(|(f, _)| *f != ApiField::EventName).cloned());
         v
     };
-    for (name, spec) in ordered {
+    for (field, spec) in ordered {
         let Some(spec) = spec else { continue };
-        let f = compile_field(name, &spec.options(), &mut ptrs, errs);
+        let f = compile_field(field, &spec.options(), &mut ptrs, errs);
         if let Some(f) = f {
             fields.push(f);
         }
@@ -1296,12 +1239,13 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
 }
 
 fn compile_field(
-    name: &'static str,
+    field: ApiField,
     o: &FieldOptions,
     ptrs: &mut Pointers,
     errs: &mut Vec<Found>,
 ) -> Option<Pending<Field>> {
-    let kind = kind_of(name);
+    let name = field.name();
+    let kind = kind_of(field);
     let mut err = |opt: &'static str, m: String| errs.push(Found::new(At::Field(name), Some(opt), m));
     let raw = match (&o.from, &o.constant, &o.expr) {
         (Some(_), Some(_), _) | (None, Some(_), Some(_)) => {
@@ -1457,7 +1401,7 @@ fn compile_field(
     Some(Pending {
         item: Field {
             name,
-            target: target_of(name),
+            target: field,
             kind,
             source: UNRESOLVED,
             expr,

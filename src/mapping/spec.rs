@@ -3,86 +3,52 @@
 //! key named. `docs/mapping.md` documents each option; `tests/mapping_docs.rs` checks that the doc
 //! and the lists below name the same options.
 
+use crate::event::{api_fields, Field};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// One `[[mapping]]` table: which records it applies to, one entry per API field, the rules that
-/// skip records, and the custom properties.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MappingConfig {
-    /// Topics this mapping applies to.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub topics: Vec<String>,
-    /// A regular expression; the mapping applies to every topic it matches in full.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic_pattern: Option<String>,
-    /// Records are events only when every condition holds; others are filtered.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keep_when: Vec<Condition>,
-    /// Records matching any condition are filtered.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub skip_when: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_user_id: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_name: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub click_id: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_address: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_agent: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub game_type: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub game_provider: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transaction_id: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub amount: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub currency: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub is_crypto: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bet_result: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bet_result_amount: Option<FieldSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_transaction_id: Option<FieldSpec>,
-    /// Custom properties: a table, or a list of tables.
-    #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
-    pub properties: Vec<PropertiesSpec>,
-}
+macro_rules! mapping_config {
+    ($(($variant:ident, $name:ident, $kind:ident, $required:literal)),* $(,)?) => {
+        /// One `[[mapping]]` table: which records it applies to, one entry per API field (its
+        /// keys made from `event::api_fields!`), the rules that skip records, and the custom
+        /// properties.
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct MappingConfig {
+            /// Topics this mapping applies to.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub topics: Vec<String>,
+            /// A regular expression; the mapping applies to every topic it matches in full.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub topic_pattern: Option<String>,
+            /// Records are events only when every condition holds; others are filtered.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub keep_when: Vec<Condition>,
+            /// Records matching any condition are filtered.
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub skip_when: Vec<Condition>,
+            $(
+                #[doc = concat!("How the API field `", stringify!($name), "` is made.")]
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $name: Option<FieldSpec>,
+            )*
+            /// Custom properties: a table, or a list of tables.
+            #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+            pub properties: Vec<PropertiesSpec>,
+        }
 
-impl MappingConfig {
-    /// The configured API fields, in `event::KNOWN_FIELDS` order.
-    pub fn fields(&self) -> [(&'static str, Option<&FieldSpec>); 15] {
-        [
-            ("client_user_id", self.client_user_id.as_ref()),
-            ("event_name", self.event_name.as_ref()),
-            ("timestamp", self.timestamp.as_ref()),
-            ("click_id", self.click_id.as_ref()),
-            ("ip_address", self.ip_address.as_ref()),
-            ("user_agent", self.user_agent.as_ref()),
-            ("game_type", self.game_type.as_ref()),
-            ("game_provider", self.game_provider.as_ref()),
-            ("transaction_id", self.transaction_id.as_ref()),
-            ("amount", self.amount.as_ref()),
-            ("currency", self.currency.as_ref()),
-            ("is_crypto", self.is_crypto.as_ref()),
-            ("bet_result", self.bet_result.as_ref()),
-            ("bet_result_amount", self.bet_result_amount.as_ref()),
-            ("parent_transaction_id", self.parent_transaction_id.as_ref()),
-        ]
-    }
+        impl MappingConfig {
+            /// The configured API fields, in the seed document's order (`Field::ALL`).
+            pub fn fields(&self) -> [(Field, Option<&FieldSpec>); Field::ALL.len()] {
+                [$((Field::$variant, self.$name.as_ref())),*]
+            }
+        }
+    };
 }
+api_fields!(mapping_config);
 
 /// Keys of a `[[mapping]]` table other than the API fields.
 pub const MAPPING_KEYS: &[&str] = &["topics", "topic_pattern", "keep_when", "skip_when", "properties"];
