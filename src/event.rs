@@ -476,6 +476,22 @@ trait Slot<'a>: Sized {
     /// The value as text (dedupe keys, conditions); `None` when absent.
     fn text(&self) -> Option<Cow<'_, str>>;
     fn into_static(self) -> Self::Static;
+    /// The member as a place for text ([`TextSlot`]); `None` for a member that is not text.
+    fn text_slot(&mut self) -> Option<TextSlot<'_, 'a>> {
+        None
+    }
+    /// The member as a place for an amount; `None` for a member that is not one.
+    fn decimal_slot(&mut self) -> Option<&mut Option<Decimal<'a>>> {
+        None
+    }
+}
+
+/// Where a text field of an [`Event`] is set (the mapping's writes).
+pub enum TextSlot<'s, 'a> {
+    /// `client_user_id`, `event_name`.
+    Required(&'s mut Cow<'a, str>),
+    /// Every other text field.
+    Optional(&'s mut Option<Cow<'a, str>>),
 }
 
 /// A required text member (`client_user_id`, `event_name`).
@@ -496,6 +512,9 @@ impl<'a> Slot<'a> for Cow<'a, str> {
     fn into_static(self) -> Cow<'static, str> {
         Cow::Owned(self.into_owned())
     }
+    fn text_slot(&mut self) -> Option<TextSlot<'_, 'a>> {
+        Some(TextSlot::Required(self))
+    }
 }
 
 /// An optional text member; JSON `null` is absent.
@@ -515,6 +534,9 @@ impl<'a> Slot<'a> for Option<Cow<'a, str>> {
     }
     fn into_static(self) -> Option<Cow<'static, str>> {
         self.map(|c| Cow::Owned(c.into_owned()))
+    }
+    fn text_slot(&mut self) -> Option<TextSlot<'_, 'a>> {
+        Some(TextSlot::Optional(self))
     }
 }
 
@@ -560,6 +582,9 @@ impl<'a> Slot<'a> for Option<Decimal<'a>> {
     }
     fn into_static(self) -> Option<Decimal<'static>> {
         self.map(Decimal::into_owned)
+    }
+    fn decimal_slot(&mut self) -> Option<&mut Option<Decimal<'a>>> {
+        Some(self)
     }
 }
 
@@ -697,6 +722,22 @@ macro_rules! event_io {
             pub fn text(&self, field: Field) -> Option<Cow<'_, str>> {
                 match field {
                     $(Field::$variant => Slot::text(&self.$name)),*
+                }
+            }
+
+            /// Where a text field ([`FieldKind::Text`]) is set; `None` for a field of another
+            /// kind.
+            pub fn text_slot(&mut self, field: Field) -> Option<TextSlot<'_, 'a>> {
+                match field {
+                    $(Field::$variant => Slot::text_slot(&mut self.$name)),*
+                }
+            }
+
+            /// Where an amount ([`FieldKind::Decimal`]) is set; `None` for a field of another
+            /// kind.
+            pub fn decimal_slot(&mut self, field: Field) -> Option<&mut Option<Decimal<'a>>> {
+                match field {
+                    $(Field::$variant => Slot::decimal_slot(&mut self.$name)),*
                 }
             }
         }

@@ -22,7 +22,7 @@ pub use spec::{
     CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
 };
 
-use crate::event::{truncate, BetResult, ContractOptions, Event, Field as ApiField, FieldKind, KNOWN_FIELDS};
+use crate::event::{truncate, BetResult, ContractOptions, Event, Field as ApiField, FieldKind, TextSlot, KNOWN_FIELDS};
 use convert::{describe, scalar_text, ScalarKeys, TimeReader};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
@@ -614,44 +614,29 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
             if s.len() > MAX_TEXT_BYTES {
                 return Err(too_long(name, s.len()));
             }
-            let slot = match f.target {
-                ApiField::ClientUserId => {
-                    e.client_user_id = s;
-                    return Ok(());
-                }
-                ApiField::EventName => {
-                    e.event_name = s;
-                    return Ok(());
-                }
-                ApiField::BetResult => {
-                    e.bet_result = match &*s {
-                        "win" => Some(BetResult::Win),
-                        "loss" => Some(BetResult::Loss),
-                        _ => {
-                            return Err(fail(
-                                Stage::Validation,
-                                Some(name),
-                                crate::event::Rule::BetResult.code(),
-                                format!(
-                                    "bet_result must be \"win\" or \"loss\", got {}; a `table` can translate",
-                                    describe(&Val::Str(s))
-                                ),
-                            ))
-                        }
-                    };
-                    return Ok(());
-                }
-                ApiField::ClickId => &mut e.click_id,
-                ApiField::IpAddress => &mut e.ip_address,
-                ApiField::UserAgent => &mut e.user_agent,
-                ApiField::GameType => &mut e.game_type,
-                ApiField::GameProvider => &mut e.game_provider,
-                ApiField::TransactionId => &mut e.transaction_id,
-                ApiField::Currency => &mut e.currency,
-                ApiField::ParentTransactionId => &mut e.parent_transaction_id,
-                other => unreachable!("{other:?} is not a string field"),
-            };
-            *slot = Some(s);
+            if f.target == ApiField::BetResult {
+                e.bet_result = match &*s {
+                    "win" => Some(BetResult::Win),
+                    "loss" => Some(BetResult::Loss),
+                    _ => {
+                        return Err(fail(
+                            Stage::Validation,
+                            Some(name),
+                            crate::event::Rule::BetResult.code(),
+                            format!(
+                                "bet_result must be \"win\" or \"loss\", got {}; a `table` can translate",
+                                describe(&Val::Str(s))
+                            ),
+                        ))
+                    }
+                };
+                return Ok(());
+            }
+            match e.text_slot(f.target) {
+                Some(TextSlot::Required(slot)) => *slot = s,
+                Some(TextSlot::Optional(slot)) => *slot = Some(s),
+                None => unreachable!("{} is read as text but is not a text field", f.target),
+            }
         }
         Kind::Num => {
             let Val::Num(x) = v else {
@@ -668,9 +653,9 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
                     format!("the number {x} is too small for the API's binary64, which would read it as 0"),
                 ));
             }
-            match f.target {
-                ApiField::Amount => e.amount = Some(x),
-                _ => e.bet_result_amount = Some(x),
+            match e.decimal_slot(f.target) {
+                Some(slot) => *slot = Some(x),
+                None => unreachable!("{} is read as a number but is not an amount", f.target),
             }
         }
         Kind::Time => unreachable!("`Cx::field` sets the timestamp itself"),
