@@ -686,6 +686,40 @@ game_provider = { from = "/p", default = 1e-400 }
         );
     }
 
+    /// Issue 17: a mapping's `timestamp_window` with an unknown key, or an end that cannot be
+    /// read, stops start-up naming the key and the file.
+    #[test]
+    fn timestamp_window_problems_name_key_and_file() {
+        let mapping = |window: &str| {
+            format!(
+                "{MINIMAL}\n[[mapping]]\ntopics = [\"t\"]\nclient_user_id = \"/u\"\nevent_name = \"/e\"\n\
+                 timestamp = \"/ts\"\ntimestamp_window = {window}\n"
+            )
+        };
+        let f = write(&mapping(r#"{ earliest = "2000-01-01", end = "now" }"#));
+        let e = load(f.path(), true).unwrap_err();
+        let in_file = format!("in {}", f.path().display());
+        assert!(
+            keyed(&e).any(|(key, origin, problem)| key == "mapping.0.timestamp_window.end"
+                && origin == in_file
+                && matches!(problem, Problem::UnknownKey(_))),
+            "{e}"
+        );
+        let f = write(&mapping(r#"{ latest = "tomorrow" }"#));
+        let e = load(f.path(), true).unwrap_err();
+        let in_file = format!("in {}", f.path().display());
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("key `mapping` {in_file}: mapping[0] (topics t): option `timestamp_window.latest`: `tomorrow` is not a date")),
+            "{text}"
+        );
+        assert!(load(
+            write(&mapping(r#"{ earliest = "1990-01-01", latest = "now + 2d" }"#)).path(),
+            true
+        )
+        .is_ok());
+    }
+
     #[test]
     fn bad_value_names_key() {
         let f = write(&MINIMAL.replace("group_id = \"g\"", "group_id = 5"));

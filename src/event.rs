@@ -12,6 +12,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 
+mod currency;
+pub mod time_window;
+pub use currency::{is_iso4217, iso4217_codes, minor_unit_exponent};
+
 /// Unit of the `timestamp` field the API is configured for (contract decision 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -844,48 +848,6 @@ pub fn is_crypto_code(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
-/// An active ISO 4217 currency code.
-pub fn is_iso4217(s: &str) -> bool {
-    // A bit per possible code (26³), looked up rather than searched: this runs for every event.
-    match s.as_bytes() {
-        [a, b, c] if [a, b, c].iter().all(|x| x.is_ascii_uppercase()) => {
-            let i = code_index(*a, *b, *c);
-            ISO_4217_BITS[i / 64] & (1 << (i % 64)) != 0
-        }
-        _ => false,
-    }
-}
-
-const fn code_index(a: u8, b: u8, c: u8) -> usize {
-    ((a - b'A') as usize * 26 + (b - b'A') as usize) * 26 + (c - b'A') as usize
-}
-
-static ISO_4217_BITS: [u64; 26 * 26 * 26 / 64 + 1] = {
-    let mut bits = [0u64; 26 * 26 * 26 / 64 + 1];
-    let mut n = 0;
-    while n < ISO_4217.len() {
-        let code = ISO_4217[n].as_bytes();
-        let i = code_index(code[0], code[1], code[2]);
-        bits[i / 64] |= 1 << (i % 64);
-        n += 1;
-    }
-    bits
-};
-
-/// Active ISO 4217 alphabetic codes (sorted; binary searched).
-const ISO_4217: &[&str] = &[
-    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN", "BHD", "BIF",
-    "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHF", "CLP", "CNY", "COP", "CRC",
-    "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS",
-    "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD",
-    "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL",
-    "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MYR", "MZN", "NAD",
-    "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD",
-    "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP",
-    "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VES",
-    "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1154,21 +1116,6 @@ mod tests {
         assert_eq!(rules, ["amount_sign"]);
         e.amount = Decimal::parse("-0.00");
         assert!(e.validate(&ContractOptions::default()).is_empty());
-    }
-
-    #[test]
-    fn iso_list_is_sorted() {
-        assert!(ISO_4217.windows(2).all(|w| w[0] < w[1]));
-        assert!(is_iso4217("EUR") && !is_iso4217("BTC"));
-        for code in ISO_4217 {
-            assert!(is_iso4217(code), "{code}");
-        }
-        let all = (b'A'..=b'Z').flat_map(|a| (b'A'..=b'Z').flat_map(move |b| (b'A'..=b'Z').map(move |c| [a, b, c])));
-        let known = all.filter(|c| is_iso4217(std::str::from_utf8(c).unwrap())).count();
-        assert_eq!(known, ISO_4217.len());
-        for not in ["", "EU", "EURO", "eur", "EU1", "ÉUR"] {
-            assert!(!is_iso4217(not), "{not}");
-        }
     }
 
     #[test]

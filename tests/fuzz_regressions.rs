@@ -119,17 +119,21 @@ fn out_of_range_and_nan_like_numbers() {
     }
     let doc = deposit_with("money", r#"{"value":1e-400,"ccy":"EUR"}"#);
     assert_eq!(replay(doc.as_bytes()).as_deref(), Some("type"));
-    // Timestamps: beyond f64 is not JSON, a negative time is refused; `time = "auto"` reads a
-    // fractional number as seconds and 2^64 by its magnitude as nanoseconds (docs/mapping.md).
+    // Timestamps: beyond f64 is not JSON, a time outside the plausible window (a negative one,
+    // 2^64 read by its magnitude as nanoseconds, the year 2554) is refused as `time` (issue 17);
+    // `time = "auto"` reads a fractional number as seconds (docs/mapping.md).
     assert_eq!(
         replay(deposit_with("ts", "1e400").as_bytes()).as_deref(),
         Some("not_json")
     );
-    assert_eq!(
-        replay(deposit_with("ts", "-1").as_bytes()).as_deref(),
-        Some("timestamp")
-    );
-    for ts in ["18446744073709551616", "1764000000.5"] {
+    for ts in ["-1", "0", "20422", "18446744073709551616", "9223372036854775807"] {
+        assert_eq!(
+            replay(deposit_with("ts", ts).as_bytes()).as_deref(),
+            Some("time"),
+            "ts {ts}"
+        );
+    }
+    for ts in ["1764000000.5", "1764000000000000000"] {
         assert_eq!(replay(deposit_with("ts", ts).as_bytes()), None, "ts {ts}");
     }
 }

@@ -113,3 +113,62 @@ fn mapping_mistakes_stop_start_up_naming_the_mapping_and_the_field() {
         assert!(config.problems().iter().any(want), "{config:?}");
     }
 }
+
+/// Issue 17: `map` gives `run`'s verdict on implausible times (reason `time`, the value and the
+/// reader named) and on the currency table (`VED` is a current code, `HRK` a withdrawn one).
+#[test]
+fn map_refuses_implausible_times_and_reads_the_maintained_currency_table() {
+    let dir = example("flat-seconds");
+    let base = std::fs::read_to_string(dir.join("datapulse-bridge.toml")).unwrap();
+    // The default time reader, as in the issue.
+    let config = base.replace(
+        r#"timestamp = { from = "/ts", time = "seconds" }"#,
+        r#"timestamp = "/ts""#,
+    );
+    assert_ne!(config, base);
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(config.as_bytes()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let deposit = |ts: u64, ccy: &str| {
+        format!(
+            r#"{{"event_type":"deposit","user_id":"u-1","click_id":"c","ip":"203.0.113.10","txn_id":"d-{ts}-{ccy}","amount":5,"currency":"{ccy}","ts":{ts}}}"#
+        )
+    };
+    let input = [
+        deposit(20422, "EUR"),
+        deposit(now, "VED"),
+        deposit(now, "HRK"),
+        deposit(now + 3 * 86_400, "EUR"),
+        deposit(1_702_963_200, "ves"),
+    ]
+    .join("\n");
+    let args = MapArgs {
+        config: file.path().to_path_buf(),
+        topic: None,
+        file: None,
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let s = run_map(&args, input.as_bytes(), &mut out, &mut err).unwrap();
+    let (out, err) = (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap());
+    assert_eq!((s.events, s.failed), (2, 3), "{err}");
+    assert!(
+        err.contains("line 1: failed at mapping on field `timestamp` (time): the number 20422 read with the default `time = \"auto\"`, by its size as seconds is 1970-01-01T05:40:22Z"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 3: failed at validation on field `currency` (currency)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 4: failed at mapping on field `timestamp` (time)"),
+        "{err}"
+    );
+    assert!(
+        out.contains(r#""currency":"VED""#) && out.contains(r#""currency":"VES""#),
+        "{out}"
+    );
+    assert!(!out.contains("20422"), "{out}");
+}

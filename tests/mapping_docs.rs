@@ -3,8 +3,8 @@
 
 use datapulse_bridge::event::{ContractOptions, KNOWN_FIELDS};
 use datapulse_bridge::mapping::{
-    Condition, FieldOptions, Mapper, MappingConfig, PropertiesSpec, CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS,
-    NAMED_SOURCES, PROPERTIES_OPTIONS,
+    Condition, FieldOptions, Mapper, MappingConfig, PropertiesSpec, TimeWindowSpec, CONDITION_OPTIONS, FIELD_OPTIONS,
+    MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS, TIME_WINDOW_OPTIONS,
 };
 use serde_json::json;
 
@@ -58,7 +58,8 @@ fn every_option_is_documented() {
         .chain(KNOWN_FIELDS)
         .chain(FIELD_OPTIONS)
         .chain(PROPERTIES_OPTIONS)
-        .chain(CONDITION_OPTIONS);
+        .chain(CONDITION_OPTIONS)
+        .chain(TIME_WINDOW_OPTIONS);
     for n in names {
         if !doc.contains(&format!("`{n}`")) {
             missing.push(n.to_string());
@@ -145,6 +146,11 @@ fn option_lists_match_the_config_types() {
         one_of: vec![json!("c")],
     };
     assert_eq!(keys(&cond), sorted(CONDITION_OPTIONS));
+    let window = TimeWindowSpec {
+        earliest: Some("2000-01-01".into()),
+        latest: Some("now + 1d".into()),
+    };
+    assert_eq!(keys(&window), sorted(TIME_WINDOW_OPTIONS));
     let spec = Some(datapulse_bridge::mapping::FieldSpec::From("/x".into()));
     let mapping = MappingConfig {
         topics: vec!["t".into()],
@@ -167,6 +173,7 @@ fn option_lists_match_the_config_types() {
         bet_result_amount: spec.clone(),
         parent_transaction_id: spec,
         properties: vec![props],
+        timestamp_window: Some(window.clone()),
     };
     let all: Vec<&str> = MAPPING_KEYS.iter().chain(KNOWN_FIELDS).copied().collect();
     assert_eq!(keys(&mapping), sorted(&all));
@@ -212,6 +219,8 @@ fn how_values_are_read_is_what_map_prints() {
         "key twice",
         "Errors name where",
         "`value_base64`",
+        "Times must be plausible",
+        "2000-01-01T00:00:00Z ≤ t ≤ now + 1 day",
     ] {
         assert!(part.contains(words), "{words}");
     }

@@ -186,6 +186,57 @@ async fn seed_examples_are_accepted_when_sent_with_curl() {
     assert_eq!(event(&ms, &seed_use_cases(1_702_963_200)[0]).await.status, 200);
     let sus = ms.stats().suspicious_timestamps;
     assert_eq!((sus.count, sus.examples[0].timestamp), (1, 1_702_963_200));
+    // ... and, read as milliseconds, 1970-01-20: implausible too.
+    assert_eq!(ms.stats().implausible_timestamps.count, 1);
+    assert_eq!(stats.implausible_timestamps.count, 0, "the seed's times are plausible");
+}
+
+/// Issue 17: the API accepts any integer as `timestamp` (contract decision 3), so the sandbox
+/// accepts an implausible one and reports it in `/_sandbox/stats`: before 2000-01-01 or more
+/// than a day after its clock, in its unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_timestamps_are_accepted_and_reported() {
+    let h = start(|_| {}).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = |i: usize, ts: i64| {
+        set(
+            set(deposit(), "transaction_id", json!(format!("tx_{i}"))),
+            "timestamp",
+            json!(ts),
+        )
+    };
+    let events = vec![
+        at(0, 20_422),           // the issue's Debezium DATE, days since 1970, sent as seconds
+        at(1, now),              // plausible
+        at(2, 946_684_800),      // 2000-01-01T00:00:00Z: the window's first second
+        at(3, 946_684_799),      // a second before it
+        at(4, now + 3 * 86_400), // three days ahead
+        at(5, now + 3_600),      // an hour ahead: within the day allowed
+        at(6, 1),                // the epoch's first second
+    ];
+    let reply = batch(&h, &Value::from(events)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let stats: Value = serde_json::from_str(&admin_get(&h, "stats").await.text).unwrap();
+    let found = &stats["implausible_timestamps"];
+    assert_eq!(found["count"], 4, "{stats}");
+    let examples: Vec<(u64, i64)> = found["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_u64().unwrap(), e["timestamp"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(examples, [(0, 20_422), (3, 946_684_799), (4, now + 3 * 86_400), (6, 1)]);
+    assert_eq!(found["examples"][0]["event_name"], "deposit");
+    // None of them looks like milliseconds: the unit check says nothing of them.
+    assert_eq!(stats["suspicious_timestamps"]["count"], 0);
+    assert_eq!(h.stats().accepted_events, 7);
+    // A reset forgets them.
+    let client = reqwest::Client::new();
+    client.post(format!("{}/_sandbox/reset", h.url())).send().await.unwrap();
+    assert_eq!(h.stats().implausible_timestamps.count, 0);
 }
 
 fn deposit() -> Value {
@@ -602,6 +653,9 @@ async fn stats_events_reset_and_duplicates_over_the_admin_api() {
     assert_eq!(stats.duplicate_transaction_ids["tx_1"], 3);
     assert_eq!(stats.suspicious_timestamps.count, 1);
     assert_eq!(stats.suspicious_timestamps.examples[0].index, 6);
+    // Milliseconds sent as seconds: thousands of years ahead, implausible as well.
+    assert_eq!(stats.implausible_timestamps.count, 1);
+    assert_eq!(stats.implausible_timestamps.examples[0].index, 6);
 
     let all: Vec<Value> = serde_json::from_str(&admin_get(&h, "events").await.text).unwrap();
     assert_eq!(all, h.events());

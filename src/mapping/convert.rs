@@ -218,30 +218,51 @@ pub fn sign(v: Val<'_>, s: Sign) -> Result<Val<'_>, String> {
 #[derive(Debug)]
 pub enum TimeReader {
     Unit(TimeSource),
-    Format(OwnedFormatItem),
+    /// A custom `time_format`, compiled, and as written (for messages).
+    Format(OwnedFormatItem, String),
 }
+
+/// The reader of a `timestamp` without `time` or `time_format`.
+pub const DEFAULT_TIME_READER: TimeReader = TimeReader::Unit(TimeSource::Auto);
 
 impl TimeReader {
     /// Compiles a custom `time_format`.
     pub fn format(f: &str) -> Result<TimeReader, String> {
         time::format_description::parse_owned::<2>(f)
-            .map(TimeReader::Format)
+            .map(|items| TimeReader::Format(items, f.to_string()))
             .map_err(|e| format!("`{f}` is not a time format: {e}"))
     }
 
-    /// Reads `v` and returns it in `unit`, rounding down.
-    pub fn read(&self, v: &Val, unit: TimestampUnit) -> Result<i64, String> {
-        let nanos = self.nanos(v)?;
-        let per = match unit {
-            TimestampUnit::Seconds => 1_000_000_000,
-            TimestampUnit::Milliseconds => 1_000_000,
-        };
-        i64::try_from(nanos.div_euclid(per)).map_err(|_| format!("{} is out of range as a time", describe(v)))
+    /// How this reader read `v`, for a message about the time it gave: `time = "auto"` (the
+    /// default) by its size as seconds, `time = "milliseconds"`, `time_format = "…"`.
+    #[cold]
+    pub fn describe_reading(&self, v: &Val, configured: bool) -> String {
+        let default = if configured { "" } else { "the default " };
+        match self {
+            TimeReader::Format(_, f) => format!("`time_format = {f:?}`"),
+            TimeReader::Unit(TimeSource::Auto) => {
+                let how = match v {
+                    Val::Str(s) if !looks_numeric(s) => "as RFC 3339".to_string(),
+                    _ => match number(v).map(f64::abs) {
+                        Ok(a) if a < 1e11 => "by its size as seconds".to_string(),
+                        Ok(a) if a < 1e14 => "by its size as milliseconds".to_string(),
+                        Ok(a) if a < 1e17 => "by its size as microseconds".to_string(),
+                        _ => "by its size as nanoseconds".to_string(),
+                    },
+                };
+                format!("{default}`time = \"auto\"`, {how}")
+            }
+            TimeReader::Unit(u) => {
+                let name = serde_json::to_string(u).unwrap_or_default();
+                format!("`time = {name}`")
+            }
+        }
     }
 
-    fn nanos(&self, v: &Val) -> Result<i128, String> {
+    /// Reads `v` as Unix time in nanoseconds.
+    pub fn nanos(&self, v: &Val) -> Result<i128, String> {
         match self {
-            TimeReader::Format(items) => {
+            TimeReader::Format(items, _) => {
                 let Val::Str(s) = v else {
                     return Err(format!(
                         "a time in a custom format must be a string, got {}",
@@ -289,6 +310,15 @@ impl TimeReader {
             }
         }
     }
+}
+
+/// Unix nanoseconds in `unit`, rounding down; `v` names the value when it does not fit.
+pub fn in_unit(nanos: i128, unit: TimestampUnit, v: &Val) -> Result<i64, String> {
+    let per = match unit {
+        TimestampUnit::Seconds => 1_000_000_000,
+        TimestampUnit::Milliseconds => 1_000_000,
+    };
+    i64::try_from(nanos.div_euclid(per)).map_err(|_| format!("{} is out of range as a time", describe(v)))
 }
 
 fn looks_numeric(s: &str) -> bool {

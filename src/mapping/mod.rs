@@ -19,17 +19,20 @@ mod value;
 pub use command::{run_map, MapRunError, Summary};
 pub use spec::{
     AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
-    CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
+    TimeWindowSpec, CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
+    TIME_WINDOW_OPTIONS,
 };
 
+use crate::event::time_window::{self, Bound, TimeWindow};
 use crate::event::{truncate, BetResult, ContractOptions, Event, Field as ApiField, FieldKind, TextSlot, KNOWN_FIELDS};
-use convert::{describe, scalar_text, ScalarKeys, TimeReader};
+use convert::{describe, scalar_text, ScalarKeys, TimeReader, DEFAULT_TIME_READER};
 use expr::Expr;
 use read::{Place, Plan, Pointer};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
 use value::Val;
 
 /// Slots (values read from a record) kept on the stack; a mapping reading more uses the heap.
@@ -308,6 +311,56 @@ struct Compiled {
     /// `event_name` first: `sign_for` reads the mapped event name.
     fields: Vec<Field>,
     props: Vec<Props>,
+    times: Times,
+}
+
+/// A mapping's `timestamp_window` and the latest clock reading it saw.
+#[derive(Debug)]
+struct Times {
+    window: TimeWindow,
+    /// Unix nanoseconds of a clock reading (the latest taken): a time that is in the window for
+    /// any clock from then on needs no new reading, which is nearly every time (a default
+    /// window's `latest` is a day ahead). A clock stepped back lets through, for the length of
+    /// the step, times up to a day after the reading before it.
+    seen: AtomicI64,
+}
+
+impl Times {
+    fn new(window: TimeWindow) -> Times {
+        Times {
+            window,
+            seen: AtomicI64::new(now_i64()),
+        }
+    }
+
+    /// `Ok` when `t` (Unix nanoseconds) is in the window, else the clock reading it was judged by.
+    #[inline]
+    fn check(&self, t: i128) -> Result<(), i128> {
+        if self
+            .window
+            .surely_contains(t, i128::from(self.seen.load(Ordering::Relaxed)))
+        {
+            return Ok(());
+        }
+        self.check_by_the_clock(t)
+    }
+
+    #[cold]
+    fn check_by_the_clock(&self, t: i128) -> Result<(), i128> {
+        let now = now_i64();
+        self.seen.fetch_max(now, Ordering::Relaxed);
+        let now = i128::from(now);
+        if self.window.contains(t, now) {
+            Ok(())
+        } else {
+            Err(now)
+        }
+    }
+}
+
+/// The clock in Unix nanoseconds, as an `i64` (enough until 2262).
+fn now_i64() -> i64 {
+    i64::try_from(time_window::now_nanos()).unwrap_or(i64::MAX)
 }
 
 /// How a record stops short of an event. Boxed so that the `Result`s of the per-field hot path
@@ -506,7 +559,7 @@ impl Mapper {
         let mut cx = cx;
         let mut has_timestamp = false;
         for f in &m.fields {
-            let present = cx.field(f, event, &self.contract)?;
+            let present = cx.field(f, event, &self.contract, &m.times)?;
             has_timestamp |= present && f.kind == Kind::Time;
         }
         for p in &m.props {
@@ -672,6 +725,25 @@ fn set<'a>(e: &mut Event<'a>, f: &Field, v: Val<'a>) -> Result<(), Stop> {
     Ok(())
 }
 
+/// A time outside the mapping's `timestamp_window` (issue 17): reason `time`, naming the value as
+/// the reader got it, the reader, the time it read and the window.
+#[cold]
+fn implausible(f: &Field, reader: &TimeReader, v: &Val, nanos: i128, window: &TimeWindow) -> Stop {
+    fail(
+        Stage::Mapping,
+        Some(f.name),
+        "time",
+        format!(
+            "{} read with {} is {}, outside the plausible window {}: a date, or a time in another unit? \
+             set `time` or `time_format`, or the mapping's `timestamp_window`",
+            describe(v),
+            reader.describe_reading(v, f.time.is_some()),
+            time_window::instant(nanos),
+            window.describe(),
+        ),
+    )
+}
+
 /// Whether a custom property's name is an API field's (a `match` over the names, not fifteen
 /// string comparisons per property).
 fn is_known_field(name: &str) -> bool {
@@ -784,7 +856,13 @@ impl<'a> Cx<'_, 'a> {
 
     /// Runs a field's options and sets it in `event`; `Ok(false)` when the field is absent. (Setting
     /// it here rather than returning the value keeps large `Result`s off the hot path.)
-    fn field(&mut self, f: &'a Field, event: &mut Event<'a>, contract: &ContractOptions) -> Result<bool, Stop> {
+    fn field(
+        &mut self,
+        f: &'a Field,
+        event: &mut Event<'a>,
+        contract: &ContractOptions,
+        times: &Times,
+    ) -> Result<bool, Stop> {
         let name = f.name;
         let mapping_err = |reason: &str, msg: String| fail(Stage::Mapping, Some(name), reason, msg);
         let mut v = self.read(&f.source, name)?;
@@ -832,10 +910,13 @@ impl<'a> Cx<'_, 'a> {
         }
         if f.kind == Kind::Time {
             // Set here: an `i64` needs no trip through a value (`sign` does not apply to times).
-            let reader = f.time.as_ref().unwrap_or(&TimeReader::Unit(TimeSource::Auto));
-            event.timestamp = reader
-                .read(&v, contract.timestamp_unit)
-                .map_err(|m| mapping_err("time", m))?;
+            let reader = f.time.as_ref().unwrap_or(&DEFAULT_TIME_READER);
+            let nanos = reader.nanos(&v).map_err(|m| mapping_err("time", m))?;
+            if times.check(nanos).is_err() {
+                return Err(implausible(f, reader, &v, nanos, &times.window));
+            }
+            event.timestamp =
+                convert::in_unit(nanos, contract.timestamp_unit, &v).map_err(|m| mapping_err("time", m))?;
             return Ok(true);
         }
         if let Some((s, only_for)) = &f.sign {
@@ -1036,6 +1117,8 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
         }
     }
 
+    let window = time_window_of(cfg.timestamp_window.as_ref(), errs);
+
     let conds = |list: &[Condition], which: fn(usize) -> At, ptrs: &mut Pointers, errs: &mut Vec<Found>| {
         let mut out = Vec::new();
         for (i, c) in list.iter().enumerate() {
@@ -1220,6 +1303,34 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
         skip_when,
         fields,
         props,
+        times: Times::new(window),
+    })
+}
+
+/// The mapping's `timestamp_window`, its defaults for the ends it leaves out; each end that
+/// cannot be read, or an empty window, is a problem naming the option.
+fn time_window_of(spec: Option<&TimeWindowSpec>, errs: &mut Vec<Found>) -> TimeWindow {
+    let Some(spec) = spec else {
+        return TimeWindow::DEFAULT;
+    };
+    let mut end = |option: &'static str, text: &Option<String>, default: Bound| match text {
+        None => Some(default),
+        Some(t) => Bound::parse(t)
+            .map_err(|e| errs.push(Found::new(At::Mapping, Some(option), e)))
+            .ok(),
+    };
+    let earliest = end(
+        "timestamp_window.earliest",
+        &spec.earliest,
+        TimeWindow::DEFAULT.earliest,
+    );
+    let latest = end("timestamp_window.latest", &spec.latest, TimeWindow::DEFAULT.latest);
+    let (Some(earliest), Some(latest)) = (earliest, latest) else {
+        return TimeWindow::DEFAULT;
+    };
+    TimeWindow::new(earliest, latest).unwrap_or_else(|e| {
+        errs.push(Found::new(At::Mapping, Some("timestamp_window"), e));
+        TimeWindow::DEFAULT
     })
 }
 

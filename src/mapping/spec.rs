@@ -38,6 +38,10 @@ macro_rules! mapping_config {
             /// Custom properties: a table, or a list of tables.
             #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
             pub properties: Vec<PropertiesSpec>,
+            /// Where a plausible `timestamp` lies; a time outside fails with `time`. Default from
+            /// 2000-01-01 to a day after the clock.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub timestamp_window: Option<TimeWindowSpec>,
         }
 
         impl MappingConfig {
@@ -50,8 +54,28 @@ macro_rules! mapping_config {
 }
 api_fields!(mapping_config);
 
+/// `timestamp_window = { earliest = "2000-01-01", latest = "now + 1d" }`: each end a date, an
+/// RFC 3339 time, `now`, or `now` plus or minus a duration; an end left out keeps its default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindowSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<String>,
+}
+
 /// Keys of a `[[mapping]]` table other than the API fields.
-pub const MAPPING_KEYS: &[&str] = &["topics", "topic_pattern", "keep_when", "skip_when", "properties"];
+pub const MAPPING_KEYS: &[&str] = &[
+    "topics",
+    "topic_pattern",
+    "keep_when",
+    "skip_when",
+    "properties",
+    "timestamp_window",
+];
+/// Options of `timestamp_window`.
+pub const TIME_WINDOW_OPTIONS: &[&str] = &["earliest", "latest"];
 /// Options of a field table.
 pub const FIELD_OPTIONS: &[&str] = &[
     "from",

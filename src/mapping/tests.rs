@@ -262,11 +262,6 @@ fn contract_rules_fail_at_validation_naming_the_rule() {
             "client_user_id",
             "required",
         ),
-        (
-            wallet("").replace("2023-12-19T05:20:00Z", "1969-12-31T00:00:00Z"),
-            "timestamp",
-            "timestamp",
-        ),
     ];
     for (value, field, rule) in cases {
         let out = map_value(&m, value.as_bytes());
@@ -277,6 +272,22 @@ fn contract_rules_fail_at_validation_naming_the_rule() {
             "{e}"
         );
     }
+    // A time before 1970 is outside the plausible window before any contract rule sees it
+    // (issue 17); a mapping whose window admits it meets the rule `timestamp`.
+    let old = wallet("").replace("2023-12-19T05:20:00Z", "1969-12-31T00:00:00Z");
+    let e = failed(&map_value(&m, old.as_bytes())).clone();
+    assert_eq!(
+        (e.stage, e.field.as_deref(), e.reason.as_str()),
+        (Stage::Mapping, Some("timestamp"), "time"),
+        "{e}"
+    );
+    let wide = mapper(&format!("{WALLET}timestamp_window = {{ earliest = \"1969-01-01\" }}\n"));
+    let e = failed(&map_value(&wide, old.as_bytes())).clone();
+    assert_eq!(
+        (e.stage, e.field.as_deref(), e.reason.as_str()),
+        (Stage::Validation, Some("timestamp"), "timestamp"),
+        "{e}"
+    );
     let out = map_value(&m, wallet(r#","nothing":1"#).replace("\"meta\"", "\"x\"").as_bytes());
     assert!(matches!(out, MapOutcome::Event(_)), "{out:?}");
 }
@@ -602,7 +613,6 @@ parent_transaction_id = "/parent_transaction_id"
     let broken = [
         (with(deposit, "client_user_id", json!("")), "client_user_id", "required"),
         (with(deposit, "event_name", json!("")), "event_name", "required"),
-        (with(deposit, "timestamp", json!(-1)), "timestamp", "timestamp"),
         (with(deposit, "amount", Value::Null), "amount", "financial_fields"),
         (
             with(deposit, "click_id", Value::Null),
@@ -647,6 +657,21 @@ parent_transaction_id = "/parent_transaction_id"
             "{ev}: {e}"
         );
     }
+    // A time before 1970 is outside the default plausible window (reason `time`, at mapping);
+    // a window that admits it leaves it to the contract rule `timestamp`.
+    let negative = with(deposit, "timestamp", json!(-1)).to_string();
+    let e = failed(&map_value(&m, negative.as_bytes())).clone();
+    assert_eq!((e.stage, e.reason.as_str()), (Stage::Mapping, "time"), "{e}");
+    let wide = mapper(&format!(
+        "{}timestamp_window = {{ earliest = \"1969-01-01\" }}\n",
+        one_field("timestamp", r#"{ from = "/timestamp", time = "seconds" }"#)
+    ));
+    let e = failed(&map_value(&wide, negative.as_bytes())).clone();
+    assert_eq!(
+        (e.stage, e.field.as_deref(), e.reason.as_str()),
+        (Stage::Validation, Some("timestamp"), "timestamp"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -1134,4 +1159,290 @@ fn utf16_values_are_refused_saying_so() {
     // A value that is UTF-8 gets no such hint, even when it is not JSON.
     let e = map_value(&m, b"{\"a\":1,}");
     assert!(!failed(&e).message.contains("UTF-16"), "{}", failed(&e).message);
+}
+
+/// Now, in Unix seconds.
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Issue 17's example: a Debezium `DATE` column (days since 1970) read by the default time
+/// reader was sent as `"timestamp":20422`. It is refused with reason `time`, naming the value as
+/// written, the reader and the time it read.
+#[test]
+fn a_date_column_read_as_a_time_is_refused() {
+    let m = mapper(&one_field("timestamp", r#""/value_date""#));
+    let out = map_value(&m, br#"{"value_date":20422}"#);
+    let e = failed(&out);
+    assert_eq!(
+        (e.stage, e.field.as_deref(), e.reason.as_str()),
+        (Stage::Mapping, Some("timestamp"), "time"),
+        "{e}"
+    );
+    for words in [
+        "the number 20422",
+        "the default `time = \"auto\"`, by its size as seconds",
+        "is 1970-01-01T05:40:22Z",
+        "outside the plausible window 2000-01-01T00:00:00Z to now + 1day: a date",
+        "`timestamp_window`",
+    ] {
+        assert!(e.message.contains(words), "{words:?} in {}", e.message);
+    }
+    // Read as the date it is (with `expr`), it passes: 20422 days is 2025-11-30.
+    let m = mapper(&one_field(
+        "timestamp",
+        r#"{ from = "/value_date", expr = ". * 86400" }"#,
+    ));
+    let e = event_json(&map_value(&m, br#"{"value_date":20422}"#));
+    assert_eq!(e["timestamp"], json!(20422 * 86400));
+}
+
+/// The window applies after every reader, in either unit the API is configured for; its ends are
+/// included.
+#[test]
+fn every_time_reader_is_held_to_the_window() {
+    let now = now_s();
+    let ok = |v: i64| Ok::<i64, &str>(v);
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Value, Result<i64, &str>)> = vec![
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 946684800}), ok(946684800)),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 946684799}), Err("time")),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": "946684799.999"}), Err("time")),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": now + 3600}), ok(now + 3600)),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": now + 3 * 86400}), Err("time")),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 0}), Err("time")),
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": -1702963200}), Err("time")),
+        // Milliseconds read as seconds: thousands of years ahead.
+        (r#"{ from = "/ts", time = "seconds" }"#, json!({"ts": 1702963200123_i64}), Err("time")),
+        (r#"{ from = "/ts", time = "milliseconds" }"#, json!({"ts": 1702963200000_i64}), ok(1702963200)),
+        (r#"{ from = "/ts", time = "milliseconds" }"#, json!({"ts": 1702963200}), Err("time")),
+        (r#"{ from = "/ts", time = "microseconds" }"#, json!({"ts": 1702963200}), Err("time")),
+        (r#"{ from = "/ts", time = "nanoseconds" }"#, json!({"ts": 1702963200000_i64}), Err("time")),
+        (r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "2000-01-01T00:00:00Z"}), ok(946684800)),
+        (r#"{ from = "/ts", time = "rfc3339" }"#, json!({"ts": "1999-12-31T23:59:59Z"}), Err("time")),
+        (r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "19700101T000000Z"}), Err("time")),
+        (r#"{ from = "/ts", time = "iso8601" }"#, json!({"ts": "99991231T000000Z"}), Err("time")),
+        (r#"{ from = "/ts", time_format = "[year]-[month]-[day] [hour]:[minute]" }"#, json!({"ts": "1899-12-31 23:00"}), Err("time")),
+        (r#"{ from = "/ts", time_format = "[year]-[month]-[day] [hour]:[minute]" }"#, json!({"ts": "2023-12-19 00:00"}), ok(1702944000)),
+        // The default reader, by size and as RFC 3339.
+        (r#""/ts""#, json!({"ts": 1702963200000000_i64}), ok(1702963200)),
+        (r#""/ts""#, json!({"ts": 86400}), Err("time")),
+        (r#""/ts""#, json!({"ts": "1970-01-02T00:00:00Z"}), Err("time")),
+        (r#"{ const = 5 }"#, json!({}), Err("time")),
+        (r#"{ from = "/ts", default = 5 }"#, json!({}), Err("time")),
+    ];
+    for (spec, value, want) in cases {
+        for unit in [TimestampUnit::Seconds, TimestampUnit::Milliseconds] {
+            let contract = ContractOptions {
+                timestamp_unit: unit,
+                ..Default::default()
+            };
+            let m = Mapper::compile(&configs(&one_field("timestamp", spec)), &contract).unwrap();
+            let out = map_value(&m, value.to_string().as_bytes());
+            let label = format!("timestamp = {spec} on {value} in {unit:?}");
+            match want {
+                Ok(s) => {
+                    let per = if unit == TimestampUnit::Seconds { 1 } else { 1000 };
+                    assert_eq!(event_json(&out)["timestamp"], json!(s * per), "{label}");
+                }
+                Err(reason) => {
+                    let e = failed(&out);
+                    assert_eq!(
+                        (e.reason.as_str(), e.field.as_deref()),
+                        (reason, Some("timestamp")),
+                        "{label}: {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The record's Kafka timestamp is a time source like any other.
+#[test]
+fn the_kafka_timestamp_is_held_to_the_window_too() {
+    let m = mapper(&one_field("timestamp", r#""timestamp""#));
+    let at = |ms: i64| {
+        m.map(&SourceRecord {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(ms),
+            key: None,
+            value: Some(b"{}"),
+            headers: &[],
+        })
+        .into_owned()
+    };
+    // A producer that sets no create time can leave 0 (librdkafka), read as 1970.
+    let e = failed(&at(0)).clone();
+    assert_eq!(e.reason, "time", "{e}");
+    assert!(
+        e.message
+            .contains("the number 0 read with the default `time = \"auto\"`"),
+        "{e}"
+    );
+    assert_eq!(event_json(&at(1_702_963_200_123))["timestamp"], json!(1_702_963_200));
+}
+
+/// How each reader is named in the refusal.
+#[test]
+fn the_refusal_names_the_reader() {
+    for (spec, value, reader) in [
+        (
+            r#"{ from = "/ts", time = "milliseconds" }"#,
+            json!({"ts": 20422}),
+            "`time = \"milliseconds\"`",
+        ),
+        (
+            r#"{ from = "/ts", time = "auto" }"#,
+            json!({"ts": 20422}),
+            "`time = \"auto\"`, by its size as seconds",
+        ),
+        (
+            r#"{ from = "/ts", time = "auto" }"#,
+            json!({"ts": "1990-01-01T00:00:00Z"}),
+            "`time = \"auto\"`, as RFC 3339",
+        ),
+        (
+            r#""/ts""#,
+            json!({"ts": 20422000}),
+            "the default `time = \"auto\"`, by its size as seconds",
+        ),
+        (
+            r#""/ts""#,
+            json!({"ts": 99999999999999_i64}),
+            "by its size as milliseconds",
+        ),
+        (
+            r#"{ from = "/ts", time_format = "[year]-[month]-[day] [hour]:[minute]" }"#,
+            json!({"ts": "1990-05-01 12:00"}),
+            "`time_format = \"[year]-[month]-[day] [hour]:[minute]\"`",
+        ),
+    ] {
+        let m = mapper(&one_field("timestamp", spec));
+        let out = map_value(&m, value.to_string().as_bytes());
+        let e = failed(&out);
+        assert_eq!(e.reason, "time", "{spec}: {e}");
+        assert!(e.message.contains(reader), "{spec}: {reader:?} in {}", e.message);
+    }
+}
+
+/// `timestamp_window` sets each mapping's own window; an end left out keeps its default.
+#[test]
+fn each_mapping_may_set_its_window() {
+    let now = now_s();
+    let with_window = |window: &str| {
+        mapper(&format!(
+            "{}timestamp_window = {window}\n",
+            one_field("timestamp", r#"{ from = "/ts", time = "seconds" }"#)
+        ))
+    };
+    let reason = |m: &Mapper, ts: i64| match map_value(m, json!({ "ts": ts }).to_string().as_bytes()) {
+        MapOutcome::Event(_) => "event".to_string(),
+        MapOutcome::Failed(e) => e.reason,
+        other => panic!("{other:?}"),
+    };
+    // A replay of old history: from 1970 on, and never ahead of the clock.
+    let history = with_window(r#"{ earliest = "1970-01-01T00:00:01Z", latest = "now" }"#);
+    assert_eq!(reason(&history, 20422), "event");
+    assert_eq!(reason(&history, 0), "time");
+    assert_eq!(reason(&history, now + 3600), "time");
+    // Recent events only.
+    let recent = with_window(r#"{ earliest = "now - 30d" }"#);
+    assert_eq!(reason(&recent, now - 86_400), "event");
+    assert_eq!(reason(&recent, 1_702_963_200), "time");
+    assert_eq!(
+        reason(&recent, now + 3600),
+        "event",
+        "latest keeps its default, a day ahead"
+    );
+    assert_eq!(reason(&recent, now + 2 * 86_400), "time");
+    // Scheduled events a year ahead.
+    let ahead = with_window(r#"{ latest = "now + 400d" }"#);
+    assert_eq!(reason(&ahead, now + 365 * 86_400), "event");
+    assert_eq!(reason(&ahead, 20422), "time", "earliest keeps its default");
+    // Two mappings, two windows.
+    let two = mapper(&format!(
+        "{}timestamp_window = {{ earliest = \"1970-01-02\" }}\n{}",
+        one_field("timestamp", r#"{ from = "/ts", time = "seconds" }"#),
+        one_field("timestamp", r#"{ from = "/ts", time = "seconds" }"#).replace("[\"t\"]", "[\"u\"]"),
+    ));
+    let on = |topic: &str, ts: i64| {
+        let value = json!({ "ts": ts }).to_string();
+        let out = two.map(&SourceRecord {
+            topic,
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            value: Some(value.as_bytes()),
+            headers: &[],
+        });
+        matches!(out, MapOutcome::Event(_))
+    };
+    assert!(on("t", 100_000) && !on("u", 100_000));
+    assert!(!on("t", 100) && !on("u", 100));
+}
+
+#[test]
+fn a_window_that_cannot_be_read_fails_at_start_up_naming_the_option() {
+    let problems = |window: &str| {
+        let text = format!("{}timestamp_window = {window}\n", one_field("timestamp", r#""/ts""#));
+        match compile(&text) {
+            Ok(_) => panic!("{window} compiled"),
+            Err(e) => e
+                .problems()
+                .iter()
+                .map(|p| (p.option.unwrap_or_default(), p.to_string()))
+                .collect::<Vec<_>>(),
+        }
+    };
+    let p = problems(r#"{ earliest = "yesterday" }"#);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "timestamp_window.earliest");
+    assert!(p[0].1.contains("`yesterday` is not a date"), "{}", p[0].1);
+    let p = problems(r#"{ latest = "now + soon", earliest = "2000-02-30" }"#);
+    let options: Vec<&str> = p.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        options,
+        ["timestamp_window.earliest", "timestamp_window.latest"],
+        "{p:?}"
+    );
+    let p = problems(r#"{ earliest = "2030-01-01", latest = "2020-01-01" }"#);
+    assert_eq!(p[0].0, "timestamp_window", "{p:?}");
+    assert!(
+        p[0].1
+            .contains("`earliest` (2030-01-01T00:00:00Z) is after `latest` (2020-01-01T00:00:00Z)"),
+        "{p:?}"
+    );
+    // An unknown key is refused as the configuration is read, by name.
+    let text = format!(
+        "{}timestamp_window = {{ start = \"2000-01-01\" }}\n",
+        one_field("timestamp", r#""/ts""#)
+    );
+    let e = toml::from_str::<Doc>(&text).err().expect("refused");
+    assert!(e.to_string().contains("unknown field `start`"), "{e}");
+}
+
+/// The hot path reads the clock only for a time it cannot judge by an earlier reading.
+#[test]
+fn the_clock_is_read_only_when_needed() {
+    let times = Times::new(TimeWindow::DEFAULT);
+    let seen = times.seen.load(Ordering::Relaxed);
+    let s = 1_000_000_000i128;
+    assert_eq!(times.check(1_702_963_200 * s), Ok(()));
+    assert_eq!(times.seen.load(Ordering::Relaxed), seen, "answered without the clock");
+    let ahead = i128::from(seen) + 2 * 86_400 * s;
+    let now = times.check(ahead).unwrap_err();
+    assert!(now >= i128::from(seen));
+    assert_eq!(
+        i128::from(times.seen.load(Ordering::Relaxed)),
+        now,
+        "the reading is kept"
+    );
+    assert!(times.check(20_422 * s).is_err());
 }

@@ -2,6 +2,7 @@
 //! `GET /_sandbox/stats`, and the optional append-only JSONL file.
 
 use super::SandboxError;
+use crate::event::time_window::{self, TimeWindow};
 use crate::event::{Event, TimestampUnit};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,12 @@ pub struct Stats {
     /// Accepted timestamps that look like the other unit (milliseconds where seconds are
     /// configured, or the reverse).
     pub suspicious_timestamps: SuspiciousTimestamps,
+    /// Accepted timestamps outside the plausible window: before 2000-01-01 or more than a day
+    /// after the sandbox's clock, in the configured unit (a date such as `20422`, days since
+    /// 1970, sent as a time). The API accepts any integer (contract decision 3), so they are
+    /// counted, not refused; the bridge refuses them (reason `time`), so for it this stays 0.
+    #[serde(default)]
+    pub implausible_timestamps: SuspiciousTimestamps,
     /// Extra acceptances of events without a `transaction_id`: an event identical to one accepted
     /// before (every field and custom property equal, in whatever order they were sent) counts one
     /// each time it is accepted again. The API does not deduplicate, so for the bridge this must
@@ -62,7 +69,8 @@ pub struct RepeatedKeylessEvent {
     pub event: serde_json::Value,
 }
 
-/// Accepted timestamps that look like the other unit (in [`Stats`]).
+/// Accepted timestamps of one kind (in [`Stats`]): that look like the other unit, or that lie
+/// outside the plausible window.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SuspiciousTimestamps {
     /// How many were accepted.
@@ -71,7 +79,21 @@ pub struct SuspiciousTimestamps {
     pub examples: Vec<SuspiciousTimestamp>,
 }
 
-/// One suspicious timestamp (an example in [`SuspiciousTimestamps`]).
+impl SuspiciousTimestamps {
+    /// Counts accepted event `index`, and keeps it as an example while there are few.
+    fn count(&mut self, index: u64, e: &Event) {
+        self.count += 1;
+        if self.examples.len() < SUSPICIOUS_EXAMPLES {
+            self.examples.push(SuspiciousTimestamp {
+                index,
+                event_name: e.event_name.to_string(),
+                timestamp: e.timestamp,
+            });
+        }
+    }
+}
+
+/// One suspicious or implausible timestamp (an example in [`SuspiciousTimestamps`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SuspiciousTimestamp {
     /// Where the event is in the accepted-event log.
@@ -188,6 +210,8 @@ impl Record {
     /// Appends the accepted events (already validated) to the log, the counters and the file.
     pub(crate) fn accept(&mut self, events: &[Event], batch: AcceptedBatch) {
         let chunk = self.chunks.len() as u32;
+        // One clock reading for the request.
+        let now = time_window::now_nanos();
         for ((e, &(start, end)), keyless) in events.iter().zip(&batch.spans).zip(&batch.keyless) {
             let index = self.slots.len() as u64;
             self.slots.push(Slot { chunk, start, end });
@@ -231,15 +255,10 @@ impl Record {
                 }
             }
             if self.unit.looks_like_other_unit(e.timestamp) {
-                let s = &mut self.stats.suspicious_timestamps;
-                s.count += 1;
-                if s.examples.len() < SUSPICIOUS_EXAMPLES {
-                    s.examples.push(SuspiciousTimestamp {
-                        index,
-                        event_name: e.event_name.to_string(),
-                        timestamp: e.timestamp,
-                    });
-                }
+                self.stats.suspicious_timestamps.count(index, e);
+            }
+            if !TimeWindow::DEFAULT.contains_in(e.timestamp, self.unit, now) {
+                self.stats.implausible_timestamps.count(index, e);
             }
         }
         self.stats.accepted_events += events.len() as u64;
