@@ -17,7 +17,7 @@ fn replay(data: &[u8]) -> Option<String> {
     checks::check_sandbox_body(data);
     match checks::map_input(data) {
         MapOutcome::Event(_) => None,
-        MapOutcome::Filtered { reason } => Some(format!("filtered: {reason}")),
+        MapOutcome::Filtered { reason, .. } => Some(format!("filtered: {reason}")),
         MapOutcome::Failed(e) => Some(e.reason),
     }
 }

@@ -91,6 +91,7 @@ fn every_option_is_documented() {
         "negate",
         "positive",
         "negative",
+        "filter",
     ];
     for v in values {
         if !doc.contains(&format!("\"{v}\"")) {
@@ -157,6 +158,7 @@ fn option_lists_match_the_config_types() {
         topic_pattern: Some("t".into()),
         keep_when: vec![cond.clone()],
         skip_when: vec![cond],
+        tombstones: Some(datapulse_bridge::mapping::Tombstones::Filter),
         client_user_id: spec.clone(),
         event_name: spec.clone(),
         timestamp: spec.clone(),

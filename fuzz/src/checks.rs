@@ -115,7 +115,7 @@ pub fn check_map_is_run(data: &[u8]) {
         let mut body = Vec::new();
         match run_path(data, &mut body) {
             MapOutcome::Event(_) => (format!("{}\n", String::from_utf8_lossy(&body)), String::new()),
-            MapOutcome::Filtered { reason } => (String::new(), format!("line 1: filtered: {reason}\n")),
+            MapOutcome::Filtered { reason, .. } => (String::new(), format!("line 1: filtered: {reason}\n")),
             MapOutcome::Failed(e) => {
                 let field = e.field.map(|f| format!(" on field `{f}`")).unwrap_or_default();
                 let line = format!(
@@ -177,7 +177,7 @@ pub fn check_map_is_run(data: &[u8]) {
 pub fn map_input(data: &[u8]) -> MapOutcome<'static> {
     let value = (!data.is_empty()).then_some(data);
     let key = data.get(..data.len().min(16));
-    let headers = [("trace", data.get(data.len() / 2..).unwrap_or_default())];
+    let headers = [("trace", data.get(data.len() / 2..))];
     let rec = SourceRecord {
         topic: TOPIC,
         partition: 0,

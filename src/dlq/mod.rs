@@ -267,14 +267,15 @@ impl<'a> Meta<'a> {
 }
 
 impl Record {
-    /// The record's own headers, with room for `extra` more.
+    /// The record's own headers, with room for `extra` more: byte for byte, and a header without
+    /// a value again without one (not with an empty value).
     fn original_headers(&self, extra: usize) -> OwnedHeaders {
         self.headers.iter().fold(
             OwnedHeaders::new_with_capacity(self.headers.len() + extra),
             |h, (k, v)| {
                 h.insert(Header {
                     key: k,
-                    value: Some(v.as_slice()),
+                    value: v.as_deref(),
                 })
             },
         )
@@ -404,5 +405,35 @@ mod tests {
         assert_eq!(header(&h, headers::REASON).as_deref(), Some("not_json"));
         why.field = None;
         assert_eq!(header(&meta(&why), headers::FIELD), None);
+    }
+
+    /// A dead letter carries the record's headers byte for byte, in order, repeats included: a
+    /// header without a value again without one, an empty one empty (issue 17; it was written
+    /// with an empty value, so the copy differed from the original).
+    #[test]
+    fn a_dead_letter_keeps_the_original_headers_byte_for_byte() {
+        let original: Vec<(String, Option<Vec<u8>>)> = vec![
+            ("x-client-ip".into(), None),
+            ("empty".into(), Some(Vec::new())),
+            ("bin".into(), Some(vec![0xff, 0x00, 0xfe])),
+            ("x-client-ip".into(), Some(b"198.51.100.7".to_vec())),
+        ];
+        let rec = Record {
+            id: RecordId {
+                topic: "t".into(),
+                partition: 0,
+                offset: 7,
+            },
+            timestamp_ms: None,
+            key: None,
+            value: None,
+            headers: original.clone(),
+        };
+        let h = rec.original_headers(0);
+        let copied: Vec<(String, Option<Vec<u8>>)> = h
+            .iter()
+            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(copied, original);
     }
 }

@@ -151,11 +151,11 @@ impl DeadLetter {
         let mut meta: HashMap<&str, String> = HashMap::new();
         let mut original = Vec::new();
         for h in m.headers().into_iter().flat_map(|h| h.iter()) {
-            let v = h.value.unwrap_or_default();
             if !h.key.starts_with("dp.") {
-                original.push((h.key.to_string(), v.to_vec()));
+                original.push((h.key.to_string(), h.value.map(<[u8]>::to_vec)));
                 continue;
             }
+            let v = h.value.unwrap_or_default();
             let name = match h.key {
                 headers::STAGE => "stage",
                 headers::REASON => "reason",

@@ -54,7 +54,8 @@ pub fn run_map(
         let Some(topic) = sample.topic.as_deref().or(default_topic.as_deref()) else {
             return Err(MapRunError::NoTopic { line: n });
         };
-        let headers: Vec<(&str, &[u8])> = sample.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            sample.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         let rec = SourceRecord {
             topic,
             partition: 0,
@@ -71,7 +72,7 @@ pub fn run_map(
                 buf.push(b'\n');
                 out.write_all(&buf).map_err(io)?;
             }
-            MapOutcome::Filtered { reason } => {
+            MapOutcome::Filtered { reason, .. } => {
                 summary.filtered += 1;
                 writeln!(err, "line {n}: filtered: {reason}").map_err(io)?;
             }
@@ -121,7 +122,8 @@ struct Sample {
     timestamp_ms: Option<i64>,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Vec<u8>)>,
+    /// `None`: a header without a value.
+    headers: Vec<(String, Option<Vec<u8>>)>,
     /// Why a line that looks like an envelope (an object with a `value` or `value_base64` key) is
     /// not one: `map` says so rather than silently mapping the line as the record value.
     not_envelope: Option<String>,
@@ -136,8 +138,8 @@ impl Sample {
     /// re-serialised: a repeated key or a long number reaches the mapping as it would from
     /// Kafka), a string as its text (for values that are not JSON), `null` for a tombstone;
     /// `value_base64` gives any bytes. `key` and each header are a string, `null` (no key; a
-    /// header with an empty value, as Kafka delivers one without a value), `{"base64": ".."}`, or
-    /// other JSON as its exact bytes.
+    /// header without a value, as Kafka allows: absent to the mapping, as in `run`),
+    /// `{"base64": ".."}`, or other JSON as its exact bytes.
     /// Any other line, JSON or not, is the record value itself, so bad values can be tried too.
     fn parse(line: &[u8]) -> Sample {
         Sample::envelope(line).unwrap_or_else(|| Sample {
@@ -302,8 +304,9 @@ fn base64(s: &mut Scanner<'_>) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).ok()
 }
 
-/// An envelope's `headers`: an object of header names (a name may repeat, as in Kafka).
-fn headers(s: &mut Scanner<'_>, text: &str) -> Option<Vec<(String, Vec<u8>)>> {
+/// An envelope's `headers`: an object of header names (a name may repeat, as in Kafka); `null`
+/// is a header without a value, as Kafka allows.
+fn headers(s: &mut Scanner<'_>, text: &str) -> Option<Vec<(String, Option<Vec<u8>>)>> {
     s.expect(b'{', "").ok()?;
     let mut out = Vec::new();
     if s.eat(b'}') {
@@ -311,7 +314,7 @@ fn headers(s: &mut Scanner<'_>, text: &str) -> Option<Vec<(String, Vec<u8>)>> {
     }
     loop {
         let name = s.key().ok()?.into_owned();
-        out.push((name, bytes(s, text)?.unwrap_or_default()));
+        out.push((name, bytes(s, text)?));
         if !s.next_member(b'}').ok()? {
             return Some(out);
         }
@@ -335,10 +338,10 @@ mod tests {
         assert_eq!(
             s.headers,
             [
-                ("h".to_string(), b"v".to_vec()),
-                ("none".to_string(), Vec::new()),
-                ("bin".to_string(), vec![0xff]),
-                ("h".to_string(), b"again".to_vec())
+                ("h".to_string(), Some(b"v".to_vec())),
+                ("none".to_string(), None),
+                ("bin".to_string(), Some(vec![0xff])),
+                ("h".to_string(), Some(b"again".to_vec()))
             ]
         );
         assert_eq!(
@@ -367,7 +370,7 @@ mod tests {
         // Other JSON as a key or header is its bytes, as a Debezium key is.
         let debezium = Sample::parse(br#"{"value":{},"key":{"id":101},"headers":{"n":1.50}}"#);
         assert_eq!(debezium.key.as_deref(), Some(&br#"{"id":101}"#[..]));
-        assert_eq!(debezium.headers, [("n".to_string(), b"1.50".to_vec())]);
+        assert_eq!(debezium.headers, [("n".to_string(), Some(b"1.50".to_vec()))]);
         // Not envelopes, so the line itself is the value: another key, a key twice, both value
         // forms, no value, headers that are not an object, trailing bytes.
         for line in [
@@ -465,7 +468,7 @@ mod tests {
             );
         }
         let s = Sample::parse(br#"{"value":{"u":"p"},"headers":{"n":1e400}}"#);
-        assert_eq!(s.headers, [("n".to_string(), b"1e400".to_vec())]);
+        assert_eq!(s.headers, [("n".to_string(), Some(b"1e400".to_vec()))]);
     }
 
     #[derive(serde::Deserialize)]
@@ -502,5 +505,74 @@ properties = { from = "/p" }
             String::from_utf8(out).unwrap(),
             "{\"client_user_id\":\"p-2\",\"event_name\":\"custom\",\"timestamp\":1702963200}\n"
         );
+    }
+
+    /// `map` gives a tombstone and a header without a value the verdicts `run` gives (issue 17):
+    /// the envelope's `"value":null` is filtered under `tombstones = "filter"`, its `null` header
+    /// is absent, and each line's verdict is `Mapper::map_for_delivery`'s on the same record.
+    #[test]
+    fn map_filters_tombstones_and_reads_headers_without_a_value_as_run_does() {
+        let doc: Doc = toml::from_str(
+            r#"[[mapping]]
+topics = ["t"]
+tombstones = "filter"
+client_user_id = "/u"
+event_name = { const = "bet" }
+timestamp = { const = 1702963200 }
+transaction_id = "key"
+amount = { const = 5 }
+currency = { const = "EUR" }
+ip_address = "header:x-client-ip"
+"#,
+        )
+        .unwrap();
+        let mapper = Mapper::compile(&doc.mapping, &ContractOptions::default()).unwrap();
+        let input = concat!(
+            r#"{"key":"b-1","value":{"u":"p-1"},"headers":{"x-client-ip":null}}"#,
+            "\n",
+            r#"{"key":"b-1","value":null,"headers":{"x-client-ip":"198.51.100.7"}}"#,
+            "\n",
+            r#"{"key":"b-2","value":{"u":"p-1"},"headers":{"x-client-ip":""}}"#,
+            "\n",
+        );
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let summary = run_map(&mapper, 1 << 20, Some("t".into()), input.as_bytes(), &mut out, &mut err).unwrap();
+        let (out, err) = (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap());
+        assert_eq!((summary.events, summary.filtered, summary.failed), (2, 1, 0), "{err}");
+        assert_eq!(
+            out,
+            concat!(
+                r#"{"client_user_id":"p-1","event_name":"bet","timestamp":1702963200,"transaction_id":"b-1","amount":5,"currency":"EUR"}"#,
+                "\n",
+                r#"{"client_user_id":"p-1","event_name":"bet","timestamp":1702963200,"transaction_id":"b-2","amount":5,"currency":"EUR"}"#,
+                "\n"
+            )
+        );
+        assert_eq!(
+            err,
+            "line 2: filtered: tombstone: the record has no value (tombstones = \"filter\")\n3 records: 2 events, 1 \
+             filtered, 0 failed\n"
+        );
+        // What `run` gives the same records: a header without a value (`None`), a tombstone.
+        let run = |value: Option<&[u8]>, ip: Option<&[u8]>| {
+            let headers = [("x-client-ip", ip)];
+            let rec = SourceRecord {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+                key: Some(b"b-1"),
+                value,
+                headers: &headers,
+            };
+            let mut body = Vec::new();
+            match mapper.map_for_delivery(&rec, 1 << 20, &mut body) {
+                MapOutcome::Event(_) => String::from_utf8(body).unwrap(),
+                MapOutcome::Filtered { code, .. } => code.to_string(),
+                MapOutcome::Failed(e) => e.reason,
+            }
+        };
+        assert_eq!(run(Some(br#"{"u":"p-1"}"#), None), out.lines().next().unwrap());
+        assert_eq!(run(None, Some(b"198.51.100.7")), "tombstone");
     }
 }

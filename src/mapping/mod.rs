@@ -19,7 +19,7 @@ mod value;
 pub use command::{run_map, MapRunError, Summary};
 pub use spec::{
     AsType, Case, Condition, FieldOptions, FieldSpec, MappingConfig, Otherwise, PropertiesSpec, Sign, TimeSource,
-    TimeWindowSpec, CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
+    TimeWindowSpec, Tombstones, CONDITION_OPTIONS, FIELD_OPTIONS, MAPPING_KEYS, NAMED_SOURCES, PROPERTIES_OPTIONS,
     TIME_WINDOW_OPTIONS,
 };
 
@@ -59,7 +59,9 @@ pub struct SourceRecord<'a> {
     pub key: Option<&'a [u8]>,
     /// `None` for a tombstone.
     pub value: Option<&'a [u8]>,
-    pub headers: &'a [(&'a str, &'a [u8])],
+    /// Name and value; `None` for a header without a value (Kafka allows one): absent, as an
+    /// empty value is.
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
 }
 
 /// Where a record failed.
@@ -109,6 +111,11 @@ pub enum MapOutcome<'a> {
     Event(Event<'a>),
     /// A rule said this record is not an event for the API.
     Filtered {
+        /// Which rule, a bounded name (the `reason` label of the filtered outcome's metric):
+        /// `keep_when`, `skip_when`, `otherwise` (a `table`'s `otherwise = "skip"`) or
+        /// `tombstone` (`tombstones = "filter"`).
+        code: &'static str,
+        /// A sentence: the rule and the value it saw.
         reason: String,
     },
     Failed(MapError),
@@ -119,7 +126,7 @@ impl MapOutcome<'_> {
     pub fn into_owned(self) -> MapOutcome<'static> {
         match self {
             MapOutcome::Event(e) => MapOutcome::Event(e.into_owned()),
-            MapOutcome::Filtered { reason } => MapOutcome::Filtered { reason },
+            MapOutcome::Filtered { code, reason } => MapOutcome::Filtered { code, reason },
             MapOutcome::Failed(e) => MapOutcome::Failed(e),
         }
     }
@@ -290,6 +297,8 @@ struct Cond {
     values: String,
     source: Source,
     one_of: ScalarKeys<()>,
+    /// Whether `in` lists "", which stands for an absent value (absent, null or "").
+    absent_holds: bool,
 }
 
 #[derive(Debug)]
@@ -308,6 +317,7 @@ struct Compiled {
     plan: Plan,
     keep_when: Vec<Cond>,
     skip_when: Vec<Cond>,
+    tombstones: Tombstones,
     /// `event_name` first: `sign_for` reads the mapped event name.
     fields: Vec<Field>,
     props: Vec<Props>,
@@ -366,7 +376,8 @@ fn now_i64() -> i64 {
 /// How a record stops short of an event. Boxed so that the `Result`s of the per-field hot path
 /// stay small (moving a large error type around cost more than the boxing).
 enum Stop {
-    Filtered(String),
+    /// The rule's name (`MapOutcome::Filtered`'s `code`) and the sentence.
+    Filtered(&'static str, String),
     Failed(Box<MapError>),
 }
 
@@ -443,7 +454,7 @@ impl Mapper {
         let mut event = Event::default();
         match self.map_inner(rec, &mut event) {
             Ok(()) => MapOutcome::Event(event),
-            Err(Stop::Filtered(reason)) => MapOutcome::Filtered { reason },
+            Err(Stop::Filtered(code, reason)) => MapOutcome::Filtered { code, reason },
             Err(Stop::Failed(e)) => MapOutcome::Failed(*e),
         }
     }
@@ -490,12 +501,21 @@ impl Mapper {
             ));
         };
         let Some(raw) = rec.value else {
-            return Err(fail(
-                Stage::Mapping,
-                None,
-                "tombstone",
-                "the record has no value (a tombstone)",
-            ));
+            // Before the conditions: they read the value, and a tombstone has none (see
+            // `Tombstones` for why an option rather than conditions over an absent value).
+            return Err(match m.tombstones {
+                Tombstones::DeadLetter => fail(
+                    Stage::Mapping,
+                    None,
+                    "tombstone",
+                    "the record has no value (a tombstone); `tombstones = \"filter\"` in its mapping filters \
+                     tombstones instead",
+                ),
+                Tombstones::Filter => Stop::Filtered(
+                    "tombstone",
+                    "tombstone: the record has no value (tombstones = \"filter\")".into(),
+                ),
+            });
         };
         let text = std::str::from_utf8(raw).map_err(|e| {
             fail(
@@ -544,16 +564,16 @@ impl Mapper {
         for c in &m.keep_when {
             let (holds, seen) = cx.holds(c)?;
             if !holds {
-                return Err(Stop::Filtered(format!(
-                    "keep_when: {} is {seen}, not one of {}",
-                    c.from, c.values
-                )));
+                return Err(Stop::Filtered(
+                    "keep_when",
+                    format!("keep_when: {} is {seen}, not one of {}", c.from, c.values),
+                ));
             }
         }
         for c in &m.skip_when {
             let (holds, seen) = cx.holds(c)?;
             if holds {
-                return Err(Stop::Filtered(format!("skip_when: {} is {seen}", c.from)));
+                return Err(Stop::Filtered("skip_when", format!("skip_when: {} is {seen}", c.from)));
             }
         }
         let mut cx = cx;
@@ -573,7 +593,7 @@ impl Mapper {
                 Stage::Validation,
                 Some("timestamp"),
                 "required",
-                "timestamp is required: its source is absent or null",
+                "timestamp is required: its value is absent, null or empty",
             ));
         }
         let violations = event.validate(&self.contract);
@@ -823,9 +843,10 @@ impl<'a> Cx<'_, 'a> {
                 Some(k) => utf8("record key", k)?,
                 None => Val::Null,
             },
+            // The last header of the name; one without a value is absent.
             Source::Header(name) => match self.rec.headers.iter().rev().find(|h| h.0 == name) {
-                Some(h) => utf8(&format!("header `{name}`"), h.1)?,
-                None => Val::Null,
+                Some((_, Some(v))) => utf8(&format!("header `{name}`"), v)?,
+                _ => Val::Null,
             },
             Source::Topic => Val::Str(Cow::Borrowed(self.rec.topic)),
             Source::Partition => Val::from(i64::from(self.rec.partition)),
@@ -850,8 +871,17 @@ impl<'a> Cx<'_, 'a> {
                 Some(&read).filter(|v| !v.is_null())
             }
         };
-        let holds = v.is_some_and(|v| c.one_of.contains(v));
-        Ok((holds, v.map_or("absent".to_string(), describe)))
+        // Absent, null and "" are one, as for a field: one of the values only when "" is.
+        let holds = match v {
+            Some(v) if !v.is_absent() => c.one_of.contains(v),
+            _ => c.absent_holds,
+        };
+        let seen = match v {
+            None => "absent".to_string(),
+            Some(v) if v.is_absent() => format!("{} (absent)", describe(v)),
+            Some(v) => describe(v),
+        };
+        Ok((holds, seen))
     }
 
     /// Runs a field's options and sets it in `event`; `Ok(false)` when the field is absent. (Setting
@@ -869,14 +899,23 @@ impl<'a> Cx<'_, 'a> {
         if let Some(e) = &f.expr {
             v = e.run(&v).map_err(|m| mapping_err("expr", m))?.unwrap_or(Val::Null);
         }
-        if v.is_null() {
+        if f.trim {
+            v = convert::trim(v);
+        }
+        // Absent, null and "" are one (issue 17): after the source, `expr` and `trim`, `default`
+        // stands in for them, else the field is left out and a rule that requires it refuses the
+        // event (`timestamp` in `map_value`, the others in `Event::validate`). `default` is
+        // trimmed like a value (it always was, after it stood in); one of white space only is
+        // no value either.
+        if v.is_absent() {
             match &f.default {
+                Some(d) if f.trim => v = convert::trim(d.reborrow()),
                 Some(d) => v = d.reborrow(),
                 None => return Ok(false),
             }
-        }
-        if f.trim {
-            v = convert::trim(v);
+            if v.is_absent() {
+                return Ok(false);
+            }
         }
         if let Some(c) = f.case {
             v = convert::case(v, c);
@@ -888,10 +927,10 @@ impl<'a> Cx<'_, 'a> {
                 (None, Miss::Keep) => v,
                 (None, Miss::Fallback(to)) => to.reborrow(),
                 (None, Miss::Skip) => {
-                    return Err(Stop::Filtered(format!(
-                        "`{name}`: {} is not in the table (otherwise = \"skip\")",
-                        describe(&v)
-                    )))
+                    return Err(Stop::Filtered(
+                        "otherwise",
+                        format!("`{name}`: {} is not in the table (otherwise = \"skip\")", describe(&v)),
+                    ))
                 }
                 (None, Miss::DeadLetter) => {
                     return Err(mapping_err(
@@ -900,6 +939,10 @@ impl<'a> Cx<'_, 'a> {
                     ))
                 }
             };
+            // A table value (or `fallback`) of "" turns a sentinel into no value.
+            if v.is_absent() {
+                return Ok(false);
+            }
         }
         if let Some(t) = f.as_type {
             v = convert::as_type(v, t).map_err(|m| mapping_err("type", m))?;
@@ -934,7 +977,7 @@ impl<'a> Cx<'_, 'a> {
             Source::Value { place, .. } => Plan::get(self.slots, place).cloned(),
             _ => None,
         };
-        let Some(obj) = obj.filter(|v| !v.is_null()) else {
+        let Some(obj) = obj.filter(|v| !v.is_absent()) else {
             return Ok(());
         };
         let Val::Obj(mut map) = obj else {
@@ -952,7 +995,9 @@ impl<'a> Cx<'_, 'a> {
                 return Ok(());
             }
             let text = match v {
+                // Absent, null and "" are one: a custom property is optional, so left out.
                 Val::Null => return Ok(()),
+                Val::Str(s) if s.is_empty() => return Ok(()),
                 Val::Str(s) => s,
                 other => Cow::Owned(other.to_string()),
             };
@@ -1141,6 +1186,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
                     from: format!("`{}`", c.from),
                     values: c.one_of.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
                     source: UNRESOLVED,
+                    absent_holds: one_of.contains(&Val::Str(Cow::Borrowed(""))),
                     one_of,
                 },
                 raw: Some(raw),
@@ -1301,6 +1347,7 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
         plan,
         keep_when,
         skip_when,
+        tombstones: cfg.tombstones.unwrap_or_default(),
         fields,
         props,
         times: Times::new(window),
@@ -1359,6 +1406,13 @@ fn compile_field(
             if let Err(e) = scalar(c, "a constant") {
                 err("const", e);
             }
+            if c.as_str() == Some("") {
+                err(
+                    "const",
+                    "\"\" is no value (absent, null and \"\" mean the same): set a value, or leave the field out"
+                        .into(),
+                );
+            }
             Some(RawSource::Other(Source::Const(Val::from_json(c.clone()))))
         }
         // An expression without `from` reads the whole record value.
@@ -1384,6 +1438,14 @@ fn compile_field(
                 err(opt, e);
             }
         }
+    }
+    if o.default.as_ref().and_then(Value::as_str) == Some("") {
+        err(
+            "default",
+            "\"\" is no default (absent, null and \"\" mean the same): remove `default`, and the field is \
+             left out when its value is absent"
+                .into(),
+        );
     }
     let table = match &o.table {
         Some(t) => {

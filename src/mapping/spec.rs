@@ -30,6 +30,9 @@ macro_rules! mapping_config {
             /// Records matching any condition are filtered.
             #[serde(default, skip_serializing_if = "Vec::is_empty")]
             pub skip_when: Vec<Condition>,
+            /// What a tombstone (a record without a value) becomes; dead-lettered when not set.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub tombstones: Option<Tombstones>,
             $(
                 #[doc = concat!("How the API field `", stringify!($name), "` is made.")]
                 #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -71,6 +74,7 @@ pub const MAPPING_KEYS: &[&str] = &[
     "topic_pattern",
     "keep_when",
     "skip_when",
+    "tombstones",
     "properties",
     "timestamp_window",
 ];
@@ -216,6 +220,25 @@ pub enum Otherwise {
     Skip,
     /// The value passes through unchanged.
     Keep,
+}
+
+/// What a tombstone (a record with a key and no value, as a compacted or CDC topic writes after a
+/// delete) becomes. An option rather than conditions evaluated over an absent value: a tombstone
+/// is not a record with fields missing but a different kind of record, and Kafka Connect users
+/// drop them by saying so (Debezium's `drop.tombstones`, the `Filter` transform with the
+/// `RecordIsTombstone` predicate, a sink's `behavior.on.null.values`). Conditions over an absent
+/// value would filter tombstones only as a side effect of a `keep_when` (without one, they would
+/// fail as `required`, not as tombstones), and a `skip_when` written for values would change
+/// meaning unnoticed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tombstones {
+    /// The record fails with `tombstone` and goes to the dead-letter topic (the default: a
+    /// topic that should have no tombstones says so).
+    #[default]
+    DeadLetter,
+    /// The record is filtered (reason `tombstone`): counted and committed, not sent.
+    Filter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

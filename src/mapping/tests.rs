@@ -30,7 +30,7 @@ fn map_value(m: &Mapper, value: &[u8]) -> MapOutcome<'static> {
         timestamp_ms: Some(1_702_963_200_123),
         key: Some(b"key-1"),
         value: Some(value),
-        headers: &[("client-ip", b"203.0.113.9"), ("bad", b"\xff\xfe")],
+        headers: &[("client-ip", Some(b"203.0.113.9")), ("bad", Some(b"\xff\xfe"))],
     })
     .into_owned()
 }
@@ -225,7 +225,7 @@ fn the_engineering_example_maps_a_full_event() {
 fn filtered_and_dead_lettered_records_say_why() {
     let m = mapper(WALLET);
     match map_value(&m, wallet(r#","test":true"#).as_bytes()) {
-        MapOutcome::Filtered { reason } => assert!(reason.contains("/test"), "{reason}"),
+        MapOutcome::Filtered { code, reason } => assert!(code == "skip_when" && reason.contains("/test"), "{reason}"),
         other => panic!("{other:?}"),
     }
     let bad = wallet("").replace("DEPOSIT_OK", "REFUND");
@@ -1445,4 +1445,380 @@ fn the_clock_is_read_only_when_needed() {
         "the reading is kept"
     );
     assert!(times.check(20_422 * s).is_err());
+}
+
+// Issue 17, kind 1: absent, null and "" mean the same for an optional field.
+
+/// Maps `value` with these headers (and key); the event made owned.
+fn map_with(m: &Mapper, value: &[u8], key: Option<&[u8]>, headers: &[(&str, Option<&[u8]>)]) -> MapOutcome<'static> {
+    m.map(&SourceRecord {
+        topic: "t",
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key,
+        value: Some(value),
+        headers,
+    })
+    .into_owned()
+}
+
+/// A bet with its money; `extra` adds fields to the mapping.
+fn bet_mapping(extra: &str) -> Mapper {
+    mapper(&format!(
+        r#"
+[[mapping]]
+topics = ["t"]
+client_user_id = "/user"
+event_name = {{ const = "bet" }}
+timestamp = "/ts"
+transaction_id = "/tx"
+amount = "/amount"
+currency = "/ccy"
+{extra}
+"#
+    ))
+}
+
+const A_BET: &str = r#"{"user":"u1","ts":1702963200,"tx":"b-1","amount":5,"ccy":"EUR"#;
+
+/// The issue's first example: Kafka allows a header with no value; `header:` reads it as absent,
+/// so the optional `ip_address` is left out (it was read as "" and dead-lettered the bet as
+/// "`` is not an IPv4 or IPv6 address"). An empty value is absent too; the last header of a name
+/// counts, also when it has no value.
+#[test]
+fn a_header_without_a_value_is_absent() {
+    let m = bet_mapping(r#"ip_address = "header:x-client-ip""#);
+    let value = format!("{A_BET}\"}}");
+    let with = |headers: &[(&str, Option<&[u8]>)]| map_with(&m, value.as_bytes(), None, headers);
+    let e = event_json(&with(&[("x-client-ip", None)]));
+    assert_eq!(
+        e,
+        json!({"client_user_id": "u1", "event_name": "bet", "timestamp": 1702963200, "transaction_id": "b-1",
+               "amount": 5, "currency": "EUR"})
+    );
+    assert_eq!(event_json(&with(&[("x-client-ip", Some(b""))])), e);
+    assert_eq!(event_json(&with(&[])), e);
+    assert_eq!(
+        event_json(&with(&[("x-client-ip", Some(b"198.51.100.7")), ("x-client-ip", None)])),
+        e,
+        "the last header of the name has no value"
+    );
+    let ip = event_json(&with(&[("x-client-ip", None), ("x-client-ip", Some(b"198.51.100.7"))]));
+    assert_eq!(ip["ip_address"], json!("198.51.100.7"));
+    // Where the contract requires the field, the rule that requires it refuses the event.
+    let register = mapper(
+        r#"
+[[mapping]]
+topics = ["t"]
+client_user_id = "/user"
+event_name = { const = "register" }
+timestamp = "/ts"
+click_id = "/click"
+ip_address = "header:x-client-ip"
+"#,
+    );
+    let out = map_with(
+        &register,
+        br#"{"user":"u1","ts":1702963200,"click":"c1"}"#,
+        None,
+        &[("x-client-ip", None)],
+    );
+    let e = failed(&out);
+    assert_eq!(
+        (e.stage, e.field.as_deref(), e.reason.as_str()),
+        (Stage::Validation, Some("ip_address"), "click_id_ip_address"),
+        "{e}"
+    );
+}
+
+/// The issue's second example, `"client_ip":""` mapped to the optional `ip_address`, and the
+/// rule on every field: after the source, `expr`, `default` and `trim`, null, missing and "" are
+/// absent; an optional field is then left out (null below) or takes its `default`.
+#[test]
+fn an_empty_optional_field_is_left_out_or_takes_its_default() {
+    let out = map_value(
+        &bet_mapping(r#"ip_address = "/client_ip""#),
+        format!("{A_BET}\",\"client_ip\":\"\"}}").as_bytes(),
+    );
+    assert_eq!(event_json(&out).get("ip_address"), None);
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, Value, Value)> = vec![
+        ("ip_address", r#""/ip""#, json!({"ip": ""}), Value::Null),
+        ("user_agent", r#""/ua""#, json!({"ua": ""}), Value::Null),
+        ("click_id", r#"{ from = "/c", as = "string" }"#, json!({"c": ""}), Value::Null),
+        // `default` stands in for "" as for null and a missing value
+        ("game_type", r#"{ from = "/g", default = "none" }"#, json!({"g": ""}), json!("none")),
+        ("game_type", r#"{ from = "/g", default = "none" }"#, json!({"g": null}), json!("none")),
+        ("game_type", r#"{ from = "/g", default = "none" }"#, json!({}), json!("none")),
+        // white space is a value, unless trimmed
+        ("game_type", r#""/g""#, json!({"g": " "}), json!(" ")),
+        ("game_type", r#"{ from = "/g", trim = true }"#, json!({"g": " \t"}), Value::Null),
+        ("game_type", r#"{ from = "/g", trim = true, default = " none " }"#, json!({"g": "  "}), json!("none")),
+        // an expression's "" is absent; a table value "" turns a sentinel into no value
+        ("game_type", r#"{ from = "/g", expr = "if . == \"-\" then \"\" else . end" }"#, json!({"g": "-"}), Value::Null),
+        ("game_type", r#"{ from = "/g", expr = ". + \"\"", default = "d" }"#, json!({"g": ""}), json!("d")),
+        ("game_type", r#"{ from = "/g", table = { "N/A" = "" }, otherwise = "keep" }"#, json!({"g": "N/A"}), Value::Null),
+        ("game_type", r#"{ from = "/g", table = { "N/A" = "" }, otherwise = "keep" }"#, json!({"g": "slot"}), json!("slot")),
+        ("game_type", r#"{ from = "/g", table = { A = "a" }, fallback = "" }"#, json!({"g": "B"}), Value::Null),
+        // other types: "" is no number, boolean or time, but absent
+        ("amount", r#"{ from = "/a", as = "number" }"#, json!({"a": ""}), Value::Null),
+        ("is_crypto", r#"{ from = "/c", as = "boolean" }"#, json!({"c": ""}), Value::Null),
+        ("is_crypto", r#"{ from = "/c", in = ["BTC"] }"#, json!({"c": ""}), Value::Null),
+        ("is_crypto", r#"{ from = "/c", default = false }"#, json!({"c": ""}), json!(false)),
+        ("bet_result", r#"{ from = "/r", table = { W = "win" } }"#, json!({"r": ""}), Value::Null),
+        ("parent_transaction_id", r#""/p""#, json!({"p": ""}), Value::Null),
+        ("timestamp", r#"{ from = "/ts", default = 1702963200 }"#, json!({"ts": ""}), json!(1702963200)),
+    ];
+    for (field, spec, value, want) in cases {
+        let m = mapper(&one_field(field, spec));
+        let out = map_value(&m, value.to_string().as_bytes());
+        let e = event_json(&out);
+        assert_eq!(
+            e.get(field).cloned().unwrap_or(Value::Null),
+            want,
+            "{field} = {spec} on {value}"
+        );
+    }
+    // The record key and a header: empty is absent too.
+    let m = mapper(&one_field("game_type", r#"{ from = "key", default = "no key" }"#));
+    assert_eq!(
+        event_json(&map_with(&m, b"{}", Some(b""), &[]))["game_type"],
+        json!("no key")
+    );
+    let m = mapper(&one_field("game_type", r#"{ from = "header:g", default = "none" }"#));
+    for h in [None, Some(&b""[..])] {
+        assert_eq!(
+            event_json(&map_with(&m, b"{}", None, &[("g", h)]))["game_type"],
+            json!("none")
+        );
+    }
+}
+
+/// A field the contract requires that is "" (or null, or missing) is refused by the rule that
+/// requires it, as when it is missing: never sent as "".
+#[test]
+fn an_empty_required_field_is_refused_by_the_rule_that_requires_it() {
+    let full = r#""user":"u1","ts":1702963200,"tx":"t-1","amount":"5","ccy":"EUR","click":"c1","ip":"::1","parent":"b-1","result":"win","net":"5""#;
+    let m = mapper(
+        r#"
+[[mapping]]
+topics = ["t"]
+client_user_id = "/user"
+event_name = "/name"
+timestamp = "/ts"
+transaction_id = "/tx"
+amount = { from = "/amount", as = "number" }
+currency = "/ccy"
+click_id = "/click"
+ip_address = "/ip"
+parent_transaction_id = "/parent"
+bet_result = "/result"
+bet_result_amount = { from = "/net", as = "number" }
+"#,
+    );
+    // (event name, the field made "", and the fields left out of the record)
+    let cases = [
+        ("deposit", "user", &[][..], "client_user_id", "required"),
+        ("", "", &[][..], "event_name", "required"),
+        ("deposit", "ts", &[][..], "timestamp", "required"),
+        ("deposit", "tx", &[][..], "transaction_id", "financial_fields"),
+        ("deposit", "amount", &[][..], "amount", "financial_fields"),
+        ("deposit", "ccy", &[][..], "currency", "financial_fields"),
+        ("deposit", "click", &[][..], "click_id", "click_id_ip_address"),
+        ("login", "ip", &[][..], "ip_address", "click_id_ip_address"),
+        ("bet", "result", &["parent"][..], "bet_result", "bet_result"),
+        ("bet", "net", &["parent"][..], "bet_result_amount", "bet_result"),
+        (
+            "win",
+            "parent",
+            &["result", "net"][..],
+            "parent_transaction_id",
+            "settlement",
+        ),
+    ];
+    for (name, empty, drop, field, rule) in cases {
+        let mut v: serde_json::Map<String, Value> = serde_json::from_str(&format!("{{{full}}}")).unwrap();
+        v.insert("name".into(), json!(name));
+        if !empty.is_empty() {
+            v.insert(empty.into(), json!(""));
+        }
+        for d in drop {
+            v.remove(*d);
+        }
+        let out = map_value(&m, Value::Object(v).to_string().as_bytes());
+        let e = failed(&out);
+        assert_eq!(
+            (e.stage, e.field.as_deref(), e.reason.as_str()),
+            (Stage::Validation, Some(field), rule),
+            "{name} with `{empty}` empty: {e}"
+        );
+    }
+}
+
+/// A custom property is optional: "" is left out, as null is.
+#[test]
+fn empty_custom_properties_are_left_out() {
+    let m = mapper(&format!(
+        "{}properties = {{ from = \"/meta\" }}\n",
+        one_field("game_type", "\"/g\"")
+    ));
+    let e = event_json(&map_value(
+        &m,
+        br#"{"meta":{"a":"","b":null,"c":"x","d":" ","e":[""]}}"#,
+    ));
+    assert_eq!(
+        e,
+        json!({"client_user_id": "u1", "event_name": "custom", "timestamp": 1702963200, "c": "x", "d": " ",
+               "e": "[\"\"]"})
+    );
+    // A `properties` source that is "" is absent, as a missing one is.
+    assert!(matches!(map_value(&m, br#"{"meta":""}"#), MapOutcome::Event(_)));
+}
+
+/// `keep_when` and `skip_when` see what a field sees: null, missing and "" are absent, which is
+/// one of the values only when "" is listed.
+#[test]
+fn conditions_see_empty_as_absent() {
+    let m = mapper(
+        r#"
+[[mapping]]
+topics = ["t"]
+keep_when = [{ from = "/op", in = ["c"] }]
+skip_when = [{ from = "/tag", in = [""] }, { from = "header:source", in = ["replay", ""] }]
+client_user_id = "/user"
+event_name = { const = "custom" }
+timestamp = { const = 1702963200 }
+"#,
+    );
+    let outcome = |v: &str, headers: &[(&str, Option<&[u8]>)]| match map_with(&m, v.as_bytes(), None, headers) {
+        MapOutcome::Event(_) => "event".to_string(),
+        MapOutcome::Filtered { code, reason } => format!("{code}: {reason}"),
+        MapOutcome::Failed(e) => panic!("{e}"),
+    };
+    let src: &[(&str, Option<&[u8]>)] = &[("source", Some(b"live"))];
+    assert_eq!(outcome(r#"{"op":"c","user":"u","tag":"t"}"#, src), "event");
+    assert_eq!(
+        outcome(r#"{"op":"","user":"u","tag":"t"}"#, src),
+        r#"keep_when: keep_when: `/op` is the string "" (absent), not one of "c""#
+    );
+    assert_eq!(
+        outcome(r#"{"op":null,"user":"u","tag":"t"}"#, src),
+        r#"keep_when: keep_when: `/op` is null (absent), not one of "c""#
+    );
+    for tag in [r#","tag":"""#, r#","tag":null"#, ""] {
+        assert_eq!(
+            outcome(&format!(r#"{{"op":"c","user":"u"{tag}}}"#), src)
+                .split(':')
+                .next(),
+            Some("skip_when"),
+            "{tag}"
+        );
+    }
+    for h in [None, Some(&b""[..]), Some(&b"replay"[..])] {
+        assert!(
+            outcome(r#"{"op":"c","user":"u","tag":"t"}"#, &[("source", h)])
+                .starts_with("skip_when: skip_when: `header:source`"),
+            "{h:?}"
+        );
+    }
+    assert!(
+        outcome(r#"{"op":"c","user":"u","tag":"t"}"#, &[]).starts_with("skip_when"),
+        "no header"
+    );
+}
+
+/// A constant or a default of "" could only mean no value: refused at start-up, naming it.
+#[test]
+fn an_empty_const_or_default_is_refused_at_start_up() {
+    for (spec, option) in [
+        (r#"{ const = "" }"#, "const"),
+        (r#"{ from = "/g", default = "" }"#, "default"),
+    ] {
+        let problems = compile(&one_field("game_type", spec)).unwrap_err();
+        let p = &problems.problems()[0];
+        assert_eq!((&p.at, p.option), (&At::Field("game_type"), Some(option)), "{p}");
+        assert!(p.message.contains("absent, null and \"\" mean the same"), "{p}");
+    }
+}
+
+// Issue 17, kind 3: tombstones can be filtered.
+
+/// A tombstone (a key, no value) is dead-lettered by default; `tombstones = "filter"` filters it
+/// with the reason `tombstone`, before `keep_when` and `skip_when` (which read the value it does
+/// not have); the rules then filter with their own names.
+#[test]
+fn tombstones_are_dead_lettered_unless_the_mapping_filters_them() {
+    let cdc = |tombstones: &str| {
+        mapper(&format!(
+            r#"
+[[mapping]]
+topics = ["t"]
+{tombstones}
+keep_when = [{{ from = "/op", in = ["c"] }}]
+skip_when = [{{ from = "key", in = ["k-test"] }}]
+client_user_id = "/after/user"
+event_name = {{ from = "/after/kind", table = {{ signup = "register" }}, otherwise = "skip" }}
+timestamp = {{ const = 1702963200 }}
+"#
+        ))
+    };
+    let tombstone = |m: &Mapper| {
+        m.map(&SourceRecord {
+            topic: "t",
+            partition: 0,
+            offset: 7,
+            timestamp_ms: None,
+            key: Some(br#"{"id":101}"#),
+            value: None,
+            headers: &[("trace", None)],
+        })
+        .into_owned()
+    };
+    for config in ["", r#"tombstones = "dead-letter""#] {
+        let out = tombstone(&cdc(config));
+        let e = failed(&out);
+        assert_eq!(
+            (e.stage, e.reason.as_str(), e.field.as_deref()),
+            (Stage::Mapping, "tombstone", None)
+        );
+        assert!(
+            e.message.contains(r#"`tombstones = "filter"`"#),
+            "the message says how to filter: {e}"
+        );
+    }
+    let m = cdc(r#"tombstones = "filter""#);
+    match tombstone(&m) {
+        MapOutcome::Filtered { code, reason } => {
+            assert_eq!(code, "tombstone");
+            assert_eq!(reason, r#"tombstone: the record has no value (tombstones = "filter")"#);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Records with a value go on through the rules, each filtering under its own name.
+    let code = |key: &[u8], v: &str| match map_with(&m, v.as_bytes(), Some(key), &[]) {
+        MapOutcome::Filtered { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code(b"k", r#"{"op":"d","after":null}"#), "keep_when");
+    assert_eq!(code(b"k-test", r#"{"op":"c","after":{"user":"u"}}"#), "skip_when");
+    assert_eq!(code(b"k", r#"{"op":"c","after":{"user":"u","kind":"x"}}"#), "otherwise");
+    // An empty value is a value (not JSON), not a tombstone; a topic without a mapping has none.
+    assert_eq!(failed(&map_with(&m, b"", None, &[])).reason, "not_json");
+    let elsewhere = m.map(&SourceRecord {
+        topic: "other",
+        partition: 0,
+        offset: 0,
+        timestamp_ms: None,
+        key: None,
+        value: None,
+        headers: &[],
+    });
+    assert_eq!(failed(&elsewhere).reason, "no_mapping");
+    // Any other word is refused at start-up, naming the choices.
+    let err = toml::from_str::<Doc>("[[mapping]]\ntopics = [\"t\"]\ntombstones = \"drop\"\n")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dead-letter") && err.contains("filter"), "{err}");
 }

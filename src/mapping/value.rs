@@ -33,6 +33,16 @@ impl<'a> Val<'a> {
         matches!(self, Val::Null)
     }
 
+    /// Whether a field or a condition takes this value as no value: null or the empty string
+    /// (absent, null and empty mean the same; `docs/mapping.md`, "How values are read").
+    pub fn is_absent(&self) -> bool {
+        match self {
+            Val::Null => true,
+            Val::Str(s) => s.is_empty(),
+            _ => false,
+        }
+    }
+
     /// The member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Val<'a>> {
         match self {

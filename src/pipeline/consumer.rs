@@ -277,7 +277,7 @@ impl Reader {
             epoch,
         };
         let rec = &held.record;
-        let headers: Vec<(&str, &[u8])> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let headers: Vec<(&str, Option<&[u8]>)> = rec.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         let src = SourceRecord {
             topic: &rec.id.topic,
             partition: rec.id.partition,
@@ -304,10 +304,10 @@ impl Reader {
                 });
                 return;
             }
-            MapOutcome::Filtered { reason } => {
+            MapOutcome::Filtered { code, reason } => {
                 tracing::debug!(record = %rec.id, %reason, "record filtered");
                 drop(headers);
-                self.outcomes.finish(&held, Outcome::Filtered);
+                self.outcomes.finish(&held, Outcome::Filtered(code));
                 return;
             }
             MapOutcome::Failed(err) => {

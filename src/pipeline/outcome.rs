@@ -22,12 +22,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// The outcome a record finished with; the `&'static str` is its metric label (a duplicate's
-/// reason, a dead letter's stage).
+/// reason, what filtered a record (`MapOutcome::Filtered`'s `code`), a dead letter's stage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
     Duplicate(&'static str),
-    Filtered,
+    Filtered(&'static str),
     DeadLettered(&'static str),
 }
 
@@ -37,7 +37,7 @@ impl Outcome {
         match self {
             Outcome::Delivered => ["delivered", ""],
             Outcome::Duplicate(r) => ["duplicate", r],
-            Outcome::Filtered => ["filtered", ""],
+            Outcome::Filtered(r) => ["filtered", r],
             Outcome::DeadLettered(stage) => ["dead_lettered", stage],
         }
     }

@@ -55,8 +55,10 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    /// The record's headers in order; a header without a value has an empty one.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's headers in order, each value as the broker gave it: `None` for a header
+    /// without a value (Kafka allows one, and it differs from an empty value: a dead letter
+    /// writes it again without a value).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Record {
@@ -67,7 +69,7 @@ impl Record {
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
                     .collect()
             })
             .unwrap_or_default();
