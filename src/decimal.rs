@@ -275,6 +275,51 @@ impl<'a> Decimal<'a> {
         ))))
     }
 
+    /// ⌊value × 10^`pow10`⌋, exactly (rounded toward −∞, as a time is: `-1.5` s is the instant
+    /// before `-1` s), or `None` when its size is beyond 10^30. For reading times: `1702963200.001`
+    /// seconds is `1702963200001000000` nanoseconds, where a binary64 gives `…000999999`, and
+    /// `946684799999999999` nanoseconds stays one before 2000-01-01 (issue 17).
+    pub fn floor_scaled(&self, pow10: u32) -> Option<i128> {
+        const LIMIT_DIGITS: usize = 31;
+        let p = self.parts();
+        let exp: i64 = if p.exp.is_empty() { 0 } else { p.exp.parse().ok()? };
+        let all: String = p.int.chars().chain(p.frac.chars()).collect();
+        let digits = all.trim_start_matches('0');
+        if digits.is_empty() {
+            return Some(0);
+        }
+        // value × 10^pow10 = digits × 10^scale
+        let scale = exp
+            .checked_add(i64::from(pow10))?
+            .checked_sub(i64::try_from(p.frac.len()).ok()?)?;
+        let (whole, rest_nonzero) = if scale >= 0 {
+            let zeros = usize::try_from(scale)
+                .ok()
+                .filter(|z| digits.len() + z <= LIMIT_DIGITS)?;
+            (format!("{digits}{}", "0".repeat(zeros)), false)
+        } else {
+            let cut = usize::try_from(scale.unsigned_abs()).unwrap_or(usize::MAX);
+            if cut >= digits.len() {
+                ("0".to_string(), true)
+            } else {
+                let (keep, drop) = digits.split_at(digits.len() - cut);
+                (keep.to_string(), drop.bytes().any(|b| b != b'0'))
+            }
+        };
+        if whole.len() > LIMIT_DIGITS {
+            return None;
+        }
+        let magnitude: i128 = whole.parse().ok()?;
+        if magnitude > 10i128.pow(30) {
+            return None;
+        }
+        Some(match (p.negative, rest_nonzero) {
+            (false, _) => magnitude,
+            (true, false) => -magnitude,
+            (true, true) => -magnitude - 1,
+        })
+    }
+
     /// Whether the number is not zero but a binary64 reads it as zero (`1e-400`). Only an exponent
     /// or more than 320 characters can spell one, so the usual amount needs no float parse.
     pub fn underflows(&self) -> bool {
@@ -348,6 +393,27 @@ impl fmt::Display for Decimal<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floor_scaled_is_exact_and_rounds_down() {
+        let f = |t: &str, p: u32| Decimal::parse(t).unwrap().floor_scaled(p);
+        assert_eq!(f("1702963200.001", 9), Some(1_702_963_200_001_000_000));
+        assert_eq!(f("946684799.9999999999", 9), Some(946_684_799_999_999_999));
+        assert_eq!(f("946684799999999999", 0), Some(946_684_799_999_999_999));
+        assert_eq!(f("1.702963200009e9", 3), Some(1_702_963_200_009));
+        assert_eq!(f("-1.5", 0), Some(-2));
+        assert_eq!(f("-1.0", 0), Some(-1));
+        assert_eq!(f("-0.000", 9), Some(0));
+        assert_eq!(f("-1e-30", 0), Some(-1));
+        assert_eq!(f("1e-99999999999999", 9), Some(0));
+        assert_eq!(f("0.5E1", 0), Some(5));
+        assert_eq!(f("1e30", 0), Some(10i128.pow(30)));
+        assert_eq!(f("1e31", 0), None);
+        assert_eq!(f("1e20", 9), Some(10i128.pow(29)));
+        assert_eq!(f("1e22", 9), None);
+        assert_eq!(f("1e300", 0), None);
+        assert_eq!(f("-1e-99999999999999999999", 9), None);
+    }
 
     #[test]
     fn lenient_reading_never_moves_a_sign() {

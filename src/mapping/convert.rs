@@ -243,10 +243,10 @@ impl TimeReader {
             TimeReader::Unit(TimeSource::Auto) => {
                 let how = match v {
                     Val::Str(s) if !looks_numeric(s) => "as RFC 3339".to_string(),
-                    _ => match number(v).map(f64::abs) {
-                        Ok(a) if a < 1e11 => "by its size as seconds".to_string(),
-                        Ok(a) if a < 1e14 => "by its size as milliseconds".to_string(),
-                        Ok(a) if a < 1e17 => "by its size as microseconds".to_string(),
+                    _ => match number(v).map(|d| auto_pow10(&d)) {
+                        Ok(Some(9)) => "by its size as seconds".to_string(),
+                        Ok(Some(6)) => "by its size as milliseconds".to_string(),
+                        Ok(Some(3)) => "by its size as microseconds".to_string(),
                         _ => "by its size as nanoseconds".to_string(),
                     },
                 };
@@ -286,27 +286,18 @@ impl TimeReader {
                 Val::Str(s) if !looks_numeric(s) => parse_rfc3339(v),
                 _ => {
                     let n = number(v)?;
-                    let unit = match n.abs() {
-                        a if a < 1e11 => 1e9,
-                        a if a < 1e14 => 1e6,
-                        a if a < 1e17 => 1e3,
-                        _ => 1.0,
-                    };
-                    scale(n, unit, v)
+                    let pow10 = auto_pow10(&n).ok_or_else(|| out_of_range(v))?;
+                    scale(&n, pow10, v)
                 }
             },
             TimeReader::Unit(u) => {
-                let per = match u {
-                    TimeSource::Seconds => 1e9,
-                    TimeSource::Milliseconds => 1e6,
-                    TimeSource::Microseconds => 1e3,
-                    _ => 1.0,
+                let pow10 = match u {
+                    TimeSource::Seconds => 9,
+                    TimeSource::Milliseconds => 6,
+                    TimeSource::Microseconds => 3,
+                    _ => 0,
                 };
-                // Integers keep full precision; only fractional inputs go through f64.
-                if let Some(i) = integer(v) {
-                    return Ok(i128::from(i) * per as i128);
-                }
-                scale(number(v)?, per, v)
+                scale(&number(v)?, pow10, v)
             }
         }
     }
@@ -326,30 +317,39 @@ fn looks_numeric(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-fn integer(v: &Val) -> Option<i64> {
+/// The time's number, exactly (a numeric string as `Decimal::parse_lenient` reads it: `" 5 "`,
+/// `".5"`). Times are read in exact decimal arithmetic, never through a binary64, which would
+/// move `1702963200.001` s a nanosecond and `946684799999999999` ns across 2000-01-01 (issue 17).
+fn number<'v>(v: &'v Val) -> Result<Decimal<'v>, String> {
     match v {
-        Val::Num(n) => n.as_i64(),
-        Val::Str(s) => s.trim().parse().ok(),
+        Val::Num(n) => Some(n.reborrow()),
+        Val::Str(s) if looks_numeric(s) => Decimal::parse_lenient(s),
         _ => None,
     }
+    .ok_or_else(|| format!("{} is not a Unix time", describe(v)))
 }
 
-fn number(v: &Val) -> Result<f64, String> {
-    let f = match v {
-        Val::Num(n) => Some(n.to_f64()),
-        Val::Str(s) if looks_numeric(s) => s.trim().parse().ok(),
-        _ => None,
-    };
-    f.filter(|f| f.is_finite())
-        .ok_or_else(|| format!("{} is not a Unix time", describe(v)))
+/// The unit `time = "auto"` reads a number in, by its size, as the power of ten that makes it
+/// nanoseconds: below 10^11 seconds (9), below 10^14 milliseconds (6), below 10^17 microseconds
+/// (3), else nanoseconds (0). Judged on the exact whole part; `None` beyond 10^30.
+fn auto_pow10(n: &Decimal<'_>) -> Option<u32> {
+    let whole = n.floor_scaled(0)?.abs();
+    Some(match whole {
+        w if w < 100_000_000_000 => 9,
+        w if w < 100_000_000_000_000 => 6,
+        w if w < 100_000_000_000_000_000 => 3,
+        _ => 0,
+    })
 }
 
-fn scale(n: f64, per: f64, v: &Val) -> Result<i128, String> {
-    let x = (n * per).floor();
-    if x.abs() > 9.0e27 {
-        return Err(format!("{} is out of range as a time", describe(v)));
-    }
-    Ok(x as i128)
+/// `n` × 10^`pow10` as Unix nanoseconds, rounded down; `v` names the value when it does not fit.
+fn scale(n: &Decimal<'_>, pow10: u32, v: &Val) -> Result<i128, String> {
+    n.floor_scaled(pow10).ok_or_else(|| out_of_range(v))
+}
+
+#[cold]
+fn out_of_range(v: &Val) -> String {
+    format!("{} is out of range as a time", describe(v))
 }
 
 fn parse_rfc3339(v: &Val) -> Result<i128, String> {

@@ -1822,3 +1822,51 @@ timestamp = {{ const = 1702963200 }}
         .to_string();
     assert!(err.contains("dead-letter") && err.contains("filter"), "{err}");
 }
+
+/// Times are read in exact decimal arithmetic (issue 17, found by a new user's trial): through a
+/// binary64 the default reader let `946684799999999999` ns (a nanosecond before 2000-01-01) pass
+/// the window as 2000-01-01, lost a millisecond of `1764460800001` ms, and wrote
+/// `1702963200.001` s as `…000` ms. The same instant is judged the same by every reader.
+#[test]
+fn times_are_read_exactly_whatever_the_reader() {
+    let ms = ContractOptions {
+        timestamp_unit: TimestampUnit::Milliseconds,
+        ..Default::default()
+    };
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, Result<i64, &str>)> = vec![
+        (r#""/ts""#, r#"{"ts":946684799999999999}"#, Err("time")),
+        (r#""/ts""#, r#"{"ts":"946684799999999999"}"#, Err("time")),
+        (r#""/ts""#, r#"{"ts":946684799.9999999999}"#, Err("time")),
+        (r#""/ts""#, r#"{"ts":946684799999}"#, Err("time")),
+        (r#""/ts""#, r#"{"ts":946684800000000000}"#, Ok(946684800000)),
+        (r#"{ from = "/ts", time = "nanoseconds" }"#, r#"{"ts":946684799999999999}"#, Err("time")),
+        (r#""/ts""#, r#"{"ts":1764460800001}"#, Ok(1764460800001)),
+        (r#""/ts""#, r#"{"ts":1702963200.123}"#, Ok(1702963200123)),
+        (r#""/ts""#, r#"{"ts":"1702963200.001"}"#, Ok(1702963200001)),
+        (r#"{ from = "/ts", time = "seconds" }"#, r#"{"ts":1702963200.001}"#, Ok(1702963200001)),
+        (r#"{ from = "/ts", time = "seconds" }"#, r#"{"ts":"1702963200.009"}"#, Ok(1702963200009)),
+        (r#"{ from = "/ts", time = "seconds" }"#, r#"{"ts":1.702963200009e9}"#, Ok(1702963200009)),
+        (r#"{ from = "/ts", time = "microseconds" }"#, r#"{"ts":1702963200001999.9}"#, Ok(1702963200001)),
+        // By its size: 99999999999.5 is seconds' last size below 10^11 as written, not 10^11 ms.
+        (r#""/ts""#, r#"{"ts":1702963200999.9999}"#, Ok(1702963200999)),
+        (r#""/ts""#, r#"{"ts":1e40}"#, Err("time")),
+    ];
+    for (spec, value, want) in cases {
+        let m = Mapper::compile(&configs(&one_field("timestamp", spec)), &ms).unwrap();
+        let out = map_value(&m, value.as_bytes());
+        let label = format!("timestamp = {spec} on {value}");
+        match want {
+            Ok(t) => assert_eq!(event_json(&out)["timestamp"], json!(t), "{label}"),
+            Err(reason) => {
+                let e = failed(&out);
+                assert_eq!(e.reason, reason, "{label}: {e}");
+            }
+        }
+    }
+    // The refusal prints the exact instant read, not a binary64's neighbour.
+    let m = Mapper::compile(&configs(&one_field("timestamp", r#""/ts""#)), &ms).unwrap();
+    let out = map_value(&m, br#"{"ts":946684799999}"#);
+    let e = failed(&out);
+    assert!(e.message.contains("1999-12-31T23:59:59.999Z"), "{e}");
+}
