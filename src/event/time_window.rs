@@ -12,6 +12,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 const NANOS_PER_SECOND: i128 = 1_000_000_000;
+/// The longest `now ± DURATION` a window end may take: 8000 years (a day of 86,400 s).
+const MAX_OFFSET_SECONDS: u64 = 8000 * 36_525 * 864;
 
 /// One end of the window: a fixed instant, or an offset from the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +49,13 @@ impl Bound {
                     d.trim()
                 )
             })?;
+            // Beyond the years 0000 to 9999 no time can be written (RFC 3339), nor refused.
+            if d.as_secs() > MAX_OFFSET_SECONDS {
+                return Err(format!(
+                    "`{text}`: {} is further from now than 8000 years; write a date",
+                    d.as_secs() / 86_400
+                ) + " days");
+            }
             return Ok(Bound::FromNow(sign * d.as_nanos() as i128));
         }
         if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
@@ -77,8 +86,9 @@ impl fmt::Display for Bound {
             Bound::At(t) => f.write_str(&instant(t)),
             Bound::FromNow(0) => f.write_str("now"),
             Bound::FromNow(d) => {
-                let span =
-                    humantime::format_duration(Duration::from_nanos(d.unsigned_abs().min(u64::MAX as u128) as u64));
+                let n = d.unsigned_abs();
+                let seconds = u64::try_from(n / NANOS_PER_SECOND as u128).unwrap_or(u64::MAX);
+                let span = humantime::format_duration(Duration::new(seconds, (n % NANOS_PER_SECOND as u128) as u32));
                 write!(f, "now {} {span}", if d < 0 { '-' } else { '+' })
             }
         }
@@ -119,14 +129,27 @@ impl TimeWindow {
     pub const DEFAULT_EARLIEST: &'static str = "2000-01-01";
     pub const DEFAULT_LATEST: &'static str = "now + 1d";
 
-    /// A window of two ends, refused when it is empty whatever the clock says.
-    pub fn new(earliest: Bound, latest: Bound) -> Result<TimeWindow, String> {
+    /// A window of two ends, refused when it is empty whatever the clock says, or (one end a date,
+    /// the other from the clock) when it is empty as the clock reads `now` at start-up: a mapping
+    /// that could only refuse every time is a configuration error.
+    pub fn new(earliest: Bound, latest: Bound, now: i128) -> Result<TimeWindow, String> {
         let empty = match (earliest, latest) {
             (Bound::At(a), Bound::At(b)) | (Bound::FromNow(a), Bound::FromNow(b)) => a > b,
-            _ => false,
+            _ => earliest.at(now) > latest.at(now),
         };
         if empty {
-            return Err(format!("`earliest` ({earliest}) is after `latest` ({latest})"));
+            let mixed = matches!(
+                (earliest, latest),
+                (Bound::At(_), Bound::FromNow(_)) | (Bound::FromNow(_), Bound::At(_))
+            );
+            return Err(format!(
+                "`earliest` ({earliest}) is after `latest` ({latest}){}",
+                if mixed {
+                    format!(" as the clock reads now ({})", instant(now))
+                } else {
+                    String::new()
+                }
+            ));
         }
         Ok(TimeWindow { earliest, latest })
     }
@@ -239,7 +262,7 @@ mod tests {
             "the clock may have moved on"
         );
         assert!(!w.surely_contains(20_422 * S, seen));
-        let recent = TimeWindow::new(Bound::FromNow(-3600 * S), Bound::FromNow(0)).unwrap();
+        let recent = TimeWindow::new(Bound::FromNow(-3600 * S), Bound::FromNow(0), 0).unwrap();
         assert!(
             !recent.surely_contains(seen, seen),
             "a relative earliest needs the clock"
@@ -249,12 +272,30 @@ mod tests {
 
     #[test]
     fn an_empty_window_is_refused() {
-        assert!(TimeWindow::new(Bound::At(2 * S), Bound::At(S)).is_err());
-        assert!(TimeWindow::new(Bound::FromNow(S), Bound::FromNow(0)).is_err());
-        assert!(TimeWindow::new(Bound::At(S), Bound::At(S)).is_ok());
-        assert!(
-            TimeWindow::new(Bound::At(i128::MAX), Bound::FromNow(0)).is_ok(),
-            "empty only for now"
-        );
+        let now = 1_764_547_200 * S; // 2025-12-01
+        assert!(TimeWindow::new(Bound::At(2 * S), Bound::At(S), now).is_err());
+        assert!(TimeWindow::new(Bound::FromNow(S), Bound::FromNow(0), now).is_err());
+        assert!(TimeWindow::new(Bound::At(S), Bound::At(S), now).is_ok());
+        // A date against the clock (found by a new user's trial: `earliest = "2030-01-01",
+        // latest = "now"` passed `check` and refused every record): judged as the clock reads.
+        let e = TimeWindow::new(Bound::parse("2030-01-01").unwrap(), Bound::FromNow(0), now).unwrap_err();
+        assert!(e.contains("as the clock reads now (2025-12-01T00:00:00Z)"), "{e}");
+        assert!(TimeWindow::new(Bound::At(i128::MAX), Bound::FromNow(0), now).is_err());
+        assert!(TimeWindow::new(Bound::FromNow(0), Bound::parse("2020-01-01").unwrap(), now).is_err());
+        assert!(TimeWindow::new(Bound::parse("2020-01-01").unwrap(), Bound::FromNow(0), now).is_ok());
+        assert!(TimeWindow::new(Bound::FromNow(-S), Bound::parse("2030-01-01").unwrap(), now).is_ok());
+    }
+
+    /// An end further from the clock than any writable time is refused, not clamped (found: `now -
+    /// 99999999999d` passed and printed as `now - 584years …`); a long one prints as written.
+    #[test]
+    fn an_end_beyond_any_year_is_refused() {
+        for text in ["now - 99999999999d", "now + 8001years", "now - 3000000days"] {
+            let e = Bound::parse(text).unwrap_err();
+            assert!(e.contains("further from now than 8000 years"), "{text}: {e}");
+        }
+        let b = Bound::parse("now - 1000years").unwrap();
+        assert_eq!(b.to_string(), "now - 1000years");
+        assert_eq!(Bound::parse("now - 600years").unwrap().to_string(), "now - 600years");
     }
 }

@@ -1211,6 +1211,9 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
             fields.push(f);
         }
     }
+    if let Some(spec) = &cfg.timestamp {
+        const_time_in_window(&spec.options(), &window, errs);
+    }
 
     let mut props = Vec::new();
     for (i, p) in cfg.properties.iter().enumerate() {
@@ -1375,10 +1378,73 @@ fn time_window_of(spec: Option<&TimeWindowSpec>, errs: &mut Vec<Found>) -> TimeW
     let (Some(earliest), Some(latest)) = (earliest, latest) else {
         return TimeWindow::DEFAULT;
     };
-    TimeWindow::new(earliest, latest).unwrap_or_else(|e| {
+    TimeWindow::new(earliest, latest, time_window::now_nanos()).unwrap_or_else(|e| {
         errs.push(Found::new(At::Mapping, Some("timestamp_window"), e));
         TimeWindow::DEFAULT
     })
+}
+
+/// A `timestamp` that is a constant (no `expr` or `table` to change it) outside the window would
+/// refuse every record: refused at start-up, naming the constant, its reader and the window
+/// (found by a new user's trial: `const = 20422` passed `check`).
+fn const_time_in_window(o: &FieldOptions, window: &TimeWindow, errs: &mut Vec<Found>) {
+    let (Some(c), None, None, None) = (&o.constant, &o.from, &o.expr, &o.table) else {
+        return;
+    };
+    let reader = match (o.time, &o.time_format) {
+        (Some(t), None) => TimeReader::Unit(t),
+        (None, Some(f)) => match TimeReader::format(f) {
+            Ok(r) => r,
+            Err(_) => return, // refused by compile_field already
+        },
+        (None, None) => DEFAULT_TIME_READER,
+        (Some(_), Some(_)) => return,
+    };
+    let v = Val::from_json(c.clone());
+    let Ok(nanos) = reader.nanos(&v) else {
+        return; // a constant that is no time at all is refused per record, naming the reader
+    };
+    if !window.contains(nanos, time_window::now_nanos()) {
+        errs.push(Found::new(
+            At::Field("timestamp"),
+            Some("const"),
+            format!(
+                "{} read with {} is {}, outside the plausible window {}: every record would be refused",
+                describe(&v),
+                reader.describe_reading(&v, o.time.is_some() || o.time_format.is_some()),
+                time_window::instant(nanos),
+                window.describe(),
+            ),
+        ));
+    }
+}
+
+/// Whether text is no value once the field's `trim` has run: `""`, or white space only when
+/// trimmed (issue 17: absent, null and `""` are one).
+fn no_text(t: &str, trim: bool) -> bool {
+    if trim {
+        t.trim().is_empty()
+    } else {
+        t.is_empty()
+    }
+}
+
+/// Whether a `table` key or an `in` value can never meet a value: a value is absent once it is
+/// `""` (before `table` and `in` are consulted), and with `trim` it never has white space around it.
+fn never_read(t: &str, trim: bool) -> bool {
+    t.is_empty() || (trim && t.trim() != t)
+}
+
+#[cold]
+fn unmatchable(t: &str, trim: bool, instead: &str) -> String {
+    if t.is_empty() {
+        format!(
+            "\"\" can never match: absent, null and \"\" mean the same and are absent before it is read ({instead})"
+        )
+    } else {
+        debug_assert!(trim);
+        format!("{t:?} can never match: `trim` removes the white space around a value before it is read")
+    }
 }
 
 fn compile_field(
@@ -1406,11 +1472,14 @@ fn compile_field(
             if let Err(e) = scalar(c, "a constant") {
                 err("const", e);
             }
-            if c.as_str() == Some("") {
+            if c.as_str().is_some_and(|t| no_text(t, o.trim)) {
                 err(
                     "const",
-                    "\"\" is no value (absent, null and \"\" mean the same): set a value, or leave the field out"
-                        .into(),
+                    format!(
+                        "{c} is no value{} (absent, null and \"\" mean the same): set a value, or leave the \
+                         field out",
+                        if o.trim { " once trimmed" } else { "" }
+                    ),
                 );
             }
             Some(RawSource::Other(Source::Const(Val::from_json(c.clone()))))
@@ -1439,12 +1508,18 @@ fn compile_field(
             }
         }
     }
-    if o.default.as_ref().and_then(Value::as_str) == Some("") {
+    if let Some(d) = o
+        .default
+        .as_ref()
+        .filter(|d| d.as_str().is_some_and(|t| no_text(t, o.trim)))
+    {
         err(
             "default",
-            "\"\" is no default (absent, null and \"\" mean the same): remove `default`, and the field is \
-             left out when its value is absent"
-                .into(),
+            format!(
+                "{d} is no default{} (absent, null and \"\" mean the same): remove `default`, and the field \
+                 is left out when its value is absent",
+                if o.trim { " once trimmed" } else { "" }
+            ),
         );
     }
     let table = match &o.table {
@@ -1452,6 +1527,9 @@ fn compile_field(
             for (k, v) in t {
                 if let Err(e) = scalar(v, &format!("the table value of `{k}`")) {
                     err("table", e);
+                }
+                if never_read(k, o.trim) {
+                    err("table", unmatchable(k, o.trim, "`default` gives an absent value one"));
                 }
             }
             let miss = match (o.otherwise, &o.fallback) {
@@ -1514,6 +1592,18 @@ fn compile_field(
             }
             if o.as_type.is_some() {
                 err("in", "set either `in` or `as`, not both".into());
+            }
+            for v in list {
+                if v.as_str().is_some_and(|t| never_read(t, o.trim)) {
+                    err(
+                        "in",
+                        unmatchable(
+                            v.as_str().unwrap_or_default(),
+                            o.trim,
+                            "an absent value leaves `is_crypto` out",
+                        ),
+                    );
+                }
             }
             match text_set(list, "each value of `in`") {
                 Ok(s) => Some(s),

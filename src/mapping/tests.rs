@@ -1231,7 +1231,6 @@ fn every_time_reader_is_held_to_the_window() {
         (r#""/ts""#, json!({"ts": 1702963200000000_i64}), ok(1702963200)),
         (r#""/ts""#, json!({"ts": 86400}), Err("time")),
         (r#""/ts""#, json!({"ts": "1970-01-02T00:00:00Z"}), Err("time")),
-        (r#"{ const = 5 }"#, json!({}), Err("time")),
         (r#"{ from = "/ts", default = 5 }"#, json!({}), Err("time")),
     ];
     for (spec, value, want) in cases {
@@ -1869,4 +1868,55 @@ fn times_are_read_exactly_whatever_the_reader() {
     let out = map_value(&m, br#"{"ts":946684799999}"#);
     let e = failed(&out);
     assert!(e.message.contains("1999-12-31T23:59:59.999Z"), "{e}");
+}
+
+/// Start-up refusals a new user's trial found missing: a constant time outside the window (every
+/// record would be refused), a `const`/`default` that is no value once trimmed, a `table` key or
+/// an `in` value no value can meet (`""` is absent before they are read; `trim` removes the white
+/// space around a value), and a window empty as the clock reads now. Each names the option.
+#[test]
+fn what_could_only_refuse_or_never_match_fails_at_start_up() {
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, &str, &str)> = vec![
+        ("timestamp", r#"{ const = 20422 }"#, "field `timestamp`: option `const`",
+         "the number 20422 read with the default `time = \"auto\"`, by its size as seconds is 1970-01-01T05:40:22Z, outside the plausible window"),
+        ("timestamp", r#"{ const = "1999-12-31T23:59:59Z", time = "rfc3339" }"#, "field `timestamp`: option `const`", "every record would be refused"),
+        ("click_id", r#"{ from = "/c", default = "   ", trim = true }"#, "field `click_id`: option `default`", "is no default once trimmed"),
+        ("game_type", r#"{ const = "  ", trim = true }"#, "field `game_type`: option `const`", "is no value once trimmed"),
+        ("game_type", r#"{ from = "/gt", table = { "" = "unknown", a = "A" }, otherwise = "keep" }"#, "field `game_type`: option `table`", "\"\" can never match"),
+        ("game_type", r#"{ from = "/gt", trim = true, table = { " a" = "A" } }"#, "field `game_type`: option `table`", "`trim` removes the white space"),
+        ("is_crypto", r#"{ from = "/cc", in = ["", "BTC"] }"#, "field `is_crypto`: option `in`", "\"\" can never match"),
+    ];
+    for (field, spec, key, words) in cases {
+        let errs = compile(&one_field(field, spec))
+            .err()
+            .unwrap_or_else(|| panic!("{field} = {spec} compiled"));
+        let text = errs.to_string();
+        assert!(
+            text.contains(key) && text.contains(words),
+            "{field} = {spec}: want {key}: {words} in {text}"
+        );
+    }
+    // Still fine: a constant time inside the window, white space kept without `trim`, a table
+    // key with white space when nothing trims.
+    for (field, spec) in [
+        ("timestamp", r#"{ const = 1702963200 }"#),
+        ("game_type", r#"{ const = "  " }"#),
+        ("game_type", r#"{ from = "/gt", table = { " a" = "A" } }"#),
+        ("is_crypto", r#"{ from = "/cc", in = ["BTC"] }"#),
+    ] {
+        assert!(compile(&one_field(field, spec)).is_ok(), "{field} = {spec}");
+    }
+    let mixed = format!(
+        "{}timestamp_window = {{ earliest = \"2030-01-01\", latest = \"now\" }}\n",
+        one_field("timestamp", r#""/ts""#)
+    );
+    let Err(errs) = compile(&mixed) else {
+        panic!("a window empty as the clock reads now compiled")
+    };
+    let text = errs.to_string();
+    assert!(
+        text.contains("timestamp_window") && text.contains("as the clock reads now"),
+        "{text}"
+    );
 }

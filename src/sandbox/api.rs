@@ -3,7 +3,7 @@
 use super::faults::FaultStep;
 use super::record::AcceptedBatch;
 use super::Shared;
-use crate::event::{Event, Rule, Violation};
+use crate::event::{Event, Field, FieldKind, Rule, Violation};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -430,53 +430,47 @@ impl Item<'_> {
 /// given twice keeps its last value, as `serde_json::Value` does.
 struct Object<'b> {
     fields: serde_json::Map<String, Value>,
-    amount: Option<&'b serde_json::value::RawValue>,
-    bet_result_amount: Option<&'b serde_json::value::RawValue>,
+    /// The raw text of each amount field ([`FieldKind::Decimal`] in the field table), the last
+    /// when a key is given twice.
+    amounts: Vec<(Field, &'b serde_json::value::RawValue)>,
 }
 
 impl Object<'_> {
     /// Replaces the event's amounts by the number text the object holds for them (when they are
     /// JSON numbers), so that the sandbox keeps what it received verbatim: `50.00` stays `50.00`.
     fn exact_amounts(&self, e: &mut Event<'_>) {
-        let exact = |r: Option<&serde_json::value::RawValue>| {
-            r.map(|r| r.get().trim())
+        let exact = |r: &serde_json::value::RawValue| {
+            Some(r.get().trim())
                 .filter(|t| t.starts_with(|c: char| c == '-' || c.is_ascii_digit()))
                 .and_then(|t| crate::decimal::Decimal::parse_owned(t.to_string()))
         };
-        if e.amount.is_some() {
-            if let Some(d) = exact(self.amount) {
-                e.amount = Some(d);
-            }
-        }
-        if e.bet_result_amount.is_some() {
-            if let Some(d) = exact(self.bet_result_amount) {
-                e.bet_result_amount = Some(d);
+        for (field, raw) in &self.amounts {
+            if let Some(slot) = e.decimal_slot(*field).filter(|slot| slot.is_some()) {
+                if let Some(d) = exact(raw) {
+                    *slot = Some(d);
+                }
             }
         }
     }
 }
 
-/// Reads an object's members: the two amounts as raw text (then as a `Value` from that text),
-/// every other member as a `Value`.
+/// Reads an object's members: the amounts (the field table's decimal fields) as raw text, then
+/// as a `Value` from that text, every other member as a `Value`.
 fn read_object<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Object<'de>, A::Error> {
     let mut o = Object {
         fields: serde_json::Map::new(),
-        amount: None,
-        bet_result_amount: None,
+        amounts: Vec::new(),
     };
     while let Some(key) = map.next_key::<String>()? {
-        let value = match key.as_str() {
-            "amount" | "bet_result_amount" => {
+        let value = match Field::from_name(&key).filter(|f| f.kind() == FieldKind::Decimal) {
+            Some(field) => {
                 let raw: &'de serde_json::value::RawValue = map.next_value()?;
                 let value = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
-                if key == "amount" {
-                    o.amount = Some(raw);
-                } else {
-                    o.bet_result_amount = Some(raw);
-                }
+                o.amounts.retain(|(f, _)| *f != field);
+                o.amounts.push((field, raw));
                 value
             }
-            _ => map.next_value()?,
+            None => map.next_value()?,
         };
         o.fields.insert(key, value);
     }
@@ -595,12 +589,19 @@ mod tests {
             ]
         );
         let Item::Object(first) = &items[0] else { panic!() };
-        assert_eq!(first.amount.map(|r| r.get()), Some("50.00"));
-        assert_eq!(first.bet_result_amount.map(|r| r.get()), Some("-1e2"));
+        let raw = |o: &Object<'_>, f: Field| {
+            o.amounts
+                .iter()
+                .find(|(g, _)| *g == f)
+                .map(|(_, r)| r.get().to_string())
+        };
+        assert_eq!(raw(first, Field::Amount).as_deref(), Some("50.00"));
+        assert_eq!(raw(first, Field::BetResultAmount).as_deref(), Some("-1e2"));
         assert_eq!(first.fields["amount"], serde_json::json!(50.0));
         assert_eq!(first.fields["a"], serde_json::json!([1, {"amount": 7}]));
         let Item::Object(second) = &items[1] else { panic!() };
-        assert_eq!(second.amount.map(|r| r.get()), Some("2.50"));
+        assert_eq!(raw(second, Field::Amount).as_deref(), Some("2.50"));
+        assert_eq!(second.amounts.len(), 1);
         assert_eq!(second.fields["amount"], serde_json::json!(2.5));
     }
 
