@@ -280,38 +280,39 @@ impl<'a> Decimal<'a> {
     /// seconds is `1702963200001000000` nanoseconds, where a binary64 gives `…000999999`, and
     /// `946684799999999999` nanoseconds stays one before 2000-01-01 (issue 17).
     pub fn floor_scaled(&self, pow10: u32) -> Option<i128> {
-        const LIMIT_DIGITS: usize = 31;
+        // Digit by digit, without an allocation: this runs for every record's time.
+        const LIMIT: i128 = 10i128.pow(30);
         let p = self.parts();
         let exp: i64 = if p.exp.is_empty() { 0 } else { p.exp.parse().ok()? };
-        let all: String = p.int.chars().chain(p.frac.chars()).collect();
-        let digits = all.trim_start_matches('0');
-        if digits.is_empty() {
-            return Some(0);
-        }
-        // value × 10^pow10 = digits × 10^scale
+        // value × 10^pow10 = D × 10^scale, D the digits of `int` and `frac` as one integer
         let scale = exp
             .checked_add(i64::from(pow10))?
             .checked_sub(i64::try_from(p.frac.len()).ok()?)?;
-        let (whole, rest_nonzero) = if scale >= 0 {
-            let zeros = usize::try_from(scale)
-                .ok()
-                .filter(|z| digits.len() + z <= LIMIT_DIGITS)?;
-            (format!("{digits}{}", "0".repeat(zeros)), false)
+        let total = p.int.len() + p.frac.len();
+        let keep = if scale >= 0 {
+            total
         } else {
-            let cut = usize::try_from(scale.unsigned_abs()).unwrap_or(usize::MAX);
-            if cut >= digits.len() {
-                ("0".to_string(), true)
-            } else {
-                let (keep, drop) = digits.split_at(digits.len() - cut);
-                (keep.to_string(), drop.bytes().any(|b| b != b'0'))
-            }
+            total.saturating_sub(usize::try_from(scale.unsigned_abs()).unwrap_or(usize::MAX))
         };
-        if whole.len() > LIMIT_DIGITS {
-            return None;
+        let (mut magnitude, mut rest_nonzero) = (0i128, false);
+        for (i, b) in p.int.bytes().chain(p.frac.bytes()).enumerate() {
+            let digit = i128::from(b - b'0');
+            if i < keep {
+                magnitude = magnitude * 10 + digit;
+                if magnitude > LIMIT {
+                    return None;
+                }
+            } else {
+                rest_nonzero |= digit != 0;
+            }
         }
-        let magnitude: i128 = whole.parse().ok()?;
-        if magnitude > 10i128.pow(30) {
-            return None;
+        if magnitude != 0 {
+            for _ in 0..scale.max(0) {
+                magnitude *= 10;
+                if magnitude > LIMIT {
+                    return None;
+                }
+            }
         }
         Some(match (p.negative, rest_nonzero) {
             (false, _) => magnitude,
