@@ -475,7 +475,8 @@ trait Slot<'a>: Sized {
     /// Reads the member from `val` (the value of JSON key `k`) into `self`; a value of the wrong
     /// type leaves `self` as it is and adds a violation naming `k`.
     fn read(&mut self, k: &str, val: &'a Value, errs: &mut Vec<Violation>);
-    /// Appends `,"key":value`; nothing when the member is absent.
+    /// Appends `key` (the member's `,"name":`, one constant) and the value; nothing when the
+    /// member is absent.
     fn write(&self, key: &str, out: &mut Vec<u8>);
     /// The value as text (dedupe keys, conditions); `None` when absent.
     fn text(&self) -> Option<Cow<'_, str>>;
@@ -507,7 +508,7 @@ impl<'a> Slot<'a> for Cow<'a, str> {
         }
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
-        write_key(out, key);
+        out.extend_from_slice(key.as_bytes());
         write_str(out, self);
     }
     fn text(&self) -> Option<Cow<'_, str>> {
@@ -529,7 +530,7 @@ impl<'a> Slot<'a> for Option<Cow<'a, str>> {
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
         if let Some(v) = self {
-            write_key(out, key);
+            out.extend_from_slice(key.as_bytes());
             write_str(out, v);
         }
     }
@@ -558,7 +559,7 @@ impl<'a> Slot<'a> for i64 {
         }
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
-        write_key(out, key);
+        out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(itoa::Buffer::new().format(*self).as_bytes());
     }
     fn text(&self) -> Option<Cow<'_, str>> {
@@ -577,7 +578,7 @@ impl<'a> Slot<'a> for Option<Decimal<'a>> {
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
         if let Some(a) = self {
-            write_key(out, key);
+            out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(a.as_str().as_bytes());
         }
     }
@@ -608,7 +609,7 @@ impl<'a> Slot<'a> for Option<bool> {
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
         if let Some(b) = self {
-            write_key(out, key);
+            out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(if *b { b"true" } else { b"false" });
         }
     }
@@ -637,7 +638,7 @@ impl<'a> Slot<'a> for Option<BetResult> {
     }
     fn write(&self, key: &str, out: &mut Vec<u8>) {
         if let Some(r) = self {
-            write_key(out, key);
+            out.extend_from_slice(key.as_bytes());
             write_str(out, r.as_str());
         }
     }
@@ -695,7 +696,7 @@ macro_rules! event_io {
             /// properties.
             pub fn write_json(&self, out: &mut Vec<u8>) {
                 let start = out.len();
-                $(Slot::write(&self.$name, stringify!($name), out);)*
+                $(Slot::write(&self.$name, concat!(",\"", stringify!($name), "\":"), out);)*
                 // Each field was written after a comma; the first (`client_user_id`, always
                 // present) opens the object instead.
                 out[start] = b'{';
@@ -748,13 +749,6 @@ macro_rules! event_io {
     };
 }
 api_fields!(event_io);
-
-/// `,"key":` for a constant key (no escaping needed).
-fn write_key(out: &mut Vec<u8>, k: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(k.as_bytes());
-    out.extend_from_slice(b"\":");
-}
 
 /// A JSON string. Text without a quote, a backslash or a control character (nearly all) is
 /// copied as it is; anything else is escaped by `serde_json`.
