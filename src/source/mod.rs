@@ -16,6 +16,7 @@
 //! is not turns readiness false.
 
 mod config;
+mod headers;
 pub mod watch;
 
 use crate::offsets::Tracker;
@@ -28,7 +29,7 @@ use parking_lot::Mutex;
 use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message};
 use std::collections::HashMap;
@@ -65,14 +66,7 @@ impl Record {
     /// Copies a record out of librdkafka's buffer. `id`: its identity, with the topic's shared
     /// name.
     pub fn from_message(m: &BorrowedMessage<'_>, id: RecordId) -> Record {
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = headers::of(m);
         Record {
             id,
             timestamp_ms: m.timestamp().to_millis(),
