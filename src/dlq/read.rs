@@ -7,7 +7,7 @@ use crate::source::Record;
 use crate::source::{KafkaConfig, PropertiesFileError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -150,13 +150,14 @@ impl DeadLetter {
     fn from_message(m: &BorrowedMessage<'_>, topic: &str) -> DeadLetter {
         let mut meta: HashMap<&str, String> = HashMap::new();
         let mut original = Vec::new();
-        for h in m.headers().into_iter().flat_map(|h| h.iter()) {
-            if !h.key.starts_with("dp.") {
-                original.push((h.key.to_string(), h.value.map(<[u8]>::to_vec)));
+        // Read like a source record's (`source::headers`): a name that is not UTF-8 is no panic.
+        for (key, value) in crate::source::headers::of(m) {
+            if !key.starts_with("dp.") {
+                original.push((key, value));
                 continue;
             }
-            let v = h.value.unwrap_or_default();
-            let name = match h.key {
+            let v = value.unwrap_or_default();
+            let name = match key.as_str() {
                 headers::STAGE => "stage",
                 headers::REASON => "reason",
                 headers::ERROR => "error",
@@ -167,7 +168,7 @@ impl DeadLetter {
                 headers::DEDUPE_KEY => "dedupe_key",
                 _ => continue,
             };
-            meta.insert(name, String::from_utf8_lossy(v).into_owned());
+            meta.insert(name, String::from_utf8_lossy(&v).into_owned());
         }
         let get = |k: &str| meta.get(k).cloned().unwrap_or_default();
         DeadLetter {

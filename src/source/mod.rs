@@ -16,7 +16,7 @@
 //! is not turns readiness false.
 
 mod config;
-mod headers;
+pub mod headers;
 pub mod watch;
 
 use crate::offsets::Tracker;
