@@ -562,8 +562,7 @@ impl Mapper {
         }
         let cx = Cx { rec, slots };
         for c in &m.keep_when {
-            let (holds, seen) = cx.holds(c)?;
-            if !holds {
+            if let Some(seen) = cx.judge(c, true)? {
                 return Err(Stop::Filtered(
                     "keep_when",
                     format!("keep_when: {} is {seen}, not one of {}", c.from, c.values),
@@ -571,8 +570,7 @@ impl Mapper {
             }
         }
         for c in &m.skip_when {
-            let (holds, seen) = cx.holds(c)?;
-            if holds {
+            if let Some(seen) = cx.judge(c, false)? {
                 return Err(Stop::Filtered("skip_when", format!("skip_when: {} is {seen}", c.from)));
             }
         }
@@ -857,7 +855,9 @@ impl<'a> Cx<'_, 'a> {
     }
 
     /// Whether the condition holds, and what the source held (for the filtered reason).
-    fn holds(&self, c: &'a Cond) -> Result<(bool, String), Stop> {
+    /// Judges condition `c`: `Ok(None)` when whether it holds is `want`, else `Ok(Some(seen))`,
+    /// what it saw, for the filter's reason (described only then: not on every record kept).
+    fn judge(&self, c: &'a Cond, want: bool) -> Result<Option<String>, Stop> {
         // Conditions never take from a slot; reading by reference keeps the slots for the fields.
         let read;
         let v = match &c.source {
@@ -876,12 +876,14 @@ impl<'a> Cx<'_, 'a> {
             Some(v) if !v.is_absent() => c.one_of.contains(v),
             _ => c.absent_holds,
         };
-        let seen = match v {
+        if holds == want {
+            return Ok(None);
+        }
+        Ok(Some(match v {
             None => "absent".to_string(),
             Some(v) if v.is_absent() => format!("{} (absent)", describe(v)),
             Some(v) => describe(v),
-        };
-        Ok((holds, seen))
+        }))
     }
 
     /// Runs a field's options and sets it in `event`; `Ok(false)` when the field is absent. (Setting
@@ -903,18 +905,13 @@ impl<'a> Cx<'_, 'a> {
             v = convert::trim(v);
         }
         // Absent, null and "" are one (issue 17): after the source, `expr` and `trim`, `default`
-        // stands in for them, else the field is left out and a rule that requires it refuses the
-        // event (`timestamp` in `map_value`, the others in `Event::validate`). `default` is
-        // trimmed like a value (it always was, after it stood in); one of white space only is
-        // no value either.
+        // stands in for them (trimmed at start-up under `trim`, never no value: refused there),
+        // else the field is left out and a rule that requires it refuses the event (`timestamp`
+        // in `map_value`, the others in `Event::validate`).
         if v.is_absent() {
             match &f.default {
-                Some(d) if f.trim => v = convert::trim(d.reborrow()),
                 Some(d) => v = d.reborrow(),
                 None => return Ok(false),
-            }
-            if v.is_absent() {
-                return Ok(false);
             }
         }
         if let Some(c) = f.case {
@@ -1206,13 +1203,10 @@ fn compile_one(cfg: &MappingConfig, errs: &mut Vec<Found>) -> Option<Compiled> {
     };
     for (field, spec) in ordered {
         let Some(spec) = spec else { continue };
-        let f = compile_field(field, &spec.options(), &mut ptrs, errs);
+        let f = compile_field(field, &spec.options(), &window, &mut ptrs, errs);
         if let Some(f) = f {
             fields.push(f);
         }
-    }
-    if let Some(spec) = &cfg.timestamp {
-        const_time_in_window(&spec.options(), &window, errs);
     }
 
     let mut props = Vec::new();
@@ -1385,37 +1379,23 @@ fn time_window_of(spec: Option<&TimeWindowSpec>, errs: &mut Vec<Found>) -> TimeW
 }
 
 /// A `timestamp` that is a constant (no `expr` or `table` to change it) outside the window would
-/// refuse every record: refused at start-up, naming the constant, its reader and the window
-/// (found by a new user's trial: `const = 20422` passed `check`).
-fn const_time_in_window(o: &FieldOptions, window: &TimeWindow, errs: &mut Vec<Found>) {
+/// refuse every record: refused at start-up, naming the constant, the field's reader and the
+/// window (found by a new user's trial: `const = 20422` passed `check`).
+fn const_time_in_window(o: &FieldOptions, reader: &TimeReader, window: &TimeWindow) -> Result<(), String> {
     let (Some(c), None, None, None) = (&o.constant, &o.from, &o.expr, &o.table) else {
-        return;
-    };
-    let reader = match (o.time, &o.time_format) {
-        (Some(t), None) => TimeReader::Unit(t),
-        (None, Some(f)) => match TimeReader::format(f) {
-            Ok(r) => r,
-            Err(_) => return, // refused by compile_field already
-        },
-        (None, None) => DEFAULT_TIME_READER,
-        (Some(_), Some(_)) => return,
+        return Ok(());
     };
     let v = Val::from_json(c.clone());
-    let Ok(nanos) = reader.nanos(&v) else {
-        return; // a constant that is no time at all is refused per record, naming the reader
-    };
-    if !window.contains(nanos, time_window::now_nanos()) {
-        errs.push(Found::new(
-            At::Field("timestamp"),
-            Some("const"),
-            format!(
-                "{} read with {} is {}, outside the plausible window {}: every record would be refused",
-                describe(&v),
-                reader.describe_reading(&v, o.time.is_some() || o.time_format.is_some()),
-                time_window::instant(nanos),
-                window.describe(),
-            ),
-        ));
+    // A constant that is no time at all is refused per record, naming the reader.
+    match reader.nanos(&v) {
+        Ok(nanos) if !window.contains(nanos, time_window::now_nanos()) => Err(format!(
+            "{} read with {} is {}, outside the plausible window {}: every record would be refused",
+            describe(&v),
+            reader.describe_reading(&v, o.time.is_some() || o.time_format.is_some()),
+            time_window::instant(nanos),
+            window.describe(),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -1450,6 +1430,7 @@ fn unmatchable(t: &str, trim: bool, instead: &str) -> String {
 fn compile_field(
     field: ApiField,
     o: &FieldOptions,
+    window: &TimeWindow,
     ptrs: &mut Pointers,
     errs: &mut Vec<Found>,
 ) -> Option<Pending<Field>> {
@@ -1585,6 +1566,11 @@ fn compile_field(
     if time.is_some() && kind != Kind::Time {
         err("time", "applies to the `timestamp` field only".into());
     }
+    if kind == Kind::Time {
+        if let Err(e) = const_time_in_window(o, time.as_ref().unwrap_or(&DEFAULT_TIME_READER), window) {
+            err("const", e);
+        }
+    }
     let one_of = match &o.one_of {
         Some(list) => {
             if kind != Kind::Bool {
@@ -1653,7 +1639,14 @@ fn compile_field(
             kind,
             source: UNRESOLVED,
             expr,
-            default: o.default.clone().map(Val::from_json),
+            // Trimmed here, once, as a value is (the start-up check refused one that trims to "").
+            default: o.default.clone().map(|d| {
+                if o.trim {
+                    convert::trim(Val::from_json(d))
+                } else {
+                    Val::from_json(d)
+                }
+            }),
             trim: o.trim,
             case: o.case,
             table,
