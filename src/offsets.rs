@@ -205,6 +205,23 @@ impl Tracker {
         }
     }
 
+    /// The group's committed offset of a partition as the broker just answered it: when it is
+    /// below what this process recorded as committed (another client committed an older offset,
+    /// or the broker lost a commit), the record goes back to the broker's value, so that the
+    /// finished prefix counts as not committed and the next commit sends it again. Returns the
+    /// offset this process had recorded in that case; `None` otherwise (not assigned, nothing
+    /// recorded, or the broker at or beyond it).
+    pub fn broker_committed(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let p = self.topics.get_mut(topic)?.get_mut(&partition)?;
+        match p.committed {
+            Some(c) if p.assigned && offset < c => {
+                p.committed = Some(offset);
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
     /// The last committed offset this process knows of, per assigned partition.
     pub fn committed_offsets(&self) -> Vec<(String, i32, i64)> {
         let mut out = Vec::new();
@@ -293,6 +310,30 @@ mod tests {
         for bad in ["", "t/1", "/1/2", "t/x/2", "t/1/y"] {
             assert_eq!(bad.parse::<RecordId>(), Err(NotARecordId(bad.to_string())), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_committed_offset_the_broker_lost_is_committed_again() {
+        let mut t = Tracker::new();
+        t.assign("t", 0);
+        let e = t.begin(&id("t", 0, 10), Instant::now()).unwrap();
+        assert!(t.finish(&id("t", 0, 10), e));
+        assert_eq!(t.to_commit(), vec![("t".to_string(), 0, 11)]);
+        t.committed("t", 0, 11);
+        assert!(t.to_commit().is_empty());
+        // The broker at or beyond what was committed: nothing to do.
+        assert_eq!(t.broker_committed("t", 0, 11), None);
+        assert_eq!(t.broker_committed("t", 0, 12), None);
+        assert!(t.to_commit().is_empty());
+        // Below: the finished prefix is committable again.
+        assert_eq!(t.broker_committed("t", 0, 4), Some(11));
+        assert_eq!(t.to_commit(), vec![("t".to_string(), 0, 11)]);
+        // Neither for a partition not assigned nor for one with nothing committed yet.
+        assert_eq!(t.broker_committed("t", 1, 0), None);
+        t.assign("t", 2);
+        assert_eq!(t.broker_committed("t", 2, 0), None);
+        t.revoke("t", 0);
+        assert_eq!(t.broker_committed("t", 0, 0), None);
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //!   the ids are republished copies.
 //! - Three replicas started together on one group, Redis shared: every event once, every record
 //!   one outcome counted once across the group.
+//! - The group's committed offset moved back behind the bridge's last commit (a member of an older
+//!   generation committing late, which tansu does not fence): the bridge commits again within
+//!   seconds, although no new record arrives, and sends nothing again.
 
 mod common;
 use common::*;
@@ -259,4 +262,48 @@ async fn three_replicas_started_together_send_every_event_once_and_count_every_r
     assert_eq!(dead.len(), 10, "each invalid record dead-lettered once");
     assert_eq!(dead_lettered, 10.0, "each dead letter counted once across the group");
     assert_eq!(delivered, 3_000.0, "each event counted delivered once across the group");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_offset_moved_back_is_committed_again_without_new_records() {
+    let (dir, broker, sandbox) = world("restart-regress", PARTITIONS, &[]).await;
+    let cfg = config(&broker, &sandbox, "g-regress", "", 100);
+    let records = mixed_events("rg", 400, PARTITIONS, 0.2);
+    broker.produce(TOPIC, &records).await;
+    let bridge = Bridge::start(&dir, "b1", &cfg);
+    let ends = ends_of(&records, PARTITIONS);
+    wait_until(MIN, "every record committed", || async {
+        broker.committed("g-regress", TOPIC, PARTITIONS) == ends
+    })
+    .await;
+    wait_committed_metric(&bridge, &ends).await;
+
+    // Partition 1's group offset goes back by 57 records, and no record arrives after it.
+    broker.commit_as_outsider("g-regress", TOPIC, 1, ends[1] - 57);
+    let mut behind = ends.clone();
+    behind[1] -= 57;
+    assert_eq!(broker.committed("g-regress", TOPIC, PARTITIONS), behind);
+    wait_until(
+        Duration::from_secs(30),
+        "the group's offsets back at the ends",
+        || async { broker.committed("g-regress", TOPIC, PARTITIONS) == ends },
+    )
+    .await;
+    let m = bridge.metrics().await;
+    assert_eq!(metric_sum(&m, "datapulse_bridge_commit_regressions_total", &[]), 1.0);
+    assert_eq!(committed_metric(&m, &ends), ends);
+    let log = std::fs::read_to_string(&bridge.proc.log).unwrap();
+    assert!(
+        log.contains("the group's committed offset is behind what this process committed")
+            && log.contains(&format!(
+                "partition=tx/1 committed={} group_offset={}",
+                ends[1],
+                ends[1] - 57
+            )),
+        "the regression is logged naming the partition and both offsets"
+    );
+    // Committed again, not read again: each event once.
+    assert_each_accepted_once(&records, &sandbox.events().await);
+    assert_eq!(sandbox.repeated_keyless_events().await, 0);
+    assert_eq!(finished(&m, "delivered"), 400.0);
 }

@@ -103,6 +103,7 @@ pub(crate) struct Metrics {
     pub high_watermark: prometheus::IntGaugeVec,
     pub lag: prometheus::IntGaugeVec,
     pub commit_errors: prometheus::IntCounter,
+    pub commit_regressions: prometheus::IntCounter,
     pub stuck: prometheus::IntGauge,
 }
 
@@ -141,6 +142,11 @@ impl Family for Metrics {
             commit_errors: prometheus::register_int_counter_with_registry!(
                 "datapulse_bridge_commit_errors_total",
                 "Offset commits that failed (retried at the next commit interval).",
+                r
+            )?,
+            commit_regressions: prometheus::register_int_counter_with_registry!(
+                "datapulse_bridge_commit_regressions_total",
+                "Times the group's committed offset of an assigned partition was found behind what this process committed (another member committed an older offset, or the broker lost a commit); the finished prefix is committed again.",
                 r
             )?,
             stuck: prometheus::register_int_gauge_with_registry!(
@@ -492,10 +498,13 @@ impl Source {
     }
 
     /// Asks the broker for the end offsets of the assigned partitions (one ListOffsets request per
-    /// leader: `offsets_for_times` with the timestamp -1, "latest"), and, for partitions whose
-    /// starting position is not known yet, the group's committed offset (or, where the group has
-    /// none, the log's start or end as `auto.offset.reset` says). Partitions the broker did not
-    /// answer for keep what was known; the next call asks again.
+    /// leader: `offsets_for_times` with the timestamp -1, "latest") and the group's committed
+    /// offsets (one OffsetFetch). The committed offsets give where reading started, for
+    /// partitions whose starting position is not known yet (where the group has none, the log's
+    /// start or end as `auto.offset.reset` says), and check what this process committed: a
+    /// group offset behind it is counted (`datapulse_bridge_commit_regressions_total`), logged,
+    /// and committed again at the next commit. Partitions the broker did not answer for keep
+    /// what was known; the next call asks again.
     fn ask_broker(&self) {
         let watch = &self.consumer.context().watch;
         let parts = watch.lock().partitions();
@@ -517,12 +526,16 @@ impl Source {
             }
             Err(e) => tracing::debug!(error = %e, "end offsets not known; asked again later"),
         }
-        let missing = watch.lock().without_start();
-        if missing.is_empty() {
-            return;
-        }
+        // The group's committed offsets of every assigned partition (one OffsetFetch): where a
+        // partition's reading started, once per assignment, and a check of what this process
+        // committed. A broker that does not fence a member of an older generation (tansu 0.6
+        // checks none) stores a commit of its revoked partitions after the new owner's, and the
+        // group's offset goes back; the new owner, having committed its finished prefix, would
+        // not commit again until its next record, and a partition without new records would
+        // stand behind for good while the committed-offset gauge said otherwise (found by the
+        // chaos test on CI: one partition 65 records behind for the whole drain).
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in &missing {
+        for (t, p) in &parts {
             tpl.add_partition(t, *p);
         }
         let got = match self.consumer.committed_offsets(tpl, BROKER_TIMEOUT) {
@@ -532,15 +545,37 @@ impl Source {
                 return;
             }
         };
+        let missing = watch.lock().without_start();
+        let metrics = &self.consumer.context().metrics;
         for e in got.elements() {
-            let start = match (e.error(), e.offset()) {
-                (Ok(()), Offset::Offset(o)) => Some(o),
-                (Ok(()), _) => self
+            if e.error().is_err() {
+                continue;
+            }
+            if let Offset::Offset(o) = e.offset() {
+                let lost = self.tracker.lock().broker_committed(e.topic(), e.partition(), o);
+                if let Some(had) = lost {
+                    metrics.commit_regressions.inc();
+                    let part = e.partition().to_string();
+                    metrics.committed.with_label_values(&[e.topic(), part.as_str()]).set(o);
+                    tracing::warn!(
+                        partition = %format!("{}/{}", e.topic(), e.partition()),
+                        committed = had,
+                        group_offset = o,
+                        "the group's committed offset is behind what this process committed (another member \
+                         committed an older offset, or the broker lost a commit): committing again"
+                    );
+                }
+            }
+            if !missing.iter().any(|(t, p)| t == e.topic() && *p == e.partition()) {
+                continue;
+            }
+            let start = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => self
                     .consumer
                     .fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT)
                     .ok()
                     .map(|(low, high)| if self.reset_to_end { high } else { low }),
-                (Err(_), _) => None,
             };
             if let Some(o) = start {
                 watch.lock().set_start(e.topic(), e.partition(), o);

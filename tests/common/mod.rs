@@ -232,6 +232,22 @@ impl Broker {
             .collect()
     }
 
+    /// Commits `offset` for one partition on behalf of `group` from a client outside it
+    /// (generation -1, no member id): what a member of an older generation does to a broker that
+    /// fences none (tansu 0.6 checks no generation), or a broker that loses a commit looks like.
+    pub fn commit_as_outsider(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .unwrap();
+        consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+    }
+
     /// Every record of `topic` (all partitions), read from the beginning until `expected` or timeout.
     pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
         let consumer: BaseConsumer = ClientConfig::new()
