@@ -36,7 +36,9 @@ pub struct TelemetryConfig {
     pub log_level: String,
     /// How long a connection to the operations port may take to send a whole request head,
     /// counted from accept or from the previous answer: also the idle keep-alive timeout
-    /// (`http_server`). Default `10s`; must be longer than zero.
+    /// (`http_server`). Default `60s`, above the idle pool timeout of the clients that keep
+    /// connections (Prometheus), so that a scrape rarely meets a connection being closed; must
+    /// be longer than zero.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Most connections the operations port serves at once; one more is answered `503` at once
@@ -53,7 +55,7 @@ fn default_level() -> String {
     "info".into()
 }
 fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(60)
 }
 fn default_max_connections() -> usize {
     64
@@ -92,7 +94,7 @@ impl TelemetryConfig {
         if self.header_read_timeout.is_zero() {
             errs.push(Invalid::new(
                 "telemetry.header_read_timeout",
-                "must be longer than zero, e.g. \"10s\"",
+                "must be longer than zero, e.g. \"60s\"",
             ));
         }
         if self.max_connections == 0 {

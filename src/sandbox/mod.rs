@@ -82,8 +82,9 @@ pub struct SandboxArgs {
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
     /// How long a connection may take to send a whole request head, counted from accept or from
-    /// the previous answer: also the idle keep-alive timeout.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// the previous answer: also the idle keep-alive timeout. Above the bridge's 30 s idle pool
+    /// timeout, or a request could meet a connection being closed (an ambiguous request).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// How long a request's body may take to arrive once its handler reads it; a body that
     /// takes longer is answered 408 and the connection closed.
@@ -198,7 +199,7 @@ impl SandboxArgs {
     fn limits(&self) -> Result<http_server::Limits, SandboxError> {
         let invalid = |flag, problem| Err(SandboxError::Invalid { flag, problem });
         if self.header_read_timeout.is_zero() {
-            return invalid("--header-read-timeout", "must be longer than zero, e.g. 10s");
+            return invalid("--header-read-timeout", "must be longer than zero, e.g. 60s");
         }
         if self.body_read_timeout.is_zero() {
             return invalid("--body-read-timeout", "must be longer than zero, e.g. 30s");
@@ -524,7 +525,7 @@ mod tests {
         assert_eq!(a.max_batch_events, 500);
         assert_eq!(a.max_body_bytes, 1_048_576);
         assert_eq!(a.faults, Faults::default());
-        assert_eq!(a.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(a.header_read_timeout, Duration::from_secs(60));
         assert_eq!(a.body_read_timeout, Duration::from_secs(30));
         assert_eq!(a.max_connections, 256);
         assert_eq!(a.max_stored_events, 100_000);
