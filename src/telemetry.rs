@@ -431,6 +431,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn server_limits_out_of_range_are_refused_by_key() {
+        let c = TelemetryConfig {
+            header_read_timeout: Duration::ZERO,
+            max_connections: 0,
+            ..TelemetryConfig::default()
+        };
+        let keys: Vec<String> = c.validate().iter().map(|i| i.key.clone()).collect();
+        assert_eq!(keys, ["telemetry.header_read_timeout", "telemetry.max_connections"]);
+        assert!(TelemetryConfig::default().validate().is_empty());
+        assert_eq!(TelemetryConfig::default().header_read_timeout, Duration::from_secs(60));
+        assert_eq!(TelemetryConfig::default().max_connections, 64);
+    }
+
+    #[test]
     fn panic_messages_are_scrubbed() {
         #[derive(Clone, Default)]
         struct Shared(Arc<Mutex<Vec<u8>>>);

@@ -352,6 +352,50 @@ async fn the_sandbox_refuses_to_open_its_admin_endpoints_beyond_loopback_without
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_out_of_range_are_refused_at_start_naming_the_flag() {
+    let base = || SandboxArgs {
+        listen: "127.0.0.1:0".into(),
+        api_keys: vec![KEY.into()],
+        ..SandboxArgs::default()
+    };
+    for (args, flag) in [
+        (
+            SandboxArgs {
+                header_read_timeout: Duration::ZERO,
+                ..base()
+            },
+            "--header-read-timeout",
+        ),
+        (
+            SandboxArgs {
+                body_read_timeout: Duration::ZERO,
+                ..base()
+            },
+            "--body-read-timeout",
+        ),
+        (
+            SandboxArgs {
+                max_connections: 0,
+                ..base()
+            },
+            "--max-connections",
+        ),
+        (
+            SandboxArgs {
+                max_stored_events: 499,
+                ..base()
+            },
+            "--max-stored-events",
+        ),
+    ] {
+        match sandbox::start(args).await {
+            Err(e @ SandboxError::Invalid { .. }) => assert!(e.to_string().starts_with(flag), "{e}"),
+            other => panic!("{flag}: {:?}", other.map(|h| h.addr())),
+        }
+    }
+}
+
 /// The binary takes the token from the environment (not argv, which `ps` shows), and refuses
 /// 0.0.0.0 without one, saying how to set it.
 #[test]
