@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             let telemetry = telemetry::Telemetry::with_scrubber(scrubber.clone());
             let result = rt.block_on(async move {
                 datapulse_bridge::source::awaiting_assignment(&telemetry, "starting: the pipeline is not running yet");
-                let addr = match telemetry.serve(&cfg.telemetry.listen).await {
+                let addr = match telemetry.serve(&cfg.telemetry.listen, cfg.telemetry.limits()).await {
                     Ok(addr) => addr,
                     Err(e) => {
                         return Err(format!(

@@ -329,17 +329,21 @@ fn compose_file_wires_the_system() {
             );
         }
     }
-    // The sandbox's admin endpoints (reset, faults, the record) want a token.
-    let token_pos = sandbox
-        .iter()
-        .position(|a| a == "--admin-token")
-        .expect("the sandbox runs with --admin-token");
+    // The sandbox's admin endpoints (reset, faults, the record) want a token, given through the
+    // environment (argv shows in `ps`; issue 23), which the binary reads.
     assert!(
-        sandbox
-            .get(token_pos + 1)
-            .is_some_and(|t| !t.is_empty() && !t.starts_with("--")),
-        "--admin-token has no value: {sandbox:?}"
+        !sandbox.iter().any(|a| a.starts_with("--admin-token")),
+        "the admin token belongs in the environment, not the command: {sandbox:?}"
     );
+    let token = s["sandbox"]["environment"]["DATAPULSE_SANDBOX_ADMIN_TOKEN"]
+        .as_str()
+        .expect("the sandbox gets DATAPULSE_SANDBOX_ADMIN_TOKEN");
+    assert!(!token.trim().is_empty(), "an empty admin token");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
+        .args(["sandbox", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("DATAPULSE_SANDBOX_ADMIN_TOKEN"));
     let key_pos = sandbox.iter().position(|a| a == "--api-key").unwrap();
     assert_eq!(
         sandbox[key_pos + 1],

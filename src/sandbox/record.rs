@@ -1,13 +1,23 @@
-//! What the sandbox accepted: every accepted event (in order, compactly), the counters behind
-//! `GET /_sandbox/stats`, and the optional append-only JSONL file.
+//! What the sandbox accepted: the latest accepted events (in order, compactly, at most
+//! `--max-stored-events`), the counters behind `GET /_sandbox/stats`, and the optional
+//! append-only JSONL file.
+//!
+//! Memory is bounded whatever the number of events (issue 23: the log grew ~320 bytes an event
+//! without bound, 81 MB at 200k events). The log keeps the newest `max_stored_events`, evicting
+//! the oldest requests whole; the counters stay exact over every event ever accepted, because
+//! what they need of an event is kept as a fingerprint: a 128-bit hash of each distinct
+//! transaction id (16 bytes) and of each distinct keyless event (16 bytes and its first index),
+//! never the event. `by_event_name` names the first [`EVENT_NAMES`] distinct names and counts
+//! the rest in `other_event_names`.
 
 use super::SandboxError;
 use crate::event::time_window::{self, TimeWindow};
 use crate::event::{Event, TimestampUnit};
 use bytes::Bytes;
+use hashbrown::hash_map::Entry;
+use hashbrown::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
@@ -19,6 +29,11 @@ const SUSPICIOUS_EXAMPLES: usize = 20;
 /// How many repeated keyless events are kept as examples (all are counted).
 const REPEATED_KEYLESS_EXAMPLES: usize = 20;
 
+/// How many distinct event names `by_event_name` names; events of any later name are counted in
+/// `other_event_names` (the contract allows any name, so a client could otherwise grow the map
+/// without bound).
+pub(crate) const EVENT_NAMES: usize = 100;
+
 /// The sandbox's counters, as `GET /_sandbox/stats` serialises them.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Stats {
@@ -27,8 +42,15 @@ pub struct Stats {
     /// Events accepted (counted), across both endpoints: answered 200, or handled by a `slow` or
     /// `502` fault (counted, then answered late or 502).
     pub accepted_events: u64,
-    /// Accepted events by `event_name`.
+    /// Accepted events by `event_name`, for the first [`EVENT_NAMES`] (100) distinct names.
     pub by_event_name: BTreeMap<String, u64>,
+    /// Accepted events whose name was not among the first 100 distinct names.
+    #[serde(default)]
+    pub other_event_names: u64,
+    /// Accepted events evicted from the stored log (`--max-stored-events`); the log holds
+    /// `accepted_events - evicted_events`, from index `evicted_events` on.
+    #[serde(default)]
+    pub evicted_events: u64,
     /// API responses by status code (a request hanging until the client gave up has none).
     pub by_status: BTreeMap<u16, u64>,
     /// Injected faults by kind (`400`, `401`, `404`, `413`, `429`, `500`, `502`, `503`, `504`,
@@ -158,7 +180,8 @@ fn keyless_identity(event: &Event, json: &[u8]) -> u128 {
     xxh3_128(&canonical)
 }
 
-/// Where event `i` of the log lives: chunk index and span in that chunk.
+/// Where a stored event lives: its request's chunk (a number counted from the first chunk ever
+/// stored) and its span in that chunk.
 #[derive(Clone, Copy)]
 struct Slot {
     chunk: u32,
@@ -166,28 +189,50 @@ struct Slot {
     end: u32,
 }
 
-/// The in-memory record. About 300 bytes an event: the compact JSON, a 12-byte slot and the
-/// transaction-id map entry, or for an event without a transaction id the identity map entry.
+/// A 128-bit fingerprint (xxh3) as two words: 8-byte aligned, so a set entry is 16 bytes.
+type Fingerprint = [u64; 2];
+
+fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    split(xxh3_128(bytes))
+}
+
+fn split(h: u128) -> Fingerprint {
+    [h as u64, (h >> 64) as u64]
+}
+
+/// The in-memory record. A stored event costs its compact JSON (~280 bytes) and a 12-byte slot;
+/// every event ever accepted costs at most a fingerprint: 16 bytes (and the set's slack) per
+/// distinct transaction id, 24 per distinct keyless event. Two distinct ids share a fingerprint
+/// with probability about n²/2¹²⁹ (10⁻²⁶ at a million ids): the counts are exact in practice.
 pub(crate) struct Record {
     unit: TimestampUnit,
-    chunks: Vec<Bytes>,
-    slots: Vec<Slot>,
-    /// Transaction id → times accepted.
-    seen_ids: HashMap<Box<str>, u64>,
+    /// Most events kept in the log (at least the most events in one request).
+    max_stored: usize,
+    /// The stored requests' JSON, oldest first, with how many events each holds.
+    chunks: VecDeque<(Bytes, u32)>,
+    /// The number of the chunk at the front of `chunks`.
+    first_chunk: u32,
+    slots: VecDeque<Slot>,
+    /// The fingerprint of every transaction id accepted.
+    seen_ids: HashSet<Fingerprint>,
+    /// Transaction ids accepted more than once → times accepted (the id itself is kept only here).
     duplicates: HashMap<Box<str>, u64>,
     /// Identity of each event without a transaction id accepted so far → its first log index.
-    seen_keyless: HashMap<u128, u64>,
+    seen_keyless: HashMap<Fingerprint, u64>,
     stats: Stats,
     file: Option<mpsc::Sender<Bytes>>,
 }
 
 impl Record {
-    pub(crate) fn new(unit: TimestampUnit, file: Option<mpsc::Sender<Bytes>>) -> Record {
+    /// An empty record keeping at most `max_stored` events (at least 1).
+    pub(crate) fn new(unit: TimestampUnit, max_stored: usize, file: Option<mpsc::Sender<Bytes>>) -> Record {
         Record {
             unit,
-            chunks: Vec::new(),
-            slots: Vec::new(),
-            seen_ids: HashMap::new(),
+            max_stored: max_stored.max(1),
+            chunks: VecDeque::new(),
+            first_chunk: 0,
+            slots: VecDeque::new(),
+            seen_ids: HashSet::new(),
             duplicates: HashMap::new(),
             seen_keyless: HashMap::new(),
             stats: Stats::default(),
@@ -209,34 +254,28 @@ impl Record {
 
     /// Appends the accepted events (already validated) to the log, the counters and the file.
     pub(crate) fn accept(&mut self, events: &[Event], batch: AcceptedBatch) {
-        let chunk = self.chunks.len() as u32;
+        let chunk = self.first_chunk.wrapping_add(self.chunks.len() as u32);
         // One clock reading for the request.
         let now = time_window::now_nanos();
         for ((e, &(start, end)), keyless) in events.iter().zip(&batch.spans).zip(&batch.keyless) {
-            let index = self.slots.len() as u64;
-            self.slots.push(Slot { chunk, start, end });
+            let index = self.stats.accepted_events;
+            self.stats.accepted_events += 1;
+            self.slots.push_back(Slot { chunk, start, end });
             if let Some(n) = self.stats.by_event_name.get_mut(e.event_name.as_ref()) {
                 *n += 1;
-            } else {
+            } else if self.stats.by_event_name.len() < EVENT_NAMES {
                 self.stats.by_event_name.insert(e.event_name.to_string(), 1);
+            } else {
+                self.stats.other_event_names += 1;
             }
             if let Some(id) = &e.transaction_id {
-                let n = match self.seen_ids.get_mut(id.as_ref()) {
-                    Some(n) => {
-                        *n += 1;
-                        *n
-                    }
-                    None => {
-                        self.seen_ids.insert(id.as_ref().into(), 1);
-                        1
-                    }
-                };
-                if n > 1 {
-                    self.duplicates.insert(id.as_ref().into(), n);
+                if !self.seen_ids.insert(fingerprint(id.as_bytes())) {
+                    // Seen before: the first acceptance was one, this one another.
+                    *self.duplicates.entry(id.as_ref().into()).or_insert(1) += 1;
                 }
             }
             if let Some(identity) = keyless {
-                match self.seen_keyless.entry(*identity) {
+                match self.seen_keyless.entry(split(*identity)) {
                     Entry::Vacant(v) => {
                         v.insert(index);
                     }
@@ -261,7 +300,6 @@ impl Record {
                 self.stats.implausible_timestamps.count(index, e);
             }
         }
-        self.stats.accepted_events += events.len() as u64;
         *self.stats.events_per_request.entry(events.len() as u64).or_default() += 1;
         if let Some(tx) = &self.file {
             // Sent under the lock so that the file has the log's order. The writer thread only
@@ -270,7 +308,15 @@ impl Record {
                 self.file = None;
             }
         }
-        self.chunks.push(batch.bytes);
+        self.chunks.push_back((batch.bytes, events.len() as u32));
+        // Evict the oldest requests whole; the newest always stays (it is at most
+        // --max-batch-events, which start-up keeps at or below the cap).
+        while self.slots.len() > self.max_stored && self.chunks.len() > 1 {
+            let (_, n) = self.chunks.pop_front().expect("more than one chunk");
+            self.first_chunk = self.first_chunk.wrapping_add(1);
+            self.slots.drain(..n as usize);
+            self.stats.evicted_events += u64::from(n);
+        }
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -279,27 +325,40 @@ impl Record {
         s
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// How many events the log holds now.
+    pub(crate) fn stored(&self) -> usize {
         self.slots.len()
     }
 
-    /// The JSON of accepted event `i`.
-    pub(crate) fn event(&self, i: usize) -> &[u8] {
-        let s = self.slots[i];
-        &self.chunks[s.chunk as usize][s.start as usize..s.end as usize]
+    /// How many events were accepted in all.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.stats.accepted_events
     }
 
-    /// A JSON array of the accepted events `offset..offset+limit`.
-    pub(crate) fn events_json(&self, offset: usize, limit: usize) -> Vec<u8> {
-        let from = offset.min(self.len());
-        let to = from.saturating_add(limit).min(self.len());
+    /// The log index of the oldest stored event (how many were evicted).
+    pub(crate) fn first_stored(&self) -> u64 {
+        self.stats.evicted_events
+    }
+
+    /// The JSON of the `i`th stored event (0 is the oldest stored).
+    pub(crate) fn stored_event(&self, i: usize) -> &[u8] {
+        let s = self.slots[i];
+        let chunk = &self.chunks[s.chunk.wrapping_sub(self.first_chunk) as usize].0;
+        &chunk[s.start as usize..s.end as usize]
+    }
+
+    /// A JSON array of the stored events with log indexes `offset..offset+limit` (indexes
+    /// count every event accepted; evicted ones are skipped).
+    pub(crate) fn events_json(&self, offset: u64, limit: usize) -> Vec<u8> {
+        let from = offset.saturating_sub(self.first_stored()).min(self.stored() as u64) as usize;
+        let to = from.saturating_add(limit).min(self.stored());
         let mut out = Vec::with_capacity(2 + (to - from) * 256);
         out.push(b'[');
         for i in from..to {
             if i > from {
                 out.push(b',');
             }
-            out.extend_from_slice(self.event(i));
+            out.extend_from_slice(self.stored_event(i));
         }
         out.push(b']');
         out
@@ -308,7 +367,7 @@ impl Record {
     /// Forgets everything in memory; the file, being append-only, is left as it is.
     pub(crate) fn reset(&mut self) {
         let file = self.file.take();
-        *self = Record::new(self.unit, file);
+        *self = Record::new(self.unit, self.max_stored, file);
     }
 
     /// Stops feeding the file writer so that it finishes.
@@ -372,7 +431,7 @@ mod tests {
 
     #[test]
     fn log_counts_duplicates_and_suspicious_timestamps() {
-        let mut r = Record::new(TimestampUnit::Seconds, None);
+        let mut r = Record::new(TimestampUnit::Seconds, 1000, None);
         let a = ev(json!({"client_user_id":"u","event_name":"deposit","timestamp":1702963200,"transaction_id":"t1"}));
         let b = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200000i64}));
         let events = vec![a.clone(), b];
@@ -405,7 +464,7 @@ mod tests {
 
     #[test]
     fn identical_keyless_events_accepted_again_are_counted_with_examples() {
-        let mut r = Record::new(TimestampUnit::Seconds, None);
+        let mut r = Record::new(TimestampUnit::Seconds, 1000, None);
         let login = |click: &str| {
             ev(
                 json!({"client_user_id":"u1","event_name":"login","timestamp":1702963200,
@@ -457,6 +516,57 @@ mod tests {
             0,
             "reset forgets the keyless identities"
         );
+    }
+
+    /// The log keeps the newest requests under the cap; the counters, duplicate ids and keyless
+    /// repeats stay exact over every event, evicted or not; names past the 100th are "other".
+    #[test]
+    fn the_log_is_capped_and_the_counters_stay_exact() {
+        let mut r = Record::new(TimestampUnit::Seconds, 10, None);
+        let keyed = |i: u64, name: &str| {
+            ev(json!({"client_user_id":"u","event_name":name,"timestamp":1702963200,
+                      "transaction_id":format!("t{i}")}))
+        };
+        let keyless = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200}));
+        // 30 requests of 4 events: t0..t119, names n0..n119 (so 20 past the cap of names).
+        for req in 0..30u64 {
+            let events: Vec<Event> = (0..4)
+                .map(|i| keyed(req * 4 + i, &format!("n{}", req * 4 + i)))
+                .collect();
+            accept_each(&mut r, &events);
+        }
+        accept_each(&mut r, std::slice::from_ref(&keyless));
+        // Every id again (all evicted from the log by now), and the keyless event again.
+        for req in 0..30u64 {
+            let events: Vec<Event> = (0..4).map(|i| keyed(req * 4 + i, "n0")).collect();
+            accept_each(&mut r, &events);
+        }
+        accept_each(&mut r, std::slice::from_ref(&keyless));
+        let s = r.stats();
+        assert_eq!(s.accepted_events, 242);
+        assert_eq!(s.duplicate_transaction_ids.len(), 120);
+        assert!(s.duplicate_transaction_ids.values().all(|&n| n == 2));
+        assert_eq!(s.repeated_keyless_events, 1);
+        assert_eq!(s.repeated_keyless_examples[0].first_index, 120);
+        assert_eq!(s.by_event_name.len(), EVENT_NAMES);
+        // n100..n119, and the two logins (a name first seen after the cap).
+        assert_eq!(s.other_event_names, 22);
+        assert_eq!(
+            s.by_event_name["n0"], 121,
+            "a name already counted goes on being counted"
+        );
+        // At most 10 stored, whole requests: the last three (4 + 4 + 1 = 9), from index 233.
+        assert_eq!(r.stored(), 9);
+        assert_eq!(s.evicted_events, 233);
+        assert_eq!(r.first_stored(), 233);
+        let stored: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(0, usize::MAX)).unwrap();
+        assert_eq!(stored.len(), 9);
+        assert_eq!(stored[0]["transaction_id"], "t112");
+        assert_eq!(stored[8]["event_name"], "login");
+        assert_eq!(stored[0]["event_name"], "n0");
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(240, 5)).unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!(page[0]["transaction_id"], "t119");
     }
 
     #[test]

@@ -362,15 +362,30 @@ impl Sandbox {
         self.stats().await["accepted_events"].as_u64().unwrap_or(0)
     }
 
+    /// Every stored accepted event, in order: `/_sandbox/events` answers a page at a time.
     pub async fn events(&self) -> Vec<serde_json::Value> {
-        self.client
-            .get(format!("{}/_sandbox/events", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let mut all = Vec::new();
+        // Log indexes count evicted events too: the first stored one's is in a header.
+        let mut first = 0u64;
+        loop {
+            let offset = first + all.len() as u64;
+            let resp = self
+                .client
+                .get(format!("{}/_sandbox/events?offset={offset}&limit=10000", self.url))
+                .send()
+                .await
+                .unwrap();
+            first = resp
+                .headers()
+                .get("x-sandbox-first-stored")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            let page: Vec<serde_json::Value> = resp.json().await.unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
     }
 
     pub async fn set_faults(&self, faults: serde_json::Value) {
