@@ -123,6 +123,15 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                     println!("skipped {}: no source topic header", d.at);
                     continue;
                 }
+                if let Some(cut) = &d.truncated {
+                    // Its value or headers were cut to fit the dead-letter topic: replaying it
+                    // would send the cut record. The source topic holds the whole one.
+                    println!(
+                        "skipped {}: written without part of the record ({cut}); read {} from the source topic",
+                        d.at, d.record.id
+                    );
+                    continue;
+                }
                 if dry_run {
                     println!("would replay {} to {}", d.at, d.record.id.topic);
                     continue;
@@ -154,7 +163,7 @@ impl DeadLetters {
             key: "dp.replayed_from",
             value: Some(d.at.as_str()),
         });
-        let record = d.record.to_record(&d.record.id.topic, h);
+        let record = d.record.to_record(&d.record.id.topic, h, super::Fit::EVERYTHING);
         self.producer
             .send(record, Duration::from_secs(30))
             .await
