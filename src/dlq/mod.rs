@@ -333,6 +333,16 @@ impl DeadLetters {
     ///
     /// Errors: the topic is missing, or the broker refused this client access to it.
     pub fn check_topic(&self) -> Result<(), TopicProblem> {
+        let found = self.topic_problem()?;
+        if found {
+            self.health.up(format!("dead-letter topic `{}` exists", self.topic));
+        }
+        Ok(())
+    }
+
+    /// What the broker's metadata says of the topic: `Ok(true)` it exists, `Ok(false)` no answer
+    /// (or an error the bridge does not judge). Blocking.
+    fn topic_problem(&self) -> Result<bool, TopicProblem> {
         let (topic, bootstrap) = (self.topic.clone(), self.kafka.bootstrap_servers.clone());
         let md = match self
             .producer
@@ -342,17 +352,14 @@ impl DeadLetters {
             Ok(md) => md,
             Err(e) => {
                 tracing::warn!(topic = %self.topic, error = %e, "cannot ask the broker whether the dead-letter topic exists; going on (a write to a missing topic halts its partition)");
-                return Ok(());
+                return Ok(false);
             }
         };
         let Some(t) = md.topics().iter().find(|t| t.name() == self.topic) else {
             return Err(TopicProblem::Missing { topic, bootstrap });
         };
         match t.error() {
-            None if !t.partitions().is_empty() => {
-                self.health.up(format!("dead-letter topic `{}` exists", self.topic));
-                Ok(())
-            }
+            None if !t.partitions().is_empty() => Ok(true),
             None | Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
                 Err(TopicProblem::Missing { topic, bootstrap })
             }
@@ -366,7 +373,7 @@ impl DeadLetters {
             }),
             Some(e) => {
                 tracing::warn!(topic = %self.topic, error = %RDKafkaErrorCode::from(e), "the broker's metadata of the dead-letter topic has an error; going on");
-                Ok(())
+                Ok(false)
             }
         }
     }

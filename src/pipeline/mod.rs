@@ -107,15 +107,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
     });
     let deduper = Arc::new(Deduper::new(&cfg.dedupe, &telemetry).await?);
     let tracker = Arc::new(Mutex::new(Tracker::new()));
-    let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker), &telemetry)?);
     let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter, &telemetry)?;
-    // Refused here rather than found by the first dead letter (issue 19): nothing is read yet.
+    // Refused here rather than found by the first dead letter (issue 19): before the group is joined.
     let check = dlq.clone();
     tokio::task::spawn_blocking(move || check.check_topic())
         .await
         .map_err(|e| StartError::Thread(std::io::Error::other(e)))?
         .map_err(crate::dlq::SetupError::from)?;
     let dead_letter_halts = dlq.halts();
+    let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker), &telemetry)?);
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %dlq.topic(), "bridge started");
     let writer = DeadLetterWriter {
