@@ -162,7 +162,8 @@ pub enum Ready {
     DeadLetterTopic,
     /// The dedupe store answers (`dedupe`).
     DedupeStore,
-    /// No assigned partition is stuck: assigned, not paused by the bridge, records to read on the
+    /// No assigned partition is stuck: assigned, not paused by the bridge (in-flight bound or
+    /// dead-letter halt), records to read on the
     /// broker, and none read for `kafka.stuck_after` (`source`; the reason names the partitions).
     Partitions,
     /// The shared rate budget's Redis answers (`deliver::budget`).

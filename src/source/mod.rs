@@ -415,9 +415,8 @@ impl Source {
     pub fn set_halted(&self, partitions: &[(Arc<str>, i32)]) {
         let ctx = self.consumer.context();
         *ctx.halted.lock() = partitions.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-        if partitions.is_empty() {
-            ctx.watch.lock().resumed(Instant::now());
-        }
+        // A partition resumed here starts the stuck-partition clock again (as a resume does).
+        ctx.watch.lock().resumed(Instant::now());
         if let Ok(assignment) = self.consumer.assignment() {
             ctx.apply_pause(&self.consumer, &assignment);
         }
@@ -483,8 +482,14 @@ impl Source {
             }
         }
         let assigned = watch.partitions().len();
-        let stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
+        let mut stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
         drop(watch);
+        // A partition halted for its dead letters is paused by the bridge, not stuck: condition
+        // `dead_letter_topic` says why it does not move.
+        {
+            let halted = ctx.halted.lock();
+            stuck.retain(|(t, p)| !halted.contains(&(t.clone(), *p)));
+        }
         ctx.metrics.stuck.set(stuck.len() as i64);
         let names = stuck
             .iter()
