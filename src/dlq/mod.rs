@@ -169,12 +169,23 @@ pub enum SetupError {
 /// Why the dead-letter topic cannot be written, as the broker's metadata says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicProblem {
-    #[error("dead-letter topic `{topic}` does not exist on {bootstrap}: create it (it must exist before the bridge starts; the bridge never creates it), or set dead_letter.topic to a topic that exists")]
-    Missing { topic: String, bootstrap: String },
+    /// The broker's metadata has no such topic (`UNKNOWN_TOPIC_OR_PART`, or no partitions).
+    #[error("dead-letter topic `{topic}` does not exist on {bootstrap}: create it (it must exist before the bridge starts), or set dead_letter.topic to a topic that exists")]
+    Missing {
+        /// `dead_letter.topic`.
+        topic: String,
+        /// `kafka.bootstrap_servers`.
+        bootstrap: String,
+    },
+    /// The broker refused this client the topic (`TOPIC_AUTHORIZATION_FAILED`,
+    /// `CLUSTER_AUTHORIZATION_FAILED`).
     #[error("dead-letter topic `{topic}` on {bootstrap}: the broker refused this client ({error}): grant it Describe and Write on the topic, or set dead_letter.topic")]
     NotAuthorised {
+        /// `dead_letter.topic`.
         topic: String,
+        /// `kafka.bootstrap_servers`.
         bootstrap: String,
+        /// The broker's error, as librdkafka words it.
         error: String,
     },
 }
