@@ -126,6 +126,15 @@ async fn an_oversize_dead_letter_is_written_cut_to_fit_and_the_partition_moves_o
 
     let log = bridge.proc.log_text();
     assert_eq!(log.matches("record dead-lettered").count(), 2, "{log}");
+
+    // A cut dead letter is not replayed: it would re-produce the cut record.
+    let (ok, out) = bridge.dlq(&["replay", "--stage", "validation"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("skipped tx.dlq/0/") && out.contains("read tx/0/3 from the source topic"),
+        "{out}"
+    );
+    assert!(out.contains("0 dead letters replayed"), "{out}");
     let metrics = bridge.metrics().await;
     assert_eq!(
         metric_sum(&metrics, "datapulse_bridge_dead_letters_truncated_total", &[]),

@@ -118,6 +118,8 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                 (true, StoreKind::Redis) => Some(Deduper::new(cfg.dedupe, &telemetry).await?),
                 _ => None,
             };
+            // Counted as chosen minus skipped: what was (or would be) produced.
+            let mut replayed = 0usize;
             for d in &chosen {
                 if d.record.id.topic.is_empty() {
                     println!("skipped {}: no source topic header", d.at);
@@ -132,6 +134,7 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                     );
                     continue;
                 }
+                replayed += 1;
                 if dry_run {
                     println!("would replay {} to {}", d.at, d.record.id.topic);
                     continue;
@@ -145,8 +148,7 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                 println!("replayed {} ({}: {}) to {}", d.at, d.stage, d.reason, d.record.id.topic);
             }
             println!(
-                "{} dead letters {}",
-                chosen.len(),
+                "{replayed} dead letters {}",
                 if dry_run { "would be replayed" } else { "replayed" }
             );
         }
