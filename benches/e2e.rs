@@ -314,6 +314,8 @@ fn main() {
         let broker = Broker::start(&dir);
         let topic = "bench.deposits";
         broker.create_topic(topic, partitions).await;
+        // The bridge refuses to start without its dead-letter topic (issue 19).
+        broker.create_topic(&format!("{topic}.dlq"), 1).await;
 
         let t = Instant::now();
         let ends = produce(&broker, topic, n as usize, partitions).await;

@@ -195,9 +195,14 @@ pub enum Ready {
     ApiKey,
     /// The consumer group assigned at least one partition (`source`, `pipeline`, `main`).
     Assignment,
+    /// The dead-letter topic takes writes: false while a dead letter cannot be written because
+    /// the topic is missing or this client is not authorised, and its partition is halted
+    /// (`dlq`; the reason names the topic, the error and the halted partitions).
+    DeadLetterTopic,
     /// The dedupe store answers (`dedupe`).
     DedupeStore,
-    /// No assigned partition is stuck: assigned, not paused by the bridge, records to read on the
+    /// No assigned partition is stuck: assigned, not paused by the bridge (in-flight bound or
+    /// dead-letter halt), records to read on the
     /// broker, and none read for `kafka.stuck_after` (`source`; the reason names the partitions).
     Partitions,
     /// The shared rate budget's Redis answers (`deliver::budget`).

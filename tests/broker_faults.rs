@@ -680,3 +680,49 @@ async fn a_partition_assigned_while_paused_is_paused_at_once() {
     let c = a.stop().await;
     verify(&w, "pause-assign", &[c]);
 }
+
+/// Issue 19, kind 1: the dead-letter topic stops taking writes while the bridge runs (the broker
+/// answers Produce with TOPIC_AUTHORIZATION_FAILED: authorisation lost). The partitions with a
+/// dead letter waiting halt (paused, nothing committed past it), readiness condition
+/// `dead_letter_topic` is false naming the topic, `datapulse_bridge_dead_letter_halted` is 1, and
+/// no dead letter is counted; once the broker takes writes again the probe writes them,
+/// everything moves on and every record is accounted for. (tansu 0.6 cannot refuse the writes:
+/// it still acknowledged dead letters to a topic deleted through the admin API.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_refusing_writes_halts_its_partitions_until_it_takes_them_again() {
+    use datapulse_bridge::telemetry::Ready;
+    let mut w = world("dl-halt", 19).await;
+    produce(&mut w, 200).await;
+    // Only the bridge's dead-letter producer sends Produce requests from here on; each probe (every
+    // 5 s per waiting dead letter) takes one error.
+    w.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &errors(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED], 12),
+    );
+    let run = start(config(&w, ""));
+    let halted = |run: &Running| run.telemetry.condition(Ready::DeadLetterTopic).is_some_and(|c| !c.ok);
+    wait_for(Duration::from_secs(60), "the dead-letter halt", || halted(&run)).await;
+    let reason = run.telemetry.condition(Ready::DeadLetterTopic).unwrap().reason;
+    assert!(
+        reason.contains(DLQ) && reason.contains("halted") && reason.contains("authoriz"),
+        "{reason}"
+    );
+    assert!(!run.telemetry.readiness().0, "unready while halted");
+    assert_eq!(
+        common::metric_sum(&run.telemetry.render(), "datapulse_bridge_dead_letter_halted", &[]),
+        1.0
+    );
+    assert_eq!(run.totals().dead_lettered, 0, "no dead letter counted before its write");
+
+    wait_for(Duration::from_secs(120), "the halt to end", || {
+        run.telemetry.condition(Ready::DeadLetterTopic).is_some_and(|c| c.ok)
+    })
+    .await;
+    assert_eq!(
+        common::metric_sum(&run.telemetry.render(), "datapulse_bridge_dead_letter_halted", &[]),
+        0.0
+    );
+    wait_committed_at_end(&w, Duration::from_secs(60)).await;
+    let totals = run.stop().await;
+    verify(&w, "dl-halt", &[totals]);
+}

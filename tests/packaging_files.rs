@@ -33,6 +33,7 @@ const METRICS: &[&str] = &[
     "datapulse_bridge_api_retries_total",
     "datapulse_bridge_rate_budget_wait_seconds_total",
     "datapulse_bridge_auth_halted",
+    "datapulse_bridge_dead_letter_halted",
     "datapulse_bridge_build_info",
 ];
 const HISTOGRAMS: &[&str] = &[
@@ -235,6 +236,7 @@ fn alert_rules_parse_and_match_the_chart_copy() {
         "DataPulseBridgeLagGrowing",
         "DataPulseBridgeOldestRecordTooOld",
         "DataPulseBridgeAuthHalted",
+        "DataPulseBridgeDeadLetterHalted",
         "DataPulseBridgeDeadLetterRate",
         "DataPulseBridgeRateLimited",
         "DataPulseBridgeTargetDown",
