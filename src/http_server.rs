@@ -13,9 +13,19 @@
 //!   answered at once with a `503` (`Connection: close`, `Retry-After: 1`) and closed, never
 //!   queued, so it costs a descriptor for microseconds, and the cap kept below the process's
 //!   descriptor limit keeps `accept` working for the clients that come after.
+//! - **Answers a client does not take**: a connection whose client takes none of an answer's
+//!   bytes for `header_read_timeout` (it stopped reading, or pipelines requests without reading
+//!   the answers) is closed: the socket's writes go through `tokio_io_timeout`'s write timeout,
+//!   which runs while a write waits and restarts with every byte taken. hyper has no such timer,
+//!   and without it such clients held their connection and their place under the cap for ever
+//!   (found by a new user's trial: 64 of them made the ops port answer `/health/live` with 503).
 //! - **Bodies**: only the sandbox's handlers read a body, each under its own deadline (see
 //!   `sandbox::api`); a body a handler leaves unread is not drained: hyper closes the
 //!   connection's read side after the answer, so a slow body costs nothing past the answer.
+//! - **Descriptors**: the cap is lowered, with a warning naming the setting, to the process's
+//!   descriptor limit (`RLIMIT_NOFILE`, `ulimit -n`) less [`RESERVED_DESCRIPTORS`], so that
+//!   `accept` keeps working and a client over the cap gets the fast refusal, not a hang.
+//! - **Shutdown**: connections still open [`SHUTDOWN_GRACE`] after shutdown began are dropped.
 //!
 //! This module imports nothing from the crate: a leaf that `telemetry` and `sandbox` use.
 
@@ -40,6 +50,24 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Most connections served at once; more are refused at once with a 503. At least 1.
     pub max_connections: usize,
+    /// The setting `max_connections` came from (`--max-connections`,
+    /// `telemetry.max_connections`), named when the descriptor limit lowers it.
+    pub max_connections_setting: &'static str,
+}
+
+/// Descriptors kept out of the connection cap for the process's own use (its log, the broker,
+/// Redis and API connections of the bridge, the listener, the runtime).
+pub const RESERVED_DESCRIPTORS: u64 = 32;
+
+/// How long a server waits, once shutdown began, for its connections to finish the request they
+/// are on; then the rest are dropped (a client that stops reading cannot hold a stop).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// `max_connections` lowered to the descriptor limit `nofile` (the soft `RLIMIT_NOFILE`) less
+/// [`RESERVED_DESCRIPTORS`], at least 1; `None` when it fits.
+fn capped_by_descriptors(max_connections: usize, nofile: u64) -> Option<usize> {
+    let room = nofile.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    (max_connections as u64 > room).then_some(room as usize)
 }
 
 /// The answer a connection over the cap gets, written without waiting, before it is closed.
@@ -66,7 +94,22 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut max_connections = limits.max_connections;
+    if let Ok((nofile, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        if let Some(room) = capped_by_descriptors(max_connections, nofile) {
+            tracing::warn!(
+                setting = limits.max_connections_setting,
+                configured = max_connections,
+                lowered_to = room,
+                descriptor_limit = nofile,
+                reserved = RESERVED_DESCRIPTORS,
+                "the connection cap is above what the process's descriptor limit (ulimit -n) allows: lowered, \
+                 so that a client over the cap is refused at once instead of waiting for a descriptor"
+            );
+            max_connections = room;
+        }
+    }
+    let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -86,7 +129,9 @@ pub async fn serve(
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+        io.set_write_timeout(Some(limits.header_read_timeout));
+        let conn = graceful.watch(http1.serve_connection(TokioIo::new(Box::pin(io)), service));
         tokio::spawn(async move {
             // A connection's error (reset, header timeout, malformed request) is its own end.
             let _ = conn.await;
@@ -94,7 +139,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace were dropped");
+    }
     Ok(())
 }
 
@@ -119,6 +166,18 @@ async fn accept_failed(e: std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cap_leaves_room_for_the_process_own_descriptors() {
+        assert_eq!(capped_by_descriptors(256, 1024), None);
+        assert_eq!(capped_by_descriptors(256, 128), Some(96));
+        assert_eq!(capped_by_descriptors(96, 128), None);
+        assert_eq!(capped_by_descriptors(64, 16), Some(1));
+        assert_eq!(
+            capped_by_descriptors(usize::MAX, u64::MAX),
+            Some((u64::MAX - 32) as usize)
+        );
+    }
 
     #[test]
     fn the_over_capacity_answer_declares_its_length() {

@@ -125,6 +125,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(args) => {
+            // Warnings and errors (a lowered connection cap, a failed accept) on stderr;
+            // `RUST_LOG` for more.
+            telemetry::init_logging(telemetry::LogFormat::Text, "warn", Default::default());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(sandbox::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,

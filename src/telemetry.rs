@@ -79,6 +79,7 @@ impl TelemetryConfig {
         Limits {
             header_read_timeout: self.header_read_timeout,
             max_connections: self.max_connections,
+            max_connections_setting: "telemetry.max_connections",
         }
     }
 

@@ -40,6 +40,7 @@ async fn ops_port(max_connections: usize) -> SocketAddr {
             Limits {
                 header_read_timeout: TIMEOUT,
                 max_connections,
+                max_connections_setting: "telemetry.max_connections",
             },
         )
         .await
@@ -178,6 +179,66 @@ async fn idle_connections_are_closed_after_the_header_read_timeout_on_both_serve
             "{name}: a kept-alive idle connection was still open after {BOUND:?}"
         );
     }
+}
+
+/// Connects with a 4 KiB receive buffer, pipelines `requests` copies of `GET path` and never
+/// reads; after three timeouts reads what is left. `true` when the server had closed the
+/// connection: what was left was what the kernel buffers held (under 16 MiB), then EOF or a
+/// reset; a connection still served would go on delivering its hundreds of MiB of answers.
+async fn closed_while_not_reading(addr: SocketAddr, path: &str, requests: usize) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        for _ in 0..requests {
+            if wr.write_all(request.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        // Held open: the server, not this side, must end the connection.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    tokio::time::sleep(TIMEOUT * 3).await;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = 0usize;
+    let closed = tokio::time::timeout(BOUND, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => {
+                    left += n;
+                    if left > 16 << 20 {
+                        return false;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    writer.abort();
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_answers_is_cut_off_on_both_servers() {
+    let sb = sandbox(|_| {}).await;
+    let ops = ops_port(8).await;
+    // The sandbox's OpenAPI document (about 140 KiB) and the operations port's metrics, asked
+    // far more often than any buffer holds.
+    assert!(
+        closed_while_not_reading(sb.addr(), "/_sandbox/openapi.yaml", 3_000).await,
+        "sandbox: a client that reads none of its answers kept its connection"
+    );
+    assert!(
+        closed_while_not_reading(ops, "/metrics", 100_000).await,
+        "operations port: a client that reads none of its answers kept its connection"
+    );
+    // And the servers still answer others.
+    assert!(get(sb.addr(), "/_sandbox/stats").await.unwrap().contains(" 200 "));
+    assert!(get(ops, "/health/live").await.unwrap().contains(" 200 "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,4 +647,61 @@ fn a_million_events_keep_the_sandbox_small_and_duplicates_exact() {
     assert!(dups.contains_key("bet_0999000"));
     assert_eq!(stats["evicted_events"], EVENTS + 1000 - 100_000);
     assert!(rss_kib < 150 * 1024, "RSS {rss_kib} KiB");
+}
+
+#[test]
+fn under_a_low_descriptor_limit_the_cap_is_lowered_and_a_client_over_it_is_refused_at_once() {
+    // The case: 128 descriptors, the default cap of 256, 200 idle connections.
+    let bin = env!("CARGO_BIN_EXE_datapulse-bridge");
+    let mut child = Command::new("prlimit")
+        .args([
+            "--nofile=128:128",
+            "--",
+            bin,
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            KEY,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit(" ")
+        .next()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    let idle: Vec<std::net::TcpStream> = (0..200).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    write!(s, "GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let took = started.elapsed();
+    assert!(
+        text.starts_with("HTTP/1.1 503") && text.contains("too_many_connections"),
+        "over the lowered cap a fast 503, got: {text:?}"
+    );
+    assert!(took < BOUND, "refused at once, not after a wait ({took:?})");
+    drop(idle);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert!(
+        stderr.contains("--max-connections")
+            && stderr.contains("lowered_to=96")
+            && stderr.contains("descriptor_limit=128"),
+        "the lowering is logged naming the flag and the numbers: {stderr}"
+    );
 }

@@ -216,6 +216,7 @@ impl SandboxArgs {
         Ok(http_server::Limits {
             header_read_timeout: self.header_read_timeout,
             max_connections: self.max_connections,
+            max_connections_setting: "--max-connections",
         })
     }
 
