@@ -319,7 +319,8 @@ impl SandboxHandle {
         self.shared.record().stats()
     }
 
-    /// Every stored accepted event (the newest `--max-stored-events`), in order, as the sandbox
+    /// Every stored accepted event (the newest `--max-stored-events` and `--max-stored-bytes`;
+    /// no page budget in process), in order, as the sandbox
     /// understood it.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let rec = self.shared.record();
