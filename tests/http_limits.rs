@@ -449,6 +449,13 @@ async fn limits_out_of_range_are_refused_at_start_naming_the_flag() {
             },
             "--max-stored-events",
         ),
+        (
+            SandboxArgs {
+                max_stored_bytes: 1_048_575,
+                ..base()
+            },
+            "--max-stored-bytes",
+        ),
     ] {
         match sandbox::start(args).await {
             Err(e @ SandboxError::Invalid { .. }) => assert!(e.to_string().starts_with(flag), "{e}"),
@@ -642,11 +649,261 @@ fn a_million_events_keep_the_sandbox_small_and_duplicates_exact() {
     );
     assert_eq!(stats["accepted_events"], EVENTS + 1000);
     let dups = stats["duplicate_transaction_ids"].as_object().unwrap();
+    assert_eq!(stats["duplicated_transaction_ids"], 1000);
+    assert_eq!(stats["duplicate_acceptances"], 1000);
     assert_eq!(dups.len(), 1000);
     assert!(dups.values().all(|n| n == 2));
     assert!(dups.contains_key("bet_0999000"));
-    assert_eq!(stats["evicted_events"], EVENTS + 1000 - 100_000);
+    // At most 100,000 stored (fewer if the 32 MiB byte budget comes first).
+    assert!(stats["evicted_events"].as_u64().unwrap() >= EVENTS + 1000 - 100_000);
     assert!(rss_kib < 150 * 1024, "RSS {rss_kib} KiB");
+}
+
+/// Starts the sandbox binary (its own process, so that its RSS can be read) with `extra` flags;
+/// the child (killed when dropped, even by a failing test) and its URL.
+fn sandbox_process(extra: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_datapulse-bridge"))
+        .args([
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "0",
+            "--api-key",
+            KEY,
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().strip_prefix("sandbox listening on ").unwrap().to_string();
+    (Proc(child), url)
+}
+
+/// A child process killed and reaped when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+async fn post_event(client: &reqwest::Client, url: &str, body: String) -> reqwest::Response {
+    client
+        .post(format!("{url}/v2/s2s/event"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// 300 single-event requests with a 1 MB custom property, then 150 with 1 MB event names: the
+/// stored log stays within its byte budget (RSS under 150 MiB, where counting events alone took
+/// it to 1.38 GB), a default events page stays under its 8 MiB budget and says where to go on,
+/// the long names do not grow `/_sandbox/stats`, and every counter is exact.
+#[test]
+fn large_events_keep_the_sandbox_small_and_pages_and_stats_short() {
+    let (child, url) = sandbox_process(&[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let big = "x".repeat(1_000_000);
+    let result = rt.block_on(async {
+        for i in 0..300 {
+            let body = format!(
+                r#"{{"client_user_id":"u","event_name":"deposit","amount":5,"currency":"EUR","timestamp":1702963200,"click_id":"c","ip_address":"203.0.113.7","transaction_id":"big_{i}","meta":"{big}"}}"#
+            );
+            let r = post_event(&client, &url, body).await;
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+        let rss_after_properties = rss_kib(child.0.id());
+
+        let page = client.get(format!("{url}/_sandbox/events")).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        let h = page.headers().clone();
+        let text = page.bytes().await.unwrap();
+        let events: Vec<serde_json::Value> = serde_json::from_slice(&text).unwrap();
+        let first: u64 = h["x-sandbox-first-stored"].to_str().unwrap().parse().unwrap();
+        let next: u64 = h["x-sandbox-next-offset"].to_str().unwrap().parse().unwrap();
+        assert_eq!(h["x-sandbox-page-cut"], "bytes");
+        assert_eq!(h["x-sandbox-accepted-events"], "300");
+        assert!(first > 0, "the 32 MiB byte budget evicted the oldest");
+        assert!(text.len() <= 8 * 1024 * 1024, "a page of {} bytes", text.len());
+        assert!(!events.is_empty());
+        assert_eq!(next, first + events.len() as u64);
+        assert_eq!(events[0]["transaction_id"], format!("big_{first}"));
+        // Paging on from the next offset reaches the end of the log.
+        let mut offset = next;
+        let mut pages = 1;
+        while offset < 300 {
+            let page = client
+                .get(format!("{url}/_sandbox/events?offset={offset}"))
+                .send()
+                .await
+                .unwrap();
+            let n: u64 = page.headers()["x-sandbox-next-offset"].to_str().unwrap().parse().unwrap();
+            let text = page.bytes().await.unwrap();
+            assert!(text.len() <= 8 * 1024 * 1024);
+            assert!(n > offset, "the next offset moves on");
+            offset = n;
+            pages += 1;
+        }
+        let rss_after_pages = rss_kib(child.0.id());
+
+        let name = "n".repeat(1_000_000);
+        for i in 0..150 {
+            let body = format!(
+                r#"{{"client_user_id":"u","event_name":"{name}","timestamp":1702963200,"click_id":"c{i}"}}"#
+            );
+            let r = post_event(&client, &url, body).await;
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+        let stats = client.get(format!("{url}/_sandbox/stats")).send().await.unwrap().text().await.unwrap();
+        (rss_after_properties, first, pages, rss_after_pages, stats, rss_kib(child.0.id()))
+    });
+    let (rss_after_properties, first, pages, rss_after_pages, stats_text, rss_end) = result;
+    drop(child);
+    println!(
+        "large events: RSS {:.1} MiB after 300 x 1 MB properties (first stored {first}), {:.1} MiB after \
+         {pages} pages, {:.1} MiB after 150 x 1 MB names; stats answer {} bytes",
+        rss_after_properties as f64 / 1024.0,
+        rss_after_pages as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        stats_text.len()
+    );
+    let stats: serde_json::Value = serde_json::from_str(&stats_text).unwrap();
+    assert_eq!(stats["accepted_events"], 450);
+    assert_eq!(stats["by_event_name"], serde_json::json!({"deposit": 300}));
+    assert_eq!(stats["other_event_names"], 150);
+    assert_eq!(stats["duplicated_transaction_ids"], 0);
+    assert!(
+        stats_text.len() < 64 * 1024,
+        "stats answer of {} bytes",
+        stats_text.len()
+    );
+    for rss in [rss_after_properties, rss_after_pages, rss_end] {
+        assert!(rss < 150 * 1024, "RSS {rss} KiB");
+    }
+}
+
+/// 2,000 transaction ids each accepted twice: the counts are exact, the list stops at 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_ids_are_counted_exactly_and_listed_up_to_a_thousand() {
+    let sb = sandbox(|_| {}).await;
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        for from in (0..2_000).step_by(500) {
+            let events: Vec<serde_json::Value> = (from..from + 500)
+                .map(|i| {
+                    serde_json::json!({"client_user_id":"u","event_name":"deposit","amount":5,
+                        "currency":"EUR","timestamp":1702963200,"click_id":"c","ip_address":"203.0.113.7",
+                        "transaction_id":format!("tx_{i:04}")})
+                })
+                .collect();
+            let r = client
+                .post(format!("{}/v2/s2s/batch", sb.url()))
+                .header("x-api-key", KEY)
+                .json(&events)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let stats: serde_json::Value = client
+        .get(format!("{}/_sandbox/stats", sb.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["accepted_events"], 4_000);
+    assert_eq!(stats["duplicated_transaction_ids"], 2_000);
+    assert_eq!(stats["duplicate_acceptances"], 2_000);
+    let listed = stats["duplicate_transaction_ids"].as_object().unwrap();
+    assert_eq!(listed.len(), 1_000);
+    assert!(listed.values().all(|n| n == 2));
+    assert!(listed.contains_key("tx_0000") && listed.contains_key("tx_0999"));
+    assert!(!listed.contains_key("tx_1000"));
+    assert_eq!(sb.stats().duplicated_transaction_ids, 2_000);
+}
+
+/// One invalid property with a 1 MB name: its error is listed (field and message cut), not
+/// dropped by the answer's byte budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_about_a_huge_property_name_is_listed_cut() {
+    let sb = sandbox(|_| {}).await;
+    let name = "p".repeat(1_000_000);
+    let body = format!(r#"{{"client_user_id":"u","event_name":"login","timestamp":1702963200,"{name}":[]}}"#);
+    let r = post_event(&reqwest::Client::new(), &sb.url(), body).await;
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 64 * 1024, "the answer is {} bytes", text.len());
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error_count"], 1);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{text:.500}");
+    assert_eq!(errors[0]["rule"], "property_type");
+    let field = errors[0]["field"].as_str().unwrap();
+    assert!(field.starts_with("ppp") && field.ends_with("…[cut]"), "{field:.300}");
+}
+
+/// A `/_sandbox/events` query that does not parse is answered with the documented JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_events_query_is_answered_json_400() {
+    let sb = sandbox(|_| {}).await;
+    let client = reqwest::Client::new();
+    for q in ["offset=-1", "offset=x", "offset=99999999999999999999999", "limit=-5"] {
+        let r = client
+            .get(format!("{}/_sandbox/events?{q}", sb.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+        assert!(
+            r.headers()[reqwest::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{q}"
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "invalid_query", "{q}");
+        assert!(
+            v["message"].as_str().unwrap().contains("offset") || q.starts_with("limit"),
+            "{q}: {v}"
+        );
+    }
+    let ok = client
+        .get(format!("{}/_sandbox/events?offset=0&limit=5", sb.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-sandbox-next-offset"], "0");
 }
 
 #[test]

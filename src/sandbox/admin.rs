@@ -6,6 +6,7 @@
 use super::api::{body_timeout, read_body, BodyError};
 use super::{ct_eq, joined, Faults, Shared};
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -24,6 +25,11 @@ const DEFAULT_PAGE: usize = 1_000;
 
 /// The largest `limit` honoured; a larger one is cut to it.
 const MAX_PAGE: usize = 10_000;
+
+/// The most bytes of event JSON in one `GET /_sandbox/events` answer (8 MiB): a page stops
+/// early, after at least one event, rather than pass it (issue 23: a default page of 1,000
+/// events of 1 MB each was a 1 GB answer). Header `X-Sandbox-Next-Offset` says where to go on.
+const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// The largest fault-settings body read, in bytes.
 const MAX_FAULTS_BODY: usize = 64 * 1024;
@@ -91,20 +97,34 @@ struct Page {
 }
 
 /// A page of the stored events: from log index `offset` (default 0), `limit` of them (default
-/// [`DEFAULT_PAGE`], at most [`MAX_PAGE`]). Headers say where the log stands:
-/// `X-Sandbox-Accepted-Events` (every event accepted) and `X-Sandbox-First-Stored` (the index of
-/// the oldest event still stored; those before it were evicted).
-async fn events(State(sh): State<Arc<Shared>>, Query(page): Query<Page>) -> Response {
-    let limit = page.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
-    let (body, accepted, first) = {
-        let rec = sh.record();
-        let body = rec.events_json(page.offset.unwrap_or(0), limit);
-        (body, rec.accepted(), rec.first_stored())
+/// [`DEFAULT_PAGE`], at most [`MAX_PAGE`]), and at most [`MAX_PAGE_BYTES`] of JSON (at least
+/// one event). Headers say where the log stands: `X-Sandbox-Accepted-Events` (every event
+/// accepted), `X-Sandbox-First-Stored` (the index of the oldest event still stored; those before
+/// it were evicted), `X-Sandbox-Next-Offset` (the `offset` of the next page) and, when the byte
+/// budget ended the page before `limit`, `X-Sandbox-Page-Cut: bytes`. A query that does not
+/// parse (`offset=-1`, `limit=x`) is answered 400 `{"error":"invalid_query","message":…}`.
+async fn events(State(sh): State<Arc<Shared>>, page: Result<Query<Page>, QueryRejection>) -> Response {
+    let page = match page {
+        Ok(Query(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", &e.body_text()),
     };
+    let offset = page.offset.unwrap_or(0);
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let (body, next, accepted, first) = {
+        let rec = sh.record();
+        let (body, next) = rec.events_json(offset, limit, MAX_PAGE_BYTES);
+        (body, next, rec.accepted(), rec.first_stored())
+    };
+    // Cut by bytes: the page ended before `limit` events and before the end of the log.
+    let cut = next < accepted && next < offset.max(first).saturating_add(limit as u64);
     let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     let h = resp.headers_mut();
     h.insert("x-sandbox-accepted-events", HeaderValue::from(accepted));
     h.insert("x-sandbox-first-stored", HeaderValue::from(first));
+    h.insert("x-sandbox-next-offset", HeaderValue::from(next));
+    if cut {
+        h.insert("x-sandbox-page-cut", HeaderValue::from_static("bytes"));
+    }
     resp
 }
 

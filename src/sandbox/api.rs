@@ -1,7 +1,7 @@
 //! `POST /v2/s2s/event` and `POST /v2/s2s/batch`.
 
 use super::faults::FaultStep;
-use super::record::AcceptedBatch;
+use super::record::{cut_text, AcceptedBatch};
 use super::Shared;
 use crate::event::{Event, Field, FieldKind, Rule, Violation};
 use axum::body::Body;
@@ -288,11 +288,26 @@ struct ListedErrors {
     count: usize,
 }
 
+/// The longest `field` a listed error keeps, in bytes (a longer one is cut, ending `…[cut]`).
+const LISTED_FIELD_BYTES: usize = 256;
+
+/// The longest `message` a listed error keeps, in bytes (a longer one is cut, ending `…[cut]`).
+const LISTED_MESSAGE_BYTES: usize = 1024;
+
 impl ListedErrors {
-    fn add(&mut self, e: ItemError) {
+    /// Counts `e`, and lists it while the list has room, its field and message cut to
+    /// [`LISTED_FIELD_BYTES`] and [`LISTED_MESSAGE_BYTES`]: so the first error is always listed
+    /// (issue 23: one property with a 1 MB name was answered `"errors":[]`).
+    fn add(&mut self, mut e: ItemError) {
         self.count += 1;
         if self.listed.len() >= LISTED_ERRORS || self.bytes >= LISTED_ERRORS_BYTES {
             return;
+        }
+        if e.violation.field.len() > LISTED_FIELD_BYTES {
+            e.violation.field = cut_text(&e.violation.field, LISTED_FIELD_BYTES);
+        }
+        if e.violation.message.len() > LISTED_MESSAGE_BYTES {
+            e.violation.message = cut_text(&e.violation.message, LISTED_MESSAGE_BYTES);
         }
         // The entry's own JSON and the comma before it.
         let size = serde_json::to_vec(&e).map_or(usize::MAX, |v| v.len() + 1);

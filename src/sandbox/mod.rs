@@ -97,6 +97,11 @@ pub struct SandboxArgs {
     /// whole); the counters in /_sandbox/stats count every event. At least --max-batch-events.
     #[arg(long, default_value_t = 100_000)]
     pub max_stored_events: usize,
+    /// Most bytes of accepted events' JSON kept for GET /_sandbox/events (default 32 MiB); the
+    /// oldest requests are evicted whole past this or --max-stored-events, whichever comes
+    /// first. At least --max-body-bytes.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_stored_bytes: usize,
     #[command(flatten)]
     pub faults: Faults,
 }
@@ -144,6 +149,7 @@ impl fmt::Debug for SandboxArgs {
             .field("body_read_timeout", &self.body_read_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_stored_events", &self.max_stored_events)
+            .field("max_stored_bytes", &self.max_stored_bytes)
             .field("faults", &self.faults)
             .finish()
     }
@@ -211,6 +217,12 @@ impl SandboxArgs {
             return invalid(
                 "--max-stored-events",
                 "must be at least --max-batch-events (a request's events are kept whole)",
+            );
+        }
+        if self.max_stored_bytes < self.max_body_bytes {
+            return invalid(
+                "--max-stored-bytes",
+                "must be at least --max-body-bytes (a request's events are kept whole)",
             );
         }
         Ok(http_server::Limits {
@@ -308,7 +320,8 @@ impl SandboxHandle {
         self.shared.record().stats()
     }
 
-    /// Every stored accepted event (the newest `--max-stored-events`), in order, as the sandbox
+    /// Every stored accepted event (the newest `--max-stored-events` and `--max-stored-bytes`;
+    /// no page budget in process), in order, as the sandbox
     /// understood it.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let rec = self.shared.record();
@@ -468,7 +481,12 @@ pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: args.body_read_timeout,
         faults: Mutex::new(FaultState::new(args.faults)),
-        record: Mutex::new(Record::new(args.timestamp_unit, args.max_stored_events, file)),
+        record: Mutex::new(Record::new(
+            args.timestamp_unit,
+            args.max_stored_events,
+            args.max_stored_bytes,
+            file,
+        )),
         shutdown: CancellationToken::new(),
     });
     let app = router(shared.clone());
@@ -530,6 +548,7 @@ mod tests {
         assert_eq!(a.body_read_timeout, Duration::from_secs(30));
         assert_eq!(a.max_connections, 256);
         assert_eq!(a.max_stored_events, 100_000);
+        assert_eq!(a.max_stored_bytes, 32 * 1024 * 1024);
         assert_eq!(a.admin_token_file, None);
     }
 

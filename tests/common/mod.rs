@@ -399,9 +399,12 @@ impl Sandbox {
         assert!(r.status().is_success(), "set faults: {}", r.status());
     }
 
-    /// Transaction ids the sandbox accepted more than once.
-    pub async fn duplicate_ids(&self) -> serde_json::Value {
-        self.stats().await["duplicate_transaction_ids"].clone()
+    /// How many distinct transaction ids the sandbox accepted more than once: its exact count
+    /// (`duplicate_transaction_ids` lists only the first 1,000, so its size is not the count).
+    pub async fn duplicated_ids(&self) -> u64 {
+        self.stats().await["duplicated_transaction_ids"]
+            .as_u64()
+            .expect("the sandbox's stats have duplicated_transaction_ids")
     }
 
     /// How many times the sandbox accepted an event without a transaction id identical to one it
