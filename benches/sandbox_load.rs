@@ -180,7 +180,7 @@ fn main() {
     let sent = sent.load(Ordering::Relaxed);
     let failures = failures.load(Ordering::Relaxed);
     let accepted = stats["accepted_events"].as_u64().unwrap();
-    let dups = stats["duplicated_transaction_ids"].as_u64().unwrap();
+    let dups = stats["duplicate_transaction_ids"].as_object().unwrap().len();
     let rss = std::fs::read_to_string(format!("/proc/{}/status", sandbox.0.id()))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))

@@ -276,7 +276,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  API requests          {requests} ({:.1} events per request); sandbox accepted {} events, {} transaction ids more than once",
         if requests > 0 { stats.accepted_events as f64 / requests as f64 } else { 0.0 },
         stats.accepted_events,
-        stats.duplicated_transaction_ids
+        stats.duplicate_transaction_ids.len()
     );
     let reasons = dead_letter_reasons(&bootstrap, c.dead_lettered as usize);
     println!("  dead letters on topic {DLQ_TOPIC}, by reason:");

@@ -12,7 +12,6 @@ pub mod deliver;
 pub mod demo;
 pub mod dlq;
 pub mod event;
-pub mod http_server;
 pub mod mapping;
 pub mod offsets;
 pub mod pipeline;

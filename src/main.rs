@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             let telemetry = telemetry::Telemetry::with_scrubber(scrubber.clone());
             let result = rt.block_on(async move {
                 datapulse_bridge::source::awaiting_assignment(&telemetry, "starting: the pipeline is not running yet");
-                let addr = match telemetry.serve(&cfg.telemetry.listen, cfg.telemetry.limits()).await {
+                let addr = match telemetry.serve(&cfg.telemetry.listen).await {
                     Ok(addr) => addr,
                     Err(e) => {
                         return Err(format!(
@@ -125,9 +125,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(args) => {
-            // Warnings and errors (a lowered connection cap, a failed accept) on stderr;
-            // `RUST_LOG` for more.
-            telemetry::init_logging(telemetry::LogFormat::Text, "warn", Default::default());
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(sandbox::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,6 @@
 //! `datapulse_bridge_*`), and readiness is the conjunction of the [`Ready`] conditions modules set
 //! with [`Telemetry::set_ready`].
 
-use crate::http_server::{self, Limits};
 use crate::settings::{Invalid, Scrubber};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,7 +18,6 @@ use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// `[telemetry]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -34,18 +32,6 @@ pub struct TelemetryConfig {
     /// A `tracing` filter such as `info` or `datapulse_bridge=debug,info`; `RUST_LOG` overrides.
     #[serde(default = "default_level")]
     pub log_level: String,
-    /// How long a connection to the operations port may take to send a whole request head,
-    /// counted from accept or from the previous answer: also the idle keep-alive timeout
-    /// (`http_server`). Default `60s`, above the idle pool timeout of the clients that keep
-    /// connections (Prometheus), so that a scrape rarely meets a connection being closed; must
-    /// be longer than zero.
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// Most connections the operations port serves at once; one more is answered `503` at once
-    /// and closed (`http_server`). Default 64 (Prometheus and the kubelet's probes need a few);
-    /// at least 1.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
 }
 
 fn default_listen() -> String {
@@ -54,12 +40,6 @@ fn default_listen() -> String {
 fn default_level() -> String {
     "info".into()
 }
-fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_max_connections() -> usize {
-    64
-}
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
@@ -67,22 +47,11 @@ impl Default for TelemetryConfig {
             listen: default_listen(),
             log_format: LogFormat::Text,
             log_level: default_level(),
-            header_read_timeout: default_header_read_timeout(),
-            max_connections: default_max_connections(),
         }
     }
 }
 
 impl TelemetryConfig {
-    /// The operations server's limits.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            header_read_timeout: self.header_read_timeout,
-            max_connections: self.max_connections,
-            max_connections_setting: "telemetry.max_connections",
-        }
-    }
-
     /// What types alone cannot say about `[telemetry]`.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut errs = Vec::new();
@@ -91,15 +60,6 @@ impl TelemetryConfig {
                 "telemetry.listen",
                 format!("`{}` is not an address such as 0.0.0.0:9090", self.listen),
             ));
-        }
-        if self.header_read_timeout.is_zero() {
-            errs.push(Invalid::new(
-                "telemetry.header_read_timeout",
-                "must be longer than zero, e.g. \"60s\"",
-            ));
-        }
-        if self.max_connections == 0 {
-            errs.push(Invalid::new("telemetry.max_connections", "must be at least 1, e.g. 64"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             errs.push(Invalid::new(
@@ -196,14 +156,9 @@ pub enum Ready {
     ApiKey,
     /// The consumer group assigned at least one partition (`source`, `pipeline`, `main`).
     Assignment,
-    /// The dead-letter topic takes writes: false while a dead letter cannot be written because
-    /// the topic is missing or this client is not authorised, and its partition is halted
-    /// (`dlq`; the reason names the topic, the error and the halted partitions).
-    DeadLetterTopic,
     /// The dedupe store answers (`dedupe`).
     DedupeStore,
-    /// No assigned partition is stuck: assigned, not paused by the bridge (in-flight bound or
-    /// dead-letter halt), records to read on the
+    /// No assigned partition is stuck: assigned, not paused by the bridge, records to read on the
     /// broker, and none read for `kafka.stuck_after` (`source`; the reason names the partitions).
     Partitions,
     /// The shared rate budget's Redis answers (`deliver::budget`).
@@ -397,16 +352,13 @@ impl Telemetry {
             .with_state(self.clone())
     }
 
-    /// Binds the operations server and serves it in the background, for the life of the
-    /// process, under `limits` (`telemetry.header_read_timeout`, `telemetry.max_connections`);
-    /// returns the bound address.
-    pub async fn serve(&self, listen: &str, limits: Limits) -> std::io::Result<SocketAddr> {
+    /// Binds the operations server and serves it in the background; returns the bound address.
+    pub async fn serve(&self, listen: &str) -> std::io::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let router = self.router();
         tokio::spawn(async move {
-            let forever = tokio_util::sync::CancellationToken::new();
-            if let Err(e) = http_server::serve(listener, router, limits, forever).await {
+            if let Err(e) = axum::serve(listener, router).await {
                 tracing::error!(error = %e, "operations server stopped");
             }
         });
@@ -435,20 +387,6 @@ async fn ready(State(t): State<Telemetry>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_limits_out_of_range_are_refused_by_key() {
-        let c = TelemetryConfig {
-            header_read_timeout: Duration::ZERO,
-            max_connections: 0,
-            ..TelemetryConfig::default()
-        };
-        let keys: Vec<String> = c.validate().iter().map(|i| i.key.clone()).collect();
-        assert_eq!(keys, ["telemetry.header_read_timeout", "telemetry.max_connections"]);
-        assert!(TelemetryConfig::default().validate().is_empty());
-        assert_eq!(TelemetryConfig::default().header_read_timeout, Duration::from_secs(60));
-        assert_eq!(TelemetryConfig::default().max_connections, 64);
-    }
 
     #[test]
     fn panic_messages_are_scrubbed() {

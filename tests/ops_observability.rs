@@ -137,7 +137,6 @@ async fn metrics_account_for_every_record_and_agree_with_the_sandbox() {
     // The sandbox's record and the bridge's counters tell the same story.
     let stats = &run.stats;
     assert_eq!(stats["accepted_events"].as_u64(), Some(1_000));
-    assert_eq!(stats["duplicated_transaction_ids"], 0);
     assert_eq!(stats["duplicate_transaction_ids"], json!({}));
     let requests = stats["requests"].as_u64().unwrap() as f64;
     // A request that hung until the bridge gave up has no status at the sandbox and counts as

@@ -118,23 +118,11 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                 (true, StoreKind::Redis) => Some(Deduper::new(cfg.dedupe, &telemetry).await?),
                 _ => None,
             };
-            // Counted as chosen minus skipped: what was (or would be) produced.
-            let mut replayed = 0usize;
             for d in &chosen {
                 if d.record.id.topic.is_empty() {
                     println!("skipped {}: no source topic header", d.at);
                     continue;
                 }
-                if let Some(cut) = &d.truncated {
-                    // Its value or headers were cut to fit the dead-letter topic: replaying it
-                    // would send the cut record. The source topic holds the whole one.
-                    println!(
-                        "skipped {}: written without part of the record ({cut}); read {} from the source topic",
-                        d.at, d.record.id
-                    );
-                    continue;
-                }
-                replayed += 1;
                 if dry_run {
                     println!("would replay {} to {}", d.at, d.record.id.topic);
                     continue;
@@ -148,7 +136,8 @@ pub async fn run_command(cmd: DlqCommand, cfg: DlqSettings<'_>) -> anyhow::Resul
                 println!("replayed {} ({}: {}) to {}", d.at, d.stage, d.reason, d.record.id.topic);
             }
             println!(
-                "{replayed} dead letters {}",
+                "{} dead letters {}",
+                chosen.len(),
                 if dry_run { "would be replayed" } else { "replayed" }
             );
         }
@@ -165,7 +154,7 @@ impl DeadLetters {
             key: "dp.replayed_from",
             value: Some(d.at.as_str()),
         });
-        let record = d.record.to_record(&d.record.id.topic, h, super::Fit::EVERYTHING);
+        let record = d.record.to_record(&d.record.id.topic, h);
         self.producer
             .send(record, Duration::from_secs(30))
             .await

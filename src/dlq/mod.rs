@@ -6,16 +6,6 @@
 //! the broker acknowledged its dead-letter write (invariant 2), so [`DeadLetters::send`] retries
 //! until acknowledged or shutdown.
 //!
-//! A dead letter that cannot be written as it is (larger than the producer's `message.max.bytes`
-//! or the topic's `max.message.bytes`, or refused as an invalid record) is written cut to fit
-//! ([`Fit`]): the coordinates, the reason and as much of the record as fits, with `dp.truncated`
-//! saying what was left out; its partition moves on. When the topic cannot be written at all
-//! (missing, or this client not authorised), the partitions waiting on it halt ([`Halts`]: the
-//! consumer loop pauses them), readiness condition `dead_letter_topic` is false and
-//! `datapulse_bridge_dead_letter_halted` is 1, and the pending write is tried again every
-//! [`HALT_PROBE_INTERVAL`] until it succeeds. [`DeadLetters::check_topic`] refuses a missing topic
-//! at start-up.
-//!
 //! A record read again (after a crash or a rebalance, possibly by two owners at once) is
 //! dead-lettered once: [`DeadLetterWriter`] claims the write by the record's id in the dedupe
 //! store, looks a lapsed claim up in the topic, sends, and remembers the write. It answers
@@ -28,24 +18,20 @@ mod read;
 pub use command::{run_command, DlqCommand, DlqFilter, DlqSettings};
 pub use read::{contains, read_all, DeadLetter, ReadError};
 
-use crate::backoff::Backoff;
+use crate::backoff::{until_ok, Backoff};
 use crate::dedupe::{DeadLetterClaim, Deduper};
 use crate::offsets::RecordId;
 use crate::settings::Invalid;
 use crate::source::Record;
 use crate::source::{KafkaConfig, PropertiesFileError};
-use crate::telemetry::{Change, Family, Health, Ready, Telemetry};
+use crate::telemetry::{Family, Telemetry};
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use prometheus::Registry;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -108,23 +94,12 @@ pub mod headers {
     pub const TIME: &str = "dp.time";
     pub const VERSION: &str = "dp.bridge_version";
     pub const DEDUPE_KEY: &str = "dp.dedupe_key";
-    /// What of the record a dead letter leaves out, when it could not be written as it is
-    /// ([`super::Fit::describe`]): `value` (truncated to its first bytes), `value_omitted`,
-    /// `headers_omitted`, `key_omitted`, comma-separated. Absent when nothing was left out.
-    pub const TRUNCATED: &str = "dp.truncated";
-    /// The original value's size in bytes (with [`TRUNCATED`]).
-    pub const ORIGINAL_VALUE_BYTES: &str = "dp.original_value_bytes";
-    /// Why the dead letter could not be written as it is: the producer's or broker's error (with
-    /// [`TRUNCATED`]).
-    pub const TRUNCATED_BECAUSE: &str = "dp.truncated_because";
 }
 
 /// The dead-letter metrics.
 struct Metrics {
     written: prometheus::IntCounterVec,
     write_errors: prometheus::IntCounter,
-    halted: prometheus::IntGauge,
-    truncated: prometheus::IntCounter,
 }
 
 impl Family for Metrics {
@@ -141,16 +116,6 @@ impl Family for Metrics {
                 "Dead-letter writes that failed and were retried.",
                 r
             )?,
-            halted: prometheus::register_int_gauge_with_registry!(
-                "datapulse_bridge_dead_letter_halted",
-                "1 while partitions are halted because the dead-letter topic cannot be written at all (missing, not authorised), else 0.",
-                r
-            )?,
-            truncated: prometheus::register_int_counter_with_registry!(
-                "datapulse_bridge_dead_letters_truncated_total",
-                "Dead letters written without part of their record (value truncated or omitted, headers or key omitted) because it could not be written as it is.",
-                r
-            )?,
         })
     }
 }
@@ -162,126 +127,6 @@ pub enum SetupError {
     Properties(#[from] PropertiesFileError),
     #[error("cannot create the dead-letter producer: {0}")]
     Producer(#[from] KafkaError),
-    #[error(transparent)]
-    Topic(#[from] TopicProblem),
-}
-
-/// Why the dead-letter topic cannot be written, as the broker's metadata says.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TopicProblem {
-    /// The broker's metadata has no such topic (`UNKNOWN_TOPIC_OR_PART`, or no partitions).
-    #[error("dead-letter topic `{topic}` does not exist on {bootstrap}: create it (it must exist before the bridge starts), or set dead_letter.topic to a topic that exists")]
-    Missing {
-        /// `dead_letter.topic`.
-        topic: String,
-        /// `kafka.bootstrap_servers`.
-        bootstrap: String,
-    },
-    /// The broker refused this client the topic (`TOPIC_AUTHORIZATION_FAILED`,
-    /// `CLUSTER_AUTHORIZATION_FAILED`).
-    #[error("dead-letter topic `{topic}` on {bootstrap}: the broker refused this client ({error}): grant it Describe and Write on the topic, or set dead_letter.topic")]
-    NotAuthorised {
-        /// `dead_letter.topic`.
-        topic: String,
-        /// `kafka.bootstrap_servers`.
-        bootstrap: String,
-        /// The broker's error, as librdkafka words it.
-        error: String,
-    },
-}
-
-/// How often a halted dead-letter write is tried again (the probe that resumes the halted
-/// partitions once the topic can be written).
-pub const HALT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long [`DeadLetters::check_topic`] waits for the broker's metadata.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// librdkafka's default `message.max.bytes`: the largest record the producer sends.
-const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
-
-/// What a failed dead-letter write means for the next try.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
-    /// This dead letter can never be written as it is: too large for the producer's
-    /// `message.max.bytes` (librdkafka refuses it locally) or the broker's/topic's
-    /// `max.message.bytes` (`MSG_SIZE_TOO_LARGE`, `RECORD_LIST_TOO_LARGE`), or refused as an
-    /// invalid record (`INVALID_RECORD`: a record without a key on a compacted topic). Written
-    /// cut to fit.
-    NotAsItIs,
-    /// The topic cannot be written at all (`UNKNOWN_TOPIC_OR_PART`, librdkafka's
-    /// `ERR__UNKNOWN_TOPIC`, `TOPIC_AUTHORIZATION_FAILED`, `CLUSTER_AUTHORIZATION_FAILED`): the
-    /// partitions needing it halt.
-    Topic,
-    /// Anything else (a broker down, a timeout): tried again with backoff; a timeout also asks the
-    /// broker whether the topic is still there.
-    Transient,
-}
-
-impl Failure {
-    /// The class of a producer error.
-    pub fn of(e: &KafkaError) -> Failure {
-        use RDKafkaErrorCode as C;
-        match e.rdkafka_error_code() {
-            Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord) => Failure::NotAsItIs,
-            Some(
-                C::UnknownTopicOrPartition
-                | C::UnknownTopic
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed,
-            ) => Failure::Topic,
-            _ => Failure::Transient,
-        }
-    }
-}
-
-/// The partitions whose dead letters wait on a topic that cannot be written, shared by the
-/// dead-letter writer (which adds and removes them) and the consumer loop (which pauses them).
-#[derive(Default)]
-pub struct Halts {
-    /// Per partition, how many of its dead letters are halted.
-    partitions: Mutex<BTreeMap<(Arc<str>, i32), usize>>,
-    /// Moves on every change, so the consumer loop applies only changes.
-    version: AtomicU64,
-}
-
-impl Halts {
-    fn add(&self, id: &RecordId) {
-        *self
-            .partitions
-            .lock()
-            .entry((Arc::clone(&id.topic), id.partition))
-            .or_default() += 1;
-        self.version.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn remove(&self, id: &RecordId) {
-        let mut parts = self.partitions.lock();
-        let key = (Arc::clone(&id.topic), id.partition);
-        if let Some(n) = parts.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                parts.remove(&key);
-            }
-        }
-        self.version.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// A number that moves whenever the halted partitions change.
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::SeqCst)
-    }
-
-    /// The halted partitions, `(topic, partition)`.
-    pub fn partitions(&self) -> Vec<(Arc<str>, i32)> {
-        self.partitions.lock().keys().cloned().collect()
-    }
-
-    fn describe(&self) -> String {
-        let parts = self.partitions.lock();
-        let names: Vec<String> = parts.keys().map(|(t, p)| format!("{t}/{p}")).collect();
-        names.join(", ")
-    }
 }
 
 /// The dead-letter producer.
@@ -292,11 +137,6 @@ pub struct DeadLetters {
     /// For reading the topic back ([`DeadLetters::written_since`]).
     kafka: KafkaConfig,
     metrics: Arc<Metrics>,
-    /// The producer's `message.max.bytes` (librdkafka's default unless `kafka.properties` sets it).
-    max_message_bytes: usize,
-    halts: Arc<Halts>,
-    /// Readiness condition `dead_letter_topic`.
-    health: Arc<Health>,
 }
 
 impl DeadLetters {
@@ -306,12 +146,8 @@ impl DeadLetters {
     /// Errors: `kafka.properties_file` unreadable, or librdkafka refused the producer's settings.
     pub fn new(kafka: &KafkaConfig, cfg: &DeadLetterConfig, telemetry: &Telemetry) -> Result<DeadLetters, SetupError> {
         let mut c = ClientConfig::new();
-        let mut max_message_bytes = DEFAULT_MESSAGE_MAX_BYTES;
         for (k, v) in kafka.client_properties()? {
             if crate::source::is_producer_property(&k) {
-                if k == "message.max.bytes" {
-                    max_message_bytes = v.trim().parse().unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
-                }
                 c.set(k, v);
             }
         }
@@ -325,68 +161,7 @@ impl DeadLetters {
             topic: cfg.topic.clone(),
             kafka: kafka.clone(),
             metrics: telemetry.metrics(),
-            max_message_bytes,
-            halts: Arc::default(),
-            health: Arc::new(Health::new(telemetry, Ready::DeadLetterTopic)),
         })
-    }
-
-    /// The partitions halted by this writer (the consumer loop pauses them).
-    pub fn halts(&self) -> Arc<Halts> {
-        Arc::clone(&self.halts)
-    }
-
-    /// Asks the broker's metadata whether the topic exists and this client may use it. `Ok` also
-    /// when the broker does not answer within 10 s (the consumer waits for the broker the same
-    /// way; a write then halts if the topic is missing). Blocking: call it off the runtime's
-    /// workers. A broker with `auto.create.topics.enable` may create the topic on this request
-    /// (librdkafka's producer default `allow.auto.create.topics=true`).
-    ///
-    /// Errors: the topic is missing, or the broker refused this client access to it.
-    pub fn check_topic(&self) -> Result<(), TopicProblem> {
-        let found = self.topic_problem()?;
-        if found {
-            self.health.up(format!("dead-letter topic `{}` exists", self.topic));
-        }
-        Ok(())
-    }
-
-    /// What the broker's metadata says of the topic: `Ok(true)` it exists, `Ok(false)` no answer
-    /// (or an error the bridge does not judge). Blocking.
-    fn topic_problem(&self) -> Result<bool, TopicProblem> {
-        let (topic, bootstrap) = (self.topic.clone(), self.kafka.bootstrap_servers.clone());
-        let md = match self
-            .producer
-            .client()
-            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)
-        {
-            Ok(md) => md,
-            Err(e) => {
-                tracing::warn!(topic = %self.topic, error = %e, "cannot ask the broker whether the dead-letter topic exists; going on (a write to a missing topic halts its partition)");
-                return Ok(false);
-            }
-        };
-        let Some(t) = md.topics().iter().find(|t| t.name() == self.topic) else {
-            return Err(TopicProblem::Missing { topic, bootstrap });
-        };
-        match t.error() {
-            None if !t.partitions().is_empty() => Ok(true),
-            None | Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
-                Err(TopicProblem::Missing { topic, bootstrap })
-            }
-            Some(
-                e @ (RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED
-                | RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED),
-            ) => Err(TopicProblem::NotAuthorised {
-                topic,
-                bootstrap,
-                error: RDKafkaErrorCode::from(e).to_string(),
-            }),
-            Some(e) => {
-                tracing::warn!(topic = %self.topic, error = %RDKafkaErrorCode::from(e), "the broker's metadata of the dead-letter topic has an error; going on");
-                Ok(false)
-            }
-        }
     }
 
     /// Whether the topic holds the dead letter of the record `id`, written since `since_ms`
@@ -415,251 +190,26 @@ impl DeadLetters {
     /// `dedupe_key`: the key of an event dead-lettered in doubt (header `dp.dedupe_key`, which
     /// `dlq replay` lets go). Returns false only when `cancel` fired first (the record then stays
     /// unfinished).
-    ///
-    /// A dead letter that cannot be written as it is ([`Failure::NotAsItIs`]) is written cut to
-    /// fit ([`Fit::decide`]: first to the producer's `message.max.bytes`, then to half of what
-    /// the broker refused, down to the `dp.*` headers alone). A topic that cannot be written
-    /// ([`Failure::Topic`]) halts the record's partition until a try every
-    /// [`HALT_PROBE_INTERVAL`] succeeds.
     pub async fn send(&self, rec: &Record, why: &Reason, dedupe_key: Option<&str>, cancel: &CancellationToken) -> bool {
         let meta = Meta::of(rec, why, dedupe_key);
-        let sizes = Sizes {
-            key: rec.key.as_ref().map_or(0, Vec::len),
-            value: rec.value.as_ref().map_or(0, Vec::len),
-            headers: rec
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + HEADER_OVERHEAD)
-                .sum(),
-            meta: meta.size(),
-        };
-        let mut limit = self.max_message_bytes;
-        let mut fit = Fit::decide(sizes, limit);
-        // Why the record is cut: librdkafka's or the broker's refusal, or (before any try) the
-        // producer's own limit.
-        let mut because = format!("larger than the producer's message.max.bytes ({limit})");
-        let mut delay = Backoff::DEAD_LETTER.initial;
-        let mut halted = false;
-        let written = loop {
-            let cut = fit.describe(sizes).map(|what| (what, sizes.value, because.as_str()));
-            let headers = meta.headers(
-                if fit.headers {
-                    rec.original_headers(13)
-                } else {
-                    OwnedHeaders::new_with_capacity(13)
-                },
-                cut.as_ref().map(|(w, n, b)| (w.as_str(), *n, *b)),
-            );
-            let record = rec.to_record(&self.topic, headers, fit);
+        let write = || {
+            let record = rec.to_record(&self.topic, meta.headers(rec.original_headers(10)));
             let sent = self.producer.send(record, Duration::from_secs(30));
-            let result = tokio::select! {
-                r = sent => r.map_err(|(e, _)| e),
-                _ = cancel.cancelled() => break false,
-            };
-            let e = match result {
-                Ok(_) => break true,
-                Err(e) => e,
-            };
-            self.metrics.write_errors.inc();
-            let mut failure = Failure::of(&e);
-            if failure == Failure::Transient
-                && e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
-                && self.topic_missing().await
-            {
-                failure = Failure::Topic;
-            }
-            match failure {
-                Failure::NotAsItIs if fit != Fit::decide(sizes, 0) => {
-                    because = e.to_string();
-                    limit = limit.min(fit_bytes(sizes, fit, meta.size())) / 2;
-                    fit = Fit::decide(sizes, limit);
-                    tracing::info!(topic = %self.topic, record = %rec.id, error = %e,
-                        "the dead letter cannot be written as it is; writing it cut to fit");
-                    continue;
-                }
-                // Not even the coordinates and the reason can be written: the topic cannot take
-                // this record at all.
-                Failure::NotAsItIs | Failure::Topic => {
-                    if !halted {
-                        halted = true;
-                        self.halts.add(&rec.id);
-                    }
-                    self.halt(&e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(HALT_PROBE_INTERVAL) => {}
-                        _ = cancel.cancelled() => break false,
-                    }
-                }
-                Failure::Transient => {
-                    tracing::error!(topic = %self.topic, source_topic = %rec.id.topic, partition = rec.id.partition,
-                        offset = rec.id.offset, error = %e, "dead-letter write failed; retrying (the record stays unfinished)");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => break false,
-                    }
-                    delay = (delay * 2).min(Backoff::DEAD_LETTER.max);
-                }
-            }
+            async move { sent.await.map_err(|(e, _)| e) }
         };
-        if halted {
-            self.halts.remove(&rec.id);
-        }
-        if written {
-            self.resumed();
-            if fit.cut(sizes) {
-                self.metrics.truncated.inc();
-            }
+        let written = until_ok(Backoff::DEAD_LETTER, Some(cancel), write, |e: &KafkaError, _| {
+            self.metrics.write_errors.inc();
+            tracing::error!(topic = %self.topic, source_topic = %rec.id.topic, partition = rec.id.partition,
+                offset = rec.id.offset, error = %e, "dead-letter write failed; retrying (the record stays unfinished)");
+        })
+        .await;
+        if written.is_some() {
             self.metrics
                 .written
                 .with_label_values(&[why.stage, why.code.as_str()])
                 .inc();
         }
-        written
-    }
-
-    /// Whether the broker's metadata says the topic is missing or refused to this client (false
-    /// when the broker does not answer).
-    async fn topic_missing(&self) -> bool {
-        let this = self.clone();
-        matches!(
-            tokio::task::spawn_blocking(move || this.check_topic()).await,
-            Ok(Err(_))
-        )
-    }
-
-    /// A write found the topic unwritable: readiness false naming the topic, logged once per
-    /// outage.
-    fn halt(&self, e: &KafkaError) {
-        let reason = format!(
-            "dead-letter topic `{}` cannot be written ({e}): partitions {} halted, trying again every {}",
-            self.topic,
-            self.halts.describe(),
-            humantime::format_duration(HALT_PROBE_INTERVAL)
-        );
-        if self.health.down(false, reason) != Change::Same {
-            tracing::error!(topic = %self.topic, error = %e, partitions = %self.halts.describe(),
-                "the dead-letter topic cannot be written: the partitions waiting on it are halted (paused, nothing committed past); \
-                 create the topic or grant this client Write on it");
-        }
-        self.metrics.halted.set(1);
-    }
-
-    /// A write succeeded: the topic takes writes.
-    fn resumed(&self) {
-        if !self.halts.partitions.lock().is_empty() {
-            return;
-        }
-        match self
-            .health
-            .up(format!("dead-letter topic `{}` takes writes", self.topic))
-        {
-            Change::Recovered => {
-                tracing::info!(topic = %self.topic, "the dead-letter topic takes writes again; halted partitions resume")
-            }
-            Change::Same | Change::First | Change::Failed => {}
-        }
-        self.metrics.halted.set(0);
-    }
-}
-
-/// The bytes a dead letter in shape `fit` weighs, as [`Fit::decide`] counts them.
-fn fit_bytes(s: Sizes, fit: Fit, meta: usize) -> usize {
-    RECORD_OVERHEAD + meta + fit.value_bytes + if fit.key { s.key } else { 0 } + if fit.headers { s.headers } else { 0 }
-}
-
-/// The shape a dead letter is written in: what of the record's key, value and headers it
-/// carries. The `dp.*` headers (coordinates, reason) are always written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Fit {
-    pub key: bool,
-    /// The value's first bytes to carry: all of them (`value.len()`), fewer (truncated) or none.
-    pub value_bytes: usize,
-    pub headers: bool,
-}
-
-/// The sizes, in bytes, [`Fit::decide`] weighs: the record's key, value and headers (each
-/// header's name and value, plus [`HEADER_OVERHEAD`]) and the `dp.*` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Sizes {
-    pub key: usize,
-    pub value: usize,
-    pub headers: usize,
-    pub meta: usize,
-}
-
-/// Bytes a header adds besides its name and value (librdkafka writes two varint lengths).
-pub(crate) const HEADER_OVERHEAD: usize = 10;
-
-/// Bytes a one-record batch adds besides key, value and headers: the v2 batch header (61) and the
-/// record's own fields (at most 41, `RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`), rounded up, plus room
-/// for the headers saying what was cut (`dp.truncated`, `dp.original_value_bytes`,
-/// `dp.truncated_because`).
-pub(crate) const RECORD_OVERHEAD: usize = 512;
-
-impl Fit {
-    /// The whole record, whatever its sizes (a replay).
-    pub const EVERYTHING: Fit = Fit {
-        key: true,
-        value_bytes: usize::MAX,
-        headers: true,
-    };
-
-    /// Everything, unchanged.
-    pub fn whole(s: Sizes) -> Fit {
-        Fit {
-            key: true,
-            value_bytes: s.value,
-            headers: true,
-        }
-    }
-
-    /// What fits in `limit` bytes (librdkafka's `message.max.bytes`, or a broker's
-    /// `max.message.bytes`), cutting in this order: the value is truncated (or omitted), then the
-    /// original headers are omitted (then the value gets what room is left), then the key. The
-    /// `dp.*` headers are never cut: a limit too small for them gives the smallest shape (no key,
-    /// no value, no original headers), which the broker may still refuse.
-    pub fn decide(s: Sizes, limit: usize) -> Fit {
-        let room = limit.saturating_sub(RECORD_OVERHEAD + s.meta);
-        if s.key + s.value + s.headers <= room {
-            return Fit::whole(s);
-        }
-        let (key, headers) = if s.key + s.headers <= room {
-            (true, true)
-        } else if s.key <= room {
-            (true, false)
-        } else {
-            (false, false)
-        };
-        let used = if key { s.key } else { 0 } + if headers { s.headers } else { 0 };
-        Fit {
-            key,
-            value_bytes: room.saturating_sub(used).min(s.value),
-            headers,
-        }
-    }
-
-    /// Whether anything of the record is left out.
-    pub fn cut(&self, s: Sizes) -> bool {
-        !self.key || !self.headers || self.value_bytes < s.value
-    }
-
-    /// The `dp.truncated` header's value: what was left out, comma-separated (`value` truncated
-    /// to its first bytes, `value_omitted`, `headers_omitted`, `key_omitted`); `None` when
-    /// nothing was.
-    pub fn describe(&self, s: Sizes) -> Option<String> {
-        let mut cut = Vec::new();
-        if self.value_bytes == 0 && s.value > 0 {
-            cut.push("value_omitted");
-        } else if self.value_bytes < s.value {
-            cut.push("value");
-        }
-        if !self.headers {
-            cut.push("headers_omitted");
-        }
-        if !self.key {
-            cut.push("key_omitted");
-        }
-        (!cut.is_empty()).then(|| cut.join(","))
+        written.is_some()
     }
 }
 
@@ -689,17 +239,8 @@ impl<'a> Meta<'a> {
         }
     }
 
-    /// The bytes the `dp.*` headers take, as [`Fit::decide`] counts them.
-    fn size(&self) -> usize {
-        self.headers(OwnedHeaders::new(), None)
-            .iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + HEADER_OVERHEAD)
-            .sum()
-    }
-
-    /// `original` (the record's own headers) followed by the `dp.*` headers; `cut`: what was left
-    /// out ([`headers::TRUNCATED`]), the original value's size and why.
-    fn headers(&self, original: OwnedHeaders, cut: Option<(&str, usize, &str)>) -> OwnedHeaders {
+    /// `original` (the record's own headers) followed by the `dp.*` headers.
+    fn headers(&self, original: OwnedHeaders) -> OwnedHeaders {
         let fixed = [
             (headers::STAGE, self.why.stage),
             (headers::REASON, self.why.code.as_str()),
@@ -716,27 +257,12 @@ impl<'a> Meta<'a> {
             (headers::DEDUPE_KEY, self.dedupe_key),
         ];
         let present = optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)));
-        let size = cut.map(|(_, n, _)| n.to_string());
-        let cut = cut
-            .map(|(what, _, because)| {
-                [
-                    (headers::TRUNCATED, what),
-                    (headers::ORIGINAL_VALUE_BYTES, size.as_deref().unwrap_or_default()),
-                    (headers::TRUNCATED_BECAUSE, because),
-                ]
+        fixed.into_iter().chain(present).fold(original, |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
             })
-            .into_iter()
-            .flatten();
-        fixed
-            .into_iter()
-            .chain(present)
-            .chain(cut)
-            .fold(original, |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            })
+        })
     }
 }
 
@@ -755,16 +281,14 @@ impl Record {
         )
     }
 
-    /// The record's key and value as `fit` keeps them, to `topic`, with `headers`.
-    fn to_record<'a>(&'a self, topic: &'a str, headers: OwnedHeaders, fit: Fit) -> FutureRecord<'a, [u8], [u8]> {
+    /// The record's key and value, to `topic`, with `headers`.
+    fn to_record<'a>(&'a self, topic: &'a str, headers: OwnedHeaders) -> FutureRecord<'a, [u8], [u8]> {
         let mut record = FutureRecord::to(topic).headers(headers);
-        if let Some(k) = self.key.as_ref().filter(|_| fit.key) {
+        if let Some(k) = &self.key {
             record = record.key(k.as_slice());
         }
         if let Some(v) = &self.value {
-            if fit.value_bytes > 0 || v.is_empty() {
-                record = record.payload(&v[..fit.value_bytes.min(v.len())]);
-            }
+            record = record.payload(v.as_slice());
         }
         record
     }
@@ -874,7 +398,7 @@ mod tests {
                 status: None,
                 dedupe_key: None,
             }
-            .headers(OwnedHeaders::new(), None)
+            .headers(OwnedHeaders::new())
         };
         let h = meta(&why);
         assert_eq!(header(&h, headers::FIELD).as_deref(), Some("/money/value"));
@@ -911,112 +435,5 @@ mod tests {
             .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
             .collect();
         assert_eq!(copied, original);
-    }
-
-    fn sizes(key: usize, value: usize, headers: usize) -> Sizes {
-        Sizes {
-            key,
-            value,
-            headers,
-            meta: 300,
-        }
-    }
-
-    /// What fits is written whole; a value over the limit is cut to what is left (issue 19).
-    #[test]
-    fn a_dead_letter_that_fits_is_whole_and_a_large_value_is_truncated_to_fit() {
-        let limit = 10_000;
-        let s = sizes(20, 1_000, 200);
-        assert_eq!(Fit::decide(s, limit), Fit::whole(s));
-        assert_eq!(Fit::whole(s).describe(s), None);
-
-        let s = sizes(20, 50_000, 200);
-        let fit = Fit::decide(s, limit);
-        assert!(fit.key && fit.headers, "{fit:?}");
-        assert_eq!(fit.value_bytes, limit - RECORD_OVERHEAD - 300 - 20 - 200);
-        assert_eq!(fit_bytes(s, fit, 300), limit, "uses the room, no more");
-        assert_eq!(fit.describe(s).as_deref(), Some("value"));
-        assert!(fit.cut(s));
-    }
-
-    /// Headers that alone do not fit are omitted (the value gets the room left); a key that alone
-    /// does not fit goes too; a limit below the `dp.*` headers leaves only them.
-    #[test]
-    fn headers_then_the_key_are_omitted_when_they_alone_do_not_fit() {
-        let limit = 10_000;
-        let s = sizes(20, 50_000, 20_000);
-        let fit = Fit::decide(s, limit);
-        assert!(fit.key && !fit.headers, "{fit:?}");
-        assert_eq!(fit.value_bytes, limit - RECORD_OVERHEAD - 300 - 20);
-        assert_eq!(fit.describe(s).as_deref(), Some("value,headers_omitted"));
-
-        let s = sizes(20, 0, 20_000);
-        let fit = Fit::decide(s, limit);
-        assert_eq!(fit.describe(s).as_deref(), Some("headers_omitted"), "{fit:?}");
-
-        let s = sizes(20_000, 5_000, 100);
-        let fit = Fit::decide(s, limit);
-        assert!(!fit.key && !fit.headers, "{fit:?}");
-        assert_eq!(fit.describe(s).as_deref(), Some("headers_omitted,key_omitted"));
-
-        let s = sizes(20, 5_000, 100);
-        let smallest = Fit::decide(s, 100);
-        assert_eq!(smallest, Fit::decide(s, 0));
-        assert_eq!(
-            smallest.describe(s).as_deref(),
-            Some("value_omitted,headers_omitted,key_omitted")
-        );
-    }
-
-    /// The producer's errors that mean "never as it is", "the topic cannot be written" and
-    /// "try again".
-    #[test]
-    fn producer_errors_are_classified() {
-        use RDKafkaErrorCode as C;
-        let of = |c| Failure::of(&KafkaError::MessageProduction(c));
-        assert_eq!(of(C::MessageSizeTooLarge), Failure::NotAsItIs);
-        assert_eq!(of(C::MessageBatchTooLarge), Failure::NotAsItIs);
-        assert_eq!(of(C::InvalidRecord), Failure::NotAsItIs);
-        assert_eq!(of(C::UnknownTopicOrPartition), Failure::Topic);
-        assert_eq!(of(C::UnknownTopic), Failure::Topic);
-        assert_eq!(of(C::TopicAuthorizationFailed), Failure::Topic);
-        assert_eq!(of(C::MessageTimedOut), Failure::Transient);
-        assert_eq!(of(C::AllBrokersDown), Failure::Transient);
-    }
-
-    /// A cut dead letter says what was cut, the original size and why.
-    #[test]
-    fn a_cut_dead_letter_says_what_was_cut() {
-        let why = Reason {
-            stage: "mapping",
-            field: None,
-            code: "not_json".into(),
-            message: "m".into(),
-            http_status: None,
-        };
-        let meta = Meta {
-            why: &why,
-            topic: "t",
-            partition: "0".into(),
-            offset: "7".into(),
-            time: String::new(),
-            status: None,
-            dedupe_key: None,
-        };
-        let h = meta.headers(
-            OwnedHeaders::new(),
-            Some(("value", 50_000, "Broker: Message size too large")),
-        );
-        assert_eq!(header(&h, headers::TRUNCATED).as_deref(), Some("value"));
-        assert_eq!(header(&h, headers::ORIGINAL_VALUE_BYTES).as_deref(), Some("50000"));
-        assert_eq!(
-            header(&h, headers::TRUNCATED_BECAUSE).as_deref(),
-            Some("Broker: Message size too large")
-        );
-        assert_eq!(header(&h, headers::SOURCE_OFFSET).as_deref(), Some("7"));
-        assert_eq!(
-            header(&meta.headers(OwnedHeaders::new(), None), headers::TRUNCATED),
-            None
-        );
     }
 }

@@ -24,9 +24,6 @@ pub struct DeadLetter {
     pub time: Option<time::OffsetDateTime>,
     /// `dp.dedupe_key`: the key of an `in_doubt` dead letter.
     pub dedupe_key: Option<String>,
-    /// `dp.truncated`: what of the record this dead letter leaves out (it could not be written
-    /// as it is); `None` for a whole record.
-    pub truncated: Option<String>,
     /// Where the dead letter itself is: `topic/partition/offset`.
     pub at: String,
 }
@@ -169,7 +166,6 @@ impl DeadLetter {
                 headers::SOURCE_PARTITION => "partition",
                 headers::SOURCE_OFFSET => "offset",
                 headers::DEDUPE_KEY => "dedupe_key",
-                headers::TRUNCATED => "truncated",
                 _ => continue,
             };
             meta.insert(name, String::from_utf8_lossy(&v).into_owned());
@@ -192,7 +188,6 @@ impl DeadLetter {
             error: get("error"),
             time: parse_time(&get("time")).ok(),
             dedupe_key: meta.get("dedupe_key").cloned(),
-            truncated: meta.get("truncated").cloned(),
             at: format!("{topic}/{}/{}", m.partition(), m.offset()),
         }
     }

@@ -13,7 +13,7 @@
 use super::lane::Pending;
 use super::outcome::{Held, Outcome, Outcomes};
 use crate::dedupe::Deduper;
-use crate::dlq::{Halts, Reason};
+use crate::dlq::Reason;
 use crate::mapping::{MapOutcome, Mapper, SourceRecord};
 use crate::source::{Record, RecordId, Source};
 use crate::telemetry::Family;
@@ -119,9 +119,6 @@ pub(super) struct Reader {
     /// `kafka.commit_on_delivery`.
     pub commit_on_delivery: bool,
     pub metrics: Arc<Metrics>,
-    /// The partitions whose dead letters wait on a topic that cannot be written: paused until
-    /// they are written ([`Source::set_halted`]).
-    pub dead_letter_halts: Arc<Halts>,
 }
 
 impl Reader {
@@ -138,7 +135,6 @@ impl Reader {
         let mut backpressure = Backpressure::new(self.max_in_flight);
         let mut topics = Topics::default();
         let mut draining = false;
-        let mut halts_seen = self.dead_letter_halts.version();
         // Commits on delivery: at most one per `COMMIT_SPACING`; a delivery meanwhile is committed
         // when the spacing has passed.
         let mut last_async = tokio::time::Instant::now() - COMMIT_SPACING;
@@ -219,11 +215,6 @@ impl Reader {
             }
             if draining {
                 continue;
-            }
-            let halts = self.dead_letter_halts.version();
-            if halts != halts_seen {
-                halts_seen = halts;
-                source.set_halted(&self.dead_letter_halts.partitions());
             }
             let in_flight = self.outcomes.in_flight();
             match backpressure.update(in_flight) {

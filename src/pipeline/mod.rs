@@ -80,8 +80,7 @@ pub enum StartError {
 /// work within `shutdown.deadline`, commits, and leaves the group. Every metric and readiness
 /// condition goes to `telemetry` ([`Totals::read`] gives the running outcome totals).
 ///
-/// Errors: an invalid mapping, a client (HTTP, Kafka, Redis) that cannot be created, or a
-/// dead-letter topic the broker says is missing or refused (`dlq::TopicProblem`).
+/// Errors: an invalid mapping, or a client (HTTP, Kafka, Redis) that cannot be created.
 pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry) -> Result<(), StartError> {
     let metrics = telemetry.metrics::<Metrics>();
     metrics
@@ -107,15 +106,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
     });
     let deduper = Arc::new(Deduper::new(&cfg.dedupe, &telemetry).await?);
     let tracker = Arc::new(Mutex::new(Tracker::new()));
-    let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter, &telemetry)?;
-    // Refused here rather than found by the first dead letter (issue 19): before the group is joined.
-    let check = dlq.clone();
-    tokio::task::spawn_blocking(move || check.check_topic())
-        .await
-        .map_err(|e| StartError::Thread(std::io::Error::other(e)))?
-        .map_err(crate::dlq::SetupError::from)?;
-    let dead_letter_halts = dlq.halts();
     let source = Arc::new(source::subscribe(&cfg.kafka, Arc::clone(&tracker), &telemetry)?);
+    let dlq = DeadLetters::new(&cfg.kafka, &cfg.dead_letter, &telemetry)?;
     tracing::info!(group = %cfg.kafka.group_id, topics = ?cfg.kafka.topics, pattern = ?cfg.kafka.topic_pattern,
         api = %cfg.api.base_url, dead_letter_topic = %dlq.topic(), "bridge started");
     let writer = DeadLetterWriter {
@@ -140,7 +132,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, telemetry: Telemetry)
         commit_interval: cfg.kafka.commit_interval,
         commit_on_delivery: cfg.kafka.commit_on_delivery,
         metrics: telemetry.metrics(),
-        dead_letter_halts,
     };
     // Fired when the drain is over: the consumer loop, which commits during the drain, ends.
     let drained = CancellationToken::new();

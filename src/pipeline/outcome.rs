@@ -272,6 +272,8 @@ impl Outcomes {
     /// topic. `doubt`: the keys of an event judged in doubt, held until its dead letter is
     /// written (then the id stays in doubt; if the write did not happen it is released).
     pub fn dead_letter(self: &Arc<Self>, held: Held, why: Reason, doubt: Option<EventKeys>) {
+        tracing::warn!(record = %held.record.id, stage = why.stage, reason = %why.code, error = %why.message,
+            "record dead-lettered");
         let outcomes = Arc::clone(self);
         let mut tasks = self.dead_letter_tasks.lock();
         while tasks.try_join_next().is_some() {}
@@ -290,9 +292,6 @@ impl Outcomes {
             }
             match write {
                 Write::Written => {
-                    // Only now: the broker acknowledged the write (issue 19).
-                    tracing::warn!(record = %held.record.id, stage = why.stage, reason = %why.code, error = %why.message,
-                        "record dead-lettered");
                     outcomes.finish(&held, Outcome::DeadLettered(why.stage));
                     outcomes.commit_wanted.notify_one();
                 }

@@ -1,14 +1,10 @@
 //! `/_sandbox/*`: fault settings, the record, and the OpenAPI document. Partner API keys give no
-//! access here; with an admin token (`--admin-token`, `DATAPULSE_SANDBOX_ADMIN_TOKEN` or
-//! `--admin-token-file`) every endpoint requires header `X-Admin-Token`, and without one the
-//! sandbox only starts on a loopback address (`SandboxError::AdminOpen`).
+//! access here; with `--admin-token` every endpoint requires header `X-Admin-Token`.
 
-use super::api::{body_timeout, read_body, BodyError};
 use super::{ct_eq, joined, Faults, Shared};
-use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::body::Bytes;
 use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,21 +14,6 @@ use serde_json::json;
 use std::sync::Arc;
 
 const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
-
-/// `GET /_sandbox/events` without `limit`: this many events (a page, not the whole log: issue 23
-/// measured 19.7 MB and the sandbox's RSS at 122 MB for one unpaged answer).
-const DEFAULT_PAGE: usize = 1_000;
-
-/// The largest `limit` honoured; a larger one is cut to it.
-const MAX_PAGE: usize = 10_000;
-
-/// The most bytes of event JSON in one `GET /_sandbox/events` answer (8 MiB): a page stops
-/// early, after at least one event, rather than pass it (issue 23: a default page of 1,000
-/// events of 1 MB each was a 1 GB answer). Header `X-Sandbox-Next-Offset` says where to go on.
-const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
-
-/// The largest fault-settings body read, in bytes.
-const MAX_FAULTS_BODY: usize = 64 * 1024;
 
 pub(super) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
     Router::new()
@@ -67,12 +48,7 @@ async fn get_faults(State(sh): State<Arc<Shared>>) -> Json<Faults> {
 }
 
 /// Replaces every fault setting; fields left out take their defaults (no fault).
-async fn put_faults(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(body, &headers, MAX_FAULTS_BODY, sh.body_read_timeout).await {
-        Ok(b) => b,
-        Err(BodyError::TimedOut) => return body_timeout(sh.body_read_timeout),
-        Err(BodyError::Refused(code, message)) => return error(StatusCode::BAD_REQUEST, code, &message),
-    };
+async fn put_faults(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
     let faults: Faults = match serde_json::from_slice(&body) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_faults", &e.to_string()),
@@ -92,40 +68,15 @@ async fn stats(State(sh): State<Arc<Shared>>) -> Response {
 
 #[derive(Deserialize)]
 struct Page {
-    offset: Option<u64>,
+    offset: Option<usize>,
     limit: Option<usize>,
 }
 
-/// A page of the stored events: from log index `offset` (default 0), `limit` of them (default
-/// [`DEFAULT_PAGE`], at most [`MAX_PAGE`]), and at most [`MAX_PAGE_BYTES`] of JSON (at least
-/// one event). Headers say where the log stands: `X-Sandbox-Accepted-Events` (every event
-/// accepted), `X-Sandbox-First-Stored` (the index of the oldest event still stored; those before
-/// it were evicted), `X-Sandbox-Next-Offset` (the `offset` of the next page) and, when the byte
-/// budget ended the page before `limit`, `X-Sandbox-Page-Cut: bytes`. A query that does not
-/// parse (`offset=-1`, `limit=x`) is answered 400 `{"error":"invalid_query","message":…}`.
-async fn events(State(sh): State<Arc<Shared>>, page: Result<Query<Page>, QueryRejection>) -> Response {
-    let page = match page {
-        Ok(Query(p)) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", &e.body_text()),
-    };
-    let offset = page.offset.unwrap_or(0);
-    let limit = page.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
-    let (body, next, accepted, first) = {
-        let rec = sh.record();
-        let (body, next) = rec.events_json(offset, limit, MAX_PAGE_BYTES);
-        (body, next, rec.accepted(), rec.first_stored())
-    };
-    // Cut by bytes: the page ended before `limit` events and before the end of the log.
-    let cut = next < accepted && next < offset.max(first).saturating_add(limit as u64);
-    let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-    let h = resp.headers_mut();
-    h.insert("x-sandbox-accepted-events", HeaderValue::from(accepted));
-    h.insert("x-sandbox-first-stored", HeaderValue::from(first));
-    h.insert("x-sandbox-next-offset", HeaderValue::from(next));
-    if cut {
-        h.insert("x-sandbox-page-cut", HeaderValue::from_static("bytes"));
-    }
-    resp
+async fn events(State(sh): State<Arc<Shared>>, Query(page): Query<Page>) -> Response {
+    let body = sh
+        .record()
+        .events_json(page.offset.unwrap_or(0), page.limit.unwrap_or(usize::MAX));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn reset(State(sh): State<Arc<Shared>>) -> Response {

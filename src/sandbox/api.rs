@@ -1,7 +1,7 @@
 //! `POST /v2/s2s/event` and `POST /v2/s2s/batch`.
 
 use super::faults::FaultStep;
-use super::record::{cut_text, AcceptedBatch};
+use super::record::AcceptedBatch;
 use super::Shared;
 use crate::event::{Event, Field, FieldKind, Rule, Violation};
 use axum::body::Body;
@@ -108,7 +108,7 @@ async fn handle(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> R
                 sh,
                 "injected_fault",
                 "injected fault: a fake rejection; the request was not looked at".into(),
-                ListedErrors::default(),
+                Vec::new(),
             )
         }
         FaultStep::Status401 => return unauthorized(),
@@ -167,13 +167,12 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
             sh,
             "unsupported_content_type",
             "the body must be sent with Content-Type: application/json".into(),
-            ListedErrors::default(),
+            Vec::new(),
         );
     }
-    let bytes = match read_body(body, headers, sh.max_body_bytes, sh.body_read_timeout).await {
+    let bytes = match read_body(body, headers, sh.max_body_bytes).await {
         Ok(b) => b,
-        Err(BodyError::TimedOut) => return body_timeout(sh.body_read_timeout),
-        Err(BodyError::Refused(code, msg)) => return bad_request(sh, code, msg, ListedErrors::default()),
+        Err(resp) => return bad_request(sh, resp.0, resp.1, Vec::new()),
     };
     // One pass over the body: each object as `serde_json` values (what `Event::from_json` reads),
     // with its amounts' text as the client wrote them. Reading the body as a `Value` and then its
@@ -186,7 +185,7 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
                 sh,
                 "malformed_json",
                 format!("the body is not valid JSON: {e}"),
-                ListedErrors::default(),
+                Vec::new(),
             )
         }
     };
@@ -194,7 +193,7 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
         (Endpoint::Event, BodyJson::One(Item::Object(o))) => vec![Item::Object(o)],
         (Endpoint::Event, other) => {
             let msg = format!("/v2/s2s/event takes one JSON object (an event), got {}", other.kind());
-            return bad_request(sh, "not_an_object", msg, ListedErrors::default());
+            return bad_request(sh, "not_an_object", msg, Vec::new());
         }
         (Endpoint::Batch, BodyJson::Many(items)) => {
             if items.is_empty() {
@@ -202,7 +201,7 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
                     sh,
                     "empty_batch",
                     "the batch is empty; send at least one event".into(),
-                    ListedErrors::default(),
+                    Vec::new(),
                 );
             }
             if items.len() > sh.max_batch_events {
@@ -211,17 +210,17 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
                     items.len(),
                     sh.max_batch_events
                 );
-                return bad_request(sh, "too_many_events", msg, ListedErrors::default());
+                return bad_request(sh, "too_many_events", msg, Vec::new());
             }
             items
         }
         (Endpoint::Batch, other) => {
             let msg = format!("/v2/s2s/batch takes a JSON array of events, got {}", other.kind());
-            return bad_request(sh, "not_an_array", msg, ListedErrors::default());
+            return bad_request(sh, "not_an_array", msg, Vec::new());
         }
     };
     let mut events = Vec::with_capacity(items.len());
-    let mut errors = ListedErrors::default();
+    let mut errors = Vec::new();
     let mut bad_events = 0;
     for (index, item) in items.iter().enumerate() {
         let violations = match item {
@@ -244,12 +243,10 @@ async fn process(sh: &Shared, ep: Endpoint, headers: &HeaderMap, body: Body) -> 
         };
         if !violations.is_empty() {
             bad_events += 1;
-            for violation in violations {
-                errors.add(ItemError { index, violation });
-            }
+            errors.extend(violations.into_iter().map(|violation| ItemError { index, violation }));
         }
     }
-    if errors.count > 0 {
+    if !errors.is_empty() {
         let msg = format!(
             "{bad_events} of {} events break the contract; nothing was accepted",
             items.len()
@@ -271,56 +268,6 @@ struct ItemError {
     violation: Violation,
 }
 
-/// Most entries a 400 lists in `errors`; every broken rule is counted in `error_count`.
-const LISTED_ERRORS: usize = 100;
-
-/// The most bytes of JSON the listed entries take together: an entry that would pass it is
-/// counted, not listed. With the rest of the body this keeps a 400 under 64 KiB whatever the
-/// request (issue 23: 70,000 invalid properties in a 1 MB request were answered with 8 MB).
-const LISTED_ERRORS_BYTES: usize = 48 * 1024;
-
-/// A 400's `errors`: the first entries that fit [`LISTED_ERRORS`] and [`LISTED_ERRORS_BYTES`],
-/// and how many there were in all.
-#[derive(Default)]
-struct ListedErrors {
-    listed: Vec<ItemError>,
-    bytes: usize,
-    count: usize,
-}
-
-/// The longest `field` a listed error keeps, in bytes (a longer one is cut, ending `…[cut]`).
-const LISTED_FIELD_BYTES: usize = 256;
-
-/// The longest `message` a listed error keeps, in bytes (a longer one is cut, ending `…[cut]`).
-const LISTED_MESSAGE_BYTES: usize = 1024;
-
-impl ListedErrors {
-    /// Counts `e`, and lists it while the list has room, its field and message cut to
-    /// [`LISTED_FIELD_BYTES`] and [`LISTED_MESSAGE_BYTES`]: so the first error is always listed
-    /// (issue 23: one property with a 1 MB name was answered `"errors":[]`).
-    fn add(&mut self, mut e: ItemError) {
-        self.count += 1;
-        if self.listed.len() >= LISTED_ERRORS || self.bytes >= LISTED_ERRORS_BYTES {
-            return;
-        }
-        if e.violation.field.len() > LISTED_FIELD_BYTES {
-            e.violation.field = cut_text(&e.violation.field, LISTED_FIELD_BYTES);
-        }
-        if e.violation.message.len() > LISTED_MESSAGE_BYTES {
-            e.violation.message = cut_text(&e.violation.message, LISTED_MESSAGE_BYTES);
-        }
-        // The entry's own JSON and the comma before it.
-        let size = serde_json::to_vec(&e).map_or(usize::MAX, |v| v.len() + 1);
-        if self.bytes.saturating_add(size) <= LISTED_ERRORS_BYTES {
-            self.bytes += size;
-            self.listed.push(e);
-        } else {
-            // Nothing after an entry too large to list is listed either: the list keeps the order.
-            self.bytes = LISTED_ERRORS_BYTES;
-        }
-    }
-}
-
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
@@ -329,46 +276,9 @@ fn is_json(headers: &HeaderMap) -> bool {
     mime.eq_ignore_ascii_case("application/json")
 }
 
-/// Why a body was not read.
-pub(super) enum BodyError {
-    /// It did not arrive within `--body-read-timeout`.
-    TimedOut,
-    /// Too large or broken off: the 400's error code and message.
-    Refused(&'static str, String),
-}
-
-/// Reads the body within `timeout` (`--body-read-timeout`, counted from when the handler starts
-/// reading: a client that trickles its body cannot hold the connection longer), refusing more
-/// than `max` bytes without reading them all.
-pub(super) async fn read_body(
-    body: Body,
-    headers: &HeaderMap,
-    max: usize,
-    timeout: Duration,
-) -> Result<Vec<u8>, BodyError> {
-    tokio::time::timeout(timeout, read_body_unbounded(body, headers, max))
-        .await
-        .unwrap_or(Err(BodyError::TimedOut))
-}
-
-/// 408 for a body that did not arrive in time; the connection is closed (the rest of the body
-/// would otherwise be read as the next request).
-pub(super) fn body_timeout(timeout: Duration) -> Response {
-    let mut resp = json_error(
-        StatusCode::REQUEST_TIMEOUT,
-        "body_timeout",
-        format!(
-            "the body did not arrive within {} (--body-read-timeout)",
-            humantime::format_duration(timeout)
-        ),
-    );
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-async fn read_body_unbounded(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, BodyError> {
-    let too_large = || BodyError::Refused("body_too_large", format!("the body is larger than {max} bytes"));
+/// Reads the body, refusing more than `max` bytes without reading them all.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, (&'static str, String)> {
+    let too_large = || ("body_too_large", format!("the body is larger than {max} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -379,8 +289,7 @@ async fn read_body_unbounded(body: Body, headers: &HeaderMap, max: usize) -> Res
     let mut buf = Vec::with_capacity(declared.unwrap_or(8 * 1024));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|e| BodyError::Refused("body_unreadable", format!("the body could not be read: {e}")))?;
+        let chunk = chunk.map_err(|e| ("body_unreadable", format!("the body could not be read: {e}")))?;
         if buf.len() + chunk.len() > max {
             return Err(too_large());
         }
@@ -471,14 +380,14 @@ fn too_many_requests(sh: &Shared, wait: Duration, error: &str, message: String) 
     resp
 }
 
-fn bad_request(sh: &Shared, error: &str, message: String, errors: ListedErrors) -> Response {
+fn bad_request(sh: &Shared, error: &str, message: String, errors: Vec<ItemError>) -> Response {
     if sh.bare_400 {
         return StatusCode::BAD_REQUEST.into_response();
     }
-    let body = if errors.count == 0 {
+    let body = if errors.is_empty() {
         json!({ "error": error, "message": message })
     } else {
-        json!({ "error": error, "message": message, "error_count": errors.count, "errors": errors.listed })
+        json!({ "error": error, "message": message, "errors": errors })
     };
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }

@@ -20,8 +20,8 @@ pub use faults::{FaultProblem, FaultStep, Faults, UnknownFaultStep};
 pub use record::{RepeatedKeylessEvent, Stats, SuspiciousTimestamp, SuspiciousTimestamps};
 
 use crate::event::{ContractOptions, TimestampUnit};
-use crate::http_server;
 use crate::settings::REDACTED;
+use axum::serve::ListenerExt as _;
 use clap::{Args, Parser};
 use faults::FaultState;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -74,34 +74,9 @@ pub struct SandboxArgs {
     /// Append every accepted event to this JSONL file.
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Require header X-Admin-Token with this value on /_sandbox/ endpoints. Prefer the
-    /// environment variable or --admin-token-file: a flag's value is visible in `ps`.
-    #[arg(long, env = "DATAPULSE_SANDBOX_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-    /// Read the admin token from this file (its first line, trimmed).
+    /// Require header X-Admin-Token with this value on /_sandbox/ endpoints.
     #[arg(long)]
-    pub admin_token_file: Option<PathBuf>,
-    /// How long a connection may take to send a whole request head, counted from accept or from
-    /// the previous answer: also the idle keep-alive timeout. Above the bridge's 30 s idle pool
-    /// timeout, or a request could meet a connection being closed (an ambiguous request).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Duration,
-    /// How long a request's body may take to arrive once its handler reads it; a body that
-    /// takes longer is answered 408 and the connection closed.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub body_read_timeout: Duration,
-    /// Most connections served at once; one more is answered 503 at once and closed.
-    #[arg(long, default_value_t = 256)]
-    pub max_connections: usize,
-    /// Most accepted events kept for GET /_sandbox/events (the oldest requests are evicted
-    /// whole); the counters in /_sandbox/stats count every event. At least --max-batch-events.
-    #[arg(long, default_value_t = 100_000)]
-    pub max_stored_events: usize,
-    /// Most bytes of accepted events' JSON kept for GET /_sandbox/events (default 32 MiB); the
-    /// oldest requests are evicted whole past this or --max-stored-events, whichever comes
-    /// first. At least --max-body-bytes.
-    #[arg(long, default_value_t = 32 * 1024 * 1024)]
-    pub max_stored_bytes: usize,
+    pub admin_token: Option<String>,
     #[command(flatten)]
     pub faults: Faults,
 }
@@ -144,12 +119,6 @@ impl fmt::Debug for SandboxArgs {
             .field("strict_click_ip", &self.strict_click_ip)
             .field("record", &self.record)
             .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
-            .field("admin_token_file", &self.admin_token_file)
-            .field("header_read_timeout", &self.header_read_timeout)
-            .field("body_read_timeout", &self.body_read_timeout)
-            .field("max_connections", &self.max_connections)
-            .field("max_stored_events", &self.max_stored_events)
-            .field("max_stored_bytes", &self.max_stored_bytes)
             .field("faults", &self.faults)
             .finish()
     }
@@ -180,58 +149,6 @@ impl SandboxArgs {
         Ok(keys)
     }
 
-    /// The admin token: --admin-token (or DATAPULSE_SANDBOX_ADMIN_TOKEN), or the first line of
-    /// --admin-token-file, trimmed; not both. Errors never quote the token.
-    fn load_admin_token(&self) -> Result<Option<Vec<u8>>, SandboxError> {
-        let token = match (&self.admin_token, &self.admin_token_file) {
-            (Some(_), Some(_)) => return Err(SandboxError::TwoAdminTokens),
-            (Some(t), None) => t.trim().to_string(),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|source| SandboxError::AdminTokenFile {
-                    path: path.clone(),
-                    source,
-                })?;
-                text.lines().next().unwrap_or("").trim().to_string()
-            }
-            (None, None) => return Ok(None),
-        };
-        if token.is_empty() {
-            return Err(SandboxError::EmptyAdminToken);
-        }
-        Ok(Some(token.into_bytes()))
-    }
-
-    /// The connection and time limits, each checked (the error names the flag).
-    fn limits(&self) -> Result<http_server::Limits, SandboxError> {
-        let invalid = |flag, problem| Err(SandboxError::Invalid { flag, problem });
-        if self.header_read_timeout.is_zero() {
-            return invalid("--header-read-timeout", "must be longer than zero, e.g. 60s");
-        }
-        if self.body_read_timeout.is_zero() {
-            return invalid("--body-read-timeout", "must be longer than zero, e.g. 30s");
-        }
-        if self.max_connections == 0 {
-            return invalid("--max-connections", "must be at least 1, e.g. 256");
-        }
-        if self.max_stored_events < self.max_batch_events {
-            return invalid(
-                "--max-stored-events",
-                "must be at least --max-batch-events (a request's events are kept whole)",
-            );
-        }
-        if self.max_stored_bytes < self.max_body_bytes {
-            return invalid(
-                "--max-stored-bytes",
-                "must be at least --max-body-bytes (a request's events are kept whole)",
-            );
-        }
-        Ok(http_server::Limits {
-            header_read_timeout: self.header_read_timeout,
-            max_connections: self.max_connections,
-            max_connections_setting: "--max-connections",
-        })
-    }
-
     fn limiter(&self) -> Result<Option<DefaultKeyedRateLimiter<usize>>, SandboxError> {
         let Some(burst) = NonZeroU32::new(self.rate_limit) else {
             return Ok(None);
@@ -257,8 +174,6 @@ pub(crate) struct Shared {
     bare_400: bool,
     max_batch_events: usize,
     max_body_bytes: usize,
-    /// `--body-read-timeout`: the longest a handler waits for a request's body.
-    body_read_timeout: Duration,
     faults: Mutex<FaultState>,
     record: Mutex<Record>,
     shutdown: CancellationToken,
@@ -320,13 +235,11 @@ impl SandboxHandle {
         self.shared.record().stats()
     }
 
-    /// Every stored accepted event (the newest `--max-stored-events` and `--max-stored-bytes`;
-    /// no page budget in process), in order, as the sandbox
-    /// understood it.
+    /// Every accepted event, in order, as the sandbox understood it.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let rec = self.shared.record();
-        (0..rec.stored())
-            .filter_map(|i| serde_json::from_slice(rec.stored_event(i)).ok())
+        (0..rec.len())
+            .filter_map(|i| serde_json::from_slice(rec.event(i)).ok())
             .collect()
     }
 
@@ -394,28 +307,6 @@ pub enum SandboxError {
     ZeroLimit,
     #[error("--rate-window divided by --rate-limit must be longer than zero")]
     RateWindow,
-    /// A flag's value breaks its rule.
-    #[error("{flag} {problem}")]
-    Invalid { flag: &'static str, problem: &'static str },
-    #[error(
-        "give the admin token once: --admin-token (or DATAPULSE_SANDBOX_ADMIN_TOKEN) or --admin-token-file, not both"
-    )]
-    TwoAdminTokens,
-    #[error("cannot read --admin-token-file {}: {source}", path.display())]
-    AdminTokenFile { path: PathBuf, source: std::io::Error },
-    #[error(
-        "the admin token is empty: give a non-empty DATAPULSE_SANDBOX_ADMIN_TOKEN, --admin-token-file or --admin-token"
-    )]
-    EmptyAdminToken,
-    /// Listening beyond loopback without an admin token would open fault injection, reset and
-    /// every accepted event to anyone who can reach the port.
-    #[error(
-        "refusing to listen on {addr} without an admin token: /_sandbox/ (fault injection, reset, \
-         every accepted event) would be open to anyone who can reach it. Set one with the \
-         environment variable DATAPULSE_SANDBOX_ADMIN_TOKEN or --admin-token-file FILE \
-         (--admin-token works too but shows in `ps`), or listen on 127.0.0.1"
-    )]
-    AdminOpen { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
     #[error("cannot open the record file {}: {source}", path.display())]
@@ -445,8 +336,6 @@ pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
     if args.max_batch_events == 0 || args.max_body_bytes == 0 {
         return Err(SandboxError::ZeroLimit);
     }
-    let limits = args.limits()?;
-    let admin_token = args.load_admin_token()?;
     let limiter = args.limiter()?;
     let listen = |source| SandboxError::Listen {
         addr: args.listen.clone(),
@@ -454,9 +343,6 @@ pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
     };
     let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(listen)?;
     let addr = listener.local_addr().map_err(listen)?;
-    if admin_token.is_none() && !addr.ip().is_loopback() {
-        return Err(SandboxError::AdminOpen { addr });
-    }
     let (file, writer) = match &args.record {
         Some(path) => {
             let (tx, handle) = record::spawn_file_writer(path)?;
@@ -471,7 +357,7 @@ pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
     let shared = Arc::new(Shared {
         opts,
         keys,
-        admin_token,
+        admin_token: args.admin_token.map(String::into_bytes),
         limiter,
         rate_limit: args.rate_limit,
         rate_window: args.rate_window,
@@ -479,18 +365,21 @@ pub async fn start(args: SandboxArgs) -> Result<SandboxHandle, SandboxError> {
         bare_400: args.bare_400,
         max_batch_events: args.max_batch_events,
         max_body_bytes: args.max_body_bytes,
-        body_read_timeout: args.body_read_timeout,
         faults: Mutex::new(FaultState::new(args.faults)),
-        record: Mutex::new(Record::new(
-            args.timestamp_unit,
-            args.max_stored_events,
-            args.max_stored_bytes,
-            file,
-        )),
+        record: Mutex::new(Record::new(args.timestamp_unit, file)),
         shutdown: CancellationToken::new(),
     });
     let app = router(shared.clone());
-    let server = tokio::spawn(http_server::serve(listener, app, limits, shared.shutdown.clone()));
+    // Nagle's algorithm would hold small responses back behind delayed ACKs.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let stop = shared.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
     Ok(SandboxHandle {
         addr,
         shared,
@@ -544,12 +433,6 @@ mod tests {
         assert_eq!(a.max_batch_events, 500);
         assert_eq!(a.max_body_bytes, 1_048_576);
         assert_eq!(a.faults, Faults::default());
-        assert_eq!(a.header_read_timeout, Duration::from_secs(60));
-        assert_eq!(a.body_read_timeout, Duration::from_secs(30));
-        assert_eq!(a.max_connections, 256);
-        assert_eq!(a.max_stored_events, 100_000);
-        assert_eq!(a.max_stored_bytes, 32 * 1024 * 1024);
-        assert_eq!(a.admin_token_file, None);
     }
 
     #[test]

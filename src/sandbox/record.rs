@@ -1,27 +1,13 @@
-//! What the sandbox accepted: the latest accepted events (in order, compactly, at most
-//! `--max-stored-events`), the counters behind `GET /_sandbox/stats`, and the optional
-//! append-only JSONL file.
-//!
-//! Memory is bounded whatever the number of events (issue 23: the log grew ~320 bytes an event
-//! without bound, 81 MB at 200k events; then 1 MB events grew it by count, not bytes). The log
-//! keeps the newest `--max-stored-events` and `--max-stored-bytes` (32 MiB of JSON), evicting
-//! the oldest requests whole; the counters stay exact over every event ever accepted, because
-//! what they need of an event is kept as a fingerprint: a 128-bit hash of each distinct
-//! transaction id (16 bytes; 16 more once it is duplicated) and of each distinct keyless event
-//! (16 bytes and its first index), never the event. `by_event_name` names the first
-//! [`EVENT_NAMES`] distinct names of at most [`EVENT_NAME_BYTES`] and counts the rest in
-//! `other_event_names`; `duplicate_transaction_ids` lists the first [`LISTED_DUPLICATE_IDS`]
-//! duplicated ids, cut to [`LISTED_TEXT_BYTES`], beside the exact counts; examples cut their
-//! strings. So no stats answer grows with the size or number of events.
+//! What the sandbox accepted: every accepted event (in order, compactly), the counters behind
+//! `GET /_sandbox/stats`, and the optional append-only JSONL file.
 
 use super::SandboxError;
 use crate::event::time_window::{self, TimeWindow};
 use crate::event::{Event, TimestampUnit};
 use bytes::Bytes;
-use hashbrown::hash_map::Entry;
-use hashbrown::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
@@ -33,68 +19,6 @@ const SUSPICIOUS_EXAMPLES: usize = 20;
 /// How many repeated keyless events are kept as examples (all are counted).
 const REPEATED_KEYLESS_EXAMPLES: usize = 20;
 
-/// How many distinct event names `by_event_name` names; events of any later name are counted in
-/// `other_event_names` (the contract allows any name, so a client could otherwise grow the map
-/// without bound).
-pub(crate) const EVENT_NAMES: usize = 100;
-
-/// The longest event name `by_event_name` names, in bytes: an event whose name is longer is
-/// counted in `other_event_names` (a client could otherwise fill the 100 names with 1 MB each).
-pub(crate) const EVENT_NAME_BYTES: usize = 128;
-
-/// How many duplicated transaction ids `duplicate_transaction_ids` lists (the first ones seen
-/// duplicated); all are counted in `duplicated_transaction_ids` and `duplicate_acceptances`.
-pub(crate) const LISTED_DUPLICATE_IDS: usize = 1_000;
-
-/// The longest text kept of a listed duplicated id, or of a string in an example, in bytes; a
-/// longer one is cut at a character boundary and ends with [`CUT_MARKER`].
-pub(crate) const LISTED_TEXT_BYTES: usize = 256;
-
-/// Ends a text the sandbox cut to keep its stats bounded.
-pub(crate) const CUT_MARKER: &str = "…[cut]";
-
-/// How many members of an event object a repeated-keyless example keeps (the rest are dropped,
-/// and a member `"…[cut]"` says how many).
-const EXAMPLE_MEMBERS: usize = 32;
-
-/// `s` if it is at most `max` bytes, else its first `max` bytes (at a character boundary)
-/// followed by [`CUT_MARKER`].
-pub(crate) fn cut_text(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{CUT_MARKER}", &s[..end])
-}
-
-/// An example event with its strings (keys too) cut to [`LISTED_TEXT_BYTES`] and at most
-/// [`EXAMPLE_MEMBERS`] members, so that an example costs a few KiB whatever the event.
-fn cut_example(v: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        Value::String(s) => Value::String(cut_text(&s, LISTED_TEXT_BYTES)),
-        Value::Object(m) => {
-            let total = m.len();
-            let mut out: serde_json::Map<String, Value> = m
-                .into_iter()
-                .take(EXAMPLE_MEMBERS)
-                .map(|(k, v)| (cut_text(&k, LISTED_TEXT_BYTES), cut_example(v)))
-                .collect();
-            if total > EXAMPLE_MEMBERS {
-                out.insert(
-                    CUT_MARKER.to_string(),
-                    Value::String(format!("{} more members", total - EXAMPLE_MEMBERS)),
-                );
-            }
-            Value::Object(out)
-        }
-        other => other,
-    }
-}
-
 /// The sandbox's counters, as `GET /_sandbox/stats` serialises them.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Stats {
@@ -103,34 +27,15 @@ pub struct Stats {
     /// Events accepted (counted), across both endpoints: answered 200, or handled by a `slow` or
     /// `502` fault (counted, then answered late or 502).
     pub accepted_events: u64,
-    /// Accepted events by `event_name`, for the first [`EVENT_NAMES`] (100) distinct names of
-    /// at most [`EVENT_NAME_BYTES`] (128) bytes.
+    /// Accepted events by `event_name`.
     pub by_event_name: BTreeMap<String, u64>,
-    /// Accepted events whose name was not among the first 100 distinct names, or was longer
-    /// than 128 bytes.
-    #[serde(default)]
-    pub other_event_names: u64,
-    /// Accepted events evicted from the stored log (`--max-stored-events`); the log holds
-    /// `accepted_events - evicted_events`, from index `evicted_events` on.
-    #[serde(default)]
-    pub evicted_events: u64,
     /// API responses by status code (a request hanging until the client gave up has none).
     pub by_status: BTreeMap<u16, u64>,
     /// Injected faults by kind (`400`, `401`, `404`, `413`, `429`, `500`, `502`, `503`, `504`,
     /// `timeout`, `slow`, `auth_fail_all`).
     pub injected_faults: BTreeMap<String, u64>,
-    /// Transaction ids accepted more than once, with how many times each was accepted: only
-    /// the first [`LISTED_DUPLICATE_IDS`] (1,000) ids seen duplicated, each cut to
-    /// [`LISTED_TEXT_BYTES`] (256) bytes (ending `…[cut]`). An empty map does not mean no
-    /// duplicates once the list is full: read [`Stats::duplicated_transaction_ids`].
+    /// Transaction ids accepted more than once, with how many times each was accepted.
     pub duplicate_transaction_ids: BTreeMap<String, u64>,
-    /// How many distinct transaction ids were accepted more than once: exact, over every event.
-    #[serde(default)]
-    pub duplicated_transaction_ids: u64,
-    /// How many acceptances repeated a transaction id accepted before (an id accepted 3 times
-    /// counts 2): exact, over every event.
-    #[serde(default)]
-    pub duplicate_acceptances: u64,
     /// Accepted timestamps that look like the other unit (milliseconds where seconds are
     /// configured, or the reverse).
     pub suspicious_timestamps: SuspiciousTimestamps,
@@ -181,7 +86,7 @@ impl SuspiciousTimestamps {
         if self.examples.len() < SUSPICIOUS_EXAMPLES {
             self.examples.push(SuspiciousTimestamp {
                 index,
-                event_name: cut_text(&e.event_name, LISTED_TEXT_BYTES),
+                event_name: e.event_name.to_string(),
                 timestamp: e.timestamp,
             });
         }
@@ -193,7 +98,7 @@ impl SuspiciousTimestamps {
 pub struct SuspiciousTimestamp {
     /// Where the event is in the accepted-event log.
     pub index: u64,
-    /// Its `event_name` (cut to 256 bytes, ending `…[cut]`).
+    /// Its `event_name`.
     pub event_name: String,
     /// The timestamp as accepted.
     pub timestamp: i64,
@@ -253,8 +158,7 @@ fn keyless_identity(event: &Event, json: &[u8]) -> u128 {
     xxh3_128(&canonical)
 }
 
-/// Where a stored event lives: its request's chunk (a number counted from the first chunk ever
-/// stored) and its span in that chunk.
+/// Where event `i` of the log lives: chunk index and span in that chunk.
 #[derive(Clone, Copy)]
 struct Slot {
     chunk: u32,
@@ -262,67 +166,29 @@ struct Slot {
     end: u32,
 }
 
-/// A 128-bit fingerprint (xxh3) as two words: 8-byte aligned, so a set entry is 16 bytes.
-type Fingerprint = [u64; 2];
-
-fn fingerprint(bytes: &[u8]) -> Fingerprint {
-    split(xxh3_128(bytes))
-}
-
-fn split(h: u128) -> Fingerprint {
-    [h as u64, (h >> 64) as u64]
-}
-
-/// The in-memory record. A stored event costs its compact JSON (~280 bytes) and a 12-byte slot,
-/// and the log holds at most `max_stored` events and `max_stored_bytes` bytes of JSON;
-/// every event ever accepted costs at most a fingerprint: 16 bytes (and the set's slack) per
-/// distinct transaction id (32 for a duplicated one), 24 per distinct keyless event. Two distinct ids share a fingerprint
-/// with probability about n²/2¹²⁹ (10⁻²⁶ at a million ids): the counts are exact in practice.
+/// The in-memory record. About 300 bytes an event: the compact JSON, a 12-byte slot and the
+/// transaction-id map entry, or for an event without a transaction id the identity map entry.
 pub(crate) struct Record {
     unit: TimestampUnit,
-    /// Most events kept in the log (at least the most events in one request).
-    max_stored: usize,
-    /// Most bytes of event JSON kept in the log (the newest request is kept whatever its size).
-    max_stored_bytes: usize,
-    /// Bytes of event JSON the log holds now (the chunks' lengths).
-    stored_bytes: usize,
-    /// The stored requests' JSON, oldest first, with how many events each holds.
-    chunks: VecDeque<(Bytes, u32)>,
-    /// The number of the chunk at the front of `chunks`.
-    first_chunk: u32,
-    slots: VecDeque<Slot>,
-    /// The fingerprint of every transaction id accepted.
-    seen_ids: HashSet<Fingerprint>,
-    /// The fingerprint of every transaction id accepted more than once.
-    duplicated_ids: HashSet<Fingerprint>,
-    /// The first [`LISTED_DUPLICATE_IDS`] duplicated ids → their text (cut) and times accepted.
-    listed_duplicates: HashMap<Fingerprint, (Box<str>, u64)>,
+    chunks: Vec<Bytes>,
+    slots: Vec<Slot>,
+    /// Transaction id → times accepted.
+    seen_ids: HashMap<Box<str>, u64>,
+    duplicates: HashMap<Box<str>, u64>,
     /// Identity of each event without a transaction id accepted so far → its first log index.
-    seen_keyless: HashMap<Fingerprint, u64>,
+    seen_keyless: HashMap<u128, u64>,
     stats: Stats,
     file: Option<mpsc::Sender<Bytes>>,
 }
 
 impl Record {
-    /// An empty record keeping at most `max_stored` events (at least 1) and `max_stored_bytes`
-    /// bytes of their JSON (at least the newest request's).
-    pub(crate) fn new(
-        unit: TimestampUnit,
-        max_stored: usize,
-        max_stored_bytes: usize,
-        file: Option<mpsc::Sender<Bytes>>,
-    ) -> Record {
+    pub(crate) fn new(unit: TimestampUnit, file: Option<mpsc::Sender<Bytes>>) -> Record {
         Record {
             unit,
-            max_stored: max_stored.max(1),
-            max_stored_bytes,
-            stored_bytes: 0,
-            chunks: VecDeque::new(),
-            first_chunk: 0,
-            slots: VecDeque::new(),
-            seen_ids: HashSet::new(),
-            duplicated_ids: HashSet::new(),
-            listed_duplicates: HashMap::new(),
+            chunks: Vec::new(),
+            slots: Vec::new(),
+            seen_ids: HashMap::new(),
+            duplicates: HashMap::new(),
             seen_keyless: HashMap::new(),
             stats: Stats::default(),
             file,
@@ -343,42 +209,34 @@ impl Record {
 
     /// Appends the accepted events (already validated) to the log, the counters and the file.
     pub(crate) fn accept(&mut self, events: &[Event], batch: AcceptedBatch) {
-        let chunk = self.first_chunk.wrapping_add(self.chunks.len() as u32);
+        let chunk = self.chunks.len() as u32;
         // One clock reading for the request.
         let now = time_window::now_nanos();
         for ((e, &(start, end)), keyless) in events.iter().zip(&batch.spans).zip(&batch.keyless) {
-            let index = self.stats.accepted_events;
-            self.stats.accepted_events += 1;
-            self.slots.push_back(Slot { chunk, start, end });
+            let index = self.slots.len() as u64;
+            self.slots.push(Slot { chunk, start, end });
             if let Some(n) = self.stats.by_event_name.get_mut(e.event_name.as_ref()) {
                 *n += 1;
-            } else if self.stats.by_event_name.len() < EVENT_NAMES && e.event_name.len() <= EVENT_NAME_BYTES {
-                self.stats.by_event_name.insert(e.event_name.to_string(), 1);
             } else {
-                self.stats.other_event_names += 1;
+                self.stats.by_event_name.insert(e.event_name.to_string(), 1);
             }
             if let Some(id) = &e.transaction_id {
-                let fp = fingerprint(id.as_bytes());
-                if !self.seen_ids.insert(fp) {
-                    // Seen before: the first acceptance was one, this one another.
-                    self.stats.duplicate_acceptances += 1;
-                    if self.duplicated_ids.insert(fp) {
-                        self.stats.duplicated_transaction_ids += 1;
-                    }
-                    if let Some((_, n)) = self.listed_duplicates.get_mut(&fp) {
+                let n = match self.seen_ids.get_mut(id.as_ref()) {
+                    Some(n) => {
                         *n += 1;
-                    } else if self.listed_duplicates.len() < LISTED_DUPLICATE_IDS
-                        && self.stats.duplicated_transaction_ids <= LISTED_DUPLICATE_IDS as u64
-                    {
-                        // Listed from its second acceptance only if it is among the first
-                        // ids seen duplicated (its count then stays exact).
-                        self.listed_duplicates
-                            .insert(fp, (cut_text(id, LISTED_TEXT_BYTES).into(), 2));
+                        *n
                     }
+                    None => {
+                        self.seen_ids.insert(id.as_ref().into(), 1);
+                        1
+                    }
+                };
+                if n > 1 {
+                    self.duplicates.insert(id.as_ref().into(), n);
                 }
             }
             if let Some(identity) = keyless {
-                match self.seen_keyless.entry(split(*identity)) {
+                match self.seen_keyless.entry(*identity) {
                     Entry::Vacant(v) => {
                         v.insert(index);
                     }
@@ -389,10 +247,8 @@ impl Record {
                             examples.push(RepeatedKeylessEvent {
                                 index,
                                 first_index: *o.get(),
-                                event: cut_example(
-                                    serde_json::from_slice(&batch.bytes[start as usize..end as usize])
-                                        .expect("the sandbox's own JSON parses"),
-                                ),
+                                event: serde_json::from_slice(&batch.bytes[start as usize..end as usize])
+                                    .expect("the sandbox's own JSON parses"),
                             });
                         }
                     }
@@ -405,6 +261,7 @@ impl Record {
                 self.stats.implausible_timestamps.count(index, e);
             }
         }
+        self.stats.accepted_events += events.len() as u64;
         *self.stats.events_per_request.entry(events.len() as u64).or_default() += 1;
         if let Some(tx) = &self.file {
             // Sent under the lock so that the file has the log's order. The writer thread only
@@ -413,81 +270,45 @@ impl Record {
                 self.file = None;
             }
         }
-        self.stored_bytes += batch.bytes.len();
-        self.chunks.push_back((batch.bytes, events.len() as u32));
-        // Evict the oldest requests whole, by count and by bytes; the newest always stays (it
-        // is at most --max-batch-events, which start-up keeps at or below the cap, and at most
-        // about --max-body-bytes, kept at or below --max-stored-bytes).
-        while (self.slots.len() > self.max_stored || self.stored_bytes > self.max_stored_bytes) && self.chunks.len() > 1
-        {
-            let (bytes, n) = self.chunks.pop_front().expect("more than one chunk");
-            self.stored_bytes -= bytes.len();
-            self.first_chunk = self.first_chunk.wrapping_add(1);
-            self.slots.drain(..n as usize);
-            self.stats.evicted_events += u64::from(n);
-        }
+        self.chunks.push(batch.bytes);
     }
 
     pub(crate) fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        for (id, n) in self.listed_duplicates.values() {
-            // Two ids cut to the same text share an entry.
-            *s.duplicate_transaction_ids.entry(id.to_string()).or_default() += n;
-        }
+        s.duplicate_transaction_ids = self.duplicates.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         s
     }
 
-    /// How many events the log holds now.
-    pub(crate) fn stored(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
 
-    /// How many events were accepted in all.
-    pub(crate) fn accepted(&self) -> u64 {
-        self.stats.accepted_events
-    }
-
-    /// The log index of the oldest stored event (how many were evicted).
-    pub(crate) fn first_stored(&self) -> u64 {
-        self.stats.evicted_events
-    }
-
-    /// The JSON of the `i`th stored event (0 is the oldest stored).
-    pub(crate) fn stored_event(&self, i: usize) -> &[u8] {
+    /// The JSON of accepted event `i`.
+    pub(crate) fn event(&self, i: usize) -> &[u8] {
         let s = self.slots[i];
-        let chunk = &self.chunks[s.chunk.wrapping_sub(self.first_chunk) as usize].0;
-        &chunk[s.start as usize..s.end as usize]
+        &self.chunks[s.chunk as usize][s.start as usize..s.end as usize]
     }
 
-    /// A JSON array of the stored events with log indexes `offset..offset+limit` (indexes
-    /// count every event accepted; evicted ones are skipped), and the log index to ask for
-    /// next. The page stops early, after at least one event, once it holds `max_bytes` bytes
-    /// or would pass them: then the next index is below `offset+limit`.
-    pub(crate) fn events_json(&self, offset: u64, limit: usize, max_bytes: usize) -> (Vec<u8>, u64) {
-        let from = offset.saturating_sub(self.first_stored()).min(self.stored() as u64) as usize;
-        let to = from.saturating_add(limit).min(self.stored());
-        let mut out = Vec::with_capacity((2 + (to - from) * 256).min(max_bytes.saturating_add(2)));
+    /// A JSON array of the accepted events `offset..offset+limit`.
+    pub(crate) fn events_json(&self, offset: usize, limit: usize) -> Vec<u8> {
+        let from = offset.min(self.len());
+        let to = from.saturating_add(limit).min(self.len());
+        let mut out = Vec::with_capacity(2 + (to - from) * 256);
         out.push(b'[');
-        let mut next = from;
         for i in from..to {
-            let event = self.stored_event(i);
-            if i > from && out.len() + 1 + event.len() + 1 > max_bytes {
-                break;
-            }
             if i > from {
                 out.push(b',');
             }
-            out.extend_from_slice(event);
-            next = i + 1;
+            out.extend_from_slice(self.event(i));
         }
         out.push(b']');
-        (out, self.first_stored() + next as u64)
+        out
     }
 
     /// Forgets everything in memory; the file, being append-only, is left as it is.
     pub(crate) fn reset(&mut self) {
         let file = self.file.take();
-        *self = Record::new(self.unit, self.max_stored, self.max_stored_bytes, file);
+        *self = Record::new(self.unit, file);
     }
 
     /// Stops feeding the file writer so that it finishes.
@@ -551,7 +372,7 @@ mod tests {
 
     #[test]
     fn log_counts_duplicates_and_suspicious_timestamps() {
-        let mut r = Record::new(TimestampUnit::Seconds, 1000, usize::MAX, None);
+        let mut r = Record::new(TimestampUnit::Seconds, None);
         let a = ev(json!({"client_user_id":"u","event_name":"deposit","timestamp":1702963200,"transaction_id":"t1"}));
         let b = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200000i64}));
         let events = vec![a.clone(), b];
@@ -566,12 +387,12 @@ mod tests {
         assert_eq!(s.duplicate_transaction_ids["t1"], 2);
         assert_eq!(s.suspicious_timestamps.count, 1);
         assert_eq!(s.suspicious_timestamps.examples[0].index, 1);
-        let all: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(0, usize::MAX, usize::MAX).0).unwrap();
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(0, usize::MAX)).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[1]["event_name"], "login");
-        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(2, 5, usize::MAX).0).unwrap();
+        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(2, 5)).unwrap();
         assert_eq!(page.len(), 1);
-        assert_eq!(r.events_json(7, 5, usize::MAX).0, b"[]");
+        assert_eq!(r.events_json(7, 5), b"[]");
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<Stats>(&json).unwrap(), s);
         r.reset();
@@ -584,7 +405,7 @@ mod tests {
 
     #[test]
     fn identical_keyless_events_accepted_again_are_counted_with_examples() {
-        let mut r = Record::new(TimestampUnit::Seconds, 1000, usize::MAX, None);
+        let mut r = Record::new(TimestampUnit::Seconds, None);
         let login = |click: &str| {
             ev(
                 json!({"client_user_id":"u1","event_name":"login","timestamp":1702963200,
@@ -636,150 +457,6 @@ mod tests {
             0,
             "reset forgets the keyless identities"
         );
-    }
-
-    /// The log keeps the newest requests under the cap; the counters, duplicate ids and keyless
-    /// repeats stay exact over every event, evicted or not; names past the 100th are "other".
-    #[test]
-    fn the_log_is_capped_and_the_counters_stay_exact() {
-        let mut r = Record::new(TimestampUnit::Seconds, 10, usize::MAX, None);
-        let keyed = |i: u64, name: &str| {
-            ev(json!({"client_user_id":"u","event_name":name,"timestamp":1702963200,
-                      "transaction_id":format!("t{i}")}))
-        };
-        let keyless = ev(json!({"client_user_id":"u","event_name":"login","timestamp":1702963200}));
-        // 30 requests of 4 events: t0..t119, names n0..n119 (so 20 past the cap of names).
-        for req in 0..30u64 {
-            let events: Vec<Event> = (0..4)
-                .map(|i| keyed(req * 4 + i, &format!("n{}", req * 4 + i)))
-                .collect();
-            accept_each(&mut r, &events);
-        }
-        accept_each(&mut r, std::slice::from_ref(&keyless));
-        // Every id again (all evicted from the log by now), and the keyless event again.
-        for req in 0..30u64 {
-            let events: Vec<Event> = (0..4).map(|i| keyed(req * 4 + i, "n0")).collect();
-            accept_each(&mut r, &events);
-        }
-        accept_each(&mut r, std::slice::from_ref(&keyless));
-        let s = r.stats();
-        assert_eq!(s.accepted_events, 242);
-        assert_eq!(s.duplicate_transaction_ids.len(), 120);
-        assert!(s.duplicate_transaction_ids.values().all(|&n| n == 2));
-        assert_eq!(s.repeated_keyless_events, 1);
-        assert_eq!(s.repeated_keyless_examples[0].first_index, 120);
-        assert_eq!(s.by_event_name.len(), EVENT_NAMES);
-        // n100..n119, and the two logins (a name first seen after the cap).
-        assert_eq!(s.other_event_names, 22);
-        assert_eq!(
-            s.by_event_name["n0"], 121,
-            "a name already counted goes on being counted"
-        );
-        // At most 10 stored, whole requests: the last three (4 + 4 + 1 = 9), from index 233.
-        assert_eq!(r.stored(), 9);
-        assert_eq!(s.evicted_events, 233);
-        assert_eq!(r.first_stored(), 233);
-        let stored: Vec<serde_json::Value> =
-            serde_json::from_slice(&r.events_json(0, usize::MAX, usize::MAX).0).unwrap();
-        assert_eq!(stored.len(), 9);
-        assert_eq!(stored[0]["transaction_id"], "t112");
-        assert_eq!(stored[8]["event_name"], "login");
-        assert_eq!(stored[0]["event_name"], "n0");
-        let page: Vec<serde_json::Value> = serde_json::from_slice(&r.events_json(240, 5, usize::MAX).0).unwrap();
-        assert_eq!(page.len(), 2);
-        assert_eq!(page[0]["transaction_id"], "t119");
-    }
-
-    /// The log is evicted by bytes as well as by count, and a page stops at its byte budget;
-    /// the counters stay exact.
-    #[test]
-    fn the_log_and_a_page_are_capped_by_bytes() {
-        let mut r = Record::new(TimestampUnit::Seconds, 1000, 50_000, None);
-        let big = |i: u64| {
-            ev(
-                json!({"client_user_id":"u","event_name":"deposit","timestamp":1702963200,
-                      "transaction_id":format!("t{i}"),"meta":"x".repeat(10_000)}),
-            )
-        };
-        for i in 0..20 {
-            accept_each(&mut r, &[big(i)]);
-        }
-        // About 10 KB an event: 4 fit 50,000 bytes.
-        assert_eq!(r.stored(), 4);
-        assert!(r.stored_bytes <= 50_000);
-        assert_eq!(r.stats().accepted_events, 20);
-        assert_eq!(r.stats().evicted_events, 16);
-        // A request larger than the budget is still kept (alone).
-        accept_each(&mut r, &[big(20), big(21), big(22), big(23), big(24), big(25)]);
-        assert_eq!(r.stored(), 6);
-        // A page of 25,000 bytes holds 2 events; the next offset says where to go on.
-        let (page, next) = r.events_json(0, 100, 25_000);
-        let page: Vec<serde_json::Value> = serde_json::from_slice(&page).unwrap();
-        assert_eq!(page.len(), 2);
-        assert_eq!(page[0]["transaction_id"], "t20");
-        assert_eq!(next, 22);
-        // One event larger than the budget still makes a page.
-        let (page, next) = r.events_json(22, 100, 10);
-        assert_eq!(
-            serde_json::from_slice::<Vec<serde_json::Value>>(&page).unwrap().len(),
-            1
-        );
-        assert_eq!(next, 23);
-        assert_eq!(r.events_json(26, 100, 10), (b"[]".to_vec(), 26));
-    }
-
-    /// Duplicated ids are counted exactly; the first 1,000 are listed, each cut to 256 bytes.
-    /// Long event names are "other"; long names in examples are cut.
-    #[test]
-    fn duplicates_are_counted_exactly_and_listed_up_to_a_cap() {
-        let mut r = Record::new(TimestampUnit::Seconds, 100, usize::MAX, None);
-        let keyed = |id: String| {
-            ev(
-                json!({"client_user_id":"u","event_name":"deposit","timestamp":1702963200,
-                      "transaction_id":id}),
-            )
-        };
-        let long = "L".repeat(5_000);
-        for round in 0..3 {
-            let mut events: Vec<Event> = (0..1_500).map(|i| keyed(format!("t{i}"))).collect();
-            events.push(keyed(long.clone()));
-            accept_each(&mut r, &events);
-            if round == 0 {
-                assert_eq!(r.stats().duplicated_transaction_ids, 0);
-            }
-        }
-        let s = r.stats();
-        assert_eq!(s.duplicated_transaction_ids, 1_501);
-        assert_eq!(s.duplicate_acceptances, 2 * 1_501);
-        assert_eq!(s.duplicate_transaction_ids.len(), LISTED_DUPLICATE_IDS);
-        assert!(s.duplicate_transaction_ids.values().all(|&n| n == 3));
-        assert_eq!(s.duplicate_transaction_ids["t0"], 3);
-        // The long id is the 1,501st seen duplicated: counted, not listed.
-        assert!(s
-            .duplicate_transaction_ids
-            .keys()
-            .all(|k| k.len() <= LISTED_TEXT_BYTES + CUT_MARKER.len()));
-        // Listed and cut when among the first.
-        let mut r = Record::new(TimestampUnit::Seconds, 100, usize::MAX, None);
-        accept_each(&mut r, &[keyed(long.clone()), keyed(long.clone())]);
-        let s = r.stats();
-        let (k, n) = s.duplicate_transaction_ids.iter().next().unwrap();
-        assert_eq!(*n, 2);
-        assert_eq!(k, &format!("{}{CUT_MARKER}", "L".repeat(LISTED_TEXT_BYTES)));
-
-        // A name longer than 128 bytes is "other"; an example's name is cut.
-        let name = "n".repeat(100_000);
-        let e = ev(json!({"client_user_id":"u","event_name":name,"timestamp":1702963200000i64}));
-        accept_each(&mut r, &[e.clone(), e]);
-        let s = r.stats();
-        assert_eq!(s.other_event_names, 2);
-        assert_eq!(s.by_event_name.len(), 1);
-        assert_eq!(s.suspicious_timestamps.count, 2);
-        assert!(s.suspicious_timestamps.examples[0].event_name.len() <= LISTED_TEXT_BYTES + CUT_MARKER.len());
-        assert_eq!(s.repeated_keyless_events, 1);
-        let ex = s.repeated_keyless_examples[0].event["event_name"].as_str().unwrap();
-        assert!(ex.ends_with(CUT_MARKER));
-        assert!(serde_json::to_vec(&s).unwrap().len() < 64 * 1024);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -166,41 +166,7 @@ pub struct SourceContext {
     metrics: Arc<Metrics>,
     /// The bridge's pause state, set by [`Source::set_paused`], read on every assignment.
     paused: AtomicBool,
-    /// Partitions halted because their dead letters cannot be written ([`Source::set_halted`]):
-    /// paused whatever the pause state says.
-    halted: Mutex<HashSet<(String, i32)>>,
     watch: Mutex<Watch>,
-}
-
-impl SourceContext {
-    /// Pauses the partitions of `tpl` that the bridge's pause state or a dead-letter halt says
-    /// to pause, and resumes the others.
-    fn apply_pause<C: Consumer<SourceContext>>(&self, consumer: &C, tpl: &TopicPartitionList) {
-        let paused = self.paused.load(Ordering::SeqCst);
-        let halted = self.halted.lock();
-        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-        for e in tpl.elements() {
-            if paused || halted.contains(&(e.topic().to_string(), e.partition())) {
-                pause.add_partition(e.topic(), e.partition());
-            } else {
-                resume.add_partition(e.topic(), e.partition());
-            }
-        }
-        drop(halted);
-        for (list, pausing) in [(pause, true), (resume, false)] {
-            if list.count() == 0 {
-                continue;
-            }
-            let r = if pausing {
-                consumer.pause(&list)
-            } else {
-                consumer.resume(&list)
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, pause = pausing, partitions = %describe(&list), "pause/resume of partitions failed");
-            }
-        }
-    }
 }
 
 impl ClientContext for SourceContext {}
@@ -289,7 +255,16 @@ impl ConsumerContext for SourceContext {
             // paused here before it moved away would come back paused and never be read (issue
             // 25). The bridge's state decides, for each partition as it arrives.
             let paused = self.paused.load(Ordering::SeqCst);
-            self.apply_pause(consumer, tpl);
+            if tpl.count() > 0 {
+                let r = if paused {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, paused, partitions = %describe(tpl), "pause/resume of assigned partitions failed");
+                }
+            }
             tracing::info!(partitions = %describe(tpl), total, paused, "partitions assigned");
             if total > 0 {
                 self.telemetry
@@ -410,21 +385,19 @@ impl Source {
         if !pause {
             ctx.watch.lock().resumed(Instant::now());
         }
-        if let Ok(assignment) = self.consumer.assignment() {
-            ctx.apply_pause(&self.consumer, &assignment);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        if assignment.count() == 0 {
+            return;
         }
-    }
-
-    /// Sets the partitions halted because their dead letters cannot be written (issue 19):
-    /// they stay paused, whatever [`Source::set_paused`] says, until a later call leaves them out;
-    /// a partition assigned later is paused as it arrives if it is among them.
-    pub fn set_halted(&self, partitions: &[(Arc<str>, i32)]) {
-        let ctx = self.consumer.context();
-        *ctx.halted.lock() = partitions.iter().map(|(t, p)| (t.to_string(), *p)).collect();
-        // A partition resumed here starts the stuck-partition clock again (as a resume does).
-        ctx.watch.lock().resumed(Instant::now());
-        if let Ok(assignment) = self.consumer.assignment() {
-            ctx.apply_pause(&self.consumer, &assignment);
+        let r = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, pause, "pause/resume failed");
         }
     }
 
@@ -488,14 +461,8 @@ impl Source {
             }
         }
         let assigned = watch.partitions().len();
-        let mut stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
+        let stuck = watch.stuck(now, self.stuck_after, self.paused(), committed);
         drop(watch);
-        // A partition halted for its dead letters is paused by the bridge, not stuck: condition
-        // `dead_letter_topic` says why it does not move.
-        {
-            let halted = ctx.halted.lock();
-            stuck.retain(|(t, p)| !halted.contains(&(t.clone(), *p)));
-        }
         ctx.metrics.stuck.set(stuck.len() as i64);
         let names = stuck
             .iter()
@@ -660,7 +627,6 @@ pub fn subscribe(cfg: &KafkaConfig, tracker: Arc<Mutex<Tracker>>, telemetry: &Te
         telemetry: telemetry.clone(),
         metrics: telemetry.metrics(),
         paused: AtomicBool::new(false),
-        halted: Mutex::default(),
         watch: Mutex::default(),
     })?;
     match &cfg.topic_pattern {
